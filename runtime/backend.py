@@ -1,0 +1,56 @@
+"""The Backend interface every model runtime implements."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from flywheel.runtime.datatypes import numpy_dtype
+from flywheel.runtime.signature import Signature
+
+
+class Backend(abc.ABC):
+    """A loaded model that maps named input arrays to named output arrays.
+
+    Life cycle: construct (cheap, validates arguments) -> ``load()`` -> any
+    number of ``infer`` calls -> drop. ``infer`` may be called from one thread
+    at a time per batch slot; implementations must be safe for that (ONNX
+    Runtime sessions and torch modules under inference_mode are).
+    """
+
+    platform: str = ""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load weights and build the session. Raises on a bad artifact."""
+
+    @property
+    @abc.abstractmethod
+    def signature(self) -> Signature:
+        """Inputs and outputs with V2 datatypes; -1 marks a variable dimension."""
+
+    @abc.abstractmethod
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on validated inputs; returns every output by name."""
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run the model once per batch size on zeros, so that the first real
+        request does not pay for lazy initialisation (allocations, kernels)."""
+        for n in batch_sizes:
+            self.infer(self.example_inputs(n))
+
+    def example_inputs(self, rows: int = 1) -> dict[str, np.ndarray]:
+        """Zero-filled inputs that match the signature, ``rows`` in each
+        variable dimension (BYTES inputs get empty strings)."""
+        out = {}
+        for spec in self.signature.inputs:
+            shape = tuple(rows if d == -1 else d for d in spec.shape)
+            dtype = numpy_dtype(spec.datatype)
+            if dtype.kind == "O":
+                arr = np.empty(shape, dtype=object)
+                arr.fill(b"")
+            else:
+                arr = np.zeros(shape, dtype=dtype)
+            out[spec.name] = arr
+        return out

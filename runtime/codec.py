@@ -1,0 +1,227 @@
+"""V2 JSON codec on msgspec: infer request bytes -> NumPy arrays -> response bytes.
+
+Wire types are declared once here and the Encoder/Decoders are built once at
+import (they are stateless and thread-safe). Tensor ``data`` is kept as raw JSON
+until its datatype is known, then decoded by a typed msgspec decoder straight
+into a Python list and handed to NumPy in one C-level conversion: there is no
+per-element Python loop on the numeric path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import msgspec
+import numpy as np
+
+from flywheel.runtime.datatypes import FLOAT_DATATYPES, INT_DATATYPES, numpy_dtype, v2_datatype
+from flywheel.runtime.errors import FlywheelError, InvalidInputError
+from flywheel.runtime.signature import check_shape
+
+Parameters = dict[str, Union[bool, int, float, str]]
+
+
+class RequestInput(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: msgspec.Raw = msgspec.Raw(b"")
+
+
+class RequestOutput(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferRequest(msgspec.Struct, forbid_unknown_fields=True):
+    inputs: list[RequestInput]
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(msgspec.Struct, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list
+    parameters: Parameters | None = None
+
+
+class InferResponse(msgspec.Struct, omit_defaults=True):
+    model_name: str
+    outputs: list[ResponseOutput]
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    """An infer request after decoding: arrays keyed by input name, in request order."""
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[str] | None = None
+
+
+_REQUEST_DECODER = msgspec.json.Decoder(InferRequest)
+_ANY_DECODER = msgspec.json.Decoder()
+_FLOAT_LIST = msgspec.json.Decoder(list[float])
+_INT_LIST = msgspec.json.Decoder(list[int])
+_BOOL_LIST = msgspec.json.Decoder(list[bool])
+_STR_LIST = msgspec.json.Decoder(list[str])
+_ENCODER = msgspec.json.Encoder()
+
+
+def _flat_decoder(datatype: str) -> msgspec.json.Decoder:
+    if datatype in FLOAT_DATATYPES:
+        return _FLOAT_LIST
+    if datatype in INT_DATATYPES:
+        return _INT_LIST
+    if datatype == "BOOL":
+        return _BOOL_LIST
+    return _STR_LIST
+
+
+def _nested_to_array(name: str, datatype: str, raw: bytes) -> np.ndarray:
+    """Slow path for nested ``data``: decode generically, then check that the
+    nesting is rectangular and every leaf has the datatype's JSON kind."""
+    value = _ANY_DECODER.decode(raw)
+    try:
+        arr = np.array(value)
+    except ValueError:
+        arr = np.empty(0, dtype=object)  # ragged: reported below
+    kind = arr.dtype.kind
+    ok = (
+        (datatype in FLOAT_DATATYPES and kind in "iuf")
+        or (datatype in INT_DATATYPES and kind in "iu")
+        or (datatype == "BOOL" and kind == "b")
+        or (datatype == "BYTES" and kind == "U")
+    )
+    if not ok:
+        expected = {"BOOL": "booleans", "BYTES": "strings"}.get(
+            datatype, "integers" if datatype in INT_DATATYPES else "numbers"
+        )
+        raise InvalidInputError(
+            f"input {name!r}: data must be a flat or rectangular nested list of "
+            f"{expected} for datatype {datatype}"
+        )
+    return arr.ravel()
+
+
+def _decode_data(inp: RequestInput, count: int) -> np.ndarray:
+    raw = bytes(inp.data)
+    if not raw:
+        raise InvalidInputError(f"input {inp.name!r}: 'data' is required")
+    dtype = numpy_dtype(inp.datatype)
+    try:
+        values = _flat_decoder(inp.datatype).decode(raw)
+    except msgspec.ValidationError:
+        flat = _nested_to_array(inp.name, inp.datatype, raw)
+    else:
+        flat = values
+    n = len(flat)
+    if n != count:
+        raise InvalidInputError(
+            f"input {inp.name!r}: shape {inp.shape} needs {count} elements, data has {n}"
+        )
+    try:
+        if inp.datatype == "BYTES":
+            arr = np.empty(n, dtype=object)
+            arr[:] = [s.encode() for s in flat]
+        else:
+            arr = np.asarray(flat, dtype=dtype)
+    except OverflowError:
+        raise InvalidInputError(
+            f"input {inp.name!r}: a value is out of range for {inp.datatype}"
+        ) from None
+    return arr.reshape(inp.shape)
+
+
+def decode_infer_request(body: bytes, *, max_elements: int = 1 << 24) -> DecodedRequest:
+    """Decode a V2 JSON infer request into NumPy arrays.
+
+    ``max_elements`` caps each input's element count (checked on the declared
+    shape, before any data is converted). Raises InvalidInputError with the
+    offending field for anything malformed.
+    """
+    try:
+        req = _REQUEST_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidInputError(f"invalid infer request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
+    if not req.inputs:
+        raise InvalidInputError("'inputs' must hold at least one tensor")
+    arrays: dict[str, np.ndarray] = {}
+    for inp in req.inputs:
+        if inp.name in arrays:
+            raise InvalidInputError(f"input {inp.name!r} appears more than once")
+        numpy_dtype(inp.datatype)  # unknown datatype -> clear error
+        count = check_shape(inp.name, inp.shape, max_elements)
+        arrays[inp.name] = _decode_data(inp, count)
+    outputs = None
+    if req.outputs is not None:
+        outputs = [o.name for o in req.outputs]
+        if len(set(outputs)) != len(outputs):
+            raise InvalidInputError("'outputs' names a tensor more than once")
+    return DecodedRequest(arrays, req.id, req.parameters, outputs)
+
+
+def select_outputs(
+    outputs: dict[str, np.ndarray], requested: list[str] | None
+) -> dict[str, np.ndarray]:
+    """The outputs a request asked for (all of them when it named none)."""
+    if requested is None:
+        return outputs
+    unknown = [n for n in requested if n not in outputs]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown requested output(s) {unknown}; the model's outputs are {sorted(outputs)}"
+        )
+    return {n: outputs[n] for n in requested}
+
+
+def _tensor_data(name: str, arr: np.ndarray) -> list:
+    flat = arr.reshape(-1)
+    if flat.dtype.kind in "OSU":
+        try:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+        except UnicodeDecodeError:
+            raise FlywheelError(
+                f"output {name!r} holds BYTES that are not UTF-8 and cannot travel as JSON"
+            ) from None
+    return flat.tolist()
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str | None,
+    outputs: dict[str, np.ndarray],
+    request_id: str | None = None,
+) -> bytes:
+    """Encode output arrays as a V2 JSON infer response."""
+    resp = InferResponse(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        outputs=[
+            ResponseOutput(
+                name=name,
+                datatype=v2_datatype(arr.dtype),
+                shape=list(arr.shape),
+                data=_tensor_data(name, arr),
+            )
+            for name, arr in outputs.items()
+        ],
+    )
+    return _ENCODER.encode(resp)
+
+
+def encode_json(value: object) -> bytes:
+    """Encode any msgspec-serialisable value (metadata, errors) as JSON."""
+    return _ENCODER.encode(value)

@@ -1,0 +1,67 @@
+"""PyTorch backend: a registered architecture plus safely loaded weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flywheel.runtime.architectures import build
+from flywheel.runtime.backend import Backend
+from flywheel.runtime.errors import ConfigError
+from flywheel.runtime.signature import Signature
+
+
+def load_state_dict(path: str) -> dict:
+    """Weights from ``.safetensors`` or a ``torch.save`` file, loaded without
+    ever unpickling code (``weights_only=True``)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class TorchBackend(Backend):
+    """A torch module rebuilt from (architecture, hyper-parameters, weights)."""
+
+    platform = "pytorch_safetensors"
+
+    def __init__(
+        self, weights: str, architecture: str, hparams: Mapping[str, Any] | None = None
+    ) -> None:
+        if not os.path.isfile(weights):
+            raise ConfigError(f"weights file {weights!r} does not exist")
+        self._weights = weights
+        self._arch = architecture
+        self._hparams = dict(hparams or {})
+        self._module = None
+        self._signature: Signature | None = None
+
+    def load(self) -> None:
+        import torch
+
+        module, self._signature = build(self._arch, self._hparams)
+        module.load_state_dict(load_state_dict(self._weights))
+        module.eval()
+        self._module = module
+        self._torch = torch
+
+    @property
+    def signature(self) -> Signature:
+        if self._signature is None:
+            raise RuntimeError("call load() first")
+        return self._signature
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self._signature.inputs]
+        with torch.inference_mode():
+            out = self._module(*args)
+        if not isinstance(out, (tuple, list)):
+            out = (out,)
+        return {s.name: t.numpy() for s, t in zip(self._signature.outputs, out)}

@@ -1,0 +1,34 @@
+"""The one table mapping Flywheel's error codes to HTTP statuses."""
+
+from __future__ import annotations
+
+from flywheel.runtime.codec import encode_json
+from flywheel.runtime.errors import ErrorCode
+from flywheel.serving._private.http_server import JSON, Response
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.RESOURCE_EXHAUSTED: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+}
+
+
+def status_for(code: int) -> int:
+    """HTTP status for an ErrorCode value (500 for anything unknown)."""
+    try:
+        return HTTP_STATUS[ErrorCode(code)]
+    except ValueError:
+        return 500
+
+
+def error_response(status: int, message: str) -> Response:
+    """A V2 error: ``{"error": "<message>"}`` with the given status."""
+    return status, encode_json({"error": message}), JSON
+
+
+def error_for_code(code: int, message: str) -> Response:
+    return error_response(status_for(code), message)

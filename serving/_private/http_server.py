@@ -1,0 +1,200 @@
+"""A small HTTP/1.1 server on asyncio + httptools, for the request path.
+
+Why not Starlette/uvicorn behind Serve's proxy: each layer costs milliseconds
+per request on this class of machine (see shared/design/RAY-NOTES.md); this
+server parses with httptools (C), keeps connections alive, answers pipelined
+requests in order, and refuses an oversized body from its Content-Length before
+reading it. It knows nothing about V2: routing is the handler's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import httptools
+
+JSON = b"application/json"
+TEXT = b"text/plain; charset=utf-8"
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+
+
+Response = tuple[int, bytes, bytes]  # status, body, content type
+Handler = Callable[[Request], "Response | Awaitable[Response]"]
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
+    reason = _REASONS.get(status, b"")
+    conn = b"connection: close\r\n" if close else b""
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n" % (
+        status,
+        reason,
+        content_type,
+        length,
+        conn,
+    )
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "_handler", "_max_body", "_on_error", "_parser", "_transport", "_url", "_headers",
+        "_body", "_body_len", "_too_large", "_pending", "_closing",
+    )
+
+    def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response]):
+        self._handler = handler
+        self._max_body = max_body
+        self._on_error = on_error
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._pending: collections.deque[asyncio.Future] = collections.deque()
+        self._closing = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._too_large = False
+
+    # -- asyncio.Protocol ---------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def connection_lost(self, exc) -> None:
+        self._closing = True
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    # -- httptools callbacks ------------------------------------------------
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            self._too_large = True
+
+    def on_body(self, body: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_len += len(body)
+        if self._body_len > self._max_body:
+            self._too_large = True
+            self._body.clear()
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._too_large:
+            self._reply_now(self._on_error(413, f"request body exceeds {self._max_body} bytes"), close=True)
+            self._closing = True
+            return
+        method = self._parser.get_method().decode()
+        path = self._url.split(b"?", 1)[0].decode("utf-8", "replace")
+        req = Request(method, path, self._headers, b"".join(self._body))
+        keep_alive = self._parser.should_keep_alive()
+        self._reset()
+        result = self._handler(req)
+        if not inspect.isawaitable(result) and not self._pending:
+            self._write(result, close=not keep_alive)
+            return
+        fut = asyncio.ensure_future(result) if inspect.isawaitable(result) else _done(result)
+        fut.keep_alive = keep_alive  # type: ignore[attr-defined]
+        self._pending.append(fut)
+        fut.add_done_callback(self._flush)
+
+    # -- responses ----------------------------------------------------------
+    def _flush(self, _fut=None) -> None:
+        # Answer pipelined requests strictly in arrival order.
+        while self._pending and self._pending[0].done():
+            fut = self._pending.popleft()
+            if fut.cancelled():
+                continue
+            exc = fut.exception()
+            resp = self._on_error(500, f"internal error: {exc!r}") if exc else fut.result()
+            self._write(resp, close=not fut.keep_alive)
+
+    def _write(self, resp: Response, close: bool) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        status, body, ctype = resp
+        t.write(_head(status, ctype, len(body), close) + body)
+        if close:
+            self._closing = True
+            t.close()
+
+    def _reply_now(self, resp: Response, close: bool) -> None:
+        self._write(resp, close)
+
+    def _fail(self, status: int, message: str) -> None:
+        self._write(self._on_error(status, message), close=True)
+        self._closing = True
+
+
+def _done(value) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+async def start_http_server(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    max_body: int,
+    on_error: Callable[[int, str], Response],
+    reuse_port: bool = False,
+) -> asyncio.base_events.Server:
+    """Listen on host:port on the running loop; returns the asyncio Server.
+
+    ``handler`` may return a Response or an awaitable of one. ``on_error``
+    builds the body for protocol-level errors (400 malformed, 413 too large,
+    500 when a handler raised, which handlers should never let happen).
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _Connection(handler, max_body, on_error),
+        host,
+        port,
+        reuse_address=True,
+        reuse_port=reuse_port,
+        backlog=1024,
+    )

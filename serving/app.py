@@ -1,0 +1,164 @@
+"""Deploy a DeployConfig on Ray Serve and take it down again.
+
+Layout on Ray Serve: one application per (model, version), named
+``flywheel-<name>-<version>``, whose replicas serve the internal frame
+protocol on a loopback port shared by all of them; and one application,
+``flywheel-ingress``, whose replica serves V2 HTTP on the configured address.
+Serve's own HTTP proxy is disabled: it would add milliseconds to every request
+(shared/design/RAY-NOTES.md) and nothing routes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import msgspec
+
+from flywheel.runtime.errors import ConfigError, UnavailableError
+from flywheel.serving.config import DeployConfig, ModelConfig
+from flywheel.serving.ingress import Ingress, Route
+from flywheel.serving.replica import ModelReplica
+from flywheel.serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INGRESS_APP = "flywheel-ingress"
+
+
+def app_name(model: ModelConfig) -> str:
+    return f"flywheel-{model.name}-{model.version}"
+
+
+def start_ray(
+    settings: Settings,
+    *,
+    num_cpus: float | None = None,
+    include_dashboard: bool = False,
+    log_to_driver: bool = True,
+) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray for Flywheel.
+
+    The dashboard is off by default: serving does not need it and it costs
+    ~200 MiB; Ray Train and config-file deploys do (RAY-NOTES.md).
+    """
+    import ray
+
+    # Ray reads these from the environment of the processes it starts.
+    os.environ["RAY_AUTH_MODE"] = settings.ray_auth_mode
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"namespace": "flywheel", "log_to_driver": log_to_driver}
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, **kwargs)
+        return
+    cpus = num_cpus if num_cpus is not None else (settings.ray_num_cpus or None)
+    if settings.ray_tmpdir:
+        kwargs["_temp_dir"] = settings.ray_tmpdir
+    ray.init(num_cpus=cpus, include_dashboard=include_dashboard, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_bindable(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"server.host/port {host}:{port} cannot be bound: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What :func:`deploy` started; pass it to :func:`undeploy`."""
+
+    config: DeployConfig
+    url: str
+    apps: tuple[str, ...]
+
+
+def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deployment:
+    """Deploy every model of ``config`` and the ingress; return when
+    ``/v2/health/ready`` answers 200. Ray must be initialised (start_ray)."""
+    from ray import serve
+
+    server = config.server
+    if server.port:
+        _check_bindable(server.host, server.port)
+    else:  # 0: pick a free port now so that we can tell the caller
+        with socket.socket() as s:
+            s.bind((server.host, 0))
+            server = msgspec.structs.replace(server, port=s.getsockname()[1])
+    serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+    routes, apps = [], []
+    for model in config.models:
+        port = _free_port()
+        dep = serve.deployment(ModelReplica).options(
+            name=f"{model.name}-{model.version}",
+            num_replicas=model.replicas,
+            ray_actor_options={"num_cpus": model.num_cpus},
+            health_check_period_s=2.0,
+            health_check_timeout_s=10.0,
+            graceful_shutdown_wait_loop_s=0.1,
+            graceful_shutdown_timeout_s=5.0,
+        )
+        name = app_name(model)
+        log.info("deploying %s (%d replica(s))", name, model.replicas)
+        serve.run(
+            dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms),
+            name=name,
+            route_prefix=None,
+        )
+        routes.append(Route(model.name, model.version, port))
+        apps.append(name)
+    ingress = serve.deployment(Ingress).options(
+        name="ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": server.ingress_num_cpus},
+        health_check_period_s=2.0,
+        graceful_shutdown_wait_loop_s=0.1,
+        graceful_shutdown_timeout_s=2.0,
+    )
+    serve.run(ingress.bind(server, routes), name=INGRESS_APP, route_prefix=None)
+    apps.append(INGRESS_APP)
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    url = f"http://{host}:{server.port}"
+    wait_ready(url, ready_timeout_s)
+    return Deployment(config, url, tuple(apps))
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Poll ``url``/v2/health/ready until 200; UnavailableError on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = json.loads(exc.read() or b"{}").get("error", str(exc))
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise UnavailableError(f"{url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def undeploy(deployment: Deployment) -> None:
+    """Delete the applications that ``deploy`` created (ingress first)."""
+    from ray import serve
+
+    for name in reversed(deployment.apps):
+        serve.delete(name)

@@ -1,0 +1,108 @@
+"""``flywheel`` command line: ``run`` (the demo job) and ``serve`` (a config)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import msgspec
+
+from flywheel.runtime.errors import FlywheelError
+from flywheel.serving.app import deploy, start_ray, undeploy
+from flywheel.serving.config import DeployConfig, load_config
+from flywheel.serving.settings import Settings, load_settings
+
+
+def _apply_overrides(cfg: DeployConfig, settings: Settings, port: int | None) -> DeployConfig:
+    server = cfg.server
+    if settings.http_host:
+        server = msgspec.structs.replace(server, host=settings.http_host)
+    if settings.http_port:
+        server = msgspec.structs.replace(server, port=settings.http_port)
+    if port is not None:
+        server = msgspec.structs.replace(server, port=port)
+    return msgspec.structs.replace(cfg, server=server)
+
+
+def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str | None) -> None:
+    print("starting Ray ...", flush=True)
+    start_ray(settings, log_to_driver=False)
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        print("deploying models ...", flush=True)
+        started = time.perf_counter()
+        dep = deploy(cfg)
+        print(f"ready in {time.perf_counter() - started:.1f}s: V2 HTTP on {dep.url}", flush=True)
+        for m in cfg.models:
+            print(f"  model {m.name} version {m.version}: {dep.url}/v2/models/{m.name}", flush=True)
+        if example:
+            name = cfg.models[0].name
+            print("\ntry it:\n", flush=True)
+            print(
+                f"  curl -s -X POST {dep.url}/v2/models/{name}/infer "
+                f"-H 'Content-Type: application/json' -d @{example}\n",
+                flush=True,
+            )
+        print("metrics: " + dep.url + "/metrics\nCtrl-C to stop.", flush=True)
+        stop.wait()
+        print("\nstopping ...", flush=True)
+        undeploy(dep)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("stopped.", flush=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from flywheel.training.digits import train_digits
+
+    settings = load_settings()
+    cfg = _apply_overrides(load_config(args.config), settings, args.port)
+    model = cfg.models[0]
+    out_dir = os.path.dirname(model.path)
+    print(f"training the digits demo model ({args.epochs} epochs) ...", flush=True)
+    result = train_digits(out_dir, epochs=args.epochs)
+    print(f"trained: val accuracy {result.val_accuracy:.3f}; ONNX at {result.onnx_path}", flush=True)
+    _serve_until_interrupted(cfg, settings, os.path.relpath(result.example_path))
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    cfg = _apply_overrides(load_config(args.config), settings, args.port)
+    _serve_until_interrupted(cfg, settings, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the digits demo, export it to ONNX and serve it")
+    run.add_argument("--config", default="configs/demo.yaml")
+    run.add_argument("--epochs", type=int, default=15)
+    run.add_argument("--port", type=int, default=None, help="HTTP port (overrides the config)")
+    run.set_defaults(func=_cmd_run)
+    srv = sub.add_parser("serve", help="serve the models of a config file")
+    srv.add_argument("--config", required=True)
+    srv.add_argument("--port", type=int, default=None)
+    srv.set_defaults(func=_cmd_serve)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except FlywheelError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

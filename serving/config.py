@@ -1,0 +1,145 @@
+"""Typed deployment config, loaded from YAML presets in ``configs/``.
+
+Defaults live here; a preset only says what differs. Loading validates every
+field and names the bad one (``$.models[0].batching.max_batch_size``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from flywheel.runtime.batcher import BatchingConfig
+from flywheel.runtime.errors import ConfigError
+from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The public HTTP endpoint.
+
+    host/port: where the V2 HTTP ingress listens (loopback by default).
+    max_body_bytes: larger request bodies get 413 before they are read.
+    max_tensor_elements: most elements one input tensor may declare (400 above).
+    request_timeout_ms: a request still queued for its model after this long
+        fails with 504 (0 = no limit).
+    ingress_num_cpus: Ray CPUs reserved for the ingress replica. Fractional, so
+        that a 2-core machine can also run models and training.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_tensor_elements: int = 1 << 24
+    request_timeout_ms: int = 30_000
+    ingress_num_cpus: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port {self.port} must lie in [0, 65535]")
+        if self.max_body_bytes < 1 or self.max_tensor_elements < 1:
+            raise ConfigError("server.max_body_bytes and max_tensor_elements must be >= 1")
+        if self.request_timeout_ms < 0:
+            raise ConfigError("server.request_timeout_ms must be >= 0")
+        if self.ingress_num_cpus < 0:
+            raise ConfigError("server.ingress_num_cpus must be >= 0")
+
+
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One served model version (one Ray Serve deployment).
+
+    name/version: what clients call (``/v2/models/{name}/versions/{version}``).
+    backend: ``onnxruntime`` (``path`` = .onnx file) or ``torch`` (``path`` =
+        .safetensors weights of ``architecture`` built with ``hparams``).
+    replicas / num_cpus: Serve replicas and Ray CPUs per replica (fractional ok).
+    batching: the replica's dynamic batcher. Requests reach the replica through
+        Flywheel's own ingress, not Serve's proxy, so Serve's
+        ``max_ongoing_requests`` (default 5, which would cap every batch at 5)
+        does not limit batches; ``batching.max_queue_size`` is the back-pressure.
+    warmup_batch_sizes: batch sizes run once on zeros before the replica takes
+        traffic.
+    """
+
+    name: str
+    path: str
+    version: str = "1"
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    architecture: str = ""
+    hparams: dict[str, Any] = {}
+    onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    batching: BatchingConfig = BatchingConfig()
+    replicas: int = 1
+    num_cpus: float = 0.5
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(
+                f"model name {self.name!r} must match {_NAME.pattern} (letters, digits, _.-)"
+            )
+        if not _NAME.match(self.version):
+            raise ConfigError(f"model {self.name!r}: version {self.version!r} must match {_NAME.pattern}")
+        if self.backend == "torch" and not self.architecture:
+            raise ConfigError(f"model {self.name!r}: backend torch needs 'architecture'")
+        if self.replicas < 1:
+            raise ConfigError(f"model {self.name!r}: replicas must be >= 1")
+        if self.num_cpus < 0:
+            raise ConfigError(f"model {self.name!r}: num_cpus must be >= 0")
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A whole deployment: the server and the models it serves."""
+
+    models: list[ModelConfig]
+    server: ServerConfig = ServerConfig()
+
+    def __post_init__(self) -> None:
+        seen = set()
+        for m in self.models:
+            if m.key in seen:
+                raise ConfigError(f"model {m.name!r} version {m.version!r} is listed twice")
+            seen.add(m.key)
+
+
+def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConfig:
+    """Validate a plain mapping (from YAML or code) into a DeployConfig.
+
+    Relative model paths are resolved against ``base_dir`` when given.
+    Raises ConfigError naming the bad field and what was expected.
+    """
+    try:
+        cfg = msgspec.convert(data, DeployConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    if base_dir is not None:
+        base = Path(base_dir)
+        models = [
+            msgspec.structs.replace(m, path=str((base / m.path).resolve()))
+            for m in cfg.models
+        ]
+        cfg = msgspec.structs.replace(cfg, models=models)
+    return cfg
+
+
+def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> DeployConfig:
+    """Load and validate a YAML preset (see ``configs/``)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    try:
+        return parse_config(data, base_dir=base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}") from None

@@ -1,0 +1,138 @@
+"""A model replica: one (model, version) with its backend and batcher.
+
+Ray Serve places, health-checks, restarts and rolls these replicas; the request
+path does not go through Serve. Each replica runs the internal frame server
+(``_private/wire.py``) on its own uvloop thread. All replicas of a deployment
+bind the same loopback port with SO_REUSEPORT, so the kernel spreads the
+ingress's connections among them and a restarted replica simply joins in.
+The port is bound last, after the model is loaded and warmed up: a replica
+that accepts connections is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+
+from flywheel.runtime.backend import Backend
+from flywheel.runtime.batcher import DynamicBatcher
+from flywheel.runtime.codec import decode_infer_request, encode_infer_response, select_outputs
+from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError
+from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
+from flywheel.runtime.signature import validate_inputs
+from flywheel.runtime.torch_backend import TorchBackend
+from flywheel.serving._private.loop_thread import LoopThread
+from flywheel.serving._private.wire import NO_STATS, OP_INFER, OP_METADATA, Reply, Stats, start_frame_server
+from flywheel.serving.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# A loop that has not beaten for this long is stuck: fail the health check
+# so that Serve replaces the replica.
+STALL_LIMIT_S = 10.0
+
+
+def make_backend(model: ModelConfig) -> Backend:
+    """The backend a model config asks for (not yet loaded)."""
+    if model.backend == "torch":
+        return TorchBackend(model.path, model.architecture, model.hparams)
+    return OnnxRuntimeBackend(model.path, model.onnxruntime)
+
+
+def model_metadata(model: ModelConfig, backend: Backend) -> dict:
+    sig = backend.signature
+    tensor = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}  # noqa: E731
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": backend.platform,
+        "inputs": [tensor(t) for t in sig.inputs],
+        "outputs": [tensor(t) for t in sig.outputs],
+    }
+
+
+class ModelReplica:
+    """Serve deployment class for one model version (see module docstring)."""
+
+    def __init__(self, model: ModelConfig, port: int, max_tensor_elements: int, request_timeout_ms: int):
+        self._model = model
+        self._max_elements = max_tensor_elements
+        self._timeout_s = request_timeout_ms / 1000 if request_timeout_ms else None
+        self._backend = make_backend(model)
+        self._backend.load()
+        self._signature = self._backend.signature
+        if self._signature.batchable:
+            self._backend.warmup(model.warmup_batch_sizes)
+        else:
+            self._backend.warmup((1,))
+        self._metadata = msgspec.json.encode(model_metadata(model, self._backend))
+        self._executor = ThreadPoolExecutor(
+            model.batching.max_concurrent_batches, thread_name_prefix=f"flywheel-{model.name}"
+        )
+        self._loop = LoopThread(f"flywheel-replica-{model.name}")
+        self._loop.start()
+        self._loop.call(self._start(port))
+        log.info("replica of %s:%s serving on 127.0.0.1:%d", model.name, model.version, port)
+
+    async def _start(self, port: int) -> None:
+        batching = self._model.batching
+        if not self._signature.batchable:  # no batch axis: one request per call
+            batching = msgspec.structs.replace(batching, max_batch_size=1)
+        self._batcher = DynamicBatcher(self._backend.infer, batching, executor=self._executor)
+        self._server = await start_frame_server(self._handle, "127.0.0.1", port)
+
+    async def _handle(self, op: int, payload: bytes) -> Reply:
+        if op == OP_INFER:
+            return await self._infer(payload)
+        if op == OP_METADATA:
+            return 0, self._metadata, NO_STATS
+        return int(ErrorCode.INVALID_ARGUMENT), f"unknown operation {op}".encode(), NO_STATS
+
+    async def _infer(self, payload: bytes) -> Reply:
+        try:
+            req = decode_infer_request(payload, max_elements=self._max_elements)
+            arrays = validate_inputs(self._signature, req.inputs)
+            if self._signature.batchable and next(iter(arrays.values())).shape[0] == 0:
+                raise InvalidInputError("the batch dimension (first dim) must be >= 1")
+            result = await self._batcher.submit(arrays, timeout_s=self._timeout_s)
+            outputs = select_outputs(result.outputs, req.outputs)
+            body = encode_infer_response(self._model.name, self._model.version, outputs, req.id)
+        except FlywheelError as exc:
+            stats = Stats(queue_depth=self._batcher.queue_depth)
+            return int(exc.code), exc.message.encode(), stats
+        except Exception as exc:  # a model bug: report it, keep serving
+            log.exception("inference failed in %s:%s", self._model.name, self._model.version)
+            return int(ErrorCode.INTERNAL), f"model error: {exc!r}".encode(), NO_STATS
+        stats = Stats(
+            int(result.queue_s * 1e6), int(result.compute_s * 1e6), result.batch_rows,
+            self._batcher.queue_depth, result.leader,
+        )
+        return 0, body, stats
+
+    def check_health(self) -> None:
+        """Serve's health probe: fail if our own loop has stopped beating."""
+        stalled = self._loop.stalled_for()
+        if stalled > STALL_LIMIT_S:
+            raise RuntimeError(f"request loop stalled for {stalled:.1f}s")
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown: stop accepting connections,
+        # let accepted requests finish, release the port.
+        loop = getattr(self, "_loop", None)
+        if loop is None:
+            return
+
+        async def _stop() -> None:
+            self._server.close()
+            await self._batcher.close()
+
+        try:
+            loop.call(_stop(), timeout=5)
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            pass
+        loop.stop()
+        self._executor.shutdown(wait=False)
+
+
