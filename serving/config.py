@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import yaml
@@ -17,6 +17,7 @@ from flywheel.runtime.batcher import BatchingConfig
 from flywheel.runtime.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 
+BACKENDS = ("onnxruntime", "torch")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -68,7 +69,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     path: str
     version: str = "1"
-    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    backend: str = "onnxruntime"
     architecture: str = ""
     hparams: dict[str, Any] = {}
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
@@ -84,6 +85,10 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if not _NAME.match(self.version):
             raise ConfigError(f"model {self.name!r}: version {self.version!r} must match {_NAME.pattern}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"model {self.name!r}: backend {self.backend!r} unknown; allowed: {', '.join(BACKENDS)}"
+            )
         if self.backend == "torch" and not self.architecture:
             raise ConfigError(f"model {self.name!r}: backend torch needs 'architecture'")
         if self.replicas < 1:

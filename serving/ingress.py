@@ -201,9 +201,15 @@ class Ingress:
             raise RuntimeError(f"ingress loop stalled for {stalled:.1f}s")
 
     def __del__(self) -> None:
+        # Ray Serve calls __del__ on graceful shutdown.
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving and release the port; safe to call more than once."""
         loop = getattr(self, "_loop", None)
         if loop is None:
             return
+        self._loop = None
 
         async def _stop() -> None:
             self._http.close()

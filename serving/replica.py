@@ -118,11 +118,16 @@ class ModelReplica:
             raise RuntimeError(f"request loop stalled for {stalled:.1f}s")
 
     def __del__(self) -> None:
-        # Serve calls this on graceful shutdown: stop accepting connections,
-        # let accepted requests finish, release the port.
+        # Ray Serve calls __del__ on graceful shutdown.
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving and release the port; safe to call more than once."""
+        # Stop accepting connections, let accepted requests finish.
         loop = getattr(self, "_loop", None)
         if loop is None:
             return
+        self._loop = None
 
         async def _stop() -> None:
             self._server.close()

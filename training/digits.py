@@ -77,7 +77,7 @@ def train_digits(
             loss = loss_fn(model(xt[b]), yt[b])
             loss.backward()
             opt.step()
-            total += float(loss) * len(b)
+            total += loss.item() * len(b)
         sched.step()
         model.eval()
         with torch.inference_mode():

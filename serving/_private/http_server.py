@@ -108,10 +108,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         length = self._headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
-            self._too_large = True
+            # Refuse before reading a byte of the body, and drop the connection
+            # (the client may still be sending it).
+            self._fail(413, f"request body of {int(length)} bytes exceeds the limit of {self._max_body}")
 
     def on_body(self, body: bytes) -> None:
-        if self._too_large:
+        if self._too_large or self._closing:
             return
         self._body_len += len(body)
         if self._body_len > self._max_body:
@@ -121,9 +123,10 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._too_large:
-            self._reply_now(self._on_error(413, f"request body exceeds {self._max_body} bytes"), close=True)
-            self._closing = True
+        if self._closing:
+            return
+        if self._too_large:  # chunked body that grew past the limit
+            self._fail(413, f"request body exceeds the limit of {self._max_body} bytes")
             return
         method = self._parser.get_method().decode()
         path = self._url.split(b"?", 1)[0].decode("utf-8", "replace")
@@ -159,9 +162,6 @@ class _Connection(asyncio.Protocol):
         if close:
             self._closing = True
             t.close()
-
-    def _reply_now(self, resp: Response, close: bool) -> None:
-        self._write(resp, close)
 
     def _fail(self, status: int, message: str) -> None:
         self._write(self._on_error(status, message), close=True)

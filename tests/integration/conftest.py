@@ -1,0 +1,57 @@
+"""One local Ray per test session, shared by every integration test.
+
+Ray starts once (about 5 s here), with its own temp folder, no dashboard
+(serving does not need it) and explicit auth mode; it is shut down at the end.
+The demo deployment (the digits model of configs/demo.yaml, trained briefly)
+is deployed once on a free port and shared too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from flywheel.serving import load_config, load_settings, start_ray
+from flywheel.serving.app import deploy, undeploy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    from ray import serve
+
+    tmp = tempfile.mkdtemp(prefix="fw-ray-", dir="/tmp")  # short: Ray's socket paths
+    settings = msgspec.structs.replace(load_settings(), ray_tmpdir=tmp, ray_address="")
+    # 4 logical CPUs on 2 cores: deployments ask for fractions, and no test
+    # may wait on a CPU that a leftover replica holds.
+    start_ray(settings, num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    from flywheel.training.digits import train_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    return train_digits(str(out), epochs=3, progress=None)
+
+
+@pytest.fixture(scope="session")
+def demo(ray_session, digits_model):
+    """The demo preset, pointed at the trained model, on a free port."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    model = msgspec.structs.replace(cfg.models[0], path=digits_model.onnx_path)
+    server = msgspec.structs.replace(cfg.server, port=0)
+    cfg = msgspec.structs.replace(cfg, models=[model], server=server)
+    dep = deploy(cfg)
+    yield dep
+    undeploy(dep)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flywheel.runtime.errors import ConfigError
+from flywheel.serving.config import load_config, parse_config
+from flywheel.serving.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_demo_preset_loads_with_typed_values():
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    (m,) = cfg.models
+    assert (m.name, m.version, m.backend) == ("digits", "1", "onnxruntime")
+    assert m.batching.max_batch_size == 64 and m.batching.max_queue_delay_us == 200
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
+
+
+def test_relative_model_paths_resolve_against_base_dir(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "path": "a/b.onnx"}]}, base_dir=tmp_path)
+    assert cfg.models[0].path == str(tmp_path / "a" / "b.onnx")
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"models": [{"name": "m", "path": "x", "batching": {"max_batch_size": 0}}]}, "max_batch_size"),
+        ({"models": [{"name": "m", "path": "x", "batching": {"max_batch_size": 0}}]}, "$.models[0].batching"),
+        ({"models": [{"name": "m", "path": "x", "replicas": "two"}]}, "$.models[0].replicas"),
+        ({"models": [{"name": "m", "path": "x", "backend": "tf"}]}, "allowed: onnxruntime, torch - at `$.models[0]`"),
+        ({"models": [{"name": "m", "path": "x", "colour": "red"}]}, "colour"),
+        ({"models": [{"name": "bad name", "path": "x"}]}, "model name 'bad name'"),
+        ({"models": [{"name": "m", "path": "x"}, {"name": "m", "path": "y"}]}, "listed twice"),
+        ({"server": {"port": 70000}, "models": []}, "server.port"),
+        ({"models": [{"name": "m", "path": "x", "backend": "torch"}]}, "architecture"),
+        ({}, "models"),
+    ],
+)
+def test_invalid_config_names_the_field(data, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert fragment in info.value.message
+
+
+def test_invalid_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_settings_read_only_from_the_given_environment():
+    s = load_settings({"RAY_ADDRESS": "ray://h:1", "FLYWHEEL_HTTP_PORT": "9001"})
+    assert s.ray_address == "ray://h:1" and s.http_port == 9001
+    assert s.ray_auth_mode == "disabled"
+    with pytest.raises(ValueError, match="FLYWHEEL_HTTP_PORT"):
+        load_settings({"FLYWHEEL_HTTP_PORT": "x"})
