@@ -1,9 +1,10 @@
 """Deploy a DeployConfig on Ray Serve and take it down again.
 
 Layout on Ray Serve: one application per (model, version), named
-``flywheel-<name>-<version>``, whose replicas serve the internal frame
+``<deployment>-<model>-<version>``, whose replicas serve the internal frame
 protocol on a loopback port shared by all of them; and one application,
-``flywheel-ingress``, whose replica serves V2 HTTP on the configured address.
+``<deployment>-ingress``, whose replica serves V2 HTTP on the configured
+address (``<deployment>`` is the config's ``name``, ``flywheel`` by default).
 Serve's own HTTP proxy is disabled: it would add milliseconds to every request
 (shared/design/RAY-NOTES.md) and nothing routes through it.
 """
@@ -29,11 +30,12 @@ from flywheel.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
-INGRESS_APP = "flywheel-ingress"
+def app_name(config: DeployConfig, model: ModelConfig) -> str:
+    return f"{config.name}-{model.name}-{model.version}"
 
 
-def app_name(model: ModelConfig) -> str:
-    return f"flywheel-{model.name}-{model.version}"
+def ingress_app_name(config: DeployConfig) -> str:
+    return f"{config.name}-ingress"
 
 
 def start_ray(
@@ -114,7 +116,7 @@ def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deploymen
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=5.0,
         )
-        name = app_name(model)
+        name = app_name(config, model)
         log.info("deploying %s (%d replica(s))", name, model.replicas)
         serve.run(
             dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms),
@@ -131,8 +133,8 @@ def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deploymen
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=2.0,
     )
-    serve.run(ingress.bind(server, routes), name=INGRESS_APP, route_prefix=None)
-    apps.append(INGRESS_APP)
+    serve.run(ingress.bind(server, routes), name=ingress_app_name(config), route_prefix=None)
+    apps.append(ingress_app_name(config))
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
     wait_ready(url, ready_timeout_s)

@@ -102,12 +102,19 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A whole deployment: the server and the models it serves."""
+    """A whole deployment: the server and the models it serves.
+
+    name: prefix of its Ray Serve application names, so that several
+        deployments (each with its own ingress) can share one Ray.
+    """
 
     models: list[ModelConfig]
     server: ServerConfig = ServerConfig()
+    name: str = "flywheel"
 
     def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"name {self.name!r} must match {_NAME.pattern}")
         seen = set()
         for m in self.models:
             if m.key in seen:
