@@ -1,4 +1,7 @@
-"""V2 JSON codec on msgspec: infer request bytes -> NumPy arrays -> response bytes.
+"""V2 HTTP codec on msgspec: infer request bytes -> NumPy arrays -> response bytes.
+
+Covers JSON tensors and the binary tensor data extension (a JSON header,
+then raw tensors in the order the JSON names them; see runtime/raw.py).
 
 Wire types are declared once here and the Encoder/Decoders are built once at
 import (they are stateless and thread-safe). Tensor ``data`` is kept as raw JSON
@@ -17,6 +20,7 @@ import numpy as np
 
 from flywheel.runtime.datatypes import FLOAT_DATATYPES, INT_DATATYPES, numpy_dtype, v2_datatype
 from flywheel.runtime.errors import FlywheelError, InvalidInputError
+from flywheel.runtime.raw import tensor_from_raw, tensor_to_raw
 from flywheel.runtime.signature import check_shape
 
 Parameters = dict[str, Union[bool, int, float, str]]
@@ -46,7 +50,7 @@ class ResponseOutput(msgspec.Struct, omit_defaults=True):
     name: str
     datatype: str
     shape: list[int]
-    data: list
+    data: list | None = None  # absent when the tensor travels as binary
     parameters: Parameters | None = None
 
 
@@ -66,6 +70,15 @@ class DecodedRequest:
     id: str | None = None
     parameters: Parameters | None = None
     outputs: list[str] | None = None
+    # names of requested outputs that asked for binary_data (true or false)
+    output_binary: dict[str, bool] | None = None
+
+    def binary_outputs(self, names: list[str]) -> frozenset[str]:
+        """Which of ``names`` go back as binary: the per-output ``binary_data``
+        parameter wins over the request-level ``binary_data_output``."""
+        default = bool((self.parameters or {}).get("binary_data_output", False))
+        per = self.output_binary or {}
+        return frozenset(n for n in names if per.get(n, default))
 
 
 _REQUEST_DECODER = msgspec.json.Decoder(InferRequest)
@@ -142,15 +155,30 @@ def _decode_data(inp: RequestInput, count: int) -> np.ndarray:
     return arr.reshape(inp.shape)
 
 
-def decode_infer_request(body: bytes, *, max_elements: int = 1 << 24) -> DecodedRequest:
-    """Decode a V2 JSON infer request into NumPy arrays.
+def decode_infer_request(
+    body: bytes, *, max_elements: int = 1 << 24, header_length: int | None = None
+) -> DecodedRequest:
+    """Decode a V2 infer request into NumPy arrays.
 
+    ``header_length`` is the ``Inference-Header-Content-Length`` of a binary
+    request: the JSON is ``body[:header_length]`` and inputs carrying the
+    ``binary_data_size`` parameter take their bytes, in order, from the rest.
     ``max_elements`` caps each input's element count (checked on the declared
     shape, before any data is converted). Raises InvalidInputError with the
     offending field for anything malformed.
     """
+    view = memoryview(body)
+    if header_length is None:
+        header, binary = view, view[:0]
+    else:
+        if not 0 < header_length <= len(body):
+            raise InvalidInputError(
+                f"Inference-Header-Content-Length {header_length} must lie in [1, {len(body)}] "
+                "(the body's length)"
+            )
+        header, binary = view[:header_length], view[header_length:]
     try:
-        req = _REQUEST_DECODER.decode(body)
+        req = _REQUEST_DECODER.decode(header)
     except msgspec.ValidationError as exc:
         raise InvalidInputError(f"invalid infer request: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -158,18 +186,48 @@ def decode_infer_request(body: bytes, *, max_elements: int = 1 << 24) -> Decoded
     if not req.inputs:
         raise InvalidInputError("'inputs' must hold at least one tensor")
     arrays: dict[str, np.ndarray] = {}
+    offset = 0
     for inp in req.inputs:
         if inp.name in arrays:
             raise InvalidInputError(f"input {inp.name!r} appears more than once")
         numpy_dtype(inp.datatype)  # unknown datatype -> clear error
         count = check_shape(inp.name, inp.shape, max_elements)
-        arrays[inp.name] = _decode_data(inp, count)
-    outputs = None
+        size = (inp.parameters or {}).get("binary_data_size")
+        if size is None:
+            arrays[inp.name] = _decode_data(inp, count)
+            continue
+        if header_length is None:
+            raise InvalidInputError(
+                f"input {inp.name!r} has binary_data_size but the request has no "
+                "Inference-Header-Content-Length header"
+            )
+        if bytes(inp.data):
+            raise InvalidInputError(f"input {inp.name!r} has both 'data' and binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInputError(f"input {inp.name!r}: binary_data_size must be a non-negative integer")
+        if offset + size > len(binary):
+            raise InvalidInputError(
+                f"input {inp.name!r}: binary_data_size {size} runs past the end of the body "
+                f"({len(binary) - offset} bytes left)"
+            )
+        arrays[inp.name] = tensor_from_raw(inp.name, inp.datatype, inp.shape, binary[offset : offset + size], count)
+        offset += size
+    if offset != len(binary):
+        raise InvalidInputError(
+            f"{len(binary) - offset} bytes after the JSON header are not claimed by any "
+            "input's binary_data_size"
+        )
+    outputs = output_binary = None
     if req.outputs is not None:
         outputs = [o.name for o in req.outputs]
         if len(set(outputs)) != len(outputs):
             raise InvalidInputError("'outputs' names a tensor more than once")
-    return DecodedRequest(arrays, req.id, req.parameters, outputs)
+        output_binary = {
+            o.name: bool(o.parameters["binary_data"])
+            for o in req.outputs
+            if o.parameters and "binary_data" in o.parameters
+        }
+    return DecodedRequest(arrays, req.id, req.parameters, outputs, output_binary)
 
 
 def select_outputs(
@@ -198,28 +256,45 @@ def _tensor_data(name: str, arr: np.ndarray) -> list:
     return flat.tolist()
 
 
+def encode_response(
+    model_name: str,
+    model_version: str | None,
+    outputs: dict[str, np.ndarray],
+    request_id: str | None = None,
+    binary: frozenset[str] | set[str] = frozenset(),
+) -> tuple[bytes, int]:
+    """Encode output arrays as a V2 infer response.
+
+    Outputs named in ``binary`` travel as raw bytes after the JSON (with
+    ``binary_data_size``). Returns the body and the JSON header's length when
+    anything is binary (for ``Inference-Header-Content-Length``), else 0.
+    """
+    tensors, raw = [], []
+    for name, arr in outputs.items():
+        out = ResponseOutput(name=name, datatype=v2_datatype(arr.dtype), shape=list(arr.shape))
+        if name in binary:
+            chunk = tensor_to_raw(arr)
+            raw.append(chunk)
+            out.parameters = {"binary_data_size": len(chunk)}
+        else:
+            out.data = _tensor_data(name, arr)
+        tensors.append(out)
+    header = _ENCODER.encode(
+        InferResponse(model_name=model_name, model_version=model_version, id=request_id, outputs=tensors)
+    )
+    if not raw:
+        return header, 0
+    return b"".join([header, *raw]), len(header)
+
+
 def encode_infer_response(
     model_name: str,
     model_version: str | None,
     outputs: dict[str, np.ndarray],
     request_id: str | None = None,
 ) -> bytes:
-    """Encode output arrays as a V2 JSON infer response."""
-    resp = InferResponse(
-        model_name=model_name,
-        model_version=model_version,
-        id=request_id,
-        outputs=[
-            ResponseOutput(
-                name=name,
-                datatype=v2_datatype(arr.dtype),
-                shape=list(arr.shape),
-                data=_tensor_data(name, arr),
-            )
-            for name, arr in outputs.items()
-        ],
-    )
-    return _ENCODER.encode(resp)
+    """Encode output arrays as a V2 JSON infer response (no binary outputs)."""
+    return encode_response(model_name, model_version, outputs, request_id)[0]
 
 
 def encode_json(value: object) -> bytes:

@@ -24,7 +24,8 @@ import msgspec
 
 from flywheel.runtime.errors import ConfigError, UnavailableError
 from flywheel.serving.config import DeployConfig, ModelConfig
-from flywheel.serving.ingress import Ingress, Route
+from flywheel.serving.ingress import Ingress
+from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
 from flywheel.serving.settings import Settings
 
@@ -87,7 +88,8 @@ class Deployment:
     """What :func:`deploy` started; pass it to :func:`undeploy`."""
 
     config: DeployConfig
-    url: str
+    url: str  # V2 HTTP base URL
+    grpc_target: str  # host:port of the V2 gRPC service ("" when off)
     apps: tuple[str, ...]
 
 
@@ -97,12 +99,16 @@ def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deploymen
     from ray import serve
 
     server = config.server
-    if server.port:
-        _check_bindable(server.host, server.port)
-    else:  # 0: pick a free port now so that we can tell the caller
-        with socket.socket() as s:
-            s.bind((server.host, 0))
-            server = msgspec.structs.replace(server, port=s.getsockname()[1])
+    ports = {}
+    for field in ("port", "grpc_port"):
+        port = getattr(server, field)
+        if port > 0:
+            _check_bindable(server.host, port)
+        elif port == 0:  # pick a free port now so that we can tell the caller
+            with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET) as s:
+                s.bind((server.host, 0))
+                ports[field] = s.getsockname()[1]
+    server = msgspec.structs.replace(server, **ports)
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     routes, apps = [], []
     for model in config.models:
@@ -138,7 +144,8 @@ def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deploymen
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
     wait_ready(url, ready_timeout_s)
-    return Deployment(config, url, tuple(apps))
+    grpc_target = f"{host}:{server.grpc_port}" if server.grpc_port >= 0 else ""
+    return Deployment(msgspec.structs.replace(config, server=server), url, grpc_target, tuple(apps))
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

@@ -43,6 +43,8 @@ def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str
         started = time.perf_counter()
         dep = deploy(cfg)
         print(f"ready in {time.perf_counter() - started:.1f}s: V2 HTTP on {dep.url}", flush=True)
+        if dep.grpc_target:
+            print(f"V2 gRPC (inference.GRPCInferenceService) on {dep.grpc_target}", flush=True)
         for m in cfg.models:
             print(f"  model {m.name} version {m.version}: {dep.url}/v2/models/{m.name}", flush=True)
         if example:

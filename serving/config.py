@@ -25,7 +25,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The public HTTP endpoint.
 
     host/port: where the V2 HTTP ingress listens (loopback by default).
-    max_body_bytes: larger request bodies get 413 before they are read.
+    grpc_port: where the V2 gRPC service listens, on the same host (-1 = off).
+    max_body_bytes: larger request bodies get 413 before they are read (and
+        larger gRPC messages RESOURCE_EXHAUSTED).
     max_tensor_elements: most elements one input tensor may declare (400 above).
     request_timeout_ms: a request still queued for its model after this long
         fails with 504 (0 = no limit).
@@ -35,6 +37,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 9000
     max_body_bytes: int = 64 * 1024 * 1024
     max_tensor_elements: int = 1 << 24
     request_timeout_ms: int = 30_000
@@ -43,6 +46,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port {self.port} must lie in [0, 65535]")
+        if not -1 <= self.grpc_port <= 65535:
+            raise ConfigError(f"server.grpc_port {self.grpc_port} must lie in [-1, 65535] (-1 = off)")
         if self.max_body_bytes < 1 or self.max_tensor_elements < 1:
             raise ConfigError("server.max_body_bytes and max_tensor_elements must be >= 1")
         if self.request_timeout_ms < 0:

@@ -18,13 +18,22 @@ import msgspec
 
 from flywheel.runtime.backend import Backend
 from flywheel.runtime.batcher import DynamicBatcher
-from flywheel.runtime.codec import decode_infer_request, encode_infer_response, select_outputs
+from flywheel.runtime.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
 from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
 from flywheel.runtime.signature import validate_inputs
 from flywheel.runtime.torch_backend import TorchBackend
+from flywheel.serving._private.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.loop_thread import LoopThread
-from flywheel.serving._private.wire import NO_STATS, OP_INFER, OP_METADATA, Reply, Stats, start_frame_server
+from flywheel.serving._private.wire import (
+    OP_INFER,
+    OP_INFER_GRPC,
+    OP_METADATA,
+    Call,
+    Reply,
+    Stats,
+    start_frame_server,
+)
 from flywheel.serving.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -83,33 +92,47 @@ class ModelReplica:
         self._batcher = DynamicBatcher(self._backend.infer, batching, executor=self._executor)
         self._server = await start_frame_server(self._handle, "127.0.0.1", port)
 
-    async def _handle(self, op: int, payload: bytes) -> Reply:
-        if op == OP_INFER:
-            return await self._infer(payload)
-        if op == OP_METADATA:
-            return 0, self._metadata, NO_STATS
-        return int(ErrorCode.INVALID_ARGUMENT), f"unknown operation {op}".encode(), NO_STATS
+    async def _handle(self, call: Call) -> Reply:
+        if call.op == OP_INFER or call.op == OP_INFER_GRPC:
+            return await self._infer(call)
+        if call.op == OP_METADATA:
+            return Reply(0, self._metadata)
+        return Reply(int(ErrorCode.INVALID_ARGUMENT), f"unknown operation {call.op}".encode())
 
-    async def _infer(self, payload: bytes) -> Reply:
+    def _decode(self, call: Call) -> DecodedRequest:
+        if call.op == OP_INFER_GRPC:
+            return decode_grpc_request(call.payload, max_elements=self._max_elements)
+        return decode_infer_request(
+            call.payload, max_elements=self._max_elements, header_length=call.aux or None
+        )
+
+    async def _infer(self, call: Call) -> Reply:
+        timeout = self._timeout_s
+        if call.timeout_ms:
+            timeout = min(timeout or float("inf"), call.timeout_ms / 1000)
+        name, version = self._model.name, self._model.version
         try:
-            req = decode_infer_request(payload, max_elements=self._max_elements)
+            req = self._decode(call)
             arrays = validate_inputs(self._signature, req.inputs)
             if self._signature.batchable and next(iter(arrays.values())).shape[0] == 0:
                 raise InvalidInputError("the batch dimension (first dim) must be >= 1")
-            result = await self._batcher.submit(arrays, timeout_s=self._timeout_s)
+            result = await self._batcher.submit(arrays, timeout_s=timeout)
             outputs = select_outputs(result.outputs, req.outputs)
-            body = encode_infer_response(self._model.name, self._model.version, outputs, req.id)
+            if call.op == OP_INFER_GRPC:
+                body, aux = encode_grpc_response(name, version, outputs, req.id), 0
+            else:
+                binary = req.binary_outputs(list(outputs))
+                body, aux = encode_response(name, version, outputs, req.id, binary)
         except FlywheelError as exc:
-            stats = Stats(queue_depth=self._batcher.queue_depth)
-            return int(exc.code), exc.message.encode(), stats
+            return Reply(int(exc.code), exc.message.encode(), Stats(queue_depth=self._batcher.queue_depth))
         except Exception as exc:  # a model bug: report it, keep serving
-            log.exception("inference failed in %s:%s", self._model.name, self._model.version)
-            return int(ErrorCode.INTERNAL), f"model error: {exc!r}".encode(), NO_STATS
+            log.exception("inference failed in %s:%s", name, version)
+            return Reply(int(ErrorCode.INTERNAL), f"model error: {exc!r}".encode())
         stats = Stats(
             int(result.queue_s * 1e6), int(result.compute_s * 1e6), result.batch_rows,
             self._batcher.queue_depth, result.leader,
         )
-        return 0, body, stats
+        return Reply(0, body, stats, aux)
 
     def check_health(self) -> None:
         """Serve's health probe: fail if our own loop has stopped beating."""

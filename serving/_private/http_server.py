@@ -31,20 +31,22 @@ class Request:
     body: bytes = b""
 
 
-Response = tuple[int, bytes, bytes]  # status, body, content type
+# status, body, content type[, extra header lines, each ending in CRLF]
+Response = tuple  # (int, bytes, bytes) or (int, bytes, bytes, bytes)
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
-def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
+def _head(status: int, content_type: bytes, length: int, close: bool, extra: bytes = b"") -> bytes:
     reason = _REASONS.get(status, b"")
     conn = b"connection: close\r\n" if close else b""
-    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n" % (
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
         status,
         reason,
         content_type,
         length,
+        extra,
         conn,
     )
 
@@ -157,8 +159,9 @@ class _Connection(asyncio.Protocol):
         t = self._transport
         if t is None or t.is_closing():
             return
-        status, body, ctype = resp
-        t.write(_head(status, ctype, len(body), close) + body)
+        status, body, ctype = resp[0], resp[1], resp[2]
+        extra = resp[3] if len(resp) > 3 else b""
+        t.write(_head(status, ctype, len(body), close, extra) + body)
         if close:
             self._closing = True
             t.close()

@@ -5,10 +5,16 @@ and gets the encoded V2 response back, so JSON is decoded exactly once, in the
 replica. Many requests share one connection (multiplexed by request id), so
 concurrent requests reach the replica's batcher together.
 
-request  = <u32 payload length><u32 request id><u8 op> payload
-response = <u32 payload length><u32 request id><u8 code> <u32 queue us>
+request  = <u32 payload length><u32 request id><u8 op><u32 aux><u32 timeout ms> payload
+response = <u32 payload length><u32 request id><u8 code><u32 aux> <u32 queue us>
            <u32 compute us><u32 batch rows><u32 queue depth><u8 leader> payload
 
+Ops: OP_INFER carries a V2 HTTP body (``aux`` = its JSON header length when it
+uses the binary extension, else 0) and answers with a V2 HTTP body (``aux`` =
+the JSON header length when outputs are binary); OP_INFER_GRPC carries and
+answers serialized ModelInferRequest / ModelInferResponse messages;
+OP_METADATA answers the model's V2 metadata as JSON. ``timeout ms`` is the
+caller's remaining deadline (0 = the server's default).
 ``code`` is 0 for success or a :class:`~flywheel.runtime.errors.ErrorCode`
 (the payload is then the UTF-8 message).
 """
@@ -26,9 +32,10 @@ from flywheel.runtime.errors import ErrorCode, UnavailableError
 
 OP_INFER = 1
 OP_METADATA = 2
+OP_INFER_GRPC = 3
 
-_REQ = struct.Struct("<IIB")
-_RESP = struct.Struct("<IIBIIIIB")
+_REQ = struct.Struct("<IIBII")
+_RESP = struct.Struct("<IIBIIIIIB")
 MAX_FRAME = 1 << 31
 
 
@@ -42,8 +49,25 @@ class Stats:
 
 
 NO_STATS = Stats()
-Reply = tuple[int, bytes, Stats]  # code, payload, stats
-FrameHandler = Callable[[int, bytes], Awaitable[Reply]]
+
+
+@dataclass(slots=True, frozen=True)
+class Reply:
+    code: int  # 0 = ok, else an ErrorCode
+    payload: bytes
+    stats: Stats = NO_STATS
+    aux: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Call:
+    op: int
+    payload: bytes
+    aux: int = 0
+    timeout_ms: int = 0
+
+
+FrameHandler = Callable[[Call], Awaitable[Reply]]
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -93,24 +117,25 @@ class _ServerConn(asyncio.Protocol):
             t.cancel()
 
     def data_received(self, data: bytes) -> None:
-        for (_, req_id, op), payload in self._buf.feed(data):
-            task = asyncio.ensure_future(self._serve(req_id, op, payload))
+        for (_, req_id, op, aux, timeout_ms), payload in self._buf.feed(data):
+            task = asyncio.ensure_future(self._serve(req_id, Call(op, payload, aux, timeout_ms)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, req_id: int, op: int, payload: bytes) -> None:
+    async def _serve(self, req_id: int, call: Call) -> None:
         try:
-            code, body, st = await self._handler(op, payload)
+            r = await self._handler(call)
         except Exception as exc:  # noqa: BLE001 - the boundary: answer, never hang
-            code, body, st = int(ErrorCode.INTERNAL), f"internal error: {exc!r}".encode(), NO_STATS
+            r = Reply(int(ErrorCode.INTERNAL), f"internal error: {exc!r}".encode())
         t = self._transport
         if t is not None and not t.is_closing():
+            st = r.stats
             t.write(
                 _RESP.pack(
-                    len(body), req_id, code, st.queue_us, st.compute_us,
+                    len(r.payload), req_id, r.code, r.aux, st.queue_us, st.compute_us,
                     st.batch_rows, st.queue_depth, st.leader,
                 )
-                + body
+                + r.payload
             )
 
 
@@ -144,10 +169,10 @@ class _ClientConn(asyncio.Protocol):
         self.waiting.clear()
 
     def data_received(self, data: bytes) -> None:
-        for (_, req_id, code, q, c, rows, depth, leader), payload in self._buf.feed(data):
+        for (_, req_id, code, aux, q, c, rows, depth, leader), payload in self._buf.feed(data):
             fut = self.waiting.pop(req_id, None)
             if fut is not None and not fut.done():
-                fut.set_result((code, payload, Stats(q, c, rows, depth, bool(leader))))
+                fut.set_result(Reply(code, payload, Stats(q, c, rows, depth, bool(leader)), aux))
 
 
 class ReplicaChannel:
@@ -186,14 +211,16 @@ class ReplicaChannel:
             raise UnavailableError(f"model replica at {self.host}:{self.port} unreachable: {exc}") from None
         return proto
 
-    async def call(self, op: int, payload: bytes) -> Reply:
-        """Send one request; returns (code, payload, stats). Raises
-        UnavailableError when no replica can be reached."""
+    async def call(self, call: Call) -> Reply:
+        """Send one request and wait for its reply. Raises UnavailableError
+        when no replica can be reached or the connection drops."""
         conn = await self._conn(next(self._rr))
         req_id = next(self._ids) & 0xFFFFFFFF
         fut = asyncio.get_running_loop().create_future()
         conn.waiting[req_id] = fut
-        conn.transport.write(_REQ.pack(len(payload), req_id, op) + payload)
+        conn.transport.write(
+            _REQ.pack(len(call.payload), req_id, call.op, call.aux, call.timeout_ms) + call.payload
+        )
         try:
             return await fut
         finally:

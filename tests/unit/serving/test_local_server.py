@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from flywheel.serving.config import ModelConfig, ServerConfig
-from flywheel.serving.ingress import Ingress, Route
+from flywheel.serving.ingress import Ingress
+from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
 
 
@@ -33,7 +34,7 @@ def server(mlp_onnx):
         ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), p1, 10_000, 5_000),
         ModelReplica(ModelConfig(name="mlp", version="2", path=mlp_onnx), p2, 10_000, 5_000),
     ]
-    cfg = ServerConfig(port=free_port(), max_body_bytes=200_000)
+    cfg = ServerConfig(port=free_port(), grpc_port=free_port(), max_body_bytes=200_000)
     ingress = Ingress(cfg, [Route("mlp", "1", p1), Route("mlp", "2", p2), Route("ghost", "1", free_port())])
     yield cfg.port
     ingress.close()

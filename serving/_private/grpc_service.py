@@ -1,0 +1,106 @@
+"""The V2 gRPC service (``inference.GRPCInferenceService``) over the Router.
+
+Served by grpc.aio on the ingress's own loop. ModelInfer is registered with
+no (de)serializers: the request bytes go to the model replica as they came,
+and its serialized response comes back as it is; only the routing fields are
+read here (grpc_codec.peek_route).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from flywheel.runtime.errors import FlywheelError
+from flywheel.serving._private.grpc_codec import peek_route
+from flywheel.serving._private.grpc_errors import grpc_status_for
+from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.serving._private.wire import OP_INFER_GRPC, Call
+from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Router
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+def _unary(fn, request_type):
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=request_type.FromString, response_serializer=lambda m: m.SerializeToString()
+    )
+
+
+class GrpcService:
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "ServerLive": _unary(self.server_live, pb.ServerLiveRequest),
+                "ServerReady": _unary(self.server_ready, pb.ServerReadyRequest),
+                "ModelReady": _unary(self.model_ready, pb.ModelReadyRequest),
+                "ServerMetadata": _unary(self.server_metadata, pb.ServerMetadataRequest),
+                "ModelMetadata": _unary(self.model_metadata, pb.ModelMetadataRequest),
+                # raw bytes both ways: decoded once, in the replica
+                "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+            },
+        )
+
+    async def server_live(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request, context):
+        return pb.ServerReadyResponse(ready=self._router.all_ready())
+
+    async def _resolve(self, name: str, version: str, context):
+        try:
+            return self._router.resolve(name, version)
+        except FlywheelError as exc:
+            await context.abort(grpc_status_for(exc.code), exc.message)
+
+    async def model_ready(self, request, context):
+        model = await self._resolve(request.name, request.version, context)
+        return pb.ModelReadyResponse(ready=model.ready)
+
+    async def server_metadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def model_metadata(self, request, context):
+        model = await self._resolve(request.name, request.version, context)
+        meta = self._router.metadata(model)
+        if meta is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {request.name!r} is not ready")
+        tensor = lambda t: pb.ModelMetadataResponse.TensorMetadata(**t)  # noqa: E731
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(t) for t in meta["inputs"]], outputs=[tensor(t) for t in meta["outputs"]],
+        )
+
+    async def model_infer(self, request: bytes, context) -> bytes:
+        try:
+            name, version = peek_route(request)
+        except FlywheelError as exc:
+            await context.abort(grpc_status_for(exc.code), exc.message)
+        model = await self._resolve(name, version, context)
+        remaining = context.time_remaining()
+        timeout_ms = max(1, int(remaining * 1000)) if remaining is not None else 0
+        reply = await self._router.forward(model, Call(OP_INFER_GRPC, request, 0, min(timeout_ms, 0xFFFFFFFF)))
+        if reply.code:
+            await context.abort(grpc_status_for(reply.code), reply.payload.decode("utf-8", "replace"))
+        return reply.payload
+
+
+async def start_grpc_server(router: Router, host: str, port: int, *, max_message_bytes: int) -> grpc.aio.Server:
+    """Start grpc.aio on the running loop at host:port."""
+    server = grpc.aio.server(
+        options=[
+            # never share the port silently with another process (gRPC sets
+            # SO_REUSEPORT by default)
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+        ]
+    )
+    server.add_generic_rpc_handlers((GrpcService(router).handler(),))
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot bind gRPC on {host}:{port}")
+    await server.start()
+    return server

@@ -1,0 +1,97 @@
+"""V2 HTTP routes (PROTOCOL.md) on top of the Router."""
+
+from __future__ import annotations
+
+from flywheel.runtime.codec import encode_json
+from flywheel.runtime.errors import FlywheelError
+from flywheel.serving._private.http_errors import error_for_code, error_response
+from flywheel.serving._private.http_server import JSON, Request, Response
+from flywheel.serving._private.wire import OP_INFER, Call
+from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ModelEntry, Router
+
+_EMPTY: Response = (200, b"", JSON)
+_METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_BINARY = b"application/octet-stream"
+_HEADER_LENGTH = b"inference-header-content-length"
+
+
+class HttpRoutes:
+    """``handle`` maps a parsed request to a Response (or an awaitable one)."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._server_meta = encode_json(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+        )
+
+    def handle(self, req: Request):
+        path = req.path
+        if path == "/v2/health/live":
+            return self._only("GET", req) or _EMPTY
+        if path == "/v2/health/ready":
+            return self._only("GET", req) or (
+                _EMPTY if self._router.all_ready() else error_response(503, "not every model is ready")
+            )
+        if path == "/v2" or path == "/v2/":
+            return self._only("GET", req) or (200, self._server_meta, JSON)
+        if path == "/metrics":
+            return self._only("GET", req) or (200, self._router.metrics.render(), _METRICS_TYPE)
+        parts = path.strip("/").split("/")
+        if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
+            return error_response(404, f"no route {req.method} {path}")
+        return self._model_route(req, parts[2], parts[3:])
+
+    @staticmethod
+    def _only(method: str, req: Request) -> Response | None:
+        if req.method != method:
+            return error_response(405, f"{req.path} takes {method}, not {req.method}")
+        return None
+
+    def _model_route(self, req: Request, name: str, rest: list[str]):
+        version = None
+        if rest[:1] == ["versions"]:
+            if len(rest) < 2 or not rest[1]:
+                return error_response(404, f"no route {req.method} {req.path}")
+            version, rest = rest[1], rest[2:]
+        action = rest[0] if rest else ""
+        if len(rest) > 1 or action not in ("", "ready", "infer"):
+            return error_response(404, f"no route {req.method} {req.path}")
+        try:
+            model = self._router.resolve(name, version)
+        except FlywheelError as exc:
+            return error_for_code(exc.code, exc.message)
+        if action == "infer":
+            if req.method != "POST":
+                return error_response(405, f"{req.path} takes POST, not {req.method}")
+            return self._infer(model, req)
+        bad = self._only("GET", req)
+        if bad:
+            return bad
+        if action == "ready":
+            return _EMPTY if model.ready else error_response(503, f"model {name!r} is not ready")
+        meta = self._router.metadata(model)
+        if meta is None:
+            return error_response(503, f"model {name!r} is not ready")
+        return 200, encode_json(meta), JSON
+
+    def _infer(self, model: ModelEntry, req: Request):
+        raw = req.headers.get(_HEADER_LENGTH)
+        header_length = 0
+        if raw is not None:
+            if not raw.strip().isdigit() or int(raw) == 0:
+                return error_response(400, f"Inference-Header-Content-Length {raw!r} must be a positive integer")
+            header_length = int(raw)
+            if header_length > len(req.body):
+                return error_response(
+                    400,
+                    f"Inference-Header-Content-Length {header_length} exceeds the body's {len(req.body)} bytes",
+                )
+        return self._forward(model, Call(OP_INFER, req.body, header_length))
+
+    async def _forward(self, model: ModelEntry, call: Call) -> Response:
+        reply = await self._router.forward(model, call)
+        if reply.code:
+            return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
+        if reply.aux:  # binary outputs follow a JSON header of this length
+            return 200, reply.payload, _BINARY, b"inference-header-content-length: %d\r\n" % reply.aux
+        return 200, reply.payload, JSON
