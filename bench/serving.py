@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batching": {"max_batch_size": size, "max_queue_delay_us": 0},
                 "warmup_batch_sizes": [1, size],
             })
-    cfg = parse_config({"name": "bench", "server": {"port": 0}, "models": models})
+    cfg = parse_config({"name": "bench", "server": {"port": 0, "grpc_port": 0}, "models": models})
     print("starting Ray and deploying 4 model versions ...", flush=True)
     start_ray(msgspec.structs.replace(load_settings(), ray_address=""), num_cpus=4, log_to_driver=False)
     dep = deploy(cfg)

@@ -74,13 +74,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_bindable(host: str, port: int) -> None:
+def _check_bindable(host: str, port: int, field: str) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"server.host/port {host}:{port} cannot be bound: {exc}") from None
+            raise ConfigError(f"server.{field} {host}:{port} cannot be bound: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deploymen
     for field in ("port", "grpc_port"):
         port = getattr(server, field)
         if port > 0:
-            _check_bindable(server.host, port)
+            _check_bindable(server.host, port, field)
         elif port == 0:  # pick a free port now so that we can tell the caller
             with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET) as s:
                 s.bind((server.host, 0))

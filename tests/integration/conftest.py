@@ -46,12 +46,16 @@ def digits_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo(ray_session, digits_model):
-    """The demo preset, pointed at the trained model, on a free port."""
+def demo(ray_session, digits_model, multi_type_onnx):
+    """The demo preset, pointed at the trained model, on free ports; plus a
+    ``types`` model (identity for every V2 datatype) for wire tests."""
+    from flywheel.serving import ModelConfig
+
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     model = msgspec.structs.replace(cfg.models[0], path=digits_model.onnx_path)
-    server = msgspec.structs.replace(cfg.server, port=0)
-    cfg = msgspec.structs.replace(cfg, models=[model], server=server)
+    types = ModelConfig(name="types", path=multi_type_onnx, num_cpus=0.1)
+    server = msgspec.structs.replace(cfg.server, port=0, grpc_port=0)
+    cfg = msgspec.structs.replace(cfg, models=[model, types], server=server)
     dep = deploy(cfg)
     yield dep
     undeploy(dep)
