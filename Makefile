@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m flywheel.bench.serving
+	$(PY) -m flywheel.bench.wire
 
 clean-venv:
 	rm -rf $(VENV)

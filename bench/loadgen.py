@@ -102,3 +102,41 @@ def run_load(
     """Drive ``concurrency`` closed-loop connections for ``duration_s`` seconds."""
     _check_loopback(host)
     return uvloop.run(_run(host, port, request, concurrency, duration_s, warmup_s))
+
+
+async def _grpc_run(target, method, payload, concurrency, duration_s, warmup_s) -> LoadResult:
+    import grpc
+
+    result = LoadResult(concurrency, duration_s)
+    record_from = time.perf_counter() + warmup_s
+    stop_at = record_from + duration_s
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    ) as channel:
+        call = channel.unary_unary(method)
+
+        async def worker():
+            while (start := time.perf_counter()) < stop_at:
+                try:
+                    await call(payload, timeout=30)
+                    ok, err = True, ""
+                except grpc.aio.AioRpcError as exc:
+                    ok, err = False, f"{exc.code().name}: {exc.details()}"
+                if start >= record_from:
+                    if ok:
+                        result.latencies_s.append(time.perf_counter() - start)
+                    else:
+                        result.errors += 1
+                        if len(result.error_samples) < 5:
+                            result.error_samples.append(err)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return result
+
+
+def run_grpc_load(
+    target: str, method: str, payload: bytes, *, concurrency: int, duration_s: float, warmup_s: float = 1.0
+) -> LoadResult:
+    """Closed-loop unary gRPC calls of pre-serialized ``payload`` to ``method``."""
+    _check_loopback(target.rsplit(":", 1)[0].strip("[]"))
+    return uvloop.run(_grpc_run(target, method, payload, concurrency, duration_s, warmup_s))

@@ -55,7 +55,28 @@ def small_cnn(channels: int = 1, size: int = 8, classes: int = 10, width: int = 
     return module, sig
 
 
-ARCHITECTURES: Mapping[str, Builder] = {"mlp": mlp, "small_cnn": small_cnn}
+def patch_cnn(channels: int = 3, size: int = 224, patch: int = 16, width: int = 8, classes: int = 10):
+    """A cheap image model: one strided patch convolution, global pooling and a
+    linear head; input ``input`` FP32 ``[-1, channels, size, size]``. Its
+    compute is small next to moving an image-sized tensor, which makes it the
+    model for wire-format benchmarks."""
+    import torch.nn as nn
+
+    module = nn.Sequential(
+        nn.Conv2d(channels, width, patch, stride=patch),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, classes),
+    )
+    sig = Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, channels, size, size)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, classes)),),
+    )
+    return module, sig
+
+
+ARCHITECTURES: Mapping[str, Builder] = {"mlp": mlp, "small_cnn": small_cnn, "patch_cnn": patch_cnn}
 
 
 def build(name: str, hparams: Mapping[str, Any]) -> tuple[Any, Signature]:
