@@ -1,7 +1,27 @@
-"""Model registry: versions, aliases, lineage, artifacts, promotion gates.
+"""Flywheel model registry: versions, aliases, stages, gates, lineage, audit.
 
-No Ray here. The registry arrives with its own issue; this subpackage exists so
-that the import layout (``flywheel.registry``) is fixed from the start.
+No Ray here. SQLite by default, PostgreSQL for a cluster (same API, chosen by
+the URI); artifacts on a local folder or any fsspec URI.
 """
 
-__all__: list[str] = []
+from flywheel.registry.gates import GatePolicy, load_policy, parse_policy
+from flywheel.registry.lineage import code_version, fingerprint_arrays, fingerprint_files
+from flywheel.registry.registry import Registry
+from flywheel.registry.types import STAGES, Artifact, AuditEntry, Lineage, LineageReport, ModelVersion, RegisteredModel
+
+__all__ = [
+    "STAGES",
+    "Artifact",
+    "AuditEntry",
+    "GatePolicy",
+    "Lineage",
+    "LineageReport",
+    "ModelVersion",
+    "RegisteredModel",
+    "Registry",
+    "code_version",
+    "fingerprint_arrays",
+    "fingerprint_files",
+    "load_policy",
+    "parse_policy",
+]

@@ -21,6 +21,8 @@ class ErrorCode(enum.IntEnum):
     RESOURCE_EXHAUSTED = 5  # overloaded: queue full
     DEADLINE_EXCEEDED = 6
     PAYLOAD_TOO_LARGE = 7
+    ALREADY_EXISTS = 8
+    FAILED_PRECONDITION = 9  # e.g. a promotion gate refused
 
 
 class FlywheelError(Exception):
@@ -69,6 +71,26 @@ class PayloadTooLargeError(FlywheelError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
+class AlreadyExistsError(FlywheelError):
+    """The thing to create exists already (a model name, an artifact name)."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class PreconditionFailedError(FlywheelError):
+    """The request is well-formed but the current state forbids it (a stage
+    transition that is not allowed, a promotion gate that failed)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class IntegrityError(FlywheelError):
+    """Stored data does not match what was recorded (a tampered or truncated
+    artifact): refused, never served."""
+
+    code = ErrorCode.INTERNAL
+
+
 class ConfigError(FlywheelError, ValueError):
     """A configuration value is invalid; the message names the field.
 
@@ -88,6 +110,8 @@ _BY_CODE = {
         OverloadedError,
         DeadlineExceededError,
         PayloadTooLargeError,
+        AlreadyExistsError,
+        PreconditionFailedError,
     )
 }
 

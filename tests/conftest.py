@@ -51,3 +51,19 @@ def multi_type_onnx(tmp_path_factory) -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (skipped, with the reason,
+    only where none can be started)."""
+    from pg import PostgresServer  # tests/pg.py (tests/ is on sys.path via this conftest)
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    yield server
+    server.stop()

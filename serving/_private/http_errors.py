@@ -14,6 +14,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RESOURCE_EXHAUSTED: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.ALREADY_EXISTS: 409,
+    ErrorCode.FAILED_PRECONDITION: 412,
 }
 
 

@@ -107,3 +107,34 @@ def test_no_request_of_the_corpus_was_an_internal_error(demo):
     _, text = _send(demo.url, "GET", "/metrics", None)
     assert b'outcome="internal"' not in text
     assert b'outcome="invalid_argument"' in text
+
+
+def _binary(declared: int, tail: bytes, header_length: int | None = None):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": declared}}]}).encode()
+    hl = len(header) if header_length is None else header_length
+    return header + tail, hl
+
+
+BINARY_CORPUS = [
+    ("header length past the body", *_binary(256, b"\0" * 256, header_length=10_000), "exceeds the body"),
+    ("header length not a number", _binary(256, b"\0" * 256)[0], "abc", "must be a positive integer"),
+    ("binary size != shape x datatype", *_binary(252, b"\0" * 252), "252 raw bytes do not match"),
+    ("truncated binary body", *_binary(256, b"\0" * 100), "runs past the end"),
+    ("bytes left over", *_binary(256, b"\0" * 300), "not claimed"),
+    ("header cuts the JSON", *_binary(256, b"\0" * 256, header_length=20), "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("kind, body, header_length, fragment", BINARY_CORPUS, ids=[c[0] for c in BINARY_CORPUS])
+def test_malformed_binary_framing_gets_400(demo, kind, body, header_length, fragment):
+    host, port = demo.url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    c.request("POST", INFER, body=body, headers={"Inference-Header-Content-Length": str(header_length),
+                                                  "Content-Type": "application/octet-stream"})
+    r = c.getresponse()
+    status, raw = r.status, r.read()
+    c.close()
+    assert status == 400, raw
+    assert fragment in json.loads(raw)["error"]
+    _valid_request_works(demo.url)

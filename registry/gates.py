@@ -1,0 +1,132 @@
+"""Promotion gates: a typed policy per model, checked before production.
+
+A policy is a list of rules (YAML or code)::
+
+    rules:
+      - {rule: required_metrics, metrics: [accuracy, p99_latency_ms]}
+      - {rule: not_worse_than_production, metric: accuracy, tolerance: 0.005}
+      - {rule: max, metric: p99_latency_ms, value: 20}
+      - {rule: approvals, count: 2}
+
+Tolerances and bounds are in the metric's own units (0.5 accuracy points on a
+0-1 accuracy is 0.005). A refusal lists every failed rule with its numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import msgspec
+import yaml
+
+from flywheel.runtime.errors import ConfigError
+
+
+class MinRule(msgspec.Struct, tag="min", tag_field="rule", frozen=True, forbid_unknown_fields=True):
+    """metric >= value"""
+
+    metric: str
+    value: float
+
+
+class MaxRule(msgspec.Struct, tag="max", tag_field="rule", frozen=True, forbid_unknown_fields=True):
+    """metric <= value"""
+
+    metric: str
+    value: float
+
+
+class NotWorseRule(
+    msgspec.Struct, tag="not_worse_than_production", tag_field="rule", frozen=True, forbid_unknown_fields=True
+):
+    """Not worse than the current production version by more than tolerance
+    (passes when nothing is in production yet)."""
+
+    metric: str
+    tolerance: float = 0.0
+    higher_is_better: bool = True
+
+
+class RequiredMetricsRule(
+    msgspec.Struct, tag="required_metrics", tag_field="rule", frozen=True, forbid_unknown_fields=True
+):
+    metrics: list[str]
+
+
+class ApprovalsRule(msgspec.Struct, tag="approvals", tag_field="rule", frozen=True, forbid_unknown_fields=True):
+    """At least ``count`` distinct people approved this version."""
+
+    count: int
+
+
+Rule = Union[MinRule, MaxRule, NotWorseRule, RequiredMetricsRule, ApprovalsRule]
+
+
+class GatePolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    rules: list[Rule] = []
+
+
+def parse_policy(data) -> GatePolicy:
+    """Validate a mapping into a GatePolicy; ConfigError names the bad field."""
+    try:
+        return msgspec.convert(data, GatePolicy)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid gate policy: {exc}") from None
+
+
+def load_policy(path: str | Path) -> GatePolicy:
+    try:
+        return parse_policy(yaml.safe_load(Path(path).read_text()))
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"policy {path} is not valid YAML: {exc}") from None
+
+
+@dataclass(frozen=True)
+class GateContext:
+    metrics: dict[str, float]
+    production_metrics: dict[str, float] | None  # None: nothing in production
+    approvers: frozenset[str]
+
+
+def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
+    """The failures (empty when every rule passes), each naming its numbers."""
+    failures = []
+    m = ctx.metrics
+    for rule in policy.rules:
+        if isinstance(rule, RequiredMetricsRule):
+            missing = [k for k in rule.metrics if k not in m]
+            if missing:
+                failures.append(f"required_metrics: missing {missing}")
+        elif isinstance(rule, ApprovalsRule):
+            if len(ctx.approvers) < rule.count:
+                failures.append(
+                    f"approvals: {len(ctx.approvers)} distinct approval(s) {sorted(ctx.approvers)}, need {rule.count}"
+                )
+        elif rule.metric not in m:
+            failures.append(f"{rule.__struct_config__.tag}: metric {rule.metric!r} is missing")
+        elif isinstance(rule, MinRule):
+            if not m[rule.metric] >= rule.value:
+                failures.append(f"min: {rule.metric} {m[rule.metric]:g} < {rule.value:g}")
+        elif isinstance(rule, MaxRule):
+            if not m[rule.metric] <= rule.value:
+                failures.append(f"max: {rule.metric} {m[rule.metric]:g} > {rule.value:g}")
+        elif isinstance(rule, NotWorseRule) and ctx.production_metrics is not None:
+            prod = ctx.production_metrics.get(rule.metric)
+            if prod is None:
+                continue  # production predates this metric: nothing to compare
+            got = m[rule.metric]
+            if rule.higher_is_better and not got >= prod - rule.tolerance:
+                failures.append(
+                    f"not_worse_than_production: {rule.metric} {got:g} < production {prod:g} - "
+                    f"tolerance {rule.tolerance:g} = {prod - rule.tolerance:g}"
+                )
+            elif not rule.higher_is_better and not got <= prod + rule.tolerance:
+                failures.append(
+                    f"not_worse_than_production: {rule.metric} {got:g} > production {prod:g} + "
+                    f"tolerance {rule.tolerance:g} = {prod + rule.tolerance:g}"
+                )
+    return failures

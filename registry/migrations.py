@@ -1,0 +1,141 @@
+"""Versioned schema. Opening a registry applies the migrations it lacks.
+
+Never edit a released step: add a new one. Each step runs in one transaction
+together with the bump of ``schema_version``.
+"""
+
+from __future__ import annotations
+
+from flywheel.registry._db import Db
+
+# (version, statements for every dialect, extra statements per dialect)
+_V1 = [
+    """CREATE TABLE registered_models (
+        name TEXT PRIMARY KEY,
+        description TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        next_version INTEGER NOT NULL,
+        policy TEXT,
+        created_at {real} NOT NULL,
+        created_by TEXT NOT NULL)""",
+    """CREATE TABLE model_versions (
+        model TEXT NOT NULL REFERENCES registered_models(name),
+        version INTEGER NOT NULL,
+        stage TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        params TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        data_fingerprint TEXT NOT NULL,
+        code_commit TEXT NOT NULL,
+        code_dirty INTEGER NOT NULL,
+        training_config TEXT NOT NULL,
+        parent TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at {real} NOT NULL,
+        created_by TEXT NOT NULL,
+        PRIMARY KEY (model, version))""",
+    """CREATE TABLE artifacts (
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        PRIMARY KEY (model, version, name),
+        FOREIGN KEY (model, version) REFERENCES model_versions(model, version) ON DELETE CASCADE)""",
+    """CREATE TABLE aliases (
+        model TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (model, alias),
+        FOREIGN KEY (model, version) REFERENCES model_versions(model, version) ON DELETE CASCADE)""",
+    """CREATE TABLE audit (
+        id {serial},
+        ts {real} NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER,
+        before_json TEXT NOT NULL,
+        after_json TEXT NOT NULL)""",
+]
+
+# v2: approvals for promotion gates, lookup indexes, and an audit log that
+# the database itself refuses to edit.
+_V2 = [
+    """CREATE TABLE approvals (
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        ts {real} NOT NULL,
+        PRIMARY KEY (model, version, actor),
+        FOREIGN KEY (model, version) REFERENCES model_versions(model, version) ON DELETE CASCADE)""",
+    "CREATE INDEX audit_by_model ON audit (model, ts)",
+    "CREATE INDEX audit_by_actor ON audit (actor, ts)",
+    "CREATE INDEX versions_by_data ON model_versions (data_fingerprint)",
+    "CREATE INDEX versions_by_parent ON model_versions (parent)",
+]
+_V2_DIALECT = {
+    "sqlite": [
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+           BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+           BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    ],
+    "postgresql": [
+        """CREATE FUNCTION audit_append_only() RETURNS trigger AS $$
+           BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$ LANGUAGE plpgsql""",
+        """CREATE TRIGGER audit_no_edit BEFORE UPDATE OR DELETE ON audit
+           FOR EACH ROW EXECUTE FUNCTION audit_append_only()""",
+    ],
+}
+
+MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
+    (1, _V1, {}),
+    (2, _V2, _V2_DIALECT),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(db: Db) -> int:
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    rows = db.execute("SELECT version FROM schema_version")
+    return rows[0][0] if rows else 0
+
+
+_PG_MIGRATION_LOCK = 0x466C7977  # any constant; pg_advisory_lock key
+
+
+def migrate(db: Db, target: int = LATEST) -> int:
+    """Apply every missing step up to ``target``; returns the schema version.
+    Concurrent openers are safe: PostgreSQL openers take an advisory lock,
+    SQLite ones serialise on BEGIN IMMEDIATE, and each step re-checks the
+    version inside its transaction."""
+    if db.dialect == "postgresql":
+        db.execute("SELECT pg_advisory_lock(?)", (_PG_MIGRATION_LOCK,))
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        _apply(db, target)
+    finally:
+        if db.dialect == "postgresql":
+            db.execute("SELECT pg_advisory_unlock(?)", (_PG_MIGRATION_LOCK,))
+    return current_version(db)
+
+
+def _apply(db: Db, target: int) -> None:
+    for version, statements, per_dialect in MIGRATIONS:
+        if version > target:
+            break
+        with db.tx():
+            rows = db.execute("SELECT version FROM schema_version")
+            have = rows[0][0] if rows else 0
+            if have >= version:
+                continue
+            for sql in [*statements, *per_dialect.get(db.dialect, [])]:
+                db.execute(sql)
+            if rows:
+                db.execute("UPDATE schema_version SET version = ?", (version,))
+            else:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))

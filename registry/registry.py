@@ -1,0 +1,455 @@
+"""The model registry: versions, aliases, stages, gates, lineage and audit.
+
+Thread-safety: a Registry may be shared by threads; any number of processes
+may open the same store (SQLite file or PostgreSQL) at once. Every mutation is
+one transaction that also appends its audit entry, so the log and the state
+never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flywheel.registry._db import Db, connect
+from flywheel.registry.artifacts import ArtifactStore
+from flywheel.registry.gates import GateContext, GatePolicy, evaluate
+from flywheel.registry.migrations import migrate
+from flywheel.registry.types import (
+    STAGES,
+    Artifact,
+    AuditEntry,
+    Lineage,
+    LineageReport,
+    ModelVersion,
+    RegisteredModel,
+)
+from flywheel.runtime.errors import (
+    AlreadyExistsError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_METADATA_BYTES = 64 * 1024
+# Allowed stage moves; "archived" is reachable from anywhere, and rollback
+# brings an archived former production version back.
+_TRANSITIONS = {"none": {"staging"}, "staging": {"production", "none"}, "production": set(), "archived": set()}
+_ENC = msgspec.json.Encoder()
+
+
+def _json(field: str, value: Any) -> str:
+    raw = _ENC.encode(value)
+    if len(raw) > MAX_METADATA_BYTES:
+        raise InvalidInputError(f"{field} is {len(raw)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    return raw.decode()
+
+
+def _check_name(kind: str, value: str, pattern: re.Pattern = _NAME) -> None:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidInputError(f"{kind} {value!r} must match {pattern.pattern}")
+
+
+_VERSION_COLUMNS = (
+    "model, version, stage, signature, metrics, params, tags, data_fingerprint, code_commit, "
+    "code_dirty, training_config, parent, job_id, created_at, created_by"
+)
+
+
+class Registry:
+    """Open with :meth:`open`; see the module docstring."""
+
+    def __init__(self, db: Db, artifacts: ArtifactStore, cache_dir: str) -> None:
+        self._db = db
+        self._store = artifacts
+        self._cache = cache_dir
+        migrate(db)
+
+    @classmethod
+    def open(cls, uri: str, artifacts: str, *, cache_dir: str | None = None) -> Registry:
+        """``uri``: ``sqlite:///path.db`` / a path / ``postgresql://...``;
+        ``artifacts``: a folder or fsspec URI. Migrates an older schema."""
+        db = connect(uri)
+        cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "flywheel", "artifacts")
+        return cls(db, ArtifactStore(artifacts), cache)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- internals ----------------------------------------------------------
+    def _audit(self, actor: str, action: str, model: str, version: int | None, before: Any, after: Any) -> None:
+        self._db.execute(
+            "INSERT INTO audit (ts, actor, action, model, version, before_json, after_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), actor, action, model, version, _ENC.encode(before).decode(), _ENC.encode(after).decode()),
+        )
+
+    def _require_model(self, name: str) -> tuple:
+        rows = self._db.execute(
+            "SELECT name, description, tags, next_version, policy, created_at, created_by FROM registered_models WHERE name = ?",
+            (name,),
+        )
+        if not rows:
+            raise NotFoundError(f"unknown model {name!r}")
+        return rows[0]
+
+    def _version_row(self, name: str, version: int) -> tuple:
+        rows = self._db.execute(f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE model = ? AND version = ?", (name, version))
+        if not rows:
+            self._require_model(name)
+            raise NotFoundError(f"model {name!r} has no version {version}")
+        return rows[0]
+
+    def _to_version(self, row: tuple) -> ModelVersion:
+        (model, version, stage, signature, metrics, params, tags, fp, commit, dirty, cfg, parent, job, at, by) = row
+        arts = {
+            n: Artifact(n, uri, sha, size)
+            for n, uri, sha, size in self._db.execute(
+                "SELECT name, uri, sha256, size FROM artifacts WHERE model = ? AND version = ? ORDER BY name", (model, version)
+            )
+        }
+        aliases = [a for (a,) in self._db.execute(
+            "SELECT alias FROM aliases WHERE model = ? AND version = ? ORDER BY alias", (model, version))]
+        d = msgspec.json.decode
+        return ModelVersion(
+            name=model, version=version, stage=stage, signature=d(signature), metrics=d(metrics), params=d(params),
+            tags=d(tags), lineage=Lineage(fp, commit, bool(dirty), d(cfg), parent, job), artifacts=arts,
+            created_at=at, created_by=by, aliases=aliases,
+        )
+
+    # -- models -------------------------------------------------------------
+    def create_model(self, name: str, *, description: str = "", tags: Mapping[str, str] | None = None,
+                     actor: str) -> RegisteredModel:
+        """Register a new model name; AlreadyExistsError if it exists."""
+        _check_name("model name", name)
+        tags_json = _json("tags", dict(tags or {}))
+        _json("description", description)  # size check
+        with self._db.tx():
+            if self._db.execute("SELECT 1 FROM registered_models WHERE name = ?", (name,)):
+                raise AlreadyExistsError(f"model {name!r} is already registered")
+            now = time.time()
+            self._db.execute(
+                "INSERT INTO registered_models (name, description, tags, next_version, policy, created_at, created_by) "
+                "VALUES (?, ?, ?, 1, NULL, ?, ?)",
+                (name, description, tags_json, now, actor),
+            )
+            self._audit(actor, "create_model", name, None, None, {"description": description, "tags": dict(tags or {})})
+        return self.get_model(name)
+
+    def get_model(self, name: str) -> RegisteredModel:
+        name_, desc, tags, next_version, _policy, at, by = self._require_model(name)
+        aliases = dict(self._db.execute("SELECT alias, version FROM aliases WHERE model = ? ORDER BY alias", (name,)))
+        return RegisteredModel(name_, desc, msgspec.json.decode(tags), at, by, aliases, next_version - 1)
+
+    def list_models(self) -> list[RegisteredModel]:
+        return [self.get_model(n) for (n,) in self._db.execute("SELECT name FROM registered_models ORDER BY name")]
+
+    # -- versions -----------------------------------------------------------
+    def register_version(
+        self,
+        name: str,
+        artifacts: Mapping[str, str | Path | bytes],
+        *,
+        actor: str,
+        signature: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        lineage: Lineage | None = None,
+        create_model: bool = True,
+    ) -> ModelVersion:
+        """Store the artifacts (content-addressed, hashed) and record a new
+        version with the next number for ``name``. Nothing is recorded unless
+        everything was stored: the DB rows are written in one transaction after
+        the blobs are in place."""
+        _check_name("model name", name)
+        if not artifacts:
+            raise InvalidInputError("a version needs at least one artifact")
+        for art in artifacts:
+            _check_name("artifact name", art, _ARTIFACT)
+        lineage = lineage or Lineage()
+        fields = {
+            "signature": _json("signature", dict(signature or {})),
+            "metrics": _json("metrics", {k: float(v) for k, v in (metrics or {}).items()}),
+            "params": _json("params", dict(params or {})),
+            "tags": _json("tags", dict(tags or {})),
+            "training_config": _json("lineage.training_config", lineage.training_config),
+        }
+        if lineage.parent:
+            pname, _, pver = lineage.parent.partition("/")
+            if not pver.isdigit():
+                raise InvalidInputError(f"lineage.parent {lineage.parent!r} must be 'name/version'")
+            self._version_row(pname, int(pver))
+        stored = {art: self._store.put(src) for art, src in artifacts.items()}
+        if create_model and not self._db.execute("SELECT 1 FROM registered_models WHERE name = ?", (name,)):
+            try:
+                self.create_model(name, actor=actor)
+            except AlreadyExistsError:
+                pass  # a concurrent writer created it first
+        with self._db.tx():
+            rows = self._db.execute(
+                "UPDATE registered_models SET next_version = next_version + 1 WHERE name = ? RETURNING next_version",
+                (name,),
+            )
+            if not rows:
+                raise NotFoundError(f"unknown model {name!r} (create it first, or pass create_model=True)")
+            version = rows[0][0] - 1
+            now = time.time()
+            self._db.execute(
+                f"INSERT INTO model_versions ({_VERSION_COLUMNS}) VALUES (?, ?, 'none', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, fields["signature"], fields["metrics"], fields["params"], fields["tags"],
+                 lineage.data_fingerprint, lineage.code_commit, int(lineage.code_dirty), fields["training_config"],
+                 lineage.parent, lineage.job_id, now, actor),
+            )
+            for art, (uri, sha, size) in stored.items():
+                self._db.execute(
+                    "INSERT INTO artifacts (model, version, name, uri, sha256, size) VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, version, art, uri, sha, size),
+                )
+            self._audit(actor, "register", name, version, None,
+                        {"artifacts": {a: s[1] for a, s in stored.items()}, "lineage": msgspec.to_builtins(lineage)})
+        return self.get_version(name, version)
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        return self._to_version(self._version_row(name, int(version)))
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        self._require_model(name)
+        rows = self._db.execute(f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE model = ? ORDER BY version", (name,))
+        return [self._to_version(r) for r in rows]
+
+    def resolve(self, ref: str) -> ModelVersion:
+        """``name@alias``, ``name/version`` or ``name`` (its latest version)."""
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            self._require_model(name)
+            rows = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (name, alias))
+            if not rows:
+                raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+            return self.get_version(name, rows[0][0])
+        if "/" in ref:
+            name, version = ref.split("/", 1)
+            if not version.isdigit():
+                raise InvalidInputError(f"reference {ref!r}: version must be a number")
+            return self.get_version(name, int(version))
+        rows = self._db.execute("SELECT max(version) FROM model_versions WHERE model = ?", (ref,))
+        if not rows or rows[0][0] is None:
+            self._require_model(ref)
+            raise NotFoundError(f"model {ref!r} has no versions")
+        return self.get_version(ref, rows[0][0])
+
+    def set_tag(self, name: str, version: int, key: str, value: str, *, actor: str) -> ModelVersion:
+        with self._db.tx():
+            row = self._version_row(name, version)
+            tags = msgspec.json.decode(row[6])
+            before = dict(tags)
+            tags[key] = value
+            self._db.execute("UPDATE model_versions SET tags = ? WHERE model = ? AND version = ?",
+                             (_json("tags", tags), name, version))
+            self._audit(actor, "tag", name, version, before, tags)
+        return self.get_version(name, version)
+
+    def delete_version(self, name: str, version: int, *, actor: str) -> None:
+        """Remove a version (its aliases and approvals go with it; blobs stay,
+        content-addressed, possibly shared)."""
+        with self._db.tx():
+            row = self._version_row(name, version)
+            if row[2] == "production":
+                raise PreconditionFailedError(
+                    f"{name}/{version} is in production: promote another version or roll back first"
+                )
+            self._db.execute("DELETE FROM model_versions WHERE model = ? AND version = ?", (name, version))
+            self._audit(actor, "delete_version", name, version, {"stage": row[2]}, None)
+
+    # -- artifacts ----------------------------------------------------------
+    def _artifact(self, ref: str, artifact: str) -> tuple[ModelVersion, Artifact]:
+        mv = self.resolve(ref)
+        art = mv.artifacts.get(artifact)
+        if art is None:
+            raise NotFoundError(f"{mv.ref} has no artifact {artifact!r}; it has {sorted(mv.artifacts)}")
+        return mv, art
+
+    def read_artifact(self, ref: str, artifact: str) -> bytes:
+        """An artifact's bytes, verified against its recorded sha256."""
+        mv, art = self._artifact(ref, artifact)
+        return self._store.read_verified(art.uri, art.sha256, f"{mv.ref}:{artifact}")
+
+    def artifact_path(self, ref: str, artifact: str) -> tuple[ModelVersion, str]:
+        """A local path to the verified artifact (hashed on every call) and
+        the version it belongs to."""
+        mv, art = self._artifact(ref, artifact)
+        return mv, self._store.local_verified(art.uri, art.sha256, f"{mv.ref}:{artifact}", self._cache)
+
+    # -- aliases, stages, approvals, gates -------------------------------------
+    def set_alias(self, name: str, alias: str, version: int, *, actor: str) -> None:
+        """Point ``name@alias`` at ``version`` (atomically moving it)."""
+        _check_name("alias", alias, _ALIAS)
+        with self._db.tx():
+            self._version_row(name, version)
+            self._move_alias(name, alias, version, actor)
+
+    def _move_alias(self, name: str, alias: str, version: int, actor: str) -> None:
+        rows = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (name, alias))
+        before = rows[0][0] if rows else None
+        if rows:
+            self._db.execute("UPDATE aliases SET version = ? WHERE model = ? AND alias = ?", (version, name, alias))
+        else:
+            self._db.execute("INSERT INTO aliases (model, alias, version) VALUES (?, ?, ?)", (name, alias, version))
+        self._audit(actor, "alias", name, version, {"alias": alias, "version": before},
+                    {"alias": alias, "version": version})
+
+    def delete_alias(self, name: str, alias: str, *, actor: str) -> None:
+        with self._db.tx():
+            rows = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (name, alias))
+            if not rows:
+                raise NotFoundError(f"model {name!r} has no alias {alias!r}")
+            self._db.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (name, alias))
+            self._audit(actor, "delete_alias", name, rows[0][0], {"alias": alias, "version": rows[0][0]}, None)
+
+    def approve(self, name: str, version: int, *, actor: str, comment: str = "") -> None:
+        """Record ``actor``'s approval of a version (once per person)."""
+        with self._db.tx():
+            self._version_row(name, version)
+            if self._db.execute("SELECT 1 FROM approvals WHERE model = ? AND version = ? AND actor = ?",
+                                (name, version, actor)):
+                raise AlreadyExistsError(f"{actor} already approved {name}/{version}")
+            self._db.execute("INSERT INTO approvals (model, version, actor, comment, ts) VALUES (?, ?, ?, ?, ?)",
+                             (name, version, actor, comment, time.time()))
+            self._audit(actor, "approve", name, version, None, {"comment": comment})
+
+    def set_policy(self, name: str, policy: GatePolicy, *, actor: str) -> None:
+        with self._db.tx():
+            before = self._require_model(name)[4]
+            after = _json("policy", policy)
+            self._db.execute("UPDATE registered_models SET policy = ? WHERE name = ?", (after, name))
+            self._audit(actor, "policy", name, None, msgspec.json.decode(before) if before else None,
+                        msgspec.json.decode(after))
+
+    def get_policy(self, name: str) -> GatePolicy:
+        raw = self._require_model(name)[4]
+        return msgspec.json.decode(raw, type=GatePolicy) if raw else GatePolicy()
+
+    def check_gates(self, name: str, version: int) -> list[str]:
+        """What would stop ``version`` from going to production (empty: nothing)."""
+        mv = self.get_version(name, version)
+        prod = self._db.execute("SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,))
+        prod_metrics = self.get_version(name, prod[0][0]).metrics if prod else None
+        approvers = frozenset(a for (a,) in self._db.execute(
+            "SELECT actor FROM approvals WHERE model = ? AND version = ?", (name, version)))
+        return evaluate(self.get_policy(name), GateContext(mv.metrics, prod_metrics, approvers))
+
+    def promote(self, name: str, version: int, stage: str, *, actor: str) -> ModelVersion:
+        """Move a version to ``stage`` (none -> staging -> production; anything
+        -> archived). Production passes the model's gates first; the previous
+        production version is archived and the ``staging``/``production``
+        alias follows, all in one transaction."""
+        if stage not in STAGES:
+            raise InvalidInputError(f"stage {stage!r} must be one of {', '.join(STAGES)}")
+        with self._db.tx():
+            current = self._version_row(name, version)[2]
+            if stage != "archived" and stage not in _TRANSITIONS[current]:
+                raise PreconditionFailedError(
+                    f"{name}/{version} is in stage {current!r}; it can move to "
+                    f"{sorted(_TRANSITIONS[current] | {'archived'})}, not {stage!r}"
+                )
+            if stage == "production":
+                failures = self.check_gates(name, version)
+                if failures:
+                    raise PreconditionFailedError(
+                        f"promotion of {name}/{version} to production refused: " + "; ".join(failures)
+                    )
+                for (old,) in self._db.execute(
+                    "SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,)
+                ):
+                    self._set_stage(name, old, "production", "archived", actor)
+            self._set_stage(name, version, current, stage, actor)
+            if stage in ("staging", "production"):
+                self._move_alias(name, stage, version, actor)
+        return self.get_version(name, version)
+
+    def _set_stage(self, name: str, version: int, before: str, after: str, actor: str) -> None:
+        self._db.execute("UPDATE model_versions SET stage = ? WHERE model = ? AND version = ?", (after, name, version))
+        self._audit(actor, "stage", name, version, {"stage": before}, {"stage": after})
+
+    def rollback(self, name: str, *, actor: str) -> ModelVersion:
+        """Put the previous production version back in production (no gates:
+        this is the emergency exit), archiving the current one."""
+        with self._db.tx():
+            prod = self._db.execute("SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,))
+            if not prod:
+                self._require_model(name)
+                raise PreconditionFailedError(f"model {name!r} has nothing in production to roll back")
+            current = prod[0][0]
+            history = self._db.execute(
+                "SELECT version, after_json FROM audit WHERE model = ? AND action = 'stage' ORDER BY id DESC", (name,)
+            )
+            previous = next(
+                (v for v, after in history
+                 if v != current and msgspec.json.decode(after).get("stage") == "production"
+                 and self._db.execute("SELECT 1 FROM model_versions WHERE model = ? AND version = ?", (name, v))),
+                None,
+            )
+            if previous is None:
+                raise PreconditionFailedError(f"model {name!r} has no earlier production version to roll back to")
+            self._set_stage(name, current, "production", "archived", actor)
+            before = self._version_row(name, previous)[2]
+            self._set_stage(name, previous, before, "production", actor)
+            self._move_alias(name, "production", previous, actor)
+            self._audit(actor, "rollback", name, previous, {"production": current}, {"production": previous})
+        return self.get_version(name, previous)
+
+    # -- lineage and audit ------------------------------------------------------
+    def lineage(self, ref: str) -> LineageReport:
+        """How the version behind ``ref`` was produced, with its ancestors."""
+        mv = self.resolve(ref)
+        chain, seen, parent = [], {mv.ref}, mv.lineage.parent
+        while parent and parent not in seen:
+            seen.add(parent)
+            p = self.resolve(parent)
+            chain.append(p)
+            parent = p.lineage.parent
+        return LineageReport(mv, chain)
+
+    def trained_from(self, data_fingerprint: str) -> list[ModelVersion]:
+        rows = self._db.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE data_fingerprint = ? ORDER BY model, version",
+            (data_fingerprint,),
+        )
+        return [self._to_version(r) for r in rows]
+
+    def derivatives(self, name: str, version: int) -> list[ModelVersion]:
+        """Every version that derives from ``name/version``, transitively."""
+        self._version_row(name, version)
+        out, frontier = [], [f"{name}/{version}"]
+        while frontier:
+            ref = frontier.pop()
+            for row in self._db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE parent = ? ORDER BY model, version", (ref,)
+            ):
+                mv = self._to_version(row)
+                out.append(mv)
+                frontier.append(mv.ref)
+        return out
+
+    def audit(self, *, model: str | None = None, actor: str | None = None, since: float | None = None,
+              until: float | None = None, limit: int = 1000) -> list[AuditEntry]:
+        """Audit entries, oldest first, filtered by model, actor and time."""
+        where, args = [], []
+        for col, op, val in (("model", "=", model), ("actor", "=", actor), ("ts", ">=", since), ("ts", "<=", until)):
+            if val is not None:
+                where.append(f"{col} {op} ?")
+                args.append(val)
+        sql = "SELECT id, ts, actor, action, model, version, before_json, after_json FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, int(limit)))
+        d = msgspec.json.decode
+        return [AuditEntry(i, ts, a, act, m, v, d(b), d(af)) for i, ts, a, act, m, v, b, af in rows]

@@ -1,0 +1,77 @@
+"""A real PostgreSQL server for tests, started from Debian's `postgresql`
+package binaries into a temporary folder on a free loopback port."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+
+
+def _bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PostgresServer:
+    """start() -> DSN of the `postgres` database; stop() shuts it down.
+    Raises RuntimeError with the reason when no server can be started."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="fw-pg-")
+        self.port = _free_port()
+        self._as: list[str] = []
+
+    def _run(self, *args: str) -> None:
+        proc = subprocess.run([*self._as, *args], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+    def start(self) -> str:
+        initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
+        if not initdb or not pg_ctl:
+            raise RuntimeError("no PostgreSQL server binaries (install Debian's 'postgresql' package)")
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root and there is no 'postgres' user") from None
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        data = os.path.join(self.dir, "data")
+        self._run(initdb, "-D", data, "-A", "trust", "-U", "flywheel", "--no-sync", "-E", "UTF8")
+        self._run(
+            pg_ctl, "-D", data, "-l", os.path.join(self.dir, "log"), "-w", "-t", "60", "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
+        )
+        return self.dsn("postgres")
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://flywheel@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def stop(self) -> None:
+        pg_ctl = _bin("pg_ctl")
+        if pg_ctl and os.path.isdir(os.path.join(self.dir, "data")):
+            subprocess.run([*self._as, pg_ctl, "-D", os.path.join(self.dir, "data"), "-m", "fast", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
