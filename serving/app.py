@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import msgspec
 
 from flywheel.runtime.errors import ConfigError, UnavailableError
-from flywheel.serving.config import DeployConfig, ModelConfig
+from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig
 from flywheel.serving.ingress import Ingress
 from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
-from flywheel.serving.settings import Settings
+from flywheel.serving.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,45 @@ class Deployment:
     apps: tuple[str, ...]
 
 
-def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deployment:
+def resolve_models(config: DeployConfig, settings: Settings) -> DeployConfig:
+    """Pin every registry reference to a concrete version (``name@alias`` ->
+    ``name/N``), fill in versions, and fix the registry location, so that all
+    replicas of a deployment load the same thing even if an alias moves."""
+    reg_cfg = RegistryConfig(
+        uri=config.registry.uri or settings.registry_uri,
+        artifacts=config.registry.artifacts or settings.artifacts_uri,
+    )
+    registry = None
+    models = []
+    for m in config.models:
+        if m.ref:
+            if registry is None:
+                from flywheel.registry import Registry
+
+                registry = Registry.open(reg_cfg.uri, reg_cfg.artifacts)
+            mv = registry.resolve(m.ref)
+            if m.artifact not in mv.artifacts:
+                raise ConfigError(
+                    f"model {m.name!r}: {mv.ref} has no artifact {m.artifact!r}; it has {sorted(mv.artifacts)}"
+                )
+            m = msgspec.structs.replace(m, ref=mv.ref, version=m.version or str(mv.version))
+        elif not m.version:
+            m = msgspec.structs.replace(m, version="1")
+        models.append(m)
+    if registry is not None:
+        registry.close()
+    return msgspec.structs.replace(config, models=models, registry=reg_cfg)
+
+
+def deploy(
+    config: DeployConfig, *, settings: Settings | None = None, ready_timeout_s: float = 120.0
+) -> Deployment:
     """Deploy every model of ``config`` and the ingress; return when
-    ``/v2/health/ready`` answers 200. Ray must be initialised (start_ray)."""
+    ``/v2/health/ready`` answers 200. Ray must be initialised (start_ray).
+    Registry references are resolved first (see resolve_models)."""
     from ray import serve
 
+    config = resolve_models(config, settings or load_settings())
     server = config.server
     ports = {}
     for field in ("port", "grpc_port"):
@@ -125,7 +159,7 @@ def deploy(config: DeployConfig, *, ready_timeout_s: float = 120.0) -> Deploymen
         name = app_name(config, model)
         log.info("deploying %s (%d replica(s))", name, model.replicas)
         serve.run(
-            dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms),
+            dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms, config.registry),
             name=name,
             route_prefix=None,
         )

@@ -41,7 +41,7 @@ def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str
     try:
         print("deploying models ...", flush=True)
         started = time.perf_counter()
-        dep = deploy(cfg)
+        dep = deploy(cfg, settings=settings)
         print(f"ready in {time.perf_counter() - started:.1f}s: V2 HTTP on {dep.url}", flush=True)
         if dep.grpc_target:
             print(f"V2 gRPC (inference.GRPCInferenceService) on {dep.grpc_target}", flush=True)
@@ -66,15 +66,24 @@ def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from flywheel.training.digits import train_digits
+    from flywheel.registry import Registry
+    from flywheel.training.digits import register_digits, train_digits
 
     settings = load_settings()
     cfg = _apply_overrides(load_config(args.config), settings, args.port)
-    model = cfg.models[0]
-    out_dir = os.path.dirname(model.path)
+    out_dir = os.path.join(settings.home, "work", "digits")
     print(f"training the digits demo model ({args.epochs} epochs) ...", flush=True)
     result = train_digits(out_dir, epochs=args.epochs)
-    print(f"trained: val accuracy {result.val_accuracy:.3f}; ONNX at {result.onnx_path}", flush=True)
+    print(f"trained: val accuracy {result.val_accuracy:.3f}; ONNX export checked against torch", flush=True)
+    registry = Registry.open(settings.registry_uri, settings.artifacts_uri)
+    try:
+        mv = register_digits(registry, result, actor=settings.actor, epochs=args.epochs)
+        registry.promote("digits", mv.version, "staging", actor=settings.actor)
+        registry.promote("digits", mv.version, "production", actor=settings.actor)
+    finally:
+        registry.close()
+    print(f"registered {mv.ref} (onnx, safetensors, reference sample) and promoted it to production", flush=True)
+    print(f"  registry: {settings.registry_uri}   lineage: flywheel models lineage digits@production", flush=True)
     _serve_until_interrupted(cfg, settings, os.path.relpath(result.example_path))
 
 
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--config", required=True)
     srv.add_argument("--port", type=int, default=None)
     srv.set_defaults(func=_cmd_serve)
+    from flywheel.serving.models_cli import add_parser as add_models_parser
+
+    add_models_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

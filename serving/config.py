@@ -56,12 +56,26 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("server.ingress_num_cpus must be >= 0")
 
 
+class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where models named by ``ref`` come from; empty = the settings' default
+    (``FLYWHEEL_REGISTRY_URI`` / ``FLYWHEEL_ARTIFACTS_URI``)."""
+
+    uri: str = ""
+    artifacts: str = ""
+
+
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One served model version (one Ray Serve deployment).
 
     name/version: what clients call (``/v2/models/{name}/versions/{version}``).
-    backend: ``onnxruntime`` (``path`` = .onnx file) or ``torch`` (``path`` =
-        .safetensors weights of ``architecture`` built with ``hparams``).
+        With ``ref``, the version defaults to the registry version number.
+    ref: a registry reference, ``name@alias`` or ``name/version``; it is
+        resolved once at deploy time (so every replica loads the same version)
+        and the artifact is verified against its sha256 on every load.
+    artifact: which artifact of the registry version to load.
+    path: a local model file instead of ``ref`` (exactly one of the two).
+    backend: ``onnxruntime`` (an .onnx file) or ``torch`` (.safetensors
+        weights of ``architecture`` built with ``hparams``).
     replicas / num_cpus: Serve replicas and Ray CPUs per replica (fractional ok).
     batching: the replica's dynamic batcher. Requests reach the replica through
         Flywheel's own ingress, not Serve's proxy, so Serve's
@@ -72,8 +86,10 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     name: str
-    path: str
-    version: str = "1"
+    path: str = ""
+    ref: str = ""
+    artifact: str = "model.onnx"
+    version: str = ""
     backend: str = "onnxruntime"
     architecture: str = ""
     hparams: dict[str, Any] = {}
@@ -88,7 +104,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"model name {self.name!r} must match {_NAME.pattern} (letters, digits, _.-)"
             )
-        if not _NAME.match(self.version):
+        if bool(self.path) == bool(self.ref):
+            raise ConfigError(f"model {self.name!r}: give exactly one of 'path' and 'ref'")
+        if self.version and not _NAME.match(self.version):
             raise ConfigError(f"model {self.name!r}: version {self.version!r} must match {_NAME.pattern}")
         if self.backend not in BACKENDS:
             raise ConfigError(
@@ -103,7 +121,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def key(self) -> str:
-        return f"{self.name}:{self.version}"
+        return f"{self.name}:{self.version or self.ref or '1'}"
 
 
 class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,6 +133,7 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     models: list[ModelConfig]
     server: ServerConfig = ServerConfig()
+    registry: RegistryConfig = RegistryConfig()
     name: str = "flywheel"
 
     def __post_init__(self) -> None:
@@ -140,7 +159,7 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConf
     if base_dir is not None:
         base = Path(base_dir)
         models = [
-            msgspec.structs.replace(m, path=str((base / m.path).resolve()))
+            msgspec.structs.replace(m, path=str((base / m.path).resolve())) if m.path else m
             for m in cfg.models
         ]
         cfg = msgspec.structs.replace(cfg, models=models)

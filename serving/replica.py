@@ -19,7 +19,7 @@ import msgspec
 from flywheel.runtime.backend import Backend
 from flywheel.runtime.batcher import DynamicBatcher
 from flywheel.runtime.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
-from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError
+from flywheel.runtime.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
 from flywheel.runtime.signature import validate_inputs
 from flywheel.runtime.torch_backend import TorchBackend
@@ -34,7 +34,7 @@ from flywheel.serving._private.wire import (
     Stats,
     start_frame_server,
 )
-from flywheel.serving.config import ModelConfig
+from flywheel.serving.config import ModelConfig, RegistryConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,28 @@ log = logging.getLogger(__name__)
 STALL_LIMIT_S = 10.0
 
 
-def make_backend(model: ModelConfig) -> Backend:
+def model_file(model: ModelConfig, registry: RegistryConfig | None) -> str:
+    """The local file to load: ``path``, or the registry artifact behind
+    ``ref`` after checking its sha256 (a damaged artifact is refused here)."""
+    if not model.ref:
+        return model.path
+    from flywheel.registry import Registry
+
+    if registry is None or not registry.uri:
+        raise ConfigError(f"model {model.name!r}: ref {model.ref!r} needs a registry location")
+    reg = Registry.open(registry.uri, registry.artifacts)
+    try:
+        return reg.artifact_path(model.ref, model.artifact)[1]
+    finally:
+        reg.close()
+
+
+def make_backend(model: ModelConfig, registry: RegistryConfig | None = None) -> Backend:
     """The backend a model config asks for (not yet loaded)."""
+    path = model_file(model, registry)
     if model.backend == "torch":
-        return TorchBackend(model.path, model.architecture, model.hparams)
-    return OnnxRuntimeBackend(model.path, model.onnxruntime)
+        return TorchBackend(path, model.architecture, model.hparams)
+    return OnnxRuntimeBackend(path, model.onnxruntime)
 
 
 def model_metadata(model: ModelConfig, backend: Backend) -> dict:
@@ -65,11 +82,20 @@ def model_metadata(model: ModelConfig, backend: Backend) -> dict:
 class ModelReplica:
     """Serve deployment class for one model version (see module docstring)."""
 
-    def __init__(self, model: ModelConfig, port: int, max_tensor_elements: int, request_timeout_ms: int):
+    def __init__(
+        self,
+        model: ModelConfig,
+        port: int,
+        max_tensor_elements: int,
+        request_timeout_ms: int,
+        registry: RegistryConfig | None = None,
+    ):
+        if not model.version:
+            model = msgspec.structs.replace(model, version="1")
         self._model = model
         self._max_elements = max_tensor_elements
         self._timeout_s = request_timeout_ms / 1000 if request_timeout_ms else None
-        self._backend = make_backend(model)
+        self._backend = make_backend(model, registry)
         self._backend.load()
         self._signature = self._backend.signature
         if self._signature.batchable:

@@ -24,6 +24,13 @@ class Settings(msgspec.Struct, frozen=True):
     ray_num_cpus: logical CPUs for a local Ray (``FLYWHEEL_RAY_NUM_CPUS``); 0 = all.
     http_host / http_port: override the config's HTTP address
         (``FLYWHEEL_HTTP_HOST`` / ``FLYWHEEL_HTTP_PORT``); empty/0 = keep it.
+    home: Flywheel's local state folder (``FLYWHEEL_HOME``, default
+        ``./.flywheel``): the default registry and artifact store live there.
+    registry_uri: the model registry (``FLYWHEEL_REGISTRY_URI``; default a
+        SQLite file in ``home``; ``postgresql://...`` for a cluster).
+    artifacts_uri: the artifact store (``FLYWHEEL_ARTIFACTS_URI``; default
+        ``home``/artifacts; any fsspec URI).
+    actor: who is acting, for the audit log (``FLYWHEEL_ACTOR``, else ``USER``).
     """
 
     ray_address: str = ""
@@ -32,6 +39,10 @@ class Settings(msgspec.Struct, frozen=True):
     ray_num_cpus: int = 0
     http_host: str = ""
     http_port: int = 0
+    home: str = ".flywheel"
+    registry_uri: str = ""
+    artifacts_uri: str = ""
+    actor: str = "unknown"
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -47,7 +58,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             raise ValueError(f"environment variable {key}={raw!r} must be an integer") from None
 
+    home = os.path.abspath(os.path.expanduser(env.get("FLYWHEEL_HOME", "") or ".flywheel"))
     return Settings(
+        home=home,
+        registry_uri=env.get("FLYWHEEL_REGISTRY_URI", "") or f"sqlite:///{home}/registry.db",
+        artifacts_uri=env.get("FLYWHEEL_ARTIFACTS_URI", "") or os.path.join(home, "artifacts"),
+        actor=env.get("FLYWHEEL_ACTOR", "") or env.get("USER", "") or "unknown",
         ray_address=env.get("RAY_ADDRESS", ""),
         ray_auth_mode=env.get("RAY_AUTH_MODE", "") or "disabled",
         ray_tmpdir=env.get("RAY_TMPDIR", ""),

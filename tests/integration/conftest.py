@@ -46,16 +46,34 @@ def digits_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo(ray_session, digits_model, multi_type_onnx):
-    """The demo preset, pointed at the trained model, on free ports; plus a
-    ``types`` model (identity for every V2 datatype) for wire tests."""
+def demo_registry(digits_model, tmp_path_factory):
+    """A real SQLite registry holding the trained digits model in production,
+    as `make run` leaves it."""
+    from flywheel.registry import Registry
+    from flywheel.serving.config import RegistryConfig
+    from flywheel.training.digits import register_digits
+
+    home = tmp_path_factory.mktemp("flywheel-home")
+    cfg = RegistryConfig(uri=f"sqlite:///{home}/registry.db", artifacts=str(home / "artifacts"))
+    reg = Registry.open(cfg.uri, cfg.artifacts)
+    mv = register_digits(reg, digits_model, actor="tests", epochs=3)
+    reg.promote("digits", mv.version, "staging", actor="tests")
+    reg.promote("digits", mv.version, "production", actor="tests")
+    reg.close()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def demo(ray_session, demo_registry, multi_type_onnx):
+    """The demo preset as it is (digits@production from the registry), on
+    free ports; plus a ``types`` model (identity for every V2 datatype) for
+    the wire tests."""
     from flywheel.serving import ModelConfig
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    model = msgspec.structs.replace(cfg.models[0], path=digits_model.onnx_path)
     types = ModelConfig(name="types", path=multi_type_onnx, num_cpus=0.1)
     server = msgspec.structs.replace(cfg.server, port=0, grpc_port=0)
-    cfg = msgspec.structs.replace(cfg, models=[model, types], server=server)
+    cfg = msgspec.structs.replace(cfg, models=[*cfg.models, types], server=server, registry=demo_registry)
     dep = deploy(cfg)
     yield dep
     undeploy(dep)

@@ -63,3 +63,10 @@ def test_code_version_reads_git(tmp_path):
     assert len(commit) == 40 and dirty is False
     (tmp_path / "f").write_text("b")
     assert code_version(tmp_path) == (commit, True)
+
+
+def test_example_policy_preset_is_valid():
+    from pathlib import Path
+
+    policy = load_policy(Path(__file__).resolve().parents[3] / "configs" / "policy-example.yaml")
+    assert len(policy.rules) == 4

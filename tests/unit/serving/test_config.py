@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_demo_preset_loads_with_typed_values():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     (m,) = cfg.models
-    assert (m.name, m.version, m.backend) == ("digits", "1", "onnxruntime")
+    assert (m.name, m.ref, m.backend) == ("digits", "digits@production", "onnxruntime")
     assert m.batching.max_batch_size == 64 and m.batching.max_queue_delay_us == 200
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
 
@@ -37,6 +37,8 @@ def test_relative_model_paths_resolve_against_base_dir(tmp_path):
         ({"server": {"port": 70000}, "models": []}, "server.port"),
         ({"models": [{"name": "m", "path": "x", "backend": "torch"}]}, "architecture"),
         ({}, "models"),
+        ({"models": [{"name": "m"}]}, "exactly one of 'path' and 'ref'"),
+        ({"models": [{"name": "m", "path": "x", "ref": "m@prod"}]}, "exactly one of 'path' and 'ref'"),
     ],
 )
 def test_invalid_config_names_the_field(data, fragment):
