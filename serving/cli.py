@@ -45,8 +45,9 @@ def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str
         print(f"ready in {time.perf_counter() - started:.1f}s: V2 HTTP on {dep.url}", flush=True)
         if dep.grpc_target:
             print(f"V2 gRPC (inference.GRPCInferenceService) on {dep.grpc_target}", flush=True)
-        for m in cfg.models:
-            print(f"  model {m.name} version {m.version}: {dep.url}/v2/models/{m.name}", flush=True)
+        for m in dep.config.models:
+            source = f" (registry {m.ref})" if m.ref else ""
+            print(f"  model {m.name} version {m.version}{source}: {dep.url}/v2/models/{m.name}", flush=True)
         if example:
             name = cfg.models[0].name
             print("\ntry it:\n", flush=True)

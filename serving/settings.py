@@ -61,7 +61,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     home = os.path.abspath(os.path.expanduser(env.get("FLYWHEEL_HOME", "") or ".flywheel"))
     return Settings(
         home=home,
-        registry_uri=env.get("FLYWHEEL_REGISTRY_URI", "") or f"sqlite:///{home}/registry.db",
+        registry_uri=env.get("FLYWHEEL_REGISTRY_URI", "") or f"sqlite://{home}/registry.db",
         artifacts_uri=env.get("FLYWHEEL_ARTIFACTS_URI", "") or os.path.join(home, "artifacts"),
         actor=env.get("FLYWHEEL_ACTOR", "") or env.get("USER", "") or "unknown",
         ray_address=env.get("RAY_ADDRESS", ""),
