@@ -21,6 +21,7 @@ import time
 import msgspec
 import numpy as np
 
+from flywheel.bench.common import bench_deployment, export_model
 from flywheel.bench.loadgen import LoadResult, build_request, run_load
 
 CONCURRENCY = (1, 8, 32)
@@ -28,17 +29,6 @@ MODELS = {
     "demo": {"in_features": 64, "hidden": [128, 64], "out_features": 10},
     "heavy": {"in_features": 1024, "hidden": [4096, 4096], "out_features": 10},
 }
-
-
-def _export(name: str, hparams: dict, out_dir: str) -> str:
-    import torch
-
-    from flywheel.runtime.architectures import build
-    from flywheel.runtime.export import export_onnx
-
-    torch.manual_seed(0)
-    module, sig = build("mlp", hparams)
-    return export_onnx(module, sig, os.path.join(out_dir, f"{name}.onnx"))
 
 
 def _direct(path: str, features: int, duration_s: float) -> LoadResult:
@@ -94,13 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
 
-    from flywheel.serving import load_settings, parse_config, start_ray
-    from flywheel.serving.app import deploy, undeploy
-
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="fw-bench-")
     print("exporting models ...", flush=True)
-    paths = {name: _export(name, hp, work) for name, hp in MODELS.items()}
+    paths = {name: export_model("mlp", hp, os.path.join(work, f"{name}.onnx")) for name, hp in MODELS.items()}
     models = []
     for name, path in paths.items():
         for tag, size in (("off", 1), ("on", 64)):
@@ -109,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batching": {"max_batch_size": size, "max_queue_delay_us": 0},
                 "warmup_batch_sizes": [1, size],
             })
-    cfg = parse_config({"name": "bench", "server": {"port": 0, "grpc_port": 0}, "models": models})
     print("starting Ray and deploying 4 model versions ...", flush=True)
-    start_ray(msgspec.structs.replace(load_settings(), ray_address=""), num_cpus=4, log_to_driver=False)
-    dep = deploy(cfg)
-    host, port = dep.url.removeprefix("http://").split(":")
     rows: list[dict] = []
 
     def record(model: str, path: str, res: LoadResult) -> None:
@@ -126,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    try:
+    with bench_deployment("bench", models) as dep:
+        host, port = dep.url.removeprefix("http://").split(":")
         for model, hp in MODELS.items():
             feats = hp["in_features"]
             record(model, "direct onnxruntime", _direct(paths[model], feats, args.duration))
@@ -137,13 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_load(host, int(port), request, concurrency=c,
                                    duration_s=args.duration, warmup_s=args.warmup)
                     record(model, f"flywheel http, {label}", res)
-    finally:
-        undeploy(dep)
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
 
     print()
     print(f"{'model':<7}{'path':<27}{'conc':>5}{'req/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}")

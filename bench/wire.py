@@ -22,6 +22,7 @@ import time
 import msgspec
 import numpy as np
 
+from flywheel.bench.common import bench_deployment, export_model
 from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
 
 CONCURRENCY = (1, 32)
@@ -30,17 +31,6 @@ PAYLOADS = {
     "image 1x3x224x224": ("patch_cnn", {}, (1, 3, 224, 224)),
 }
 MODEL_NAMES = {"demo 1x64": "demo", "image 1x3x224x224": "image"}
-
-
-def _export(arch: str, hparams: dict, path: str) -> str:
-    import torch
-
-    from flywheel.runtime.architectures import build
-    from flywheel.runtime.export import export_onnx
-
-    torch.manual_seed(0)
-    module, sig = build(arch, hparams)
-    return export_onnx(module, sig, path)
 
 
 def _json_body(x: np.ndarray) -> bytes:
@@ -143,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
 
-    from flywheel.serving import load_settings, parse_config, start_ray
-    from flywheel.serving.app import deploy, undeploy
-
     os.makedirs(args.out, exist_ok=True)
     print("codec: encode + decode per request, ours vs json + numpy.array ...", flush=True)
     codec = codec_table(1.0)
@@ -153,14 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     print("exporting models ...", flush=True)
     models = []
     for label, (arch, hp, _) in PAYLOADS.items():
-        path = _export(arch, hp, os.path.join(work, f"{arch}.onnx"))
+        path = export_model(arch, hp, os.path.join(work, f"{arch}.onnx"))
         models.append({"name": MODEL_NAMES[label], "path": path, "num_cpus": 0.5,
                        "batching": {"max_batch_size": 32, "max_queue_delay_us": 0}})
-    cfg = parse_config({"name": "wire", "server": {"port": 0, "grpc_port": 0}, "models": models})
     print("starting Ray and deploying ...", flush=True)
-    start_ray(msgspec.structs.replace(load_settings(), ray_address=""), num_cpus=4, log_to_driver=False)
-    dep = deploy(cfg)
-    host, port = dep.url.removeprefix("http://").split(":")
     rows: list[dict] = []
 
     def record(payload: str, transport: str, res: LoadResult) -> None:
@@ -171,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'  errors ' + str(row['errors']) + ' ' + str(row['error_samples'][:1]) if row['errors'] else ''}",
               flush=True)
 
-    try:
+    with bench_deployment("wire", models) as dep:
+        host, port = dep.url.removeprefix("http://").split(":")
         for label, (_, _, shape) in PAYLOADS.items():
             model = MODEL_NAMES[label]
             x = np.random.default_rng(1).random(shape, dtype=np.float32)
@@ -189,13 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                 record(label, "http binary", run_load(host, int(port), bin_req, **kw))
                 record(label, "grpc", run_grpc_load(dep.grpc_target, "/inference.GRPCInferenceService/ModelInfer",
                                                     grpc_req, **kw))
-    finally:
-        undeploy(dep)
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
 
     print(f"\n{'payload':<19}{'transport':<13}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:

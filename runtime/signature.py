@@ -8,7 +8,6 @@ request may join a batch, so a bad request never fails anybody else's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -117,7 +116,3 @@ def batch_size(arrays: Mapping[str, np.ndarray]) -> int:
     """Rows in a (validated, batchable) request: the first input's first dim."""
     first = next(iter(arrays.values()))
     return int(first.shape[0]) if first.ndim else 1
-
-
-def element_count(shape: Sequence[int]) -> int:
-    return math.prod(shape)

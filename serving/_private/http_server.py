@@ -13,7 +13,7 @@ import asyncio
 import collections
 import inspect
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -33,7 +33,7 @@ class Request:
 
 # status, body, content type[, extra header lines, each ending in CRLF]
 Response = tuple  # (int, bytes, bytes) or (int, bytes, bytes, bytes)
-Handler = Callable[[Request], "Response | Awaitable[Response]"]
+Handler = Callable[[Request], object]  # returns a Response or an awaitable of one
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
