@@ -1,7 +1,20 @@
-"""Drift statistics (Numba CPU and CuPy GPU kernels with NumPy/SciPy references).
+"""Drift statistics: NumPy/SciPy references, Numba CPU and CuPy GPU kernels.
 
-No Ray here. The kernels arrive with the drift issue; this subpackage exists so
-that the import layout (``flywheel.kernels``) is fixed from the start.
+No Ray here. See :class:`DriftDetector` (fit once, score many windows) and
+:class:`WindowBuffer` (bounded tumbling/sliding windows).
 """
 
-__all__: list[str] = []
+from flywheel.kernels.detector import BACKENDS, TESTS, DriftDetector, DriftResult, gpu_available
+from flywheel.kernels.stats import benjamini_hochberg, bonferroni
+from flywheel.kernels.windows import WindowBuffer
+
+__all__ = [
+    "BACKENDS",
+    "TESTS",
+    "DriftDetector",
+    "DriftResult",
+    "WindowBuffer",
+    "benjamini_hochberg",
+    "bonferroni",
+    "gpu_available",
+]

@@ -24,6 +24,7 @@ import msgspec
 
 from flywheel.runtime.errors import ConfigError, UnavailableError
 from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig
+from flywheel.serving.drift_monitor import DriftMonitor
 from flywheel.serving.ingress import Ingress
 from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
@@ -145,6 +146,15 @@ def deploy(
     server = msgspec.structs.replace(server, **ports)
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     routes, apps = [], []
+    monitored = [m for m in config.models if m.drift.enabled]
+    drift_port = _free_port() if monitored else 0
+    if monitored:  # first, so that replicas can ship samples from the start
+        monitor = serve.deployment(DriftMonitor).options(
+            name="drift", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+            health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=2.0,
+        )
+        serve.run(monitor.bind(drift_port, monitored, config.registry), name=f"{config.name}-drift", route_prefix=None)
+        apps.append(f"{config.name}-drift")
     for model in config.models:
         port = _free_port()
         dep = serve.deployment(ModelReplica).options(
@@ -159,7 +169,7 @@ def deploy(
         name = app_name(config, model)
         log.info("deploying %s (%d replica(s))", name, model.replicas)
         serve.run(
-            dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms, config.registry),
+            dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms, config.registry, drift_port),
             name=name,
             route_prefix=None,
         )
@@ -173,7 +183,7 @@ def deploy(
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=2.0,
     )
-    serve.run(ingress.bind(server, routes), name=ingress_app_name(config), route_prefix=None)
+    serve.run(ingress.bind(server, routes, drift_port), name=ingress_app_name(config), route_prefix=None)
     apps.append(ingress_app_name(config))
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"

@@ -64,6 +64,48 @@ class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     artifacts: str = ""
 
 
+class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Live drift monitoring of a model's inputs (off by default).
+
+    sample_rate: share of requests whose input rows are sampled (0-1].
+    batch_rows / flush_interval_s: samples are shipped to the monitor
+        asynchronously when this many rows are buffered or this much time has
+        passed; predictions never wait for it. At most max_buffered_rows wait
+        in a replica; beyond that samples are dropped (and counted).
+    window / mode / stride: the monitor scores windows of this many rows,
+        tumbling or sliding (every ``stride`` rows).
+    tests: any of ks, cvm, mmd (continuous inputs).
+    reference: a .npy file with the training reference sample; empty = the
+        registry artifact ``reference.npy`` of the model's version.
+    alpha: significance after Benjamini-Hochberg correction across features.
+    history: how many results per model version the monitor keeps.
+    """
+
+    enabled: bool = False
+    sample_rate: float = 0.1
+    batch_rows: int = 256
+    flush_interval_s: float = 1.0
+    max_buffered_rows: int = 10_000
+    window: int = 1000
+    mode: str = "tumbling"
+    stride: int = 0
+    tests: tuple[str, ...] = ("ks",)
+    reference: str = ""
+    alpha: float = 0.05
+    history: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError("drift.sample_rate must lie in (0, 1]")
+        if self.batch_rows < 1 or self.window < 2 or self.max_buffered_rows < 1 or self.history < 1:
+            raise ConfigError("drift.batch_rows, max_buffered_rows, history must be >= 1 and window >= 2")
+        bad = [t for t in self.tests if t not in ("ks", "cvm", "mmd")]
+        if bad or not self.tests:
+            raise ConfigError(f"drift.tests {list(self.tests)}: choose from ks, cvm, mmd")
+        if self.mode not in ("tumbling", "sliding"):
+            raise ConfigError("drift.mode must be 'tumbling' or 'sliding'")
+
+
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One served model version (one Ray Serve deployment).
 
@@ -83,6 +125,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         does not limit batches; ``batching.max_queue_size`` is the back-pressure.
     warmup_batch_sizes: batch sizes run once on zeros before the replica takes
         traffic.
+    drift: live input drift monitoring (see DriftConfig).
     """
 
     name: str
@@ -98,6 +141,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
     num_cpus: float = 0.5
     warmup_batch_sizes: tuple[int, ...] = (1,)
+    drift: DriftConfig = DriftConfig()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -16,6 +16,7 @@ from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
 from flywheel.serving._private.http_server import start_http_server
 from flywheel.serving._private.loop_thread import LoopThread
+from flywheel.serving._private.wire import ReplicaChannel
 from flywheel.serving.config import ServerConfig
 from flywheel.serving.metrics import ServingMetrics
 from flywheel.serving.router import Route, Router
@@ -30,18 +31,19 @@ __all__ = ["Ingress", "Route"]
 class Ingress:
     """Serve deployment class: starts the HTTP and gRPC servers in its constructor."""
 
-    def __init__(self, server: ServerConfig, routes: list[Route]) -> None:
+    def __init__(self, server: ServerConfig, routes: list[Route], drift_port: int = 0) -> None:
         self._loop = LoopThread("flywheel-ingress")
         self._loop.start()
-        self._loop.call(self._start(server, routes))
+        self._loop.call(self._start(server, routes, drift_port))
         log.info("V2 ingress: HTTP %s:%d, gRPC port %d", server.host, server.port, server.grpc_port)
 
-    async def _start(self, server: ServerConfig, routes: list[Route]) -> None:
+    async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int) -> None:
         self.router = Router(routes, ServingMetrics())
+        monitor = ReplicaChannel("127.0.0.1", drift_port, pool_size=1) if drift_port else None
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
-            HttpRoutes(self.router).handle, server.host, server.port,
+            HttpRoutes(self.router, monitor).handle, server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response,
         )
         self._grpc = None

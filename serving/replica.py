@@ -23,6 +23,7 @@ from flywheel.runtime.errors import ConfigError, ErrorCode, FlywheelError, Inval
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
 from flywheel.runtime.signature import validate_inputs
 from flywheel.runtime.torch_backend import TorchBackend
+from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.serving._private.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import (
@@ -89,6 +90,7 @@ class ModelReplica:
         max_tensor_elements: int,
         request_timeout_ms: int,
         registry: RegistryConfig | None = None,
+        drift_port: int = 0,
     ):
         if not model.version:
             model = msgspec.structs.replace(model, version="1")
@@ -108,10 +110,14 @@ class ModelReplica:
         )
         self._loop = LoopThread(f"flywheel-replica-{model.name}")
         self._loop.start()
-        self._loop.call(self._start(port))
+        self._loop.call(self._start(port, drift_port))
         log.info("replica of %s:%s serving on 127.0.0.1:%d", model.name, model.version, port)
 
-    async def _start(self, port: int) -> None:
+    async def _start(self, port: int, drift_port: int) -> None:
+        self._sampler = None
+        if self._model.drift.enabled and drift_port:
+            self._sampler = DriftSampler(self._model.drift, self._model.name, self._model.version, drift_port)
+            self._sampler.start()
         batching = self._model.batching
         if not self._signature.batchable:  # no batch axis: one request per call
             batching = msgspec.structs.replace(batching, max_batch_size=1)
@@ -142,6 +148,8 @@ class ModelReplica:
             arrays = validate_inputs(self._signature, req.inputs)
             if self._signature.batchable and next(iter(arrays.values())).shape[0] == 0:
                 raise InvalidInputError("the batch dimension (first dim) must be >= 1")
+            if self._sampler is not None:
+                self._sampler.offer(arrays)
             result = await self._batcher.submit(arrays, timeout_s=timeout)
             outputs = select_outputs(result.outputs, req.outputs)
             if call.op == OP_INFER_GRPC:
@@ -181,6 +189,8 @@ class ModelReplica:
         async def _stop() -> None:
             self._server.close()
             await self._batcher.close()
+            if self._sampler is not None:
+                self._sampler.close()
 
         try:
             loop.call(_stop(), timeout=5)

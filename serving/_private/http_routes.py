@@ -6,7 +6,9 @@ from flywheel.runtime.codec import encode_json
 from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
-from flywheel.serving._private.wire import OP_INFER, Call
+import asyncio
+
+from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ModelEntry, Router
 
 _EMPTY: Response = (200, b"", JSON)
@@ -18,8 +20,9 @@ _HEADER_LENGTH = b"inference-header-content-length"
 class HttpRoutes:
     """``handle`` maps a parsed request to a Response (or an awaitable one)."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, monitor: ReplicaChannel | None = None) -> None:
         self._router = router
+        self._monitor = monitor
         self._server_meta = encode_json(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
         )
@@ -35,7 +38,7 @@ class HttpRoutes:
         if path == "/v2" or path == "/v2/":
             return self._only("GET", req) or (200, self._server_meta, JSON)
         if path == "/metrics":
-            return self._only("GET", req) or (200, self._router.metrics.render(), _METRICS_TYPE)
+            return self._only("GET", req) or self._metrics()
         parts = path.strip("/").split("/")
         if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
             return error_response(404, f"no route {req.method} {path}")
@@ -54,7 +57,7 @@ class HttpRoutes:
                 return error_response(404, f"no route {req.method} {req.path}")
             version, rest = rest[1], rest[2:]
         action = rest[0] if rest else ""
-        if len(rest) > 1 or action not in ("", "ready", "infer"):
+        if len(rest) > 1 or action not in ("", "ready", "infer", "drift"):
             return error_response(404, f"no route {req.method} {req.path}")
         try:
             model = self._router.resolve(name, version)
@@ -69,6 +72,8 @@ class HttpRoutes:
             return bad
         if action == "ready":
             return _EMPTY if model.ready else error_response(503, f"model {name!r} is not ready")
+        if action == "drift":
+            return self._drift(model)
         meta = self._router.metadata(model)
         if meta is None:
             return error_response(503, f"model {name!r} is not ready")
@@ -87,6 +92,37 @@ class HttpRoutes:
                     f"Inference-Header-Content-Length {header_length} exceeds the body's {len(req.body)} bytes",
                 )
         return self._forward(model, Call(OP_INFER, req.body, header_length))
+
+    def _metrics(self):
+        own = self._router.metrics.render()
+        if self._monitor is None:
+            return 200, own, _METRICS_TYPE
+        return self._with_monitor_metrics(own)
+
+    async def _with_monitor_metrics(self, own: bytes) -> Response:
+        # Distinct metric families: the two expositions concatenate validly.
+        try:
+            reply = await asyncio.wait_for(self._monitor.call(Call(OP_METRICS, b"")), 2)
+            extra = reply.payload if reply.code == 0 else b""
+        except (FlywheelError, asyncio.TimeoutError):
+            extra = b""
+        return 200, own + extra, _METRICS_TYPE
+
+    def _drift(self, model: ModelEntry):
+        if self._monitor is None:
+            return error_response(404, f"drift monitoring is not enabled for {model.route.name!r}")
+        return self._drift_history(model)
+
+    async def _drift_history(self, model: ModelEntry) -> Response:
+        route = model.route
+        body = encode_json({"model": route.name, "version": route.version})
+        try:
+            reply = await asyncio.wait_for(self._monitor.call(Call(OP_DRIFT_HISTORY, body)), 5)
+        except (FlywheelError, asyncio.TimeoutError) as exc:
+            return error_response(503, f"drift monitor unavailable: {exc}")
+        if reply.code:
+            return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
+        return 200, reply.payload, JSON
 
     async def _forward(self, model: ModelEntry, call: Call) -> Response:
         reply = await self._router.forward(model, call)

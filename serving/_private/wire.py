@@ -33,6 +33,9 @@ from flywheel.runtime.errors import ErrorCode, UnavailableError
 OP_INFER = 1
 OP_METADATA = 2
 OP_INFER_GRPC = 3
+OP_DRIFT_INGEST = 4  # replica -> drift monitor: sampled input rows
+OP_DRIFT_HISTORY = 5  # ingress -> drift monitor: recent results (JSON)
+OP_METRICS = 6  # ingress -> drift monitor: Prometheus text
 
 _REQ = struct.Struct("<IIBII")
 _RESP = struct.Struct("<IIBIIIIIB")

@@ -1,0 +1,206 @@
+"""Numba CPU kernels (``parallel=True`` over features or rows).
+
+Imported only when the numba backend is used. Inputs are prepared by the
+detector: per-feature sorted values as (features, rows) C-contiguous arrays
+with NaNs sorted last and each feature's count of real values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError as exc:  # pragma: no cover - numba is a core dependency
+    raise ImportError("the numba drift backend needs numba: pip install numba") from exc
+
+
+def set_threads(n: int) -> None:
+    """Numba ignores OMP_NUM_THREADS=1 that Ray sets in its workers; callers
+    that share a machine set the thread count explicitly."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+@njit(cache=True)
+def _lower_bound(a, lo, hi, x):
+    """First index in [lo, hi) with a[i] >= x, galloping from lo: the search
+    moves forward monotonically, so its cost is log(distance), not log(n)."""
+    step = 1
+    while lo + step < hi and a[lo + step - 1] < x:
+        lo += step
+        step *= 2
+    top = min(lo + step, hi)
+    while lo < top:
+        mid = (lo + top) // 2
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            top = mid
+    return lo
+
+
+@njit(cache=True)
+def _upper_bound(a, lo, hi, x):
+    """First index in [lo, hi) with a[i] > x, galloping from lo."""
+    step = 1
+    while lo + step < hi and a[lo + step - 1] <= x:
+        lo += step
+        step *= 2
+    top = min(lo + step, hi)
+    while lo < top:
+        mid = (lo + top) // 2
+        if a[mid] <= x:
+            lo = mid + 1
+        else:
+            top = mid
+    return lo
+
+
+@njit(parallel=True, cache=True)
+def ks_stat(ref, ref_len, win, win_len):
+    """Two-sample KS statistic per feature. The ECDF gap can only peak just
+    before or at a window value, so we visit the window's distinct values and
+    gallop through the (longer, fitted) reference: O(m log(n/m)) per feature."""
+    nf = ref.shape[0]
+    out = np.empty(nf)
+    for f in prange(nf):
+        n = ref_len[f]
+        m = win_len[f]
+        a = ref[f]
+        b = win[f]
+        i = 0
+        j = 0
+        d = 0.0
+        while j < m:
+            x = b[j]
+            j1 = j + 1
+            while j1 < m and b[j1] == x:
+                j1 += 1
+            il = _lower_bound(a, i, n, x)
+            ir = _upper_bound(a, il, n, x)
+            before = abs(il / n - j / m)
+            at = abs(ir / n - j1 / m)
+            if before > d:
+                d = before
+            if at > d:
+                d = at
+            i = ir
+            j = j1
+        out[f] = d
+    return out
+
+
+def ref_tie_offsets(ref, ref_len):
+    """Prefix sums of delta_t and delta_t^2, where delta_t is a reference
+    value's average rank within its own ties minus its position (t + 1): what
+    the CvM sum needs for stretches of the reference between window values."""
+    nf, n = ref.shape
+    d1 = np.zeros((nf, n + 1))
+    d2 = np.zeros((nf, n + 1))
+    _tie_offsets(ref, ref_len, d1, d2)
+    return d1, d2
+
+
+@njit(parallel=True, cache=True)
+def _tie_offsets(ref, ref_len, d1, d2):
+    for f in prange(ref.shape[0]):
+        n = ref_len[f]
+        t = 0
+        while t < n:
+            e = t + 1
+            while e < n and ref[f, e] == ref[f, t]:
+                e += 1
+            avg = (t + 1 + e) / 2.0
+            for k in range(t, e):
+                delta = avg - (k + 1)
+                d1[f, k + 1] = d1[f, k] + delta
+                d2[f, k + 1] = d2[f, k] + delta * delta
+            t = e
+
+
+@njit(parallel=True, cache=True)
+def cvm_u(ref, ref_len, d1, d2, win, win_len):
+    """U of the two-sample Cramér-von Mises test (pooled ranks, ties at
+    their average rank). Window values are visited one by one; a stretch of
+    reference values between two window values all sit j ranks above their own
+    position (plus their in-reference tie offset), so its sum of squares comes
+    from the prefix sums in O(1): O(m log(n/m)) per feature."""
+    nf = ref.shape[0]
+    out = np.empty(nf)
+    for f in prange(nf):
+        n = ref_len[f]
+        m = win_len[f]
+        a = ref[f]
+        b = win[f]
+        i = 0
+        j = 0
+        sx = 0.0
+        sy = 0.0
+        while j < m:
+            x = b[j]
+            j1 = j + 1
+            while j1 < m and b[j1] == x:
+                j1 += 1
+            il = _lower_bound(a, i, n, x)
+            ir = _upper_bound(a, il, n, x)
+            # reference stretch [i, il): each sits j ranks above its own rank
+            cnt = il - i
+            s1 = d1[f, il] - d1[f, i]
+            s2 = d2[f, il] - d2[f, i]
+            sx += cnt * j * j + 2.0 * j * s1 + s2
+            # the group tied at x: ref [il, ir) and window [j, j1)
+            rank = il + j + (ir - il + j1 - j + 1) / 2.0
+            for t in range(il, ir):
+                e = rank - (t + 1)
+                sx += e * e
+            for t in range(j, j1):
+                e = rank - (t + 1)
+                sy += e * e
+            i = ir
+            j = j1
+        cnt = n - i
+        s1 = d1[f, n] - d1[f, i]
+        s2 = d2[f, n] - d2[f, i]
+        sx += cnt * m * m + 2.0 * m * s1 + s2
+        out[f] = n * sx + m * sy
+    return out
+
+
+@njit(parallel=True, cache=True)
+def bincount_columns(codes, n_bins):
+    """(features x n_bins) counts of integer codes; codes >= n_bins-1 land in
+    the last bin (categories the reference never saw)."""
+    rows, nf = codes.shape
+    out = np.zeros((nf, n_bins), dtype=np.int64)
+    for f in prange(nf):
+        for r in range(rows):
+            c = codes[r, f]
+            if c >= n_bins - 1:
+                c = n_bins - 1
+            out[f, c] += 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def rbf_from_sqdist(d2, gamma):
+    """exp(-gamma * max(d2, 0)) in place, row-parallel."""
+    for i in prange(d2.shape[0]):
+        for j in range(d2.shape[1]):
+            v = d2[i, j]
+            d2[i, j] = np.exp(-gamma * (v if v > 0.0 else 0.0))
+    return d2
+
+
+@njit(parallel=True, cache=True)
+def perm_quadratic_forms(ks, s):
+    """a_p = sum_i s[i, p] * ks[i, p] for every permutation p."""
+    n, p = ks.shape
+    out = np.zeros(p)
+    for q in prange(p):
+        acc = 0.0
+        for i in range(n):
+            if s[i, q] != 0:
+                acc += ks[i, q]
+        out[q] = acc
+    return out

@@ -1,0 +1,107 @@
+"""P-values and multiple-testing corrections, shared by every backend.
+
+P-value methods (chosen to match SciPy exactly, so backends differ only in how
+fast they compute the statistic):
+
+- KS: ``scipy.stats.ks_2samp(method="asymp")``: ``kstwo.sf(D, round(n*m/(n+m)))``.
+- CvM: ``scipy.stats.cramervonmises_2samp(method="asymptotic")``: the
+  statistic normalised by its exact mean and variance (Anderson 1962), then
+  the limiting one-sample CvM distribution (Csörgő and Faraway 1996 series).
+- chi-square: homogeneity test on the 2 x K table of category counts,
+  categories unseen in both samples dropped, no continuity correction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import special, stats
+
+
+def ks_pvalues(d: np.ndarray, n: np.ndarray, m: np.ndarray) -> np.ndarray:
+    n, m = np.broadcast_arrays(np.asarray(n, float), np.asarray(m, float))
+    big, small = np.maximum(n, m), np.minimum(n, m)
+    en = np.round(big * small / (big + small))
+    return np.clip(stats.kstwo.sf(d, en), 0, 1)
+
+
+def _cdf_cvm_inf(x: float) -> float:
+    total, k = 0.0, 0
+    while True:
+        u = math.exp(special.gammaln(k + 0.5) - special.gammaln(k + 1)) / (math.pi**1.5 * math.sqrt(x))
+        y = 4 * k + 1
+        q = y * y / (16 * x)
+        term = u * math.sqrt(y) * math.exp(-q) * special.kv(0.25, q)
+        total += term
+        if abs(term) < 1e-7:
+            return total
+        k += 1
+
+
+def cvm_pvalues(t: np.ndarray, nx: np.ndarray, ny: np.ndarray) -> np.ndarray:
+    out = np.empty(len(t))
+    for i, (ti, a, b) in enumerate(zip(t, np.broadcast_to(nx, t.shape), np.broadcast_to(ny, t.shape))):
+        a, b = float(a), float(b)
+        k, big_n = a * b, a + b
+        et = (1 + 1 / big_n) / 6
+        vt = (big_n + 1) * (4 * k * big_n - 3 * (a * a + b * b) - 2 * k) / (45 * big_n * big_n * 4 * k)
+        tn = 1 / 6 + (ti - et) / math.sqrt(45 * vt)
+        out[i] = 1.0 if tn < 0.003 else max(0.0, 1.0 - _cdf_cvm_inf(tn))
+    return out
+
+
+def cvm_statistic(u: np.ndarray, nx: np.ndarray, ny: np.ndarray) -> np.ndarray:
+    """T from U (eq. 9 of Anderson 1962), as SciPy computes it."""
+    k, big_n = nx * ny, nx + ny
+    return u / (k * big_n) - (4 * k - 1) / (6 * big_n)
+
+
+def chi2_from_counts(ref: np.ndarray, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Chi-square homogeneity statistic and p-value per feature from count
+    tables (features x categories)."""
+    ref, win = ref.astype(np.float64), win.astype(np.float64)
+    rn, wn = ref.sum(axis=1, keepdims=True), win.sum(axis=1, keepdims=True)
+    tot = ref + win
+    keep = tot > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        er = np.where(keep, rn * tot / (rn + wn), 1.0)
+        ew = np.where(keep, wn * tot / (rn + wn), 1.0)
+        terms = np.where(keep, (ref - er) ** 2 / er + (win - ew) ** 2 / ew, 0.0)
+    stat = terms.sum(axis=1)
+    dof = keep.sum(axis=1) - 1
+    p = np.where(dof > 0, stats.chi2.sf(stat, np.maximum(dof, 1)), 1.0)
+    return stat, p
+
+
+PSI_EPS = 1e-4  # floor for empty bins, so that the log stays finite
+
+
+def psi_from_counts(ref: np.ndarray, win: np.ndarray) -> np.ndarray:
+    """Population stability index per feature: sum (w - r) * ln(w / r) over
+    bin proportions, each floored at PSI_EPS."""
+    pr = np.maximum(ref / ref.sum(axis=1, keepdims=True), PSI_EPS)
+    pw = np.maximum(win / win.sum(axis=1, keepdims=True), PSI_EPS)
+    return ((pw - pr) * np.log(pw / pr)).sum(axis=1)
+
+
+def bonferroni(p: np.ndarray) -> np.ndarray:
+    return np.minimum(1.0, np.asarray(p) * len(p))
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """BH step-up adjusted p-values (the false discovery rate at which each
+    hypothesis would be rejected)."""
+    p = np.asarray(p, dtype=np.float64)
+    n = len(p)
+    order = np.argsort(p)
+    ranked = p[order] * n / np.arange(1, n + 1)
+    adj = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+def permutation_pvalue(observed: float, permuted: np.ndarray) -> float:
+    """(1 + #{permuted >= observed}) / (1 + P): never 0, valid at any P."""
+    return float((1 + np.count_nonzero(permuted >= observed)) / (1 + len(permuted)))

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from flywheel.kernels import DriftDetector, WindowBuffer, benjamini_hochberg, bonferroni, gpu_available
+from flywheel.runtime.errors import ConfigError, InvalidInputError
+
+CPU = ["numpy", "numba"]
+
+
+def _data(seed, n, m, f, shift=0.0, ties=False):
+    rng = np.random.default_rng(seed)
+    ref, win = rng.normal(size=(n, f)), rng.normal(shift, 1.0, size=(m, f))
+    if ties:
+        ref, win = np.round(ref, 1), np.round(win, 1)
+    return ref, win
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("ties", [False, True])
+def test_ks_matches_scipy_asymp(backend, ties):
+    ref, win = _data(1, 3000, 700, 6, 0.05, ties)
+    res = DriftDetector("ks", backend=backend).fit(ref).score(win)
+    for f in range(6):
+        want = stats.ks_2samp(ref[:, f], win[:, f], method="asymp")
+        assert abs(res.statistic[f] - want.statistic) <= 1e-6
+        assert abs(res.p_value[f] - want.pvalue) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("ties", [False, True])
+def test_cvm_matches_scipy_asymptotic(backend, ties):
+    ref, win = _data(2, 2000, 500, 5, 0.08, ties)
+    res = DriftDetector("cvm", backend=backend).fit(ref).score(win)
+    for f in range(5):
+        want = stats.cramervonmises_2samp(ref[:, f], win[:, f], method="asymptotic")
+        assert abs(res.statistic[f] - want.statistic) <= 1e-6
+        assert abs(res.p_value[f] - want.pvalue) <= 1e-6
+
+
+def test_chi2_and_psi_numba_equal_the_reference():
+    rng = np.random.default_rng(3)
+    ref, win = rng.integers(0, 8, size=(5000, 6)), rng.integers(0, 8, size=(1000, 6))
+    win[:, 0] = 2  # one feature collapses onto one category
+    win[:100, 1] = 8  # a category the reference never saw
+    for test in ("chi2", "psi"):
+        a = DriftDetector(test, backend="numpy").fit(ref).score(win)
+        b = DriftDetector(test, backend="numba").fit(ref).score(win)
+        np.testing.assert_allclose(b.statistic, a.statistic, rtol=1e-9, atol=1e-9)
+        if test == "chi2":
+            np.testing.assert_allclose(b.p_value, a.p_value, rtol=1e-9, atol=1e-300)
+    psi = DriftDetector("psi", backend="numba").fit(ref).score(win)
+    assert psi.drift[0] and psi.drift[1] and not any(psi.drift[2:])
+
+
+def test_mmd_fast_path_matches_reference_and_is_seed_stable():
+    ref, win = _data(4, 600, 150, 8, 0.15)
+    a = DriftDetector("mmd", backend="numpy", n_permutations=200, seed=7).fit(ref).score(win)
+    b = DriftDetector("mmd", backend="numba", n_permutations=200, seed=7).fit(ref).score(win)
+    assert abs(b.statistic[0] - a.statistic[0]) <= 1e-5 * abs(a.statistic[0])
+    # same permutations: p-values differ only where float32 products reorder near-ties
+    assert abs(b.p_value[0] - a.p_value[0]) <= 3 * np.sqrt(0.25 / 200)
+    again = DriftDetector("mmd", backend="numba", n_permutations=200, seed=7).fit(ref).score(win)
+    assert again == b
+
+
+def test_mmd_detects_a_shift_and_not_noise():
+    ref, same = _data(5, 500, 200, 4)
+    _, moved = _data(6, 500, 200, 4, shift=0.5)
+    det = DriftDetector("mmd", backend="numba", n_permutations=100).fit(ref)
+    assert det.score(moved).p_value[0] <= 0.01
+    assert det.score(same).p_value[0] > 0.05
+    assert DriftDetector("mmd", sigma=2.0, backend="numba").fit(ref).bandwidth == 2.0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 60), m=st.integers(2, 40), f=st.integers(1, 3),
+    levels=st.sampled_from([0, 2, 5]), seed=st.integers(0, 10_000),
+)
+def test_property_numba_equals_scipy_for_any_sizes_ties_and_constant_columns(n, m, f, levels, seed):
+    rng = np.random.default_rng(seed)
+    ref, win = rng.normal(size=(n, f)), rng.normal(size=(m, f))
+    if levels:  # heavy ties
+        ref, win = rng.integers(0, levels, size=(n, f)).astype(float), rng.integers(0, levels, size=(m, f)).astype(float)
+    ref[:, 0] = 1.0  # a constant column
+    for test, fn, kw in (("ks", stats.ks_2samp, {"method": "asymp"}),
+                         ("cvm", stats.cramervonmises_2samp, {"method": "asymptotic"})):
+        res = DriftDetector(test, backend="numba").fit(ref).score(win)
+        for j in range(f):
+            want = fn(ref[:, j], win[:, j], **kw)
+            assert abs(res.statistic[j] - want.statistic) <= 1e-6
+            assert abs(res.p_value[j] - want.pvalue) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_nan_policy(backend):
+    ref, win = _data(8, 300, 100, 3)
+    win[5, 1] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN in feature 1"):
+        DriftDetector("ks", backend=backend).fit(ref).score(win)
+    res = DriftDetector("ks", backend=backend, nan_policy="omit").fit(ref).score(win)
+    want = stats.ks_2samp(ref[:, 1], np.delete(win[:, 1], 5), method="asymp")
+    assert abs(res.statistic[1] - want.statistic) <= 1e-12
+    assert res.n_window == 100
+
+
+def test_bad_inputs_and_settings_are_named():
+    ref, win = _data(9, 50, 20, 3)
+    with pytest.raises(InvalidInputError, match="window has 2 features; the reference has 3"):
+        DriftDetector("ks", backend="numba").fit(ref).score(win[:, :2])
+    with pytest.raises(InvalidInputError, match="categorical codes must be >= 0"):
+        DriftDetector("chi2", backend="numba").fit(-np.ones((5, 1), int))
+    with pytest.raises(ConfigError, match="test 'wat'"):
+        DriftDetector("wat")
+    with pytest.raises(ConfigError, match="backend 'tpu'"):
+        DriftDetector("ks", backend="tpu")
+
+
+def test_corrections():
+    p = np.array([0.01, 0.04, 0.03, 0.2])
+    np.testing.assert_allclose(bonferroni(p), [0.04, 0.16, 0.12, 0.8])
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
+    np.testing.assert_allclose(benjamini_hochberg(p), stats.false_discovery_control(p, method="bh"))
+
+
+def test_windows_are_bounded_and_ordered():
+    tumbling = WindowBuffer(4, 1)
+    out = tumbling.add(np.arange(10.0))
+    assert [w.ravel().tolist() for w in out] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    sliding = WindowBuffer(4, 1, mode="sliding", stride=2)
+    out = sliding.add(np.arange(8.0))
+    assert [w.ravel().tolist() for w in out] == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU with CuPy on this machine")
+def test_cupy_backend_matches_the_reference():  # pragma: no cover - runs on GPU machines
+    ref, win = _data(10, 3000, 600, 6, 0.05, ties=True)
+    for test in ("ks", "cvm"):
+        a = DriftDetector(test, backend="numpy").fit(ref).score(win)
+        b = DriftDetector(test, backend="cupy").fit(ref).score(win)
+        np.testing.assert_allclose(b.statistic, a.statistic, atol=1e-6)
+        np.testing.assert_allclose(b.p_value, a.p_value, atol=1e-6)

@@ -1,0 +1,92 @@
+"""The drift monitor and the replica-side sampler, in-process over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from flywheel.runtime.errors import ErrorCode
+from flywheel.serving._private.drift_sampler import DriftSampler
+from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_DRIFT_INGEST, OP_METRICS, Call, ReplicaChannel
+from flywheel.serving.config import DriftConfig, ModelConfig
+from flywheel.serving.drift_monitor import DriftMonitor, encode_samples
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def monitor(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref.npy"
+    np.save(ref, rng.normal(size=(2000, 4)))
+    cfg = DriftConfig(enabled=True, window=200, tests=("ks", "mmd"), reference=str(ref))
+    port = free_port()
+    mon = DriftMonitor(port, [ModelConfig(name="m", path="x.onnx", version="1", drift=cfg)])
+    events = []
+    got = threading.Event()
+    mon.add_callback(lambda e: (events.append(e), got.set()))
+    yield mon, port, events, got, cfg
+    mon.close()
+
+
+async def _call(port, op, payload):
+    ch = ReplicaChannel("127.0.0.1", port, pool_size=1)
+    try:
+        return await ch.call(Call(op, payload))
+    finally:
+        ch.close()
+
+
+def test_shifted_window_raises_an_event_and_same_distribution_does_not(monitor):
+    mon, port, events, got, _ = monitor
+    rng = np.random.default_rng(1)
+    same = rng.normal(size=(200, 4))
+    assert asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("m", "1", same))).code == 0
+    shifted = rng.normal(size=(200, 4))
+    shifted[:, 2] += 1.0
+    assert asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("m", "1", shifted))).code == 0
+    assert got.wait(30)
+    history = json.loads(asyncio.run(_call(port, OP_DRIFT_HISTORY, b'{"model": "m", "version": "1"}')).payload)
+    assert [(h["test"], h["any_drift"]) for h in history] == [("ks", False), ("mmd", False), ("ks", True), ("mmd", True)]
+    ks_event = next(e for e in events if e.test == "ks")
+    assert ks_event.features == [2] and ks_event.model == "m"
+    text = asyncio.run(_call(port, OP_METRICS, b"")).payload.decode()
+    assert 'flywheel_drift_detected{feature="2",model="m",test="ks",version="1"} 1.0' in text
+    assert 'flywheel_drift_sampled_rows_total{model="m",version="1"} 400.0' in text
+
+
+def test_bad_samples_are_refused_with_a_reason(monitor):
+    _, port, *_ = monitor
+    assert asyncio.run(_call(port, OP_DRIFT_INGEST, b"\x01")).code == ErrorCode.INVALID_ARGUMENT
+    wrong = asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("m", "1", np.zeros((5, 3)))))
+    assert wrong.code == ErrorCode.INVALID_ARGUMENT and b"3 features" in wrong.payload
+    unknown = asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("z", "1", np.zeros((5, 4)))))
+    assert unknown.code == ErrorCode.NOT_FOUND
+
+
+def test_sampler_ships_batches_and_drops_when_the_monitor_is_gone(monitor):
+    mon, port, *_ , cfg = monitor
+    cfg = DriftConfig(enabled=True, sample_rate=1.0, batch_rows=50, flush_interval_s=0.05, window=200)
+
+    async def run(p):
+        s = DriftSampler(cfg, "m", "1", p, seed=0)
+        s.start()
+        for _ in range(10):
+            s.offer({"x": np.zeros((10, 4))})
+        await asyncio.sleep(0.5)
+        s.close()
+        return s
+
+    ok = asyncio.run(run(port))
+    assert ok.shipped_rows == 100 and ok.dropped_rows == 0
+    gone = asyncio.run(run(free_port()))
+    assert gone.shipped_rows == 0 and gone.dropped_rows == 100
