@@ -38,6 +38,7 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	$(PY) -m flywheel.bench.serving
 	$(PY) -m flywheel.bench.wire
+	$(PY) -m flywheel.bench.drift
 
 clean-venv:
 	rm -rf $(VENV)

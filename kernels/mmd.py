@@ -80,12 +80,15 @@ def rbf_block(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, gamma: float) -> n
 
 
 def mmd_fit_fast(ref: np.ndarray, sigma: float) -> MmdFit:
+    from flywheel.kernels.numba_kernels import rbf_from_gram
+
     ref = np.ascontiguousarray(ref, dtype=np.float64)
     sq = (ref * ref).sum(axis=1)
     gamma = 1.0 / (2 * sigma * sigma)
-    kxx = rbf_block(ref, sq, ref, gamma)
-    rows = kxx.sum(axis=1)
-    return MmdFit(ref, sq, gamma, kxx.astype(np.float32), rows, float(rows.sum()))
+    kxx32 = np.empty((len(ref), len(ref)), dtype=np.float32)
+    rows = np.empty(len(ref))
+    rbf_from_gram(ref @ ref.T, sq, sq, gamma, kxx32, rows)
+    return MmdFit(ref, sq, gamma, kxx32, rows, float(rows.sum()))
 
 
 def mmd_score_fast(fit: MmdFit, win: np.ndarray, perms: np.ndarray) -> tuple[float, np.ndarray]:

@@ -20,10 +20,29 @@ from scipy import special, stats
 
 
 def ks_pvalues(d: np.ndarray, n: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``kstwo.sf(D, round(n*m/(n+m)))`` as SciPy's asymp method computes it.
+
+    SciPy evaluates kstwo one value at a time in Python, and its exact
+    Smirnov tail costs ~10 ms per value at n ~ 10^4. For large n (> 140, where
+    SciPy itself switches to asymptotics) we evaluate the Pelz-Good series
+    compiled with Numba, whose absolute error is O(n^-2) (< 1e-8 here),
+    return 0 where the tail is below 2 exp(-36) (Massart's bound), and defer to
+    SciPy for small n and for tiny D (its DMTW region, where p ~ 1). Agreement
+    with SciPy is checked to 1e-6 by the tests."""
+    from flywheel.kernels.numba_kernels import kolmogn_sf_pelz_good
+
+    d = np.asarray(d, dtype=np.float64)
     n, m = np.broadcast_arrays(np.asarray(n, float), np.asarray(m, float))
     big, small = np.maximum(n, m), np.minimum(n, m)
-    en = np.round(big * small / (big + small))
-    return np.clip(stats.kstwo.sf(d, en), 0, 1)
+    en = np.broadcast_to(np.round(big * small / (big + small)), d.shape)
+    out = np.empty_like(d)
+    for i, (x, k) in enumerate(zip(d, en)):
+        t = k * x
+        if k > 140 and 1.0 < t < k - 1 and x < 0.5 and not (k <= 100000 and k * x**1.5 <= 1.4):
+            out[i] = 0.0 if t * x >= 18.0 else kolmogn_sf_pelz_good(k, x)
+        else:
+            out[i] = stats.kstwo.sf(x, k)
+    return np.clip(out, 0, 1)
 
 
 def _cdf_cvm_inf(x: float) -> float:

@@ -146,3 +146,12 @@ def test_cupy_backend_matches_the_reference():  # pragma: no cover - runs on GPU
         b = DriftDetector(test, backend="cupy").fit(ref).score(win)
         np.testing.assert_allclose(b.statistic, a.statistic, atol=1e-6)
         np.testing.assert_allclose(b.p_value, a.p_value, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [150, 1000, 9091, 50000])
+def test_fast_ks_pvalues_agree_with_scipy_kstwo(n):
+    from flywheel.kernels.stats import ks_pvalues
+
+    d = np.concatenate([np.linspace(1e-4, 0.3, 300), np.geomspace(1e-4, 0.3, 100)])
+    got = ks_pvalues(d, float(2 * n), float(2 * n))  # round(n*m/(n+m)) = n
+    np.testing.assert_allclose(got, stats.kstwo.sf(d, n), atol=1e-6, rtol=0)

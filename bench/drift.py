@@ -1,0 +1,175 @@
+"""Drift benchmark: NumPy/SciPy reference vs the Numba kernels, the floor, and
+what monitoring costs a live model.
+
+    python -m flywheel.bench.drift [--out bench/results] [--skip-serving]
+
+Kernels (fit once on the reference, score one window; medians of repeats):
+KS and CvM on 100,000 x 10,000 x 128; chi-square and PSI on 100,000 x 10,000 x
+16 categorical codes; MMD permutation test (100 permutations) on 1,000 x 500 x
+32 and 5,000 x 1,000 x 32. The floor is the time to read the inputs once.
+Serving: p50 latency of the same model with drift monitoring on (the default
+10 % of requests sampled, KS windows of 1,000 rows) and off, HTTP,
+concurrency 1 and 32, interleaved runs, 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from flywheel.kernels import DriftDetector
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up (JIT compile, caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _floor(*arrays: np.ndarray) -> float:
+    return _median_time(lambda: [float(a.sum()) for a in arrays])
+
+
+def kernel_rows() -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    ref = rng.normal(size=(100_000, 128))
+    win = rng.normal(0.01, 1.0, size=(10_000, 128))
+    sort_t = _median_time(lambda: np.sort(win, axis=0))
+    for test in ("ks", "cvm"):
+        print(f"  {test}: 100,000 x 10,000 x 128 ...", flush=True)
+        ref_det = DriftDetector(test, backend="numpy").fit(ref)
+        fast = DriftDetector(test, backend="numba").fit(ref)
+        t_ref = _median_time(lambda: ref_det.score(win), 1)
+        t_fast = _median_time(lambda: fast.score(win), 5)
+        rows.append({"test": test, "shape": "100000x10000x128", "reference_s": t_ref, "numba_s": t_fast,
+                     "speedup": t_ref / t_fast, "floor_s": _floor(ref, win), "numpy_sort_window_s": sort_t,
+                     "vs_sort": t_fast / sort_t})
+    cref = rng.integers(0, 20, size=(100_000, 16))
+    cwin = rng.integers(0, 20, size=(10_000, 16))
+
+    def numpy_bincount():
+        counts = np.stack([np.bincount(cwin[:, f], minlength=21) for f in range(16)])
+        return counts
+
+    t_bin = _median_time(numpy_bincount, 5)
+    for test in ("chi2", "psi"):
+        print(f"  {test}: 100,000 x 10,000 x 16 ...", flush=True)
+        ref_det = DriftDetector(test, backend="numpy").fit(cref)
+        fast = DriftDetector(test, backend="numba").fit(cref)
+        t_ref = _median_time(lambda: ref_det.score(cwin), 3)
+        t_fast = _median_time(lambda: fast.score(cwin), 5)
+        rows.append({"test": test, "shape": "100000x10000x16", "reference_s": t_ref, "numba_s": t_fast,
+                     "speedup": t_ref / t_fast, "floor_s": _floor(cref, cwin), "numpy_bincount_s": t_bin,
+                     "vs_bincount": t_fast / t_bin})
+    for n, m in ((1000, 500), (5000, 1000)):
+        print(f"  mmd: {n:,} x {m:,} x 32, 100 permutations ...", flush=True)
+        r, w = rng.normal(size=(n, 32)), rng.normal(0.05, 1.0, size=(m, 32))
+        ref_det = DriftDetector("mmd", backend="numpy", n_permutations=100).fit(r)
+        t_ref = _median_time(lambda: ref_det.score(w), 1)
+        fast = DriftDetector("mmd", backend="numba", n_permutations=100).fit(r)
+        t_fast = _median_time(lambda: fast.score(w), 3)
+        t_e2e = _median_time(lambda: DriftDetector("mmd", backend="numba", n_permutations=100).fit(r).score(w), 1)
+        rows.append({"test": "mmd", "shape": f"{n}x{m}x32", "reference_s": t_ref, "numba_s": t_fast,
+                     "numba_fit_and_score_s": t_e2e, "speedup": t_ref / t_fast, "floor_s": _floor(r, w)})
+    return rows
+
+
+def serving_rows(duration: float) -> list[dict]:
+    import msgspec
+
+    from flywheel.bench.common import bench_deployment, export_model
+    from flywheel.bench.loadgen import build_request, run_load
+
+    work = tempfile.mkdtemp(prefix="fw-drift-")
+    path = export_model("mlp", {"in_features": 64, "hidden": [128, 64], "out_features": 10}, f"{work}/m.onnx")
+    ref = os.path.join(work, "ref.npy")
+    np.save(ref, np.random.default_rng(0).random((2000, 64)))
+    drift = {"enabled": True, "sample_rate": 0.1, "window": 1000, "tests": ["ks"], "reference": ref}
+    models = [{"name": "plain", "path": path, "num_cpus": 0.5, "batching": {"max_queue_delay_us": 0}},
+              {"name": "watched", "path": path, "num_cpus": 0.5, "batching": {"max_queue_delay_us": 0},
+               "drift": drift}]
+    x = np.random.default_rng(1).random(64, dtype=np.float32)
+    body = msgspec.json.encode({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                            "data": x.tolist()}]})
+    rows = []
+    with bench_deployment("driftbench", models) as dep:
+        host, port = dep.url.removeprefix("http://").split(":")
+        for c in (1, 32):
+            for name in ("plain", "watched", "plain", "watched"):  # interleaved against drift in time
+                res = run_load(host, int(port), build_request(f"/v2/models/{name}/infer", body),
+                               concurrency=c, duration_s=duration, warmup_s=0.5)
+                rows.append({"model": name, **res.summary()})
+                print(f"  {name:<8} c={c:<3} p50 {rows[-1]['p50_ms']:.3f} ms  {rows[-1]['throughput_rps']:.0f} req/s",
+                      flush=True)
+    return rows
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['test']}\n{r['shape']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [r["reference_s"] * 1e3 for r in rows], 0.4, label="NumPy/SciPy reference")
+    ax.bar(xs + 0.2, [r["numba_s"] * 1e3 for r in rows], 0.4, label="Numba kernel")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel("ms per window (log)")
+    ax.set_title("drift scoring of one window against a fitted reference")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per serving point")
+    parser.add_argument("--skip-serving", action="store_true")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    print("kernels (first call of each compiles; timings are medians after it) ...", flush=True)
+    kernels = kernel_rows()
+    serving = [] if args.skip_serving else serving_rows(args.duration)
+    print(f"\n{'test':<6}{'shape':<19}{'reference s':>12}{'numba s':>10}{'speedup':>9}{'floor s':>9}  notes")
+    for r in kernels:
+        note = ""
+        if "vs_sort" in r:
+            note = f"numba / numpy sort of the window = {r['vs_sort']:.1f}x"
+        elif "vs_bincount" in r:
+            note = f"numba / numpy bincount = {r['vs_bincount']:.1f}x"
+        elif "numba_fit_and_score_s" in r:
+            note = f"fit + score {r['numba_fit_and_score_s']:.3f} s"
+        print(f"{r['test']:<6}{r['shape']:<19}{r['reference_s']:>12.4f}{r['numba_s']:>10.4f}"
+              f"{r['speedup']:>8.1f}x{r['floor_s']:>9.4f}  {note}")
+    if serving:
+        print()
+        for c in (1, 32):
+            p = [r["p50_ms"] for r in serving if r["model"] == "plain" and r["concurrency"] == c]
+            w = [r["p50_ms"] for r in serving if r["model"] == "watched" and r["concurrency"] == c]
+            print(f"monitoring on vs off, c={c}: p50 {np.median(w):.3f} vs {np.median(p):.3f} ms "
+                  f"({(np.median(w) / np.median(p) - 1) * 100:+.1f} %)")
+    with open(os.path.join(args.out, "drift.json"), "w") as f:
+        json.dump({"kernels": kernels, "serving": serving}, f, indent=1)
+    _plot(kernels, os.path.join(args.out, "drift.png"))
+    print(f"\nwrote {args.out}/drift.json and {args.out}/drift.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
