@@ -196,17 +196,12 @@ class DriftMonitor:
         self.close()
 
     def close(self) -> None:
-        loop = getattr(self, "_loop", None)
+        loop, self._loop = getattr(self, "_loop", None), None
         if loop is None:
             return
-        self._loop = None
 
         async def _stop() -> None:
             self._server.close()
 
-        try:
-            loop.call(_stop(), timeout=5)
-        except Exception:  # noqa: BLE001
-            pass
-        loop.stop()
+        loop.shutdown(_stop)
         self._executor.shutdown(wait=False)

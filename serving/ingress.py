@@ -64,10 +64,9 @@ class Ingress:
 
     def close(self) -> None:
         """Stop serving and release the ports; safe to call more than once."""
-        loop = getattr(self, "_loop", None)
+        loop, self._loop = getattr(self, "_loop", None), None
         if loop is None:
             return
-        self._loop = None
 
         async def _stop() -> None:
             self._http.close()
@@ -75,8 +74,4 @@ class Ingress:
                 await self._grpc.stop(grace=1.0)
             self.router.close()
 
-        try:
-            loop.call(_stop(), timeout=5)
-        except Exception:  # noqa: BLE001 - shutting down regardless
-            pass
-        loop.stop()
+        loop.shutdown(_stop)

@@ -180,23 +180,16 @@ class ModelReplica:
 
     def close(self) -> None:
         """Stop serving and release the port; safe to call more than once."""
-        # Stop accepting connections, let accepted requests finish.
-        loop = getattr(self, "_loop", None)
+        loop, self._loop = getattr(self, "_loop", None), None
         if loop is None:
             return
-        self._loop = None
 
         async def _stop() -> None:
+            # Stop accepting connections, let accepted requests finish.
             self._server.close()
             await self._batcher.close()
             if self._sampler is not None:
                 self._sampler.close()
 
-        try:
-            loop.call(_stop(), timeout=5)
-        except Exception:  # noqa: BLE001 - shutting down regardless
-            pass
-        loop.stop()
+        loop.shutdown(_stop)
         self._executor.shutdown(wait=False)
-
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvloop
@@ -57,6 +57,16 @@ class LoopThread:
     def stalled_for(self) -> float:
         """Seconds since the loop last beat (about 0 when healthy)."""
         return max(0.0, time.monotonic() - self.last_beat - HEARTBEAT_S)
+
+    def shutdown(self, cleanup: Callable[[], Coroutine[Any, Any, Any]] | None = None, timeout: float = 5.0) -> None:
+        """Run ``cleanup()`` on the loop (best effort, bounded by ``timeout``),
+        then stop the loop. What every loop-owning replica does on close."""
+        if cleanup is not None:
+            try:
+                self.call(cleanup(), timeout)
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                pass
+        self.stop(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop (cancelling its tasks) and join the thread."""
