@@ -72,22 +72,31 @@ class MmdFit:
     kxx_sum: float
 
 
-def rbf_block(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
-    from flywheel.kernels.numba_kernels import rbf_from_sqdist
+_ROW_BLOCK = 512  # Gram rows per BLAS call: a reused buffer, no giant temporaries
 
-    d2 = a_sq[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
-    return rbf_from_sqdist(d2, gamma)
+
+def rbf_block32(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, b_sq: np.ndarray, gamma: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """K(a, b) as float32 (for the permutation products) with its float64 row
+    sums, computed block by block from the Gram matrix in one fused pass."""
+    from flywheel.kernels.numba_kernels import rbf_from_gram
+
+    out = np.empty((len(a), len(b)), dtype=np.float32)
+    rows = np.empty(len(a))
+    gram = np.empty((min(_ROW_BLOCK, len(a)), len(b)))
+    for start in range(0, len(a), _ROW_BLOCK):
+        stop = min(start + _ROW_BLOCK, len(a))
+        g = gram[: stop - start]
+        np.matmul(a[start:stop], b.T, out=g)
+        rbf_from_gram(g, a_sq[start:stop], b_sq, gamma, out[start:stop], rows[start:stop])
+    return out, rows
 
 
 def mmd_fit_fast(ref: np.ndarray, sigma: float) -> MmdFit:
-    from flywheel.kernels.numba_kernels import rbf_from_gram
-
     ref = np.ascontiguousarray(ref, dtype=np.float64)
     sq = (ref * ref).sum(axis=1)
     gamma = 1.0 / (2 * sigma * sigma)
-    kxx32 = np.empty((len(ref), len(ref)), dtype=np.float32)
-    rows = np.empty(len(ref))
-    rbf_from_gram(ref @ ref.T, sq, sq, gamma, kxx32, rows)
+    kxx32, rows = rbf_block32(ref, sq, ref, sq, gamma)
     return MmdFit(ref, sq, gamma, kxx32, rows, float(rows.sum()))
 
 
@@ -96,19 +105,19 @@ def mmd_score_fast(fit: MmdFit, win: np.ndarray, perms: np.ndarray) -> tuple[flo
 
     win = np.ascontiguousarray(win, dtype=np.float64)
     n, m = len(fit.ref), len(win)
-    kxy = rbf_block(fit.ref, fit.ref_sq, win, fit.gamma)
-    kyy = rbf_block(win, (win * win).sum(axis=1), win, fit.gamma)
-    sxy, syy = float(kxy.sum()), float(kyy.sum())
+    win_sq = (win * win).sum(axis=1)
+    kxy32, kxy_rows = rbf_block32(fit.ref, fit.ref_sq, win, win_sq, fit.gamma)
+    kyy32, kyy_rows = rbf_block32(win, win_sq, win, win_sq, fit.gamma)
+    sxy, syy = float(kxy_rows.sum()), float(kyy_rows.sum())
     observed = mmd2_from_sums(fit.kxx_sum, syy, sxy, n, m)
     if not len(perms):
         return observed, np.empty(0)
     total = fit.kxx_sum + syy + 2 * sxy
-    rows = np.concatenate([fit.kxx_rows + kxy.sum(axis=1), kxy.sum(axis=0) + kyy.sum(axis=1)])
+    rows = np.concatenate([fit.kxx_rows + kxy_rows, kxy32.sum(axis=0, dtype=np.float64) + kyy_rows])
     # s[:, p] marks the rows that permutation p puts on the reference side.
     s = np.zeros((n + m, len(perms)), dtype=np.float32)
     s[perms[:, :n].T, np.arange(len(perms))[None, :]] = 1.0
     sx, sy = s[:n], s[n:]
-    kxy32, kyy32 = kxy.astype(np.float32), kyy.astype(np.float32)
     ks = np.vstack([fit.kxx32 @ sx + kxy32 @ sy, kxy32.T @ sx + kyy32 @ sy])  # K @ s, block by block
     a = perm_quadratic_forms(ks, s)  # s' K s: the permuted reference block's sum
     c = rows @ s.astype(np.float64) - a  # cross block

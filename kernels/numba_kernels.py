@@ -183,16 +183,6 @@ def bincount_columns(codes, n_bins):
 
 
 @njit(parallel=True, cache=True)
-def rbf_from_sqdist(d2, gamma):
-    """exp(-gamma * max(d2, 0)) in place, row-parallel."""
-    for i in prange(d2.shape[0]):
-        for j in range(d2.shape[1]):
-            v = d2[i, j]
-            d2[i, j] = np.exp(-gamma * (v if v > 0.0 else 0.0))
-    return d2
-
-
-@njit(parallel=True, cache=True)
 def perm_quadratic_forms(ks, s):
     """a_p = sum_i s[i, p] * ks[i, p] for every permutation p."""
     n, p = ks.shape
