@@ -4,7 +4,8 @@
 
 Two models: the demo digits MLP (64->128->64->10) and a compute-bound MLP
 (1024->4096->4096->10). Each is deployed twice on one local Ray, with
-batching off (max_batch_size 1) and on (max_batch_size 64); then closed-loop
+batching off (max_batch_size 1) and on (max_batch_size 64), and the demo once
+more with the model run inline on the replica's loop thread; then closed-loop
 HTTP V2 JSON load, 1 row per request, at concurrency 1, 8 and 32, only to
 127.0.0.1. Prints a table, writes serving.json and serving.png to --out.
 """
@@ -96,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
                 "batching": {"max_batch_size": size, "max_queue_delay_us": 0},
                 "warmup_batch_sizes": [1, size],
             })
-    print("starting Ray and deploying 4 model versions ...", flush=True)
+    # The demo model is tiny: also measure it run on the replica's loop thread.
+    models.append({"name": "demo-inline", "path": paths["demo"], "num_cpus": 0.5,
+                   "batching": {"max_batch_size": 64, "max_queue_delay_us": 0, "inline": True},
+                   "warmup_batch_sizes": [1, 64]})
+    print(f"starting Ray and deploying {len(models)} model versions ...", flush=True)
     rows: list[dict] = []
 
     def record(model: str, path: str, res: LoadResult) -> None:
         row = {"model": model, "path": path, **res.summary()}
         rows.append(row)
         print(
-            f"  {model:<6} {path:<26} c={row['concurrency']:<3} {row['throughput_rps']:>9.1f} req/s "
+            f"  {model:<6} {path:<36} c={row['concurrency']:<3} {row['throughput_rps']:>9.1f} req/s "
             f"p50 {row['p50_ms']:.3f} p90 {row['p90_ms']:.3f} p99 {row['p99_ms']:.3f} ms"
             f"{'  errors ' + str(row['errors']) if row['errors'] else ''}",
             flush=True,
@@ -115,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             feats = hp["in_features"]
             record(model, "direct onnxruntime", _direct(paths[model], feats, args.duration))
             body = _body(feats)
-            for tag, label in (("off", "batching off"), ("on", "batching on")):
+            variants = [("off", "batching off"), ("on", "batching on")]
+            if model == "demo":
+                variants.append(("inline", "batching on, inline"))
+            for tag, label in variants:
                 request = build_request(f"/v2/models/{model}-{tag}/infer", body)
                 for c in CONCURRENCY:
                     res = run_load(host, int(port), request, concurrency=c,
@@ -123,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     record(model, f"flywheel http, {label}", res)
 
     print()
-    print(f"{'model':<7}{'path':<27}{'conc':>5}{'req/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'model':<7}{'path':<37}{'conc':>5}{'req/s':>11}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
-        print(f"{r['model']:<7}{r['path']:<27}{r['concurrency']:>5}{r['throughput_rps']:>11.1f}"
+        print(f"{r['model']:<7}{r['path']:<37}{r['concurrency']:>5}{r['throughput_rps']:>11.1f}"
               f"{r['p50_ms']:>9.3f}{r['p90_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['errors']:>8}")
     print()
     for model in MODELS:

@@ -121,7 +121,8 @@ class ModelReplica:
         batching = self._model.batching
         if not self._signature.batchable:  # no batch axis: one request per call
             batching = msgspec.structs.replace(batching, max_batch_size=1)
-        self._batcher = DynamicBatcher(self._backend.infer, batching, executor=self._executor)
+        executor = None if batching.inline else self._executor
+        self._batcher = DynamicBatcher(self._backend.infer, batching, executor=executor)
         self._server = await start_frame_server(self._handle, "127.0.0.1", port)
 
     async def _handle(self, call: Call) -> Reply:

@@ -239,3 +239,19 @@ def test_property_every_request_gets_exactly_its_own_rows_in_order(sizes, gaps, 
         ex.shutdown()
 
     run(main())
+
+
+def test_inline_mode_runs_the_model_on_the_loop_thread():
+    seen = []
+
+    def model(inputs):
+        seen.append(threading.current_thread().name)
+        return double(inputs)
+
+    async def main():
+        cfg = BatchingConfig(inline=True)
+        b = DynamicBatcher(model, cfg, executor=None if cfg.inline else ThreadPoolExecutor(1))
+        await b.submit(rows(0, 1))
+        return threading.current_thread().name
+
+    assert seen == [run(main())]
