@@ -113,6 +113,9 @@ class _Connection(asyncio.Protocol):
             # Refuse before reading a byte of the body, and drop the connection
             # (the client may still be sending it).
             self._fail(413, f"request body of {int(length)} bytes exceeds the limit of {self._max_body}")
+        elif self._headers.get(b"expect", b"").lower() == b"100-continue" and self._transport is not None:
+            # curl and others wait (1 s) for this before sending a large body
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._too_large or self._closing:

@@ -154,3 +154,17 @@ def test_metrics_count_requests_by_outcome(server):
     for family in ("flywheel_request_latency_seconds_bucket", "flywheel_queue_time_seconds_bucket",
                    "flywheel_compute_time_seconds_bucket", "flywheel_batch_size_bucket", "flywheel_queue_depth"):
         assert family in text
+
+
+def test_expect_100_continue_is_answered_before_the_body(server):
+    body = infer_body(np.zeros((1, 64), np.float32)).encode()
+    with socket.create_connection(("127.0.0.1", server)) as s:
+        s.settimeout(5)
+        s.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        data = b""
+        while b'"model_name"' not in data:
+            data += s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200")
