@@ -57,6 +57,19 @@ def _upper_bound(a, lo, hi, x):
     return lo
 
 
+@njit(cache=True)
+def _next_group(a, i, n, b, j, m):
+    """The window's next group of equal values starting at j, and where that
+    value sits in the reference (searched from i): (j1, il, ir) such that
+    b[j:j1] == a[il:ir] == b[j] and a[i:il] < b[j]."""
+    x = b[j]
+    j1 = j + 1
+    while j1 < m and b[j1] == x:
+        j1 += 1
+    il = _lower_bound(a, i, n, x)
+    return j1, il, _upper_bound(a, il, n, x)
+
+
 @njit(parallel=True, cache=True)
 def ks_stat(ref, ref_len, win, win_len):
     """Two-sample KS statistic per feature. The ECDF gap can only peak just
@@ -73,12 +86,7 @@ def ks_stat(ref, ref_len, win, win_len):
         j = 0
         d = 0.0
         while j < m:
-            x = b[j]
-            j1 = j + 1
-            while j1 < m and b[j1] == x:
-                j1 += 1
-            il = _lower_bound(a, i, n, x)
-            ir = _upper_bound(a, il, n, x)
+            j1, il, ir = _next_group(a, i, n, b, j, m)
             before = abs(il / n - j / m)
             at = abs(ir / n - j1 / m)
             if before > d:
@@ -138,12 +146,7 @@ def cvm_u(ref, ref_len, d1, d2, win, win_len):
         sx = 0.0
         sy = 0.0
         while j < m:
-            x = b[j]
-            j1 = j + 1
-            while j1 < m and b[j1] == x:
-                j1 += 1
-            il = _lower_bound(a, i, n, x)
-            ir = _upper_bound(a, il, n, x)
+            j1, il, ir = _next_group(a, i, n, b, j, m)
             # reference stretch [i, il): each sits j ranks above its own rank
             cnt = il - i
             s1 = d1[f, il] - d1[f, i]

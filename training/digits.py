@@ -123,11 +123,7 @@ def register_digits(registry, result: DigitsResult, *, actor: str, epochs: int, 
     out_dir = os.path.dirname(result.onnx_path)
     xtr, ytr, _, _ = load_digits_split(seed)
     commit, dirty = code_version(os.path.dirname(os.path.abspath(__file__)))
-    from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(result.onnx_path)
-    backend.load()
-    sig = backend.signature
+    _, sig = build("mlp", HPARAMS)  # the signature the export was made with
     return registry.register_version(
         "digits",
         {
