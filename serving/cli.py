@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.serving.models_cli import add_parser as add_models_parser
 
     add_models_parser(sub)
+    from flywheel.bench.harness.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

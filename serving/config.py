@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 import yaml
@@ -17,6 +18,7 @@ from flywheel.runtime.batcher import BatchingConfig
 from flywheel.runtime.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 
+T = TypeVar("T")
 BACKENDS = ("onnxruntime", "torch")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -210,16 +212,22 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConf
     return cfg
 
 
-def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> DeployConfig:
-    """Load and validate a YAML preset (see ``configs/``)."""
+def load_yaml(path: str | Path, parse: Callable[[Any], T], what: str = "config") -> T:
+    """Read a YAML file and validate it with ``parse``; every ConfigError
+    names the file (and the parser names the field)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     try:
-        return parse_config(data, base_dir=base_dir)
+        return parse(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}") from None
+
+
+def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> DeployConfig:
+    """Load and validate a YAML preset (see ``configs/``)."""
+    return load_yaml(path, lambda data: parse_config(data, base_dir=base_dir))
