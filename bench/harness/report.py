@@ -94,7 +94,7 @@ def markdown(report: Report) -> str:
     return "\n".join(out)
 
 
-def _plot_steps(steps, title: str, latency_png: Path, throughput_png: Path) -> None:
+def _plot_steps(steps, title: str, slo_p99_ms: float, latency_png: Path, throughput_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +105,7 @@ def _plot_steps(steps, title: str, latency_png: Path, throughput_png: Path) -> N
     fig, ax = plt.subplots(figsize=(7, 4))
     for q in ("p50_ms", "p90_ms", "p99_ms"):
         ax.plot(x, [getattr(s, q) for s in steps], marker="o", label=q.replace("_ms", ""))
+    ax.axhline(slo_p99_ms, color="red", ls="--", lw=1, label="SLO p99")
     for s in steps:
         if not s.slo_ok:
             ax.axvline(s.level, color="red", ls=":", lw=1)
@@ -154,7 +155,8 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown(report))
     if report.steps:
         paths["latency_png"], paths["throughput_png"] = out / "latency.png", out / "throughput.png"
-        _plot_steps(report.steps, report.name, paths["latency_png"], paths["throughput_png"])
+        _plot_steps(report.steps, report.name, report.scenario["slo"]["p99_ms"],
+                    paths["latency_png"], paths["throughput_png"])
     if report.configs:
         paths["configs_png"] = out / "configs.png"
         _plot_configs(report, paths["configs_png"])
