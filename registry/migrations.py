@@ -92,9 +92,23 @@ _V2_DIALECT = {
     ],
 }
 
+# v3: API keys for the serving endpoints, stored as salted hashes only.
+_V3 = [
+    """CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        salt TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at {real} NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked_at {real})""",
+]
+
 MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (1, _V1, {}),
     (2, _V2, _V2_DIALECT),
+    (3, _V3, {}),
 ]
 LATEST = MIGRATIONS[-1][0]
 

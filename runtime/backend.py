@@ -7,7 +7,28 @@ import abc
 import numpy as np
 
 from flywheel.runtime.datatypes import numpy_dtype
+from flywheel.runtime.errors import IntegrityError
 from flywheel.runtime.signature import Signature
+
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive: a pickle inside
+
+
+def refuse_pickle(path: str) -> None:
+    """Refuse a model artifact in a format that runs code when loaded.
+
+    Pickles (and torch.save archives, which hold one) can execute anything
+    on load; ``weights_only`` unpicklers have had bypasses. Flywheel loads
+    ONNX and safetensors only, and checks the bytes, not the file name.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] in _PICKLE_MAGIC or head == _ZIP_MAGIC:
+        raise IntegrityError(
+            f"{path} is a pickle-based file (pickle / torch.save), which can run code when loaded; "
+            "refused. Export the model to ONNX, or its weights to safetensors."
+        )
 
 
 class Backend(abc.ABC):

@@ -23,6 +23,9 @@ class ErrorCode(enum.IntEnum):
     PAYLOAD_TOO_LARGE = 7
     ALREADY_EXISTS = 8
     FAILED_PRECONDITION = 9  # e.g. a promotion gate refused
+    UNAUTHENTICATED = 10  # no valid credentials
+    PERMISSION_DENIED = 11  # valid credentials, wrong role
+    RATE_LIMITED = 12  # this caller has too many requests in flight
 
 
 class FlywheelError(Exception):
@@ -84,6 +87,24 @@ class PreconditionFailedError(FlywheelError):
     code = ErrorCode.FAILED_PRECONDITION
 
 
+class UnauthenticatedError(FlywheelError):
+    """No credentials, or credentials that are not (or no longer) valid."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(FlywheelError):
+    """The caller is known but its role does not allow this call."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class RateLimitedError(FlywheelError):
+    """The caller's own limit (e.g. concurrent requests per key) is reached."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
 class IntegrityError(FlywheelError):
     """Stored data does not match what was recorded (a tampered or truncated
     artifact): refused, never served."""
@@ -112,6 +133,9 @@ _BY_CODE = {
         PayloadTooLargeError,
         AlreadyExistsError,
         PreconditionFailedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        RateLimitedError,
     )
 }
 

@@ -8,7 +8,7 @@ import os
 import msgspec
 import numpy as np
 
-from flywheel.runtime.backend import Backend
+from flywheel.runtime.backend import Backend, refuse_pickle
 from flywheel.runtime.errors import ConfigError, InvalidInputError
 from flywheel.runtime.signature import Signature, TensorSpec
 
@@ -101,6 +101,7 @@ class OnnxRuntimeBackend(Backend):
     def load(self) -> None:
         import onnxruntime as ort
 
+        refuse_pickle(self._path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._cfg.intra_op_threads
         opts.inter_op_num_threads = self._cfg.inter_op_threads

@@ -9,21 +9,21 @@ from typing import Any
 import numpy as np
 
 from flywheel.runtime.architectures import build
-from flywheel.runtime.backend import Backend
-from flywheel.runtime.errors import ConfigError
+from flywheel.runtime.backend import Backend, refuse_pickle
+from flywheel.runtime.errors import ConfigError, IntegrityError
 from flywheel.runtime.signature import Signature
 
 
 def load_state_dict(path: str) -> dict:
-    """Weights from ``.safetensors`` or a ``torch.save`` file, loaded without
-    ever unpickling code (``weights_only=True``)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Weights from a safetensors file; pickles (torch.save) are refused."""
+    refuse_pickle(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    try:
         return load_file(path)
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+    except SafetensorError as exc:
+        raise IntegrityError(f"{path} is not a safetensors file: {exc}") from None
 
 
 class TorchBackend(Backend):

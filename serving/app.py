@@ -132,6 +132,7 @@ def deploy(
     Registry references are resolved first (see resolve_models)."""
     from ray import serve
 
+    config.server.check_exposure()
     config = resolve_models(config, settings or load_settings())
     server = config.server
     ports = {}
@@ -169,7 +170,7 @@ def deploy(
         name = app_name(config, model)
         log.info("deploying %s (%d replica(s))", name, model.replicas)
         serve.run(
-            dep.bind(model, port, server.max_tensor_elements, server.request_timeout_ms, config.registry, drift_port),
+            dep.bind(model, port, server.request_limits(), config.registry, drift_port),
             name=name,
             route_prefix=None,
         )
@@ -183,7 +184,10 @@ def deploy(
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=2.0,
     )
-    serve.run(ingress.bind(server, routes, drift_port), name=ingress_app_name(config), route_prefix=None)
+    serve.run(
+        ingress.bind(server, routes, drift_port, config.registry.uri if server.auth.enabled else ""),
+        name=ingress_app_name(config), route_prefix=None,
+    )
     apps.append(ingress_app_name(config))
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"

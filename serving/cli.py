@@ -30,6 +30,7 @@ def _apply_overrides(cfg: DeployConfig, settings: Settings, port: int | None) ->
 
 
 def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str | None) -> None:
+    cfg.server.check_exposure()  # before anything starts
     print("starting Ray ...", flush=True)
     start_ray(settings, log_to_driver=False)
     import ray
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.serving.models_cli import add_parser as add_models_parser
 
     add_models_parser(sub)
+    from flywheel.serving.keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     from flywheel.bench.harness.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)

@@ -6,6 +6,7 @@ field and names the bad one (``$.models[0].batching.max_batch_size``).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from collections.abc import Callable
@@ -23,6 +24,39 @@ BACKENDS = ("onnxruntime", "torch")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """API keys on every endpoint but the health checks (off by default).
+
+    enabled: callers must send ``Authorization: Bearer <key>`` (HTTP) or an
+        ``authorization`` metadata entry (gRPC) with a key made by
+        ``flywheel keys create``; roles: predict (inference, metadata),
+        operate (metrics, drift history; and predict), admin (everything).
+    reload_interval_s: how often the servers re-read the keys, so that a
+        revoked key stops working within about this long.
+    max_concurrent_per_key: requests one key may have in flight; more get
+        429 / RESOURCE_EXHAUSTED (0 = no limit).
+    """
+
+    enabled: bool = False
+    reload_interval_s: float = 1.0
+    max_concurrent_per_key: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.reload_interval_s <= 60:
+            raise ConfigError("server.auth.reload_interval_s must lie in [0.05, 60]")
+        if self.max_concurrent_per_key < 0:
+            raise ConfigError("server.auth.max_concurrent_per_key must be >= 0 (0 = no limit)")
+
+
+class RequestLimits(msgspec.Struct, frozen=True):
+    """What one inference request may ask of a model replica."""
+
+    max_tensor_elements: int
+    max_batch_rows: int
+    max_bytes_element: int
+    request_timeout_ms: int
+
+
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The public HTTP endpoint.
 
@@ -31,10 +65,15 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: larger request bodies get 413 before they are read (and
         larger gRPC messages RESOURCE_EXHAUSTED).
     max_tensor_elements: most elements one input tensor may declare (400 above).
+    max_batch_rows: most rows (first dimension) an input of a batchable model
+        may have (400 above).
+    max_bytes_element: longest BYTES element, in bytes (400 above).
     request_timeout_ms: a request still queued for its model after this long
         fails with 504 (0 = no limit).
     ingress_num_cpus: Ray CPUs reserved for the ingress replica. Fractional, so
         that a 2-core machine can also run models and training.
+    auth: API keys and roles (see AuthConfig). Binding a non-loopback host
+        without it is refused.
     """
 
     host: str = "127.0.0.1"
@@ -42,20 +81,49 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grpc_port: int = 9000
     max_body_bytes: int = 64 * 1024 * 1024
     max_tensor_elements: int = 1 << 24
+    max_batch_rows: int = 1 << 16
+    max_bytes_element: int = 1 << 20
     request_timeout_ms: int = 30_000
     ingress_num_cpus: float = 0.1
+    auth: AuthConfig = AuthConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port {self.port} must lie in [0, 65535]")
         if not -1 <= self.grpc_port <= 65535:
             raise ConfigError(f"server.grpc_port {self.grpc_port} must lie in [-1, 65535] (-1 = off)")
-        if self.max_body_bytes < 1 or self.max_tensor_elements < 1:
-            raise ConfigError("server.max_body_bytes and max_tensor_elements must be >= 1")
+        if min(self.max_body_bytes, self.max_tensor_elements, self.max_batch_rows, self.max_bytes_element) < 1:
+            raise ConfigError(
+                "server.max_body_bytes, max_tensor_elements, max_batch_rows and max_bytes_element must be >= 1"
+            )
         if self.request_timeout_ms < 0:
             raise ConfigError("server.request_timeout_ms must be >= 0")
         if self.ingress_num_cpus < 0:
             raise ConfigError("server.ingress_num_cpus must be >= 0")
+
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_tensor_elements, self.max_batch_rows, self.max_bytes_element,
+                             self.request_timeout_ms)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve beyond this host without authentication."""
+        if self.auth.enabled or is_loopback(self.host):
+            return
+        raise ConfigError(
+            f"server.host {self.host!r} is reachable from other hosts and server.auth is off, so anyone "
+            "could call every model. Either bind 127.0.0.1, or set `server: {auth: {enabled: true}}` in "
+            "the config and create keys with `flywheel keys create <name> --role predict`."
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

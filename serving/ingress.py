@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from flywheel.runtime.errors import ConfigError
+from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.grpc_service import start_grpc_server
 from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
@@ -31,25 +33,32 @@ __all__ = ["Ingress", "Route"]
 class Ingress:
     """Serve deployment class: starts the HTTP and gRPC servers in its constructor."""
 
-    def __init__(self, server: ServerConfig, routes: list[Route], drift_port: int = 0) -> None:
+    def __init__(self, server: ServerConfig, routes: list[Route], drift_port: int = 0, keys_uri: str = "") -> None:
         self._loop = LoopThread("flywheel-ingress")
         self._loop.start()
-        self._loop.call(self._start(server, routes, drift_port))
+        self._loop.call(self._start(server, routes, drift_port, keys_uri))
         log.info("V2 ingress: HTTP %s:%d, gRPC port %d", server.host, server.port, server.grpc_port)
 
-    async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int) -> None:
+    async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int, keys_uri: str) -> None:
         self.router = Router(routes, ServingMetrics())
+        self._auth = None
+        if server.auth.enabled:
+            if not keys_uri:
+                raise ConfigError("server.auth is on but no registry URI was given for the API keys")
+            self._auth = Authenticator(server.auth, keys_uri)
+            await self._auth.start()
         monitor = ReplicaChannel("127.0.0.1", drift_port, pool_size=1) if drift_port else None
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
-            HttpRoutes(self.router, monitor).handle, server.host, server.port,
+            HttpRoutes(self.router, monitor, self._auth).handle, server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response,
         )
         self._grpc = None
         if server.grpc_port >= 0:
             self._grpc = await start_grpc_server(
-                self.router, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes
+                self.router, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
+                auth=self._auth,
             )
 
     def check_health(self) -> None:
@@ -73,5 +82,7 @@ class Ingress:
             if self._grpc is not None:
                 await self._grpc.stop(grace=1.0)
             self.router.close()
+            if self._auth is not None:
+                self._auth.close()
 
         loop.shutdown(_stop)

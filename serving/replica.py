@@ -15,6 +15,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
+import numpy as np
 
 from flywheel.runtime.backend import Backend
 from flywheel.runtime.batcher import DynamicBatcher
@@ -35,7 +36,7 @@ from flywheel.serving._private.wire import (
     Stats,
     start_frame_server,
 )
-from flywheel.serving.config import ModelConfig, RegistryConfig
+from flywheel.serving.config import ModelConfig, RegistryConfig, RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,26 @@ def model_metadata(model: ModelConfig, backend: Backend) -> dict:
     }
 
 
+def check_limits(arrays: dict[str, np.ndarray], batchable: bool, limits: RequestLimits) -> None:
+    """Rows and BYTES element sizes within the server's limits (400 if not)."""
+    for name, arr in arrays.items():
+        if batchable:
+            if arr.shape[0] == 0:
+                raise InvalidInputError("the batch dimension (first dim) must be >= 1")
+            if arr.shape[0] > limits.max_batch_rows:
+                raise InvalidInputError(
+                    f"input {name!r} has {arr.shape[0]} rows, more than server.max_batch_rows "
+                    f"{limits.max_batch_rows}"
+                )
+        if arr.dtype == object and arr.size:
+            longest = max(len(v) for v in arr.flat)
+            if longest > limits.max_bytes_element:
+                raise InvalidInputError(
+                    f"input {name!r} has a BYTES element of {longest} bytes, more than "
+                    f"server.max_bytes_element {limits.max_bytes_element}"
+                )
+
+
 class ModelReplica:
     """Serve deployment class for one model version (see module docstring)."""
 
@@ -87,16 +108,16 @@ class ModelReplica:
         self,
         model: ModelConfig,
         port: int,
-        max_tensor_elements: int,
-        request_timeout_ms: int,
+        limits: RequestLimits,
         registry: RegistryConfig | None = None,
         drift_port: int = 0,
     ):
         if not model.version:
             model = msgspec.structs.replace(model, version="1")
         self._model = model
-        self._max_elements = max_tensor_elements
-        self._timeout_s = request_timeout_ms / 1000 if request_timeout_ms else None
+        self._limits = limits
+        self._max_elements = limits.max_tensor_elements
+        self._timeout_s = limits.request_timeout_ms / 1000 if limits.request_timeout_ms else None
         self._backend = make_backend(model, registry)
         self._backend.load()
         self._signature = self._backend.signature
@@ -147,8 +168,7 @@ class ModelReplica:
         try:
             req = self._decode(call)
             arrays = validate_inputs(self._signature, req.inputs)
-            if self._signature.batchable and next(iter(arrays.values())).shape[0] == 0:
-                raise InvalidInputError("the batch dimension (first dim) must be >= 1")
+            check_limits(arrays, self._signature.batchable, self._limits)
             if self._sampler is not None:
                 self._sampler.offer(arrays)
             result = await self._batcher.submit(arrays, timeout_s=timeout)

@@ -8,7 +8,6 @@ Every field is validated on load and a bad one is named
 
 from __future__ import annotations
 
-import ipaddress
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
@@ -17,17 +16,9 @@ import msgspec
 
 from flywheel.runtime.datatypes import V2_DATATYPES
 from flywheel.runtime.errors import ConfigError
+from flywheel.serving.config import is_loopback
 
 PROTOCOLS = ("http_json", "http_binary", "grpc")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,7 +39,7 @@ class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"target.grpc {self.grpc!r} must look like host:port")
             hosts.append(self.grpc.rsplit(":", 1)[0])
         if not self.allow_remote:
-            remote = [h for h in hosts if not _is_loopback(h)]
+            remote = [h for h in hosts if not is_loopback(h)]
             if remote:
                 raise ConfigError(
                     f"target {remote[0]!r} is not a loopback address; set target.allow_remote: true "

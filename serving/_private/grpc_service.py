@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from flywheel.runtime.errors import FlywheelError
+from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.grpc_codec import peek_route
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.proto import inference_pb2 as pb
@@ -88,9 +89,58 @@ class GrpcService:
         return reply.payload
 
 
-async def start_grpc_server(router: Router, host: str, port: int, *, max_message_bytes: int) -> grpc.aio.Server:
+_PUBLIC = frozenset(("ServerLive", "ServerReady"))
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """The one auth check for gRPC: every method but ServerLive/ServerReady
+    needs the predict role; per-key concurrency is held for the call."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.rsplit("/", 1)[-1] in _PUBLIC:
+            return handler
+        auth = self._auth
+        metadata = dict(details.invocation_metadata or ())
+        try:
+            key_id = auth.authenticate(metadata.get("authorization"), "predict", details.method)
+        except FlywheelError as exc:
+            refused = exc
+
+            async def refuse(request, context):
+                await context.abort(grpc_status_for(refused.code), refused.message)
+
+            return grpc.unary_unary_rpc_method_handler(
+                refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        inner = handler.unary_unary
+
+        async def guarded(request, context):
+            try:
+                auth.acquire(key_id)
+            except FlywheelError as exc:
+                await context.abort(grpc_status_for(exc.code), exc.message)
+            try:
+                return await inner(request, context)
+            finally:
+                auth.release(key_id)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def start_grpc_server(
+    router: Router, host: str, port: int, *, max_message_bytes: int, auth: Authenticator | None = None
+) -> grpc.aio.Server:
     """Start grpc.aio on the running loop at host:port."""
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(auth)] if auth is not None else None,
         options=[
             # never share the port silently with another process (gRPC sets
             # SO_REUSEPORT by default)

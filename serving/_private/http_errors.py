@@ -16,6 +16,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.ALREADY_EXISTS: 409,
     ErrorCode.FAILED_PRECONDITION: 412,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.RATE_LIMITED: 429,
 }
 
 
@@ -33,4 +36,7 @@ def error_response(status: int, message: str) -> Response:
 
 
 def error_for_code(code: int, message: str) -> Response:
-    return error_response(status_for(code), message)
+    status = status_for(code)
+    if status == 401:  # RFC 9110: a 401 names the scheme to use
+        return status, encode_json({"error": message}), JSON, b"www-authenticate: Bearer\r\n"
+    return error_response(status, message)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 from flywheel.runtime.codec import encode_json
 from flywheel.runtime.errors import FlywheelError
+from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
-import asyncio
-
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ModelEntry, Router
 
@@ -17,17 +19,62 @@ _BINARY = b"application/octet-stream"
 _HEADER_LENGTH = b"inference-header-content-length"
 
 
+def role_for(path: str) -> str | None:
+    """The role a route needs; None for the health checks (load balancers
+    and orchestrators probe them without credentials). Unknown routes need
+    predict, so that nobody can map the API without a key."""
+    if path.startswith("/v2/health/"):
+        return None
+    if path == "/metrics" or (path.startswith("/v2/models/") and path.rstrip("/").endswith("/drift")):
+        return "operate"
+    return "predict"
+
+
 class HttpRoutes:
     """``handle`` maps a parsed request to a Response (or an awaitable one)."""
 
-    def __init__(self, router: Router, monitor: ReplicaChannel | None = None) -> None:
+    def __init__(
+        self, router: Router, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None
+    ) -> None:
         self._router = router
         self._monitor = monitor
+        self._auth = auth
         self._server_meta = encode_json(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
         )
 
     def handle(self, req: Request):
+        """Authenticate (when on), then route. The one auth check for HTTP."""
+        if self._auth is None:
+            return self._route(req)
+        need = role_for(req.path)
+        if need is None:
+            return self._route(req)
+        try:
+            credentials = req.headers.get(b"authorization")
+            key_id = self._auth.authenticate(
+                credentials.decode("latin-1") if credentials else None, need, f"{req.method} {req.path}"
+            )
+            self._auth.acquire(key_id)
+        except FlywheelError as exc:
+            return error_for_code(exc.code, exc.message)
+        try:
+            resp = self._route(req)
+        except BaseException:
+            self._auth.release(key_id)
+            raise
+        if inspect.isawaitable(resp):
+            return self._release_after(resp, key_id)
+        self._auth.release(key_id)
+        return resp
+
+    async def _release_after(self, resp, key_id: str) -> Response:
+        try:
+            return await resp
+        finally:
+            self._auth.release(key_id)
+
+    def _route(self, req: Request):
         path = req.path
         if path == "/v2/health/live":
             return self._only("GET", req) or _EMPTY

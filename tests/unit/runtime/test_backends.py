@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.runtime.errors import ConfigError, IntegrityError
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
 from flywheel.runtime.signature import TensorSpec
 from flywheel.runtime.torch_backend import TorchBackend
@@ -76,11 +76,10 @@ def _trained_mlp_weights(tmp_path, fmt):
     return module, str(path)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
-def test_torch_backend_rebuilds_the_architecture_and_matches(tmp_path, fmt):
+def test_torch_backend_rebuilds_the_architecture_and_matches(tmp_path):
     import torch
 
-    module, path = _trained_mlp_weights(tmp_path, fmt)
+    module, path = _trained_mlp_weights(tmp_path, "safetensors")
     b = TorchBackend(path, "mlp", {"in_features": 8, "hidden": [4], "out_features": 2})
     b.load()
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
@@ -94,13 +93,23 @@ class _Evil:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_torch_backend_never_unpickles_code(tmp_path, monkeypatch):
+def test_torch_save_files_are_refused_even_when_harmless(tmp_path):
+    _, path = _trained_mlp_weights(tmp_path, "pt")
+    b = TorchBackend(path, "mlp", {"in_features": 8, "hidden": [4], "out_features": 2})
+    with pytest.raises(IntegrityError, match="pickle-based file"):
+        b.load()
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "evil.safetensors", "evil.onnx"])
+def test_pickled_artifacts_are_refused_by_content_and_never_run(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
-    path = tmp_path / "evil.pt"
+    path = tmp_path / name
     path.write_bytes(pickle.dumps({"weight": _Evil()}))
-    b = TorchBackend(str(path), "mlp", {"in_features": 8, "hidden": [], "out_features": 2})
-    with pytest.raises(Exception):
+    if name.endswith(".onnx"):
+        b = OnnxRuntimeBackend(str(path))
+    else:
+        b = TorchBackend(str(path), "mlp", {"in_features": 8, "hidden": [], "out_features": 2})
+    with pytest.raises(IntegrityError, match="can run code when loaded; refused"):
         b.load()
     assert not (tmp_path / "PWNED").exists()
 

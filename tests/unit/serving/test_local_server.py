@@ -30,11 +30,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(mlp_onnx):
     p1, p2 = free_port(), free_port()
+    cfg = ServerConfig(port=free_port(), grpc_port=free_port(), max_body_bytes=200_000,
+                       max_tensor_elements=10_000, request_timeout_ms=5_000)
     replicas = [
-        ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), p1, 10_000, 5_000),
-        ModelReplica(ModelConfig(name="mlp", version="2", path=mlp_onnx), p2, 10_000, 5_000),
+        ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), p1, cfg.request_limits()),
+        ModelReplica(ModelConfig(name="mlp", version="2", path=mlp_onnx), p2, cfg.request_limits()),
     ]
-    cfg = ServerConfig(port=free_port(), grpc_port=free_port(), max_body_bytes=200_000)
     ingress = Ingress(cfg, [Route("mlp", "1", p1), Route("mlp", "2", p2), Route("ghost", "1", free_port())])
     yield cfg.port
     ingress.close()

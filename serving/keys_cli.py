@@ -1,0 +1,72 @@
+"""``flywheel keys ...``: API keys for the serving endpoints.
+
+The CLI talks to the registry database directly, so it is guarded by
+whatever guards that database (file permissions, PostgreSQL credentials);
+the keys it makes guard the network endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import msgspec
+
+from flywheel.registry.keys import ROLES, KeyStore
+from flywheel.serving.models_cli import _table, _when
+from flywheel.serving.settings import load_settings
+
+
+def cmd_create(store: KeyStore, args) -> None:
+    key, token = store.create(args.name, args.role or ["predict"], actor=args.actor)
+    if args.json:
+        print(msgspec.json.encode({"key": key, "token": token}).decode())
+        return
+    print(f"created API key {key.id} ({key.name}, roles {','.join(key.roles)}).")
+    print("Its token is shown this once; store it now (only a salted hash is kept):\n")
+    print(token)
+
+
+def cmd_list(store: KeyStore, args) -> None:
+    keys = store.list(include_revoked=args.all)
+    if args.json:
+        print(msgspec.json.encode(keys).decode())
+        return
+    print(_table(
+        ["id", "name", "roles", "created", "by", "revoked"],
+        [(k.id, k.name, ",".join(k.roles), _when(k.created_at), k.created_by,
+          _when(k.revoked_at) if k.revoked_at else "-") for k in keys],
+    ))
+
+
+def cmd_revoke(store: KeyStore, args) -> None:
+    store.revoke(args.id, actor=args.actor)
+    print(f"revoked {args.id}; servers stop accepting it within server.auth.reload_interval_s")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    settings = load_settings()
+    p = sub.add_parser("keys", help="API keys for the HTTP/gRPC endpoints: create, list, revoke")
+    p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
+    p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cmds = p.add_subparsers(dest="keys_command", required=True)
+    c = cmds.add_parser("create", help="a new key; prints its token once")
+    c.add_argument("name")
+    c.add_argument("--role", action="append", choices=ROLES,
+                   help="predict (default), operate (includes predict) or admin (everything); repeatable")
+    c.set_defaults(keys_func=cmd_create)
+    c = cmds.add_parser("list", help="keys (ids, names, roles; never secrets)")
+    c.add_argument("--all", action="store_true", help="include revoked keys")
+    c.set_defaults(keys_func=cmd_list)
+    c = cmds.add_parser("revoke", help="revoke a key by id")
+    c.add_argument("id")
+    c.set_defaults(keys_func=cmd_revoke)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    store = KeyStore.open(args.registry)
+    try:
+        args.keys_func(store, args)
+    finally:
+        store.close()
