@@ -15,9 +15,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.runtime.errors import ConfigError, UnavailableError
 
 
 class Db:
@@ -45,33 +45,56 @@ def render(sql: str, dialect: str) -> str:
 
 
 class SqliteDb(Db):
-    """One connection per thread; WAL mode so readers never block the writer."""
+    """One connection per thread; WAL mode so readers never block the writer.
+
+    A writer waits up to ``timeout_s`` for another writer's lock; then, and
+    on a read-only file, it fails with an UnavailableError that says which
+    (not sqlite3's bare "database is locked")."""
 
     dialect = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout_s: float = 60.0) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._path = path
+        self._timeout_s = timeout_s
         self._local = threading.local()
         self._conn()  # fail fast on a bad path
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None,
+                                   check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute(f"PRAGMA busy_timeout={int(self._timeout_s * 1000)}")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
         return conn
 
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise UnavailableError(
+                    f"registry database {self._path} is locked by another writer "
+                    f"(waited {self._timeout_s:g}s); try again"
+                ) from None
+            if "readonly" in text or "read-only" in text:
+                raise UnavailableError(f"registry database {self._path} is read-only: {text}") from None
+            raise
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        return self._conn().execute(render(sql, "sqlite"), tuple(params)).fetchall()
+        with self._explained():
+            return self._conn().execute(render(sql, "sqlite"), tuple(params)).fetchall()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[None]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        with self._explained():
+            conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
@@ -118,10 +141,15 @@ def connect(uri: str) -> Db:
     if parsed.scheme in ("postgresql", "postgres"):
         return PostgresDb(uri)
     if parsed.scheme == "sqlite":
-        path = uri[len("sqlite://"):]
+        path = parsed.path if parsed.netloc == "" else uri[len("sqlite://"):]
         if not path.startswith("/"):
             raise ConfigError(f"registry uri {uri!r}: use sqlite:///absolute/path.db")
-        return SqliteDb(path)
+        options = parse_qs(parsed.query)
+        try:
+            timeout = float(options.get("timeout", ["60"])[0])
+        except ValueError:
+            raise ConfigError(f"registry uri {uri!r}: timeout must be seconds") from None
+        return SqliteDb(path, timeout_s=timeout)
     if parsed.scheme in ("", "file"):
         return SqliteDb(os.path.abspath(parsed.path if parsed.scheme else uri))
     raise ConfigError(f"registry uri {uri!r}: expected sqlite:///..., a file path or postgresql://...")

@@ -119,6 +119,15 @@ def current_version(db: Db) -> int:
     return rows[0][0] if rows else 0
 
 
+def _read_version(db: Db) -> int:
+    """The schema version by a plain read; 0 when there is no schema yet."""
+    try:
+        rows = db.execute("SELECT version FROM schema_version")
+    except Exception:  # no such table (sqlite3 / psycopg raise their own types)
+        return 0
+    return rows[0][0] if rows else 0
+
+
 _PG_MIGRATION_LOCK = 0x466C7977  # any constant; pg_advisory_lock key
 
 
@@ -127,6 +136,10 @@ def migrate(db: Db, target: int = LATEST) -> int:
     Concurrent openers are safe: PostgreSQL openers take an advisory lock,
     SQLite ones serialise on BEGIN IMMEDIATE, and each step re-checks the
     version inside its transaction."""
+    if _read_version(db) >= target:
+        # Up to date: take no write lock, so that opening a registry works
+        # while another process holds a long write transaction.
+        return target
     if db.dialect == "postgresql":
         db.execute("SELECT pg_advisory_lock(?)", (_PG_MIGRATION_LOCK,))
     try:

@@ -48,6 +48,10 @@ class ServingMetrics:
             "flywheel_queue_depth", "Requests queued in the replica, as last reported",
             labels, registry=self.registry,
         )
+        self.retries = Counter(
+            "flywheel_replica_retries", "Requests sent again after their replica connection failed",
+            labels, registry=self.registry,
+        )
         self._children: dict[tuple[str, str], tuple] = {}
 
     def _for(self, model: str, version: str) -> tuple:

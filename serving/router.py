@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from flywheel.runtime.errors import ErrorCode, FlywheelError, NotFoundError
+from flywheel.runtime.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
 from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel
 from flywheel.serving.metrics import ServingMetrics
 
@@ -112,20 +112,34 @@ class Router:
     # -- forwarding ---------------------------------------------------------
     async def forward(self, model: ModelEntry, call: Call) -> Reply:
         """Send ``call`` to the model's replicas; never raises: a lost or
-        unreachable replica becomes an UNAVAILABLE reply. Records metrics."""
+        unreachable replica becomes an UNAVAILABLE reply. Records metrics.
+
+        A call whose connection failed is sent once more: inference is
+        idempotent, and a new connection on the shared port reaches a replica
+        that is alive (the pooled ones may still point at the dead one), so a
+        request stranded on a replica that just died is answered by another."""
         started = time.perf_counter()
+        route = model.route
         try:
             reply = await model.channel.call(call)
+        except UnavailableError:
+            self.metrics.retries.labels(route.name, route.version).inc()
+            reply = await self._call_once(model, call)
         except FlywheelError as exc:
             reply = Reply(int(exc.code), exc.message.encode())
-            if exc.code == ErrorCode.UNAVAILABLE:
-                model.ready = False
-        route = model.route
         self.metrics.observe(
             route.name, route.version, "ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"),
             time.perf_counter() - started, reply.stats,
         )
         return reply
+
+    async def _call_once(self, model: ModelEntry, call: Call) -> Reply:
+        try:
+            return await model.channel.call_fresh(call)
+        except FlywheelError as exc:
+            if exc.code == ErrorCode.UNAVAILABLE:
+                model.ready = False
+            return Reply(int(exc.code), exc.message.encode())
 
     def close(self) -> None:
         for m in self.models():

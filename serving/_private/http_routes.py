@@ -10,6 +10,7 @@ from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
+from flywheel.serving._private.openapi import openapi_document
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ModelEntry, Router
 
@@ -42,6 +43,7 @@ class HttpRoutes:
         self._server_meta = encode_json(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
         )
+        self._openapi = encode_json(openapi_document())
 
     def handle(self, req: Request):
         """Authenticate (when on), then route. The one auth check for HTTP."""
@@ -86,6 +88,8 @@ class HttpRoutes:
             return self._only("GET", req) or (200, self._server_meta, JSON)
         if path == "/metrics":
             return self._only("GET", req) or self._metrics()
+        if path == "/v2/openapi.json":
+            return self._only("GET", req) or (200, self._openapi, JSON)
         parts = path.strip("/").split("/")
         if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
             return error_response(404, f"no route {req.method} {path}")

@@ -217,7 +217,25 @@ class ReplicaChannel:
     async def call(self, call: Call) -> Reply:
         """Send one request and wait for its reply. Raises UnavailableError
         when no replica can be reached or the connection drops."""
-        conn = await self._conn(next(self._rr))
+        return await self._send(await self._conn(next(self._rr)), call)
+
+    async def call_fresh(self, call: Call) -> Reply:
+        """Like ``call``, on a newly opened connection: for a retry after a
+        replica died, when the pooled connections may still be to it (their
+        loss not yet seen). The connection then joins the pool if a slot is
+        free or lost, and is closed otherwise."""
+        conn = await self._open()
+        try:
+            return await self._send(conn, call)
+        finally:
+            for slot, pooled in enumerate(self._conns):
+                if pooled is None or pooled.lost:
+                    self._conns[slot] = conn
+                    break
+            else:
+                conn.transport.close()
+
+    async def _send(self, conn: _ClientConn, call: Call) -> Reply:
         req_id = next(self._ids) & 0xFFFFFFFF
         fut = asyncio.get_running_loop().create_future()
         conn.waiting[req_id] = fut
