@@ -19,6 +19,7 @@ from flywheel.serving.metrics import ServingMetrics
 SERVER_NAME = "flywheel"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data",)
+RETRY_DELAY_S = 0.05
 PROBE_INTERVAL_S = 1.0
 _OUTCOME = {int(c): c.name.lower() for c in ErrorCode}
 
@@ -134,6 +135,10 @@ class Router:
         return reply
 
     async def _call_once(self, model: ModelEntry, call: Call) -> Reply:
+        # A moment for the kernel to finish tearing down a replica that was
+        # just killed: until its listening socket is gone, a new connection
+        # on the shared port can still be queued to it (and then reset).
+        await asyncio.sleep(RETRY_DELAY_S)
         try:
             return await model.channel.call_fresh(call)
         except FlywheelError as exc:

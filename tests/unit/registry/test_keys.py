@@ -68,3 +68,15 @@ def test_key_events_and_refusals_land_in_the_audit_log_without_secrets(store, tm
     assert entries[1].actor == "security" and entries[1].after == {"key_id": key.id}
     assert entries[2].actor == key.id and entries[3].actor == "anonymous"
     assert all(token not in repr(e) for e in entries)
+
+
+def test_a_read_only_database_fails_writes_with_a_clear_error(tmp_path):
+    from flywheel.registry._db import SqliteDb
+    from flywheel.runtime.errors import UnavailableError
+
+    db = SqliteDb(str(tmp_path / "r.db"))
+    db.execute("CREATE TABLE t (x INTEGER)")
+    db._conn().execute("PRAGMA query_only=ON")  # what a read-only file or mount looks like to SQLite
+    with pytest.raises(UnavailableError, match=r"r.db is read-only"):
+        db.execute("INSERT INTO t VALUES (1)")
+    assert db.execute("SELECT count(*) FROM t") == [(0,)]

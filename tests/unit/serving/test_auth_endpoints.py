@@ -163,3 +163,23 @@ def test_refused_calls_are_audited_with_the_key_id_never_the_secret(secured):
         assert all(token.split("_")[2] not in json.dumps(e.after) for e in reg.audit(limit=100_000))
     finally:
         reg.close()
+
+
+def test_tritonclient_sends_keys_through_its_headers(secured):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    cfg, token = secured["cfg"], secured["tokens"]["predict"]
+    headers = {"authorization": f"Bearer {token}"}
+    x = np.zeros((1, 64), np.float32)
+    for mod, url in ((httpclient, f"127.0.0.1:{cfg.port}"), (grpcclient, f"127.0.0.1:{cfg.grpc_port}")):
+        client = mod.InferenceServerClient(url=url)
+        inp = mod.InferInput("input", [1, 64], "FP32")
+        inp.set_data_from_numpy(x)
+        # a fresh dict each time: tritonclient.http adds its own headers to the one it gets
+        assert client.infer("mlp", [inp], headers=dict(headers)).as_numpy("logits").shape == (1, 10)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("mlp", [inp])
+        assert "API key" in str(err.value)
+        client.close()
