@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) -m flywheel.bench.serving
 	$(PY) -m flywheel.bench.wire
 	$(PY) -m flywheel.bench.drift
+	$(PY) -m flywheel.bench.auth
 
 clean-venv:
 	rm -rf $(VENV)

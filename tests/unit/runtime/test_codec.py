@@ -84,6 +84,8 @@ def test_request_fields_are_kept():
         (_req("FP99", [1], [1.0]), "unknown datatype 'FP99'"),
         (_req("FP32", [-1], [1.0]), "non-negative"),
         (_req("FP32", [1 << 30, 1 << 30], [1.0]), "more than the limit"),
+        # found by the fuzzer: zero elements, yet numpy cannot even reshape to it
+        (_req("FP32", [0, 1518338048, 1518665728], []), "is empty but its other dimensions multiply"),
         (_req("FP32", [2, 2], [[1, 2], [3]]), "rectangular"),
         (_req("FP32", ["2"], [1.0, 2.0]), "shape"),
         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}).encode(), "'data' is required"),
