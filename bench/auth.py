@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import tempfile
 import timeit
 
@@ -23,13 +22,8 @@ from flywheel.bench.common import export_model
 from flywheel.bench.loadgen import run_load
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_cost(uri: str, token: str) -> dict:
+    from flywheel.registry.keys import parse_token
     from flywheel.serving._private.auth import Authenticator
     from flywheel.serving.config import AuthConfig
 
@@ -39,15 +33,16 @@ def check_cost(uri: str, token: str) -> dict:
         await auth.start()
         header, n = f"Bearer {token}", 100_000
         check = timeit.timeit(lambda: auth.authenticate(header, "predict", "POST /x"), number=n) / n
-        key_id = token.split("_")[1]
+        key_id, _ = parse_token(token)
         book = timeit.timeit(lambda: (auth.acquire(key_id), auth.release(key_id)), number=n) / n
-        auth.close()
+        await auth.aclose()
         return {"authenticate_us": round(check * 1e6, 2), "acquire_release_us": round(book * 1e6, 2)}
 
     return asyncio.run(measure())
 
 
 def http_figures(model: str, uri: str, token: str, duration: float) -> list[dict]:
+    from flywheel.serving.app import _free_port
     from flywheel.serving.config import AuthConfig, ModelConfig, ServerConfig
     from flywheel.serving.ingress import Ingress
     from flywheel.serving.replica import ModelReplica

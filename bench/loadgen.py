@@ -9,7 +9,6 @@ accepted: benchmarks never send traffic anywhere else.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from dataclasses import dataclass, field
 
@@ -48,7 +47,9 @@ class LoadResult:
 
 
 def _check_loopback(host: str) -> None:
-    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+    from flywheel.serving.config import is_loopback
+
+    if not is_loopback(host):
         raise ValueError(f"benchmarks only send traffic to loopback, not {host!r}")
 
 

@@ -148,7 +148,9 @@ def connect(uri: str) -> Db:
         try:
             timeout = float(options.get("timeout", ["60"])[0])
         except ValueError:
-            raise ConfigError(f"registry uri {uri!r}: timeout must be seconds") from None
+            timeout = -1.0
+        if not 0 < timeout <= 3600:  # also false for nan
+            raise ConfigError(f"registry uri {uri!r}: timeout must be seconds in (0, 3600]") from None
         return SqliteDb(path, timeout_s=timeout)
     if parsed.scheme in ("", "file"):
         return SqliteDb(os.path.abspath(parsed.path if parsed.scheme else uri))

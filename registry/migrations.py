@@ -114,13 +114,7 @@ LATEST = MIGRATIONS[-1][0]
 
 
 def current_version(db: Db) -> int:
-    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    rows = db.execute("SELECT version FROM schema_version")
-    return rows[0][0] if rows else 0
-
-
-def _read_version(db: Db) -> int:
-    """The schema version by a plain read; 0 when there is no schema yet."""
+    """The schema version by a plain read (no lock); 0 when there is none yet."""
     try:
         rows = db.execute("SELECT version FROM schema_version")
     except Exception:  # no such table (sqlite3 / psycopg raise their own types)
@@ -136,7 +130,7 @@ def migrate(db: Db, target: int = LATEST) -> int:
     Concurrent openers are safe: PostgreSQL openers take an advisory lock,
     SQLite ones serialise on BEGIN IMMEDIATE, and each step re-checks the
     version inside its transaction."""
-    if _read_version(db) >= target:
+    if current_version(db) >= target:
         # Up to date: take no write lock, so that opening a registry works
         # while another process holds a long write transaction.
         return target

@@ -83,6 +83,6 @@ class Ingress:
                 await self._grpc.stop(grace=1.0)
             self.router.close()
             if self._auth is not None:
-                self._auth.close()
+                await self._auth.aclose()
 
         loop.shutdown(_stop)

@@ -7,6 +7,7 @@ replica; HTTP routes and the gRPC service both call into it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -125,9 +126,10 @@ class Router:
             reply = await model.channel.call(call)
         except UnavailableError:
             self.metrics.retries.labels(route.name, route.version).inc()
+            if call.timeout_ms:  # the retry gets what is left of the caller's deadline
+                spent_ms = int((time.perf_counter() - started) * 1000)
+                call = dataclasses.replace(call, timeout_ms=max(1, call.timeout_ms - spent_ms))
             reply = await self._call_once(model, call)
-        except FlywheelError as exc:
-            reply = Reply(int(exc.code), exc.message.encode())
         self.metrics.observe(
             route.name, route.version, "ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"),
             time.perf_counter() - started, reply.stats,

@@ -31,6 +31,8 @@ class Settings(msgspec.Struct, frozen=True):
     artifacts_uri: the artifact store (``FLYWHEEL_ARTIFACTS_URI``; default
         ``home``/artifacts; any fsspec URI).
     actor: who is acting, for the audit log (``FLYWHEEL_ACTOR``, else ``USER``).
+    api_key: the token ``flywheel bench`` sends to a server with auth on
+        (``FLYWHEEL_API_KEY``; from the environment, never a scenario file).
     """
 
     ray_address: str = ""
@@ -43,6 +45,13 @@ class Settings(msgspec.Struct, frozen=True):
     registry_uri: str = ""
     artifacts_uri: str = ""
     actor: str = "unknown"
+    api_key: str = ""
+
+    def __repr__(self) -> str:  # never print the key
+        return "Settings(" + ", ".join(
+            f"{f}={'***' if f == 'api_key' and getattr(self, f) else repr(getattr(self, f))}"
+            for f in self.__struct_fields__
+        ) + ")"
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -70,4 +79,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ray_num_cpus=_int("FLYWHEEL_RAY_NUM_CPUS"),
         http_host=env.get("FLYWHEEL_HTTP_HOST", ""),
         http_port=_int("FLYWHEEL_HTTP_PORT"),
+        api_key=env.get("FLYWHEEL_API_KEY", ""),
     )

@@ -54,10 +54,6 @@ def combinations(base: dict, grid: Grid) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def _cpus(model: dict) -> float:
-    return float(model.get("replicas", 1)) * float(model.get("num_cpus", 0.5))
-
-
 def recommend(results: list[ConfigResult]) -> str:
     ok = [r for r in results if r.capacity is not None and r.capacity.sustainable_rps > 0]
     if not ok:
@@ -89,8 +85,7 @@ def run_config_search(sc: Scenario, progress: Progress = None) -> tuple[list[Con
         for i, (label, settings, model) in enumerate(combos, 1):
             if progress:
                 progress(f"config {i}/{len(combos)}: {label}")
-            replicas = int(model.get("replicas", 1))
-            result = ConfigResult(label=label, settings=settings, cpus=_cpus(model))
+            result = ConfigResult(label=label, settings=settings, cpus=0.0)
             try:
                 if model.get("path") and not os.path.exists(model["path"]):
                     # the local Ray would otherwise retry the replica until the deploy timeout
@@ -101,6 +96,9 @@ def run_config_search(sc: Scenario, progress: Progress = None) -> tuple[list[Con
                     "models": [model],
                     "registry": cs.registry,
                 })
+                m = cfg.models[0]  # the serving config's own defaults apply
+                replicas = m.replicas
+                result = msgspec.structs.replace(result, cpus=m.replicas * m.num_cpus)
                 dep = deploy(cfg)
             except FlywheelError as exc:
                 results.append(msgspec.structs.replace(result, error=f"deploy failed: {exc.message}"))

@@ -40,17 +40,20 @@ class WorkPlan(msgspec.Struct, frozen=True):
     variants: list[Bodies]
     outputs: list[OutputSpec]
     batch: int
+    authorization: str = ""  # "Bearer <key>" for servers with auth on
 
 
 def model_path(model: str, version: str) -> str:
     return f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
 
 
-def fetch_metadata(http: str, model: str, version: str = "", timeout_s: float = 10.0) -> dict:
+def fetch_metadata(http: str, model: str, version: str = "", timeout_s: float = 10.0,
+                   authorization: str = "") -> dict:
     """The model's V2 metadata over HTTP; UnavailableError if unreachable."""
     url = http.rstrip("/") + model_path(model, version)
+    headers = {"Authorization": authorization} if authorization else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         raise UnavailableError(f"{url}: HTTP {exc.code}: {exc.read()[:200].decode('replace')}") from None
@@ -147,8 +150,12 @@ def build_plan(sc: Scenario, *, target_http: str | None = None, target_grpc: str
     """Everything the load generators need, with payloads pre-encoded."""
     http = (target_http or sc.target.http).rstrip("/")
     grpc_target = sc.target.grpc if target_grpc is None else target_grpc
+    from flywheel.serving.settings import load_settings
+
+    api_key = load_settings().api_key
+    authorization = f"Bearer {api_key}" if api_key else ""
     needs_meta = not sc.payload.inputs or not sc.payload.outputs
-    metadata = fetch_metadata(http, sc.model, sc.version, sc.timeout_s) if needs_meta else None
+    metadata = fetch_metadata(http, sc.model, sc.version, sc.timeout_s, authorization) if needs_meta else None
     inputs, outputs = resolve_specs(sc, metadata)
     rng = np.random.default_rng(sc.payload.seed)
     datatypes = {i.name: i.datatype for i in inputs}
@@ -169,4 +176,5 @@ def build_plan(sc: Scenario, *, target_http: str | None = None, target_grpc: str
         variants=variants,
         outputs=outputs,
         batch=sc.payload.batch,
+        authorization=authorization,
     )

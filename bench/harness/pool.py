@@ -169,6 +169,7 @@ class WorkerPool:
         self.plan = plan
         self.processes = processes
         self._procs: list[subprocess.Popen] = []
+        self._logs: dict[int, tempfile._TemporaryFileWrapper] = {}
         self._plan_file = ""
 
     def __enter__(self) -> WorkerPool:
@@ -179,10 +180,13 @@ class WorkerPool:
             f.write(msgspec.msgpack.encode(self.plan))
         try:
             for _ in range(self.processes):
-                self._procs.append(subprocess.Popen(
+                log = tempfile.TemporaryFile(prefix="fw-bench-worker-")  # its stderr, for errors
+                proc = subprocess.Popen(
                     [sys.executable, "-m", "flywheel.bench.harness.worker", self._plan_file],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                ))
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                )
+                self._procs.append(proc)
+                self._logs[proc.pid] = log
             for p in self._procs:
                 reply = self._read(p, _START_TIMEOUT_S)
                 if not reply.get("ready"):
@@ -197,22 +201,34 @@ class WorkerPool:
 
     def close(self) -> None:
         for p in self._procs:
-            if p.poll() is None:
-                try:
+            try:
+                if p.poll() is None:
                     p.stdin.write(b'{"cmd": "quit"}\n')
-                    p.stdin.close()
-                except OSError:
-                    pass
+                p.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10  # one deadline for all of them
         for p in self._procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()  # by our own handle (its PID), never by name
                 p.wait()
-        self._procs = []
+            p.stdout.close()
+        for log in self._logs.values():
+            log.close()
+        self._procs, self._logs = [], {}
         if self._plan_file:
             os.unlink(self._plan_file)
             self._plan_file = ""
+
+    def _stderr_tail(self, proc: subprocess.Popen) -> str:
+        log = self._logs.get(proc.pid)
+        if log is None:
+            return ""
+        log.seek(0)
+        tail = log.read().decode("utf-8", "replace").strip().splitlines()[-5:]
+        return (": " + " | ".join(tail)) if tail else ""
 
     def _read(self, proc: subprocess.Popen, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -220,12 +236,16 @@ class WorkerPool:
             left = deadline - time.monotonic()
             if left <= 0:
                 proc.kill()
-                raise UnavailableError(f"load generator {proc.pid} did not answer within {timeout_s:.0f}s")
+                proc.wait()
+                raise UnavailableError(
+                    f"load generator {proc.pid} did not answer within {timeout_s:.0f}s{self._stderr_tail(proc)}"
+                )
             ready, _, _ = select.select([proc.stdout], [], [], left)
             if ready:
                 line = proc.stdout.readline()
                 if not line:
-                    raise UnavailableError(f"load generator {proc.pid} exited (code {proc.wait()})")
+                    code = proc.wait()
+                    raise UnavailableError(f"load generator {proc.pid} exited (code {code}){self._stderr_tail(proc)}")
                 return json.loads(line)
 
     def step(self, *, by: str, level: float, duration_s: float, warmup_s: float,

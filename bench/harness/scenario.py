@@ -52,8 +52,8 @@ class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     shape: the full request shape (use the batch size as first dimension).
     generator: uniform in [low, high), normal(mean=low, std=high), zeros,
-        ones, or rows drawn from ``file`` (a .npy array whose rows are
-        samples; it is cut or tiled to ``shape``).
+        ones, or ``shape[0]`` rows drawn at random from ``file`` (a .npy
+        array whose rows are samples; a row must hold ``shape[1:]``).
     """
 
     name: str
@@ -189,9 +189,10 @@ class Capacity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         out, level = [], self.start
         while level <= self.max_level + 1e-9 and len(out) < self.max_steps:
             out.append(round(level, 6))
-            level = level + self.increment if self.increment else level * self.factor
-            if self.by == "users":
-                level = float(round(level))
+            nxt = level + self.increment if self.increment else level * self.factor
+            if self.by == "users":  # whole users, and always at least one more
+                nxt = float(max(round(nxt), level + 1))
+            level = nxt
         return out
 
 

@@ -47,7 +47,6 @@ class _Answer(msgspec.Struct):
 
 
 _answer_decoder = msgspec.json.Decoder(_Answer)
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -106,6 +105,9 @@ def _make_user_class(plan: WorkPlan, per_user_rate: float | None, window: _Windo
     variants = plan.variants
 
     host, port = _host_port(plan.http)
+    auth = {"Authorization": plan.authorization} if plan.authorization else {}
+    json_headers = {"Content-Type": "application/json", **auth}
+    grpc_metadata = (("authorization", plan.authorization),) if plan.authorization else None
 
     class V2User(User):
         # Our own timing around a plain geventhttpclient connection per user:
@@ -172,13 +174,13 @@ def _make_user_class(plan: WorkPlan, per_user_rate: float | None, window: _Windo
 
         def http_json(self):
             if (b := self._next()) is not None:
-                self._http("http_json", b.json, _JSON_HEADERS,
+                self._http("http_json", b.json, json_headers,
                            lambda r, content: check_json(plan, r.status_code, content))
 
         def http_binary(self):
             if (b := self._next()) is not None:
                 headers = {"Content-Type": "application/octet-stream",
-                           "Inference-Header-Content-Length": str(b.binary_header_length)}
+                           "Inference-Header-Content-Length": str(b.binary_header_length), **auth}
                 self._http("http_binary", b.binary, headers, lambda r, content: check_binary(
                     plan, r.status_code, content, r.get("Inference-Header-Content-Length")))
 
@@ -188,7 +190,7 @@ def _make_user_class(plan: WorkPlan, per_user_rate: float | None, window: _Windo
             start = time.perf_counter()
             size, err = 0, None
             try:
-                raw = self._grpc(b.grpc, timeout=plan.timeout_s)
+                raw = self._grpc(b.grpc, timeout=plan.timeout_s, metadata=grpc_metadata)
                 size = len(raw)
                 err = check_grpc(plan, pb.ModelInferResponse.FromString(raw))
             except grpc.RpcError as e:

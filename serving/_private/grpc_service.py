@@ -113,10 +113,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def refuse(request, context):
                 await context.abort(grpc_status_for(refused.code), refused.message)
 
-            return grpc.unary_unary_rpc_method_handler(
-                refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            # raw bytes in: nothing of an unauthenticated request is parsed
+            return grpc.unary_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
         inner = handler.unary_unary
 
         async def guarded(request, context):

@@ -22,11 +22,13 @@ _HEADER_LENGTH = b"inference-header-content-length"
 
 def role_for(path: str) -> str | None:
     """The role a route needs; None for the health checks (load balancers
-    and orchestrators probe them without credentials). Unknown routes need
-    predict, so that nobody can map the API without a key."""
-    if path.startswith("/v2/health/"):
+    and orchestrators probe them without credentials). Decided on the same
+    split path that routing uses, so that ``//v2/...`` cannot dodge it.
+    Unknown routes need predict, so that nobody can map the API without a key."""
+    if path in ("/v2/health/live", "/v2/health/ready"):
         return None
-    if path == "/metrics" or (path.startswith("/v2/models/") and path.rstrip("/").endswith("/drift")):
+    parts = path.strip("/").split("/")
+    if parts == ["metrics"] or (parts[:2] == ["v2", "models"] and parts[-1] == "drift"):
         return "operate"
     return "predict"
 

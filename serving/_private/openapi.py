@@ -89,6 +89,9 @@ def _model_ops(with_version: bool) -> dict[str, dict]:
                        "responses": {"200": _ok(_MODEL_META), **_errors(404, 503, *_AUTH_ERRORS)}}},
         base + "/ready": {"get": {"operationId": f"modelReady{suffix}", "parameters": params,
                                   "responses": {"200": _ok(), **_errors(404, 503, *_AUTH_ERRORS)}}},
+        base + "/drift": {"get": {"operationId": f"modelDrift{suffix}", "parameters": params,
+                                  "responses": {"200": _ok({"type": "object"}),
+                                                **_errors(404, 503, *_AUTH_ERRORS)}}},
         base + "/infer": {"post": {
             "operationId": f"modelInfer{suffix}",
             "parameters": params,
@@ -124,6 +127,8 @@ def openapi_document() -> dict:
                 **_errors(*_AUTH_ERRORS)}}},
             **_model_ops(False),
             **_model_ops(True),
+            "/v2/openapi.json": {"get": {"operationId": "openapi", "responses": {
+                "200": _ok({"type": "object"}), **_errors(*_AUTH_ERRORS)}}},
             "/metrics": {"get": {"operationId": "metrics", "responses": {
                 "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
                 **_errors(*_AUTH_ERRORS)}}},

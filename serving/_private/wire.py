@@ -192,6 +192,7 @@ class ReplicaChannel:
         self._rr = itertools.cycle(range(pool_size))
         self._ids = itertools.count(1)
         self._connecting: dict[int, asyncio.Future] = {}
+        self._closed = False
 
     async def _conn(self, slot: int) -> _ClientConn:
         conn = self._conns[slot]
@@ -228,10 +229,12 @@ class ReplicaChannel:
         try:
             return await self._send(conn, call)
         finally:
-            for slot, pooled in enumerate(self._conns):
-                if pooled is None or pooled.lost:
-                    self._conns[slot] = conn
-                    break
+            free = [
+                slot for slot, pooled in enumerate(self._conns)
+                if (pooled is None or pooled.lost) and slot not in self._connecting
+            ]
+            if free and not self._closed and not conn.lost:
+                self._conns[free[0]] = conn
             else:
                 conn.transport.close()
 
@@ -248,6 +251,7 @@ class ReplicaChannel:
             conn.waiting.pop(req_id, None)
 
     def close(self) -> None:
+        self._closed = True
         for conn in self._conns:
             if conn is not None and conn.transport is not None:
                 conn.transport.close()

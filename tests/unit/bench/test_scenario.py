@@ -85,3 +85,8 @@ def test_config_grid_expands_every_combination_into_model_configs():
     from flywheel.serving import parse_config
 
     parse_config({"models": [model]})
+
+
+def test_small_factors_by_users_still_add_a_user_each_step():
+    cap = parse_scenario({"model": "m", "capacity": {"by": "users", "start": 2, "factor": 1.2, "max_level": 6}}).capacity
+    assert cap.levels() == [2, 3, 4, 5, 6]

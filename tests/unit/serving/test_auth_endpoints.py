@@ -183,3 +183,27 @@ def test_tritonclient_sends_keys_through_its_headers(secured):
             client.infer("mlp", [inp])
         assert "API key" in str(err.value)
         client.close()
+
+
+@pytest.mark.parametrize("path", ["/v2/models/mlp/drift", "//v2/models/mlp/drift", "/v2/models/mlp/versions/1/drift/",
+                                  "//metrics"])
+def test_operate_routes_cannot_be_reached_with_predict_by_rewriting_the_path(secured, path):
+    assert call(secured["cfg"], "GET", path, secured["tokens"]["predict"])[0] == 403
+
+
+def test_the_bench_harness_sends_the_key_from_the_environment(secured, monkeypatch):
+    from flywheel.bench.harness import parse_scenario
+    from flywheel.bench.harness.payloads import build_plan
+    from flywheel.bench.harness.runner import run_against
+    from flywheel.serving.settings import load_settings
+
+    cfg = secured["cfg"]
+    sc = parse_scenario({"model": "mlp", "target": {"http": f"http://127.0.0.1:{cfg.port}",
+                                                    "grpc": f"127.0.0.1:{cfg.grpc_port}"},
+                         "mix": {"http_json": 1, "http_binary": 1, "grpc": 1}, "duration_s": 20, "warmup_s": 0,
+                         "max_requests": 30})
+    monkeypatch.setenv("FLYWHEEL_API_KEY", secured["tokens"]["predict"])
+    assert "***" in repr(load_settings()) and secured["tokens"]["predict"] not in repr(load_settings())
+    [step], _ = run_against(sc, build_plan(sc))
+    assert (step.ok, step.errors) == (30, 0)
+    assert set(step.protocols) == {"http_json", "http_binary", "grpc"}
