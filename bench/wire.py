@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 
-import msgspec
 import numpy as np
 
 from flywheel.bench.common import bench_deployment, export_model
+from flywheel.bench.harness.payloads import encode
+from flywheel.bench.harness.scenario import OutputSpec
 from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
 
 CONCURRENCY = (1, 32)
@@ -33,29 +34,9 @@ PAYLOADS = {
 MODEL_NAMES = {"demo 1x64": "demo", "image 1x3x224x224": "image"}
 
 
-def _json_body(x: np.ndarray) -> bytes:
-    return msgspec.json.encode(
-        {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    )
-
-
-def _binary_body(x: np.ndarray) -> tuple[bytes, int]:
-    raw = x.astype("<f4").tobytes()
-    header = msgspec.json.encode({
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    })
-    return header + raw, len(header)
-
-
-def _grpc_body(model: str, x: np.ndarray) -> bytes:
-    from flywheel.serving._private.proto import inference_pb2 as pb
-
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.astype("<f4").tobytes())
-    return req.SerializeToString()
+def _bodies(model: str, x: np.ndarray):
+    """The same tensor as V2 JSON, V2 binary (logits back as binary) and gRPC."""
+    return encode(model, "", {"input": x}, {"input": "FP32"}, [OutputSpec(name="logits")])
 
 
 def _per_call_us(fn, seconds: float = 1.0) -> float:
@@ -74,7 +55,7 @@ def codec_table(seconds: float) -> list[dict]:
     logits = np.random.default_rng(2).random((1, 10), dtype=np.float32)
     for label, (_, _, shape) in PAYLOADS.items():
         x = np.random.default_rng(1).random(shape, dtype=np.float32)
-        body = _json_body(x)
+        body = _bodies("m", x).json
 
         def ours_decode():
             decode_infer_request(body, max_elements=1 << 24)
@@ -160,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             model = MODEL_NAMES[label]
             x = np.random.default_rng(1).random(shape, dtype=np.float32)
             path = f"/v2/models/{model}/infer"
-            json_req = build_request(path, _json_body(x))
-            body, hl = _binary_body(x)
-            bin_req = build_request(path, body).replace(
+            bodies = _bodies(model, x)
+            json_req = build_request(path, bodies.json)
+            bin_req = build_request(path, bodies.binary).replace(
                 b"Content-Type: application/json\r\n",
-                b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n" % hl,
+                b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n"
+                % bodies.binary_header_length,
             )
-            grpc_req = _grpc_body(model, x)
+            grpc_req = bodies.grpc
             for c in CONCURRENCY:
                 kw = dict(concurrency=c, duration_s=args.duration, warmup_s=args.warmup)
                 record(label, "http json", run_load(host, int(port), json_req, **kw))
