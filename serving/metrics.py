@@ -1,83 +1,241 @@
-"""Prometheus metrics of the request path, in one registry per ingress.
+"""Prometheus metrics of the request path, shared by a node's ingress replicas.
 
 Replicas report per-request timings (queue, compute, batch size, queue depth)
-on the internal protocol, so everything is recorded in the ingress process and
-scraped from its ``/metrics`` with no cross-process merging.
+with every reply, so everything is recorded in the ingress process that
+answered. Several ingress replicas share the public port (SO_REUSEPORT) and a
+scrape of ``/metrics`` reaches any one of them, so each replica keeps its
+numbers in its own *slot* of one memory-mapped file per deployment and node
+(in /dev/shm), and every replica renders the sum over all slots: one scrape
+sees the whole node. A replica that dies leaves its counts in its slot, and
+the replica that takes the slot over goes on counting from them, so counters
+never go backwards.
+
+Why not prometheus_client here: its labelled histograms cost about 40 us per
+request on this class of machine (a lock, a label walk and a linear bucket
+scan per observation, five observations per request), a third of the request
+path. Here an observation is a ``bisect`` and a few array increments, on the
+ingress's own loop thread (the only writer of its slot); the text format
+(0.0.4) is built only when scraped.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import tempfile
+from bisect import bisect_left
+from collections.abc import Iterator
 
+import numpy as np
+
+from flywheel.runtime.errors import ErrorCode
 from flywheel.serving._private.wire import Stats
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+OUTCOMES = ("ok", *(c.name.lower() for c in ErrorCode))
+_OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
+
+# Layout of one model's block of float64 values in a slot.
+_N_LAT = len(_LATENCY_BUCKETS) + 2  # buckets, +Inf, sum
+_N_BATCH = len(_BATCH_BUCKETS) + 2
+_OFF_OUTCOMES = 0
+_OFF_LATENCY = _OFF_OUTCOMES + len(OUTCOMES)
+_OFF_QUEUE = _OFF_LATENCY + _N_LAT
+_OFF_COMPUTE = _OFF_QUEUE + _N_LAT
+_OFF_BATCH = _OFF_COMPUTE + _N_LAT
+_OFF_DEPTH = _OFF_BATCH + _N_BATCH
+_OFF_RETRIES = _OFF_DEPTH + 1
+BLOCK = _OFF_RETRIES + 1
+
+# name, type, help, (offset, bounds) for histograms
+_HISTOGRAMS = (
+    ("flywheel_request_latency_seconds", "Time from request parsed to response ready, in the ingress",
+     _OFF_LATENCY, _LATENCY_BUCKETS),
+    ("flywheel_queue_time_seconds", "Time a request waited in the replica's batch queue",
+     _OFF_QUEUE, _LATENCY_BUCKETS),
+    ("flywheel_compute_time_seconds", "Model time of the batch a request ran in", _OFF_COMPUTE, _LATENCY_BUCKETS),
+    ("flywheel_batch_size", "Rows per model call", _OFF_BATCH, _BATCH_BUCKETS),
+)
+
+SLOTS = 64  # ingress replicas per node and deployment, restarts included
+_MAGIC = 0x31_4D_57_46  # "FWM1"
+_HEADER = 4  # int64: magic, slots, floats per slot, reserved
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class ModelMetrics:
+    """One (model, version)'s block in this replica's slot."""
+
+    __slots__ = ("name", "version", "_v")
+
+    def __init__(self, name: str, version: str, values: np.ndarray) -> None:
+        self.name, self.version = name, version
+        self._v = values  # a view of BLOCK floats
+
+    def observe(self, outcome: str, latency_s: float, stats: Stats) -> None:
+        v = self._v
+        v[_OUTCOME_INDEX.get(outcome, 1)] += 1  # 1 = the first error code
+        v[_OFF_LATENCY + bisect_left(_LATENCY_BUCKETS, latency_s)] += 1  # first bound >= value: "le"
+        v[_OFF_LATENCY + _N_LAT - 1] += latency_s
+        if outcome == "ok":
+            q, c = stats.queue_us * 1e-6, stats.compute_us * 1e-6
+            v[_OFF_QUEUE + bisect_left(_LATENCY_BUCKETS, q)] += 1
+            v[_OFF_QUEUE + _N_LAT - 1] += q
+            v[_OFF_COMPUTE + bisect_left(_LATENCY_BUCKETS, c)] += 1
+            v[_OFF_COMPUTE + _N_LAT - 1] += c
+            if stats.leader:
+                v[_OFF_BATCH + bisect_left(_BATCH_BUCKETS, stats.batch_rows)] += 1
+                v[_OFF_BATCH + _N_BATCH - 1] += stats.batch_rows
+        v[_OFF_DEPTH] = stats.queue_depth
+
+    def retried(self) -> None:
+        self._v[_OFF_RETRIES] += 1
+
+    def count(self, outcome: str) -> int:
+        """This replica's own count of ``outcome`` (for tests and logs)."""
+        return int(self._v[_OUTCOME_INDEX[outcome]])
+
+
+def metrics_path(key: str) -> str:
+    """Where the deployment identified by ``key`` keeps its slots on this node."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return os.path.join(base, f"flywheel-metrics-{os.getuid()}-{digest}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ServingMetrics:
-    """Request metrics by model and version. Not thread-safe beyond what
-    prometheus-client guarantees; used from the ingress loop only."""
+    """Request metrics by model and version, summed over a node's replicas.
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model", "version"]
-        self.requests = Counter(
-            "flywheel_requests", "Inference requests by outcome (ok or an error code name)",
-            [*labels, "outcome"], registry=self.registry,
-        )
-        self.latency = Histogram(
-            "flywheel_request_latency_seconds", "Time from request parsed to response ready, in the ingress",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.queue_time = Histogram(
-            "flywheel_queue_time_seconds", "Time a request waited in the replica's batch queue",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.compute_time = Histogram(
-            "flywheel_compute_time_seconds", "Model time of the batch a request ran in",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "flywheel_batch_size", "Rows per model call", labels,
-            buckets=_BATCH_BUCKETS, registry=self.registry,
-        )
-        self.queue_depth = Gauge(
-            "flywheel_queue_depth", "Requests queued in the replica, as last reported",
-            labels, registry=self.registry,
-        )
-        self.retries = Counter(
-            "flywheel_replica_retries", "Requests sent again after their replica connection failed",
-            labels, registry=self.registry,
-        )
-        self._children: dict[tuple[str, str], tuple] = {}
+    ``models`` fixes the layout (every replica of a deployment serves the
+    same list); ``key`` names the deployment (the replicas sharing a port
+    share a key). Without a key the numbers stay in this process."""
 
-    def _for(self, model: str, version: str) -> tuple:
-        key = (model, version)
-        kids = self._children.get(key)
-        if kids is None:  # labels() costs a lock and a dict walk: do it once
-            kids = (
-                self.latency.labels(model, version),
-                self.queue_time.labels(model, version),
-                self.compute_time.labels(model, version),
-                self.batch_size.labels(model, version),
-                self.queue_depth.labels(model, version),
-            )
-            self._children[key] = kids
-        return kids
+    def __init__(self, models: list[tuple[str, str]], key: str = "") -> None:
+        self._models = list(dict.fromkeys(models))
+        floats = max(1, len(self._models)) * BLOCK
+        self._path = metrics_path(f"{key}|{self._models}") if key else ""
+        self._mm: mmap.mmap | None = None
+        if self._path:
+            self._owners, self._data, self._slot = self._attach(floats)
+        else:
+            self._owners = np.array([os.getpid()], np.int64)
+            self._data = np.zeros((1, floats))
+            self._slot = 0
+        mine = self._data[self._slot]
+        self._by_key = {
+            (name, version): ModelMetrics(name, version, mine[i * BLOCK : (i + 1) * BLOCK])
+            for i, (name, version) in enumerate(self._models)
+        }
 
-    def observe(self, model: str, version: str, outcome: str, latency_s: float, stats: Stats) -> None:
-        latency, queue, compute, batch, depth = self._for(model, version)
-        self.requests.labels(model, version, outcome).inc()
-        latency.observe(latency_s)
-        if outcome == "ok":
-            queue.observe(stats.queue_us / 1e6)
-            compute.observe(stats.compute_us / 1e6)
-            if stats.leader:
-                batch.observe(stats.batch_rows)
-        depth.set(stats.queue_depth)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield fd
+            finally:
+                # explicitly: the mmap holds a dup of fd, which would keep
+                # the lock of the shared open file description otherwise
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _attach(self, floats: int):
+        size = 8 * (_HEADER + SLOTS + SLOTS * floats)
+        with self._locked() as fd:
+            if os.fstat(fd).st_size != size:  # new (or from an older layout): start over
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            self._mm = mmap.mmap(fd, size)
+            header = np.frombuffer(self._mm, np.int64, _HEADER)
+            header[:3] = (_MAGIC, SLOTS, floats)
+            owners = np.frombuffer(self._mm, np.int64, SLOTS, 8 * _HEADER)
+            data = np.frombuffer(self._mm, np.float64, SLOTS * floats, 8 * (_HEADER + SLOTS)).reshape(SLOTS, floats)
+            pid = os.getpid()
+            free = [i for i in range(SLOTS) if owners[i] == 0 or not _alive(int(owners[i]))]
+            if not free:
+                raise RuntimeError(f"all {SLOTS} metrics slots of {self._path} are held by live processes")
+            slot = free[0]
+            owners[slot] = pid
+            data[slot, _OFF_DEPTH::BLOCK] = 0  # gauges of a departed replica
+            return owners, data, slot
+
+    def for_model(self, name: str, version: str) -> ModelMetrics:
+        return self._by_key[(name, version)]
+
+    def observe(self, name: str, version: str, outcome: str, latency_s: float, stats: Stats) -> None:
+        self.for_model(name, version).observe(outcome, latency_s, stats)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        data = self._data
+        total = data.sum(axis=0)
+        live = [i for i in range(len(self._owners)) if self._owners[i] and (i == self._slot or _alive(int(self._owners[i])))]
+        depth = data[live].sum(axis=0) if live else total * 0
+        out: list[str] = []
+        blocks = [(f'model="{_escape(n)}"', f'version="{_escape(v)}"', i * BLOCK) for i, (n, v) in enumerate(self._models)]
+        # counters are announced by their sample name, as prometheus_client does
+        out += ["# HELP flywheel_requests_total Inference requests by outcome (ok or an error code name)",
+                "# TYPE flywheel_requests_total counter"]
+        for model, version, base in blocks:
+            for j, outcome in enumerate(OUTCOMES):
+                n = int(total[base + j])
+                if n or outcome == "ok":
+                    out.append(f'flywheel_requests_total{{{model},outcome="{outcome}",{version}}} {n}')
+        for name, help_text, off, bounds in _HISTOGRAMS:
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for model, version, base in blocks:
+                labels = f"{model},{version}"
+                running = 0
+                for k, bound in enumerate((*bounds, "+Inf")):
+                    running += int(total[base + off + k])
+                    le = bound if bound == "+Inf" else repr(float(bound))
+                    out.append(f'{name}_bucket{{{labels},le="{le}"}} {running}')
+                out.append(f"{name}_count{{{labels}}} {running}")
+                out.append(f"{name}_sum{{{labels}}} {float(total[base + off + len(bounds) + 1])!r}")
+        out += ["# HELP flywheel_queue_depth Requests queued in the replicas, as last reported",
+                "# TYPE flywheel_queue_depth gauge"]
+        out += [f"flywheel_queue_depth{{{m},{v}}} {int(depth[b + _OFF_DEPTH])}" for m, v, b in blocks]
+        out += ["# HELP flywheel_replica_retries_total Requests sent again after their replica connection failed",
+                "# TYPE flywheel_replica_retries_total counter"]
+        out += [f"flywheel_replica_retries_total{{{m},{v}}} {int(total[b + _OFF_RETRIES])}" for m, v, b in blocks]
+        out += ["# HELP flywheel_ingress_replicas Ingress replicas counted in these metrics (alive now)",
+                "# TYPE flywheel_ingress_replicas gauge", f"flywheel_ingress_replicas {len(live) or 1}"]
+        return ("\n".join(out) + "\n").encode()
+
+    def close(self) -> None:
+        """Give the slot back (its counts stay for the next owner); the last
+        replica out removes the file."""
+        if self._mm is None:
+            return
+        with self._locked():
+            self._owners[self._slot] = 0
+            self._data[self._slot, _OFF_DEPTH::BLOCK] = 0
+            last = not any(self._owners[i] and _alive(int(self._owners[i])) for i in range(SLOTS))
+            if last:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
+        self._by_key.clear()
+        self._owners = self._data = None  # drop the views before the map
+        mm, self._mm = self._mm, None
+        with contextlib.suppress(BufferError):
+            mm.close()
