@@ -1,10 +1,11 @@
 """Deploy a DeployConfig on Ray Serve and take it down again.
 
-Layout on Ray Serve: one application per (model, version), named
-``<deployment>-<model>-<version>``, whose replicas serve the internal frame
-protocol on a loopback port shared by all of them; and one application,
-``<deployment>-ingress``, whose replica serves V2 HTTP on the configured
-address (``<deployment>`` is the config's ``name``, ``flywheel`` by default).
+Layout on Ray Serve: one application, ``<deployment>-ingress``, whose
+``server.replicas`` replicas serve V2 HTTP and gRPC on the configured
+addresses and host every colocated model in-process; and one application per
+dedicated (model, version), named ``<deployment>-<model>-<version>``, whose
+replicas serve the internal frame protocol on a loopback port shared by all of
+them (``<deployment>`` is the config's ``name``, ``flywheel`` by default).
 Serve's own HTTP proxy is disabled: it would add milliseconds to every request
 (shared/design/RAY-NOTES.md) and nothing routes through it.
 """
@@ -156,7 +157,10 @@ def deploy(
         )
         serve.run(monitor.bind(drift_port, monitored, config.registry), name=f"{config.name}-drift", route_prefix=None)
         apps.append(f"{config.name}-drift")
+    colocated = [m for m in config.models if m.placement == "colocated"]
     for model in config.models:
+        if model.placement == "colocated":
+            continue
         port = _free_port()
         dep = serve.deployment(ModelReplica).options(
             name=f"{model.name}-{model.version}",
@@ -178,14 +182,17 @@ def deploy(
         apps.append(name)
     ingress = serve.deployment(Ingress).options(
         name="ingress",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": server.ingress_num_cpus},
+        num_replicas=server.replicas,
+        ray_actor_options={"num_cpus": server.ingress_num_cpus + sum(m.num_cpus for m in colocated)},
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=2.0,
     )
     serve.run(
-        ingress.bind(server, routes, drift_port, config.registry.uri if server.auth.enabled else ""),
+        ingress.bind(
+            server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
+            colocated, config.registry,
+        ),
         name=ingress_app_name(config), route_prefix=None,
     )
     apps.append(ingress_app_name(config))

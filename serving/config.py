@@ -21,6 +21,7 @@ from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 
 T = TypeVar("T")
 BACKENDS = ("onnxruntime", "torch")
+PLACEMENTS = ("colocated", "dedicated")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -70,8 +71,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_bytes_element: longest BYTES element, in bytes (400 above).
     request_timeout_ms: a request still queued for its model after this long
         fails with 504 (0 = no limit).
-    ingress_num_cpus: Ray CPUs reserved for the ingress replica. Fractional, so
-        that a 2-core machine can also run models and training.
+    replicas: ingress replicas (Serve replicas that own the public ports,
+        shared with SO_REUSEPORT, and host every colocated model).
+    ingress_num_cpus: Ray CPUs reserved per ingress replica for the servers
+        themselves; each colocated model's ``num_cpus`` is added to it.
+        Fractional, so that a 2-core machine can also run models and training.
     auth: API keys and roles (see AuthConfig). Binding a non-loopback host
         without it is refused.
     """
@@ -84,6 +88,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_rows: int = 1 << 16
     max_bytes_element: int = 1 << 20
     request_timeout_ms: int = 30_000
+    replicas: int = 1
     ingress_num_cpus: float = 0.1
     auth: AuthConfig = AuthConfig()
 
@@ -100,7 +105,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("server.request_timeout_ms must be >= 0")
         if self.ingress_num_cpus < 0:
             raise ConfigError("server.ingress_num_cpus must be >= 0")
-
+        if self.replicas < 1:
+            raise ConfigError("server.replicas must be >= 1")
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_tensor_elements, self.max_batch_rows, self.max_bytes_element,
@@ -188,7 +194,14 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     path: a local model file instead of ``ref`` (exactly one of the two).
     backend: ``onnxruntime`` (an .onnx file) or ``torch`` (.safetensors
         weights of ``architecture`` built with ``hparams``).
-    replicas / num_cpus: Serve replicas and Ray CPUs per replica (fractional ok).
+    placement: ``colocated`` (default): loaded into every ingress replica and
+        called in-process, the low-latency path; it scales with
+        ``server.replicas``. ``dedicated``: its own Serve deployment, reached
+        over a loopback hop; for models that need their own processes,
+        replica count or isolation from the others.
+    replicas / num_cpus: Serve replicas (dedicated only) and Ray CPUs per
+        replica (fractional ok; a colocated model adds its num_cpus to each
+        ingress replica's).
     batching: the replica's dynamic batcher. Requests reach the replica through
         Flywheel's own ingress, not Serve's proxy, so Serve's
         ``max_ongoing_requests`` (default 5, which would cap every batch at 5)
@@ -208,6 +221,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hparams: dict[str, Any] = {}
     onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
     batching: BatchingConfig = BatchingConfig()
+    placement: str = "colocated"
     replicas: int = 1
     num_cpus: float = 0.5
     warmup_batch_sizes: tuple[int, ...] = (1,)
@@ -230,6 +244,15 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"model {self.name!r}: backend torch needs 'architecture'")
         if self.replicas < 1:
             raise ConfigError(f"model {self.name!r}: replicas must be >= 1")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"model {self.name!r}: placement {self.placement!r} unknown; allowed: {', '.join(PLACEMENTS)}"
+            )
+        if self.placement == "colocated" and self.replicas != 1:
+            raise ConfigError(
+                f"model {self.name!r}: replicas {self.replicas} needs placement: dedicated (a colocated "
+                "model runs in every ingress replica; set server.replicas to scale it)"
+            )
         if self.num_cpus < 0:
             raise ConfigError(f"model {self.name!r}: num_cpus must be >= 0")
 

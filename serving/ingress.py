@@ -1,15 +1,22 @@
-"""The V2 ingress: HTTP and gRPC, as one Ray Serve replica that owns its sockets.
+"""The V2 ingress: HTTP and gRPC, as Ray Serve replicas that own their sockets.
 
-httptools HTTP and grpc.aio run on the replica's own uvloop thread. They
-parse only what routing needs; infer payloads go unchanged to the model's
-replicas over the internal frame protocol, which decode, validate, batch, run
-and encode. Metadata is fetched from each model and answered here.
+httptools HTTP and grpc.aio run on the replica's own uvloop thread. Colocated
+models (the default) are loaded into every ingress replica and called
+in-process, so a request is parsed, routed, decoded, batched, run and answered
+by one process with no hop in between. Dedicated models live in their own
+deployments: their infer payloads go unchanged to those replicas over the
+internal frame protocol. Metadata is fetched from each model and answered here.
+
+All ingress replicas on a node bind the public ports with SO_REUSEPORT: the
+kernel spreads connections among them, and a rolling update's new replica
+binds beside the old one before the old one lets go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from flywheel.runtime.errors import ConfigError
 from flywheel.serving._private.auth import Authenticator
@@ -19,8 +26,9 @@ from flywheel.serving._private.http_routes import HttpRoutes
 from flywheel.serving._private.http_server import start_http_server
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import ReplicaChannel
-from flywheel.serving.config import ServerConfig
+from flywheel.serving.config import ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.metrics import ServingMetrics
+from flywheel.serving.model_server import ModelServer
 from flywheel.serving.router import Route, Router
 
 log = logging.getLogger(__name__)
@@ -33,14 +41,33 @@ __all__ = ["Ingress", "Route"]
 class Ingress:
     """Serve deployment class: starts the HTTP and gRPC servers in its constructor."""
 
-    def __init__(self, server: ServerConfig, routes: list[Route], drift_port: int = 0, keys_uri: str = "") -> None:
+    def __init__(
+        self,
+        server: ServerConfig,
+        routes: list[Route],
+        drift_port: int = 0,
+        keys_uri: str = "",
+        colocated: list[ModelConfig] = (),
+        registry: RegistryConfig | None = None,
+    ) -> None:
+        """``routes`` lead to dedicated models; ``colocated`` models are
+        loaded (and warmed up) here, before any port is bound."""
+        self._local = {}
+        for m in colocated:
+            ms = ModelServer(m, server.request_limits(), registry, drift_port)
+            self._local[(ms.model.name, ms.model.version)] = ms
+        routes = [*routes, *(Route(name, version, local=True) for name, version in self._local)]
+        # replicas sharing this port share their metrics (serving/metrics.py)
+        self._metrics = ServingMetrics([(r.name, r.version) for r in routes], key=f"{server.host}:{server.port}")
         self._loop = LoopThread("flywheel-ingress")
         self._loop.start()
         self._loop.call(self._start(server, routes, drift_port, keys_uri))
         log.info("V2 ingress: HTTP %s:%d, gRPC port %d", server.host, server.port, server.grpc_port)
 
     async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int, keys_uri: str) -> None:
-        self.router = Router(routes, ServingMetrics())
+        for ms in self._local.values():
+            await ms.start()
+        self.router = Router(routes, self._metrics, self._local)
         self._auth = None
         if server.auth.enabled:
             if not keys_uri:
@@ -52,7 +79,7 @@ class Ingress:
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
             HttpRoutes(self.router, monitor, self._auth).handle, server.host, server.port,
-            max_body=server.max_body_bytes, on_error=error_response,
+            max_body=server.max_body_bytes, on_error=error_response, reuse_port=True,
         )
         self._grpc = None
         if server.grpc_port >= 0:
@@ -60,6 +87,11 @@ class Ingress:
                 self.router, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
                 auth=self._auth,
             )
+
+    def replica_stats(self) -> dict:
+        """This replica's pid and the requests it answered itself (``/metrics``
+        sums every replica of the node); for operators and tests."""
+        return {"pid": os.getpid(), "answered": sum(m.stats.count("ok") for m in self.router.models())}
 
     def check_health(self) -> None:
         """Serve's health probe: fail if our own loop has stopped beating."""
@@ -82,6 +114,8 @@ class Ingress:
             if self._grpc is not None:
                 await self._grpc.stop(grace=1.0)
             self.router.close()
+            for ms in self._local.values():
+                await ms.close()
             if self._auth is not None:
                 await self._auth.aclose()
 

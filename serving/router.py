@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from flywheel.runtime.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
 from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel
-from flywheel.serving.metrics import ServingMetrics
+from flywheel.serving.metrics import ModelMetrics, ServingMetrics
 
 SERVER_NAME = "flywheel"
 SERVER_VERSION = "0.1.0"
@@ -27,17 +29,38 @@ _OUTCOME = {int(c): c.name.lower() for c in ErrorCode}
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one (model, version) is served: its replicas' shared port."""
+    """Where one (model, version) is served: its dedicated replicas' shared
+    loopback port, or (``local``) in this process, by a colocated ModelServer."""
 
     name: str
     version: str
-    port: int
+    port: int = 0
+    local: bool = False
+
+
+class LocalChannel:
+    """A ReplicaChannel's face over an in-process ModelServer: the call is
+    awaited directly on this loop (no socket, no frame, no copy)."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, server) -> None:
+        self._handle = server.handle
+
+    def call(self, call: Call) -> Awaitable[Reply]:
+        return self._handle(call)
+
+    call_fresh = call
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(slots=True)
 class ModelEntry:
     route: Route
-    channel: ReplicaChannel
+    channel: ReplicaChannel | LocalChannel
+    stats: ModelMetrics
     metadata: dict | None = None
     ready: bool = False
 
@@ -56,12 +79,18 @@ def version_key(v: str):
 class Router:
     """Resolves (name, version) to a model's replicas and forwards calls."""
 
-    def __init__(self, routes: list[Route], metrics: ServingMetrics) -> None:
+    def __init__(self, routes: list[Route], metrics: ServingMetrics, local: Mapping[tuple[str, str], Any] = {}) -> None:
+        """``local`` maps (name, version) to the ModelServer of each route
+        with ``local=True``."""
         self.metrics = metrics
         self._names: dict[str, _Name] = {}
         for r in routes:
             entry = self._names.setdefault(r.name, _Name())
-            entry.versions[r.version] = ModelEntry(r, ReplicaChannel("127.0.0.1", r.port))
+            if r.local:
+                channel = LocalChannel(local[(r.name, r.version)])
+            else:
+                channel = ReplicaChannel("127.0.0.1", r.port)
+            entry.versions[r.version] = ModelEntry(r, channel, metrics.for_model(r.name, r.version))
         for entry in self._names.values():
             # The default version is the highest: numerically when numeric.
             entry.default = max(entry.versions, key=version_key)
@@ -121,17 +150,16 @@ class Router:
         that is alive (the pooled ones may still point at the dead one), so a
         request stranded on a replica that just died is answered by another."""
         started = time.perf_counter()
-        route = model.route
         try:
             reply = await model.channel.call(call)
         except UnavailableError:
-            self.metrics.retries.labels(route.name, route.version).inc()
+            model.stats.retried()
             if call.timeout_ms:  # the retry gets what is left of the caller's deadline
                 spent_ms = int((time.perf_counter() - started) * 1000)
                 call = dataclasses.replace(call, timeout_ms=max(1, call.timeout_ms - spent_ms))
             reply = await self._call_once(model, call)
-        self.metrics.observe(
-            route.name, route.version, "ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"),
+        model.stats.observe(
+            "ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"),
             time.perf_counter() - started, reply.stats,
         )
         return reply
@@ -151,3 +179,4 @@ class Router:
     def close(self) -> None:
         for m in self.models():
             m.channel.close()
+        self.metrics.close()

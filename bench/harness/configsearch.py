@@ -90,15 +90,15 @@ def run_config_search(sc: Scenario, progress: Progress = None) -> tuple[list[Con
                 if model.get("path") and not os.path.exists(model["path"]):
                     # the local Ray would otherwise retry the replica until the deploy timeout
                     raise ConfigError(f"model file {model['path']} does not exist")
-                cfg = parse_config({
-                    "name": f"bench-search-{i}",
-                    "server": {"port": 0, "grpc_port": 0 if sc.mix.grpc > 0 else -1},
-                    "models": [model],
-                    "registry": cs.registry,
-                })
+                server = {"port": 0, "grpc_port": 0 if sc.mix.grpc > 0 else -1}
+                if model.get("placement", "colocated") == "colocated" and "replicas" in model:
+                    # a colocated model scales with the ingress replicas it lives in
+                    server["replicas"] = model.pop("replicas")
+                cfg = parse_config({"name": f"bench-search-{i}", "server": server, "models": [model],
+                                    "registry": cs.registry})
                 m = cfg.models[0]  # the serving config's own defaults apply
-                replicas = m.replicas
-                result = msgspec.structs.replace(result, cpus=m.replicas * m.num_cpus)
+                replicas = m.replicas if m.placement == "dedicated" else cfg.server.replicas
+                result = msgspec.structs.replace(result, cpus=replicas * m.num_cpus)
                 dep = deploy(cfg)
             except FlywheelError as exc:
                 results.append(msgspec.structs.replace(result, error=f"deploy failed: {exc.message}"))

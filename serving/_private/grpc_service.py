@@ -140,9 +140,9 @@ async def start_grpc_server(
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth)] if auth is not None else None,
         options=[
-            # never share the port silently with another process (gRPC sets
-            # SO_REUSEPORT by default)
-            ("grpc.so_reuseport", 0),
+            # shared by this deployment's ingress replicas (the kernel spreads
+            # connections); deploy() refuses a port another process holds
+            ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
         ]

@@ -48,7 +48,8 @@ def test_killing_replica_processes_under_load_loses_no_request(ray_session, mlp_
     import ray
 
     cfg = parse_config({"name": "faults", "server": {"port": 0, "grpc_port": -1},
-                        "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1, "replicas": 2}]})
+                        "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1, "replicas": 2,
+                                    "placement": "dedicated"}]})
     dep = deploy(cfg)
     try:
         sc = parse_scenario({"model": "mlp", "target": {"http": dep.url, "grpc": ""}, "timeout_s": 10})

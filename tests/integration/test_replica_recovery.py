@@ -45,7 +45,7 @@ def test_killed_replica_is_replaced_and_traffic_resumes(ray_session, mlp_onnx):
     import ray
 
     cfg = parse_config(
-        {"name": "recovery", "server": {"port": 0, "grpc_port": 0}, "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1}]}
+        {"name": "recovery", "server": {"port": 0, "grpc_port": 0}, "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1, "placement": "dedicated"}]}
     )
     dep = deploy(cfg)
     try:

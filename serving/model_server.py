@@ -1,0 +1,180 @@
+"""One loaded model version and its request handling, with no transport.
+
+A ModelServer decodes, validates, batches, runs and encodes V2 infer calls.
+Two hosts use it: a dedicated :class:`~flywheel.serving.replica.ModelReplica`
+(its own Serve deployment, reached over the loopback frame protocol) and the
+ingress itself for colocated models, which call :meth:`ModelServer.handle`
+in-process: no socket, no copy, no second process on the request path.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import numpy as np
+
+from flywheel.runtime.backend import Backend
+from flywheel.runtime.batcher import DynamicBatcher
+from flywheel.runtime.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
+from flywheel.runtime.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
+from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
+from flywheel.runtime.signature import validate_inputs
+from flywheel.runtime.torch_backend import TorchBackend
+from flywheel.serving._private.drift_sampler import DriftSampler
+from flywheel.serving._private.grpc_codec import decode_grpc_request, encode_grpc_response
+from flywheel.serving._private.wire import OP_INFER, OP_INFER_GRPC, OP_METADATA, Call, Reply, Stats
+from flywheel.serving.config import ModelConfig, RegistryConfig, RequestLimits
+
+log = logging.getLogger(__name__)
+
+
+def model_file(model: ModelConfig, registry: RegistryConfig | None) -> str:
+    """The local file to load: ``path``, or the registry artifact behind
+    ``ref`` after checking its sha256 (a damaged artifact is refused here)."""
+    if not model.ref:
+        return model.path
+    from flywheel.registry import Registry
+
+    if registry is None or not registry.uri:
+        raise ConfigError(f"model {model.name!r}: ref {model.ref!r} needs a registry location")
+    reg = Registry.open(registry.uri, registry.artifacts)
+    try:
+        return reg.artifact_path(model.ref, model.artifact)[1]
+    finally:
+        reg.close()
+
+
+def make_backend(model: ModelConfig, registry: RegistryConfig | None = None) -> Backend:
+    """The backend a model config asks for (not yet loaded)."""
+    path = model_file(model, registry)
+    if model.backend == "torch":
+        return TorchBackend(path, model.architecture, model.hparams)
+    return OnnxRuntimeBackend(path, model.onnxruntime)
+
+
+def model_metadata(model: ModelConfig, backend: Backend) -> dict:
+    sig = backend.signature
+    tensor = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}  # noqa: E731
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": backend.platform,
+        "inputs": [tensor(t) for t in sig.inputs],
+        "outputs": [tensor(t) for t in sig.outputs],
+    }
+
+
+def check_limits(arrays: dict[str, np.ndarray], batchable: bool, limits: RequestLimits) -> None:
+    """Rows and BYTES element sizes within the server's limits (400 if not)."""
+    for name, arr in arrays.items():
+        if batchable:
+            if arr.shape[0] == 0:
+                raise InvalidInputError("the batch dimension (first dim) must be >= 1")
+            if arr.shape[0] > limits.max_batch_rows:
+                raise InvalidInputError(
+                    f"input {name!r} has {arr.shape[0]} rows, more than server.max_batch_rows "
+                    f"{limits.max_batch_rows}"
+                )
+        if arr.dtype == object and arr.size:
+            longest = max(len(v) for v in arr.flat)
+            if longest > limits.max_bytes_element:
+                raise InvalidInputError(
+                    f"input {name!r} has a BYTES element of {longest} bytes, more than "
+                    f"server.max_bytes_element {limits.max_bytes_element}"
+                )
+
+
+class ModelServer:
+    """Construct (loads and warms the model: blocking), then :meth:`start` on
+    the event loop that will call :meth:`handle`; :meth:`close` on that loop."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        limits: RequestLimits,
+        registry: RegistryConfig | None = None,
+        drift_port: int = 0,
+    ) -> None:
+        if not model.version:
+            model = msgspec.structs.replace(model, version="1")
+        self.model = model
+        self._limits = limits
+        self._drift_port = drift_port
+        self._max_elements = limits.max_tensor_elements
+        self._timeout_s = limits.request_timeout_ms / 1000 if limits.request_timeout_ms else None
+        self._backend = make_backend(model, registry)
+        self._backend.load()
+        self._signature = self._backend.signature
+        self._backend.warmup(model.warmup_batch_sizes if self._signature.batchable else (1,))
+        self.metadata = msgspec.json.encode(model_metadata(model, self._backend))
+        self._executor = ThreadPoolExecutor(
+            model.batching.max_concurrent_batches, thread_name_prefix=f"flywheel-{model.name}"
+        )
+        self._sampler: DriftSampler | None = None
+        self._batcher: DynamicBatcher | None = None
+
+    async def start(self) -> None:
+        model = self.model
+        if model.drift.enabled and self._drift_port:
+            self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port)
+            self._sampler.start()
+        batching = model.batching
+        if not self._signature.batchable:  # no batch axis: one request per call
+            batching = msgspec.structs.replace(batching, max_batch_size=1)
+        executor = None if batching.inline else self._executor
+        self._batcher = DynamicBatcher(self._backend.infer, batching, executor=executor)
+
+    async def handle(self, call: Call) -> Reply:
+        """Answer one call; never raises (errors become coded replies)."""
+        if call.op == OP_INFER or call.op == OP_INFER_GRPC:
+            return await self._infer(call)
+        if call.op == OP_METADATA:
+            return Reply(0, self.metadata)
+        return Reply(int(ErrorCode.INVALID_ARGUMENT), f"unknown operation {call.op}".encode())
+
+    def _decode(self, call: Call) -> DecodedRequest:
+        if call.op == OP_INFER_GRPC:
+            return decode_grpc_request(call.payload, max_elements=self._max_elements)
+        return decode_infer_request(
+            call.payload, max_elements=self._max_elements, header_length=call.aux or None
+        )
+
+    async def _infer(self, call: Call) -> Reply:
+        timeout = self._timeout_s
+        if call.timeout_ms:
+            timeout = min(timeout or float("inf"), call.timeout_ms / 1000)
+        name, version = self.model.name, self.model.version
+        batcher = self._batcher
+        try:
+            req = self._decode(call)
+            arrays = validate_inputs(self._signature, req.inputs)
+            check_limits(arrays, self._signature.batchable, self._limits)
+            if self._sampler is not None:
+                self._sampler.offer(arrays)
+            result = await batcher.submit(arrays, timeout_s=timeout)
+            outputs = select_outputs(result.outputs, req.outputs)
+            if call.op == OP_INFER_GRPC:
+                body, aux = encode_grpc_response(name, version, outputs, req.id), 0
+            else:
+                binary = req.binary_outputs(list(outputs))
+                body, aux = encode_response(name, version, outputs, req.id, binary)
+        except FlywheelError as exc:
+            return Reply(int(exc.code), exc.message.encode(), Stats(queue_depth=batcher.queue_depth))
+        except Exception as exc:  # a model bug: report it, keep serving
+            log.exception("inference failed in %s:%s", name, version)
+            return Reply(int(ErrorCode.INTERNAL), f"model error: {exc!r}".encode())
+        stats = Stats(
+            int(result.queue_s * 1e6), int(result.compute_s * 1e6), result.batch_rows,
+            batcher.queue_depth, result.leader,
+        )
+        return Reply(0, body, stats, aux)
+
+    async def close(self) -> None:
+        """Let accepted requests finish, then stop the sampler and threads."""
+        if self._batcher is not None:
+            await self._batcher.close()
+        if self._sampler is not None:
+            self._sampler.close()
+        self._executor.shutdown(wait=False)

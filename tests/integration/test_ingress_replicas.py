@@ -1,0 +1,117 @@
+"""Several ingress replicas on one node: they share the public ports
+(SO_REUSEPORT), serve colocated models in-process, add up their metrics, and
+a replica that dies stops getting connections at once."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flywheel.serving import parse_config
+from flywheel.serving.app import deploy, ingress_app_name, undeploy
+
+pytestmark = pytest.mark.integration
+
+BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                               "data": np.linspace(0, 1, 64).tolist()}]}).encode()
+
+
+def _infer(url: str) -> int:
+    """One request on a fresh connection (so the kernel picks a replica)."""
+    req = urllib.request.Request(f"{url}/v2/models/mlp/infer", BODY, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _metric(url: str, name: str, **labels) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _replica_stats(app: str) -> dict[int, int]:
+    """pid -> requests answered, from as many replicas as answer 20 calls."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ingress", app_name=app)
+    seen = {}
+    for _ in range(20):
+        s = handle.replica_stats.remote().result(timeout_s=10)
+        seen[s["pid"]] = s["answered"]
+    return seen
+
+
+@pytest.fixture(scope="module")
+def shared(ray_session, mlp_onnx):
+    cfg = parse_config({"name": "shared", "server": {"port": 0, "grpc_port": 0, "replicas": 2},
+                        "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1}]})
+    dep = deploy(cfg)
+    yield dep
+    undeploy(dep)
+
+
+def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
+    app = ingress_app_name(shared.config)
+    deadline = time.monotonic() + 60
+    while _metric(shared.url, "flywheel_ingress_replicas") < 2:  # both hold a metrics slot
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    before = _metric(shared.url, "flywheel_requests_total", model="mlp", outcome="ok")
+    statuses = [_infer(shared.url) for _ in range(80)]
+    assert statuses == [200] * 80
+    # whichever replica serves the scrape, it reports both replicas' requests
+    for _ in range(4):
+        assert _metric(shared.url, "flywheel_requests_total", model="mlp", outcome="ok") - before == 80
+    answered = _replica_stats(app)
+    assert len(answered) == 2 and all(n > 0 for n in answered.values()), answered
+
+
+def test_grpc_is_served_by_every_replica(shared):
+    import tritonclient.grpc as grpcclient
+
+    for _ in range(10):  # fresh channels: spread over the replicas
+        client = grpcclient.InferenceServerClient(shared.grpc_target)
+        x = np.ones((2, 64), np.float32)
+        inp = grpcclient.InferInput("input", [2, 64], "FP32")
+        inp.set_data_from_numpy(x)
+        assert client.infer("mlp", [inp]).as_numpy("logits").shape == (2, 10)
+        client.close()
+
+
+def test_a_killed_replica_stops_getting_connections_at_once(shared):
+    import ray
+    from ray import serve
+
+    app = ingress_app_name(shared.config)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#ingress")]
+    assert len(names) == 2
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    # the kernel drops a dead process's listening socket: after a moment,
+    # every new connection reaches the survivor
+    while _infer(shared.url) != 200 or any(_infer(shared.url) != 200 for _ in range(5)):
+        assert time.monotonic() - killed < 10, "requests still failing 10 s after the kill"
+        time.sleep(0.05)
+    recovered = time.monotonic() - killed
+    assert [_infer(shared.url) for _ in range(100)] == [200] * 100
+    assert recovered < 5, f"took {recovered:.1f}s"
+    # and Serve brings the replica count back to two
+    deadline = time.monotonic() + 90
+    while serve.status().applications[app].deployments["ingress"].replica_states.get("RUNNING", 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    while len(_replica_stats(app)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
