@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.serving.keys_cli import add_parser as add_keys_parser
 
     add_keys_parser(sub)
+    from flywheel.serving.loadbalancer import add_parser as add_lb_parser
+
+    add_lb_parser(sub)
     from flywheel.bench.harness.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)

