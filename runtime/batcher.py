@@ -7,7 +7,10 @@ Requests wait in one FIFO queue. Whenever a batch slot is free
 empty, a batch leaves at once if
 
 1. no batch is running at all (the model is idle: waiting would only add
-   latency, so an idle batcher never waits out its delay), or
+   latency, so an idle batcher never waits out its delay; its batch is
+   taken one loop turn later, when the task that runs it starts, so that
+   requests read in the same turn, e.g. from several connections at once,
+   go together), or
 2. the queue already holds ``max_batch_size`` rows, or a preferred batch size, or
 3. the oldest queued request has waited ``max_queue_delay_us``.
 
@@ -172,7 +175,8 @@ class DynamicBatcher:
                 f"queue full ({self._cfg.max_queue_size} requests waiting); retry later"
             )
         now = time.monotonic()
-        key = tuple(a.shape[1:] for a in inputs.values())
+        # requests batch together when their non-batch dims agree
+        key = (first.shape[1:],) if len(inputs) == 1 else tuple(a.shape[1:] for a in inputs.values())
         fut = self._loop.create_future()
         deadline = now + timeout_s if timeout_s is not None else None
         self._queue.append(_Pending(inputs, rows, key, fut, now, deadline))
@@ -214,10 +218,12 @@ class DynamicBatcher:
                     self._loop.time() + max(0.0, wake - now), self._dispatch
                 )
                 return
-            batch = self._take(now)
-            if batch:
-                self._running += 1
-                self._loop.create_task(self._run(batch))
+            # The batch is taken when its task starts, not now: requests that
+            # arrive in the same turn of the loop (several connections read in
+            # one poll) join it instead of waiting for the next one.
+            self._running += 1
+            self._loop.create_task(self._run_next())
+            return
 
     def _take(self, now: float) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -251,6 +257,16 @@ class DynamicBatcher:
                 self._queued_rows += p.rows
             del batch[best:]
         return batch
+
+    async def _run_next(self) -> None:
+        batch = self._take(time.monotonic())
+        if not batch:  # every queued caller went away or timed out
+            self._running -= 1
+            self._dispatch()
+            return
+        if self._queue:  # rows left over: another batch slot may take them
+            self._dispatch()
+        await self._run(batch)
 
     async def _run(self, batch: list[_Pending]) -> None:
         # Exception boundary: whatever happens, every caller of this batch gets

@@ -76,11 +76,14 @@ class DecodedRequest:
     def binary_outputs(self, names: list[str]) -> frozenset[str]:
         """Which of ``names`` go back as binary: the per-output ``binary_data``
         parameter wins over the request-level ``binary_data_output``."""
+        if not self.parameters and not self.output_binary:
+            return _NONE
         default = bool((self.parameters or {}).get("binary_data_output", False))
         per = self.output_binary or {}
         return frozenset(n for n in names if per.get(n, default))
 
 
+_NONE: frozenset[str] = frozenset()
 _REQUEST_DECODER = msgspec.json.Decoder(InferRequest)
 _ANY_DECODER = msgspec.json.Decoder()
 _FLOAT_LIST = msgspec.json.Decoder(list[float])

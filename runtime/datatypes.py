@@ -40,8 +40,22 @@ def numpy_dtype(datatype: str) -> np.dtype:
         ) from None
 
 
+_V2_OF: dict[np.dtype, str] = {}  # memo: every response encodes a dtype or two
+
+
 def v2_datatype(dtype: np.dtype) -> str:
     """V2 datatype name for a NumPy dtype (object and str/bytes kinds map to BYTES)."""
+    try:
+        return _V2_OF[dtype]
+    except (KeyError, TypeError):
+        pass
+    name = _v2_datatype(dtype)
+    if isinstance(dtype, np.dtype):
+        _V2_OF[dtype] = name
+    return name
+
+
+def _v2_datatype(dtype: np.dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return "BYTES"

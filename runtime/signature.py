@@ -90,6 +90,7 @@ def validate_inputs(
             )
     out: dict[str, np.ndarray] = {}
     batch: int | None = None
+    batchable = signature.batchable
     for spec in signature.inputs:
         try:
             arr = arrays[spec.name]
@@ -107,7 +108,7 @@ def validate_inputs(
                 f"input {spec.name!r}: shape {list(arr.shape)} does not match "
                 f"the model's {list(spec.shape)} (-1 = any size)"
             )
-        if signature.batchable:
+        if batchable:
             if batch is None:
                 batch = arr.shape[0]
             elif arr.shape[0] != batch:

@@ -107,7 +107,8 @@ class ModelServer:
         self._backend = make_backend(model, registry)
         self._backend.load()
         self._signature = self._backend.signature
-        self._backend.warmup(model.warmup_batch_sizes if self._signature.batchable else (1,))
+        self._batchable = self._signature.batchable
+        self._backend.warmup(model.warmup_batch_sizes if self._batchable else (1,))
         self.metadata = msgspec.json.encode(model_metadata(model, self._backend))
         self._executor = ThreadPoolExecutor(
             model.batching.max_concurrent_batches, thread_name_prefix=f"flywheel-{model.name}"
@@ -121,7 +122,7 @@ class ModelServer:
             self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port)
             self._sampler.start()
         batching = model.batching
-        if not self._signature.batchable:  # no batch axis: one request per call
+        if not self._batchable:  # no batch axis: one request per call
             batching = msgspec.structs.replace(batching, max_batch_size=1)
         executor = None if batching.inline else self._executor
         self._batcher = DynamicBatcher(self._backend.infer, batching, executor=executor)
@@ -150,7 +151,7 @@ class ModelServer:
         try:
             req = self._decode(call)
             arrays = validate_inputs(self._signature, req.inputs)
-            check_limits(arrays, self._signature.batchable, self._limits)
+            check_limits(arrays, self._batchable, self._limits)
             if self._sampler is not None:
                 self._sampler.offer(arrays)
             result = await batcher.submit(arrays, timeout_s=timeout)

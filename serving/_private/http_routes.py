@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 
 from flywheel.runtime.codec import encode_json
 from flywheel.runtime.errors import FlywheelError
@@ -67,16 +66,14 @@ class HttpRoutes:
         except BaseException:
             self._auth.release(key_id)
             raise
-        if inspect.isawaitable(resp):
-            return self._release_after(resp, key_id)
-        self._auth.release(key_id)
-        return resp
-
-    async def _release_after(self, resp, key_id: str) -> Response:
-        try:
-            return await resp
-        finally:
+        if type(resp) is tuple:
             self._auth.release(key_id)
+            return resp
+        # held until the answer is ready, however it ends (a done callback
+        # rather than a wrapping coroutine: one frame less per request)
+        task = asyncio.ensure_future(resp)
+        task.add_done_callback(lambda _t: self._auth.release(key_id))
+        return task
 
     def _route(self, req: Request):
         path = req.path

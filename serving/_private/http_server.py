@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,10 +138,11 @@ class _Connection(asyncio.Protocol):
         keep_alive = self._parser.should_keep_alive()
         self._reset()
         result = self._handler(req)
-        if not inspect.isawaitable(result) and not self._pending:
+        ready = type(result) is tuple  # a Response now (most routes but infer)
+        if ready and not self._pending:
             self._write(result, close=not keep_alive)
             return
-        fut = asyncio.ensure_future(result) if inspect.isawaitable(result) else _done(result)
+        fut = _done(result) if ready else asyncio.ensure_future(result)
         fut.keep_alive = keep_alive  # type: ignore[attr-defined]
         self._pending.append(fut)
         fut.add_done_callback(self._flush)

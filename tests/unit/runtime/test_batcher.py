@@ -62,10 +62,10 @@ def test_concurrent_requests_of_different_sizes_share_a_batch_and_get_their_rows
         return results
 
     results = run(main())
-    # the first request runs alone (idle model); the other four wait for it and go together
-    assert calls == [1, 10]
-    assert [r.leader for r in results] == [True, True, False, False, False]
-    assert results[1].batch_rows == 10
+    # submitted in the same turn of the loop: the idle model takes them all at once
+    assert calls == [11]
+    assert [r.leader for r in results] == [True, False, False, False, False]
+    assert results[1].batch_rows == 11
 
 
 def test_idle_batcher_does_not_wait_for_its_delay():
@@ -187,7 +187,8 @@ def test_preferred_batch_size_caps_the_batch():
         await asyncio.gather(*(b.submit(rows(i, 1)) for i in range(7)))
 
     run(main())
-    assert calls == [1, 4, 2]
+    # all seven arrive in one turn: the first batch stops at the preferred 4
+    assert calls == [4, 3]
 
 
 def test_close_lets_accepted_requests_finish_then_refuses():
