@@ -81,7 +81,7 @@ async def _worker(host, port, request, stop_at, record_from, result: LoadResult)
                 else:
                     result.errors += 1
                     if len(result.error_samples) < 5:
-                        result.error_samples.append((head.split(b"\r\n")[0] + b" " + body[:200]).decode("replace"))
+                        result.error_samples.append((head.split(b"\r\n")[0] + b" " + body[:200]).decode(errors="replace"))
     finally:
         writer.close()
 
