@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: run test bench clean-venv system-deps
+.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
@@ -35,7 +35,26 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest
 
-bench: $(STAMP)
+# The latency benchmark loads servers with nghttp2's h2load (a C client) when
+# it is installed; as root with apt-get, install it.
+bench-deps:
+	@if ! command -v h2load >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's nghttp2-client (h2load) for the latency benchmark ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
+	  else \
+	    echo "note: no h2load; the latency benchmark falls back to its Python client"; \
+	  fi; \
+	fi
+
+# MLServer, the latency benchmark's second reference, in its own environment
+# (its pins do not fit ours; uvloop 0.21: MLServer 1.7's workers fail on 0.23).
+bench-mlserver:
+	test -x .venv-mlserver/bin/python || $(PYTHON) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install --quiet mlserver==1.7.1 onnxruntime==1.32.0 uvloop==0.21.0
+
+bench: $(STAMP) bench-deps
+	$(PY) -m flywheel.bench.latency
 	$(PY) -m flywheel.bench.serving
 	$(PY) -m flywheel.bench.wire
 	$(PY) -m flywheel.bench.drift

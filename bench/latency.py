@@ -1,0 +1,454 @@
+"""Request-path benchmark: Flywheel against plain Ray Serve, on one machine.
+
+    python -m flywheel.bench.latency [--duration 5] [--replicas 2] [--out bench/results]
+
+One invocation measures, one after the other on this machine, the same ONNX
+model (an MLP 64->512->512->10, 1 row per request) behind:
+
+- **flywheel**: Flywheel on Ray Serve as deployed (``server.replicas``
+  ingress replicas sharing the ports, the model colocated in them), with
+  routing, validation, metrics and API-key auth on; over HTTP JSON, HTTP
+  binary tensors and gRPC;
+- **flywheel, no Ray**: the same server in as many plain processes
+  (``flywheel.bench.standalone``), the floor for our request path;
+- **ray serve**: the plain Ray Serve deployment of ``rayserve_ref`` (Starlette
+  request, ``@serve.batch``) through Serve's HTTP and gRPC proxies;
+- **ray serve, direct ingress**: the same with
+  ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (each replica serves its own ports;
+  load is split across them).
+
+Closed loop at concurrency 1, 8 and 32, fixed duration after a warm-up,
+loopback only; load from h2load when installed (see bench/h2load.py), else
+from the Python client in bench/loadgen.py (which then limits what can be
+shown, and says so). Prints throughput and p50/p90/p99 per point, the ratios
+to the references at the highest concurrency and the issue's targets, and
+writes latency.json and latency.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from flywheel.bench import h2load
+from flywheel.bench.common import export_model
+from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
+from flywheel.bench.mlserver_ref import default_venv, installed
+
+HPARAMS = {"in_features": 64, "hidden": [512, 512], "out_features": 10}
+GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+MODEL = "mlp"
+
+
+@dataclass(frozen=True)
+class Path:
+    """One way in: ``urls`` (one per listening replica) and what to send."""
+
+    label: str  # "http json", "http binary", "grpc"
+    urls: tuple[str, ...]
+    target: h2load.Target
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> bytes:
+    req = urllib.request.Request(url, body, headers, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.read()
+
+
+def _grpc_call(host_port: str, message: bytes, metadata: tuple = ()) -> bytes:
+    import grpc
+
+    with grpc.insecure_channel(host_port) as ch:
+        return ch.unary_unary(GRPC_PATH)(message, timeout=30, metadata=metadata)
+
+
+def _check(path: Path, expected: np.ndarray) -> Path:
+    """One real request per path before loading it: the answer must be the
+    model's (so that a fast error is never measured as a fast answer); also
+    learns a good answer's size for h2load's gRPC error check."""
+    from flywheel.serving._private.proto import inference_pb2 as pb
+
+    t = path.target
+    headers = dict(h.split(": ", 1) for h in t.headers)
+    for url in path.urls:
+        if t.grpc:
+            host_port = url.split("//", 1)[1].split("/", 1)[0]
+            meta = tuple((k.lower(), v) for k, v in headers.items() if k.lower() not in ("content-type", "te"))
+            raw = _grpc_call(host_port, t.body[5:], meta)
+            answer = pb.ModelInferResponse.FromString(raw)
+            if answer.raw_output_contents:
+                got = np.frombuffer(answer.raw_output_contents[0], np.float32)
+            else:  # typed contents (MLServer answers so)
+                got = np.asarray(answer.outputs[0].contents.fp32_contents, np.float32)
+            good = len(raw)
+        else:
+            raw = _post(url, t.body, headers)
+            if "inference-header-content-length" in {k.lower() for k in headers}:
+                got = np.frombuffer(raw[-4 * expected.size:], np.float32)
+            else:
+                got = np.asarray(json.loads(raw)["outputs"][0]["data"], np.float32)
+            good = len(raw)
+        if not np.allclose(got.reshape(expected.shape), expected, atol=1e-4):
+            raise RuntimeError(f"{path.label} at {url}: wrong answer {got[:4]}...")
+    return Path(path.label, path.urls, h2load.Target(t.url, t.body, t.headers, t.grpc, good))
+
+
+def _measure(path: Path, concurrency: int, duration: float, warmup: float) -> LoadResult:
+    if h2load.available():
+        return h2load.run(list(path.urls), path.target, concurrency=concurrency, duration_s=duration,
+                          warmup_s=warmup)
+    # Python client fallback: first URL only
+    url = path.urls[0]
+    host_port, _, route = url.split("//", 1)[1].partition("/")
+    host, port = host_port.rsplit(":", 1)
+    t = path.target
+    if t.grpc:
+        return run_grpc_load(host_port, GRPC_PATH, t.body[5:], concurrency=concurrency, duration_s=duration,
+                             warmup_s=warmup)
+    extra = "".join(f"{h}\r\n" for h in t.headers if not h.lower().startswith("content-type"))
+    request = build_request("/" + route, t.body).replace(b"\r\n\r\n", b"\r\n" + extra.encode() + b"\r\n", 1)
+    return run_load(host, int(port), request, concurrency=concurrency, duration_s=duration, warmup_s=warmup)
+
+
+# -- payloads ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Payloads:
+    x: np.ndarray
+    expected: np.ndarray
+    json: bytes
+    binary: bytes
+    binary_header: int
+    grpc: bytes  # 5-byte gRPC framing + ModelInferRequest
+
+
+def _payloads(model_path: str) -> Payloads:
+    import onnxruntime as ort
+
+    from flywheel.bench.harness.payloads import encode
+    from flywheel.bench.harness.scenario import OutputSpec
+
+    x = np.random.default_rng(7).random((1, HPARAMS["in_features"]), dtype=np.float32)
+    expected = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    bodies = encode(MODEL, "", {"input": x}, {"input": "FP32"}, [OutputSpec("logits")])
+    framed = b"\x00" + len(bodies.grpc).to_bytes(4, "big") + bodies.grpc
+    return Payloads(x, expected, bodies.json, bodies.binary, bodies.binary_header_length, framed)
+
+
+def _flywheel_paths(http_port: int, grpc_port: int, p: Payloads, token: str) -> list[Path]:
+    auth = (f"authorization: Bearer {token}",) if token else ()
+    url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/infer"
+    return [
+        Path("http json", (url,), h2load.Target(url, p.json, ("content-type: application/json", *auth))),
+        Path("http binary", (url,), h2load.Target(url, p.binary, (
+            "content-type: application/octet-stream", f"inference-header-content-length: {p.binary_header}", *auth))),
+        Path("grpc", (f"http://127.0.0.1:{grpc_port}{GRPC_PATH}",), h2load.Target(
+            f"http://127.0.0.1:{grpc_port}{GRPC_PATH}", p.grpc,
+            ("content-type: application/grpc", "te: trailers", *auth), grpc=True)),
+    ]
+
+
+# -- the systems under test ---------------------------------------------------
+
+def _flywheel_config(model_path: str, replicas: int, registry_uri: str, auth: bool) -> dict:
+    return {
+        "name": "latency",
+        "server": {"port": _free_port(), "grpc_port": _free_port(), "replicas": replicas,
+                   "auth": {"enabled": auth}},
+        "registry": {"uri": registry_uri},
+        "models": [{
+            "name": MODEL, "path": model_path, "num_cpus": 0.5,
+            "batching": {"max_batch_size": 64, "max_queue_delay_us": 0, "inline": True},
+            "warmup_batch_sizes": [1, 8, 32, 64],
+        }],
+    }
+
+
+@contextlib.contextmanager
+def _ray(env: dict[str, str] | None = None) -> Iterator[None]:
+    import ray
+    from ray import serve
+
+    from flywheel.serving import load_settings, start_ray
+
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    start_ray(msgspec.structs.replace(load_settings(), ray_address=""), num_cpus=4, log_to_driver=False)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def flywheel_on_ray(cfg: dict, p: Payloads, token: str) -> Iterator[list[Path]]:
+    from flywheel.serving import parse_config
+    from flywheel.serving.app import deploy, undeploy
+
+    with _ray():
+        dep = deploy(parse_config(cfg))
+        try:
+            yield _flywheel_paths(cfg["server"]["port"], cfg["server"]["grpc_port"], p, token)
+        finally:
+            undeploy(dep)
+
+
+@contextlib.contextmanager
+def flywheel_without_ray(cfg: dict, p: Payloads, token: str) -> Iterator[list[Path]]:
+    procs = [subprocess.Popen([sys.executable, "-m", "flywheel.bench.standalone", json.dumps(cfg)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(cfg["server"]["replicas"])]
+    try:
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("the standalone server did not start")
+        yield _flywheel_paths(cfg["server"]["port"], cfg["server"]["grpc_port"], p, token)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
+def _ports_listening(first: int, count: int = 20) -> list[int]:
+    found = []
+    for port in range(first, first + count):
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                found.append(port)
+    return found
+
+
+@contextlib.contextmanager
+def ray_serve(model_path: str, p: Payloads, replicas: int, direct: bool) -> Iterator[list[Path]]:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from flywheel.bench.rayserve_ref import GRPC_SERVICER, RayServeModel
+
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"} if direct else {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    http_port, grpc_port = _free_port(), _free_port()
+    with _ray(env):
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+        # max_ongoing_requests: Serve's default of 5 would cap every batch at 5
+        app = RayServeModel.options(num_replicas=replicas, max_ongoing_requests=64,
+                                    ray_actor_options={"num_cpus": 0.5}).bind(model_path, MODEL)
+        serve.run(app, name="ref", route_prefix="/ref")
+        if direct:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                http_ports, grpc_ports = _ports_listening(30000), _ports_listening(40000)
+                if len(http_ports) >= replicas and len(grpc_ports) >= replicas:
+                    break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"direct-ingress replicas not listening: {http_ports} {grpc_ports}")
+        else:
+            http_ports, grpc_ports = [http_port], [grpc_port]
+        urls = tuple(f"http://127.0.0.1:{port}/ref" for port in http_ports)
+        grpc_urls = tuple(f"http://127.0.0.1:{port}{GRPC_PATH}" for port in grpc_ports)
+        yield [
+            Path("http json", urls, h2load.Target(urls[0], p.json, ("content-type: application/json",))),
+            Path("grpc", grpc_urls, h2load.Target(grpc_urls[0], p.grpc, (
+                "content-type: application/grpc", "te: trailers", "application: ref"), grpc=True)),
+        ]
+        serve.delete("ref")
+
+
+@contextlib.contextmanager
+def mlserver_reference(venv: str, model_path: str, p: Payloads) -> Iterator[list[Path]]:
+    from flywheel.bench.mlserver_ref import mlserver
+
+    http_port, grpc_port = _free_port(), _free_port()
+    with mlserver(venv, model_path, MODEL, http_port, grpc_port):
+        url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/infer"
+        grpc_url = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}"
+        yield [
+            Path("http json", (url,), h2load.Target(url, p.json, ("content-type: application/json",))),
+            Path("grpc", (grpc_url,), h2load.Target(grpc_url, p.grpc, (
+                "content-type: application/grpc", "te: trailers"), grpc=True)),
+        ]
+
+
+# -- report -------------------------------------------------------------------
+
+def _row(system: str, path: str, res: LoadResult) -> dict:
+    return {"system": system, "path": path, **res.summary()}
+
+
+def _print_row(r: dict) -> None:
+    err = f"  errors {r['errors']} {r['error_samples'][:1]}" if r["errors"] else ""
+    print(f"  {r['system']:<27}{r['path']:<13}c={r['concurrency']:<3}{r['throughput_rps']:>9.0f} req/s  "
+          f"p50 {r['p50_ms']:7.3f}  p90 {r['p90_ms']:7.3f}  p99 {r['p99_ms']:7.3f} ms{err}", flush=True)
+
+
+def _summary(rows: list[dict], top: int) -> list[str]:
+    def get(system, path, c):
+        return next((r for r in rows if r["system"] == system and r["path"] == path and r["concurrency"] == c), None)
+
+    lines = [f"ratios at concurrency {top} (throughput):"]
+    for path in ("http json", "http binary", "grpc"):
+        fw = get("flywheel", path, top)
+        if fw is None:
+            continue
+        parts = []
+        for ref in ("ray serve", "ray serve, direct ingress", "mlserver"):
+            r = get(ref, path, top) or get(ref, "http json" if path.startswith("http") else path, top)
+            if r and r["throughput_rps"]:
+                parts.append(f"x{fw['throughput_rps'] / r['throughput_rps']:.1f} vs {ref}")
+        floor = get("flywheel, no ray", path, top)
+        if floor and fw["throughput_rps"]:
+            parts.append(f"no-Ray floor / flywheel = {floor['throughput_rps'] / fw['throughput_rps']:.2f}")
+        lines.append(f"  flywheel {path:<12} " + "; ".join(parts))
+    targets = []
+    h1 = get("flywheel", "http json", 1)
+    h32 = get("flywheel", "http json", top)
+    g32 = get("flywheel", "grpc", top)
+    if h1:
+        targets.append(("HTTP c=1 p50 <= 0.5 ms", h1["p50_ms"] <= 0.5, f"{h1['p50_ms']:.3f} ms"))
+    if h32:
+        targets.append((f"HTTP c={top} >= 8000 req/s, p99 <= 10 ms",
+                        h32["throughput_rps"] >= 8000 and h32["p99_ms"] <= 10,
+                        f"{h32['throughput_rps']:.0f} req/s, p99 {h32['p99_ms']:.2f} ms"))
+    if g32:
+        targets.append((f"gRPC c={top} >= 3000 req/s", g32["throughput_rps"] >= 3000,
+                        f"{g32['throughput_rps']:.0f} req/s"))
+    lines.append("targets (issue 11):")
+    lines += [f"  {'met ' if ok else 'MISS'} {name}: {value}" for name, ok, value in targets]
+    return lines
+
+
+def _plot(rows: list[dict], path: str, top: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for k, system in enumerate(systems):
+        for ax, (c, field, label) in zip(axes, ((top, "throughput_rps", f"requests/s at concurrency {top}"),
+                                                (1, "p50_ms", "p50 latency (ms) at concurrency 1"))):
+            vals = [next((r[field] for r in rows if r["system"] == system and r["path"] == p
+                          and r["concurrency"] == c), 0) for p in paths]
+            ax.bar(np.arange(len(paths)) + k * width, vals, width, label=system)
+            ax.set_ylabel(label)
+    for ax in axes:
+        ax.set_xticks(np.arange(len(paths)) + width * (len(systems) - 1) / 2, paths)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("MLP 64-512-512-10, 1 row per request, closed loop, loopback, 2 cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per point")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--replicas", type=int, default=2, help="replicas of every system (one per core here)")
+    ap.add_argument("--only", default="", help="comma-separated subset: flywheel,noray,rayserve,direct,mlserver")
+    ap.add_argument("--mlserver-venv", default=default_venv(),
+                    help="virtual environment with MLServer (default .venv-mlserver or $FLYWHEEL_MLSERVER_VENV)")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    only = set(filter(None, args.only.split(","))) or {"flywheel", "noray", "rayserve", "direct", "mlserver"}
+
+    from flywheel.registry.keys import KeyStore
+
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="fw-bench-latency-")
+    print("load generator:", "h2load (nghttp2)" if h2load.available() else
+          "Python (bench/loadgen.py; install nghttp2-client for h2load, which leaves the server more CPU)")
+    print("exporting the model ...", flush=True)
+    model_path = export_model("mlp", HPARAMS, os.path.join(work, "mlp.onnx"))
+    uri = f"sqlite:///{work}/registry.db"
+    store = KeyStore.open(uri)
+    _, token = store.create("bench", ["predict"], actor="bench")
+    store.close()
+    payloads = _payloads(model_path)
+    cfg = _flywheel_config(model_path, args.replicas, uri, auth=True)
+
+    systems = [
+        ("flywheel", "flywheel", lambda: flywheel_on_ray(cfg, payloads, token)),
+        ("noray", "flywheel, no ray", lambda: flywheel_without_ray(
+            {**cfg, "server": {**cfg["server"], "port": _free_port(), "grpc_port": _free_port()}}, payloads, token)),
+        ("rayserve", "ray serve", lambda: ray_serve(model_path, payloads, args.replicas, direct=False)),
+        ("direct", "ray serve, direct ingress", lambda: ray_serve(model_path, payloads, args.replicas, direct=True)),
+        ("mlserver", "mlserver", lambda: mlserver_reference(args.mlserver_venv, model_path, payloads)),
+    ]
+    if "mlserver" in only and not installed(args.mlserver_venv):
+        print(f"mlserver: not measured: no MLServer in {args.mlserver_venv} (make bench-mlserver creates it)")
+        only.discard("mlserver")
+    rows: list[dict] = []
+    for key, system, start in systems:
+        if key not in only:
+            continue
+        print(f"{system}: starting ...", flush=True)
+        try:
+            with start() as paths:
+                for path in paths:
+                    path = _check(path, payloads.expected)
+                    for c in levels:
+                        row = _row(system, path.label, _measure(path, c, args.duration, args.warmup))
+                        rows.append(row)
+                        _print_row(row)
+        except Exception as exc:  # noqa: BLE001 - a reference that fails is reported, the rest still runs
+            print(f"  {system}: not measured: {exc!r}", flush=True)
+            if os.environ.get("FLYWHEEL_BENCH_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
+    print()
+    print(f"{'system':<27}{'path':<13}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for r in rows:
+        print(f"{r['system']:<27}{r['path']:<13}{r['concurrency']:>5}{r['throughput_rps']:>10.0f}"
+              f"{r['p50_ms']:>9.3f}{r['p90_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['errors']:>8}")
+    print()
+    top = max(levels)
+    for line in _summary(rows, top):
+        print(line)
+    result = {"duration_s": args.duration, "replicas": args.replicas, "model": HPARAMS,
+              "load_generator": "h2load" if h2load.available() else "python", "rows": rows}
+    with open(os.path.join(args.out, "latency.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if rows:
+        _plot(rows, os.path.join(args.out, "latency.png"), top)
+    print(f"\nwrote {args.out}/latency.json and {args.out}/latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
