@@ -186,7 +186,8 @@ def deploy(
         ray_actor_options={"num_cpus": server.ingress_num_cpus + sum(m.num_cpus for m in colocated)},
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
-        graceful_shutdown_timeout_s=2.0,
+        # colocated models drain their batches on close (up to 5 s), like dedicated replicas
+        graceful_shutdown_timeout_s=6.0 if colocated else 2.0,
     )
     serve.run(
         ingress.bind(

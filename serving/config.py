@@ -105,8 +105,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("server.request_timeout_ms must be >= 0")
         if self.ingress_num_cpus < 0:
             raise ConfigError("server.ingress_num_cpus must be >= 0")
-        if self.replicas < 1:
-            raise ConfigError("server.replicas must be >= 1")
+        if not 1 <= self.replicas <= 32:
+            raise ConfigError("server.replicas must lie in [1, 32] (per node: they share its ports)")
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_tensor_elements, self.max_batch_rows, self.max_bytes_element,
@@ -198,7 +198,11 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         called in-process, the low-latency path; it scales with
         ``server.replicas``. ``dedicated``: its own Serve deployment, reached
         over a loopback hop; for models that need their own processes,
-        replica count or isolation from the others.
+        replica count or isolation from the others. A colocated model with
+        ``batching.inline`` runs on the ingress's loop and holds up every
+        other request of that replica while it runs: only for models that
+        take well under a millisecond. (Before placement existed every model
+        was dedicated: a config with ``replicas`` > 1 now says so.)
     replicas / num_cpus: Serve replicas (dedicated only) and Ray CPUs per
         replica (fractional ok; a colocated model adds its num_cpus to each
         ingress replica's).

@@ -112,14 +112,26 @@ def metrics_path(key: str) -> str:
     return os.path.join(base, f"flywheel-metrics-{os.getuid()}-{digest}")
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (0 if unknown): with
+    the pid, it tells a live owner from a new process that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid: int, started: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return started == 0 or _start_time(pid) in (0, started)
 
 
 class ServingMetrics:
@@ -127,17 +139,25 @@ class ServingMetrics:
 
     ``models`` fixes the layout (every replica of a deployment serves the
     same list); ``key`` names the deployment (the replicas sharing a port
-    share a key). Without a key the numbers stay in this process."""
+    share a key). Without a key the numbers stay in this process.
+    ``dedicated`` names the models whose queue depth every replica reports
+    for the same model replicas (rendered as the largest report, not the sum).
+    """
 
-    def __init__(self, models: list[tuple[str, str]], key: str = "") -> None:
+    def __init__(self, models: list[tuple[str, str]], key: str = "",
+                 dedicated: frozenset[tuple[str, str]] = frozenset()) -> None:
         self._models = list(dict.fromkeys(models))
+        self._dedicated = dedicated
         floats = max(1, len(self._models)) * BLOCK
-        self._path = metrics_path(f"{key}|{self._models}") if key else ""
+        # the layout is part of the name: other code on the node (an upgrade
+        # rolling through) gets its own file rather than a clash
+        self._path = metrics_path(f"{key}|{self._models}|{_MAGIC}|{SLOTS}|{BLOCK}") if key else ""
         self._mm: mmap.mmap | None = None
+        self._closed = False
         if self._path:
             self._owners, self._data, self._slot = self._attach(floats)
         else:
-            self._owners = np.array([os.getpid()], np.int64)
+            self._owners = np.array([[os.getpid(), 0]], np.int64)
             self._data = np.zeros((1, floats))
             self._slot = 0
         mine = self._data[self._slot]
@@ -148,37 +168,59 @@ class ServingMetrics:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
+        for _ in range(100):
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield fd
-            finally:
-                # explicitly: the mmap holds a dup of fd, which would keep
-                # the lock of the shared open file description otherwise
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            st, now = os.fstat(fd), None
+            with contextlib.suppress(OSError):
+                now = os.stat(self._path)
+            if st.st_nlink and now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                break
+            # the last replica removed the file while we waited: open the new one
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        else:
+            raise RuntimeError(f"cannot lock {self._path}")
+        try:
+            yield fd
         finally:
+            # explicitly: the mmap holds a dup of fd, which would keep the
+            # lock of the shared open file description otherwise
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def _live(self, owners: np.ndarray, i: int) -> bool:
+        return _alive(int(owners[i, 0]), int(owners[i, 1]))
+
     def _attach(self, floats: int):
-        size = 8 * (_HEADER + SLOTS + SLOTS * floats)
+        size = 8 * (_HEADER + 2 * SLOTS + SLOTS * floats)
         with self._locked() as fd:
-            if os.fstat(fd).st_size != size:  # new (or from an older layout): start over
-                os.ftruncate(fd, 0)
+            have = os.fstat(fd).st_size
+            if have == 0:  # new: only its creator sizes it (the name fixes the layout)
                 os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)  # a full /dev/shm fails here, not with SIGBUS later
+            elif have != size:  # never resized under others' maps
+                raise RuntimeError(f"{self._path} has {have} bytes, not the {size} of this layout")
             self._mm = mmap.mmap(fd, size)
             header = np.frombuffer(self._mm, np.int64, _HEADER)
+            if header[0] not in (0, _MAGIC):
+                raise RuntimeError(f"{self._path} is not a Flywheel metrics file")
             header[:3] = (_MAGIC, SLOTS, floats)
-            owners = np.frombuffer(self._mm, np.int64, SLOTS, 8 * _HEADER)
-            data = np.frombuffer(self._mm, np.float64, SLOTS * floats, 8 * (_HEADER + SLOTS)).reshape(SLOTS, floats)
-            pid = os.getpid()
-            free = [i for i in range(SLOTS) if owners[i] == 0 or not _alive(int(owners[i]))]
+            owners = np.frombuffer(self._mm, np.int64, 2 * SLOTS, 8 * _HEADER).reshape(SLOTS, 2)
+            data = np.frombuffer(self._mm, np.float64, SLOTS * floats, 8 * (_HEADER + 2 * SLOTS))
+            data = data.reshape(SLOTS, floats)
+            free = [i for i in range(SLOTS) if not self._live(owners, i)]
             if not free:
                 raise RuntimeError(f"all {SLOTS} metrics slots of {self._path} are held by live processes")
             slot = free[0]
-            owners[slot] = pid
+            owners[slot] = (os.getpid(), _start_time(os.getpid()))
             data[slot, _OFF_DEPTH::BLOCK] = 0  # gauges of a departed replica
             return owners, data, slot
+
+    @property
+    def path(self) -> str:
+        """The shared file ("" when the numbers stay in this process)."""
+        return self._path
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
         return self._by_key[(name, version)]
@@ -189,8 +231,10 @@ class ServingMetrics:
     def render(self) -> bytes:
         data = self._data
         total = data.sum(axis=0)
-        live = [i for i in range(len(self._owners)) if self._owners[i] and (i == self._slot or _alive(int(self._owners[i])))]
-        depth = data[live].sum(axis=0) if live else total * 0
+        live = [i for i in range(len(self._owners))
+                if (i == self._slot and not self._closed) or self._live(self._owners, i)]
+        depth_sum = data[live].sum(axis=0) if live else total * 0
+        depth_max = data[live].max(axis=0) if live else total * 0
         out: list[str] = []
         blocks = [(f'model="{_escape(n)}"', f'version="{_escape(v)}"', i * BLOCK) for i, (n, v) in enumerate(self._models)]
         # counters are announced by their sample name, as prometheus_client does
@@ -214,7 +258,9 @@ class ServingMetrics:
                 out.append(f"{name}_sum{{{labels}}} {float(total[base + off + len(bounds) + 1])!r}")
         out += ["# HELP flywheel_queue_depth Requests queued in the replicas, as last reported",
                 "# TYPE flywheel_queue_depth gauge"]
-        out += [f"flywheel_queue_depth{{{m},{v}}} {int(depth[b + _OFF_DEPTH])}" for m, v, b in blocks]
+        for (name, version), (m, v, b) in zip(self._models, blocks):
+            depth = depth_max if (name, version) in self._dedicated else depth_sum
+            out.append(f"flywheel_queue_depth{{{m},{v}}} {int(depth[b + _OFF_DEPTH])}")
         out += ["# HELP flywheel_replica_retries_total Requests sent again after their replica connection failed",
                 "# TYPE flywheel_replica_retries_total counter"]
         out += [f"flywheel_replica_retries_total{{{m},{v}}} {int(total[b + _OFF_RETRIES])}" for m, v, b in blocks]
@@ -224,18 +270,15 @@ class ServingMetrics:
 
     def close(self) -> None:
         """Give the slot back (its counts stay for the next owner); the last
-        replica out removes the file."""
-        if self._mm is None:
+        replica out removes the file. Rendering still works afterwards."""
+        if self._mm is None or self._closed:
             return
+        self._closed = True
         with self._locked():
-            self._owners[self._slot] = 0
+            self._owners[self._slot] = (0, 0)
             self._data[self._slot, _OFF_DEPTH::BLOCK] = 0
-            last = not any(self._owners[i] and _alive(int(self._owners[i])) for i in range(SLOTS))
-            if last:
+            if not any(self._live(self._owners, i) for i in range(SLOTS)):
                 with contextlib.suppress(OSError):
                     os.unlink(self._path)
-        self._by_key.clear()
-        self._owners = self._data = None  # drop the views before the map
-        mm, self._mm = self._mm, None
-        with contextlib.suppress(BufferError):
-            mm.close()
+        # the map stays open while views of it exist (numpy holds them);
+        # it goes with the last of them

@@ -179,4 +179,3 @@ class Router:
     def close(self) -> None:
         for m in self.models():
             m.channel.close()
-        self.metrics.close()

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flywheel.serving._private.wire import Stats
-from flywheel.serving.metrics import ServingMetrics, metrics_path
+from flywheel.serving.metrics import ServingMetrics
 
 MODELS = [("m", "1"), ("m", "2")]
 OK = Stats(queue_us=100, compute_us=300, batch_rows=4, queue_depth=2, leader=True)
@@ -35,8 +35,8 @@ def requests(metrics, version="1", outcome="ok"):
 def key():
     k = f"test-{uuid.uuid4()}"
     yield k
-    if os.path.exists(metrics_path(f"{k}|{MODELS}")):
-        os.unlink(metrics_path(f"{k}|{MODELS}"))
+    path = ServingMetrics(MODELS, key=k).path  # (attaching creates it, if gone)
+    os.unlink(path)
 
 
 def test_histograms_count_by_upper_bound_and_keep_sums():
@@ -64,9 +64,12 @@ def test_replicas_with_one_key_add_up_and_a_departed_ones_counts_stay(key):
     c = ServingMetrics(MODELS, key=key)  # takes the free slot over and goes on counting
     c.observe("m", "1", "ok", 0.001, OK)
     assert requests(a) == 5
+    path = a.path
     a.close()
+    assert os.path.exists(path)
     c.close()
-    assert not os.path.exists(metrics_path(f"{key}|{MODELS}"))  # the last one out removes the file
+    assert not os.path.exists(path)  # the last one out removes the file
+    assert requests(a) == 5  # and a closed one still renders
 
 
 def test_a_killed_replicas_slot_is_taken_over(key):
