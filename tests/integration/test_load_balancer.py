@@ -87,6 +87,19 @@ def test_the_written_config_checks_every_node_on_its_ready_route():
     assert "retry-on conn-failure empty-response" in text
 
 
+def test_nodes_must_be_reachable_from_the_balancer():
+    from flywheel.runtime.errors import ConfigError
+    from flywheel.serving.config import AuthConfig, ServerConfig
+    from flywheel.serving.loadbalancer import nodes_for
+
+    with pytest.raises(ConfigError, match="bind 0.0.0.0"):
+        nodes_for(ServerConfig(host="127.0.0.1"), ["10.0.0.1", "10.0.0.2"])
+    with pytest.raises(ConfigError, match="fixed ports"):
+        nodes_for(ServerConfig(host="0.0.0.0", port=0, auth=AuthConfig(enabled=True)), ["10.0.0.1"])
+    nodes = nodes_for(ServerConfig(host="0.0.0.0", auth=AuthConfig(enabled=True)), ["10.0.0.1"])
+    assert nodes == [Node("10.0.0.1", 8000, 9000)]
+
+
 def test_a_dead_node_loses_no_request_and_is_taken_out(cluster):
     import tritonclient.grpc as grpcclient
 
