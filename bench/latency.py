@@ -320,9 +320,11 @@ def _summary(rows: list[dict], top: int) -> list[str]:
             continue
         parts = []
         for ref in ("ray serve", "ray serve, direct ingress", "mlserver"):
-            r = get(ref, path, top) or get(ref, "http json" if path.startswith("http") else path, top)
+            r, theirs = get(ref, path, top), ""
+            if r is None and path.startswith("http"):  # the references speak JSON only
+                r, theirs = get(ref, "http json", top), " (their json)"
             if r and r["throughput_rps"]:
-                parts.append(f"x{fw['throughput_rps'] / r['throughput_rps']:.1f} vs {ref}")
+                parts.append(f"x{fw['throughput_rps'] / r['throughput_rps']:.1f} vs {ref}{theirs}")
         floor = get("flywheel, no ray", path, top)
         if floor and fw["throughput_rps"]:
             parts.append(f"no-Ray floor / flywheel = {floor['throughput_rps'] / fw['throughput_rps']:.2f}")

@@ -28,7 +28,7 @@ class RayServeModel:
         self._output = self._session.get_outputs()[0].name
         self._name = name
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _infer(self, rows: list[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(r) for r in rows]
         out = self._session.run([self._output], {self._input: np.concatenate(rows)})[0]
