@@ -4,9 +4,7 @@ a replica that dies stops getting connections at once."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -17,23 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, ingress_app_name, undeploy
 
+from _requests import infer_status
+
 pytestmark = pytest.mark.integration
-
-BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                               "data": np.linspace(0, 1, 64).tolist()}]}).encode()
-
-
-def _infer(url: str) -> int:
-    """One request on a fresh connection (so the kernel picks a replica)."""
-    req = urllib.request.Request(f"{url}/v2/models/mlp/infer", BODY, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
 
 def _metric(url: str, name: str, **labels) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
@@ -69,7 +53,7 @@ def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     before = _metric(shared.url, "flywheel_requests_total", model="mlp", outcome="ok")
-    statuses = [_infer(shared.url) for _ in range(80)]
+    statuses = [infer_status(shared.url) for _ in range(80)]
     assert statuses == [200] * 80
     # whichever replica serves the scrape, it reports both replicas' requests
     for _ in range(4):
@@ -110,11 +94,11 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     killed = time.monotonic()
     # the kernel drops a dead process's listening socket: after a moment,
     # every new connection reaches the survivor
-    while _infer(shared.url) != 200 or any(_infer(shared.url) != 200 for _ in range(5)):
+    while infer_status(shared.url) != 200 or any(infer_status(shared.url) != 200 for _ in range(5)):
         assert time.monotonic() - killed < 10, "requests still failing 10 s after the kill"
         time.sleep(0.05)
     recovered = time.monotonic() - killed
-    assert [_infer(shared.url) for _ in range(100)] == [200] * 100
+    assert [infer_status(shared.url) for _ in range(100)] == [200] * 100
     assert recovered < 5, f"took {recovered:.1f}s"
     # and Serve brings the replica count back to two
     deadline = time.monotonic() + 90

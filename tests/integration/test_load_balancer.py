@@ -6,25 +6,20 @@ every request answered."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 
 from flywheel.serving.loadbalancer import Node, haproxy_config
 
+from _requests import infer_status
+
 pytestmark = pytest.mark.integration
-
-BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                               "data": np.linspace(0, 1, 64).tolist()}]}).encode()
-
 
 def _port() -> int:
     with socket.socket() as s:
@@ -33,15 +28,7 @@ def _port() -> int:
 
 
 def _infer(port: int) -> int:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mlp/infer", BODY,
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+    return infer_status(f"http://127.0.0.1:{port}")
 
 
 def _node(mlp_onnx: str) -> tuple[subprocess.Popen, Node]:
