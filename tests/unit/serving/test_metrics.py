@@ -86,3 +86,22 @@ def test_a_killed_replicas_slot_is_taken_over(key):
     assert requests(a) == 1
     assert samples(a)[("flywheel_ingress_replicas", ())] == 1  # the dead one is not counted as alive
     a.close()
+
+
+def test_files_left_by_killed_replicas_are_swept_by_the_next_deployment(key):
+    code = (
+        "import os\n"
+        "from flywheel.serving.metrics import ServingMetrics\n"
+        f"m = ServingMetrics({MODELS!r}, key={key + '-gone'!r})\n"
+        "print(m.path, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    gone = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True,
+                          text=True).stdout.strip()
+    assert os.path.exists(gone)
+    alive = ServingMetrics(MODELS, key=key + "-alive")  # another deployment, still running
+    assert not os.path.exists(gone)
+    other = ServingMetrics(MODELS, key=key)
+    assert os.path.exists(alive.path)  # a live one is left alone
+    alive.close()
+    other.close()
