@@ -47,6 +47,7 @@ from flywheel.bench import h2load
 from flywheel.bench.common import export_model
 from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
 from flywheel.bench.mlserver_ref import default_venv, installed
+from flywheel.serving.app import _free_port
 
 HPARAMS = {"in_features": 64, "hidden": [512, 512], "out_features": 10}
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
@@ -60,12 +61,6 @@ class Path:
     label: str  # "http json", "http binary", "grpc"
     urls: tuple[str, ...]
     target: h2load.Target
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> bytes:
