@@ -60,67 +60,99 @@ def mmd_reference(ref: np.ndarray, win: np.ndarray, sigma: float, perms: np.ndar
     return observed, (a - n) / (n * (n - 1)) + (b - m) / (m * (m - 1)) - 2.0 * c / (n * m)
 
 
-# -- fast path (BLAS + Numba; the CuPy backend mirrors it) ---------------------------
+# -- fast path (BLAS + Numba) ---------------------------------------------------
+#
+# Fit: the reference's kernel block K_XX, upper triangle only (it is
+# symmetric), as float32 for the permutation sums, with float64 row sums for
+# exact totals. Score: K_XY and the upper triangle of K_YY the same way, the
+# observed MMD^2 from float64 sums, and each permutation from one number: the
+# sum over pairs inside its smaller side (q = min(n, m) rows), gathered from
+# the stored blocks (numba_kernels.perm_pair_sums). With the pooled row sums
+# r and the total, that side's block sum S = 2 * pairs + q, its cross block
+# sum C = sum(r over the side) - S, and the other block's sum total - S - 2C.
+# That is P * q^2 / 2 gathers instead of a (n + m)^2 x P matrix product.
+
 
 @dataclass
 class MmdFit:
     ref: np.ndarray  # float64 (n, d)
     ref_sq: np.ndarray  # squared row norms
     gamma: float  # 1 / (2 sigma^2)
-    kxx32: np.ndarray  # float32 (n, n) for the permutation products
+    kxx32: np.ndarray  # float32 (n, n), upper triangle (diagonal included) valid
     kxx_rows: np.ndarray  # float64 row sums of K_XX
     kxx_sum: float
 
 
-_ROW_BLOCK = 512  # Gram rows per BLAS call: a reused buffer, no giant temporaries
+def _chunks() -> int:
+    import numba
+
+    return 2 * numba.get_num_threads()
 
 
-def rbf_block32(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, b_sq: np.ndarray, gamma: float
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """K(a, b) as float32 (for the permutation products) with its float64 row
-    sums, computed block by block from the Gram matrix in one fused pass."""
-    from flywheel.kernels.numba_kernels import rbf_from_gram
+def rbf_block32(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, b_sq: np.ndarray, gamma: float,
+                symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K(a, b) as float32 with its float64 row and column sums. symmetric (b
+    is a): only the upper triangle is computed and stored, and the sums are
+    the full matrix's."""
+    from flywheel.kernels.numba_kernels import rbf_rows
 
+    padded = -(-len(a) // 4) * 4  # the kernel computes four rows at a time
+    a_pad = np.zeros((padded, a.shape[1]))
+    a_pad[: len(a)] = a
+    sq_pad = np.zeros(padded)
+    sq_pad[: len(a)] = a_sq
     out = np.empty((len(a), len(b)), dtype=np.float32)
     rows = np.empty(len(a))
-    gram = np.empty((min(_ROW_BLOCK, len(a)), len(b)))
-    for start in range(0, len(a), _ROW_BLOCK):
-        stop = min(start + _ROW_BLOCK, len(a))
-        g = gram[: stop - start]
-        np.matmul(a[start:stop], b.T, out=g)
-        rbf_from_gram(g, a_sq[start:stop], b_sq, gamma, out[start:stop], rows[start:stop])
-    return out, rows
+    cols = np.zeros((_chunks(), len(b)))
+    rbf_rows(a_pad, sq_pad, len(a), np.ascontiguousarray(b), b_sq, gamma, symmetric, out, rows, cols)
+    col_sums = cols.sum(axis=0)
+    if symmetric:
+        rows += col_sums
+        col_sums = rows
+    return out, rows, col_sums
 
 
 def mmd_fit_fast(ref: np.ndarray, sigma: float) -> MmdFit:
     ref = np.ascontiguousarray(ref, dtype=np.float64)
     sq = (ref * ref).sum(axis=1)
     gamma = 1.0 / (2 * sigma * sigma)
-    kxx32, rows = rbf_block32(ref, sq, ref, sq, gamma)
+    kxx32, rows, _ = rbf_block32(ref, sq, ref, sq, gamma, symmetric=True)
     return MmdFit(ref, sq, gamma, kxx32, rows, float(rows.sum()))
 
 
+def side_index(sides: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each pooled row, the permutations whose side holds it and its
+    position there (CSR: row_ptr, row_perm, row_pos)."""
+    q = sides.shape[1]
+    flat = sides.ravel()
+    order = np.argsort(flat, kind="stable")
+    row_ptr = np.zeros(total + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=total), out=row_ptr[1:])
+    return row_ptr, order // q, order % q
+
+
 def mmd_score_fast(fit: MmdFit, win: np.ndarray, perms: np.ndarray) -> tuple[float, np.ndarray]:
-    from flywheel.kernels.numba_kernels import perm_quadratic_forms
+    from flywheel.kernels.numba_kernels import perm_pair_sums
 
     win = np.ascontiguousarray(win, dtype=np.float64)
     n, m = len(fit.ref), len(win)
     win_sq = (win * win).sum(axis=1)
-    kxy32, kxy_rows = rbf_block32(fit.ref, fit.ref_sq, win, win_sq, fit.gamma)
-    kyy32, kyy_rows = rbf_block32(win, win_sq, win, win_sq, fit.gamma)
+    kxy32, kxy_rows, kxy_cols = rbf_block32(fit.ref, fit.ref_sq, win, win_sq, fit.gamma)
+    kyy32, kyy_rows, _ = rbf_block32(win, win_sq, win, win_sq, fit.gamma, symmetric=True)
     sxy, syy = float(kxy_rows.sum()), float(kyy_rows.sum())
     observed = mmd2_from_sums(fit.kxx_sum, syy, sxy, n, m)
     if not len(perms):
         return observed, np.empty(0)
     total = fit.kxx_sum + syy + 2 * sxy
-    rows = np.concatenate([fit.kxx_rows + kxy_rows, kxy32.sum(axis=0, dtype=np.float64) + kyy_rows])
-    # s[:, p] marks the rows that permutation p puts on the reference side.
-    s = np.zeros((n + m, len(perms)), dtype=np.float32)
-    s[perms[:, :n].T, np.arange(len(perms))[None, :]] = 1.0
-    sx, sy = s[:n], s[n:]
-    ks = np.vstack([fit.kxx32 @ sx + kxy32 @ sy, kxy32.T @ sx + kyy32 @ sy])  # K @ s, block by block
-    a = perm_quadratic_forms(ks, s)  # s' K s: the permuted reference block's sum
-    c = rows @ s.astype(np.float64) - a  # cross block
-    b = total - a - 2 * c
-    permuted = (a - n) / (n * (n - 1)) + (b - m) / (m * (m - 1)) - 2.0 * c / (n * m)
+    pooled_rows = np.concatenate([fit.kxx_rows + kxy_rows, kxy_cols + kyy_rows])
+    window_side = m <= n  # gather over the smaller side
+    sides = np.sort(perms[:, n:] if window_side else perms[:, :n], axis=1)
+    q = sides.shape[1]
+    split = (sides < n).sum(axis=1)
+    pairs = perm_pair_sums(fit.kxx32, kxy32, kyy32, n, sides, split, *side_index(sides, n + m), _chunks())
+    side_sum = 2.0 * pairs + q
+    cross = pooled_rows[sides].sum(axis=1) - side_sum
+    other = total - side_sum - 2.0 * cross
+    a, b = (other, side_sum) if window_side else (side_sum, other)
+    permuted = (a - n) / (n * (n - 1)) + (b - m) / (m * (m - 1)) - 2.0 * cross / (n * m)
     return observed, permuted
