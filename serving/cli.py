@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.serving.models_cli import add_parser as add_models_parser
 
     add_models_parser(sub)
+    from flywheel.serving.export_cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
     from flywheel.serving.keys_cli import add_parser as add_keys_parser
 
     add_keys_parser(sub)

@@ -21,6 +21,9 @@ from flywheel.runtime.architectures import build
 from flywheel.runtime.export import export_onnx
 
 HPARAMS = {"in_features": 64, "hidden": [128, 64], "out_features": 10}
+# What a client does to a raw image before sending it (recorded with exports).
+PREPROCESSING = {"input": "8x8 grayscale digit, 16 levels (sklearn digits), flattened row-major to 64 values",
+                 "scale": "pixel / 16.0 -> [0, 1]", "dtype": "float32"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ def train_digits(
         print("  exporting to ONNX ...", file=progress, flush=True)
     onnx_path = export_onnx(model, signature, os.path.join(out_dir, "model.onnx"))
     np.save(os.path.join(out_dir, "reference.npy"), xva)
+    np.save(os.path.join(out_dir, "reference_labels.npy"), yva)
     example = os.path.join(out_dir, "example_request.json")
     with open(example, "w") as f:
         json.dump(
@@ -130,11 +134,14 @@ def register_digits(registry, result: DigitsResult, *, actor: str, epochs: int, 
             "model.onnx": result.onnx_path,
             "model.safetensors": result.weights_path,
             "reference.npy": os.path.join(out_dir, "reference.npy"),
+            # labels of the reference rows: the int8 accuracy gate's task metric
+            "reference_labels.npy": os.path.join(out_dir, "reference_labels.npy"),
         },
         actor=actor,
         signature=msgspec.to_builtins(sig),
         metrics={"val_accuracy": result.val_accuracy},
         params={"architecture": "mlp", **HPARAMS},
+        tags={"preprocessing": json.dumps(PREPROCESSING)},
         lineage=Lineage(
             data_fingerprint=fingerprint_arrays(xtr, ytr),
             code_commit=commit,
