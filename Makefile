@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,bench]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,bench,edge]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -82,11 +82,33 @@ def _cmd_run(args: argparse.Namespace) -> None:
         mv = register_digits(registry, result, actor=settings.actor, epochs=args.epochs)
         registry.promote("digits", mv.version, "staging", actor=settings.actor)
         registry.promote("digits", mv.version, "production", actor=settings.actor)
+        print(f"registered {mv.ref} (onnx, safetensors, reference sample) and promoted it to production",
+              flush=True)
+        print(f"  registry: {settings.registry_uri}   lineage: flywheel models lineage digits@production",
+              flush=True)
+        _export_demo(registry, mv, settings)
     finally:
         registry.close()
-    print(f"registered {mv.ref} (onnx, safetensors, reference sample) and promoted it to production", flush=True)
-    print(f"  registry: {settings.registry_uri}   lineage: flywheel models lineage digits@production", flush=True)
     _serve_until_interrupted(cfg, settings, os.path.relpath(result.example_path))
+
+
+def _export_demo(registry, mv, settings: Settings) -> None:
+    """The mobile bundle of the demo: int8 ONNX Runtime mobile format, gated
+    and registered as a derivative. A gate failure is reported, not fatal:
+    the fp32 model is what gets served."""
+    from flywheel.runtime.edge_export import export_bundle
+    from flywheel.serving.export_cli import register_bundle, source_from_registry
+
+    out = os.path.join(settings.home, "exports", f"{mv.name}-{mv.version}-ort-mobile-int8")
+    print(f"exporting the mobile bundle (int8, ORT mobile format) to {out} ...", flush=True)
+    try:
+        _, source = source_from_registry(registry, mv.ref)
+        report = export_bundle(source, "ort-mobile", out, quantize="int8",
+                               progress=lambda msg: print("  " + msg, flush=True))
+        derived = register_bundle(registry, mv, report, actor=settings.actor)
+        print(f"  registered {derived.ref} (derivative of {mv.ref})", flush=True)
+    except FlywheelError as exc:
+        print(f"  edge export skipped: {exc.message}", flush=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
