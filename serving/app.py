@@ -70,6 +70,17 @@ def start_ray(
     ray.init(num_cpus=cpus, include_dashboard=include_dashboard, **kwargs)
 
 
+def _actor_options(num_cpus: float, models) -> dict:
+    """Ray resources of a replica that loads ``models``. A TensorRT engine
+    runs only on a GPU, so such a replica asks Ray for one (and is placed on
+    a GPU node); ONNX Runtime's CUDA/TensorRT providers fall back to the CPU
+    and ask for none."""
+    options = {"num_cpus": num_cpus}
+    if any(m.backend == "tensorrt" for m in models):
+        options["num_gpus"] = 1
+    return options
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,7 +176,7 @@ def deploy(
         dep = serve.deployment(ModelReplica).options(
             name=f"{model.name}-{model.version}",
             num_replicas=model.replicas,
-            ray_actor_options={"num_cpus": model.num_cpus},
+            ray_actor_options=_actor_options(model.num_cpus, [model]),
             health_check_period_s=2.0,
             health_check_timeout_s=10.0,
             graceful_shutdown_wait_loop_s=0.1,
@@ -183,7 +194,7 @@ def deploy(
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=server.replicas,
-        ray_actor_options={"num_cpus": server.ingress_num_cpus + sum(m.num_cpus for m in colocated)},
+        ray_actor_options=_actor_options(server.ingress_num_cpus + sum(m.num_cpus for m in colocated), colocated),
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         # colocated models drain their batches on close (up to 5 s), like dedicated replicas

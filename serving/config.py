@@ -18,9 +18,10 @@ import yaml
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.runtime.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
+from flywheel.runtime.tensorrt_backend import TensorRTConfig
 
 T = TypeVar("T")
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PLACEMENTS = ("colocated", "dedicated")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -192,8 +193,10 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         and the artifact is verified against its sha256 on every load.
     artifact: which artifact of the registry version to load.
     path: a local model file instead of ``ref`` (exactly one of the two).
-    backend: ``onnxruntime`` (an .onnx file) or ``torch`` (.safetensors
-        weights of ``architecture`` built with ``hparams``).
+    backend: ``onnxruntime`` (an .onnx file), ``torch`` (.safetensors
+        weights of ``architecture`` built with ``hparams``) or ``tensorrt``
+        (an .onnx file compiled into a TensorRT engine on the replica's GPU,
+        with the ``tensorrt`` settings).
     placement: ``colocated`` (default): loaded into every ingress replica and
         called in-process, the low-latency path; it scales with
         ``server.replicas``. ``dedicated``: its own Serve deployment, reached
@@ -213,6 +216,8 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     warmup_batch_sizes: batch sizes run once on zeros before the replica takes
         traffic.
     drift: live input drift monitoring (see DriftConfig).
+    tensorrt: precision, batch profile, plan cache of backend tensorrt (see
+        TensorRTConfig); its max_batch must cover batching.max_batch_size.
     """
 
     name: str
@@ -230,6 +235,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_cpus: float = 0.5
     warmup_batch_sizes: tuple[int, ...] = (1,)
     drift: DriftConfig = DriftConfig()
+    tensorrt: TensorRTConfig = TensorRTConfig()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -243,6 +249,17 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.backend not in BACKENDS:
             raise ConfigError(
                 f"model {self.name!r}: backend {self.backend!r} unknown; allowed: {', '.join(BACKENDS)}"
+            )
+        if self.backend != "tensorrt" and self.tensorrt != TensorRTConfig():
+            raise ConfigError(
+                f"model {self.name!r}: tensorrt settings are given but backend is {self.backend!r}; "
+                "set backend: tensorrt or drop them"
+            )
+        if self.backend == "tensorrt" and self.tensorrt.max_batch < self.batching.max_batch_size:
+            raise ConfigError(
+                f"model {self.name!r}: tensorrt.max_batch {self.tensorrt.max_batch} is smaller than "
+                f"batching.max_batch_size {self.batching.max_batch_size}; every full batch would run "
+                "in slices. Raise tensorrt.max_batch or lower batching.max_batch_size"
             )
         if self.backend == "torch" and not self.architecture:
             raise ConfigError(f"model {self.name!r}: backend torch needs 'architecture'")

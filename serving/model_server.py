@@ -21,6 +21,7 @@ from flywheel.runtime.codec import DecodedRequest, decode_infer_request, encode_
 from flywheel.runtime.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
 from flywheel.runtime.signature import validate_inputs
+from flywheel.runtime.tensorrt_backend import TensorRTBackend
 from flywheel.runtime.torch_backend import TorchBackend
 from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.serving._private.grpc_codec import decode_grpc_request, encode_grpc_response
@@ -51,6 +52,8 @@ def make_backend(model: ModelConfig, registry: RegistryConfig | None = None) -> 
     path = model_file(model, registry)
     if model.backend == "torch":
         return TorchBackend(path, model.architecture, model.hparams)
+    if model.backend == "tensorrt":
+        return TensorRTBackend(path, model.tensorrt)
     return OnnxRuntimeBackend(path, model.onnxruntime)
 
 

@@ -30,7 +30,7 @@ def test_relative_model_paths_resolve_against_base_dir(tmp_path):
         ({"models": [{"name": "m", "path": "x", "batching": {"max_batch_size": 0}}]}, "max_batch_size"),
         ({"models": [{"name": "m", "path": "x", "batching": {"max_batch_size": 0}}]}, "$.models[0].batching"),
         ({"models": [{"name": "m", "path": "x", "replicas": "two"}]}, "$.models[0].replicas"),
-        ({"models": [{"name": "m", "path": "x", "backend": "tf"}]}, "allowed: onnxruntime, torch - at `$.models[0]`"),
+        ({"models": [{"name": "m", "path": "x", "backend": "tf"}]}, "allowed: onnxruntime, torch, tensorrt - at `$.models[0]`"),
         ({"models": [{"name": "m", "path": "x", "colour": "red"}]}, "colour"),
         ({"models": [{"name": "bad name", "path": "x"}]}, "model name 'bad name'"),
         ({"models": [{"name": "m", "path": "x"}, {"name": "m", "path": "y"}]}, "listed twice"),
@@ -60,3 +60,15 @@ def test_settings_read_only_from_the_given_environment():
     assert s.ray_auth_mode == "disabled"
     with pytest.raises(ValueError, match="FLYWHEEL_HTTP_PORT"):
         load_settings({"FLYWHEEL_HTTP_PORT": "x"})
+
+
+def test_replicas_loading_a_tensorrt_model_ask_ray_for_a_gpu():
+    from flywheel.serving.app import _actor_options
+
+    cfg = parse_config({"models": [{"name": "cpu", "path": "x"},
+                                   {"name": "trt", "path": "y", "backend": "tensorrt"},
+                                   {"name": "ort-gpu", "path": "z", "onnxruntime": {"providers": ["cuda", "cpu"]}}]})
+    cpu, trt, ort_gpu = cfg.models
+    assert _actor_options(0.5, [cpu]) == {"num_cpus": 0.5}
+    assert _actor_options(0.5, [ort_gpu]) == {"num_cpus": 0.5}  # falls back to the CPU: no GPU demanded
+    assert _actor_options(1.5, [cpu, trt]) == {"num_cpus": 1.5, "num_gpus": 1}
