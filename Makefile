@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps
+.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps edge-runner
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
@@ -53,11 +53,19 @@ bench-mlserver:
 	test -x .venv-mlserver/bin/python || $(PYTHON) -m venv .venv-mlserver
 	.venv-mlserver/bin/pip install --quiet mlserver==1.7.1 onnxruntime==1.32.0 uvloop==0.21.0
 
-bench: $(STAMP) bench-deps
+# The native edge runner (CMakeLists.txt), against the ExecuTorch wheel in .venv.
+edge-runner: $(STAMP)
+	cmake -S . -B build/edge -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import executorch; print(list(executorch.__path__)[0] + "/lib/cmake")')"
+	cmake --build build/edge -j2
+	@echo "built build/edge/flywheel-edge-run"
+
+bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.latency
 	$(PY) -m flywheel.bench.serving
 	$(PY) -m flywheel.bench.wire
 	$(PY) -m flywheel.bench.drift
+	$(PY) -m flywheel.bench.quantization --runner build/edge/flywheel-edge-run
 	$(PY) -m flywheel.bench.auth
 
 clean-venv:

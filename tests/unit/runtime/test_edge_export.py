@@ -91,3 +91,18 @@ def test_a_tampered_bundle_is_detected(digits_mlp, tmp_path):
         f.write(b"\0")
     with pytest.raises(PreconditionFailedError, match="model.onnx has sha256"):
         read_bundle(str(out))
+
+
+def test_executorch_bundle_rebuilds_the_module_from_its_weights(digits, digits_mlp, tmp_path):
+    pytest.importorskip("executorch", reason="ExecuTorch is the 'edge' extra: pip install 'flywheel[edge]'")
+    from flywheel.runtime.executorch_export import load_executorch
+
+    _, _, xva, yva = digits
+    out = tmp_path / "e"
+    report = export_bundle(_source(digits_mlp, "mlp", MLP, xva, yva), "executorch", str(out), progress=None)
+    assert sorted(os.listdir(out)) == ["metadata.json", "model.pte", "report.json"]
+    assert report.parity["passed"] and report.parity["max_abs_diff"] <= 1e-5
+    meta, _ = read_bundle(str(out))
+    assert meta["runtime"]["executorch"].startswith("1.5") and meta["source"]["weights_sha256"]
+    x = np.random.default_rng(5).random((3, 64), dtype=np.float32)
+    np.testing.assert_allclose(load_executorch(str(out / "model.pte"))([x])[0], _run(digits_mlp, x), atol=1e-5)
