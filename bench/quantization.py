@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "quantization.json"), "w") as f:
         json.dump({"rows": rows, "threads": 1, "python": sys.version.split()[0]}, f, indent=2)
     _plot(rows, os.path.join(args.out, "quantization.png"))
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {args.out}/quantization.json and {args.out}/quantization.png")
     return 0
 

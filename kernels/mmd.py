@@ -7,7 +7,8 @@ subsample of at most 1,000 rows), fixed when the detector is fitted so that
 the reference's kernel block can be computed once and kept.
 
 Permutation test: P seeded permutations of the pooled rows; p-value
-(1 + #{MMD^2_perm >= MMD^2_obs}) / (1 + P). Every backend draws the same
+(1 + #{MMD^2_perm >= MMD^2_obs - tol}) / (1 + P), tol the float32 error bound
+of the fast path (stats.permutation_pvalue). Every backend draws the same
 permutations from the seed, so their p-values agree run to run.
 """
 
@@ -60,7 +61,7 @@ def mmd_reference(ref: np.ndarray, win: np.ndarray, sigma: float, perms: np.ndar
     return observed, (a - n) / (n * (n - 1)) + (b - m) / (m * (m - 1)) - 2.0 * c / (n * m)
 
 
-# -- fast path (BLAS + Numba) ---------------------------------------------------
+# -- fast path (Numba) ------------------------------------------------------------
 #
 # Fit: the reference's kernel block K_XX, upper triangle only (it is
 # symmetric), as float32 for the permutation sums, with float64 row sums for

@@ -45,6 +45,7 @@ BUNDLE_FORMAT = "flywheel-edge-bundle/1"
 FP32_MAX_ABS_DIFF = 1e-5
 INT8_MIN_AGREEMENT = 0.98
 SAMPLE_ROWS = 256
+EXECUTORCH_MAX_BATCH = 64  # rows one call of an exported .pte may carry (memory is planned for it)
 
 _MODEL_FILE = {"onnx": "model.onnx", "ort-mobile": "model.ort", "executorch": "model.pte"}
 
@@ -93,6 +94,7 @@ def _samples(source: ExportSource, quantized: bool):
     most SAMPLE_ROWS), or seeded standard-normal rows where the source has no
     reference sample. int8: the reference split as the quantization gate
     splits it, so parity is measured on rows calibration never saw."""
+    from flywheel.runtime.datatypes import numpy_dtype
     from flywheel.runtime.quantize import QuantizeConfig, split_reference
 
     (spec,) = source.signature.inputs
@@ -100,8 +102,8 @@ def _samples(source: ExportSource, quantized: bool):
         if quantized:
             raise ConfigError("int8 export needs the model's reference sample (calibration and held-out rows)")
         shape = tuple(SAMPLE_ROWS if d == -1 else d for d in spec.shape)
-        return np.random.default_rng(0).standard_normal(shape).astype(np.float32), None, None
-    ref = np.ascontiguousarray(source.reference, dtype=np.float32)
+        return np.random.default_rng(0).standard_normal(shape).astype(numpy_dtype(spec.datatype)), None, None
+    ref = np.ascontiguousarray(source.reference, dtype=numpy_dtype(spec.datatype))
     labels = None if source.labels is None else np.asarray(source.labels)
     if labels is not None and len(labels) != len(ref):
         raise ConfigError(f"labels has {len(labels)} rows, the reference sample {len(ref)}")
@@ -203,7 +205,10 @@ def _to_ort(onnx_path: str, out_dir: str, platform: str) -> tuple[str, str]:
                                        optimization_styles=[OptimizationStyle.Fixed])
         out = Path(tmp) / "out"
         model = out / "model.ort"
-        config = next(out.glob("*.config"))
+        config = next(out.glob("*.config"), None)
+        if config is None or not model.is_file():
+            raise PreconditionFailedError(f"ONNX Runtime's converter wrote no .ort model or operator config "
+                                          f"for {onnx_path}")
         shutil.copyfile(model, os.path.join(out_dir, "model.ort"))
         shutil.copyfile(config, os.path.join(out_dir, "required_operators.config"))
     return "model.ort", "required_operators.config"
@@ -223,10 +228,11 @@ def _torch_module(source: ExportSource):
 
 
 def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: str | None = None,
-                  platform: str = "arm", progress: Callable[[str], None] | None = print) -> BundleReport:
+                  platform: str = "arm", progress: Callable[[str], None] | None = None) -> BundleReport:
     """Write the bundle for ``target`` into ``out_dir`` (which must not exist
     or be empty). ``platform`` (ort-mobile): the CPU the mobile build
-    targets, ``arm`` or ``amd64`` (int8 QDQ fusions differ)."""
+    targets, ``arm`` or ``amd64`` (int8 QDQ fusions differ). ``progress``
+    receives one line per step."""
     if target not in TARGETS:
         raise ConfigError(f"target {target!r} must be one of {TARGETS}")
     if quantize not in QUANTIZE:
@@ -237,6 +243,8 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
         raise ConfigError("edge export handles single-input models")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"output folder {out_dir!r} exists and is not empty")
+    from flywheel.runtime.quantize import QuantizeConfig
+
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -267,7 +275,7 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
             say(f"exporting to ExecuTorch (XNNPACK{', int8' if quantize else ''}) ...")
             model_file = "model.pte"
             export_executorch(_torch_module(source), source.signature, os.path.join(work, model_file),
-                              quantize=quantize, calibration=calibration)
+                              quantize=quantize, calibration=calibration, max_batch=EXECUTORCH_MAX_BATCH)
             files = [model_file]
             run = _executorch_runner(os.path.join(work, model_file))
             max_batch = 8  # well inside the dynamic batch range of any exported program
@@ -275,6 +283,16 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
         want = _ort_runner(source.onnx_path)(sample)
         got = _outputs_by_rows(run, sample, max_batch)
         check = parity(want, got, bool(quantize), labels)
+        if quantize and target == "executorch":
+            # pt2e quantizes inside the export, so the gate every int8 model
+            # passes (>= 99 % agreement on held-out rows, <= 1 point of
+            # accuracy lost) is checked here, on the rows calibration never saw.
+            gate = QuantizeConfig()
+            check["threshold"]["top1_agreement"] = gate.min_agreement
+            check["passed"] = check["passed"] and check["top1_agreement"] >= gate.min_agreement
+            quant_report = {"mode": "static (pt2e, XNNPACK quantizer)", "calibration_rows": len(calibration),
+                            "heldout_rows": len(sample), "top1_agreement": check["top1_agreement"],
+                            "accuracy_drop": check.get("accuracy_drop_points"), "kept": check["passed"]}
         if not check["passed"]:
             raise PreconditionFailedError(f"{target} export failed its parity check: {check}")
         latency = _batch1_latency_ms(run, sample)
@@ -284,6 +302,9 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
             "target": target,
             "model_file": model_file,
             "quantize": quantize,
+            # ort-mobile: the CPU its fusions target; executorch: rows one call may carry
+            **({"platform": platform} if target == "ort-mobile" else {}),
+            **({"max_batch": EXECUTORCH_MAX_BATCH} if target == "executorch" else {}),
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in source.signature.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
                         for t in source.signature.outputs],
@@ -295,7 +316,8 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
             "runtime": _runtime_versions(target),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        report = {"target": target, "quantize": quantize, "size_bytes": size, "parity": check,
+        report = {"target": target, "quantize": quantize, "platform": platform if target == "ort-mobile" else None,
+                  "size_bytes": size, "parity": check,
                   "latency_ms_batch1": latency, "latency_threads": 1, "quantization": quant_report}
         for name, doc in (("metadata.json", metadata), ("report.json", report)):
             with open(os.path.join(work, name), "w") as f:

@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -376,24 +377,31 @@ class _Captured:
     text = ""
 
 
+_STDERR_LOCK = threading.Lock()  # fd 2 is process-wide: one capture at a time
+
+
 @contextlib.contextmanager
 def _native_stderr_captured():
     """Collect what native code writes to fd 2 meanwhile: ExecuTorch's
     XNNPACK set-up logs CPU probing lines ("Failed to open midr file ...") at
     every program load, which would bury a CLI's output. The text is kept
-    for an error message."""
+    for an error message and written back to stderr if the block fails."""
     captured = _Captured()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
+        failed = True
         try:
             yield captured
+            failed = False
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
             captured.text = sink.read().decode(errors="replace")[-4000:]
+            if failed and captured.text:
+                sys.stderr.write(captured.text)
 
 
 def load_executorch(path: str) -> ExecuTorchProgram:

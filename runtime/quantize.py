@@ -254,7 +254,9 @@ def quantize_with_gate(src: str, dst: str, reference: np.ndarray | Feeds, *, lab
         raise ConfigError(f"labels has {len(labels)} rows, the reference sample {n}")
     calib_idx, held_idx = split_reference(n, cfg.calibration_rows)
     held = _rows(feeds, held_idx)
-    tmp_dir = tempfile.mkdtemp(prefix="fw-quant-", dir=os.path.dirname(os.path.abspath(dst)) or ".")
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix="fw-quant-", dir=parent)
     try:
         candidate = os.path.join(tmp_dir, "model.onnx")
         mode = quantize_onnx(src, candidate, cfg.mode, _rows(feeds, calib_idx), per_channel=cfg.per_channel,

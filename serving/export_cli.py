@@ -10,6 +10,7 @@ artifacts, its parity and latency as metrics. ``--no-register`` only writes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import msgspec
@@ -44,8 +45,10 @@ def source_from_registry(registry, ref: str) -> tuple[object, ExportSource]:
     return mv, source
 
 
-def derivative_name(name: str, target: str, quantize: str | None) -> str:
-    return f"{name}.{target}" + (f"-{quantize}" if quantize else "")
+def derivative_name(name: str, target: str, quantize: str | None, platform: str | None = None) -> str:
+    """<name>.<target>[-int8]; ort-mobile bundles for amd64 get -amd64 (arm,
+    the phone default, has no suffix)."""
+    return f"{name}.{target}" + (f"-{quantize}" if quantize else "") + (f"-{platform}" if platform == "amd64" else "")
 
 
 def register_bundle(registry, source_version, report: BundleReport, *, actor: str):
@@ -54,16 +57,19 @@ def register_bundle(registry, source_version, report: BundleReport, *, actor: st
     from flywheel.registry import Lineage, code_version
 
     files = sorted(os.listdir(report.path))
+    with open(os.path.join(report.path, "metadata.json")) as f:
+        platform = json.load(f).get("platform")
     commit, dirty = code_version(os.path.dirname(os.path.abspath(__file__)))
     metrics = {"size_bytes": float(report.size_bytes), "latency_ms_batch1": report.latency_ms_batch1,
                **{f"parity_{k}": float(v) for k, v in report.parity.items() if isinstance(v, (int, float))}}
     return registry.register_version(
-        derivative_name(source_version.name, report.target, report.quantize),
+        derivative_name(source_version.name, report.target, report.quantize, platform),
         {f: os.path.join(report.path, f) for f in files},
         actor=actor,
         signature=source_version.signature,
         metrics=metrics,
-        params={"target": report.target, "quantize": report.quantize or "none", "model_file": report.model_file},
+        params={"target": report.target, "quantize": report.quantize or "none", "model_file": report.model_file,
+                **({"platform": platform} if platform else {})},
         tags={"derivative": "edge-export", "source": source_version.ref},
         lineage=Lineage(
             data_fingerprint=source_version.lineage.data_fingerprint,
@@ -101,7 +107,8 @@ def run(args: argparse.Namespace) -> None:
     registry = Registry.open(args.registry, args.artifacts)
     try:
         mv, source = source_from_registry(registry, args.ref)
-        suffix = f"-{args.quantize}" if args.quantize else ""
+        suffix = (f"-{args.quantize}" if args.quantize else "") + \
+            ("-amd64" if args.target == "ort-mobile" and args.platform == "amd64" else "")
         out = args.out or os.path.join(settings.home, "exports", f"{mv.name}-{mv.version}-{args.target}{suffix}")
         print(f"exporting {mv.ref} to {args.target}{' (' + args.quantize + ')' if args.quantize else ''} -> {out}",
               flush=True)

@@ -186,7 +186,11 @@ inline Array load(const std::string& path) {
       throw Error(path + ": shape " + shape + " is too large");
     count *= static_cast<uint64_t>(d);
   }
-  const uint64_t nbytes = count * item_bytes(arr.dtype);
+  // The byte count must not wrap either, and numel() is an int64_t.
+  const uint64_t item = item_bytes(arr.dtype);
+  if (count > static_cast<uint64_t>(INT64_MAX) / item)
+    throw Error(path + ": shape " + shape + " is too large");
+  const uint64_t nbytes = count * item;
   const std::streampos data_start = in.tellg();
   in.seekg(0, std::ios::end);
   const uint64_t available = static_cast<uint64_t>(in.tellg() - data_start);

@@ -139,6 +139,12 @@ def test_npy_versions_2_and_3_are_read(edge_runner, programs, tmp_path):
         assert np.abs(np.load(out / "output_0.npy") - _python_runtime(programs["mlp"][1], x)).max() <= 1e-5
 
 
+def _forged_header(descr: str, shape: str) -> bytes:
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -151,6 +157,9 @@ def test_npy_versions_2_and_3_are_read(edge_runner, programs, tmp_path):
         (lambda d: _npy(d / "rows.npy", np.zeros((65, 64), np.float32)), "does not fit"),
         (lambda d: _npy(d / "i64.npy", np.zeros((1, 64), np.int64)), "the program wants Float"),
         (lambda d: d / "missing.npy", "cannot open"),
+        # a forged header whose byte count would wrap: shape (2^61 + 1,) of int64, 8 bytes of payload
+        (lambda d: _write(d / "forged.npy", _forged_header("<i8", "(2305843009213693953,)") + bytes(8)),
+         "is too large"),
     ],
 )
 def test_bad_input_file_fails_with_a_clear_message(edge_runner, programs, tmp_path, make, message):

@@ -106,3 +106,14 @@ def test_executorch_bundle_rebuilds_the_module_from_its_weights(digits, digits_m
     assert meta["runtime"]["executorch"].startswith("1.5") and meta["source"]["weights_sha256"]
     x = np.random.default_rng(5).random((3, 64), dtype=np.float32)
     np.testing.assert_allclose(load_executorch(str(out / "model.pte"))([x])[0], _run(digits_mlp, x), atol=1e-5)
+
+
+def test_a_failed_parity_check_leaves_nothing_behind(digits, digits_mlp, tmp_path, monkeypatch):
+    import flywheel.runtime.edge_export as edge
+
+    real = edge.parity
+    monkeypatch.setattr(edge, "parity", lambda *a, **k: {**real(*a, **k), "passed": False})
+    _, _, xva, _ = digits
+    with pytest.raises(PreconditionFailedError, match="ort-mobile export failed its parity check"):
+        export_bundle(_source(digits_mlp, "mlp", MLP, xva), "ort-mobile", str(tmp_path / "b"), progress=None)
+    assert os.listdir(tmp_path) == []  # neither the bundle nor its temporary folder

@@ -46,6 +46,7 @@ def test_export_registers_a_derivative_with_lineage(registry_args, capsys):
         meta = json.loads(reg.read_artifact(derived.ref, "metadata.json"))
         assert derived.artifacts["model.ort"].sha256 == meta["files"]["model.ort"]["sha256"]
         assert meta["source"]["ref"] == "digits/1" and "scale" in meta["preprocessing"]
+        assert meta["platform"] == "arm" and derived.params["platform"] == "arm"
         assert derived.metrics["parity_top1_agreement"] >= 0.98 and derived.params["quantize"] == "int8"
     finally:
         reg.close()
@@ -69,3 +70,11 @@ def test_unknown_reference_is_a_clear_error(registry_args, capsys):
     rc = main(["export", "nosuch/3", "--target", "onnx", "--out", str(root / "x"), *args])
     assert rc == 2
     assert "error:" in capsys.readouterr().err and not os.path.exists(root / "x")
+
+
+def test_derivative_names_keep_targets_apart():
+    from flywheel.serving.export_cli import derivative_name
+
+    names = {derivative_name("digits", t, q, p) for t in ("onnx", "ort-mobile", "executorch")
+             for q in (None, "int8") for p in ("arm", "amd64") if p == "arm" or t == "ort-mobile"}
+    assert len(names) == 8 and "digits.ort-mobile-int8" in names and "digits.ort-mobile-int8-amd64" in names
