@@ -152,6 +152,7 @@ class DriftDetector:
                 if (self._ref_len < 1).any():
                     raise InvalidInputError(f"reference feature {int(np.argmin(self._ref_len))} has no values")
                 self._ref = ref
+                self._ref_dev = None  # the cupy backend's copy, made on first score
                 if self.backend == "numba" and self.test == "cvm":
                     self._ties = self._k.ref_tie_offsets(self._ref_cols, self._ref_len)
             self._n_ref = len(ref)
@@ -206,7 +207,11 @@ class DriftDetector:
                 p.append(r.pvalue)
             return np.array(stat), np.array(p)
         if self.backend == "cupy":
-            raw, win_len = (self._k.ks_stat if self.test == "ks" else self._k.cvm_u)(self._ref_cols, self._ref_len, win)
+            if self._ref_dev is None:
+                self._ref_dev = self._k.to_device(self._ref_cols, self._ref_len)
+            raw, win_len = (self._k.ks_stat if self.test == "ks" else self._k.cvm_u)(*self._ref_dev, win)
+            for f in np.flatnonzero(win_len < (2 if self.test == "cvm" else 1)):
+                self._need_values(int(f), int(win_len[f]))
         else:
             cols = sort_columns(win, self._pool)
             win_len = (~np.isnan(cols)).sum(axis=1).astype(np.int64)
