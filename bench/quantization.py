@@ -32,25 +32,11 @@ EPOCHS = {"mlp": 15, "cnn": 40}  # the CNN learns more slowly; a half-trained on
 
 
 def _train(arch: str, hparams: dict, x: np.ndarray, y: np.ndarray, epochs: int, out: str):
-    import torch
-    from safetensors.torch import save_file
+    from flywheel.training.digits import train_classifier
 
-    from flywheel.runtime.architectures import build
-    from flywheel.runtime.export import export_onnx
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny batches: more threads only add sync cost
-    model, sig = build(arch, hparams)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for epoch in range(epochs):
-        for i in range(0, len(xt), 64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
-            opt.step()
+    result = train_classifier(arch, hparams, x, y, epochs, f"{out}.onnx")
     print(f"  {arch}: {epochs} epochs", flush=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}.safetensors")
-    return export_onnx(model.eval(), sig, f"{out}.onnx"), sig
+    return result
 
 
 def _median_ms(fn, runs: int) -> float:
@@ -65,17 +51,17 @@ def _median_ms(fn, runs: int) -> float:
 
 
 def _ort_latency(path: str, x: np.ndarray, batch: int) -> float:
-    from flywheel.runtime.quantize import _session
+    from flywheel.runtime.quantize import ort_session
 
-    sess = _session(path)
+    sess = ort_session(path)
     feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x[np.arange(batch) % len(x)])}
     return _median_ms(lambda: sess.run(None, feed), 2000 if batch == 1 else 500)
 
 
 def _ort_outputs(path: str, x: np.ndarray) -> np.ndarray:
-    from flywheel.runtime.quantize import _session
+    from flywheel.runtime.quantize import ort_session
 
-    sess = _session(path)
+    sess = ort_session(path)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

@@ -114,18 +114,10 @@ def _samples(source: ExportSource, quantized: bool):
     return ref[held], None if labels is None else labels[held], ref[calib]
 
 
-def _ort_session(path: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
 def _ort_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
-    sess = _ort_session(path)
+    from flywheel.runtime.quantize import ort_session
+
+    sess = ort_session(path)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
 

@@ -109,7 +109,8 @@ def choose_mode(path: str) -> str:
     return "static" if graph_ops(path) & _CONV_OPS else "dynamic"
 
 
-def _session(path: str):
+def ort_session(path: str):
+    """A CPU session on one thread (latency figures comparable across models)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -125,7 +126,7 @@ def as_feeds(path: str, data: np.ndarray | Feeds) -> dict[str, np.ndarray]:
     from flywheel.runtime.datatypes import numpy_dtype
     from flywheel.runtime.onnx_backend import _ORT_TO_V2
 
-    inputs = _session(path).get_inputs()
+    inputs = ort_session(path).get_inputs()
     if not isinstance(data, Mapping):
         if len(inputs) != 1:
             raise ConfigError(f"the model has {len(inputs)} inputs: give the sample as a dict by input name")
@@ -197,7 +198,7 @@ class _Reader:
 
 def latency_ms(path: str, feeds: Feeds, batch: int, runs: int = 50) -> float:
     """Median latency of one call at ``batch`` rows, one thread."""
-    sess = _session(path)
+    sess = ort_session(path)
     n = len(next(iter(feeds.values())))
     x = _rows(feeds, np.arange(batch) % n)
     for _ in range(5):
@@ -212,8 +213,8 @@ def latency_ms(path: str, feeds: Feeds, batch: int, runs: int = 50) -> float:
 
 def compare(parent: str, child: str, feeds: Feeds, labels: np.ndarray | None = None) -> dict:
     """Top-1 agreement, max |diff| of the first output, and accuracies (%)."""
-    want = _session(parent).run(None, dict(feeds))[0]
-    got = _session(child).run(None, dict(feeds))[0]
+    want = ort_session(parent).run(None, dict(feeds))[0]
+    got = ort_session(child).run(None, dict(feeds))[0]
     if want.ndim < 2 or want.shape[-1] < 2:
         raise ConfigError("the accuracy gate needs a classifier: the first output must be [rows, classes]")
     top_w, top_g = want.argmax(-1), got.argmax(-1)

@@ -117,6 +117,34 @@ def train_digits(
     return DigitsResult(onnx_path, weights, example, acc)
 
 
+def train_classifier(arch: str, hparams: dict, x: np.ndarray, y: np.ndarray, epochs: int, path: str,
+                     *, lr: float = 1e-2, batch_size: int = 64, seed: int = 0):
+    """Train any registered architecture as a classifier (Adam, cross
+    entropy) on ``x``/``y``; write the ONNX export to ``path`` and the
+    safetensors weights beside it (``.safetensors``). Returns (path,
+    signature). For benchmarks and tests that need a model that has learned
+    something (int8 agreement means little on near-tied logits)."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: threads only add sync cost (10x slower on a busy 2-core box)
+    try:
+        model, sig = build(arch, hparams)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        for _ in range(epochs):
+            for i in range(0, len(xt), batch_size):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xt[i:i + batch_size]), yt[i:i + batch_size]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path.replace(".onnx", ".safetensors"))
+    return export_onnx(model.eval(), sig, path), sig
+
+
 def register_digits(registry, result: DigitsResult, *, actor: str, epochs: int, seed: int = 0):
     """Register a trained digits model with its lineage: the ONNX export, the
     safetensors weights and the held-out reference sample, the data's
