@@ -220,11 +220,14 @@ def _torch_module(source: ExportSource):
 
 
 def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: str | None = None,
-                  platform: str = "arm", progress: Callable[[str], None] | None = None) -> BundleReport:
+                  platform: str = "arm", progress: Callable[[str], None] | None = None,
+                  overwrite: bool = False) -> BundleReport:
     """Write the bundle for ``target`` into ``out_dir`` (which must not exist
     or be empty). ``platform`` (ort-mobile): the CPU the mobile build
     targets, ``arm`` or ``amd64`` (int8 QDQ fusions differ). ``progress``
-    receives one line per step."""
+    receives one line per step. ``overwrite`` replaces an earlier bundle
+    in ``out_dir`` (only a bundle: any other non-empty folder is refused),
+    once the new one is complete."""
     if target not in TARGETS:
         raise ConfigError(f"target {target!r} must be one of {TARGETS}")
     if quantize not in QUANTIZE:
@@ -234,7 +237,11 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
     if len(source.signature.inputs) != 1:
         raise ConfigError("edge export handles single-input models")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ConfigError(f"output folder {out_dir!r} exists and is not empty")
+        if not overwrite:
+            raise ConfigError(f"output folder {out_dir!r} exists and is not empty "
+                              "(overwrite / --force replaces an earlier bundle)")
+        if not _is_bundle(out_dir):
+            raise ConfigError(f"output folder {out_dir!r} is not a Flywheel bundle: refusing to replace it")
     from flywheel.runtime.quantize import QuantizeConfig
 
     say = progress or (lambda _msg: None)
@@ -314,9 +321,15 @@ def export_bundle(source: ExportSource, target: str, out_dir: str, *, quantize: 
         for name, doc in (("metadata.json", metadata), ("report.json", report)):
             with open(os.path.join(work, name), "w") as f:
                 json.dump(doc, f, indent=2)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(work, out_dir)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):  # overwrite: the old bundle steps aside first
+            old = tempfile.mkdtemp(prefix=".fw-bundle-old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "bundle"))
+            os.replace(work, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty
+            os.replace(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -341,6 +354,14 @@ def _runtime_versions(target: str) -> dict[str, str]:
     import onnxruntime
 
     return {"onnxruntime": onnxruntime.__version__}
+
+
+def _is_bundle(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "metadata.json")) as f:
+            return json.load(f).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_bundle(path: str) -> tuple[dict, dict]:

@@ -93,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="bundle folder (default: <home>/exports/<name>-<version>-<target>[-int8])")
     p.add_argument("--no-register", action="store_true", help="write the bundle only")
+    p.add_argument("--force", action="store_true", help="replace an earlier bundle in the output folder")
     p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
     p.add_argument("--artifacts", default=settings.artifacts_uri, help="artifact store (default: %(default)s)")
     p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"exporting {mv.ref} to {args.target}{' (' + args.quantize + ')' if args.quantize else ''} -> {out}",
               flush=True)
         report = export_bundle(source, args.target, out, quantize=args.quantize, platform=args.platform,
-                               progress=lambda msg: print("  " + msg, flush=True))
+                               progress=lambda msg: print("  " + msg, flush=True), overwrite=args.force)
         if not args.no_register:
             derived = register_bundle(registry, mv, report, actor=args.actor)
             print(f"registered {derived.ref} (derivative of {mv.ref})", flush=True)

@@ -117,3 +117,21 @@ def test_a_failed_parity_check_leaves_nothing_behind(digits, digits_mlp, tmp_pat
     with pytest.raises(PreconditionFailedError, match="ort-mobile export failed its parity check"):
         export_bundle(_source(digits_mlp, "mlp", MLP, xva), "ort-mobile", str(tmp_path / "b"), progress=None)
     assert os.listdir(tmp_path) == []  # neither the bundle nor its temporary folder
+
+
+def test_overwrite_replaces_only_a_bundle(digits_mlp, tmp_path):
+    out = tmp_path / "b"
+    src = _source(digits_mlp, "mlp", MLP)
+    export_bundle(src, "onnx", str(out), progress=None)
+    first = json.loads((out / "metadata.json").read_text())["created_at"]
+    with pytest.raises(ConfigError, match="--force replaces an earlier bundle"):
+        export_bundle(src, "ort-mobile", str(out), progress=None)
+    export_bundle(src, "ort-mobile", str(out), progress=None, overwrite=True)
+    meta, _ = read_bundle(str(out))
+    assert meta["target"] == "ort-mobile" and not (out / "model.onnx").exists() and first
+    assert sorted(p for p in os.listdir(tmp_path)) == ["b"]  # no temp or old folders left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a Flywheel bundle"):
+        export_bundle(src, "onnx", str(tmp_path / "notes"), progress=None, overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
