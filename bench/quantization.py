@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -39,23 +38,13 @@ def _train(arch: str, hparams: dict, x: np.ndarray, y: np.ndarray, epochs: int, 
     return result
 
 
-def _median_ms(fn, runs: int) -> float:
-    for _ in range(max(5, runs // 20)):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
 def _ort_latency(path: str, x: np.ndarray, batch: int) -> float:
-    from flywheel.runtime.quantize import ort_session
+    from flywheel.runtime.quantize import median_call_ms, ort_session
 
     sess = ort_session(path)
     feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x[np.arange(batch) % len(x)])}
-    return _median_ms(lambda: sess.run(None, feed), 2000 if batch == 1 else 500)
+    runs = 2000 if batch == 1 else 500
+    return median_call_ms(lambda: sess.run(None, feed), runs, warmup=runs // 20)
 
 
 def _ort_outputs(path: str, x: np.ndarray) -> np.ndarray:

@@ -130,15 +130,10 @@ def _executorch_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _batch1_latency_ms(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, runs: int = 200) -> float:
+    from flywheel.runtime.quantize import median_call_ms
+
     one = np.ascontiguousarray(x[:1])
-    for _ in range(10):
-        run(one)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(one)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return median_call_ms(lambda: run(one), runs, warmup=10)
 
 
 def _outputs_by_rows(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, max_batch: int) -> np.ndarray:

@@ -196,19 +196,24 @@ class _Reader:
         return iter(self.get_next, None)
 
 
+def median_call_ms(fn, runs: int, warmup: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
 def latency_ms(path: str, feeds: Feeds, batch: int, runs: int = 50) -> float:
     """Median latency of one call at ``batch`` rows, one thread."""
     sess = ort_session(path)
     n = len(next(iter(feeds.values())))
     x = _rows(feeds, np.arange(batch) % n)
-    for _ in range(5):
-        sess.run(None, x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, x)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return median_call_ms(lambda: sess.run(None, x), runs)
 
 
 def compare(parent: str, child: str, feeds: Feeds, labels: np.ndarray | None = None) -> dict:
