@@ -7,6 +7,7 @@ the URI); artifacts on a local folder or any fsspec URI.
 from flywheel.registry.gates import GatePolicy, load_policy, parse_policy
 from flywheel.registry.lineage import code_version, fingerprint_arrays, fingerprint_files
 from flywheel.registry.registry import Registry
+from flywheel.registry.router_state import RouterStateStore
 from flywheel.registry.types import STAGES, Artifact, AuditEntry, Lineage, LineageReport, ModelVersion, RegisteredModel
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ModelVersion",
     "RegisteredModel",
     "Registry",
+    "RouterStateStore",
     "code_version",
     "fingerprint_arrays",
     "fingerprint_files",

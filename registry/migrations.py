@@ -105,10 +105,23 @@ _V3 = [
         revoked_at {real})""",
 ]
 
+# v4: the serving router's endpoint state (policies, bandit arms, canaries),
+# one JSON document per (deployment, endpoint), so that it outlives the
+# processes that route (serving/controller.py).
+_V4 = [
+    """CREATE TABLE router_state (
+        deployment TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at {real} NOT NULL,
+        PRIMARY KEY (deployment, endpoint))""",
+]
+
 MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (1, _V1, {}),
     (2, _V2, _V2_DIALECT),
     (3, _V3, {}),
+    (4, _V4, {}),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -249,7 +249,7 @@ def test_opening_an_older_schema_upgrades_it(store_uri, tmp_path):
         db.execute("SELECT * FROM approvals")
     db.close()
     r = Registry.open(store_uri, str(tmp_path / "artifacts"))
-    assert current_version(connect(store_uri)) == LATEST == 3
+    assert current_version(connect(store_uri)) == LATEST == 4
     assert r.get_model("old").created_by == "v1-user"
     _v(r, name="old")
     r.approve("old", 1, actor="bob")  # the v2 table works
@@ -260,3 +260,24 @@ def test_sqlite_uses_wal(tmp_path):
     Registry.open(str(tmp_path / "r.db"), str(tmp_path / "a"))
     mode = sqlite3.connect(tmp_path / "r.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_router_state_is_saved_replaced_and_forgotten_per_deployment(store_uri):
+    from flywheel.registry import RouterStateStore
+
+    store = RouterStateStore.open(store_uri)
+    try:
+        store.save("d1", "digits", {"policy": {"kind": "fixed", "weights": {"1": 1.0}}, "events": []})
+        store.save("d1", "digits", {"policy": {"kind": "ucb1"}, "events": [{"kind": "policy"}]})
+        store.save("d1", "other", {"n": 1})
+        store.save("d2", "digits", {"n": 2})
+        again = RouterStateStore.open(store_uri)  # another process's view
+        assert again.load("d1") == {"digits": {"policy": {"kind": "ucb1"}, "events": [{"kind": "policy"}]},
+                                    "other": {"n": 1}}
+        again.delete("d1", "other")
+        assert set(again.load("d1")) == {"digits"}
+        again.delete("d1")
+        assert again.load("d1") == {} and again.load("d2") == {"digits": {"n": 2}}
+        again.close()
+    finally:
+        store.close()
