@@ -5,7 +5,10 @@ Layout on Ray Serve: one application, ``<deployment>-ingress``, whose
 addresses and host every colocated model in-process; and one application per
 dedicated (model, version), named ``<deployment>-<model>-<version>``, whose
 replicas serve the internal frame protocol on a loopback port shared by all of
-them (``<deployment>`` is the config's ``name``, ``flywheel`` by default).
+them (``<deployment>`` is the config's ``name``, ``flywheel`` by default);
+and ``<deployment>-router``, one replica of the router controller, which
+holds every endpoint's routing state (policies, canaries, swaps; see
+serving/controller.py) and persists it in the registry's database.
 Serve's own HTTP proxy is disabled: it would add milliseconds to every request
 (shared/design/RAY-NOTES.md) and nothing routes through it.
 """
@@ -18,6 +21,7 @@ import os
 import socket
 import time
 import urllib.error
+import uuid
 import urllib.request
 from dataclasses import dataclass
 
@@ -25,6 +29,7 @@ import msgspec
 
 from flywheel.runtime.errors import ConfigError, UnavailableError
 from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig
+from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor
 from flywheel.serving.ingress import Ingress
 from flywheel.serving.router import Route
@@ -39,6 +44,10 @@ def app_name(config: DeployConfig, model: ModelConfig) -> str:
 
 def ingress_app_name(config: DeployConfig) -> str:
     return f"{config.name}-ingress"
+
+
+def controller_app_name(config: DeployConfig) -> str:
+    return f"{config.name}-router"
 
 
 def start_ray(
@@ -168,6 +177,18 @@ def deploy(
         )
         serve.run(monitor.bind(drift_port, monitored, config.registry), name=f"{config.name}-drift", route_prefix=None)
         apps.append(f"{config.name}-drift")
+    # The router controller: endpoint policies, canaries, swaps (first, so
+    # that the ingress replicas get their first snapshot from it).
+    controller = serve.deployment(RouterController).options(
+        name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
+        health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1.0,
+        logging_config={"enable_access_log": False},  # replicas sync twice a second
+    )
+    serve.run(
+        controller.bind(config.name, uuid.uuid4().hex, list(config.endpoints), list(config.models), config.registry),
+        name=controller_app_name(config), route_prefix=None,
+    )
+    apps.append(controller_app_name(config))
     colocated = [m for m in config.models if m.placement == "colocated"]
     for model in config.models:
         if model.placement == "colocated":
@@ -203,7 +224,7 @@ def deploy(
     serve.run(
         ingress.bind(
             server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
-            colocated, config.registry,
+            colocated, config.registry, controller_app_name(config),
         ),
         name=ingress_app_name(config), route_prefix=None,
     )

@@ -19,6 +19,7 @@ from flywheel.runtime.batcher import BatchingConfig
 from flywheel.runtime.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 from flywheel.runtime.tensorrt_backend import TensorRTConfig
+from flywheel.serving.policies import PolicyConfig, ShadowConfig
 
 T = TypeVar("T")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -282,17 +283,52 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return f"{self.name}:{self.version or self.ref or '1'}"
 
 
+class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How requests to one model name (an *endpoint*) are spread over its
+    versions (its *variants*). A name without an entry sends everything to
+    its highest version. All of it can be changed at run time
+    (``/v2/endpoints/{name}/...``, ``flywheel.client``).
+
+    policy: ``{kind: fixed, weights: {"1": 0.9, "2": 0.1}}`` (A/B),
+        ``epsilon_greedy``, ``thompson`` or ``ucb1`` (bandits fed by
+        ``POST /v2/models/{name}/feedback``); see serving/policies.py.
+    shadow: ``{variant, fraction}``: that share of requests also goes to the
+        shadow variant, whose answers are compared, never returned.
+    sticky_header / sticky_parameter: where a request's sticky key is read
+        (an HTTP header or gRPC metadata key; a V2 request parameter): one
+        key always sees one variant while the weights stay put.
+    promote_alias: the registry alias moved to a variant when it is promoted
+        ("" = move none).
+    """
+
+    name: str
+    policy: PolicyConfig | None = None
+    shadow: ShadowConfig | None = None
+    sticky_header: str = "flywheel-routing-key"
+    sticky_parameter: str = "routing_key"
+    promote_alias: str = "production"
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"endpoints: name {self.name!r} must match {_NAME.pattern}")
+        if not self.sticky_header or self.sticky_header != self.sticky_header.lower():
+            raise ConfigError(f"endpoints.{self.name}.sticky_header {self.sticky_header!r} must be non-empty lower case")
+
+
 class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A whole deployment: the server and the models it serves.
 
     name: prefix of its Ray Serve application names, so that several
         deployments (each with its own ingress) can share one Ray.
+    endpoints: routing of the model names with several versions (see
+        EndpointConfig).
     """
 
     models: list[ModelConfig]
     server: ServerConfig = ServerConfig()
     registry: RegistryConfig = RegistryConfig()
     name: str = "flywheel"
+    endpoints: list[EndpointConfig] = []
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -302,6 +338,12 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if m.key in seen:
                 raise ConfigError(f"model {m.name!r} version {m.version!r} is listed twice")
             seen.add(m.key)
+        names = {m.name: m for m in self.models}
+        for e in self.endpoints:
+            if e.name not in names:
+                raise ConfigError(f"endpoints: {e.name!r} names no model; models: {sorted(names)}")
+        if len({e.name for e in self.endpoints}) != len(self.endpoints):
+            raise ConfigError("endpoints: a name is listed twice")
 
 
 def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConfig:

@@ -21,6 +21,7 @@ import os
 
 from flywheel.runtime.errors import ConfigError
 from flywheel.serving._private.auth import Authenticator
+from flywheel.serving._private.endpoint_sync import EndpointSync
 from flywheel.serving._private.grpc_service import start_grpc_server
 from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
@@ -50,9 +51,21 @@ class Ingress:
         keys_uri: str = "",
         colocated: list[ModelConfig] = (),
         registry: RegistryConfig | None = None,
+        controller_app: str = "",
     ) -> None:
         """``routes`` lead to dedicated models; ``colocated`` models are
-        loaded (and warmed up) here, before any port is bound."""
+        loaded (and warmed up) here, before any port is bound.
+        ``controller_app``: the Serve application of the router controller
+        (serving/controller.py) whose endpoint snapshots this replica routes
+        by ("" = none: every name goes to its highest version)."""
+        self._registry = registry
+        self._limits = server.request_limits()
+        self._drift_port = drift_port
+        self._controller = None
+        if controller_app:
+            from ray import serve
+
+            self._controller = serve.get_deployment_handle("router", controller_app)
         self._local = {}
         for m in colocated:
             ms = ModelServer(m, server.request_limits(), registry, drift_port)
@@ -79,6 +92,19 @@ class Ingress:
         for ms in self._local.values():
             await ms.start()
         self.router = Router(routes, self._metrics, self._local)
+        # with several replicas, feedback may reach another replica than the
+        # one that answered: request ids then also go to the controller
+        self.router.ship_ids = server.replicas > 1
+        self._sync = None
+        if self._controller is not None:
+            controller = self._controller
+            self._sync = EndpointSync(
+                self.router, f"{os.getpid()}-{id(self)}",
+                lambda report: controller.sync.remote(report).result(timeout_s=10),
+                self._load_variant, ship_ids=server.replicas > 1,
+            )
+            await self._sync.first()  # runtime variants load before the ports open
+            self._sync.start()
         self._auth = None
         if server.auth.enabled:
             if not keys_uri:
@@ -89,7 +115,8 @@ class Ingress:
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
-            HttpRoutes(self.router, monitor, self._auth).handle, server.host, server.port,
+            HttpRoutes(self.router, monitor, self._auth, self._manage if self._controller else None).handle,
+            server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True,
         )
         self._grpc = None
@@ -98,6 +125,24 @@ class Ingress:
                 self.router, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
                 auth=self._auth,
             )
+
+    def _load_variant(self, model: ModelConfig) -> ModelServer:
+        """A variant added at run time (blocking: loads and warms it up)."""
+        return ModelServer(model, self._limits, self._registry, self._drift_port)
+
+    async def _manage(self, op: str, name: str | None, body=None) -> dict:
+        """Forward a management call to the controller (from the ingress
+        loop; the Ray call waits in a worker thread). A successful change
+        is fetched back at once, so that this replica routes by it before
+        it answers."""
+        controller = self._controller
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(
+            None, lambda: controller.manage.remote(op, name, body).result(timeout_s=30)
+        )
+        if answer.get("ok") and op not in ("status", "feedback") and self._sync is not None:
+            await self._sync.refresh()
+        return answer
 
     def replica_stats(self) -> dict:
         """This replica's pid and the requests it answered itself (``/metrics``
@@ -122,6 +167,8 @@ class Ingress:
 
         async def _stop() -> None:
             self._http.close()
+            if self._sync is not None:
+                await self._sync.close()
             if self._grpc is not None:
                 await self._grpc.stop(grace=1.0)
             self.router.close()

@@ -176,7 +176,11 @@ class ModelServer:
         return Reply(0, body, stats, aux)
 
     async def close(self) -> None:
-        """Let accepted requests finish, then stop the sampler and threads."""
+        """Let accepted requests finish, then stop the sampler and threads.
+        Safe to call twice (a variant removed at run time, then the ingress)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         if self._batcher is not None:
             await self._batcher.close()
         if self._sampler is not None:

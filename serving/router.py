@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import random
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -16,15 +18,27 @@ from typing import Any
 import msgspec
 
 from flywheel.runtime.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
+from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id
+from flywheel.serving._private.reply_outputs import reply_outputs
 from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel
 from flywheel.serving.metrics import ModelMetrics, ServingMetrics
+from flywheel.serving.policies import compare_outputs
 
 SERVER_NAME = "flywheel"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data",)
 RETRY_DELAY_S = 0.05
 PROBE_INTERVAL_S = 1.0
+MAX_SHADOWS = 64  # shadow requests in flight per replica; more are not sent
+log = logging.getLogger(__name__)
+_rng = random.Random()
 _OUTCOME = {int(c): c.name.lower() for c in ErrorCode}
+# replies that count as a variant answering well (for canary gates): success,
+# and errors that are the caller's (bad input, too large, not found, auth)
+_HEALTHY = frozenset((0, *(int(c) for c in (
+    ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.PAYLOAD_TOO_LARGE,
+    ErrorCode.UNAUTHENTICATED, ErrorCode.PERMISSION_DENIED, ErrorCode.RATE_LIMITED,
+))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +56,10 @@ class LocalChannel:
     """A ReplicaChannel's face over an in-process ModelServer: the call is
     awaited directly on this loop (no socket, no frame, no copy)."""
 
-    __slots__ = ("_handle",)
+    __slots__ = ("_handle", "server")
 
     def __init__(self, server) -> None:
+        self.server = server
         self._handle = server.handle
 
     def call(self, call: Call) -> Awaitable[Reply]:
@@ -63,12 +78,13 @@ class ModelEntry:
     stats: ModelMetrics
     metadata: dict | None = None
     ready: bool = False
+    inflight: int = 0
 
 
 @dataclass(slots=True)
 class _Name:
     versions: dict[str, ModelEntry] = field(default_factory=dict)
-    default: str = ""
+    endpoint: LiveEndpoint | None = None
 
 
 def version_key(v: str):
@@ -83,6 +99,9 @@ class Router:
         """``local`` maps (name, version) to the ModelServer of each route
         with ``local=True``."""
         self.metrics = metrics
+        self.ship_ids = False  # send request ids to the controller (several ingress replicas)
+        self._shadows = 0
+        self._shadow_tasks: set[asyncio.Task] = set()
         self._names: dict[str, _Name] = {}
         for r in routes:
             entry = self._names.setdefault(r.name, _Name())
@@ -91,26 +110,68 @@ class Router:
             else:
                 channel = ReplicaChannel("127.0.0.1", r.port)
             entry.versions[r.version] = ModelEntry(r, channel, metrics.for_model(r.name, r.version))
-        for entry in self._names.values():
-            # The default version is the highest: numerically when numeric.
-            entry.default = max(entry.versions, key=version_key)
+        for name, entry in self._names.items():
+            # Until the controller says otherwise, the highest version (by
+            # number when numeric) takes every request.
+            entry.endpoint = LiveEndpoint(name)
+            top = max(entry.versions, key=version_key)
+            entry.endpoint.configure(
+                {"routable": [top], "weights": {top: 1.0},
+                 "sticky": {"header": "flywheel-routing-key", "parameter": "routing_key"}},
+                set(entry.versions),
+            )
 
     def models(self) -> list[ModelEntry]:
         return [m for e in self._names.values() for m in e.versions.values()]
 
-    def resolve(self, name: str, version: str | None) -> ModelEntry:
-        """The entry for ``name`` at ``version`` (None or "" = the default);
+    def endpoint(self, name: str) -> LiveEndpoint:
+        entry = self._names.get(name)
+        if entry is None:
+            raise NotFoundError(f"unknown model {name!r}")
+        return entry.endpoint
+
+    def endpoints(self) -> list[LiveEndpoint]:
+        return [e.endpoint for e in self._names.values()]
+
+    def resolve(self, name: str, version: str | None, key: str | None = None) -> ModelEntry:
+        """The entry for ``name`` at ``version``; without a version, the
+        variant the endpoint's policy picks (``key``: the sticky key).
         NotFoundError naming what exists otherwise."""
         entry = self._names.get(name)
         if entry is None:
             raise NotFoundError(f"unknown model {name!r}")
-        model = entry.versions.get(version or entry.default)
+        if not version:
+            version = entry.endpoint.choose(key)
+        model = entry.versions.get(version)
         if model is None:
             raise NotFoundError(f"model {name!r} has no version {version!r}; it has {self.versions(name)}")
         return model
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._names[name].versions, key=version_key)
+
+    def loaded(self, name: str) -> set[str]:
+        entry = self._names.get(name)
+        return set(entry.versions) if entry is not None else set()
+
+    # -- variants added and removed at run time ------------------------------
+    def add_local(self, name: str, version: str, server, stats: ModelMetrics) -> ModelEntry:
+        """Route to a ModelServer loaded (and started) in this process."""
+        entry = self._names.get(name)
+        if entry is None:
+            entry = self._names[name] = _Name(endpoint=LiveEndpoint(name))
+        model = ModelEntry(Route(name, version, local=True), LocalChannel(server), stats)
+        model.metadata = msgspec.json.decode(server.metadata)
+        model.ready = True  # loaded and warmed up before it was added
+        entry.versions[version] = model
+        return model
+
+    def remove(self, name: str, version: str) -> ModelEntry | None:
+        """Stop routing to (name, version); requests already sent finish."""
+        entry = self._names.get(name)
+        if entry is None:
+            return None
+        return entry.versions.pop(version, None)
 
     def metadata(self, model: ModelEntry) -> dict | None:
         """V2 model metadata (with every version of the name), None until known."""
@@ -150,6 +211,7 @@ class Router:
         that is alive (the pooled ones may still point at the dead one), so a
         request stranded on a replica that just died is answered by another."""
         started = time.perf_counter()
+        model.inflight += 1
         try:
             reply = await model.channel.call(call)
         except UnavailableError:
@@ -158,10 +220,14 @@ class Router:
                 spent_ms = int((time.perf_counter() - started) * 1000)
                 call = dataclasses.replace(call, timeout_ms=max(1, call.timeout_ms - spent_ms))
             reply = await self._call_once(model, call)
-        model.stats.observe(
-            "ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"),
-            time.perf_counter() - started, reply.stats,
-        )
+        finally:
+            model.inflight -= 1
+        elapsed = time.perf_counter() - started
+        model.stats.observe("ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"), elapsed, reply.stats)
+        entry = self._names.get(model.route.name)
+        if entry is not None:
+            # caller errors (bad input) say nothing of the variant's health
+            entry.endpoint.window(model.route.version).observe(elapsed, reply.code in _HEALTHY)
         return reply
 
     async def _call_once(self, model: ModelEntry, call: Call) -> Reply:
@@ -176,6 +242,45 @@ class Router:
                 model.ready = False
             return Reply(int(exc.code), exc.message.encode())
 
+    # -- after an answer: feedback ids and shadow traffic -------------------
+    def routed(self, ep: LiveEndpoint, model: ModelEntry, call: Call, reply: Reply,
+               request_id: str | None, explicit: bool) -> str | None:
+        """Book-keeping for a successful answer of endpoint ``ep``: keep the
+        request id for feedback (one is made when the caller gave none) and
+        maybe mirror the request to the shadow variant. Returns the id."""
+        if not ep.tracked:
+            return request_id
+        request_id = request_id or new_request_id()
+        ep.remember(request_id, model.route.version, self.ship_ids)
+        shadow = ep.shadow
+        if shadow is not None and not explicit and shadow[0] != model.route.version and _rng.random() < shadow[1]:
+            target = self._names[ep.name].versions.get(shadow[0])
+            if target is not None and self._shadows < MAX_SHADOWS:
+                self._shadows += 1
+                task = asyncio.get_running_loop().create_task(self._shadow(ep, target, call, reply))
+                self._shadow_tasks.add(task)
+                task.add_done_callback(self._shadow_done)
+        return request_id
+
+    def _shadow_done(self, task: asyncio.Task) -> None:
+        self._shadows -= 1
+        self._shadow_tasks.discard(task)
+
+    async def _shadow(self, ep: LiveEndpoint, target: ModelEntry, call: Call, primary: Reply) -> None:
+        """Send the request to the shadow variant and compare the answers;
+        the caller already has its answer (this task runs after it)."""
+        try:
+            await asyncio.sleep(0)  # let the caller's answer be written first
+            reply = await self.forward(target, call)
+            if reply.code:
+                return  # counted as the shadow variant's error by forward
+            agree, diff = compare_outputs(reply_outputs(call.op, primary), reply_outputs(call.op, reply))
+            ep.window(target.route.version).observe_shadow(agree, diff)
+        except Exception:  # never the caller's problem
+            log.debug("shadow comparison failed", exc_info=True)
+
     def close(self) -> None:
+        for task in list(self._shadow_tasks):
+            task.cancel()
         for m in self.models():
             m.channel.close()

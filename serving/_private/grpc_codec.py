@@ -46,7 +46,12 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def peek_route(buf: bytes) -> tuple[str, str]:
     """(model_name, model_version) of a serialized ModelInferRequest."""
-    name = version = ""
+    return peek_fields(buf)[:2]
+
+
+def peek_fields(buf: bytes) -> tuple[str, str, str]:
+    """(model_name, model_version, id) of a serialized ModelInferRequest."""
+    name = version = rid = ""
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _varint(buf, pos)
@@ -55,15 +60,17 @@ def peek_route(buf: bytes) -> tuple[str, str]:
             size, pos = _varint(buf, pos)
             if pos + size > end:
                 raise InvalidInputError("malformed ModelInferRequest: field runs past the end")
-            if field in (1, 2):
+            if field in (1, 2, 3):
                 try:
                     text = bytes(buf[pos : pos + size]).decode()
                 except UnicodeDecodeError:
-                    raise InvalidInputError("model_name/model_version must be UTF-8") from None
+                    raise InvalidInputError("model_name/model_version/id must be UTF-8") from None
                 if field == 1:
                     name = text
-                else:
+                elif field == 2:
                     version = text
+                else:
+                    rid = text
             pos += size
         elif wire == 0:
             _, pos = _varint(buf, pos)
@@ -75,7 +82,7 @@ def peek_route(buf: bytes) -> tuple[str, str]:
             raise InvalidInputError(f"malformed ModelInferRequest: wire type {wire}")
     if pos != end:
         raise InvalidInputError("malformed ModelInferRequest: truncated field")
-    return name, version
+    return name, version, rid
 
 
 def _param_value(p: pb.InferParameter):

@@ -12,13 +12,29 @@ import grpc
 
 from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.auth import Authenticator
-from flywheel.serving._private.grpc_codec import peek_route
+from flywheel.serving._private.grpc_codec import peek_fields
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.proto import inference_pb2 as pb
 from flywheel.serving._private.wire import OP_INFER_GRPC, Call
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Router
 
 SERVICE = "inference.GRPCInferenceService"
+VERSION_KEY = "flywheel-model-version"  # trailing metadata: the variant that answered
+REQUEST_ID_KEY = "flywheel-request-id"  # request and trailing metadata: the id feedback names
+
+
+def _parameter(request: bytes, name: str) -> str | None:
+    """A request parameter's value as text (parses the whole message: only
+    for endpoints with a sticky parameter and no sticky metadata key)."""
+    try:
+        params = pb.ModelInferRequest.FromString(request).parameters
+    except Exception:
+        return None  # the model server rejects it with the precise error
+    if name not in params:
+        return None
+    p = params[name]
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else str(getattr(p, kind))
 
 
 def _unary(fn, request_type):
@@ -77,15 +93,27 @@ class GrpcService:
 
     async def model_infer(self, request: bytes, context) -> bytes:
         try:
-            name, version = peek_route(request)
+            name, version, rid = peek_fields(request)
+            ep = self._router.endpoint(name)
+            key = None
+            if ep.tracked:
+                meta = dict(context.invocation_metadata() or ())
+                rid = rid or meta.get(REQUEST_ID_KEY) or None
+                key = meta.get(ep.sticky_header.decode())
+                if key is None and not version and ep.sticky_parameter:
+                    key = _parameter(request, ep.sticky_parameter)
+            model = self._router.resolve(name, version, key)
         except FlywheelError as exc:
             await context.abort(grpc_status_for(exc.code), exc.message)
-        model = await self._resolve(name, version, context)
         remaining = context.time_remaining()
         timeout_ms = max(1, int(remaining * 1000)) if remaining is not None else 0
-        reply = await self._router.forward(model, Call(OP_INFER_GRPC, request, 0, min(timeout_ms, 0xFFFFFFFF)))
+        call = Call(OP_INFER_GRPC, request, 0, min(timeout_ms, 0xFFFFFFFF))
+        reply = await self._router.forward(model, call)
         if reply.code:
             await context.abort(grpc_status_for(reply.code), reply.payload.decode("utf-8", "replace"))
+        rid = self._router.routed(ep, model, call, reply, rid or None, bool(version))
+        trailing = ((VERSION_KEY, model.route.version), (REQUEST_ID_KEY, rid)) if rid else ((VERSION_KEY, model.route.version),)
+        context.set_trailing_metadata(trailing)
         return reply.payload
 
 

@@ -7,8 +7,12 @@ import asyncio
 from flywheel.runtime.codec import encode_json
 from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.auth import Authenticator
+from flywheel.serving._private.endpoint_http import (
+    Manage, endpoint_route, feedback, response_headers, routing_fields,
+)
 from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
+from flywheel.serving._private.live_endpoint import LiveEndpoint, render_endpoint_metrics
 from flywheel.serving._private.openapi import openapi_document
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ModelEntry, Router
@@ -29,6 +33,8 @@ def role_for(path: str) -> str | None:
     parts = path.strip("/").split("/")
     if parts == ["metrics"] or (parts[:2] == ["v2", "models"] and parts[-1] == "drift"):
         return "operate"
+    if parts[:2] == ["v2", "endpoints"]:  # routing management and its status
+        return "operate"
     return "predict"
 
 
@@ -36,11 +42,15 @@ class HttpRoutes:
     """``handle`` maps a parsed request to a Response (or an awaitable one)."""
 
     def __init__(
-        self, router: Router, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None
+        self, router: Router, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None,
+        manage: Manage | None = None,
     ) -> None:
+        """``manage(op, name, body)``: the router controller's management
+        call (None: no controller; the /v2/endpoints routes answer 404)."""
         self._router = router
         self._monitor = monitor
         self._auth = auth
+        self._manage = manage
         self._server_meta = encode_json(
             {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
         )
@@ -90,6 +100,8 @@ class HttpRoutes:
         if path == "/v2/openapi.json":
             return self._only("GET", req) or (200, self._openapi, JSON)
         parts = path.strip("/").split("/")
+        if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "endpoints":
+            return endpoint_route(self._manage, req, parts[2:])
         if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
             return error_response(404, f"no route {req.method} {path}")
         return self._model_route(req, parts[2], parts[3:])
@@ -107,16 +119,20 @@ class HttpRoutes:
                 return error_response(404, f"no route {req.method} {req.path}")
             version, rest = rest[1], rest[2:]
         action = rest[0] if rest else ""
-        if len(rest) > 1 or action not in ("", "ready", "infer", "drift"):
+        if len(rest) > 1 or action not in ("", "ready", "infer", "drift", "feedback"):
             return error_response(404, f"no route {req.method} {req.path}")
+        if action in ("infer", "feedback"):
+            if req.method != "POST":
+                return error_response(405, f"{req.path} takes POST, not {req.method}")
+            if action == "feedback":
+                if version is not None:
+                    return error_response(404, f"no route {req.method} {req.path} (feedback goes to /v2/models/{name}/feedback)")
+                return feedback(self._router, self._manage, name, req.body)
+            return self._infer(name, version, req)
         try:
             model = self._router.resolve(name, version)
         except FlywheelError as exc:
             return error_for_code(exc.code, exc.message)
-        if action == "infer":
-            if req.method != "POST":
-                return error_response(405, f"{req.path} takes POST, not {req.method}")
-            return self._infer(model, req)
         bad = self._only("GET", req)
         if bad:
             return bad
@@ -129,7 +145,7 @@ class HttpRoutes:
             return error_response(503, f"model {name!r} is not ready")
         return 200, encode_json(meta), JSON
 
-    def _infer(self, model: ModelEntry, req: Request):
+    def _infer(self, name: str, version: str | None, req: Request):
         raw = req.headers.get(_HEADER_LENGTH)
         header_length = 0
         if raw is not None:
@@ -141,10 +157,21 @@ class HttpRoutes:
                     400,
                     f"Inference-Header-Content-Length {header_length} exceeds the body's {len(req.body)} bytes",
                 )
-        return self._forward(model, Call(OP_INFER, req.body, header_length))
+        try:
+            ep = self._router.endpoint(name)
+            rid = key = None
+            if ep.tracked:
+                rid, key = _request_id(req), _header(req, ep.sticky_header)
+                if rid is None or (key is None and not version):
+                    body_id, body_key = routing_fields(req.body, header_length, ep.sticky_parameter)
+                    rid, key = rid or body_id, key or body_key
+            model = self._router.resolve(name, version, key)
+        except FlywheelError as exc:
+            return error_for_code(exc.code, exc.message)
+        return self._forward(ep, model, Call(OP_INFER, req.body, header_length), rid, bool(version))
 
     def _metrics(self):
-        own = self._router.metrics.render()
+        own = self._router.metrics.render() + render_endpoint_metrics(self._router.endpoints())
         if self._monitor is None:
             return 200, own, _METRICS_TYPE
         return self._with_monitor_metrics(own)
@@ -174,10 +201,26 @@ class HttpRoutes:
             return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
         return 200, reply.payload, JSON
 
-    async def _forward(self, model: ModelEntry, call: Call) -> Response:
+    async def _forward(
+        self, ep: LiveEndpoint, model: ModelEntry, call: Call, rid: str | None, explicit: bool
+    ) -> Response:
         reply = await self._router.forward(model, call)
         if reply.code:
             return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
+        rid = self._router.routed(ep, model, call, reply, rid, explicit)
+        extra = response_headers(model.route.version, rid)
         if reply.aux:  # binary outputs follow a JSON header of this length
-            return 200, reply.payload, _BINARY, b"inference-header-content-length: %d\r\n" % reply.aux
-        return 200, reply.payload, JSON
+            return 200, reply.payload, _BINARY, extra + b"inference-header-content-length: %d\r\n" % reply.aux
+        return 200, reply.payload, JSON, extra
+
+
+_REQUEST_ID = b"flywheel-request-id"
+
+
+def _header(req: Request, name: bytes) -> str | None:
+    value = req.headers.get(name)
+    return value.decode("latin-1") if value else None
+
+
+def _request_id(req: Request) -> str | None:
+    return _header(req, _REQUEST_ID)

@@ -127,6 +127,15 @@ def openapi_document() -> dict:
                 **_errors(*_AUTH_ERRORS)}}},
             **_model_ops(False),
             **_model_ops(True),
+            "/v2/models/{name}/feedback": {"post": {
+                "operationId": "modelFeedback",
+                "parameters": [_MODEL],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["id", "reward"], "additionalProperties": False,
+                    "properties": {"id": {"type": "string"}, "reward": {"type": "number"}}}}}},
+                "responses": {"200": _ok({"type": "object", "required": ["id", "variant", "accepted"]}),
+                              **_errors(400, 404, *_AUTH_ERRORS)},
+            }},
             "/v2/openapi.json": {"get": {"operationId": "openapi", "responses": {
                 "200": _ok({"type": "object"}), **_errors(*_AUTH_ERRORS)}}},
             "/metrics": {"get": {"operationId": "metrics", "responses": {

@@ -80,7 +80,7 @@ def test_openapi_operations_never_answer_5xx(stack):
     base = f"http://127.0.0.1:{stack.port}"
     schema = schemathesis.openapi.from_url(base + "/v2/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 12  # every path but /v2/openapi.json itself, which schemathesis skips
+    assert len(operations) == 13  # every path but /v2/openapi.json itself, which schemathesis skips
 
     for operation in operations:
         @settings(max_examples=25, deadline=None, derandomize=not EXAMPLES,

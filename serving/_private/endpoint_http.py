@@ -1,0 +1,172 @@
+"""HTTP faces of the router: management routes, feedback, routing fields.
+
+Management (role ``operate`` when auth is on), answered by the router
+controller through any ingress replica:
+
+    GET    /v2/endpoints                       every endpoint's status
+    GET    /v2/endpoints/{name}                one endpoint's status
+    PUT    /v2/endpoints/{name}/policy         {"kind": "fixed", "weights": {...}} | bandits
+    POST   /v2/endpoints/{name}/variants       a model config: {"version", "ref" | "path", ...}
+    DELETE /v2/endpoints/{name}/variants/{v}   drain and remove a variant
+    POST   /v2/endpoints/{name}/swap           a model config; 202, progress in the status
+    POST   /v2/endpoints/{name}/canary         {"variant", "steps", "hold_s", "gates", ...}
+    DELETE /v2/endpoints/{name}/canary         abort the running canary
+    POST   /v2/endpoints/{name}/promote        {"version": "2"}
+    POST   /v2/endpoints/{name}/rollback
+    PUT    /v2/endpoints/{name}/shadow         {"variant", "fraction"}
+    DELETE /v2/endpoints/{name}/shadow
+
+Feedback (role ``predict``): ``POST /v2/models/{name}/feedback`` with
+``{"id": "<request id>", "reward": <number>}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from flywheel.runtime.codec import encode_json
+from flywheel.runtime.errors import ErrorCode, FlywheelError
+from flywheel.serving._private.http_errors import error_for_code, error_response
+from flywheel.serving._private.http_server import JSON, Request, Response
+from flywheel.serving._private.endpoint_sync import SYNC_INTERVAL_S
+from flywheel.serving._private.live_endpoint import check_reward
+
+Manage = Callable[[str, "str | None", Any], Awaitable[dict]]
+
+# (method, route shape) -> (operation, status on success); {v} takes the
+# variant from the path
+_ROUTES: dict[tuple[str, tuple[str, ...]], tuple[str, int]] = {
+    ("GET", ()): ("status", 200),
+    ("GET", ("{name}",)): ("status", 200),
+    ("PUT", ("{name}", "policy")): ("set_policy", 200),
+    ("POST", ("{name}", "variants")): ("add_variant", 202),
+    ("DELETE", ("{name}", "variants", "{v}")): ("remove_variant", 202),
+    ("POST", ("{name}", "swap")): ("swap", 202),
+    ("POST", ("{name}", "canary")): ("start_canary", 200),
+    ("DELETE", ("{name}", "canary")): ("abort_canary", 200),
+    ("POST", ("{name}", "promote")): ("promote", 200),
+    ("POST", ("{name}", "rollback")): ("rollback", 200),
+    ("PUT", ("{name}", "shadow")): ("set_shadow", 200),
+    ("DELETE", ("{name}", "shadow")): ("set_shadow", 200),
+}
+_NEEDS_BODY = frozenset(("set_policy", "add_variant", "swap", "start_canary", "promote"))
+
+
+def _shape(parts: list[str]) -> tuple[str, ...]:
+    shape = []
+    for i, p in enumerate(parts):
+        shape.append("{name}" if i == 0 else "{v}" if i == 2 and parts[1] == "variants" else p)
+    return tuple(shape)
+
+
+def endpoint_route(manage: Manage | None, req: Request, parts: list[str]):
+    """Dispatch ``/v2/endpoints/...`` (``parts``: the path after it)."""
+    parts = [p for p in parts if p] if parts == [""] else parts
+    shape = _shape(parts)
+    route = _ROUTES.get((req.method, shape))
+    if route is None:
+        if any(shape == s for _, s in _ROUTES):
+            allowed = sorted(m for m, s in _ROUTES if s == shape)
+            return error_response(405, f"{req.path} takes {' or '.join(allowed)}, not {req.method}")
+        return error_response(404, f"no route {req.method} {req.path}")
+    if manage is None:
+        return error_response(404, "endpoint management needs the router controller, which this server does not run")
+    op, ok_status = route
+    body: Any = None
+    if op in _NEEDS_BODY or (op == "set_shadow" and req.method == "PUT"):
+        try:
+            body = msgspec.json.decode(req.body) if req.body else None
+        except msgspec.DecodeError as exc:
+            return error_response(400, f"the body must be JSON: {exc}")
+        if not isinstance(body, dict):
+            return error_response(400, "the body must be a JSON object")
+    if op == "remove_variant":
+        body = {"version": parts[2]}
+    return _call(manage, op, parts[0] if parts else None, body, ok_status)
+
+
+async def _call(manage: Manage, op: str, name: str | None, body: Any, ok_status: int) -> Response:
+    try:
+        answer = await manage(op, name, body)
+    except FlywheelError as exc:
+        return error_for_code(exc.code, exc.message)
+    except Exception as exc:  # the controller is restarting or unreachable
+        return error_for_code(int(ErrorCode.UNAVAILABLE), f"router controller unavailable: {exc}")
+    if not answer.get("ok"):
+        return error_for_code(answer.get("code", int(ErrorCode.INTERNAL)), answer.get("error", "failed"))
+    return ok_status, encode_json(answer["result"]), JSON
+
+
+class _Feedback(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    reward: float
+
+
+_FEEDBACK = msgspec.json.Decoder(_Feedback)
+
+
+def feedback(router, manage: Manage | None, name: str, body: bytes):
+    """A reward for an earlier request of endpoint ``name``: taken here when
+    this replica routed it, else by the controller (which knows the
+    requests of every replica when there are several)."""
+    try:
+        fb = _FEEDBACK.decode(body)
+    except msgspec.ValidationError as exc:
+        return error_response(400, f"feedback: {exc} (expected {{\"id\": string, \"reward\": number}})")
+    except msgspec.DecodeError as exc:
+        return error_response(400, f"feedback: the body must be JSON: {exc}")
+    try:
+        reward = check_reward(fb.reward)
+        ep = router.endpoint(name)
+        variant = ep.take_feedback(fb.id, reward)
+    except FlywheelError as exc:
+        return error_for_code(exc.code, exc.message)
+    if variant is not None:
+        return 200, encode_json({"id": fb.id, "variant": variant, "accepted": True}), JSON
+    if manage is None:
+        return error_response(
+            404, f"request id {fb.id!r} is unknown to endpoint {name!r} or has expired (ids are kept 600 s)"
+        )
+    return _feedback_elsewhere(manage, name, {"id": fb.id, "reward": reward})
+
+
+async def _feedback_elsewhere(manage: Manage, name: str, body: dict) -> Response:
+    """Another replica answered that request: the controller knows its id
+    once that replica has reported it (within one report interval), so an
+    id it does not know yet is asked for once more after that interval."""
+    resp = await _call(manage, "feedback", name, body, 200)
+    if resp[0] != 404:
+        return resp
+    await asyncio.sleep(SYNC_INTERVAL_S * 2)
+    return await _call(manage, "feedback", name, body, 200)
+
+
+def response_headers(version: str, request_id: str | None) -> bytes:
+    head = b"flywheel-model-version: " + version.encode() + b"\r\n"
+    if request_id:
+        head += b"flywheel-request-id: " + request_id.encode("latin-1", "replace") + b"\r\n"
+    return head
+
+
+class _Routing(msgspec.Struct):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+_ROUTING = msgspec.json.Decoder(_Routing)
+
+
+def routing_fields(body: bytes, header_length: int, parameter: str) -> tuple[str | None, str | None]:
+    """(request id, sticky key) from a V2 JSON request (its JSON header when
+    binary). A malformed body yields neither: the model server will reject
+    it with the precise error."""
+    try:
+        fields = _ROUTING.decode(body[:header_length] if header_length else body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None, None
+    key = (fields.parameters or {}).get(parameter) if parameter else None
+    return fields.id or None, None if key is None else str(key)

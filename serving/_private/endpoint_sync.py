@@ -1,0 +1,220 @@
+"""An ingress replica's side of the router controller: report, then apply.
+
+About twice a second the replica tells the controller what it loaded, how
+each variant did since the last report, the rewards it took and (when there
+are several ingress replicas) which request went where; the answer is the
+controller's snapshot when it changed. Applying a snapshot loads new
+variants (in a worker thread, warmed up, before they can take a request),
+re-points each endpoint's choice, and closes variants that were removed once
+their accepted requests have finished.
+
+The controller being away (restarting) changes nothing for requests: the
+replica routes by its last snapshot and keeps what it owes for the next
+report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from flywheel.serving.config import ModelConfig
+from flywheel.serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+SYNC_INTERVAL_S = 0.5
+FIRST_SYNC_TIMEOUT_S = 60.0
+
+
+class EndpointSync:
+    """``call(report) -> answer`` is blocking (a Ray call) and runs in a
+    worker thread; ``load(model_config) -> ModelServer`` too (it loads and
+    warms the model). Everything else runs on the ingress loop."""
+
+    def __init__(self, router, replica_id: str, call: Callable[[dict], dict],
+                 load: Callable[[ModelConfig], object], ship_ids: bool) -> None:
+        self._router = router
+        self._id = replica_id
+        self._call = call
+        self._load = load
+        self._ship_ids = ship_ids
+        self.applied = 0
+        self._snapshot: dict = {}
+        self._servers: dict[tuple[str, str], object] = {}  # variants this replica loaded at run time
+        self._status: dict[str, dict[str, str]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task] = {}
+        self._owed: list[dict] = []  # reports the controller did not take yet
+        self._task: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None  # made on the loop (STYLE 7)
+
+    async def first(self) -> None:
+        """Before the ports open: get a snapshot and load its variants, so
+        that a replica started mid-swap serves what the others serve."""
+        deadline = time.monotonic() + FIRST_SYNC_TIMEOUT_S
+        while True:
+            try:
+                answer = await self._exchange()
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    log.error("router controller unreachable (%s); routing by the deployment's config", exc)
+                    return
+                await asyncio.sleep(0.5)
+        if "endpoints" in answer:
+            await self._apply(answer, wait_loads=True)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the controller restarts: route on, report later
+                log.warning("router controller sync failed: %s", exc)
+            for ep in self._router.endpoints():
+                ep.expire()
+
+    async def refresh(self) -> None:
+        """Report now and apply the answer (also right after a management
+        call, so that this replica routes by the change before answering)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            answer = await self._exchange()
+            if answer.get("version", 0) > self.applied and "endpoints" in answer:
+                try:
+                    await self._apply(answer, wait_loads=False)
+                except Exception:  # a bad snapshot must not stop the reports
+                    log.exception("applying the router snapshot failed")
+
+    async def _exchange(self) -> dict:
+        report = self._report()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._call, report)
+        except BaseException:
+            self._owed.append(report)  # not lost: folded into the next report
+            del self._owed[:-20]
+            raise
+
+    def _report(self) -> dict:
+        windows, rewards, ids, inflight = {}, {}, [], {}
+        for ep in self._router.endpoints():
+            w, r, i = ep.take_report()
+            if w:
+                windows[ep.name] = w
+            if r:
+                rewards[ep.name] = r
+            ids += i
+        for m in self._router.models():
+            if m.inflight:
+                inflight.setdefault(m.route.name, {})[m.route.version] = m.inflight
+        report = {
+            "replica": self._id, "applied": self.applied, "loaded": self._loaded(),
+            "windows": windows, "rewards": rewards, "ids": ids if self._ship_ids else [], "inflight": inflight,
+        }
+        owed, self._owed = self._owed, []
+        for old in owed:  # what a failed exchange did not deliver
+            _fold(report, old)
+        return report
+
+    def _loaded(self) -> dict[str, dict[str, str]]:
+        out = {name: dict(s) for name, s in self._status.items()}
+        for m in self._router.models():
+            out.setdefault(m.route.name, {}).setdefault(m.route.version, "ready")
+        return out
+
+    async def _apply(self, answer: dict, *, wait_loads: bool) -> None:
+        loads = []
+        for name, snap in answer["endpoints"].items():
+            wanted = snap["variants"]
+            for version, model in wanted.items():
+                key = (name, version)
+                if version in self._router.loaded(name) or key in self._loading or model is None:
+                    continue
+                if self._status.get(name, {}).get(version, "").startswith("failed"):
+                    continue  # reported; the controller drops the variant
+                self._status.setdefault(name, {})[version] = "loading"
+                task = asyncio.get_running_loop().create_task(self._load_variant(name, version, model))
+                self._loading[key] = task
+                loads.append(task)
+            for version in self._router.loaded(name) - set(wanted):
+                await self._unload(name, version)
+            for version in [v for v in self._status.get(name, {}) if v not in wanted]:
+                del self._status[name][version]
+        if wait_loads and loads:
+            await asyncio.gather(*loads)
+        for name, snap in answer["endpoints"].items():
+            try:
+                self._router.endpoint(name).configure(snap, self._router.loaded(name))
+            except Exception:
+                log.exception("endpoint %s: snapshot not applied", name)
+        self._snapshot = answer
+        self.applied = answer["version"]
+
+    async def _load_variant(self, name: str, version: str, model: dict) -> None:
+        try:
+            cfg = msgspec.convert(model, ModelConfig)
+            server = await asyncio.get_running_loop().run_in_executor(None, self._load, cfg)
+            await server.start()
+        except Exception as exc:
+            log.warning("variant %s:%s failed to load: %s", name, version, exc)
+            self._status.setdefault(name, {})[version] = f"failed: {getattr(exc, 'message', None) or exc}"
+            return
+        finally:
+            self._loading.pop((name, version), None)
+        stats = ServingMetrics([(name, version)]).for_model(name, version)  # this process's numbers
+        self._servers[(name, version)] = server
+        self._router.add_local(name, version, server, stats)
+        self._status.setdefault(name, {})[version] = "ready"
+
+    async def _unload(self, name: str, version: str) -> None:
+        model = self._router.remove(name, version)
+        self._status.get(name, {}).pop(version, None)
+        server = self._servers.pop((name, version), None)
+        if server is None and model is not None and model.route.local:
+            server = getattr(model.channel, "server", None)
+        if server is not None:
+            # requests it accepted finish first (ModelServer.close drains)
+            asyncio.get_running_loop().create_task(server.close())
+
+    @property
+    def snapshot(self) -> dict:
+        return self._snapshot
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._loading.values()):
+            task.cancel()
+        for server in self._servers.values():
+            await server.close()
+
+
+def _fold(report: dict, old: dict) -> None:
+    """Add an undelivered report's windows, rewards and ids to ``report``."""
+    from flywheel.serving.canary import VariantWindow
+
+    for name, windows in old.get("windows", {}).items():
+        mine = report["windows"].setdefault(name, {})
+        for variant, wire in windows.items():
+            w = VariantWindow.from_wire(wire)
+            if variant in mine:
+                w.merge(VariantWindow.from_wire(mine[variant]))
+            mine[variant] = w.to_wire()
+    for name, arms in old.get("rewards", {}).items():
+        mine = report["rewards"].setdefault(name, {})
+        for variant, (n, s, ss) in arms.items():
+            a = mine.setdefault(variant, [0, 0.0, 0.0])
+            a[0] += n
+            a[1] += s
+            a[2] += ss
+    report["ids"] += old.get("ids", [])

@@ -1,0 +1,738 @@
+"""What the router controller decides: endpoints, policies, canaries, swaps.
+
+Pure Python (no Ray, no sockets), so it is testable alone: the Serve
+deployment in serving/controller.py only feeds it ingress replicas' reports
+and management calls, ticks it, and hands back its snapshots.
+
+The split of work: every ingress replica routes each request by itself from
+its last *snapshot* (variants, weights or a bandit's arm statistics, shadow,
+sticky key); it reports back, about twice a second, what it loaded, how each
+variant did (a mergeable window of requests, errors, latency, rewards, shadow
+comparisons), and which requests it routed where (for feedback). Here those
+reports are summed, canaries are judged, swaps are moved through their
+phases, and every change is persisted (registry/router_state.py) before the
+next snapshot announces it, so that losing a replica, or this process, loses
+nothing that was accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from flywheel.runtime.errors import AlreadyExistsError, ConfigError, InvalidInputError, NotFoundError
+from flywheel.runtime.errors import PreconditionFailedError
+from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
+from flywheel.serving.config import EndpointConfig, ModelConfig
+from flywheel.serving.policies import FixedPolicy, ShadowConfig, decode_policy, make_policy
+
+LIVE_S = 5.0  # a replica that has not reported for this long is gone
+LOAD_TIMEOUT_S = 300.0  # a variant still loading after this long has failed
+DRAIN_TIMEOUT_S = 30.0  # a retiring variant is removed after this even if busy
+MAX_EVENTS = 50
+MAX_IDS = 200_000  # request ids kept for feedback (ingress replicas keep their own)
+PERSIST_EVERY_S = 2.0  # statistics are saved at most this often; decisions at once
+STATS_EVERY_S = 1.0  # statistics (bandit arms, totals) are announced at most this often
+
+
+def _doc(struct: msgspec.Struct) -> dict:
+    return msgspec.to_builtins(struct)
+
+
+class _Replica:
+    __slots__ = ("applied", "seen", "loaded", "inflight")
+
+    def __init__(self) -> None:
+        self.applied = 0
+        self.seen = 0.0
+        self.loaded: dict[str, dict[str, str]] = {}
+        self.inflight: dict[str, dict[str, int]] = {}
+
+
+class Endpoint:
+    """One endpoint's durable state (``doc``) and its live statistics."""
+
+    def __init__(self, doc: dict) -> None:
+        self.doc = doc
+        self.totals: dict[str, VariantWindow] = {
+            v: VariantWindow.from_wire(w) for v, w in doc.get("totals", {}).items()
+        }
+        self.step: dict[str, VariantWindow] = {}  # the canary's current-step windows
+        self.dirty = True
+
+    @classmethod
+    def fresh(cls, config: EndpointConfig, static: list[ModelConfig]) -> Endpoint:
+        versions = sorted((m.version for m in static), key=_version_key)
+        policy = _doc(config.policy) if config.policy is not None else {"kind": "fixed", "weights": {versions[-1]: 1.0}}
+        return cls({
+            "name": config.name,
+            "variants": {m.version: {"model": None, "status": "ready", "error": ""} for m in static},
+            "models": {m.version: _doc(m) for m in static},
+            "policy": policy,
+            "policy_state": None,
+            "shadow": _doc(config.shadow) if config.shadow is not None else None,
+            "sticky": {"header": config.sticky_header, "parameter": config.sticky_parameter},
+            "alias": config.promote_alias,
+            "canary": None,
+            "swap": None,
+            "retiring": {},
+            "events": [],
+            "totals": {},
+        })
+
+    @property
+    def name(self) -> str:
+        return self.doc["name"]
+
+    @property
+    def variants(self) -> dict[str, dict]:
+        return self.doc["variants"]
+
+    def routable(self) -> list[str]:
+        retiring = self.doc["retiring"]
+        return sorted(
+            (v for v, s in self.variants.items() if s["status"] == "ready" and v not in retiring), key=_version_key
+        )
+
+    def event(self, now: float, kind: str, detail: str) -> None:
+        events = self.doc["events"]
+        events.append({"time": now, "kind": kind, "detail": detail})
+        del events[:-MAX_EVENTS]
+        self.dirty = True
+
+    def window(self, variant: str) -> VariantWindow:
+        w = self.totals.get(variant)
+        if w is None:
+            w = self.totals[variant] = VariantWindow()
+        return w
+
+    def step_window(self, variant: str) -> VariantWindow:
+        w = self.step.get(variant)
+        if w is None:
+            w = self.step[variant] = VariantWindow()
+        return w
+
+    def policy(self):
+        """The routing policy over the routable variants (bandit arms keep
+        their statistics across changes of the variant set)."""
+        cfg = decode_policy(self.doc["policy"])
+        return make_policy(cfg, self.routable(), self.doc["policy_state"])
+
+    def weights(self) -> dict[str, float] | None:
+        """Traffic shares that override the policy: a swap moving traffic, a
+        running canary, or a fixed policy. None = ask the bandit."""
+        swap = self.doc["swap"]
+        if swap and swap["phase"] in ("draining",):
+            return {swap["to"]: 1.0}
+        canary = self.doc["canary"]
+        if canary and canary["state"]["status"] == "running":
+            return _canary(canary).weights()
+        if self.doc["policy"]["kind"] == "fixed":
+            routable = set(self.routable())
+            weights = {v: w for v, w in self.doc["policy"]["weights"].items() if v in routable and w > 0}
+            if not weights and routable:  # what the policy named is gone: the newest takes it all
+                weights = {max(routable, key=_version_key): 1.0}
+            return weights
+        return None
+
+
+def _canary(doc: dict) -> Canary:
+    return Canary.from_state(msgspec.convert(doc["config"], CanaryConfig), doc["state"])
+
+
+def _version_key(v: str):
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+class ControlState:
+    """Every endpoint of one deployment. Not thread-safe: the controller
+    calls it from one thread (its event loop)."""
+
+    def __init__(
+        self,
+        deployment: str,
+        deploy_id: str,
+        endpoints: Iterable[EndpointConfig],
+        models: Iterable[ModelConfig],
+        store=None,
+        *,
+        alias_mover=None,
+        resolver=None,
+        now: float | None = None,
+    ) -> None:
+        """``models``: the deployment's configured models (loaded by every
+        ingress replica); ``endpoints``: their routing settings (a name with
+        no entry gets the defaults). ``store``: a RouterStateStore; saved
+        state of the same ``deploy_id`` (a restart of this controller) is
+        resumed, anything older is replaced. ``alias_mover(name, alias,
+        version)`` moves a registry alias on promotion and ``resolver(ref)``
+        pins a registry reference to ``name/N`` (None: no registry)."""
+        now = time.time() if now is None else now
+        self.deployment = deployment
+        self.deploy_id = deploy_id
+        self._store = store
+        self._move_alias = alias_mover
+        self._resolve = resolver
+        self.version = 1
+        self._replicas: dict[str, _Replica] = {}
+        self._ids: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._persisted_at = 0.0
+        self._stats_changed = False  # windows or rewards arrived since the last announcement
+        self._announced_at = 0.0
+        by_name: dict[str, list[ModelConfig]] = {}
+        for m in models:
+            by_name.setdefault(m.name, []).append(m)
+        configs = {e.name: e for e in endpoints}
+        unknown = sorted(set(configs) - set(by_name))
+        if unknown:
+            raise InvalidInputError(f"endpoints {unknown} name no configured model; models: {sorted(by_name)}")
+        saved = store.load(deployment) if store is not None else {}
+        self.endpoints: dict[str, Endpoint] = {}
+        for name, static in by_name.items():
+            doc = saved.get(name)
+            if doc is not None and doc.get("deploy_id") == deploy_id:
+                ep = Endpoint(doc)
+                ep.event(now, "resumed", "state restored after a controller restart")
+            else:
+                ep = Endpoint.fresh(configs.get(name, EndpointConfig(name=name)), static)
+                ep.doc["deploy_id"] = deploy_id
+            self.endpoints[name] = ep
+        if store is not None:
+            for name in set(saved) - set(by_name):
+                store.delete(deployment, name)
+        self.persist(now, force=True)
+
+    # -- persistence --------------------------------------------------------
+    def persist(self, now: float, *, force: bool = False) -> None:
+        """Save changed endpoints. Decisions call this with force=True before
+        they are announced; statistics ride along at most every few seconds."""
+        if self._store is None:
+            return
+        if not force and now - self._persisted_at < PERSIST_EVERY_S:
+            return
+        for ep in self.endpoints.values():
+            if ep.dirty or force:
+                ep.doc["totals"] = {v: w.to_wire() for v, w in ep.totals.items()}
+                self._store.save(self.deployment, ep.name, ep.doc)
+                ep.dirty = False
+        self._persisted_at = now
+
+    def _changed(self, now: float) -> None:
+        """A routing decision changed: persist, then announce (new version)."""
+        for ep in self.endpoints.values():
+            ep.dirty = True
+        self.persist(now, force=True)
+        self.version += 1
+        self._announced_at = now
+
+    def endpoint(self, name: str) -> Endpoint:
+        ep = self.endpoints.get(name)
+        if ep is None:
+            raise NotFoundError(f"unknown endpoint {name!r}; endpoints: {sorted(self.endpoints)}")
+        return ep
+
+    # -- replicas -----------------------------------------------------------
+    def live_replicas(self, now: float) -> dict[str, _Replica]:
+        return {rid: r for rid, r in self._replicas.items() if now - r.seen <= LIVE_S}
+
+    def sync(self, report: dict, now: float | None = None) -> dict:
+        """Fold in one ingress replica's report; answer the snapshot when the
+        replica's is older than ours, else just our version."""
+        now = time.time() if now is None else now
+        rep = self._replicas.setdefault(report["replica"], _Replica())
+        rep.seen = now
+        rep.applied = report.get("applied", 0)
+        rep.loaded = report.get("loaded", {})
+        rep.inflight = report.get("inflight", {})
+        for name, windows in report.get("windows", {}).items():
+            ep = self.endpoints.get(name)
+            if ep is None:
+                continue
+            for variant, wire in windows.items():
+                w = VariantWindow.from_wire(wire)
+                ep.window(variant).merge(w)
+                ep.step_window(variant).merge(w)
+                ep.dirty = self._stats_changed = True
+        for name, arms in report.get("rewards", {}).items():
+            ep = self.endpoints.get(name)
+            if ep is not None:
+                self._add_rewards(ep, arms)
+        for rid, name, variant in report.get("ids", ()):
+            self._remember(rid, name, variant, now)
+        for rid in [r for r, rep2 in self._replicas.items() if now - rep2.seen > 10 * LIVE_S]:
+            del self._replicas[rid]
+        if rep.applied >= self.version:
+            return {"version": self.version}
+        return self.snapshot()
+
+    def _add_rewards(self, ep: Endpoint, arms: dict[str, list[float]]) -> None:
+        """Fold a replica's rewards into the bandit's arms (the totals and the
+        canary's windows get them with the replica's windows)."""
+        policy = ep.policy() if ep.doc["policy"]["kind"] != "fixed" else None
+        for variant, (count, total, total_sq) in arms.items():
+            if policy is not None and variant in policy.variants:
+                try:
+                    policy.add_stats(variant, int(count), float(total), float(total_sq))
+                except InvalidInputError as exc:
+                    # taken under another policy (rewards out of this one's
+                    # range): keep the report flowing, say why they were left out
+                    ep.event(time.time(), "feedback", f"rewards for {variant} left out: {exc.message}")
+        if policy is not None:
+            ep.doc["policy_state"] = policy.state()
+        ep.dirty = self._stats_changed = True
+
+    def _remember(self, rid: str, name: str, variant: str, now: float) -> None:
+        self._ids[rid] = (name, variant, now)
+        self._ids.move_to_end(rid)
+        while len(self._ids) > MAX_IDS:
+            self._ids.popitem(last=False)
+
+    def snapshot(self) -> dict:
+        """What every ingress replica routes by."""
+        out = {}
+        for name, ep in self.endpoints.items():
+            doc = ep.doc
+            weights = ep.weights()
+            out[name] = {
+                "variants": {v: s["model"] for v, s in ep.variants.items()},
+                "routable": ep.routable(),
+                "weights": weights,
+                "policy": doc["policy"] if weights is None else None,
+                "policy_state": doc["policy_state"] if weights is None else None,
+                "shadow": doc["shadow"] if doc["shadow"] and doc["shadow"]["variant"] in ep.routable() else None,
+                "sticky": doc["sticky"],
+                "totals": {v: summary(w) for v, w in ep.totals.items()},
+                "canary_step": _canary_percent(doc),
+            }
+        return {"version": self.version, "endpoints": out}
+
+    # -- management ---------------------------------------------------------
+    def status(self, name: str | None = None, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        if name is None:
+            return {"endpoints": [self.status(n, now) for n in sorted(self.endpoints)]}
+        ep = self.endpoint(name)
+        doc = ep.doc
+        policy = None
+        if doc["policy"]["kind"] != "fixed":
+            policy = ep.policy()
+        weights = ep.weights()
+        return {
+            "name": name,
+            "version": self.version,
+            "variants": {
+                v: {
+                    "status": "retiring" if v in doc["retiring"] else s["status"],
+                    "error": s["error"],
+                    "ref": (doc["models"].get(v) or {}).get("ref", ""),
+                    **(summary(ep.totals.get(v) or VariantWindow())),
+                }
+                for v, s in ep.variants.items()
+            },
+            "weights": weights if weights is not None else policy.weights(),
+            "policy": doc["policy"],
+            "bandit": policy.state() if policy is not None else None,
+            "shadow": doc["shadow"],
+            "canary": ({"config": doc["canary"]["config"], **doc["canary"]["state"]} if doc["canary"] else None),
+            "swap": doc["swap"],
+            "sticky": doc["sticky"],
+            "events": doc["events"][-20:],
+            "replicas": len(self.live_replicas(now)),
+        }
+
+    def set_policy(self, name: str, policy: Any, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        try:
+            cfg = decode_policy(policy)
+        except ConfigError as exc:  # from a caller: their input, not our config
+            raise InvalidInputError(exc.message) from None
+        routable = set(ep.routable())
+        if isinstance(cfg, FixedPolicy):
+            unknown = sorted(set(cfg.weights) - set(ep.variants))
+            if unknown:
+                raise InvalidInputError(
+                    f"policy.weights names variants {unknown} that endpoint {name!r} does not have; "
+                    f"it has {sorted(ep.variants, key=_version_key)}"
+                )
+            if not any(w > 0 for v, w in cfg.weights.items() if v in routable):
+                raise InvalidInputError(f"policy.weights gives no weight to a ready variant of {name!r}")
+        self._busy(ep, "set a policy")
+        ep.doc["policy"] = _doc(cfg)
+        if not isinstance(cfg, FixedPolicy):  # a bandit starts from the arms' statistics so far
+            ep.doc["policy_state"] = make_policy(
+                cfg, sorted(routable, key=_version_key), ep.doc["policy_state"]
+            ).state()
+        ep.event(now, "policy", f"policy set to {cfg.kind}")
+        self._changed(now)
+        return self.status(name, now)
+
+    def _busy(self, ep: Endpoint, what: str) -> None:
+        swap = ep.doc["swap"]
+        if swap and swap["phase"] in ("loading", "draining"):
+            raise PreconditionFailedError(f"cannot {what}: endpoint {ep.name!r} is swapping {swap['from']} -> {swap['to']}")
+        canary = ep.doc["canary"]
+        if canary and canary["state"]["status"] == "running":
+            raise PreconditionFailedError(f"cannot {what}: a canary of {ep.name!r} is running (abort it first)")
+
+    def add_variant(self, name: str, model: Any, now: float | None = None) -> dict:
+        """Ask every ingress replica to load (and warm) a new variant; it takes
+        no traffic until every live replica has it ready."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        cfg = self._pinned(_model_config(name, model))
+        if cfg.version in ep.variants:
+            raise AlreadyExistsError(f"endpoint {name!r} already has variant {cfg.version!r}")
+        ep.variants[cfg.version] = {"model": _doc(cfg), "status": "loading", "error": "", "since": now}
+        ep.doc["models"][cfg.version] = _doc(cfg)
+        ep.event(now, "variant", f"loading variant {cfg.version}")
+        self._changed(now)
+        return self.status(name, now)
+
+    def _pinned(self, cfg: ModelConfig) -> ModelConfig:
+        """Pin ``name@alias`` to ``name/N`` once, here, so that every replica
+        loads the same version even if the alias moves meanwhile."""
+        if not cfg.ref:
+            return cfg
+        if self._resolve is None:
+            raise InvalidInputError("model.ref needs a registry, and this deployment has none")
+        ref = self._resolve(cfg.ref)
+        version = cfg.version or ref.split("/", 1)[1]
+        return msgspec.structs.replace(cfg, ref=ref, version=version)
+
+    def remove_variant(self, name: str, version: str, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        if version not in ep.variants:
+            raise NotFoundError(f"endpoint {name!r} has no variant {version!r}")
+        self._busy(ep, f"remove variant {version}")
+        if ep.routable() == [version]:
+            raise PreconditionFailedError(f"variant {version!r} is the last ready variant of {name!r}; swap instead")
+        self._retire(ep, version, now)
+        self._changed(now)
+        return self.status(name, now)
+
+    def _retire(self, ep: Endpoint, version: str, now: float) -> None:
+        """Stop routing to ``version`` now; remove it once every replica has
+        stopped sending it requests (see tick)."""
+        ep.doc["retiring"][version] = {"since": now, "after": self.version + 1}
+        if ep.doc["shadow"] and ep.doc["shadow"]["variant"] == version:
+            ep.doc["shadow"] = None
+        ep.event(now, "retire", f"retiring variant {version}")
+
+    def swap(self, name: str, model: Any, now: float | None = None) -> dict:
+        """Replace what serves ``name``: load and warm the new variant on
+        every replica, move all traffic to it, drain and remove the old ones."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        self._busy(ep, "swap")
+        cfg = self._pinned(_model_config(name, model))
+        old = ep.routable()
+        if cfg.version in ep.variants:
+            raise AlreadyExistsError(
+                f"endpoint {name!r} already has variant {cfg.version!r}; give the new one another version"
+            )
+        ep.variants[cfg.version] = {"model": _doc(cfg), "status": "loading", "error": "", "since": now}
+        ep.doc["models"][cfg.version] = _doc(cfg)
+        ep.doc["swap"] = {"from": old, "to": cfg.version, "phase": "loading", "error": "", "started": now}
+        ep.event(now, "swap", f"swap {old} -> {cfg.version}: loading")
+        self._changed(now)
+        return self.status(name, now)
+
+    def start_canary(self, name: str, config: Any, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        self._busy(ep, "start a canary")
+        try:
+            cfg = msgspec.convert(config, CanaryConfig, strict=False)
+        except msgspec.ValidationError as exc:
+            raise InvalidInputError(f"canary: {exc}") from None
+        routable = ep.routable()
+        if cfg.variant not in routable:
+            raise InvalidInputError(
+                f"canary.variant {cfg.variant!r} is not a ready variant of {name!r}; ready: {routable} "
+                "(add it first: POST /v2/endpoints/{name}/variants)"
+            )
+        if not cfg.baseline:
+            current = ep.weights() or ep.policy().weights()
+            others = {v: w for v, w in current.items() if v != cfg.variant}
+            if not others:
+                raise InvalidInputError(f"canary of {name!r} needs a baseline: no other variant takes traffic")
+            cfg = msgspec.structs.replace(cfg, baseline=max(others, key=others.get))
+        if cfg.baseline not in routable or cfg.baseline == cfg.variant:
+            raise InvalidInputError(f"canary.baseline {cfg.baseline!r} must be another ready variant of {name!r}")
+        canary = Canary(cfg, now)
+        ep.doc["canary"] = {"config": _doc(cfg), "state": canary.state(), "saved_policy": ep.doc["policy"]}
+        ep.step.clear()
+        ep.event(now, "canary", f"canary {cfg.variant} vs {cfg.baseline} started at {cfg.steps[0]} %")
+        self._changed(now)
+        return self.status(name, now)
+
+    def abort_canary(self, name: str, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        doc = ep.doc["canary"]
+        if not doc or doc["state"]["status"] != "running":
+            raise PreconditionFailedError(f"endpoint {name!r} has no running canary")
+        canary = _canary(doc)
+        canary.abort(now, "aborted by an operator")
+        self._end_canary(ep, canary, now, "aborted by an operator")
+        return self.status(name, now)
+
+    def rollback(self, name: str, now: float | None = None) -> dict:
+        """Abort a running canary, or undo the last promotion's traffic move."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        doc = ep.doc["canary"]
+        if doc and doc["state"]["status"] == "running":
+            return self.abort_canary(name, now)
+        if doc and doc["state"]["status"] in ("promoted", "completed"):
+            baseline = doc["config"]["baseline"]
+            if baseline not in ep.variants:
+                raise PreconditionFailedError(f"cannot roll back {name!r}: baseline {baseline!r} was already removed")
+            ep.doc["retiring"].pop(baseline, None)
+            ep.doc["policy"] = {"kind": "fixed", "weights": {baseline: 1.0}}
+            doc["state"]["status"] = "rolled_back"
+            ep.event(now, "rollback", f"traffic back on {baseline}")
+            self._changed(now)
+            return self.status(name, now)
+        raise PreconditionFailedError(f"endpoint {name!r} has no canary to roll back")
+
+    def promote(self, name: str, version: str, now: float | None = None) -> dict:
+        """All traffic to ``version``; move the registry alias; retire the rest."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        if version not in ep.routable():
+            raise InvalidInputError(f"version {version!r} is not a ready variant of {name!r}; ready: {ep.routable()}")
+        swap = ep.doc["swap"]
+        if swap and swap["phase"] in ("loading", "draining"):
+            raise PreconditionFailedError(f"cannot promote: endpoint {name!r} is swapping")
+        doc = ep.doc["canary"]
+        if doc and doc["state"]["status"] == "running":
+            canary = _canary(doc)
+            canary.abort(now, f"promoted {version} by an operator")
+            doc["state"] = canary.state()
+            doc["state"]["status"] = "promoted" if version == doc["config"]["variant"] else "aborted"
+        self._promote(ep, version, now, f"promoted {version} by an operator")
+        return self.status(name, now)
+
+    def _promote(self, ep: Endpoint, version: str, now: float, why: str) -> None:
+        ep.doc["policy"] = {"kind": "fixed", "weights": {version: 1.0}}
+        for v in ep.routable():
+            if v != version:
+                self._retire(ep, v, now)
+        ep.event(now, "promote", why)
+        self._alias(ep, version, now)
+        self._changed(now)
+
+    def _alias(self, ep: Endpoint, version: str, now: float) -> None:
+        model = ep.doc["models"].get(version) or {}
+        ref = model.get("ref", "")
+        if self._move_alias is None or not ref or not ep.doc["alias"]:
+            return
+        try:
+            registry_version = int(ref.split("/", 1)[1])
+            self._move_alias(ref.split("/", 1)[0], ep.doc["alias"], registry_version)
+            ep.event(now, "alias", f"{ref.split('/', 1)[0]}@{ep.doc['alias']} -> {ref}")
+        except Exception as exc:  # the traffic move stands; say why the alias did not
+            ep.event(now, "alias", f"could not move {ep.doc['alias']!r} to {ref}: {exc}")
+
+    def set_shadow(self, name: str, shadow: Any | None, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        if shadow is None:
+            ep.doc["shadow"] = None
+            ep.event(now, "shadow", "shadow traffic off")
+        else:
+            try:
+                cfg = msgspec.convert(shadow, ShadowConfig, strict=False)
+            except msgspec.ValidationError as exc:
+                raise InvalidInputError(f"shadow: {exc}") from None
+            if cfg.variant not in ep.routable():
+                raise InvalidInputError(f"shadow.variant {cfg.variant!r} is not a ready variant of {name!r}")
+            ep.doc["shadow"] = _doc(cfg)
+            ep.event(now, "shadow", f"{cfg.fraction:.0%} of traffic mirrored to {cfg.variant}")
+        self._changed(now)
+        return self.status(name, now)
+
+    def feedback(self, name: str, request_id: str, reward: float, now: float | None = None) -> dict:
+        """A reward for a request some replica routed and reported (replicas
+        answer feedback for their own requests themselves)."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        if not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise InvalidInputError("reward must be a finite number")
+        hit = self._ids.pop(request_id, None)
+        if hit is None or hit[0] != name:
+            raise NotFoundError(f"request id {request_id!r} is unknown to endpoint {name!r} or has expired")
+        variant = hit[1]
+        self._reward(ep, variant, float(reward))
+        return {"id": request_id, "variant": variant, "accepted": True}
+
+    def _reward(self, ep: Endpoint, variant: str, reward: float) -> None:
+        if ep.doc["policy"]["kind"] != "fixed":
+            policy = ep.policy()
+            if variant in policy.variants:
+                policy.record(variant, reward)
+                ep.doc["policy_state"] = policy.state()
+        w = VariantWindow()
+        w.add_reward(reward)
+        ep.window(variant).merge(w)
+        ep.step_window(variant).merge(w)
+        ep.dirty = self._stats_changed = True
+
+    # -- time ---------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Move loads, swaps, canaries and drains along; persist."""
+        now = time.time() if now is None else now
+        live = self.live_replicas(now)
+        for ep in self.endpoints.values():
+            self._tick_loading(ep, live, now)
+            self._tick_swap(ep, live, now)
+            self._tick_canary(ep, now)
+            self._tick_retiring(ep, live, now)
+        if self._stats_changed and now - self._announced_at >= STATS_EVERY_S:
+            # new totals and bandit arms reach the replicas with the next
+            # snapshot (they route by the arms; /metrics shows the totals)
+            self._stats_changed = False
+            self.version += 1
+        self.persist(now)
+
+    def _tick_loading(self, ep: Endpoint, live: dict[str, _Replica], now: float) -> None:
+        for version, state in list(ep.variants.items()):
+            if state["status"] != "loading":
+                continue
+            reports = [r.loaded.get(ep.name, {}).get(version, "") for r in live.values()]
+            failed = [r for r in reports if r.startswith("failed")]
+            if failed:
+                self._load_failed(ep, version, failed[0].partition(":")[2].strip() or "load failed", now)
+            elif now - state.get("since", now) > LOAD_TIMEOUT_S:
+                self._load_failed(ep, version, f"not ready on every replica after {LOAD_TIMEOUT_S:.0f}s", now)
+            elif reports and all(r == "ready" for r in reports):
+                state["status"] = "ready"
+                ep.event(now, "variant", f"variant {version} ready on {len(reports)} replica(s)")
+                self._changed(now)
+
+    def _load_failed(self, ep: Endpoint, version: str, error: str, now: float) -> None:
+        del ep.variants[version]
+        ep.doc["models"].pop(version, None)
+        ep.doc.setdefault("failed", {})[version] = error
+        swap = ep.doc["swap"]
+        if swap and swap["to"] == version and swap["phase"] == "loading":
+            swap.update(phase="failed", error=error)
+            ep.event(now, "swap", f"swap to {version} failed, {swap['from']} keeps serving: {error}")
+        else:
+            ep.event(now, "variant", f"variant {version} failed to load: {error}")
+        self._changed(now)
+
+    def _tick_swap(self, ep: Endpoint, live: dict[str, _Replica], now: float) -> None:
+        swap = ep.doc["swap"]
+        if not swap:
+            return
+        if swap["phase"] == "loading" and ep.variants.get(swap["to"], {}).get("status") == "ready":
+            swap["phase"] = "draining"
+            ep.doc["policy"] = {"kind": "fixed", "weights": {swap["to"]: 1.0}}
+            for v in swap["from"]:
+                if v in ep.variants and v != swap["to"]:
+                    self._retire(ep, v, now)
+            ep.event(now, "swap", f"traffic moved to {swap['to']}; draining {swap['from']}")
+            self._changed(now)
+        elif swap["phase"] == "draining" and not any(v in ep.doc["retiring"] for v in swap["from"]):
+            swap["phase"] = "done"
+            swap["finished"] = now
+            ep.event(now, "swap", f"swap to {swap['to']} done")
+            self._changed(now)
+
+    def _tick_canary(self, ep: Endpoint, now: float) -> None:
+        doc = ep.doc["canary"]
+        if not doc or doc["state"]["status"] != "running":
+            return
+        cfg = msgspec.convert(doc["config"], CanaryConfig)
+        canary = _canary(doc)
+        decision = canary.evaluate(
+            now, ep.step.get(cfg.baseline) or VariantWindow(), ep.step.get(cfg.variant) or VariantWindow()
+        )
+        doc["state"] = canary.state()
+        ep.dirty = True
+        if decision.action == "hold":
+            return
+        ep.step.clear()  # windows are per step (Canary.evaluate's contract)
+        if decision.action == "advance":
+            ep.event(now, "canary", f"canary {cfg.variant} advanced to {_canary_percent(ep.doc)} %")
+            self._changed(now)
+        elif decision.action == "rollback":
+            self._end_canary(ep, canary, now, f"rolled back: {decision.reason}")
+        elif decision.action == "promote":
+            doc["state"] = canary.state()
+            self._promote(ep, cfg.variant, now, f"canary {cfg.variant} passed every step")
+
+    def _end_canary(self, ep: Endpoint, canary: Canary, now: float, why: str) -> None:
+        doc = ep.doc["canary"]
+        doc["state"] = canary.state()
+        ep.doc["policy"] = doc.get("saved_policy") or {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
+        ep.event(now, "canary", why)
+        self._changed(now)
+
+    def _tick_retiring(self, ep: Endpoint, live: dict[str, _Replica], now: float) -> None:
+        for version, info in list(ep.doc["retiring"].items()):
+            applied = all(r.applied >= info["after"] for r in live.values())
+            idle = all(r.inflight.get(ep.name, {}).get(version, 0) == 0 for r in live.values())
+            if (applied and idle) or now - info["since"] > DRAIN_TIMEOUT_S:
+                del ep.doc["retiring"][version]
+                ep.variants.pop(version, None)
+                ep.event(now, "variant", f"variant {version} removed (drained)")
+                self._changed(now)
+
+
+def _canary_percent(doc: dict) -> float:
+    canary = doc.get("canary")
+    if not canary or canary["state"]["status"] != "running":
+        return 0.0
+    return float(_canary(canary).weights().get(canary["config"]["variant"], 0.0) * 100)
+
+
+def _model_config(name: str, model: Any) -> ModelConfig:
+    """A runtime variant's ModelConfig: the endpoint's name, colocated (every
+    ingress replica loads it), a version of its own."""
+    if not isinstance(model, dict):
+        raise InvalidInputError("model must be a JSON object (a model config: version and ref or path, ...)")
+    model = {"name": name, **model}
+    if model["name"] != name:
+        raise InvalidInputError(f"model.name {model['name']!r} must be the endpoint's name {name!r}")
+    try:
+        cfg = msgspec.convert(model, ModelConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise InvalidInputError(f"model: {exc}") from None
+    except Exception as exc:  # ConfigError from the struct's own checks
+        raise InvalidInputError(f"model: {getattr(exc, 'message', exc)}") from None
+    if cfg.placement != "colocated":
+        raise InvalidInputError(
+            "model.placement: variants added at run time are loaded into the ingress replicas "
+            "(colocated); deploy dedicated models with the deployment's config"
+        )
+    if not cfg.version and not cfg.ref:
+        raise InvalidInputError("model.version is required with model.path")
+    return cfg
+
+
+def summary(w: VariantWindow) -> dict:
+    """A variant's numbers for status and metrics (JSON-able)."""
+    p50, p99 = (w.quantile(0.5), w.quantile(0.99)) if w.requests else (None, None)
+    return {
+        "requests": w.requests,
+        "errors": w.errors,
+        "error_rate": w.error_rate,
+        "p50_ms": None if p50 is None else p50 * 1000,
+        "p99_ms": None if p99 is None else p99 * 1000,
+        "rewards": w.reward_count,
+        "reward_sum": w.reward_sum,
+        "mean_reward": w.mean_reward,
+        "shadow_compared": w.shadow_compared,
+        "shadow_agreed": w.shadow_agreed,
+        "shadow_abs_diff_sum": w.shadow_abs_diff_sum,
+    }

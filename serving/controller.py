@@ -1,0 +1,133 @@
+"""The router controller: one Serve replica that owns every endpoint's state.
+
+Ingress replicas call :meth:`RouterController.sync` about twice a second and
+route by the snapshot it answers; management calls (HTTP
+``/v2/endpoints/...`` on any ingress replica, ``flywheel.client``) arrive
+through :meth:`RouterController.manage`. The decisions themselves live in
+serving/control_state.py; this module adds the Serve deployment, a ticker
+thread (canary steps, swap phases, drains) and the registry (state store,
+alias moves, reference pinning).
+
+State is saved in the registry's database, keyed by the deployment name and
+its deploy id: when Serve restarts this replica (same constructor
+arguments), it resumes where it stopped; a new ``deploy`` starts afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError
+from flywheel.serving.config import EndpointConfig, ModelConfig, RegistryConfig
+from flywheel.serving.control_state import ControlState
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+ACTOR = "flywheel-router"
+
+# management operations: name -> (ControlState method, takes a body)
+_OPS = {
+    "status": ("status", False),
+    "set_policy": ("set_policy", True),
+    "add_variant": ("add_variant", True),
+    "remove_variant": ("remove_variant", True),
+    "swap": ("swap", True),
+    "start_canary": ("start_canary", True),
+    "abort_canary": ("abort_canary", False),
+    "promote": ("promote", True),
+    "rollback": ("rollback", False),
+    "set_shadow": ("set_shadow", True),
+    "feedback": ("feedback", True),
+}
+
+
+class RouterController:
+    """Serve deployment class (one replica)."""
+
+    def __init__(
+        self,
+        deployment: str,
+        deploy_id: str,
+        endpoints: list[EndpointConfig],
+        models: list[ModelConfig],
+        registry: RegistryConfig,
+    ) -> None:
+        from flywheel.registry import Registry, RouterStateStore
+
+        self._store = RouterStateStore.open(registry.uri) if registry.uri else None
+        self._registry = Registry.open(registry.uri, registry.artifacts) if registry.uri else None
+        reg = self._registry
+        self._lock = threading.Lock()
+        self._state = ControlState(
+            deployment, deploy_id, endpoints, models, self._store,
+            alias_mover=(lambda n, a, v: reg.set_alias(n, a, v, actor=ACTOR)) if reg else None,
+            resolver=(lambda ref: reg.resolve(ref).ref) if reg else None,
+        )
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_forever, name="flywheel-router-tick", daemon=True)
+        self._ticker.start()
+        self._beat = time.monotonic()
+
+    def _tick_forever(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                with self._lock:
+                    self._state.tick()
+                self._beat = time.monotonic()
+            except Exception:  # a tick that fails must not stop the next one
+                log.exception("router controller tick failed")
+
+    def sync(self, report: dict) -> dict:
+        """One ingress replica's report in, the snapshot (when newer) out."""
+        with self._lock:
+            return self._state.sync(report)
+
+    def manage(self, op: str, name: str | None = None, body: Any = None) -> dict:
+        """A management call; never raises: ``{"ok": true, "result": ...}`` or
+        ``{"ok": false, "code": <ErrorCode>, "error": "..."}`` (the ingress
+        maps the code to its transport's status)."""
+        try:
+            if op not in _OPS:
+                raise InvalidInputError(f"unknown operation {op!r}")
+            method, takes_body = _OPS[op]
+            with self._lock:
+                fn = getattr(self._state, method)
+                if op == "status":
+                    result = fn(name)
+                elif op == "remove_variant" or op == "promote":
+                    result = fn(name, _field(body, "version"))
+                elif op == "feedback":
+                    result = fn(name, _field(body, "id"), body.get("reward"))
+                elif takes_body:
+                    result = fn(name, body)
+                else:
+                    result = fn(name)
+            return {"ok": True, "result": result}
+        except FlywheelError as exc:
+            return {"ok": False, "code": int(exc.code), "error": exc.message}
+        except Exception as exc:  # a bug here must not look like the caller's fault
+            log.exception("router controller: %s failed", op)
+            return {"ok": False, "code": int(ErrorCode.INTERNAL), "error": f"controller error: {exc!r}"}
+
+    def check_health(self) -> None:
+        if time.monotonic() - self._beat > 30:
+            raise RuntimeError("router controller ticker stalled")
+
+    def __del__(self) -> None:
+        self._stop.set()
+        for closable in (self._store, self._registry):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:
+                    pass
+
+
+def _field(body: Any, key: str) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get(key), str) or not body[key]:
+        raise InvalidInputError(f"the body must be a JSON object with a non-empty string {key!r}")
+    return body[key]

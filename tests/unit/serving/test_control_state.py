@@ -1,0 +1,191 @@
+"""The router controller's decisions, without Ray: variants, swaps, canaries,
+feedback and persistence (a real SQLite file), driven by replica reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel.registry import RouterStateStore
+from flywheel.runtime.errors import AlreadyExistsError, InvalidInputError, NotFoundError, PreconditionFailedError
+from flywheel.serving.canary import VariantWindow
+from flywheel.serving.config import EndpointConfig, ModelConfig
+from flywheel.serving.control_state import ControlState
+from flywheel.serving.policies import FixedPolicy
+
+T0 = 1_000_000.0
+
+
+def models(*versions: str, name: str = "m") -> list[ModelConfig]:
+    return [ModelConfig(name=name, version=v, path=f"/models/{v}.onnx") for v in versions]
+
+
+def report(replica: str, applied: int, loaded=None, windows=None, inflight=None, ids=(), rewards=None) -> dict:
+    return {"replica": replica, "applied": applied, "loaded": loaded or {}, "windows": windows or {},
+            "inflight": inflight or {}, "ids": list(ids), "rewards": rewards or {}}
+
+
+def window(requests: int, errors: int = 0, latency_s: float = 0.002) -> dict:
+    w = VariantWindow()
+    for i in range(requests):
+        w.observe(latency_s, i >= errors)
+    return w.to_wire()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = RouterStateStore.open(f"sqlite:///{tmp_path}/registry.db")
+    yield s
+    s.close()
+
+
+def test_a_name_without_settings_sends_everything_to_its_highest_version():
+    st = ControlState("d", "id1", [], models("1", "2", "10"), now=T0)
+    snap = st.snapshot()["endpoints"]["m"]
+    assert snap["weights"] == {"10": 1.0} and snap["routable"] == ["1", "2", "10"]
+
+
+def test_policies_are_checked_against_the_endpoints_variants():
+    st = ControlState("d", "id1", [], models("1", "2"), now=T0)
+    with pytest.raises(InvalidInputError, match=r"\['7'\]"):
+        st.set_policy("m", {"kind": "fixed", "weights": {"1": 1, "7": 1}}, now=T0)
+    with pytest.raises(InvalidInputError, match="kind"):
+        st.set_policy("m", {"kind": "roulette"}, now=T0)
+    with pytest.raises(NotFoundError, match="endpoints"):
+        st.set_policy("nope", {"kind": "ucb1"}, now=T0)
+    v = st.version
+    status = st.set_policy("m", {"kind": "ucb1"}, now=T0)
+    assert st.version == v + 1 and status["policy"]["kind"] == "ucb1" and status["bandit"]["kind"] == "ucb1"
+    snap = st.sync(report("r1", 0), now=T0)["endpoints"]["m"]
+    assert snap["weights"] is None and snap["policy"]["kind"] == "ucb1"
+
+
+def test_a_variant_takes_traffic_only_once_every_live_replica_has_it_ready():
+    st = ControlState("d", "id1", [], models("1"), now=T0)
+    st.sync(report("r1", 0), now=T0)
+    st.sync(report("r2", 0), now=T0)
+    st.add_variant("m", {"version": "2", "path": "/models/2.onnx"}, now=T0)
+    snap = st.snapshot()["endpoints"]["m"]
+    assert snap["variants"]["2"]["path"] == "/models/2.onnx" and snap["routable"] == ["1"]
+    st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "ready"}}), now=T0 + 1)
+    st.sync(report("r2", st.version, loaded={"m": {"1": "ready", "2": "loading"}}), now=T0 + 1)
+    st.tick(now=T0 + 1)
+    assert st.status("m", now=T0 + 1)["variants"]["2"]["status"] == "loading"
+    st.sync(report("r2", st.version, loaded={"m": {"1": "ready", "2": "ready"}}), now=T0 + 2)
+    st.tick(now=T0 + 2)
+    assert st.snapshot()["endpoints"]["m"]["routable"] == ["1", "2"]
+    with pytest.raises(AlreadyExistsError):
+        st.add_variant("m", {"version": "2", "path": "/x.onnx"}, now=T0 + 2)
+    with pytest.raises(InvalidInputError, match="placement"):
+        st.add_variant("m", {"version": "3", "path": "/x.onnx", "placement": "dedicated"}, now=T0 + 2)
+
+
+def test_swap_moves_traffic_after_load_and_removes_the_old_variant_once_drained():
+    st = ControlState("d", "id1", [], models("1"), now=T0)
+    st.sync(report("r1", 0), now=T0)
+    st.swap("m", {"version": "2", "path": "/models/2.onnx"}, now=T0)
+    assert st.snapshot()["endpoints"]["m"]["weights"] == {"1": 1.0}  # nothing moves while loading
+    with pytest.raises(PreconditionFailedError, match="swapping"):
+        st.set_policy("m", {"kind": "ucb1"}, now=T0)
+    st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "ready"}}), now=T0 + 1)
+    st.tick(now=T0 + 1)  # ready
+    st.tick(now=T0 + 1)  # traffic moves, 1 retires
+    assert st.status("m", now=T0 + 1)["swap"]["phase"] == "draining"
+    assert st.snapshot()["endpoints"]["m"]["weights"] == {"2": 1.0}
+    # the replica has not applied the move yet, and still has a request on 1
+    st.sync(report("r1", st.version - 1, inflight={"m": {"1": 2}}), now=T0 + 2)
+    st.tick(now=T0 + 2)
+    assert "1" in st.snapshot()["endpoints"]["m"]["variants"]
+    st.sync(report("r1", st.version), now=T0 + 3)
+    st.tick(now=T0 + 3)
+    st.tick(now=T0 + 3)
+    status = st.status("m", now=T0 + 3)
+    assert status["swap"]["phase"] == "done" and list(status["variants"]) == ["2"]
+
+
+def test_a_swap_whose_variant_fails_to_load_leaves_the_old_one_serving():
+    st = ControlState("d", "id1", [], models("1"), now=T0)
+    st.sync(report("r1", 0), now=T0)
+    st.swap("m", {"version": "2", "path": "/broken.onnx"}, now=T0)
+    st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "failed: not an ONNX model"}}), now=T0 + 1)
+    st.tick(now=T0 + 1)
+    status = st.status("m", now=T0 + 1)
+    assert status["swap"]["phase"] == "failed" and status["swap"]["error"] == "not an ONNX model"
+    assert list(status["variants"]) == ["1"] and status["weights"] == {"1": 1.0}
+
+
+def _two_variants(moved=None) -> ControlState:
+    ms = [ModelConfig(name="m", version="1", ref="m/1"), ModelConfig(name="m", version="2", ref="m/2")]
+    st = ControlState("d", "id1", [EndpointConfig(name="m", policy=FixedPolicy(weights={"1": 1.0}))], ms,
+                      alias_mover=(lambda n, a, v: moved.append((n, a, v))) if moved is not None else None, now=T0)
+    st.sync(report("r1", 0), now=T0)
+    return st
+
+
+def test_a_canary_that_errors_rolls_back_at_once_and_says_why():
+    st = _two_variants()
+    st.start_canary("m", {"variant": "2", "steps": [10, 50, 100], "hold_s": 60,
+                          "gates": {"min_requests": 20}}, now=T0)
+    assert st.snapshot()["endpoints"]["m"]["weights"] == pytest.approx({"1": 0.9, "2": 0.1})
+    st.sync(report("r1", st.version, windows={"m": {"1": window(200), "2": window(30, errors=6)}}), now=T0 + 1)
+    st.tick(now=T0 + 1)  # long before hold_s: a failing gate does not wait
+    status = st.status("m", now=T0 + 1)
+    assert status["canary"]["status"] == "rolled_back" and status["weights"] == {"1": 1.0}
+    assert "error_rate" in status["events"][-1]["detail"]
+
+
+def test_a_healthy_canary_ramps_promotes_moves_the_alias_and_retires_the_baseline():
+    moved: list = []
+    st = _two_variants(moved)
+    st.start_canary("m", {"variant": "2", "steps": [50, 100], "hold_s": 5, "gates": {"min_requests": 10}}, now=T0)
+    now = T0
+    for _ in range(2):
+        now += 6
+        st.sync(report("r1", st.version, windows={"m": {"1": window(50), "2": window(50)}}), now=now)
+        st.tick(now=now)
+    status = st.status("m", now=now)
+    assert status["canary"]["status"] == "promoted" and status["weights"] == {"2": 1.0}
+    assert moved == [("m", "production", 2)]
+    assert status["variants"]["1"]["status"] == "retiring"
+    st.sync(report("r1", st.version), now=now + 1)
+    st.tick(now=now + 1)
+    assert list(st.snapshot()["endpoints"]["m"]["variants"]) == ["2"]
+
+
+def test_feedback_through_the_controller_for_ids_other_replicas_reported():
+    st = _two_variants()
+    st.set_policy("m", {"kind": "thompson"}, now=T0)
+    st.sync(report("r1", st.version, ids=[("abc", "m", "2")]), now=T0 + 1)
+    assert st.feedback("m", "abc", 1.0, now=T0 + 1)["variant"] == "2"
+    with pytest.raises(NotFoundError, match="unknown"):
+        st.feedback("m", "abc", 1.0, now=T0 + 1)  # used up
+    st.sync(report("r1", st.version, ids=[("bad", "m", "1")]), now=T0 + 1)
+    with pytest.raises(InvalidInputError, match="finite"):
+        st.feedback("m", "bad", float("nan"))
+    st.sync(report("r1", st.version, rewards={"m": {"1": [10, 2.0, 2.0]}}), now=T0 + 2)
+    arms = st.status("m", now=T0 + 2)["bandit"]["arms"]
+    assert arms["1"]["count"] == 10 and arms["2"]["count"] == 1
+
+
+def test_statistics_reach_the_replicas_about_once_a_second():
+    st = _two_variants()
+    v = st.version
+    st.sync(report("r1", v, windows={"m": {"1": window(5)}}), now=T0 + 10)
+    st.tick(now=T0 + 10)
+    assert st.version == v + 1
+    snap = st.sync(report("r1", v), now=T0 + 10)
+    assert snap["endpoints"]["m"]["totals"]["1"]["requests"] == 5
+
+
+def test_state_resumes_after_a_controller_restart_and_not_after_a_new_deploy(store):
+    ms = models("1", "2")
+    st = ControlState("d", "id1", [], ms, store, now=T0)
+    st.set_policy("m", {"kind": "fixed", "weights": {"1": 0.25, "2": 0.75}}, now=T0)
+    st.start_canary("m", {"variant": "1", "baseline": "2", "steps": [5, 100], "hold_s": 30}, now=T0)
+    again = ControlState("d", "id1", [], ms, store, now=T0 + 5)  # Serve restarted the replica
+    status = again.status("m", now=T0 + 5)
+    assert status["canary"]["status"] == "running" and status["canary"]["config"]["variant"] == "1"
+    assert again.snapshot()["endpoints"]["m"]["weights"] == pytest.approx({"2": 0.95, "1": 0.05})
+    assert status["events"][-1]["kind"] == "resumed"
+    fresh = ControlState("d", "id2", [], ms, store, now=T0 + 6)  # a new deploy
+    assert fresh.status("m", now=T0 + 6)["canary"] is None
+    assert fresh.snapshot()["endpoints"]["m"]["weights"] == {"2": 1.0}
