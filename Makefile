@@ -67,6 +67,7 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.drift
 	$(PY) -m flywheel.bench.quantization --runner build/edge/flywheel-edge-run
 	$(PY) -m flywheel.bench.auth
+	$(PY) -m flywheel.bench.routing
 
 clean-venv:
 	rm -rf $(VENV)
