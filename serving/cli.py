@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.bench.harness.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from flywheel.training.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

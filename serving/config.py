@@ -338,10 +338,22 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if m.key in seen:
                 raise ConfigError(f"model {m.name!r} version {m.version!r} is listed twice")
             seen.add(m.key)
-        names = {m.name: m for m in self.models}
+        versions: dict[str, set[str]] = {}
+        for m in self.models:
+            versions.setdefault(m.name, set()).add(m.version)
         for e in self.endpoints:
-            if e.name not in names:
-                raise ConfigError(f"endpoints: {e.name!r} names no model; models: {sorted(names)}")
+            if e.name not in versions:
+                raise ConfigError(f"endpoints: {e.name!r} names no model; models: {sorted(versions)}")
+            known = versions[e.name]
+            if "" in known:  # versions of registry references are known only once resolved
+                continue
+            named = set(getattr(e.policy, "weights", None) or ()) | ({e.shadow.variant} if e.shadow else set())
+            unknown = sorted(named - known)
+            if unknown:
+                raise ConfigError(
+                    f"endpoints.{e.name}: policy weights / shadow name versions {unknown}; "
+                    f"the models give {e.name!r} versions {sorted(known)}"
+                )
         if len({e.name for e in self.endpoints}) != len(self.endpoints):
             raise ConfigError("endpoints: a name is listed twice")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -27,6 +28,7 @@ import msgspec
 
 from flywheel.runtime.errors import AlreadyExistsError, ConfigError, InvalidInputError, NotFoundError
 from flywheel.runtime.errors import PreconditionFailedError
+from flywheel.serving._private.live_endpoint import ID_TTL_S
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
 from flywheel.serving.policies import FixedPolicy, ShadowConfig, decode_policy, make_policy
@@ -45,9 +47,10 @@ def _doc(struct: msgspec.Struct) -> dict:
 
 
 class _Replica:
-    __slots__ = ("applied", "seen", "loaded", "inflight")
+    __slots__ = ("applied", "seen", "loaded", "inflight", "seq")
 
     def __init__(self) -> None:
+        self.seq = 0  # the last report batch folded in (a batch sent again is skipped)
         self.applied = 0
         self.seen = 0.0
         self.loaded: dict[str, dict[str, str]] = {}
@@ -179,8 +182,12 @@ class ControlState:
         self._move_alias = alias_mover
         self._resolve = resolver
         self.version = 1
+        # A restarted controller counts versions from 1 again: replicas that
+        # applied a higher version before would wait for it; a new epoch
+        # tells them to take the next snapshot whatever its number.
+        self.epoch = uuid.uuid4().hex[:12]
         self._replicas: dict[str, _Replica] = {}
-        self._ids: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._ids: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self._persisted_at = 0.0
         self._stats_changed = False  # windows or rewards arrived since the last announcement
         self._announced_at = 0.0
@@ -197,6 +204,12 @@ class ControlState:
             doc = saved.get(name)
             if doc is not None and doc.get("deploy_id") == deploy_id:
                 ep = Endpoint(doc)
+                for info in ep.doc["retiring"].values():  # versions count from 1 again
+                    info["after"] = self.version + 1
+                canary = ep.doc["canary"]
+                if canary and canary["state"]["status"] == "running":
+                    # its step windows were in memory: the step starts over
+                    canary["state"]["step_started_at"] = now
                 ep.event(now, "resumed", "state restored after a controller restart")
             else:
                 ep = Endpoint.fresh(configs.get(name, EndpointConfig(name=name)), static)
@@ -242,38 +255,63 @@ class ControlState:
 
     def sync(self, report: dict, now: float | None = None) -> dict:
         """Fold in one ingress replica's report; answer the snapshot when the
-        replica's is older than ours, else just our version."""
+        replica's is older than ours (or from another epoch), else just our
+        version. Never raises for a bad part of a report: that part is left
+        out and an event says why (a report that failed would be sent again,
+        and fail again, forever)."""
         now = time.time() if now is None else now
         rep = self._replicas.setdefault(report["replica"], _Replica())
         rep.seen = now
-        rep.applied = report.get("applied", 0)
+        same_epoch = report.get("epoch") == self.epoch
+        rep.applied = report.get("applied", 0) if same_epoch else 0
         rep.loaded = report.get("loaded", {})
         rep.inflight = report.get("inflight", {})
-        for name, windows in report.get("windows", {}).items():
+        for batch in report.get("batches", ()):
+            # a batch whose answer was lost (a timeout after we took it)
+            # comes again: take each sequence number once
+            if batch.get("seq", 0) <= rep.seq:
+                continue
+            rep.seq = batch["seq"]
+            self._fold(batch, now)
+        for rid in [r for r, rep2 in self._replicas.items() if now - rep2.seen > 10 * LIVE_S]:
+            del self._replicas[rid]
+        if same_epoch and rep.applied >= self.version:
+            return {"version": self.version, "epoch": self.epoch}
+        return self.snapshot()
+
+    def _fold(self, batch: dict, now: float) -> None:
+        for name, windows in batch.get("windows", {}).items():
             ep = self.endpoints.get(name)
             if ep is None:
                 continue
             for variant, wire in windows.items():
-                w = VariantWindow.from_wire(wire)
+                if variant not in ep.variants:
+                    continue  # late answers of a removed variant
+                try:
+                    w = VariantWindow.from_wire(wire)
+                except InvalidInputError as exc:
+                    ep.event(now, "report", f"window of {variant} left out: {exc.message}")
+                    continue
                 ep.window(variant).merge(w)
                 ep.step_window(variant).merge(w)
                 ep.dirty = self._stats_changed = True
-        for name, arms in report.get("rewards", {}).items():
+        for name, arms in batch.get("rewards", {}).items():
             ep = self.endpoints.get(name)
             if ep is not None:
                 self._add_rewards(ep, arms)
-        for rid, name, variant in report.get("ids", ()):
+        for rid, name, variant in batch.get("ids", ()):
             self._remember(rid, name, variant, now)
-        for rid in [r for r, rep2 in self._replicas.items() if now - rep2.seen > 10 * LIVE_S]:
-            del self._replicas[rid]
-        if rep.applied >= self.version:
-            return {"version": self.version}
-        return self.snapshot()
+        for rid, name in batch.get("used_ids", ()):  # rewarded on the replica that answered
+            self._ids.pop((name, rid), None)
 
     def _add_rewards(self, ep: Endpoint, arms: dict[str, list[float]]) -> None:
         """Fold a replica's rewards into the bandit's arms (the totals and the
         canary's windows get them with the replica's windows)."""
-        policy = ep.policy() if ep.doc["policy"]["kind"] != "fixed" else None
+        try:
+            policy = ep.policy() if ep.doc["policy"]["kind"] != "fixed" else None
+        except Exception as exc:  # a policy that cannot be built takes no rewards
+            ep.event(time.time(), "feedback", f"rewards left out: {exc}")
+            return
         for variant, (count, total, total_sq) in arms.items():
             if policy is not None and variant in policy.variants:
                 try:
@@ -287,8 +325,9 @@ class ControlState:
         ep.dirty = self._stats_changed = True
 
     def _remember(self, rid: str, name: str, variant: str, now: float) -> None:
-        self._ids[rid] = (name, variant, now)
-        self._ids.move_to_end(rid)
+        key = (name, rid)
+        self._ids[key] = (variant, now)
+        self._ids.move_to_end(key)
         while len(self._ids) > MAX_IDS:
             self._ids.popitem(last=False)
 
@@ -309,7 +348,7 @@ class ControlState:
                 "totals": {v: summary(w) for v, w in ep.totals.items()},
                 "canary_step": _canary_percent(doc),
             }
-        return {"version": self.version, "endpoints": out}
+        return {"version": self.version, "epoch": self.epoch, "endpoints": out}
 
     # -- management ---------------------------------------------------------
     def status(self, name: str | None = None, now: float | None = None) -> dict:
@@ -363,11 +402,14 @@ class ControlState:
             if not any(w > 0 for v, w in cfg.weights.items() if v in routable):
                 raise InvalidInputError(f"policy.weights gives no weight to a ready variant of {name!r}")
         self._busy(ep, "set a policy")
-        ep.doc["policy"] = _doc(cfg)
+        state = ep.doc["policy_state"]
         if not isinstance(cfg, FixedPolicy):  # a bandit starts from the arms' statistics so far
-            ep.doc["policy_state"] = make_policy(
-                cfg, sorted(routable, key=_version_key), ep.doc["policy_state"]
-            ).state()
+            try:  # built before anything changes: a policy that cannot run is refused whole
+                state = make_policy(cfg, sorted(routable, key=_version_key), state).state()
+            except (ConfigError, InvalidInputError):
+                state = make_policy(cfg, sorted(routable, key=_version_key)).state()
+        ep.doc["policy"] = _doc(cfg)
+        ep.doc["policy_state"] = state
         ep.event(now, "policy", f"policy set to {cfg.kind}")
         self._changed(now)
         return self.status(name, now)
@@ -565,20 +607,25 @@ class ControlState:
         answer feedback for their own requests themselves)."""
         now = time.time() if now is None else now
         ep = self.endpoint(name)
-        if not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
             raise InvalidInputError("reward must be a finite number")
-        hit = self._ids.pop(request_id, None)
-        if hit is None or hit[0] != name:
-            raise NotFoundError(f"request id {request_id!r} is unknown to endpoint {name!r} or has expired")
-        variant = hit[1]
-        self._reward(ep, variant, float(reward))
+        hit = self._ids.get((name, request_id))
+        if hit is None or now - hit[1] > ID_TTL_S:
+            self._ids.pop((name, request_id), None)
+            raise NotFoundError(
+                f"request id {request_id!r} is unknown to endpoint {name!r} or has expired "
+                f"(ids are kept {ID_TTL_S:.0f} s)"
+            )
+        variant = hit[0]
+        self._reward(ep, variant, float(reward))  # validates first: a bad reward leaves the id usable
+        del self._ids[(name, request_id)]
         return {"id": request_id, "variant": variant, "accepted": True}
 
     def _reward(self, ep: Endpoint, variant: str, reward: float) -> None:
         if ep.doc["policy"]["kind"] != "fixed":
             policy = ep.policy()
             if variant in policy.variants:
-                policy.record(variant, reward)
+                policy.record(variant, reward)  # InvalidInputError for a reward out of its range
                 ep.doc["policy_state"] = policy.state()
         w = VariantWindow()
         w.add_reward(reward)
@@ -660,6 +707,10 @@ class ControlState:
         doc["state"] = canary.state()
         ep.dirty = True
         if decision.action == "hold":
+            if canary.status == "completed":  # promote: false: it stays at 100 %, not promoted
+                ep.doc["policy"] = {"kind": "fixed", "weights": {cfg.variant: 1.0}}
+                ep.event(now, "canary", f"canary {cfg.variant} passed every step; holding at 100 % (promote: false)")
+                self._changed(now)
             return
         ep.step.clear()  # windows are per step (Canary.evaluate's contract)
         if decision.action == "advance":

@@ -118,6 +118,7 @@ class ModelServer:
         )
         self._sampler: DriftSampler | None = None
         self._batcher: DynamicBatcher | None = None
+        self._closed = False
 
     async def start(self) -> None:
         model = self.model
@@ -178,7 +179,7 @@ class ModelServer:
     async def close(self) -> None:
         """Let accepted requests finish, then stop the sampler and threads.
         Safe to call twice (a variant removed at run time, then the ingress)."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         if self._batcher is not None:

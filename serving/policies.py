@@ -276,8 +276,10 @@ class Policy:
         what = "reward" if count == 1 else f"sum of {count} rewards"
         if not (_finite(total) and _finite(total_sq) and total_sq >= 0):
             raise InvalidInputError(f"{what} {total!r} for variant {variant!r} must be a finite number")
-        lo, hi = self._reward_range or (-math.inf, math.inf)
-        tol = 1e-9 * max(count, 1)  # float sums of in-range rewards may overshoot by rounding
+        if count == 0 or self._reward_range is None:  # nothing to bound (and -inf * 0 is NaN)
+            return
+        lo, hi = self._reward_range
+        tol = 1e-9 * count  # float sums of in-range rewards may overshoot by rounding
         if not lo * count - tol <= total <= hi * count + tol:
             raise InvalidInputError(
                 f"{what} {total!r} for variant {variant!r}: {self._what} expects rewards in [{lo:g}, {hi:g}]"

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from flywheel.runtime.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
-from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id
+from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id, usable_request_id
 from flywheel.serving._private.reply_outputs import reply_outputs
 from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel
 from flywheel.serving.metrics import ModelMetrics, ServingMetrics
@@ -31,14 +31,12 @@ RETRY_DELAY_S = 0.05
 PROBE_INTERVAL_S = 1.0
 MAX_SHADOWS = 64  # shadow requests in flight per replica; more are not sent
 log = logging.getLogger(__name__)
-_rng = random.Random()
 _OUTCOME = {int(c): c.name.lower() for c in ErrorCode}
-# replies that count as a variant answering well (for canary gates): success,
-# and errors that are the caller's (bad input, too large, not found, auth)
-_HEALTHY = frozenset((0, *(int(c) for c in (
-    ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.PAYLOAD_TOO_LARGE,
-    ErrorCode.UNAUTHENTICATED, ErrorCode.PERMISSION_DENIED, ErrorCode.RATE_LIMITED,
-))))
+# Every error counts against the variant that gave it, bad input included:
+# callers are spread over the variants at random, so bad input raises every
+# variant's error rate alike, while a variant that rejects what the others
+# accept (a changed signature) stands out to the canary's error gate.
+_HEALTHY = frozenset((0,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +98,7 @@ class Router:
         with ``local=True``."""
         self.metrics = metrics
         self.ship_ids = False  # send request ids to the controller (several ingress replicas)
+        self._rng = random.Random()
         self._shadows = 0
         self._shadow_tasks: set[asyncio.Task] = set()
         self._names: dict[str, _Name] = {}
@@ -249,11 +248,12 @@ class Router:
         request id for feedback (one is made when the caller gave none) and
         maybe mirror the request to the shadow variant. Returns the id."""
         if not ep.tracked:
-            return request_id
-        request_id = request_id or new_request_id()
+            return request_id if usable_request_id(request_id) else None
+        if not usable_request_id(request_id):
+            request_id = new_request_id()
         ep.remember(request_id, model.route.version, self.ship_ids)
         shadow = ep.shadow
-        if shadow is not None and not explicit and shadow[0] != model.route.version and _rng.random() < shadow[1]:
+        if shadow is not None and not explicit and shadow[0] != model.route.version and self._rng.random() < shadow[1]:
             target = self._names[ep.name].versions.get(shadow[0])
             if target is not None and self._shadows < MAX_SHADOWS:
                 self._shadows += 1

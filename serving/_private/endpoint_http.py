@@ -127,7 +127,7 @@ def feedback(router, manage: Manage | None, name: str, body: bytes):
         return error_for_code(exc.code, exc.message)
     if variant is not None:
         return 200, encode_json({"id": fb.id, "variant": variant, "accepted": True}), JSON
-    if manage is None:
+    if manage is None or not router.ship_ids:  # one replica: the id is nobody's
         return error_response(
             404, f"request id {fb.id!r} is unknown to endpoint {name!r} or has expired (ids are kept 600 s)"
         )
@@ -160,12 +160,22 @@ class _Routing(msgspec.Struct):
 _ROUTING = msgspec.json.Decoder(_Routing)
 
 
+# Larger JSON bodies are not parsed a second time for their id / sticky
+# parameter (a 3 MB body costs ~2 ms to parse): send them as the
+# flywheel-request-id / sticky key headers, or use the binary extension,
+# whose JSON header is small.
+MAX_PEEK_BYTES = 64 * 1024
+
+
 def routing_fields(body: bytes, header_length: int, parameter: str) -> tuple[str | None, str | None]:
     """(request id, sticky key) from a V2 JSON request (its JSON header when
-    binary). A malformed body yields neither: the model server will reject
-    it with the precise error."""
+    binary). A malformed or large body yields neither: the model server
+    will reject a malformed one with the precise error."""
+    head = body[:header_length] if header_length else body
+    if len(head) > MAX_PEEK_BYTES:
+        return None, None
     try:
-        fields = _ROUTING.decode(body[:header_length] if header_length else body)
+        fields = _ROUTING.decode(head)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None, None
     key = (fields.parameters or {}).get(parameter) if parameter else None

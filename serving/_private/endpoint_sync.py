@@ -28,6 +28,7 @@ from flywheel.serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL_S = 0.5
+MAX_PENDING = 120  # report batches kept while the controller is away (a minute)
 FIRST_SYNC_TIMEOUT_S = 60.0
 
 
@@ -48,7 +49,9 @@ class EndpointSync:
         self._servers: dict[tuple[str, str], object] = {}  # variants this replica loaded at run time
         self._status: dict[str, dict[str, str]] = {}
         self._loading: dict[tuple[str, str], asyncio.Task] = {}
-        self._owed: list[dict] = []  # reports the controller did not take yet
+        self._epoch = ""  # the controller's; a new one (it restarted) means: take its snapshot
+        self._seq = 0
+        self._pending: list[dict] = []  # report batches not yet acknowledged (sent again, deduplicated by seq)
         self._task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None  # made on the loop (STYLE 7)
 
@@ -90,7 +93,8 @@ class EndpointSync:
             self._lock = asyncio.Lock()
         async with self._lock:
             answer = await self._exchange()
-            if answer.get("version", 0) > self.applied and "endpoints" in answer:
+            fresh = answer.get("epoch") != self._epoch or answer.get("version", 0) > self.applied
+            if fresh and "endpoints" in answer:
                 try:
                     await self._apply(answer, wait_loads=False)
                 except Exception:  # a bad snapshot must not stop the reports
@@ -98,33 +102,33 @@ class EndpointSync:
 
     async def _exchange(self) -> dict:
         report = self._report()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self._call, report)
-        except BaseException:
-            self._owed.append(report)  # not lost: folded into the next report
-            del self._owed[:-20]
-            raise
+        answer = await asyncio.get_running_loop().run_in_executor(None, self._call, report)
+        self._pending = []  # taken (a failure above keeps them for the next report)
+        return answer
 
     def _report(self) -> dict:
-        windows, rewards, ids, inflight = {}, {}, [], {}
+        windows, rewards, ids, used, inflight = {}, {}, [], [], {}
         for ep in self._router.endpoints():
-            w, r, i = ep.take_report()
+            w, r, i, u = ep.take_report()
             if w:
                 windows[ep.name] = w
             if r:
                 rewards[ep.name] = r
             ids += i
+            used += u
         for m in self._router.models():
             if m.inflight:
                 inflight.setdefault(m.route.name, {})[m.route.version] = m.inflight
-        report = {
-            "replica": self._id, "applied": self.applied, "loaded": self._loaded(),
-            "windows": windows, "rewards": rewards, "ids": ids if self._ship_ids else [], "inflight": inflight,
+        if windows or rewards or ids or used:
+            self._seq += 1
+            self._pending.append({"seq": self._seq, "windows": windows, "rewards": rewards,
+                                  "ids": ids if self._ship_ids else [], "used_ids": used if self._ship_ids else []})
+            # a controller away for long: keep the newest batches only
+            del self._pending[:-MAX_PENDING]
+        return {
+            "replica": self._id, "epoch": self._epoch, "applied": self.applied, "loaded": self._loaded(),
+            "inflight": inflight, "batches": list(self._pending),
         }
-        owed, self._owed = self._owed, []
-        for old in owed:  # what a failed exchange did not deliver
-            _fold(report, old)
-        return report
 
     def _loaded(self) -> dict[str, dict[str, str]]:
         out = {name: dict(s) for name, s in self._status.items()}
@@ -159,6 +163,7 @@ class EndpointSync:
                 log.exception("endpoint %s: snapshot not applied", name)
         self._snapshot = answer
         self.applied = answer["version"]
+        self._epoch = answer.get("epoch", "")
 
     async def _load_variant(self, name: str, version: str, model: dict) -> None:
         try:
@@ -175,6 +180,13 @@ class EndpointSync:
         self._servers[(name, version)] = server
         self._router.add_local(name, version, server, stats)
         self._status.setdefault(name, {})[version] = "ready"
+        snap = self._snapshot.get("endpoints", {}).get(name)
+        if snap is not None and version in snap["routable"]:
+            # the others had it ready already (this replica lagged): route to it now
+            try:
+                self._router.endpoint(name).configure(snap, self._router.loaded(name))
+            except Exception:
+                log.exception("endpoint %s: snapshot not applied", name)
 
     async def _unload(self, name: str, version: str) -> None:
         model = self._router.remove(name, version)
@@ -198,23 +210,3 @@ class EndpointSync:
         for server in self._servers.values():
             await server.close()
 
-
-def _fold(report: dict, old: dict) -> None:
-    """Add an undelivered report's windows, rewards and ids to ``report``."""
-    from flywheel.serving.canary import VariantWindow
-
-    for name, windows in old.get("windows", {}).items():
-        mine = report["windows"].setdefault(name, {})
-        for variant, wire in windows.items():
-            w = VariantWindow.from_wire(wire)
-            if variant in mine:
-                w.merge(VariantWindow.from_wire(mine[variant]))
-            mine[variant] = w.to_wire()
-    for name, arms in old.get("rewards", {}).items():
-        mine = report["rewards"].setdefault(name, {})
-        for variant, (n, s, ss) in arms.items():
-            a = mine.setdefault(variant, [0, 0.0, 0.0])
-            a[0] += n
-            a[1] += s
-            a[2] += ss
-    report["ids"] += old.get("ids", [])

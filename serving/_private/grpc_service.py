@@ -12,6 +12,7 @@ import grpc
 
 from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.auth import Authenticator
+from flywheel.serving._private.endpoint_http import MAX_PEEK_BYTES
 from flywheel.serving._private.grpc_codec import peek_fields
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.proto import inference_pb2 as pb
@@ -99,9 +100,10 @@ class GrpcService:
             if ep.tracked:
                 meta = dict(context.invocation_metadata() or ())
                 rid = rid or meta.get(REQUEST_ID_KEY) or None
-                key = meta.get(ep.sticky_header.decode())
-                if key is None and not version and ep.sticky_parameter:
-                    key = _parameter(request, ep.sticky_parameter)
+                if ep.needs_key and not version:
+                    key = meta.get(ep.sticky_header.decode())
+                    if key is None and ep.sticky_parameter and len(request) <= MAX_PEEK_BYTES:
+                        key = _parameter(request, ep.sticky_parameter)
             model = self._router.resolve(name, version, key)
         except FlywheelError as exc:
             await context.abort(grpc_status_for(exc.code), exc.message)

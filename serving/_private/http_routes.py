@@ -161,9 +161,13 @@ class HttpRoutes:
             ep = self._router.endpoint(name)
             rid = key = None
             if ep.tracked:
-                rid, key = _request_id(req), _header(req, ep.sticky_header)
-                if rid is None or (key is None and not version):
-                    body_id, body_key = routing_fields(req.body, header_length, ep.sticky_parameter)
+                rid = _request_id(req)
+                key = _header(req, ep.sticky_header) if ep.needs_key and not version else None
+                want_key = key is None and ep.needs_key and not version and ep.sticky_parameter
+                if rid is None or want_key:
+                    body_id, body_key = routing_fields(
+                        req.body, header_length, ep.sticky_parameter if want_key else ""
+                    )
                     rid, key = rid or body_id, key or body_key
             model = self._router.resolve(name, version, key)
         except FlywheelError as exc:

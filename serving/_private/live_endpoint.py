@@ -15,17 +15,24 @@ import random
 import time
 from collections import OrderedDict
 
-from flywheel.runtime.errors import InvalidInputError, NotFoundError
+from flywheel.runtime.errors import InvalidInputError, UnavailableError
 from flywheel.serving.canary import VariantWindow
 from flywheel.serving.policies import WeightedPicker, decode_policy, make_policy
 
 ID_TTL_S = 600.0  # how long a request id takes feedback
 MAX_IDS = 100_000  # per replica; the oldest go first
-_rng = random.Random()
+MAX_ID_LENGTH = 128
 
 
 def new_request_id() -> str:
     return os.urandom(12).hex()
+
+
+def usable_request_id(rid: str | None) -> bool:
+    """A caller's id that may be echoed in a response header: printable
+    ASCII without spaces, at most 128 characters (anything else could split
+    the header; such requests get an id of ours instead)."""
+    return bool(rid) and len(rid) <= MAX_ID_LENGTH and rid.isascii() and rid.isprintable() and " " not in rid
 
 
 class LiveEndpoint:
@@ -49,47 +56,58 @@ class LiveEndpoint:
         self.windows: dict[str, VariantWindow] = {}
         self.rewards: dict[str, list[float]] = {}
         self.new_ids: list[tuple[str, str, str]] = []
+        self.used_ids: list[tuple[str, str]] = []
+        self.ship = False  # ids also go to the controller (several ingress replicas)
         self._ids: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._rng = random.Random()
 
     def configure(self, snap: dict, loaded: set[str]) -> None:
         """Apply the controller's snapshot of this endpoint. Variants this
-        replica has not (yet) loaded are left out of its choices."""
+        replica has not (yet) loaded are left out of its choices. Everything
+        is built before anything is replaced: a snapshot that cannot be
+        applied raises and leaves the endpoint routing as before."""
         routable = tuple(v for v in snap["routable"] if v in loaded)
+        shadow = snap.get("shadow")
+        weights = snap.get("weights")
+        picker = policy = single = None
+        kind = "fixed"
+        if weights is not None:
+            weights = {v: w for v, w in weights.items() if v in routable and w > 0}
+            if not weights and routable:
+                weights = {routable[-1]: 1.0}
+            if len(weights) == 1:
+                single = next(iter(weights))
+            elif weights:
+                picker = WeightedPicker(weights)
+        else:
+            cfg = decode_policy(snap["policy"])
+            kind = cfg.kind
+            policy = make_policy(cfg, list(routable), snap.get("policy_state"))
+            weights = policy.weights()
         self.routable = routable
         self.sticky_header = snap["sticky"]["header"].encode()
         self.sticky_parameter = snap["sticky"]["parameter"]
         self.totals = snap.get("totals", {})
         self.canary_step = snap.get("canary_step", 0.0)
-        shadow = snap.get("shadow")
         self.shadow = (shadow["variant"], shadow["fraction"]) if shadow and shadow["variant"] in loaded else None
-        weights = snap.get("weights")
-        self._policy = self._picker = self._single = None
-        if weights is not None:
-            weights = {v: w for v, w in weights.items() if v in routable and w > 0}
-            if not weights and routable:
-                weights = {routable[-1]: 1.0}
-            self.weights = weights
-            self.policy_kind = "fixed"
-            if len(weights) == 1:
-                self._single = next(iter(weights))
-            elif weights:
-                self._picker = WeightedPicker(weights)
-        else:
-            cfg = decode_policy(snap["policy"])
-            self.policy_kind = cfg.kind
-            self._policy = make_policy(cfg, list(routable), snap.get("policy_state"))
-            self.weights = self._policy.weights()
-        self.tracked = len(routable) > 1 or self.shadow is not None or self._policy is not None
+        self._picker, self._policy, self._single = picker, policy, single
+        self.weights, self.policy_kind = weights, kind
+        self.tracked = len(routable) > 1 or self.shadow is not None or policy is not None
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether a sticky key can change the choice (a weighted split)."""
+        return self._picker is not None
 
     def choose(self, key: str | None) -> str:
         """The variant for one request (``key``: its sticky key, if any)."""
         if self._single is not None:
             return self._single
         if self._picker is not None:
-            return self._picker.pick(key, _rng)
+            return self._picker.pick(key, self._rng)
         if self._policy is not None:
             return self._policy.choose(key)
-        raise NotFoundError(f"endpoint {self.name!r} has no ready variant")
+        raise UnavailableError(f"endpoint {self.name!r} has no ready variant")
 
     def window(self, variant: str) -> VariantWindow:
         w = self.windows.get(variant)
@@ -99,6 +117,7 @@ class LiveEndpoint:
 
     # -- feedback -----------------------------------------------------------
     def remember(self, request_id: str, variant: str, ship: bool) -> None:
+        self.ship = ship
         ids = self._ids
         ids[request_id] = (variant, time.monotonic())
         if len(ids) > MAX_IDS:
@@ -122,6 +141,8 @@ class LiveEndpoint:
             # replaces these statistics with the sum over every replica
             self._policy.record(variant, reward)
         del self._ids[request_id]
+        if self.ship:  # the controller knows this id too: it must not take it twice
+            self.used_ids.append((request_id, self.name))
         arm = self.rewards.setdefault(variant, [0, 0.0, 0.0])
         arm[0] += 1
         arm[1] += reward
@@ -138,11 +159,17 @@ class LiveEndpoint:
                 break
             del ids[rid]
 
-    def take_report(self) -> tuple[dict, dict, list]:
+    def take_report(self) -> tuple[dict, dict, list, list]:
         windows = {v: w.to_wire() for v, w in self.windows.items() if w.requests or w.reward_count or w.shadow_compared}
-        rewards, ids = self.rewards, self.new_ids
-        self.windows, self.rewards, self.new_ids = {}, {}, []
-        return windows, rewards, ids
+        rewards, ids, used = self.rewards, self.new_ids, self.used_ids
+        self.windows, self.rewards, self.new_ids, self.used_ids = {}, {}, [], []
+        return windows, rewards, ids, used
+
+    def arm_means(self) -> dict[str, float]:
+        """A bandit's mean reward per arm (empty for fixed splits)."""
+        if self._policy is None:
+            return {}
+        return {v: arm.get("mean") or 0.0 for v, arm in self._policy.state().get("arms", {}).items()}
 
 
 def check_reward(value) -> float:
@@ -155,8 +182,9 @@ def check_reward(value) -> float:
 
 
 _COUNTERS = (  # summary field, metric, help
-    ("requests", "flywheel_endpoint_requests_total", "Requests answered by each variant (all ingress replicas)"),
-    ("errors", "flywheel_endpoint_errors_total", "Of those, answered with a server-side error"),
+    ("requests", "flywheel_endpoint_requests_total",
+     "Requests answered by each variant, shadow requests included (all ingress replicas)"),
+    ("errors", "flywheel_endpoint_errors_total", "Of those, answered with an error (shadow requests included)"),
     ("rewards", "flywheel_endpoint_rewards_total", "Feedback rewards received per variant"),
     ("reward_sum", "flywheel_endpoint_reward_sum", "Sum of the rewards received per variant"),
     ("shadow_compared", "flywheel_endpoint_shadow_comparisons_total", "Shadow answers compared with the primary's"),
@@ -189,9 +217,8 @@ def render_endpoint_metrics(endpoints: list[LiveEndpoint]) -> bytes:
     out += ["# HELP flywheel_endpoint_bandit_arm_mean A bandit arm's mean reward (its posterior mean)",
             "# TYPE flywheel_endpoint_bandit_arm_mean gauge"]
     for ep in endpoints:
-        if ep._policy is not None:
-            for v, arm in sorted(ep._policy.state().get("arms", {}).items()):
-                out.append(f"flywheel_endpoint_bandit_arm_mean{{{lab(ep, v)}}} {arm.get('mean') or 0}")
+        for v, mean in sorted(ep.arm_means().items()):
+            out.append(f"flywheel_endpoint_bandit_arm_mean{{{lab(ep, v)}}} {mean}")
     out += ["# HELP flywheel_endpoint_canary_percent Traffic percent of the running canary (0 = none)",
             "# TYPE flywheel_endpoint_canary_percent gauge"]
     out += [f"flywheel_endpoint_canary_percent{{{lab(ep)}}} {ep.canary_step}" for ep in endpoints]

@@ -3,6 +3,8 @@ feedback and persistence (a real SQLite file), driven by replica reports."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from flywheel.registry import RouterStateStore
@@ -15,13 +17,31 @@ from flywheel.serving.policies import FixedPolicy
 T0 = 1_000_000.0
 
 
+def control(*args, **kwargs) -> ControlState:
+    st = ControlState(*args, **kwargs)
+    report.epoch = st.epoch
+    return st
+
+
 def models(*versions: str, name: str = "m") -> list[ModelConfig]:
     return [ModelConfig(name=name, version=v, path=f"/models/{v}.onnx") for v in versions]
 
 
-def report(replica: str, applied: int, loaded=None, windows=None, inflight=None, ids=(), rewards=None) -> dict:
-    return {"replica": replica, "applied": applied, "loaded": loaded or {}, "windows": windows or {},
-            "inflight": inflight or {}, "ids": list(ids), "rewards": rewards or {}}
+_seq = itertools.count(1)
+
+
+def report(replica: str, applied: int, loaded=None, windows=None, inflight=None, ids=(), rewards=None,
+           epoch=None, seq=None) -> dict:
+    """What an ingress replica sends (serving/_private/endpoint_sync.py);
+    ``applied`` counts within the controller's current epoch unless
+    ``epoch`` says otherwise."""
+    batch = {"seq": seq or next(_seq), "windows": windows or {}, "rewards": rewards or {}, "ids": list(ids),
+             "used_ids": []}
+    return {"replica": replica, "epoch": epoch if epoch is not None else report.epoch, "applied": applied,
+            "loaded": loaded or {}, "inflight": inflight or {}, "batches": [batch]}
+
+
+report.epoch = ""
 
 
 def window(requests: int, errors: int = 0, latency_s: float = 0.002) -> dict:
@@ -39,13 +59,13 @@ def store(tmp_path):
 
 
 def test_a_name_without_settings_sends_everything_to_its_highest_version():
-    st = ControlState("d", "id1", [], models("1", "2", "10"), now=T0)
+    st = control("d", "id1", [], models("1", "2", "10"), now=T0)
     snap = st.snapshot()["endpoints"]["m"]
     assert snap["weights"] == {"10": 1.0} and snap["routable"] == ["1", "2", "10"]
 
 
 def test_policies_are_checked_against_the_endpoints_variants():
-    st = ControlState("d", "id1", [], models("1", "2"), now=T0)
+    st = control("d", "id1", [], models("1", "2"), now=T0)
     with pytest.raises(InvalidInputError, match=r"\['7'\]"):
         st.set_policy("m", {"kind": "fixed", "weights": {"1": 1, "7": 1}}, now=T0)
     with pytest.raises(InvalidInputError, match="kind"):
@@ -60,7 +80,7 @@ def test_policies_are_checked_against_the_endpoints_variants():
 
 
 def test_a_variant_takes_traffic_only_once_every_live_replica_has_it_ready():
-    st = ControlState("d", "id1", [], models("1"), now=T0)
+    st = control("d", "id1", [], models("1"), now=T0)
     st.sync(report("r1", 0), now=T0)
     st.sync(report("r2", 0), now=T0)
     st.add_variant("m", {"version": "2", "path": "/models/2.onnx"}, now=T0)
@@ -80,7 +100,7 @@ def test_a_variant_takes_traffic_only_once_every_live_replica_has_it_ready():
 
 
 def test_swap_moves_traffic_after_load_and_removes_the_old_variant_once_drained():
-    st = ControlState("d", "id1", [], models("1"), now=T0)
+    st = control("d", "id1", [], models("1"), now=T0)
     st.sync(report("r1", 0), now=T0)
     st.swap("m", {"version": "2", "path": "/models/2.onnx"}, now=T0)
     assert st.snapshot()["endpoints"]["m"]["weights"] == {"1": 1.0}  # nothing moves while loading
@@ -103,7 +123,7 @@ def test_swap_moves_traffic_after_load_and_removes_the_old_variant_once_drained(
 
 
 def test_a_swap_whose_variant_fails_to_load_leaves_the_old_one_serving():
-    st = ControlState("d", "id1", [], models("1"), now=T0)
+    st = control("d", "id1", [], models("1"), now=T0)
     st.sync(report("r1", 0), now=T0)
     st.swap("m", {"version": "2", "path": "/broken.onnx"}, now=T0)
     st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "failed: not an ONNX model"}}), now=T0 + 1)
@@ -115,7 +135,7 @@ def test_a_swap_whose_variant_fails_to_load_leaves_the_old_one_serving():
 
 def _two_variants(moved=None) -> ControlState:
     ms = [ModelConfig(name="m", version="1", ref="m/1"), ModelConfig(name="m", version="2", ref="m/2")]
-    st = ControlState("d", "id1", [EndpointConfig(name="m", policy=FixedPolicy(weights={"1": 1.0}))], ms,
+    st = control("d", "id1", [EndpointConfig(name="m", policy=FixedPolicy(weights={"1": 1.0}))], ms,
                       alias_mover=(lambda n, a, v: moved.append((n, a, v))) if moved is not None else None, now=T0)
     st.sync(report("r1", 0), now=T0)
     return st
@@ -178,14 +198,72 @@ def test_statistics_reach_the_replicas_about_once_a_second():
 
 def test_state_resumes_after_a_controller_restart_and_not_after_a_new_deploy(store):
     ms = models("1", "2")
-    st = ControlState("d", "id1", [], ms, store, now=T0)
+    st = control("d", "id1", [], ms, store, now=T0)
     st.set_policy("m", {"kind": "fixed", "weights": {"1": 0.25, "2": 0.75}}, now=T0)
     st.start_canary("m", {"variant": "1", "baseline": "2", "steps": [5, 100], "hold_s": 30}, now=T0)
-    again = ControlState("d", "id1", [], ms, store, now=T0 + 5)  # Serve restarted the replica
+    again = control("d", "id1", [], ms, store, now=T0 + 5)  # Serve restarted the replica
     status = again.status("m", now=T0 + 5)
     assert status["canary"]["status"] == "running" and status["canary"]["config"]["variant"] == "1"
     assert again.snapshot()["endpoints"]["m"]["weights"] == pytest.approx({"2": 0.95, "1": 0.05})
     assert status["events"][-1]["kind"] == "resumed"
-    fresh = ControlState("d", "id2", [], ms, store, now=T0 + 6)  # a new deploy
+    fresh = control("d", "id2", [], ms, store, now=T0 + 6)  # a new deploy
     assert fresh.status("m", now=T0 + 6)["canary"] is None
     assert fresh.snapshot()["endpoints"]["m"]["weights"] == {"2": 1.0}
+
+
+@pytest.mark.parametrize("policy", [
+    {"kind": "epsilon_greedy", "epsilon": 0.1}, {"kind": "thompson", "reward": "bernoulli"},
+    {"kind": "thompson", "reward": "gaussian"}, {"kind": "ucb1"},
+])
+def test_every_bandit_kind_takes_rewards_and_reports_its_arms(policy):
+    st = _two_variants()
+    st.set_policy("m", policy, now=T0)
+    st.sync(report("r1", st.version, rewards={"m": {"2": [4, 3.0, 3.0]}}), now=T0 + 1)
+    status = st.status("m", now=T0 + 1)
+    assert status["bandit"]["arms"]["2"]["count"] == 4 and status["bandit"]["arms"]["1"]["count"] == 0
+    assert set(status["weights"]) == {"1", "2"}
+    snap = st.sync(report("r1", 0), now=T0 + 1)["endpoints"]["m"]
+    assert snap["policy"]["kind"] == policy["kind"] and snap["policy_state"]["arms"]["2"]["count"] == 4
+
+
+def test_a_report_batch_sent_again_is_counted_once():
+    st = _two_variants()
+    again = report("r1", st.version, windows={"m": {"1": window(10)}}, seq=10_000)
+    st.sync(again, now=T0 + 1)
+    st.sync(again, now=T0 + 2)  # its answer was lost: the replica sends it again
+    assert st.status("m", now=T0 + 2)["variants"]["1"]["requests"] == 10
+
+
+def test_replicas_take_the_snapshot_of_a_restarted_controller(store):
+    st = control("d", "id1", [], models("1", "2"), store, now=T0)
+    for _ in range(5):
+        st.set_policy("m", {"kind": "fixed", "weights": {"1": 1.0}}, now=T0)
+    old_epoch, applied = st.epoch, st.version
+    again = control("d", "id1", [], models("1", "2"), store, now=T0 + 1)
+    assert again.version < applied
+    answer = again.sync(report("r1", applied, epoch=old_epoch), now=T0 + 1)
+    assert answer["epoch"] == again.epoch and answer["endpoints"]["m"]["weights"] == {"1": 1.0}
+
+
+def test_a_canary_without_promotion_stays_at_full_traffic_when_it_completes():
+    st = _two_variants()
+    st.start_canary("m", {"variant": "2", "steps": [100], "hold_s": 1, "promote": False,
+                          "gates": {"min_requests": 5}}, now=T0)
+    st.sync(report("r1", st.version, windows={"m": {"1": window(20), "2": window(20)}}), now=T0 + 2)
+    st.tick(now=T0 + 2)
+    status = st.status("m", now=T0 + 2)
+    assert status["canary"]["status"] == "completed" and status["weights"] == {"2": 1.0}
+    assert set(status["variants"]) == {"1", "2"}  # nothing retired without a promotion
+
+
+def test_controller_feedback_expires_and_a_bad_reward_leaves_the_id_usable():
+    st = _two_variants()
+    st.set_policy("m", {"kind": "thompson"}, now=T0)
+    st.sync(report("r1", st.version, ids=[("old", "m", "1"), ("new", "m", "2")]), now=T0)
+    with pytest.raises(NotFoundError, match="expired"):
+        st.feedback("m", "old", 1.0, now=T0 + 601)
+    with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
+        st.feedback("m", "new", 5.0, now=T0 + 1)
+    assert st.feedback("m", "new", 1.0, now=T0 + 1)["variant"] == "2"
+    with pytest.raises(NotFoundError):
+        st.feedback("other", "new", 1.0, now=T0 + 1)
