@@ -117,11 +117,34 @@ _V4 = [
         PRIMARY KEY (deployment, endpoint))""",
 ]
 
+# v5: the training job queue (training/jobs.py): one row per job, its spec
+# and result as JSON; claims scan queued jobs by priority.
+_V5 = [
+    """CREATE TABLE training_jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        submitted_at {real} NOT NULL,
+        started_at {real},
+        finished_at {real},
+        attempts INTEGER NOT NULL,
+        runner TEXT NOT NULL,
+        heartbeat_at {real},
+        cancel_requested INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        result TEXT NOT NULL,
+        storage TEXT NOT NULL)""",
+    "CREATE INDEX training_jobs_by_state ON training_jobs (state, priority)",
+]
+
 MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (1, _V1, {}),
     (2, _V2, _V2_DIALECT),
     (3, _V3, {}),
     (4, _V4, {}),
+    (5, _V5, {}),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -1,0 +1,368 @@
+"""The typed training job spec: what to train, on what, where, and what then.
+
+Defaults live here; a YAML file or a Python mapping only says what differs.
+Every field is validated when the spec is built, and the error names the
+field and what is allowed (with msgspec's path, ``$.optimizer``, when the spec
+was parsed from data). No Ray here: a spec is plain data that a CLI, a
+notebook or the job queue (``training/jobs.py``) can read without a cluster.
+
+Example (``flywheel train job.yaml``-style; only ``name`` and ``model`` are
+required)::
+
+    name: digits-mlp
+    model:
+      architecture: mlp
+      hparams: {in_features: 64, hidden: [128, 64], out_features: 10}
+    dataset: {kind: digits, validation_fraction: 0.2}
+    strategy: ddp
+    resources: {workers: 2, cpus_per_worker: 1}
+    epochs: 5
+    batch_size: 64            # global: 32 rows per worker
+    optimizer: {name: adamw, lr: 0.001}
+    schedule: {kind: cosine, min_lr: 0.00001}
+    checkpoint: {every_epochs: 1, keep: 2}
+    export: {onnx: true, register: true, model_name: digits}
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flywheel.runtime.architectures import ARCHITECTURES
+from flywheel.runtime.errors import ConfigError
+
+# Same rule as model names in serving/config.py and the registry: a job name
+# becomes the registry model name by default, so it must be a valid one.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Priorities are stored as 32-bit integers (PostgreSQL's INTEGER).
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+DATASET_KINDS = ("digits", "parquet", "csv", "ray")
+STRATEGIES = ("ddp", "fsdp")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def _require(ok: bool, message: str) -> None:
+    # Checks are written as "ok" conditions so that NaN (for which every
+    # comparison is false) fails them instead of slipping through.
+    if not ok:
+        raise ConfigError(message)
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The network to train.
+
+    architecture: a builder of ``flywheel.runtime.architectures``
+        (``mlp``, ``small_cnn``, ``patch_cnn``); the trained weights are
+        saved as safetensors and rebuilt from this name and ``hparams``.
+    hparams: keyword arguments of that builder. Unknown names are refused
+        here; missing ones are left for the runtime (it may infer sizes such
+        as ``in_features`` from the dataset) and fail when the model is built.
+    """
+
+    architecture: str
+    hparams: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        builder = ARCHITECTURES.get(self.architecture)
+        _require(
+            builder is not None,
+            f"model.architecture {self.architecture!r} is unknown; known: {', '.join(sorted(ARCHITECTURES))}",
+        )
+        try:
+            inspect.signature(builder).bind_partial(**self.hparams)
+        except TypeError as exc:
+            allowed = ", ".join(inspect.signature(builder).parameters)
+            raise ConfigError(
+                f"model.hparams for {self.architecture!r}: {exc}; its hyper-parameters are: {allowed}"
+            ) from None
+
+
+class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where the training rows come from.
+
+    kind: ``digits`` (scikit-learn's bundled 8x8 digits, built in),
+        ``parquet`` or ``csv`` (files at ``path``), or ``ray`` (a Ray Data
+        dataset handed to ``submit()`` from Python; nothing to read here).
+    path: a file, a folder or a glob (local or fsspec URI); required for
+        parquet/csv and refused for the other kinds (a path with kind digits
+        is almost always a forgotten ``kind``).
+    features: input columns, in order; empty = every column but ``label``.
+    label: the target column.
+    validation_fraction: share of rows held out for validation, in [0, 0.9].
+    reference_rows: rows of training inputs kept as the drift monitor's
+        reference sample (registered with the model), >= 0 (0 = none).
+    """
+
+    kind: str = "digits"
+    path: str = ""
+    features: tuple[str, ...] = ()
+    label: str = "label"
+    validation_fraction: float = 0.2
+    reference_rows: int = 500
+
+    def __post_init__(self) -> None:
+        _require(self.kind in DATASET_KINDS,
+                 f"dataset.kind {self.kind!r} must be one of {', '.join(DATASET_KINDS)}")
+        if self.kind in ("parquet", "csv"):
+            _require(bool(self.path), f"dataset.path is required for kind {self.kind!r} (a file, folder or glob)")
+        else:
+            _require(not self.path,
+                     f"dataset.path is only for kinds parquet and csv; set dataset.kind (now {self.kind!r})")
+        _require(bool(self.label), "dataset.label must name the label column")
+        _require(all(self.features), "dataset.features: column names must be non-empty")
+        _require(len(set(self.features)) == len(self.features), "dataset.features: a column is listed twice")
+        _require(self.label not in self.features,
+                 f"dataset.features must not include the label column {self.label!r}")
+        _require(0 <= self.validation_fraction <= 0.9, "dataset.validation_fraction must lie in [0, 0.9]")
+        _require(self.reference_rows >= 0, "dataset.reference_rows must be >= 0 (0 = no reference sample)")
+
+
+class OptimizerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """name: sgd, adam or adamw (torch.optim). lr: the base learning rate
+    (> 0). weight_decay: >= 0. momentum: sgd only, in [0, 1)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, f"optimizer.name {self.name!r} must be one of {', '.join(OPTIMIZERS)}")
+        _require(self.lr > 0 and _finite(self.lr), "optimizer.lr must be a finite number > 0")
+        _require(self.weight_decay >= 0 and _finite(self.weight_decay),
+                 "optimizer.weight_decay must be a finite number >= 0")
+        _require(0 <= self.momentum < 1, "optimizer.momentum must lie in [0, 1)")
+        _require(self.momentum == 0 or self.name == "sgd",
+                 f"optimizer.momentum is for sgd only (optimizer.name is {self.name!r}); leave it 0")
+
+
+class ScheduleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The learning rate over epochs.
+
+    kind: ``constant``; ``step`` (multiply by ``gamma`` every ``step_epochs``
+        epochs); ``cosine`` (anneal from optimizer.lr to ``min_lr`` over the
+        run).
+    step_epochs: >= 1. gamma: in (0, 1]. min_lr: >= 0 and <= optimizer.lr.
+    """
+
+    kind: str = "constant"
+    step_epochs: int = 1
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.kind in SCHEDULES, f"schedule.kind {self.kind!r} must be one of {', '.join(SCHEDULES)}")
+        _require(self.step_epochs >= 1, "schedule.step_epochs must be >= 1")
+        _require(0 < self.gamma <= 1, "schedule.gamma must lie in (0, 1]")
+        _require(self.min_lr >= 0 and _finite(self.min_lr), "schedule.min_lr must be a finite number >= 0")
+
+
+class CheckpointSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When to checkpoint (into the job's storage) and how many to keep.
+
+    every_steps: every N optimizer steps (0 = off). every_epochs: at the end
+    of every N epochs (0 = off); at least one of the two must be on, since a
+    job that fails resumes from its last checkpoint. keep: newest
+    checkpoints kept, >= 1.
+    """
+
+    every_steps: int = 0
+    every_epochs: int = 1
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0 = off)")
+        _require(self.every_epochs >= 0, "checkpoint.every_epochs must be >= 0 (0 = off)")
+        _require(self.every_steps > 0 or self.every_epochs > 0,
+                 "checkpoint: turn on checkpoint.every_steps or checkpoint.every_epochs (both are 0)")
+        _require(self.keep >= 1, "checkpoint.keep must be >= 1")
+
+
+class ResourcesSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The Ray Train workers.
+
+    workers: data-parallel workers, >= 1. cpus_per_worker: > 0 (fractions
+    are fine on a small machine). gpus_per_worker: >= 0 (0 = CPU training).
+    wait_s: how long the job may wait for its workers' resources before it
+    fails with a message that says what was missing, > 0.
+    """
+
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    wait_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "resources.workers must be >= 1")
+        _require(self.cpus_per_worker > 0 and _finite(self.cpus_per_worker),
+                 "resources.cpus_per_worker must be a finite number > 0")
+        _require(self.gpus_per_worker >= 0 and _finite(self.gpus_per_worker),
+                 "resources.gpus_per_worker must be a finite number >= 0")
+        _require(self.wait_s > 0, "resources.wait_s must be > 0 (seconds)")
+
+    @property
+    def total_cpus(self) -> float:
+        return self.workers * self.cpus_per_worker
+
+    @property
+    def total_gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+
+class ExportSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What happens to the trained model.
+
+    onnx: export ``model.onnx`` next to the safetensors weights.
+    register: add a registry version (with lineage: data fingerprint, spec,
+        metrics, reference sample).
+    model_name: the registry model name ("" = the job name).
+    canary_url: a running Flywheel server; the new version is added as a
+        variant of endpoint ``model_name`` there and a canary started ("" =
+        no). Needs ``register`` (the server loads the version by reference).
+    canary: canary settings passed through to that server as they are.
+    """
+
+    onnx: bool = True
+    register: bool = True
+    model_name: str = ""
+    canary_url: str = ""
+    canary: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        _require(not self.model_name or bool(NAME_RE.match(self.model_name)),
+                 f"export.model_name {self.model_name!r} must match {NAME_RE.pattern} (or be empty)")
+        _require(not self.canary_url or self.canary_url.startswith(("http://", "https://")),
+                 f"export.canary_url {self.canary_url!r} must be an http:// or https:// URL (or empty)")
+        _require(not self.canary_url or self.register,
+                 "export.canary_url needs export.register: true (the server deploys the registry version)")
+        _require(not self.canary or bool(self.canary_url),
+                 "export.canary settings are given but export.canary_url is empty")
+
+
+class FaultSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A test hook for fault tolerance: worker ``kill_rank`` calls
+    ``os._exit(1)`` once, when the global step reaches ``at_step``. Both -1
+    (off, the default) or both >= 0."""
+
+    kill_rank: int = -1
+    at_step: int = -1
+
+    def __post_init__(self) -> None:
+        _require(self.kill_rank >= -1 and self.at_step >= -1, "fault.kill_rank and fault.at_step must be >= -1")
+        _require((self.kill_rank == -1) == (self.at_step == -1),
+                 "fault: set both fault.kill_rank and fault.at_step (>= 0), or neither (-1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kill_rank >= 0
+
+
+class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One training job.
+
+    name: the job's name (letters, digits, ``_.-``; also the default
+        registry model name).
+    model / dataset: see ModelSpec, DatasetSpec.
+    strategy: ``ddp`` (every worker holds the whole model) or ``fsdp``
+        (parameters sharded across workers).
+    resources: workers and what each needs (ResourcesSpec).
+    epochs: passes over the training rows, >= 1.
+    batch_size: the global batch, >= 1, split evenly across the workers, so
+        it must be divisible by resources.workers.
+    optimizer / schedule: see OptimizerSpec, ScheduleSpec.
+    seed: seeds the data split, the shuffling and the initial weights.
+    checkpoint: see CheckpointSpec.
+    max_failures: worker failures the job survives (it resumes from its last
+        checkpoint), >= 0.
+    priority: higher runs first in the queue (any integer).
+    storage: a local folder or fsspec URI for checkpoints, metrics, logs and
+        outputs ("" = ``<FLYWHEEL_HOME>/training``, filled in by the runtime).
+    export: what to do with the trained model (ExportSpec).
+    fault: a test hook (FaultSpec); off by default.
+    """
+
+    name: str
+    model: ModelSpec
+    dataset: DatasetSpec = DatasetSpec()
+    strategy: str = "ddp"
+    resources: ResourcesSpec = ResourcesSpec()
+    epochs: int = 5
+    batch_size: int = 64
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    seed: int = 0
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    max_failures: int = 2
+    priority: int = 0
+    storage: str = ""
+    export: ExportSpec = ExportSpec()
+    fault: FaultSpec = FaultSpec()
+
+    def __post_init__(self) -> None:
+        _require(bool(NAME_RE.match(self.name)),
+                 f"name {self.name!r} must match {NAME_RE.pattern} (letters, digits, _.-)")
+        _require(self.strategy in STRATEGIES, f"strategy {self.strategy!r} must be one of {', '.join(STRATEGIES)}")
+        _require(self.epochs >= 1, "epochs must be >= 1")
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        workers = self.resources.workers
+        _require(
+            self.batch_size % workers == 0,
+            f"batch_size {self.batch_size} is the global batch and must be divisible by resources.workers "
+            f"({workers}); e.g. {max(workers, self.batch_size // workers * workers)}",
+        )
+        _require(self.max_failures >= 0, "max_failures must be >= 0")
+        _require(PRIORITY_RANGE[0] <= self.priority <= PRIORITY_RANGE[1],
+                 f"priority must lie in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}]")
+        _require(self.schedule.kind != "cosine" or self.schedule.min_lr <= self.optimizer.lr,
+                 f"schedule.min_lr {self.schedule.min_lr:g} must not exceed optimizer.lr {self.optimizer.lr:g}")
+        _require(not self.fault.enabled or self.fault.kill_rank < workers,
+                 f"fault.kill_rank {self.fault.kill_rank} must be a worker rank in [0, {workers - 1}]")
+
+    @property
+    def model_name(self) -> str:
+        """The registry model name: export.model_name, else the job name."""
+        return self.export.model_name or self.name
+
+
+def parse_spec(data: Mapping[str, Any]) -> JobSpec:
+    """Validate a plain mapping (from YAML, JSON or code) into a JobSpec.
+
+    Raises ConfigError whose message names the bad field (msgspec's path,
+    e.g. ``$.optimizer``, plus the field and its allowed values or range).
+    Lenient about scalar types the way YAML needs (``"5"`` for an int)."""
+    try:
+        return msgspec.convert(data, JobSpec, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid job spec: {exc}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job spec; every ConfigError names the file
+    (and the field). Unreadable files and bad YAML are ConfigErrors too."""
+    # Imported here: serving.config does not import Ray, but importing it
+    # loads the serving package (gRPC, SciPy), which spec users rarely need.
+    from flywheel.serving.config import load_yaml
+
+    return load_yaml(path, parse_spec, what="job spec")
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """The spec as JSON builtins (every field, defaults included; sequences
+    as lists); ``parse_spec(spec_to_dict(s)) == s``."""
+    # Through JSON rather than msgspec.to_builtins, which keeps tuples: a
+    # dict with lists compares equal to itself after a trip through the job
+    # store (JSON in the database), one with tuples does not.
+    return msgspec.json.decode(msgspec.json.encode(spec))
