@@ -1,0 +1,211 @@
+"""Training jobs on real Ray Train (the session's Ray, 2 CPU workers): DDP and
+FSDP runs that lose a worker process and finish exactly like uninterrupted
+runs, the priority queue, a job resumed after the process running it died,
+a job that cannot get its CPUs, and what lands in the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from flywheel.registry import Registry
+from flywheel.serving import load_settings
+from flywheel.training.api import TrainingRuntime
+from flywheel.training.checkpoint import CheckpointStore
+from flywheel.training.loop import job_paths
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+FLYWHEEL = str(Path(sys.executable).with_name("flywheel"))
+
+
+def spec(name: str, **over) -> dict:
+    base = {
+        "name": name,
+        "model": {"architecture": "mlp", "hparams": {"in_features": 64, "hidden": [32], "out_features": 10}},
+        "strategy": "ddp",
+        "resources": {"workers": 2, "cpus_per_worker": 1.0, "wait_s": 60},
+        "epochs": 3, "batch_size": 64, "seed": 7,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "schedule": {"kind": "cosine"},
+        "checkpoint": {"every_steps": 10, "every_epochs": 1, "keep": 2},
+        "max_failures": 2,
+    }
+    for key, value in over.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+    return base
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    home = tmp_path_factory.mktemp("train-home")
+    settings = msgspec.structs.replace(
+        load_settings(), home=str(home), registry_uri=f"sqlite:///{home}/registry.db",
+        artifacts_uri=str(home / "artifacts"), ray_address="",
+    )
+    rt = TrainingRuntime(settings, stale_s=6.0)
+    yield rt
+    rt.close()
+
+
+def _final_weights(job) -> dict:
+    return CheckpointStore(job_paths(job.status().storage)["checkpoints"]).latest().model
+
+
+def _same_run(reference, faulted) -> None:
+    a, b = _final_weights(reference), _final_weights(faulted)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    ma, mb = reference.metrics(), faulted.metrics()
+    assert [m["epoch"] for m in mb] == [1, 2, 3]
+    for x, y in zip(ma, mb):
+        for key in ("loss", "val_loss", "val_accuracy"):
+            assert abs(x[key] - y[key]) <= 1e-6, (key, x, y)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(runtime, strategy):
+    reference = runtime.submit(spec(f"ref-{strategy}", strategy=strategy))
+    assert reference.wait(300).state == "succeeded", reference.logs()
+    # same spec and seed; worker 1 dies (os._exit) at step 35, after the step-30 checkpoint
+    faulted = runtime.submit(spec(f"fault-{strategy}", strategy=strategy, fault={"kill_rank": 1, "at_step": 35}))
+    rec = faulted.wait(300)
+    assert rec.state == "succeeded", faulted.logs()
+    logs = faulted.logs()
+    assert "resumed from checkpoint at step 30" in logs, logs
+    assert os.path.exists(job_paths(rec.storage)["fault"])
+    _same_run(reference, faulted)
+    # keep-last-2: older and abandoned checkpoint folders are gone
+    ckpt = job_paths(rec.storage)["checkpoints"]
+    assert CheckpointStore(ckpt).steps() == [60, 66]
+    assert sorted(os.listdir(ckpt)) == ["LATEST", "step-000000060", "step-000000066"]
+
+
+def test_what_a_job_trains_lands_in_the_registry_with_its_lineage(runtime):
+    (job,) = [j for j in runtime.list_jobs(["succeeded"]) if j.name == "ref-ddp"]
+    result = job.result
+    reg = Registry.open(runtime.settings.registry_uri, runtime.settings.artifacts_uri)
+    try:
+        mv = reg.resolve(result["ref"])
+        assert set(mv.artifacts) >= {"model.onnx", "model.safetensors", "reference.npy"}
+        assert mv.lineage.job_id == job.id and len(mv.lineage.data_fingerprint) == 64
+        assert mv.lineage.training_config["strategy"] == "ddp" and mv.lineage.code_commit
+        assert mv.metrics["val_accuracy"] > 0.8
+        _, onnx_path = reg.artifact_path(mv.ref, "model.onnx")
+        _, ref_path = reg.artifact_path(mv.ref, "reference.npy")
+    finally:
+        reg.close()
+    import onnxruntime as ort
+
+    x = np.load(ref_path)[:16]
+    logits = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert logits.shape == (16, 10)
+
+
+def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_runs(runtime):
+    tiny = {"resources": {"workers": 1, "cpus_per_worker": 1.0}, "epochs": 1, "batch_size": 32,
+            "checkpoint": {"every_steps": 0, "every_epochs": 1, "keep": 1}, "export": {"register": False}}
+    import ray
+
+    free_before = ray.available_resources().get("CPU", 0)
+    first = runtime.submit(spec("long", **tiny))
+    deadline = time.monotonic() + 60
+    while first.status().state == "queued" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    waiting = runtime.submit(spec("routine", **tiny), run=False)
+    dropped = runtime.submit(spec("dropped", **tiny), run=False)
+    urgent = runtime.submit(spec("urgent", priority=10, **tiny), run=False)
+    assert dropped.cancel().state == "cancelled"
+    for job in (first, waiting, urgent):
+        assert job.wait(300).state == "succeeded", job.logs()
+    assert first.status().started_at < urgent.status().started_at < waiting.status().started_at
+    assert dropped.status().started_at is None and dropped.status().state == "cancelled"
+    # no trainer or worker actor is left holding a CPU (other test modules'
+    # deployments hold what they held before)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == free_before
+
+
+def test_a_job_that_cannot_get_its_cpus_fails_with_a_clear_message(runtime):
+    job = runtime.submit(spec("too-big", resources={"workers": 8, "cpus_per_worker": 1.0, "wait_s": 2}))
+    rec = job.wait(120)
+    assert rec.state == "failed"
+    assert "cannot get 8 worker(s)" in rec.error and "resources.wait_s" in rec.error, rec.error
+    with pytest.raises(Exception, match="failed"):
+        job.result()
+
+
+def test_a_job_whose_process_died_is_listed_elsewhere_and_resumed_from_its_checkpoint(runtime, tmp_path):
+    import ray
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec("orphan", epochs=6, checkpoint={"every_steps": 0, "every_epochs": 1})))
+    runtime.stop()  # this process's scheduler must not take the job: the CLI's runs it
+    s = runtime.settings
+    env = {**os.environ, "FLYWHEEL_HOME": s.home, "FLYWHEEL_REGISTRY_URI": s.registry_uri,
+           "FLYWHEEL_ARTIFACTS_URI": s.artifacts_uri, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cli = subprocess.Popen([FLYWHEEL, "train", str(path)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in cli.stdout:  # live progress, as a user sees it
+            seen.append(line)
+            if "epoch 2 step" in line and "loss" in line and "val_accuracy" in "".join(seen):
+                break
+    finally:
+        cli.send_signal(signal.SIGKILL)  # the process running the job dies
+        cli.wait(30)
+    assert any("submitted job" in line for line in seen), seen
+    (job,) = [j for j in runtime.list_jobs() if j.name == "orphan"]
+    deadline = time.monotonic() + 30
+    while runtime.attach(job.id).status().state == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)  # its heartbeats stop; after stale_s it is marked failed
+        runtime.list_jobs()
+    assert runtime.attach(job.id).status().state == "failed"
+    resumed = runtime.resume(job.id)
+    rec = resumed.wait(300)
+    assert rec.state == "succeeded", resumed.logs()
+    assert rec.attempts == 2
+    assert "resumed from checkpoint at step" in resumed.logs()
+    assert [m["epoch"] for m in resumed.metrics()][-1] == 6
+    with open(os.path.join(rec.storage, "output", "metrics.json")) as f:
+        assert json.load(f)["final"]["epoch"] == 6
+
+
+def test_a_trained_model_can_go_straight_to_a_canary_on_a_running_server(runtime):
+    from flywheel.client import Client
+    from flywheel.serving import parse_config
+    from flywheel.serving.app import deploy, undeploy
+
+    s = runtime.settings
+    (first,) = [j for j in runtime.list_jobs(["succeeded"]) if j.name == "ref-ddp"]
+    cfg = parse_config({"name": "trained", "server": {"port": 0, "grpc_port": -1},
+                        "registry": {"uri": s.registry_uri, "artifacts": s.artifacts_uri},
+                        "models": [{"name": "ref-ddp", "ref": first.result["ref"], "num_cpus": 0.05}]})
+    dep = deploy(cfg)
+    try:
+        job = runtime.submit(spec("retrain", epochs=1, resources={"workers": 1, "cpus_per_worker": 1.0},
+                                  export={"model_name": "ref-ddp", "canary_url": dep.url,
+                                          "canary": {"steps": [10, 100], "hold_s": 600}}))
+        rec = job.wait(300)
+        assert rec.state == "succeeded", job.logs()
+        version = rec.result["ref"].split("/")[1]
+        with Client(dep.url) as c:
+            status = c.endpoint("ref-ddp")
+        assert status["canary"]["status"] == "running" and status["canary"]["config"]["variant"] == version
+        assert status["variants"][version]["ref"] == rec.result["ref"]
+    finally:
+        undeploy(dep)

@@ -1,0 +1,311 @@
+"""The Python face of training: submit jobs, follow them, get their models.
+
+    from flywheel.training import submit, list_jobs, attach
+    job = submit("configs/train-digits.yaml")      # or a JobSpec / a dict
+    job.wait(); job.metrics(); job.result()        # {"ref": "digits/3", ...}
+
+Jobs live in the registry's database (training/jobs.py), so any process can
+list them, attach to one, cancel it, or resume it from its latest checkpoint
+(after the process that ran it died). A :class:`TrainingRuntime` also runs a
+scheduler (a thread) that takes queued jobs in priority order, one at a
+time, and runs them on Ray
+Train (training/runner.py). The module-level functions use one runtime per
+process, made on first use; make a TrainingRuntime yourself for another
+registry or to submit without running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from flywheel.runtime.errors import FlywheelError, InvalidInputError, PreconditionFailedError
+from flywheel.training.jobs import JobRecord, JobStore
+from flywheel.training.loop import append_log, job_paths
+from flywheel.training.spec import JobSpec, load_spec, parse_spec, spec_to_dict
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+STALE_S = 30.0  # a running job whose runner has not beaten for this long has lost it
+
+
+class JobFailedError(FlywheelError):
+    """The job ended without a model (its message says why)."""
+
+
+class JobHandle:
+    """A job by id; every method reads its current state (any process)."""
+
+    def __init__(self, runtime: TrainingRuntime, job_id: str) -> None:
+        self._rt = runtime
+        self.id = job_id
+
+    def status(self) -> JobRecord:
+        return self._rt.store.get(self.id)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        """Block until the job is finished (succeeded, failed or cancelled);
+        TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rec = self.status()
+            if rec.state in ("succeeded", "failed", "cancelled"):
+                return rec
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} still {rec.state} after {timeout}s")
+            time.sleep(POLL_S)
+
+    def cancel(self) -> JobRecord:
+        """A queued job is cancelled at once; a running one stops at its next
+        check (every few steps) and keeps its checkpoints."""
+        return self._rt.store.request_cancel(self.id)
+
+    def metrics(self) -> list[dict]:
+        """Per-epoch history: epoch, global_step, loss, val_loss,
+        val_accuracy, samples_per_s, lr."""
+        path = job_paths(self.status().storage)["metrics"]
+        if not os.path.exists(path):
+            return []
+        rows: dict[int, dict] = {}
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    # an attempt that resumed from before an epoch's end writes it again
+                    rows[row["epoch"]] = row
+        return [rows[e] for e in sorted(rows)]
+
+    def progress(self) -> dict | None:
+        """The latest step (epoch, step, loss, samples/s), or None."""
+        path = job_paths(self.status().storage)["progress"]
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def logs(self) -> str:
+        path = job_paths(self.status().storage)["log"]
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def result(self) -> dict:
+        """What a succeeded job produced (``ref``: the registered version,
+        ``metrics``, ``onnx``, ...); JobFailedError for a failed or cancelled
+        job, PreconditionFailedError while it runs."""
+        rec = self.status()
+        if rec.state == "succeeded":
+            return rec.result
+        if rec.state in ("failed", "cancelled"):
+            raise JobFailedError(f"job {self.id} {rec.state}: {rec.error}")
+        raise PreconditionFailedError(f"job {self.id} is {rec.state}; wait() for it first")
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+
+class TrainingRuntime:
+    """A job store, and (``start()``) a scheduler thread running its jobs."""
+
+    def __init__(self, settings=None, *, stale_s: float = STALE_S) -> None:
+        """``stale_s``: a running job whose runner has not beaten for this
+        long is taken to have lost it (it fails; ``resume`` continues it)."""
+        from flywheel.serving.settings import load_settings
+
+        self.settings = settings or load_settings()
+        self._stale_s = stale_s
+        self.store = JobStore.open(self.settings.registry_uri)
+        self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._datasets: dict[str, Any] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._current: str | None = None
+
+    # -- jobs ---------------------------------------------------------------
+    def submit(self, spec: JobSpec | dict | str, *, dataset: Any = None, run: bool = True) -> JobHandle:
+        """Queue a job (a JobSpec, a dict, or a YAML path). ``dataset``: the
+        Ray Data Dataset of a ``kind: ray`` dataset. ``run``: start this
+        process's scheduler if it is not running."""
+        if isinstance(spec, str):
+            spec = load_spec(spec)
+        elif isinstance(spec, dict):
+            spec = parse_spec(spec)
+        if spec.dataset.kind == "ray" and dataset is None:
+            raise InvalidInputError("dataset.kind 'ray': pass the Ray Data Dataset as submit(spec, dataset=ds)")
+        root = spec.storage or os.path.join(self.settings.home, "training")
+        job_id = uuid.uuid4().hex[:12]
+        storage = os.path.abspath(os.path.join(root, f"{spec.name}-{job_id}"))
+        os.makedirs(storage, exist_ok=True)
+        rec = self.store.submit(spec_to_dict(spec), name=spec.name, priority=spec.priority, storage=storage,
+                                job_id=job_id)
+        if dataset is not None:
+            self._datasets[rec.id] = dataset
+        if run:
+            self.start()
+        return JobHandle(self, rec.id)
+
+    def attach(self, job_id: str) -> JobHandle:
+        self.store.get(job_id)  # NotFoundError naming the id
+        return JobHandle(self, job_id)
+
+    def list_jobs(self, states=None) -> list[JobRecord]:
+        self._mark_stale()
+        return self.store.list(states)
+
+    def resume(self, job_id: str, *, run: bool = True) -> JobHandle:
+        """Queue a failed, cancelled or orphaned (its runner died) job again;
+        it continues from its latest checkpoint, in the same storage."""
+        self._mark_stale()
+        rec = self.store.get(job_id)
+        cancel = job_paths(rec.storage)["cancel"]
+        if os.path.exists(cancel):
+            os.remove(cancel)
+        self.store.requeue(job_id, stale_after_s=self._stale_s)
+        if run:
+            self.start()
+        return JobHandle(self, job_id)
+
+    def _mark_stale(self) -> None:
+        for rec in self.store.stale(self._stale_s):
+            if rec.runner != self.runner_id:
+                self.store.finish(rec.id, "failed", error=(
+                    f"its runner {rec.runner} stopped (no heartbeat for {self._stale_s:.0f}s); "
+                    f"resume({rec.id!r}) continues from its latest checkpoint"))
+
+    # -- the scheduler ------------------------------------------------------
+    def start(self) -> None:
+        """Run queued jobs from a background thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        from flywheel.serving.app import start_ray
+
+        start_ray(self.settings, log_to_driver=False)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._schedule, name="flywheel-training", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs (a running job is cancelled) and end the thread."""
+        self._stop.set()
+        if self._current is not None:
+            try:
+                self.store.request_cancel(self._current)
+            except FlywheelError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _schedule(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._mark_stale()
+                # by priority, not by what is free now: a job that cannot get
+                # its resources fails after resources.wait_s with a message
+                # saying so, instead of waiting in the queue unseen
+                rec = self.store.claim_next(self.runner_id)
+            except Exception:
+                log.exception("training scheduler: claiming a job failed")
+                rec = None
+            if rec is None:
+                self._stop.wait(POLL_S)
+                continue
+            try:
+                self._run(rec)
+            except BaseException as exc:  # the thread must outlive any one job
+                log.exception("training scheduler: job %s", rec.id)
+                try:
+                    self.store.finish(rec.id, "failed", error=f"scheduler error: {exc!r}")
+                except Exception:
+                    pass
+
+    def _run(self, rec: JobRecord) -> None:
+        from flywheel.training.runner import JobCancelled, run_job
+
+        self._current = rec.id
+        beating = threading.Event()
+
+        def beat() -> None:
+            while not beating.wait(2.0):
+                try:
+                    if not self.store.heartbeat(rec.id, self.runner_id):
+                        return
+                except Exception:
+                    log.warning("heartbeat for job %s failed", rec.id, exc_info=True)
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        try:
+            result = run_job(
+                rec, registry_uri=self.settings.registry_uri, artifacts_uri=self.settings.artifacts_uri,
+                dataset=self._datasets.get(rec.id), should_stop=lambda: self._cancel_requested(rec.id),
+            )
+            self.store.finish(rec.id, "succeeded", result=result)
+        except JobCancelled as exc:
+            self.store.finish(rec.id, "cancelled", error=str(exc))
+        except BaseException as exc:  # every failure ends the job with its reason
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            log.warning("job %s failed: %s", rec.id, message)
+            try:
+                append_log(job_paths(rec.storage)["log"], f"failed: {message}")
+            except OSError:
+                pass
+            self.store.finish(rec.id, "failed", error=message)
+        finally:
+            beating.set()
+            self._current = None
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store.get(job_id).cancel_requested or self._stop.is_set()
+        except FlywheelError:
+            return False
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+
+_default: TrainingRuntime | None = None
+_default_lock = threading.Lock()
+
+
+def runtime() -> TrainingRuntime:
+    """This process's TrainingRuntime (made on first use, from the settings)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = TrainingRuntime()
+        return _default
+
+
+def submit(spec: JobSpec | dict | str, *, dataset: Any = None) -> JobHandle:
+    """Queue a job and run it from this process's scheduler (see TrainingRuntime.submit)."""
+    return runtime().submit(spec, dataset=dataset)
+
+
+def list_jobs(states=None) -> list[JobRecord]:
+    return runtime().list_jobs(states)
+
+
+def attach(job_id: str) -> JobHandle:
+    return runtime().attach(job_id)
+
+
+def resume(job_id: str) -> JobHandle:
+    return runtime().resume(job_id)
+
+
+def as_dict(rec: JobRecord) -> dict:
+    return msgspec.to_builtins(rec)

@@ -1,0 +1,252 @@
+"""The function every Ray Train worker runs: data-parallel (DDP) or
+model-parallel (FSDP2) training with checkpoints we own.
+
+Why our own checkpoints rather than ``ray.train.report(checkpoint=...)``:
+a worker crash shortly after such a report can lose that checkpoint (Ray
+restarts from an older one or from scratch; RAY-NOTES.md). Here rank 0
+writes each checkpoint atomically to the job's storage (training/checkpoint.py)
+while the other ranks wait at a barrier, and every (re)start reads the
+storage's LATEST pointer: the last checkpoint written before a crash is the
+one resumed from.
+
+Determinism: the model is built from the job's seed on every rank; each
+epoch's data order is a permutation seeded by (seed, epoch), identical on
+every rank, each rank taking every world-th row of each global batch; a
+resumed run restores the model, optimizer, scheduler, counters, the epoch's
+running sums and the RNG state, so it continues exactly where the
+checkpoint was taken (gloo's all-reduce order is fixed for a world size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+CANCEL_FILE = "CANCEL"
+FAULT_MARKER = "fault-injected"
+CANCEL_CHECK_STEPS = 10
+
+
+def job_paths(job_dir: str) -> dict[str, str]:
+    return {
+        "checkpoints": os.path.join(job_dir, "checkpoints"),
+        "metrics": os.path.join(job_dir, "metrics.jsonl"),
+        "log": os.path.join(job_dir, "log.txt"),
+        "output": os.path.join(job_dir, "output"),
+        "cancel": os.path.join(job_dir, CANCEL_FILE),
+        "fault": os.path.join(job_dir, FAULT_MARKER),
+        "progress": os.path.join(job_dir, "progress.json"),
+        "attempts": os.path.join(job_dir, "attempts.jsonl"),
+    }
+
+
+def _wrap(model, strategy: str, world: int):
+    """DDP: replicas kept in step by gradient all-reduce. FSDP2: every
+    layer with parameters sharded across the ranks (fully_shard on a CPU
+    device mesh), then the root."""
+    import torch
+
+    if world == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.modules():
+        if layer is not model and isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _optimizer(spec, params):
+    import torch
+
+    o = spec.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _scheduler(spec, opt):
+    import torch
+
+    s = spec.schedule
+    if s.kind == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_epochs, gamma=s.gamma)
+    if s.kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs, eta_min=s.min_lr)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _epoch: 1.0)
+
+
+def append_log(path: str, line: str) -> None:
+    stamp = time.strftime("%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+    with open(path, "a") as f:
+        f.write(f"{stamp} {line}\n")
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``. ``config``: ``spec`` (JobSpec
+    as a dict), ``job_dir``, ``data`` (an ObjectRef of (x, y, x_val, y_val))."""
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from flywheel.runtime.architectures import build
+    from flywheel.training.checkpoint import CheckpointStore, TrainState, full_state_dicts, load_full_state_dicts
+    from flywheel.training.spec import parse_spec
+
+    spec = parse_spec(config["spec"])
+    paths = job_paths(config["job_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    x, y, xv, yv = ray.get(config["data"])
+    torch.manual_seed(spec.seed)
+    model, sig = build(spec.model.architecture, spec.model.hparams)
+    shape = sig.inputs[0].shape[1:]
+    x = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, *shape)
+    xv = torch.from_numpy(np.ascontiguousarray(xv)).reshape(-1, *shape)
+    y, yv = torch.from_numpy(y), torch.from_numpy(yv)
+    model = _wrap(model, spec.strategy, world)
+    opt = _optimizer(spec, model.parameters())
+    sched = _scheduler(spec, opt)
+    store = CheckpointStore(paths["checkpoints"])
+    distributed = dist.is_available() and dist.is_initialized()
+
+    epoch, step_in_epoch, global_step, history = 0, 0, 0, []
+    running = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+    state = store.latest()
+    if state is not None:
+        load_full_state_dicts(model, opt, state.model, state.optimizer, rank=rank)
+        sched.load_state_dict(state.scheduler)
+        epoch, step_in_epoch, global_step = (state.counters[k] for k in ("epoch", "step_in_epoch", "global_step"))
+        history = list(state.metrics)
+        running = dict(state.extra.get("running", running))
+        if "torch" in state.rng:
+            torch.set_rng_state(state.rng["torch"])
+        if "python" in state.rng:
+            random.setstate(state.rng["python"])
+        if rank == 0:
+            append_log(paths["log"], f"attempt resumed from checkpoint at step {global_step} (epoch {epoch}, "
+                                  f"step {step_in_epoch} of it)")
+            with open(paths["attempts"], "a") as f:  # when training went on again (bench/training.py)
+                f.write(json.dumps({"resumed_at": time.time(), "from_step": global_step}) + "\n")
+
+    def checkpoint(at_epoch: int, at_step: int) -> None:
+        model_sd, optim_sd = full_state_dicts(model, opt)  # collective (FSDP gathers)
+        if rank == 0:
+            t = time.perf_counter()
+            store.save(TrainState(
+                model=model_sd, optimizer=optim_sd, scheduler=sched.state_dict(),
+                counters={"epoch": at_epoch, "step_in_epoch": at_step, "global_step": global_step},
+                rng={"torch": torch.get_rng_state(), "python": random.getstate()},
+                metrics=history, extra={"running": running},
+            ))
+            store.prune(spec.checkpoint.keep)
+            append_log(paths["log"], f"checkpoint at step {global_step} written in {time.perf_counter() - t:.3f}s")
+        if distributed:
+            dist.barrier()  # nobody runs ahead of a checkpoint that is not written yet
+
+    def cancelled() -> bool:
+        flag = torch.tensor([1 if rank == 0 and os.path.exists(paths["cancel"]) else 0])
+        if distributed:
+            dist.all_reduce(flag)  # every rank stops at the same step
+        return bool(flag.item())
+
+    per_rank = spec.batch_size // world
+    steps_per_epoch = len(x) // spec.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {spec.batch_size} exceeds the {len(x)} training rows")
+    loss_fn = torch.nn.functional.cross_entropy
+    while epoch < spec.epochs:
+        order = np.random.default_rng([spec.seed, epoch]).permutation(len(x))
+        model.train()
+        for s in range(step_in_epoch, steps_per_epoch):
+            t0 = time.perf_counter()
+            batch = order[s * spec.batch_size:(s + 1) * spec.batch_size]
+            mine = torch.from_numpy(batch[rank * per_rank:(rank + 1) * per_rank])
+            opt.zero_grad()
+            loss = loss_fn(model(x[mine]), y[mine])
+            loss.backward()
+            opt.step()
+            global_step += 1
+            loss_val = loss.detach().reshape(1) * len(mine)
+            if distributed:
+                dist.all_reduce(loss_val)
+            running["loss_sum"] += float(loss_val.item())
+            running["samples"] += spec.batch_size
+            running["seconds"] += time.perf_counter() - t0
+            fault = spec.fault
+            if fault.kill_rank == rank and fault.at_step == global_step and not os.path.exists(paths["fault"]):
+                with open(paths["fault"], "w") as f:
+                    json.dump({"rank": rank, "step": global_step, "killed_at": time.time()}, f)
+                os._exit(1)  # a worker process dies mid-training (the fault-tolerance test)
+            if rank == 0 and global_step % 5 == 0:
+                _progress(paths, epoch, s + 1, steps_per_epoch, global_step, float(loss.item()), running)
+            if spec.checkpoint.every_steps and global_step % spec.checkpoint.every_steps == 0:
+                checkpoint(epoch, s + 1)
+            if global_step % CANCEL_CHECK_STEPS == 0 and cancelled():
+                if rank == 0:
+                    append_log(paths["log"], f"cancelled at step {global_step}")
+                return
+        sched.step()
+        metrics = _evaluate(model, xv, yv, loss_fn)
+        row = {
+            "epoch": epoch + 1, "global_step": global_step,
+            "loss": running["loss_sum"] / max(1, running["samples"]),
+            **metrics,
+            "samples_per_s": running["samples"] / running["seconds"] if running["seconds"] else 0.0,
+            "lr": float(opt.param_groups[0]["lr"]),
+        }
+        history.append(row)
+        if rank == 0:
+            with open(paths["metrics"], "a") as f:
+                f.write(json.dumps(row) + "\n")
+            append_log(paths["log"], "epoch {epoch} step {global_step} loss {loss:.4f} val_accuracy "
+                                  "{val_accuracy:.4f} {samples_per_s:.0f} samples/s".format(**row))
+        epoch, step_in_epoch = epoch + 1, 0
+        running = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+        every = spec.checkpoint.every_epochs
+        if (every and epoch % every == 0) or epoch == spec.epochs:
+            checkpoint(epoch, 0)
+        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        if cancelled():
+            return
+    if rank == 0:
+        append_log(paths["log"], f"finished: {global_step} steps")
+
+
+def _evaluate(model, xv, yv, loss_fn) -> dict[str, float]:
+    """Validation on every rank over the whole split (an FSDP forward is
+    collective, so every rank must run the same batches)."""
+    import torch
+
+    if len(xv) == 0:
+        return {"val_loss": math.nan, "val_accuracy": math.nan}
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(xv[i:i + 512]) for i in range(0, len(xv), 512)])
+    return {"val_loss": float(loss_fn(logits, yv).item()),
+            "val_accuracy": float((logits.argmax(1) == yv).double().mean().item())}
+
+
+def _progress(paths, epoch, step, steps, global_step, loss, running) -> None:
+    tmp = paths["progress"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"epoch": epoch + 1, "step": step, "steps_per_epoch": steps, "global_step": global_step,
+                   "loss": loss, "samples_per_s": running["samples"] / running["seconds"] if running["seconds"] else 0.0,
+                   "time": time.time()}, f)
+    os.replace(tmp, paths["progress"])

@@ -1,0 +1,199 @@
+"""Run one claimed job on Ray Train, then register what it trained.
+
+Steps: load the data (driver, once) -> wait for the workers' resources (a
+placement group, bounded by ``resources.wait_s``: a job that cannot get its
+CPUs fails with a message saying so instead of hanging, which is what a
+trainer does when, say, a Serve replica holds a CPU it needs) ->
+``TorchTrainer.fit`` with ``FailureConfig(max_failures)`` (a dead worker
+restarts the group, which resumes from our last checkpoint) -> export the
+final weights to ONNX, check it, and register it with its metrics, a
+reference sample of training inputs and its lineage -> optionally add it to
+a running server as a canary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from flywheel.runtime.errors import FlywheelError, UnavailableError
+from flywheel.training.loop import append_log, job_paths, train_loop
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def wait_for_resources(workers: int, cpus: float, gpus: float, wait_s: float, job_id: str) -> None:
+    """Return once ``workers`` bundles of (cpus, gpus) could be reserved
+    together; UnavailableError naming what is free after ``wait_s``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    pg = placement_group([bundle] * workers, strategy="PACK")
+    try:
+        ready = pg.wait(timeout_seconds=wait_s)
+    finally:
+        remove_placement_group(pg)
+    if not ready:
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        raise UnavailableError(
+            f"job {job_id}: cannot get {workers} worker(s) x {bundle} within {wait_s:.0f}s "
+            f"(resources.wait_s); free now {free} of {total}: another job, or a Serve replica, "
+            "holds them. Free them, lower resources.workers/cpus_per_worker, or raise wait_s"
+        )
+
+
+def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = None,
+            should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Train ``record`` (a running JobRecord) to the end; returns the result
+    dict stored with the job. Raises JobCancelled or the failure."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from flywheel.training.data import load_data
+    from flywheel.training.spec import parse_spec
+
+    spec = parse_spec(record.spec)
+    job_dir = record.storage
+    paths = job_paths(job_dir)
+    os.makedirs(paths["output"], exist_ok=True)
+    _note(paths, f"attempt {record.attempts}: {spec.strategy} x {spec.resources.workers} worker(s), "
+                 f"{spec.epochs} epoch(s), batch {spec.batch_size}, seed {spec.seed}")
+    data = load_data(spec.dataset, seed=spec.seed, dataset=dataset)
+    _note(paths, f"data: {data.description}, {len(data.x_train)} train / {len(data.x_val)} validation rows, "
+                 f"fingerprint {data.fingerprint[:12]}")
+    res = spec.resources
+    wait_for_resources(res.workers, res.cpus_per_worker, res.gpus_per_worker, res.wait_s, record.id)
+    data_ref = ray.put((data.x_train, data.y_train, data.x_val, data.y_val))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": record.spec, "job_dir": job_dir, "data": data_ref},
+        scaling_config=ScalingConfig(
+            num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            # unique per attempt: re-running a finished name returns the old result
+            name=f"{record.name}-{record.id}-{uuid.uuid4().hex[:6]}",
+            storage_path=os.path.join(job_dir, "ray"),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+    )
+    outcome: dict = {}
+    fitting = threading.Thread(target=lambda: outcome.setdefault("result", _fit(trainer)), daemon=True)
+    fitting.start()
+    while fitting.is_alive():
+        fitting.join(1.0)
+        if should_stop() and not os.path.exists(paths["cancel"]):
+            open(paths["cancel"], "w").write(f"{time.time()}\n")  # the loop stops at its next check
+    result = outcome.get("result")
+    if isinstance(result, BaseException):
+        raise result
+    if result is not None and result.error is not None:
+        raise result.error
+    if os.path.exists(paths["cancel"]):
+        raise JobCancelled(f"job {record.id} cancelled")
+    return _finish(record, spec, data, paths, registry_uri, artifacts_uri)
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except BaseException as exc:  # handed to the waiting thread
+        return exc
+
+
+def _note(paths: dict, line: str) -> None:
+    append_log(paths["log"], line)
+
+
+def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) -> dict:
+    """Export the last checkpoint's weights and register them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from flywheel.registry import Lineage, Registry, code_version
+    from flywheel.runtime.architectures import build
+    from flywheel.runtime.export import export_onnx
+    from flywheel.training.checkpoint import CheckpointStore
+
+    state = CheckpointStore(paths["checkpoints"]).latest()
+    if state is None:
+        raise FlywheelError(f"job {record.id} finished without a checkpoint")
+    model, sig = build(spec.model.architecture, spec.model.hparams)
+    model.load_state_dict(state.model)
+    out = paths["output"]
+    weights = os.path.join(out, "model.safetensors")
+    save_file({k: v.contiguous() for k, v in state.model.items()}, weights)
+    reference = os.path.join(out, "reference.npy")
+    np.save(reference, data.x_train[: spec.dataset.reference_rows])
+    metrics_path = os.path.join(out, "metrics.json")
+    final = state.metrics[-1] if state.metrics else {}
+    with open(metrics_path, "w") as f:
+        json.dump({"final": final, "history": state.metrics}, f, indent=1)
+    result: dict = {"metrics": final, "weights": weights, "global_step": state.counters["global_step"]}
+    if not spec.export.onnx:
+        return result
+    onnx_path = export_onnx(model.eval(), sig, os.path.join(out, "model.onnx"))
+    result["onnx"] = onnx_path
+    _note(paths, f"exported {onnx_path} (checked against torch)")
+    if not spec.export.register:
+        return result
+    name = spec.export.model_name or spec.name
+    commit, dirty = code_version(os.path.dirname(os.path.abspath(__file__)))
+    reg = Registry.open(registry_uri, artifacts_uri)
+    try:
+        mv = reg.register_version(
+            name,
+            {"model.onnx": onnx_path, "model.safetensors": weights, "reference.npy": reference},
+            actor=f"training-job:{record.id}",
+            signature={"inputs": [msgspec_tensor(t) for t in sig.inputs],
+                       "outputs": [msgspec_tensor(t) for t in sig.outputs]},
+            metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and np.isfinite(v)},
+            params={"architecture": spec.model.architecture, **spec.model.hparams},
+            lineage=Lineage(
+                data_fingerprint=data.fingerprint, code_commit=commit, code_dirty=dirty,
+                training_config=record.spec, job_id=record.id,
+            ),
+        )
+    finally:
+        reg.close()
+    result["ref"] = mv.ref
+    _note(paths, f"registered {mv.ref}")
+    if spec.export.canary_url:
+        result["canary"] = _start_canary(spec, mv)
+        _note(paths, f"canary of {mv.ref} started on {spec.export.canary_url}")
+    return result
+
+
+def msgspec_tensor(t) -> dict:
+    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+def _start_canary(spec, mv) -> dict:
+    """Add the new version to a running server's endpoint and ramp it up as
+    a canary (the router's gates decide; see serving/control_state.py)."""
+    from flywheel.client import Client
+
+    with Client(spec.export.canary_url) as client:
+        client.add_variant(mv.name, {"version": str(mv.version), "ref": mv.ref})
+        deadline = time.monotonic() + 120
+        while client.endpoint(mv.name)["variants"].get(str(mv.version), {}).get("status") != "ready":
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"{mv.ref} did not become ready on {spec.export.canary_url}")
+            time.sleep(0.5)
+        return client.start_canary(mv.name, {"variant": str(mv.version), **spec.export.canary})["canary"]
