@@ -68,6 +68,7 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.quantization --runner build/edge/flywheel-edge-run
 	$(PY) -m flywheel.bench.auth
 	$(PY) -m flywheel.bench.routing
+	$(PY) -m flywheel.bench.training
 
 clean-venv:
 	rm -rf $(VENV)
