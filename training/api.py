@@ -50,6 +50,7 @@ class JobHandle:
         self.id = job_id
 
     def status(self) -> JobRecord:
+        self._rt._mark_stale()  # a job whose runner died reads as failed, not running forever
         return self._rt.store.get(self.id)
 
     def wait(self, timeout: float | None = None) -> JobRecord:
@@ -128,7 +129,6 @@ class TrainingRuntime:
         self._stale_s = stale_s
         self.store = JobStore.open(self.settings.registry_uri)
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._datasets: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._current: str | None = None
@@ -136,7 +136,8 @@ class TrainingRuntime:
     # -- jobs ---------------------------------------------------------------
     def submit(self, spec: JobSpec | dict | str, *, dataset: Any = None, run: bool = True) -> JobHandle:
         """Queue a job (a JobSpec, a dict, or a YAML path). ``dataset``: the
-        Ray Data Dataset of a ``kind: ray`` dataset. ``run``: start this
+        Ray Data Dataset of a ``kind: ray`` dataset (written to the job's
+        folder as Parquet now; the job then reads that). ``run``: start this
         process's scheduler if it is not running."""
         if isinstance(spec, str):
             spec = load_spec(spec)
@@ -148,10 +149,15 @@ class TrainingRuntime:
         job_id = uuid.uuid4().hex[:12]
         storage = os.path.abspath(os.path.join(root, f"{spec.name}-{job_id}"))
         os.makedirs(storage, exist_ok=True)
+        if spec.dataset.kind == "ray":
+            # written out now, so that any process's scheduler, and a resume
+            # after this process is gone, trains on exactly these rows
+            path = os.path.join(storage, "dataset.parquet")
+            dataset.to_pandas().to_parquet(path)
+            append_log(job_paths(storage)["log"], f"Ray Dataset ({dataset.count()} rows) written to {path}")
+            spec = msgspec.structs.replace(spec, dataset=msgspec.structs.replace(spec.dataset, kind="parquet", path=path))
         rec = self.store.submit(spec_to_dict(spec), name=spec.name, priority=spec.priority, storage=storage,
                                 job_id=job_id)
-        if dataset is not None:
-            self._datasets[rec.id] = dataset
         if run:
             self.start()
         return JobHandle(self, rec.id)
@@ -180,19 +186,22 @@ class TrainingRuntime:
     def _mark_stale(self) -> None:
         for rec in self.store.stale(self._stale_s):
             if rec.runner != self.runner_id:
-                self.store.finish(rec.id, "failed", error=(
-                    f"its runner {rec.runner} stopped (no heartbeat for {self._stale_s:.0f}s); "
-                    f"resume({rec.id!r}) continues from its latest checkpoint"))
+                try:  # runner=: only if that runner still holds it (it may have just finished)
+                    self.store.finish(rec.id, "failed", runner=rec.runner, error=(
+                        f"its runner {rec.runner} stopped (no heartbeat for {self._stale_s:.0f}s); "
+                        f"resume({rec.id!r}) continues from its latest checkpoint"))
+                except FlywheelError:
+                    pass
 
     # -- the scheduler ------------------------------------------------------
     def start(self) -> None:
         """Run queued jobs from a background thread (idempotent)."""
+        self._stop.clear()  # a thread still finishing its job after stop() goes on scheduling
         if self._thread is not None and self._thread.is_alive():
             return
         from flywheel.serving.app import start_ray
 
         start_ray(self.settings, log_to_driver=False)
-        self._stop.clear()
         self._thread = threading.Thread(target=self._schedule, name="flywheel-training", daemon=True)
         self._thread.start()
 
@@ -236,11 +245,18 @@ class TrainingRuntime:
         self._current = rec.id
         beating = threading.Event()
 
+        lost = threading.Event()
+
         def beat() -> None:
+            # beats on while a cancel winds the job down (else another
+            # process would take it for dead); stops when the job is not ours
             while not beating.wait(2.0):
                 try:
                     if not self.store.heartbeat(rec.id, self.runner_id):
-                        return
+                        now = self.store.get(rec.id)
+                        if now.state != "running" or now.runner != self.runner_id:
+                            lost.set()  # taken for stale and resumed elsewhere: stop training
+                            return
                 except Exception:
                     log.warning("heartbeat for job %s failed", rec.id, exc_info=True)
 
@@ -249,11 +265,11 @@ class TrainingRuntime:
         try:
             result = run_job(
                 rec, registry_uri=self.settings.registry_uri, artifacts_uri=self.settings.artifacts_uri,
-                dataset=self._datasets.get(rec.id), should_stop=lambda: self._cancel_requested(rec.id),
+                should_stop=lambda: lost.is_set() or self._cancel_requested(rec.id),
             )
-            self.store.finish(rec.id, "succeeded", result=result)
+            self.store.finish(rec.id, "succeeded", result=result, runner=self.runner_id)
         except JobCancelled as exc:
-            self.store.finish(rec.id, "cancelled", error=str(exc))
+            self.store.finish(rec.id, "cancelled", error=str(exc), runner=self.runner_id)
         except BaseException as exc:  # every failure ends the job with its reason
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             log.warning("job %s failed: %s", rec.id, message)
@@ -261,7 +277,10 @@ class TrainingRuntime:
                 append_log(job_paths(rec.storage)["log"], f"failed: {message}")
             except OSError:
                 pass
-            self.store.finish(rec.id, "failed", error=message)
+            try:
+                self.store.finish(rec.id, "failed", error=message, runner=self.runner_id)
+            except FlywheelError:  # no longer ours (marked stale meanwhile)
+                pass
         finally:
             beating.set()
             self._current = None

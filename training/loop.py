@@ -43,10 +43,11 @@ def job_paths(job_dir: str) -> dict[str, str]:
         "fault": os.path.join(job_dir, FAULT_MARKER),
         "progress": os.path.join(job_dir, "progress.json"),
         "attempts": os.path.join(job_dir, "attempts.jsonl"),
+        "done": os.path.join(job_dir, "DONE"),
     }
 
 
-def _wrap(model, strategy: str, world: int):
+def _wrap(model, strategy: str, world: int, device):
     """DDP: replicas kept in step by gradient all-reduce. FSDP2: every
     layer with parameters sharded across the ranks (fully_shard on a CPU
     device mesh), then the root."""
@@ -57,11 +58,11 @@ def _wrap(model, strategy: str, world: int):
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device.type, (world,))
     for layer in model.modules():
         if layer is not model and isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
             fully_shard(layer, mesh=mesh)
@@ -101,10 +102,12 @@ def train_loop(config: dict[str, Any]) -> None:
     as a dict), ``job_dir``, ``data`` (an ObjectRef of (x, y, x_val, y_val))."""
     import ray
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
 
     from flywheel.runtime.architectures import build
+    from flywheel.runtime.errors import InvalidInputError
     from flywheel.training.checkpoint import CheckpointStore, TrainState, full_state_dicts, load_full_state_dicts
     from flywheel.training.spec import parse_spec
 
@@ -120,25 +123,40 @@ def train_loop(config: dict[str, Any]) -> None:
     x = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, *shape)
     xv = torch.from_numpy(np.ascontiguousarray(xv)).reshape(-1, *shape)
     y, yv = torch.from_numpy(y), torch.from_numpy(yv)
-    model = _wrap(model, spec.strategy, world)
+    # a GPU job (resources.gpus_per_worker > 0; untested here: no GPU) keeps
+    # the data and model on the worker's device
+    device = ray.train.torch.get_device() if spec.resources.gpus_per_worker > 0 else torch.device("cpu")
+    x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+    model = _wrap(model.to(device), spec.strategy, world, device)
     opt = _optimizer(spec, model.parameters())
     sched = _scheduler(spec, opt)
-    store = CheckpointStore(paths["checkpoints"])
+    store = CheckpointStore(config.get("checkpoints") or paths["checkpoints"])
     distributed = dist.is_available() and dist.is_initialized()
 
     epoch, step_in_epoch, global_step, history = 0, 0, 0, []
     running = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
-    state = store.latest()
+    # Rank 0 reads the store and tells the others what it found: ranks that
+    # each read it could disagree (a read error, storage not yet in sync)
+    # and then call different collectives.
+    state = store.latest() if rank == 0 else None
+    resumed = None
     if state is not None:
-        load_full_state_dicts(model, opt, state.model, state.optimizer, rank=rank)
-        sched.load_state_dict(state.scheduler)
-        epoch, step_in_epoch, global_step = (state.counters[k] for k in ("epoch", "step_in_epoch", "global_step"))
-        history = list(state.metrics)
-        running = dict(state.extra.get("running", running))
-        if "torch" in state.rng:
-            torch.set_rng_state(state.rng["torch"])
-        if "python" in state.rng:
-            random.setstate(state.rng["python"])
+        resumed = {"scheduler": state.scheduler, "counters": state.counters, "metrics": state.metrics,
+                   "running": state.extra.get("running"), "rng": state.rng}
+    if distributed:
+        box = [resumed]
+        dist.broadcast_object_list(box, src=0)
+        resumed = box[0]
+    if resumed is not None:
+        load_full_state_dicts(model, opt, state.model if state else {}, state.optimizer if state else {}, rank=rank)
+        sched.load_state_dict(resumed["scheduler"])
+        epoch, step_in_epoch, global_step = (resumed["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
+        history = list(resumed["metrics"])
+        running = dict(resumed["running"] or running)
+        if "torch" in resumed["rng"]:
+            torch.set_rng_state(resumed["rng"]["torch"])
+        if "python" in resumed["rng"]:
+            random.setstate(resumed["rng"]["python"])
         if rank == 0:
             append_log(paths["log"], f"attempt resumed from checkpoint at step {global_step} (epoch {epoch}, "
                                   f"step {step_in_epoch} of it)")
@@ -161,7 +179,7 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.barrier()  # nobody runs ahead of a checkpoint that is not written yet
 
     def cancelled() -> bool:
-        flag = torch.tensor([1 if rank == 0 and os.path.exists(paths["cancel"]) else 0])
+        flag = torch.tensor([1 if rank == 0 and os.path.exists(paths["cancel"]) else 0], device=device)
         if distributed:
             dist.all_reduce(flag)  # every rank stops at the same step
         return bool(flag.item())
@@ -169,7 +187,7 @@ def train_loop(config: dict[str, Any]) -> None:
     per_rank = spec.batch_size // world
     steps_per_epoch = len(x) // spec.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {spec.batch_size} exceeds the {len(x)} training rows")
+        raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(x)} training rows")
     loss_fn = torch.nn.functional.cross_entropy
     while epoch < spec.epochs:
         order = np.random.default_rng([spec.seed, epoch]).permutation(len(x))
@@ -177,13 +195,13 @@ def train_loop(config: dict[str, Any]) -> None:
         for s in range(step_in_epoch, steps_per_epoch):
             t0 = time.perf_counter()
             batch = order[s * spec.batch_size:(s + 1) * spec.batch_size]
-            mine = torch.from_numpy(batch[rank * per_rank:(rank + 1) * per_rank])
+            mine = torch.from_numpy(batch[rank * per_rank:(rank + 1) * per_rank]).to(device)
             opt.zero_grad()
             loss = loss_fn(model(x[mine]), y[mine])
             loss.backward()
             opt.step()
             global_step += 1
-            loss_val = loss.detach().reshape(1) * len(mine)
+            loss_val = loss.detach().reshape(1).double() * len(mine)
             if distributed:
                 dist.all_reduce(loss_val)
             running["loss_sum"] += float(loss_val.item())
@@ -227,6 +245,8 @@ def train_loop(config: dict[str, Any]) -> None:
             return
     if rank == 0:
         append_log(paths["log"], f"finished: {global_step} steps")
+        with open(paths["done"], "w") as f:  # ran to the end (a late cancel does not undo that)
+            f.write(f"{global_step}\n")
 
 
 def _evaluate(model, xv, yv, loss_fn) -> dict[str, float]:

@@ -34,16 +34,22 @@ class JobCancelled(Exception):
     pass
 
 
-def wait_for_resources(workers: int, cpus: float, gpus: float, wait_s: float, job_id: str) -> None:
+def wait_for_resources(workers: int, cpus: float, gpus: float, wait_s: float, job_id: str,
+                       should_stop: Callable[[], bool] = lambda: False) -> None:
     """Return once ``workers`` bundles of (cpus, gpus) could be reserved
-    together; UnavailableError naming what is free after ``wait_s``."""
+    together; UnavailableError naming what is free after ``wait_s``;
+    JobCancelled when ``should_stop`` says so meanwhile."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     pg = placement_group([bundle] * workers, strategy="PACK")
+    ready, deadline = False, time.monotonic() + wait_s
     try:
-        ready = pg.wait(timeout_seconds=wait_s)
+        while not ready and time.monotonic() < deadline:
+            ready = pg.wait(timeout_seconds=min(1.0, max(0.01, deadline - time.monotonic())))
+            if not ready and should_stop():
+                raise JobCancelled(f"job {job_id} cancelled while waiting for its resources")
     finally:
         remove_placement_group(pg)
     if not ready:
@@ -71,17 +77,28 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
     job_dir = record.storage
     paths = job_paths(job_dir)
     os.makedirs(paths["output"], exist_ok=True)
+    for marker in (paths["done"],):
+        if os.path.exists(marker):
+            os.remove(marker)
     _note(paths, f"attempt {record.attempts}: {spec.strategy} x {spec.resources.workers} worker(s), "
                  f"{spec.epochs} epoch(s), batch {spec.batch_size}, seed {spec.seed}")
     data = load_data(spec.dataset, seed=spec.seed, dataset=dataset)
     _note(paths, f"data: {data.description}, {len(data.x_train)} train / {len(data.x_val)} validation rows, "
                  f"fingerprint {data.fingerprint[:12]}")
+    _same_data_and_code(paths, data.fingerprint)
+    check_model(spec, data)  # a spec that cannot train fails here, not in every worker retry
     res = spec.resources
-    wait_for_resources(res.workers, res.cpus_per_worker, res.gpus_per_worker, res.wait_s, record.id)
+    wait_for_resources(res.workers, res.cpus_per_worker, res.gpus_per_worker, res.wait_s, record.id,
+                       should_stop)
     data_ref = ray.put((data.x_train, data.y_train, data.x_val, data.y_val))
+    # Bound the trainer's own wait for its workers (Ray retries a worker
+    # group that cannot start forever by default): a job whose CPUs were
+    # taken between our reservation and the trainer's fails, not hangs.
+    os.environ[_START_TIMEOUT_ENV] = str(max(30.0, res.wait_s))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": record.spec, "job_dir": job_dir, "data": data_ref},
+        train_loop_config={"spec": record.spec, "job_dir": job_dir, "data": data_ref,
+                           "checkpoints": checkpoint_root(record)},
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})},
@@ -90,7 +107,7 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
             # unique per attempt: re-running a finished name returns the old result
             name=f"{record.name}-{record.id}-{uuid.uuid4().hex[:6]}",
             storage_path=os.path.join(job_dir, "ray"),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=1),
         ),
     )
     outcome: dict = {}
@@ -98,16 +115,74 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
     fitting.start()
     while fitting.is_alive():
         fitting.join(1.0)
-        if should_stop() and not os.path.exists(paths["cancel"]):
-            open(paths["cancel"], "w").write(f"{time.time()}\n")  # the loop stops at its next check
+        if should_stop() and not os.path.exists(paths["cancel"]) and not os.path.exists(paths["done"]):
+            with open(paths["cancel"], "w") as f:  # the loop stops at its next check
+                f.write(f"{time.time()}\n")
     result = outcome.get("result")
     if isinstance(result, BaseException):
         raise result
     if result is not None and result.error is not None:
         raise result.error
-    if os.path.exists(paths["cancel"]):
+    if not os.path.exists(paths["done"]):  # the loop stopped early: a cancel
         raise JobCancelled(f"job {record.id} cancelled")
     return _finish(record, spec, data, paths, registry_uri, artifacts_uri)
+
+
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
+
+
+def checkpoint_root(record) -> str:
+    """Where a job's checkpoints go: ``spec.storage`` (a local folder or an
+    fsspec URI such as s3://...) or the job's own folder."""
+    base = record.spec.get("storage") or ""
+    if not base:
+        return job_paths(record.storage)["checkpoints"]
+    return f"{base.rstrip('/')}/{record.name}-{record.id}/checkpoints"
+
+
+def check_model(spec, data) -> None:
+    """Build the model and run two training rows through it (shapes,
+    hyper-parameters, batch size), in the driver."""
+    import torch
+
+    from flywheel.runtime.architectures import build
+    from flywheel.runtime.errors import InvalidInputError
+
+    if spec.batch_size > len(data.x_train):
+        raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(data.x_train)} training rows")
+    model, sig = build(spec.model.architecture, spec.model.hparams)
+    try:
+        x = torch.from_numpy(data.x_train[:2]).reshape(-1, *sig.inputs[0].shape[1:])
+        out = model(x)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"model {spec.model.architecture} {spec.model.hparams} does not take the data's rows "
+            f"({data.x_train.shape[1:]} per row): {exc}"
+        ) from None
+    classes = int(max(data.y_train.max(), data.y_val.max() if len(data.y_val) else 0)) + 1
+    if out.shape[-1] < classes:
+        raise InvalidInputError(f"model has {out.shape[-1]} outputs; the labels need {classes} classes")
+
+
+def _same_data_and_code(paths: dict, fingerprint: str) -> None:
+    """Pin the data (and code) a job started with: a resumed attempt on other
+    data would mix two datasets under one lineage."""
+    from flywheel.registry import code_version
+    from flywheel.runtime.errors import PreconditionFailedError
+
+    commit, dirty = code_version(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(os.path.dirname(paths["log"]), "lineage.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            first = json.load(f)
+        if first["data_fingerprint"] != fingerprint:
+            raise PreconditionFailedError(
+                f"the data changed since this job started (fingerprint {first['data_fingerprint'][:12]} -> "
+                f"{fingerprint[:12]}); submit a new job instead of resuming"
+            )
+        return
+    with open(path, "w") as f:
+        json.dump({"data_fingerprint": fingerprint, "code_commit": commit, "code_dirty": dirty}, f)
 
 
 def _fit(trainer):
@@ -123,15 +198,14 @@ def _note(paths: dict, line: str) -> None:
 
 def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) -> dict:
     """Export the last checkpoint's weights and register them."""
-    import torch
     from safetensors.torch import save_file
 
-    from flywheel.registry import Lineage, Registry, code_version
+    from flywheel.registry import Lineage, Registry
     from flywheel.runtime.architectures import build
     from flywheel.runtime.export import export_onnx
     from flywheel.training.checkpoint import CheckpointStore
 
-    state = CheckpointStore(paths["checkpoints"]).latest()
+    state = CheckpointStore(checkpoint_root(record)).latest()
     if state is None:
         raise FlywheelError(f"job {record.id} finished without a checkpoint")
     model, sig = build(spec.model.architecture, spec.model.hparams)
@@ -146,28 +220,29 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
     with open(metrics_path, "w") as f:
         json.dump({"final": final, "history": state.metrics}, f, indent=1)
     result: dict = {"metrics": final, "weights": weights, "global_step": state.counters["global_step"]}
-    if not spec.export.onnx:
-        return result
-    onnx_path = export_onnx(model.eval(), sig, os.path.join(out, "model.onnx"))
-    result["onnx"] = onnx_path
-    _note(paths, f"exported {onnx_path} (checked against torch)")
+    artifacts = {"model.safetensors": weights, "reference.npy": reference}
+    if spec.export.onnx:
+        onnx_path = export_onnx(model.eval(), sig, os.path.join(out, "model.onnx"))
+        result["onnx"] = artifacts["model.onnx"] = onnx_path
+        _note(paths, f"exported {onnx_path} (checked against torch)")
     if not spec.export.register:
         return result
     name = spec.export.model_name or spec.name
-    commit, dirty = code_version(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(os.path.dirname(paths["log"]), "lineage.json")) as f:
+        started = json.load(f)  # the data and code of the job's first attempt
     reg = Registry.open(registry_uri, artifacts_uri)
     try:
         mv = reg.register_version(
             name,
-            {"model.onnx": onnx_path, "model.safetensors": weights, "reference.npy": reference},
+            artifacts,
             actor=f"training-job:{record.id}",
-            signature={"inputs": [msgspec_tensor(t) for t in sig.inputs],
-                       "outputs": [msgspec_tensor(t) for t in sig.outputs]},
+            signature={"inputs": [tensor_info(t) for t in sig.inputs],
+                       "outputs": [tensor_info(t) for t in sig.outputs]},
             metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and np.isfinite(v)},
             params={"architecture": spec.model.architecture, **spec.model.hparams},
             lineage=Lineage(
-                data_fingerprint=data.fingerprint, code_commit=commit, code_dirty=dirty,
-                training_config=record.spec, job_id=record.id,
+                data_fingerprint=started["data_fingerprint"], code_commit=started["code_commit"],
+                code_dirty=started["code_dirty"], training_config=record.spec, job_id=record.id,
             ),
         )
     finally:
@@ -180,7 +255,7 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
     return result
 
 
-def msgspec_tensor(t) -> dict:
+def tensor_info(t) -> dict:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
 
 

@@ -112,7 +112,7 @@ def test_what_a_job_trains_lands_in_the_registry_with_its_lineage(runtime):
     assert logits.shape == (16, 10)
 
 
-def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_runs(runtime):
+def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_runs(runtime, tmp_path):
     tiny = {"resources": {"workers": 1, "cpus_per_worker": 1.0}, "epochs": 1, "batch_size": 32,
             "checkpoint": {"every_steps": 0, "every_epochs": 1, "keep": 1}, "export": {"register": False}}
     import ray
@@ -122,7 +122,15 @@ def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_ru
     deadline = time.monotonic() + 60
     while first.status().state == "queued" and time.monotonic() < deadline:
         time.sleep(0.2)
-    waiting = runtime.submit(spec("routine", **tiny), run=False)
+    # routine: its rows come as a Ray Data dataset, its checkpoints go to a URI
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    frame = pd.DataFrame(digits.data / 16.0, columns=[f"p{i}" for i in range(64)]).assign(label=digits.target)
+    remote = tmp_path / "remote"
+    waiting = runtime.submit(spec("routine", dataset={"kind": "ray"}, storage=f"file://{remote}", **tiny),
+                             dataset=ray.data.from_pandas(frame), run=False)
     dropped = runtime.submit(spec("dropped", **tiny), run=False)
     urgent = runtime.submit(spec("urgent", priority=10, **tiny), run=False)
     assert dropped.cancel().state == "cancelled"
@@ -130,6 +138,9 @@ def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_ru
         assert job.wait(300).state == "succeeded", job.logs()
     assert first.status().started_at < urgent.status().started_at < waiting.status().started_at
     assert dropped.status().started_at is None and dropped.status().state == "cancelled"
+    (ckpt,) = list(remote.glob("routine-*/checkpoints"))
+    assert CheckpointStore(f"file://{ckpt}").steps()  # the job wrote its checkpoints there
+    assert waiting.metrics()[-1]["val_accuracy"] > 0.5
     # no trainer or worker actor is left holding a CPU (other test modules'
     # deployments hold what they held before)
     deadline = time.monotonic() + 30
