@@ -145,7 +145,10 @@ class TrainingRuntime:
             spec = parse_spec(spec)
         if spec.dataset.kind == "ray" and dataset is None:
             raise InvalidInputError("dataset.kind 'ray': pass the Ray Data Dataset as submit(spec, dataset=ds)")
-        root = spec.storage or os.path.join(self.settings.home, "training")
+        # the job's folder (log, metrics, progress, outputs) is a local or
+        # shared path; a URI storage (s3://...) takes the checkpoints only
+        local = spec.storage and "://" not in spec.storage
+        root = spec.storage if local else os.path.join(self.settings.home, "training")
         job_id = uuid.uuid4().hex[:12]
         storage = os.path.abspath(os.path.join(root, f"{spec.name}-{job_id}"))
         os.makedirs(storage, exist_ok=True)

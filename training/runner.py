@@ -135,7 +135,7 @@ def checkpoint_root(record) -> str:
     """Where a job's checkpoints go: ``spec.storage`` (a local folder or an
     fsspec URI such as s3://...) or the job's own folder."""
     base = record.spec.get("storage") or ""
-    if not base:
+    if "://" not in base:  # a local folder: the job's folder is under it already
         return job_paths(record.storage)["checkpoints"]
     return f"{base.rstrip('/')}/{record.name}-{record.id}/checkpoints"
 

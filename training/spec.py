@@ -288,8 +288,10 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_failures: worker failures the job survives (it resumes from its last
         checkpoint), >= 0.
     priority: higher runs first in the queue (any integer).
-    storage: a local folder or fsspec URI for checkpoints, metrics, logs and
-        outputs ("" = ``<FLYWHEEL_HOME>/training``, filled in by the runtime).
+    storage: where the job keeps its files ("" = ``<FLYWHEEL_HOME>/training``):
+        a local (or shared) folder holds the job's folder, checkpoints
+        included; an fsspec URI (``s3://...``, ``file://...``) takes the
+        checkpoints only, the rest stays under ``<FLYWHEEL_HOME>/training``.
     export: what to do with the trained model (ExportSpec).
     fault: a test hook (FaultSpec); off by default.
     """

@@ -140,6 +140,8 @@ def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_ru
     assert dropped.status().started_at is None and dropped.status().state == "cancelled"
     (ckpt,) = list(remote.glob("routine-*/checkpoints"))
     assert CheckpointStore(f"file://{ckpt}").steps()  # the job wrote its checkpoints there
+    assert not os.path.exists(job_paths(waiting.status().storage)["checkpoints"])  # and only there
+    assert waiting.status().storage.startswith(runtime.settings.home)
     assert waiting.metrics()[-1]["val_accuracy"] > 0.5
     # no trainer or worker actor is left holding a CPU (other test modules'
     # deployments hold what they held before)
