@@ -77,3 +77,12 @@ def demo(ray_session, demo_registry, multi_type_onnx):
     dep = deploy(cfg)
     yield dep
     undeploy(dep)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_uri(request, tmp_path):
+    """A fresh registry database: a SQLite file, then a PostgreSQL database
+    (the tests' own server; those variants skip without its binaries)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/registry.db"
+    return request.getfixturevalue("postgres").new_database()

@@ -17,13 +17,6 @@ from flywheel.training.jobs import JobStore
 from flywheel.training.spec import parse_spec, spec_to_dict
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_uri(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/registry.db"
-    return request.getfixturevalue("postgres").new_database()
-
-
 class Clock:
     """A settable wall clock, shared by the stores of one test."""
 

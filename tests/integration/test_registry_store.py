@@ -22,13 +22,6 @@ from flywheel.runtime.errors import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_uri(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/registry.db"
-    return request.getfixturevalue("postgres").new_database()
-
-
 @pytest.fixture
 def reg(store_uri, tmp_path):
     r = Registry.open(store_uri, str(tmp_path / "artifacts"), cache_dir=str(tmp_path / "cache"))
