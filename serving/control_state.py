@@ -17,7 +17,6 @@ nothing that was accepted.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections import OrderedDict
@@ -28,10 +27,11 @@ import msgspec
 
 from flywheel.runtime.errors import AlreadyExistsError, ConfigError, InvalidInputError, NotFoundError
 from flywheel.runtime.errors import PreconditionFailedError
-from flywheel.serving._private.live_endpoint import ID_TTL_S
+from flywheel.serving._private.live_endpoint import ID_TTL_S, check_reward
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
 from flywheel.serving.policies import FixedPolicy, ShadowConfig, decode_policy, make_policy
+from flywheel.serving.router import version_key
 
 LIVE_S = 5.0  # a replica that has not reported for this long is gone
 LOAD_TIMEOUT_S = 300.0  # a variant still loading after this long has failed
@@ -70,7 +70,7 @@ class Endpoint:
 
     @classmethod
     def fresh(cls, config: EndpointConfig, static: list[ModelConfig]) -> Endpoint:
-        versions = sorted((m.version for m in static), key=_version_key)
+        versions = sorted((m.version for m in static), key=version_key)
         policy = _doc(config.policy) if config.policy is not None else {"kind": "fixed", "weights": {versions[-1]: 1.0}}
         return cls({
             "name": config.name,
@@ -99,7 +99,7 @@ class Endpoint:
     def routable(self) -> list[str]:
         retiring = self.doc["retiring"]
         return sorted(
-            (v for v, s in self.variants.items() if s["status"] == "ready" and v not in retiring), key=_version_key
+            (v for v, s in self.variants.items() if s["status"] == "ready" and v not in retiring), key=version_key
         )
 
     def event(self, now: float, kind: str, detail: str) -> None:
@@ -139,17 +139,13 @@ class Endpoint:
             routable = set(self.routable())
             weights = {v: w for v, w in self.doc["policy"]["weights"].items() if v in routable and w > 0}
             if not weights and routable:  # what the policy named is gone: the newest takes it all
-                weights = {max(routable, key=_version_key): 1.0}
+                weights = {max(routable, key=version_key): 1.0}
             return weights
         return None
 
 
 def _canary(doc: dict) -> Canary:
     return Canary.from_state(msgspec.convert(doc["config"], CanaryConfig), doc["state"])
-
-
-def _version_key(v: str):
-    return (0, int(v), "") if v.isdigit() else (1, 0, v)
 
 
 class ControlState:
@@ -397,7 +393,7 @@ class ControlState:
             if unknown:
                 raise InvalidInputError(
                     f"policy.weights names variants {unknown} that endpoint {name!r} does not have; "
-                    f"it has {sorted(ep.variants, key=_version_key)}"
+                    f"it has {sorted(ep.variants, key=version_key)}"
                 )
             if not any(w > 0 for v, w in cfg.weights.items() if v in routable):
                 raise InvalidInputError(f"policy.weights gives no weight to a ready variant of {name!r}")
@@ -405,9 +401,9 @@ class ControlState:
         state = ep.doc["policy_state"]
         if not isinstance(cfg, FixedPolicy):  # a bandit starts from the arms' statistics so far
             try:  # built before anything changes: a policy that cannot run is refused whole
-                state = make_policy(cfg, sorted(routable, key=_version_key), state).state()
+                state = make_policy(cfg, sorted(routable, key=version_key), state).state()
             except (ConfigError, InvalidInputError):
-                state = make_policy(cfg, sorted(routable, key=_version_key)).state()
+                state = make_policy(cfg, sorted(routable, key=version_key)).state()
         ep.doc["policy"] = _doc(cfg)
         ep.doc["policy_state"] = state
         ep.event(now, "policy", f"policy set to {cfg.kind}")
@@ -607,8 +603,7 @@ class ControlState:
         answer feedback for their own requests themselves)."""
         now = time.time() if now is None else now
         ep = self.endpoint(name)
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise InvalidInputError("reward must be a finite number")
+        reward = check_reward(reward)
         hit = self._ids.get((name, request_id))
         if hit is None or now - hit[1] > ID_TTL_S:
             self._ids.pop((name, request_id), None)

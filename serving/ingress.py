@@ -101,7 +101,7 @@ class Ingress:
             self._sync = EndpointSync(
                 self.router, f"{os.getpid()}-{id(self)}",
                 lambda report: controller.sync.remote(report).result(timeout_s=10),
-                self._load_variant, ship_ids=server.replicas > 1,
+                self._load_variant,
             )
             await self._sync.first()  # runtime variants load before the ports open
             self._sync.start()

@@ -328,6 +328,3 @@ def attach(job_id: str) -> JobHandle:
 def resume(job_id: str) -> JobHandle:
     return runtime().resume(job_id)
 
-
-def as_dict(rec: JobRecord) -> dict:
-    return msgspec.to_builtins(rec)

@@ -38,12 +38,11 @@ class EndpointSync:
     warms the model). Everything else runs on the ingress loop."""
 
     def __init__(self, router, replica_id: str, call: Callable[[dict], dict],
-                 load: Callable[[ModelConfig], object], ship_ids: bool) -> None:
+                 load: Callable[[ModelConfig], object]) -> None:
         self._router = router
         self._id = replica_id
         self._call = call
         self._load = load
-        self._ship_ids = ship_ids
         self.applied = 0
         self._snapshot: dict = {}
         self._servers: dict[tuple[str, str], object] = {}  # variants this replica loaded at run time
@@ -122,7 +121,7 @@ class EndpointSync:
         if windows or rewards or ids or used:
             self._seq += 1
             self._pending.append({"seq": self._seq, "windows": windows, "rewards": rewards,
-                                  "ids": ids if self._ship_ids else [], "used_ids": used if self._ship_ids else []})
+                                  "ids": ids, "used_ids": used})
             # a controller away for long: keep the newest batches only
             del self._pending[:-MAX_PENDING]
         return {
@@ -197,10 +196,6 @@ class EndpointSync:
         if server is not None:
             # requests it accepted finish first (ModelServer.close drains)
             asyncio.get_running_loop().create_task(server.close())
-
-    @property
-    def snapshot(self) -> dict:
-        return self._snapshot
 
     async def close(self) -> None:
         if self._task is not None:
