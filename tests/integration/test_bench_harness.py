@@ -152,9 +152,13 @@ def test_slo_search_finds_the_knee_of_a_throttled_model(throttled):
     low, high = min(before, after), max(before, after)  # a shared 2-core host drifts
     assert cap.broke_at_level is not None, [s.slo_failures for s in steps]
     # The true knee lies in (knee_level, broke_at_level], one step wide; the
-    # capacity measured closed-loop must fall within one step of it.
+    # capacity measured closed-loop must fall within one step of it. The rate
+    # the knee step achieved is compared, not the rate it offered (a step
+    # passes at 95 % of its offer), with 10 % for the drift of a shared 2-core
+    # host: CI once saw a paced 140 req/s where 8 closed-loop users measured
+    # 127-137 (the step is ~17 % of capacity, so a wrong knee still fails).
     trace = (before, after, inc, [(s.level, s.throughput_rps, s.p99_ms, s.slo_failures) for s in steps])
-    assert cap.knee_level - 0.05 * high <= high and low <= cap.broke_at_level + inc, trace
+    assert cap.sustainable_rps <= 1.1 * high and low <= cap.broke_at_level + inc, trace
     # past the knee the queue grows: the rate is not achieved or p99 explodes
     assert any("achieved" in f or "p99" in f for f in steps[-1].slo_failures)
     assert cap.sustainable_rps == pytest.approx(cap.knee_level, rel=0.1)
