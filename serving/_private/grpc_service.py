@@ -1,16 +1,22 @@
 """The V2 gRPC service (``inference.GRPCInferenceService``) over the Router.
 
-Served by grpc.aio on the ingress's own loop. ModelInfer is registered with
-no (de)serializers: the request bytes go to the model replica as they came,
-and its serialized response comes back as it is; only the routing fields are
-read here (grpc_codec.peek_route).
+:class:`GrpcCalls` is the service itself, on bytes: a method's serialized
+request and the caller's metadata in, the serialized response and trailing
+metadata out, a FlywheelError for any other status. Two transports carry it:
+the HTTP/2 front (``grpc_front.py``: HAProxy terminates HTTP/2 and hands each
+call to this process as HTTP/1.1, the fast path) and grpc.aio
+(:func:`start_grpc_server`, where no HAProxy binary is found). ModelInfer's
+request bytes go to the model as they came and its serialized response comes
+back as it is; only the routing fields are read here (grpc_codec.peek_fields).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 
-from flywheel.runtime.errors import FlywheelError
+from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError, UnavailableError
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.endpoint_http import MAX_PEEK_BYTES
 from flywheel.serving._private.grpc_codec import peek_fields
@@ -22,6 +28,23 @@ from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Rou
 SERVICE = "inference.GRPCInferenceService"
 VERSION_KEY = "flywheel-model-version"  # trailing metadata: the variant that answered
 REQUEST_ID_KEY = "flywheel-request-id"  # request and trailing metadata: the id feedback names
+
+Metadata = Callable[[str], "str | None"]  # the caller's metadata value for a (lower-case) key
+Trailing = tuple[tuple[str, str], ...]
+Method = Callable[[bytes, Metadata, "float | None"], Awaitable[tuple[bytes, Trailing]]]
+
+_PUBLIC = frozenset(("ServerLive", "ServerReady"))  # health probes need no key
+
+
+class ReplyError(FlywheelError):
+    """A model's error reply (its neutral code and message) as an exception."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        try:
+            self.code = ErrorCode(code)
+        except ValueError:
+            self.code = ErrorCode.INTERNAL
 
 
 def _parameter(request: bytes, name: str) -> str | None:
@@ -38,129 +61,111 @@ def _parameter(request: bytes, name: str) -> str | None:
     return None if kind is None else str(getattr(p, kind))
 
 
-def _unary(fn, request_type):
-    return grpc.unary_unary_rpc_method_handler(
-        fn, request_deserializer=request_type.FromString, response_serializer=lambda m: m.SerializeToString()
-    )
+def _parse(message_type, request: bytes):
+    try:
+        return message_type.FromString(request)
+    except Exception as exc:
+        raise InvalidInputError(f"malformed {message_type.__name__}: {exc}") from None
 
 
-class GrpcService:
-    def __init__(self, router: Router) -> None:
+class GrpcCalls:
+    """The V2 gRPC methods over the Router, for any transport."""
+
+    def __init__(self, router: Router, auth: Authenticator | None = None) -> None:
         self._router = router
+        self._auth = auth
+        self.methods: dict[str, Method] = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+        }
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "ServerLive": _unary(self.server_live, pb.ServerLiveRequest),
-                "ServerReady": _unary(self.server_ready, pb.ServerReadyRequest),
-                "ModelReady": _unary(self.model_ready, pb.ModelReadyRequest),
-                "ServerMetadata": _unary(self.server_metadata, pb.ServerMetadataRequest),
-                "ModelMetadata": _unary(self.model_metadata, pb.ModelMetadataRequest),
-                # raw bytes both ways: decoded once, in the replica
-                "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
-            },
-        )
-
-    async def server_live(self, request, context):
-        return pb.ServerLiveResponse(live=True)
-
-    async def server_ready(self, request, context):
-        return pb.ServerReadyResponse(ready=self._router.all_ready())
-
-    async def _resolve(self, name: str, version: str, context):
+    async def call(self, method: str, request: bytes, metadata: Metadata, timeout_s: float | None):
+        """(response bytes, trailing metadata) of ``method`` (a known one).
+        The one auth check for gRPC: every method but ServerLive/ServerReady
+        needs the predict role; the key's concurrency slot is held for the
+        call. Nothing of an unauthenticated request is parsed."""
+        fn = self.methods[method]
+        auth = self._auth
+        if auth is None or method in _PUBLIC:
+            return await fn(request, metadata, timeout_s)
+        key_id = auth.authenticate(metadata("authorization"), "predict", f"/{SERVICE}/{method}")
+        auth.acquire(key_id)
         try:
-            return self._router.resolve(name, version)
-        except FlywheelError as exc:
-            await context.abort(grpc_status_for(exc.code), exc.message)
+            return await fn(request, metadata, timeout_s)
+        finally:
+            auth.release(key_id)
 
-    async def model_ready(self, request, context):
-        model = await self._resolve(request.name, request.version, context)
-        return pb.ModelReadyResponse(ready=model.ready)
+    async def server_live(self, request: bytes, metadata: Metadata, timeout_s):
+        return pb.ServerLiveResponse(live=True).SerializeToString(), ()
 
-    async def server_metadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+    async def server_ready(self, request: bytes, metadata: Metadata, timeout_s):
+        return pb.ServerReadyResponse(ready=self._router.all_ready()).SerializeToString(), ()
 
-    async def model_metadata(self, request, context):
-        model = await self._resolve(request.name, request.version, context)
+    async def model_ready(self, request: bytes, metadata: Metadata, timeout_s):
+        req = _parse(pb.ModelReadyRequest, request)
+        model = self._router.resolve(req.name, req.version)
+        return pb.ModelReadyResponse(ready=model.ready).SerializeToString(), ()
+
+    async def server_metadata(self, request: bytes, metadata: Metadata, timeout_s):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+        ).SerializeToString(), ()
+
+    async def model_metadata(self, request: bytes, metadata: Metadata, timeout_s):
+        req = _parse(pb.ModelMetadataRequest, request)
+        model = self._router.resolve(req.name, req.version)
         meta = self._router.metadata(model)
         if meta is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {request.name!r} is not ready")
+            raise UnavailableError(f"model {req.name!r} is not ready")
         tensor = lambda t: pb.ModelMetadataResponse.TensorMetadata(**t)  # noqa: E731
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[tensor(t) for t in meta["inputs"]], outputs=[tensor(t) for t in meta["outputs"]],
-        )
+        ).SerializeToString(), ()
 
-    async def model_infer(self, request: bytes, context) -> bytes:
-        try:
-            name, version, rid = peek_fields(request)
-            ep = self._router.endpoint(name)
-            key = None
-            if ep.tracked:
-                meta = dict(context.invocation_metadata() or ())
-                rid = rid or meta.get(REQUEST_ID_KEY) or None
-                if ep.needs_key and not version:
-                    key = meta.get(ep.sticky_header.decode())
-                    if key is None and ep.sticky_parameter and len(request) <= MAX_PEEK_BYTES:
-                        key = _parameter(request, ep.sticky_parameter)
-            model = self._router.resolve(name, version, key)
-        except FlywheelError as exc:
-            await context.abort(grpc_status_for(exc.code), exc.message)
-        remaining = context.time_remaining()
-        timeout_ms = max(1, int(remaining * 1000)) if remaining is not None else 0
+    async def model_infer(self, request: bytes, metadata: Metadata, timeout_s: float | None):
+        name, version, rid = peek_fields(request)
+        ep = self._router.endpoint(name)
+        key = None
+        if ep.tracked:
+            rid = rid or metadata(REQUEST_ID_KEY) or None
+            if ep.needs_key and not version:
+                key = metadata(ep.sticky_header.decode())
+                if key is None and ep.sticky_parameter and len(request) <= MAX_PEEK_BYTES:
+                    key = _parameter(request, ep.sticky_parameter)
+        model = self._router.resolve(name, version, key)
+        timeout_ms = max(1, int(timeout_s * 1000)) if timeout_s is not None else 0
         call = Call(OP_INFER_GRPC, request, 0, min(timeout_ms, 0xFFFFFFFF))
         reply = await self._router.forward(model, call)
         if reply.code:
-            await context.abort(grpc_status_for(reply.code), reply.payload.decode("utf-8", "replace"))
+            raise ReplyError(reply.code, reply.payload.decode("utf-8", "replace"))
         rid = self._router.routed(ep, model, call, reply, rid or None, bool(version))
-        trailing = ((VERSION_KEY, model.route.version), (REQUEST_ID_KEY, rid)) if rid else ((VERSION_KEY, model.route.version),)
-        context.set_trailing_metadata(trailing)
-        return reply.payload
+        if rid:
+            return reply.payload, ((VERSION_KEY, model.route.version), (REQUEST_ID_KEY, rid))
+        return reply.payload, ((VERSION_KEY, model.route.version),)
 
 
-_PUBLIC = frozenset(("ServerLive", "ServerReady"))
+def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
+    """Every method with raw bytes both ways (parsed in GrpcCalls)."""
 
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """The one auth check for gRPC: every method but ServerLive/ServerReady
-    needs the predict role; per-key concurrency is held for the call."""
-
-    def __init__(self, auth: Authenticator) -> None:
-        self._auth = auth
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.rsplit("/", 1)[-1] in _PUBLIC:
-            return handler
-        auth = self._auth
-        metadata = dict(details.invocation_metadata or ())
-        try:
-            key_id = auth.authenticate(metadata.get("authorization"), "predict", details.method)
-        except FlywheelError as exc:
-            refused = exc
-
-            async def refuse(request, context):
-                await context.abort(grpc_status_for(refused.code), refused.message)
-
-            # raw bytes in: nothing of an unauthenticated request is parsed
-            return grpc.unary_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
-        inner = handler.unary_unary
-
-        async def guarded(request, context):
+    def bind(method: str):
+        async def handle(request: bytes, context) -> bytes:
+            metadata = dict(context.invocation_metadata() or ())
             try:
-                auth.acquire(key_id)
+                body, trailing = await calls.call(method, request, metadata.get, context.time_remaining())
             except FlywheelError as exc:
                 await context.abort(grpc_status_for(exc.code), exc.message)
-            try:
-                return await inner(request, context)
-            finally:
-                auth.release(key_id)
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            return body
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    return grpc.method_handlers_generic_handler(SERVICE, {m: bind(m) for m in calls.methods})
 
 
 async def start_grpc_server(
@@ -168,7 +173,6 @@ async def start_grpc_server(
 ) -> grpc.aio.Server:
     """Start grpc.aio on the running loop at host:port."""
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth)] if auth is not None else None,
         options=[
             # shared by this deployment's ingress replicas (the kernel spreads
             # connections); deploy() refuses a port another process holds
@@ -177,7 +181,7 @@ async def start_grpc_server(
             ("grpc.max_send_message_length", -1),
         ]
     )
-    server.add_generic_rpc_handlers((GrpcService(router).handler(),))
+    server.add_generic_rpc_handlers((_grpcio_handler(GrpcCalls(router, auth)),))
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot bind gRPC on {host}:{port}")
     await server.start()

