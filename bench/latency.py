@@ -341,6 +341,19 @@ def _summary(rows: list[dict], top: int) -> list[str]:
     if g32:
         targets.append((f"gRPC c={top} >= 3000 req/s", g32["throughput_rps"] >= 3000,
                         f"{g32['throughput_rps']:.0f} req/s"))
+    for path in ("http json", "http binary", "grpc"):
+        fw = get("flywheel", path, top)
+        if fw is None or not fw["throughput_rps"]:
+            continue
+        for ref, want in (("ray serve, direct ingress", 2.5), ("ray serve", 10.0)):
+            r = get(ref, path, top) or (get(ref, "http json", top) if path.startswith("http") else None)
+            if r and r["throughput_rps"]:
+                x = fw["throughput_rps"] / r["throughput_rps"]
+                targets.append((f"{path} c={top} >= {want:g}x {ref}", x >= want, f"x{x:.1f}"))
+        floor = get("flywheel, no ray", path, top)
+        if floor:
+            x = floor["throughput_rps"] / fw["throughput_rps"]
+            targets.append((f"{path} c={top} within 1.3x of flywheel without Ray", x <= 1.3, f"floor/flywheel {x:.2f}"))
     lines.append("targets (issue 11):")
     lines += [f"  {'met ' if ok else 'MISS'} {name}: {value}" for name, ok, value in targets]
     return lines

@@ -68,7 +68,8 @@ def mlserver(venv: str, model_path: str, name: str, http_port: int, grpc_port: i
                    "max_batch_size": 32, "max_batch_time": 0.0005,
                    "parameters": {"uri": model_path}}, f)
     log = open(os.path.join(folder, "mlserver.log"), "w")
-    proc = subprocess.Popen([os.path.join(venv, "bin", "mlserver"), "start", folder], cwd=folder,
+    # absolute: MLServer runs in its model folder (the default venv path is relative)
+    proc = subprocess.Popen([os.path.join(os.path.abspath(venv), "bin", "mlserver"), "start", folder], cwd=folder,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
