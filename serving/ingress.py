@@ -90,9 +90,16 @@ class Ingress:
             [(r.name, r.version) for r in routes], key=f"{server.host}:{server.port}" if server.port else "",
             dedicated=frozenset((r.name, r.version) for r in routes if not r.local),
         )
+        # what _start brings up, one by one (close() stops what exists)
+        self.router = self._sync = self._auth = self._http = None
+        self._grpc = self._front = self._front_http = None
         self._loop = LoopThread("flywheel-ingress")
         self._loop.start()
-        self._loop.call(self._start(server, routes, drift_port, keys_uri))
+        try:
+            self._loop.call(self._start(server, routes, drift_port, keys_uri))
+        except BaseException:
+            self.close()  # a replica that cannot start must not keep its ports
+            raise
         # Everything loaded so far (Ray, ONNX Runtime, the models) lives as
         # long as the process: keep it out of the cyclic collector's scans,
         # which otherwise walk it on every full collection (~5-10 % less CPU
@@ -147,12 +154,25 @@ class Ingress:
         # HAProxy terminates HTTP/2 and hands each call to this process as
         # HTTP/1.1 (serving/_private/grpc_front.py). Started from this loop
         # thread, which lives as long as the replica: HAProxy dies with it.
-        self._front = HaproxyFront(binary, server.host, server.grpc_port)
+        front = HaproxyFront(binary, server.host, server.grpc_port)
         handler = GrpcOverHttp1(GrpcCalls(self.router, self._auth), server.max_body_bytes)
         self._front_http = await start_unix_http_server(
-            handler.handle, self._front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
+            handler.handle, front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
         )
-        self._front.start()
+        try:
+            await front.start()
+        except OSError as exc:
+            self._front_http.close()
+            self._front_http = None
+            if server.grpc_server == "haproxy":
+                raise
+            # auto: a front that cannot run here (a sandbox, a missing
+            # library) must not keep the replica from serving gRPC at all
+            log.warning("gRPC through grpcio instead of the HAProxy front: %s", exc)
+            self._haproxy = None
+            await self._start_grpc(server)
+            return
+        self._front = front
 
     def _load_variant(self, model: ModelConfig) -> ModelServer:
         """A variant added at run time (blocking: loads and warms it up)."""
@@ -182,8 +202,9 @@ class Ingress:
         stalled = self._loop.stalled_for()
         if stalled > STALL_LIMIT_S:
             raise RuntimeError(f"ingress loop stalled for {stalled:.1f}s")
-        if self._front is not None and not self._front.alive():
-            raise RuntimeError("the gRPC front (HAProxy) of this replica has exited")
+        ended = self._front.exit_status() if self._front is not None else None
+        if ended:
+            raise RuntimeError(f"the gRPC front (HAProxy) of this replica {ended}")
 
     def __del__(self) -> None:
         # Ray Serve calls __del__ on graceful shutdown.
@@ -196,7 +217,8 @@ class Ingress:
             return
 
         async def _stop() -> None:
-            self._http.close()
+            if self._http is not None:
+                self._http.close()
             if self._sync is not None:
                 await self._sync.close()
             if self._grpc is not None:
@@ -204,7 +226,8 @@ class Ingress:
             if self._front is not None:  # unbinds at once, finishes calls in flight
                 await asyncio.get_running_loop().run_in_executor(None, self._front.stop)
                 self._front_http.close()
-            self.router.close()
+            if self.router is not None:
+                self.router.close()
             for ms in self._local.values():
                 await ms.close()  # lets accepted requests finish
             if self._auth is not None:

@@ -26,17 +26,19 @@ it; the replica's health check fails if its front has died.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 import zlib
 
-from flywheel.runtime.errors import ErrorCode, FlywheelError
+from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls
 from flywheel.serving._private.http_server import Request
@@ -47,6 +49,7 @@ GRPC = b"application/grpc"
 _PREFIX = f"/{SERVICE}/"
 _UNIMPLEMENTED, _INTERNAL, _RESOURCE_EXHAUSTED = 12, 13, 8
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_ACCEPT_ENCODING = b"grpc-accept-encoding: identity, deflate, gzip\r\n"
 _SAFE = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
 
@@ -55,9 +58,9 @@ def _percent(message: str) -> bytes:
     return b"".join(bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in message.encode("utf-8"))
 
 
-def _status(code: int, message: str) -> tuple:
+def _status(code: int, message: str, headers: bytes = b"") -> tuple:
     trailers = b"grpc-status: %d\r\ngrpc-message: %s\r\n" % (code, _percent(message[:4096]))
-    return (200, b"", GRPC, b"", trailers)
+    return (200, b"", GRPC, headers, trailers)
 
 
 def grpc_failure(status: int, message: str) -> tuple:
@@ -101,9 +104,11 @@ class GrpcOverHttp1:
         return self._answer(method, message, headers)
 
     def _inflate(self, encoding: bytes, data: bytes):
+        if encoding == b"identity":  # the gRPC spec: a compressed flag without an encoding is INTERNAL
+            return _status(_INTERNAL, "the message is flagged compressed but grpc-encoding names none")
         if encoding not in (b"gzip", b"deflate"):
             return _status(_UNIMPLEMENTED, f"message compression {encoding.decode('latin-1')!r} is not supported "
-                           "(use gzip, deflate or none)")
+                           "(gzip, deflate or none)", _ACCEPT_ENCODING)
         inflater = zlib.decompressobj(31 if encoding == b"gzip" else 15)
         try:
             out = inflater.decompress(data, self._max + 1)
@@ -111,6 +116,8 @@ class GrpcOverHttp1:
             return _status(_INTERNAL, f"cannot inflate the {encoding.decode()} message: {exc}")
         if len(out) > self._max or inflater.unconsumed_tail:
             return _status(_RESOURCE_EXHAUSTED, f"inflated message exceeds the limit of {self._max} bytes")
+        if not inflater.eof or inflater.unused_data:
+            return _status(_INTERNAL, f"the {encoding.decode()} message is truncated or has bytes after its end")
         return out
 
     async def _answer(self, method: str, message: bytes, headers: dict[bytes, bytes]):
@@ -122,7 +129,11 @@ class GrpcOverHttp1:
             body, trailing = await self._calls.call(method, message, metadata, _timeout(headers.get(b"grpc-timeout")))
         except FlywheelError as exc:
             return _status(grpc_status_for(exc.code).value[0], exc.message)
-        trailers = b"grpc-status: 0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in trailing)
+        # only printable ASCII may go into a trailer line (anything else
+        # could split it); what we put there is so already, this keeps it so
+        trailers = b"grpc-status: 0\r\n" + b"".join(
+            b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in trailing if v.isascii() and v.isprintable()
+        )
         return (200, len(body).to_bytes(5, "big") + body, GRPC, b"", trailers)
 
 
@@ -163,14 +174,17 @@ def front_config(host: str, port: int, backend: str) -> str:
     # the largest header block HAProxy accepts (gRPC metadata)
     tune.bufsize 65536
     tune.h2.max-concurrent-streams 256
+    # HTTP/2's default stream window (64 KB) would throttle large tensors
+    # from distant clients to one window per round trip
+    tune.h2.initial-window-size 1048576
 
 defaults
     mode http
     timeout connect 5s
     # an idle client connection is closed (GOAWAY; gRPC clients reconnect);
-    # a call may run as long as its own grpc-timeout says
-    timeout client 10m
-    timeout server 10m
+    # a call may run as long as its own grpc-timeout says, up to an hour
+    timeout client 1h
+    timeout server 1h
     timeout http-keep-alive 10m
 
 frontend grpc
@@ -178,6 +192,9 @@ frontend grpc
     default_backend replica
 
 backend replica
+    # (a call the client cancels, by its deadline or RST_STREAM, closes its
+    # connection to the replica, which cancels the call there and frees the
+    # key's slot: tested in tests/unit/serving/test_grpc_front.py)
     # HTTP/1.1 carries one call per connection at a time: keep them for reuse
     http-reuse always
     server self unix@{backend}
@@ -194,24 +211,46 @@ def _pdeathsig():
     return arm
 
 
+_DIR_PREFIX = "flywheel-grpc-"
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the folders of fronts whose replica was killed (nobody was
+    left to remove them): named after the replica's pid, which is gone."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        try:
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 class HaproxyFront:
     """One HAProxy process: h2 on host:port, HTTP/1.1 to a Unix socket here."""
 
     def __init__(self, binary: str, host: str, port: int) -> None:
-        self._dir = tempfile.mkdtemp(prefix="flywheel-grpc-")
+        _sweep_stale_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # 0700: ours alone
         self.backend = os.path.join(self._dir, "replica.sock")  # our httptools server listens here
-        self._binary, self._host, self._port = binary, host, port
+        self._log = os.path.join(self._dir, "haproxy.log")
+        self._binary, self._host = binary, host
+        self.port = port or _free_port(host)
         self._proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Start HAProxy from the calling thread (it dies with that thread:
-        call from one that lives as long as the replica) and return once it
-        listens; raise OSError with HAProxy's own words if it cannot."""
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Start HAProxy and return once it listens; raise OSError with
+        HAProxy's own words if it cannot. The process is started from the
+        calling thread and dies with it: call from a loop thread that lives
+        as long as the replica."""
         cfg = os.path.join(self._dir, "haproxy.cfg")
         with open(cfg, "w") as f:
-            f.write(front_config(self._host, self._port, self.backend))
-        log_path = os.path.join(self._dir, "haproxy.log")
-        with open(log_path, "wb") as out:
+            f.write(front_config(self._host, self.port, self.backend))
+        with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
                 [self._binary, "-f", cfg, "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 preexec_fn=_pdeathsig(), close_fds=True,
@@ -219,13 +258,20 @@ class HaproxyFront:
         deadline = time.monotonic() + timeout_s
         while not self._listening():
             if self._proc.poll() is not None or time.monotonic() > deadline:
-                with open(log_path, errors="replace") as f:
-                    lines = f.read().splitlines()
-                alerts = [ln.split(" : ", 1)[-1] for ln in lines if "ALERT" in ln]
-                said = "; ".join(alerts or lines[-5:] or ["no output (timed out)"])[-2000:]
+                said = self.said() or "no output (timed out)"
                 self.stop()
-                raise OSError(f"the gRPC front (HAProxy) could not serve {self._host}:{self._port}: {said}")
-            time.sleep(0.02)
+                raise OSError(f"the gRPC front (HAProxy) could not serve {self._host}:{self.port}: {said}")
+            await asyncio.sleep(0.02)
+
+    def said(self) -> str:
+        """HAProxy's alerts (else its last lines), for error messages."""
+        try:
+            with open(self._log, errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        alerts = [ln.split(" : ", 1)[-1] for ln in lines if "ALERT" in ln]
+        return "; ".join(alerts or lines[-5:])[-2000:]
 
     def _listening(self) -> bool:
         """HAProxy binds every listener before it serves: is ours among the
@@ -244,17 +290,21 @@ class HaproxyFront:
         for row in rows:
             cols = row.split()
             # local address ends in the port (hex), state 0A = LISTEN
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == self._port \
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == self.port \
                     and f"socket:[{cols[9]}]" in inodes:
                 return True
         return False
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def exit_status(self) -> str | None:
+        """None while it runs; else how it ended and what it said."""
+        proc = self._proc
+        if proc is None or proc.poll() is None:
+            return None
+        return f"exited with status {proc.returncode}: {self.said() or 'no output'}"
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    def stop(self, grace_s: float = 2.0) -> int | None:
         """Stop listening at once, let calls in flight finish (up to
-        ``grace_s``), then kill it; remove its files."""
+        ``grace_s``), then kill it; remove its files. Returns its exit status."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGUSR1)  # soft stop: unbind, finish what runs
@@ -264,4 +314,10 @@ class HaproxyFront:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
+        return None if proc is None else proc.returncode
 
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

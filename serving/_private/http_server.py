@@ -165,7 +165,12 @@ class _Connection(asyncio.Protocol):
         while self._pending and self._pending[0].done():
             fut = self._pending.popleft()
             if fut.cancelled():
-                continue
+                # no answer will come for it: the next one written would be
+                # taken for its answer, so this connection ends here
+                self._closing = True
+                if self._transport is not None:
+                    self._transport.close()
+                return
             exc = fut.exception()
             resp = self._on_error(500, f"internal error: {exc!r}") if exc else fut.result()
             self._write(resp, close=not fut.keep_alive)

@@ -4,12 +4,17 @@ process), real gRPC clients over loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import glob
+import gzip
 import json
 import os
+import zlib
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,10 +52,15 @@ def _fronts() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def served(mlp_onnx):
+def front_ingress(mlp_onnx):
     ingress, cfg = _ingress(mlp_onnx)
-    yield f"127.0.0.1:{cfg.grpc_port}"
+    yield ingress, f"127.0.0.1:{cfg.grpc_port}"
     ingress.close()
+
+
+@pytest.fixture(scope="module")
+def served(front_ingress) -> str:
+    return front_ingress[1]
 
 
 def _request(x: np.ndarray, model: str = "mlp", rid: str = "") -> bytes:
@@ -69,10 +79,11 @@ def test_timeout_and_message_encodings():
     assert _percent("50% of 'ä'\n") == b"50%25 of '%C3%A4'%0A"
 
 
-def test_the_front_is_a_child_haproxy_serving_the_port(served):
+def test_the_front_is_a_child_haproxy_serving_the_port(front_ingress):
+    ingress, target = front_ingress
     assert haproxy_binary() is not None
-    assert len(_fronts()) == 1
-    assert tg.InferenceServerClient(served).is_server_live()
+    assert ingress._front._proc.pid in {p.pid for p in _fronts()}
+    assert tg.InferenceServerClient(target).is_server_live()
 
 
 def test_infer_through_the_front_matches_onnxruntime_with_trailers(served, mlp_onnx):
@@ -141,26 +152,26 @@ def test_many_concurrent_calls_on_one_connection_each_get_their_own_answer(serve
         assert np.allclose(got, sess.run(None, {"input": x})[0].ravel(), atol=1e-5)
 
 
-def test_close_stops_the_front_and_frees_the_port(mlp_onnx):
-    before = {p.pid for p in _fronts()}
+def test_close_stops_the_front_gracefully_and_frees_the_port(mlp_onnx):
     ingress, cfg = _ingress(mlp_onnx)
-    [front] = [p for p in _fronts() if p.pid not in before]
-    assert tg.InferenceServerClient(f"127.0.0.1:{cfg.grpc_port}").is_server_live()
+    front = ingress._front
+    proc, folder = front._proc, os.path.dirname(front.backend)
+    client = tg.InferenceServerClient(f"127.0.0.1:{cfg.grpc_port}")
+    assert client.is_server_live()  # an open client connection: soft stop must end it
     ingress.check_health()
-    ingress.close()
-    assert not front.is_running() or front.status() == psutil.STATUS_ZOMBIE
+    assert front.stop() == 0  # SIGUSR1: it unbound and left by itself, no kill needed
+    assert proc.poll() == 0 and not os.path.exists(folder)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", cfg.grpc_port)) != 0
+    ingress.close()
 
 
-def test_a_dead_front_fails_the_health_check(mlp_onnx):
-    before = {p.pid for p in _fronts()}
+def test_a_dead_front_fails_the_health_check_with_its_status(mlp_onnx):
     ingress, _ = _ingress(mlp_onnx)
     try:
-        [front] = [p for p in _fronts() if p.pid not in before]
-        front.kill()
-        front.wait(5)
-        with pytest.raises(RuntimeError, match="gRPC front"):
+        ingress._front._proc.kill()
+        ingress._front._proc.wait(5)
+        with pytest.raises(RuntimeError, match="gRPC front .* exited with status -9"):
             ingress.check_health()
     finally:
         ingress.close()
@@ -186,6 +197,10 @@ def test_the_front_dies_with_its_replica_process(mlp_onnx):
         assert not front.is_running() or front.status() == psutil.STATUS_ZOMBIE
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", grpc_port)) != 0
+        # nobody was left to remove its folder: the next front sweeps it
+        [left] = glob.glob(os.path.join(tempfile.gettempdir(), f"flywheel-grpc-{proc.pid}-*"))
+        HaproxyFront(haproxy_binary(), "127.0.0.1", 0).stop()
+        assert not os.path.exists(left)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -197,7 +212,7 @@ def test_a_port_the_front_cannot_bind_fails_with_haproxys_words():
         holder.listen()
         front = HaproxyFront(haproxy_binary(), "127.0.0.1", holder.getsockname()[1])
         with pytest.raises(OSError, match="could not serve .*[Bb]ind"):
-            front.start(timeout_s=5)
+            asyncio.run(front.start(timeout_s=5))
     assert not os.path.exists(os.path.dirname(front.backend))
 
 
@@ -214,6 +229,20 @@ def test_grpcio_still_serves_when_chosen(mlp_onnx):
         ingress.close()
 
 
+def test_auto_falls_back_to_grpcio_when_the_front_cannot_start(mlp_onnx, monkeypatch):
+    import flywheel.serving.ingress as ingress_module
+
+    monkeypatch.setattr(ingress_module, "haproxy_binary", lambda: "/bin/false")  # exits at once
+    ingress, cfg = _ingress(mlp_onnx)
+    try:
+        assert ingress._front is None and ingress._grpc is not None
+        assert tg.InferenceServerClient(f"127.0.0.1:{cfg.grpc_port}").is_model_ready("mlp")
+    finally:
+        ingress.close()
+    with pytest.raises(OSError, match="gRPC front"):
+        _ingress(mlp_onnx, grpc_server="haproxy")
+
+
 def test_haproxy_demanded_but_missing_is_a_config_error(mlp_onnx, monkeypatch):
     import flywheel.serving.ingress as ingress_module
 
@@ -225,3 +254,133 @@ def test_haproxy_demanded_but_missing_is_a_config_error(mlp_onnx, monkeypatch):
 def test_grpc_server_setting_is_validated():
     with pytest.raises(ConfigError, match="grpc_server"):
         ServerConfig(grpc_server="nginx")
+
+
+# -- what the replica answers HAProxy, over its Unix socket -------------------
+
+def _raw(backend: str, body: bytes, headers: dict[str, str], path: str = INFER):
+    """One HTTP/1.1 call on the front's socket: (status, headers, body, trailers)."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(backend)
+        s.sendall(head.encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    top, _, rest = data.partition(b"\r\n\r\n")
+    lines = top.decode().split("\r\n")
+    hdrs = dict(line.split(": ", 1) for line in lines[1:])
+    if hdrs.get("transfer-encoding") != "chunked":
+        return int(lines[0].split()[1]), hdrs, rest, {}
+    size_line, _, rest = rest.partition(b"\r\n")
+    payload, rest = rest[: int(size_line, 16)], rest[int(size_line, 16):]
+    if payload:
+        rest = rest[2:].partition(b"\r\n")[2]  # CRLF after the chunk, then the last-chunk line
+    trailers = dict(line.split(": ", 1) for line in rest.decode().split("\r\n") if line)
+    return int(lines[0].split()[1]), hdrs, payload, trailers
+
+
+def _framed(message: bytes, compressed: bool = False) -> bytes:
+    return bytes((int(compressed),)) + len(message).to_bytes(4, "big") + message
+
+
+GRPC_HEADERS = {"content-type": "application/grpc", "te": "trailers"}
+
+
+def test_the_replica_answers_a_call_as_chunked_http1_with_trailers(front_ingress):
+    backend = front_ingress[0]._front.backend
+    status, hdrs, payload, trailers = _raw(backend, _framed(_request(np.zeros((1, 64), np.float32), rid="r1")),
+                                           GRPC_HEADERS)
+    assert status == 200 and hdrs["content-type"] == "application/grpc"
+    assert trailers["grpc-status"] == "0" and trailers["flywheel-model-version"] == "3"
+    assert int.from_bytes(payload[1:5], "big") == len(payload) - 5
+    assert pb.ModelInferResponse.FromString(payload[5:]).id == "r1"
+
+
+def test_deflate_is_inflated_and_broken_compression_is_refused(front_ingress):
+    backend = front_ingress[0]._front.backend
+    message = _request(np.zeros((1, 64), np.float32))
+    ok = _raw(backend, _framed(zlib.compress(message), True), {**GRPC_HEADERS, "grpc-encoding": "deflate"})
+    assert ok[3]["grpc-status"] == "0" and pb.ModelInferResponse.FromString(ok[2][5:]).model_name == "mlp"
+    truncated = gzip.compress(message)[:-4]  # the CRC and length are gone
+    cases = [
+        (_framed(truncated, True), {"grpc-encoding": "gzip"}, "13", "truncated"),
+        (_framed(gzip.compress(message) + b"junk", True), {"grpc-encoding": "gzip"}, "13", "bytes after its end"),
+        (_framed(message, True), {}, "13", "names none"),
+        (_framed(message, True), {"grpc-encoding": "snappy"}, "12", "'snappy' is not supported"),
+        (_framed(message)[:-1], {}, "13", "exactly one length-prefixed"),
+        (_framed(message) + _framed(message), {}, "13", "exactly one length-prefixed"),
+    ]
+    for body, extra, code, words in cases:
+        status, hdrs, _, trailers = _raw(backend, body, {**GRPC_HEADERS, **extra})
+        assert (status, trailers["grpc-status"]) == (200, code), (words, trailers)
+        assert words in trailers["grpc-message"].replace("%27", "'"), trailers
+    assert "gzip" in _raw(backend, _framed(message, True), {**GRPC_HEADERS, "grpc-encoding": "br"})[1][
+        "grpc-accept-encoding"]
+
+
+def test_a_plain_http_request_on_the_front_socket_is_refused(front_ingress):
+    status, _, body, _ = _raw(front_ingress[0]._front.backend, b"{}", {"content-type": "application/json"})
+    assert status == 415 and b"application/grpc" in body
+
+
+# -- auth and per-key limits, on both gRPC servers ----------------------------
+
+@pytest.fixture(scope="module", params=["haproxy", "grpcio"])
+def secured(request, mlp_onnx, tmp_path_factory):
+    import torch
+
+    from flywheel.registry.keys import KeyStore
+    from flywheel.runtime.architectures import build
+    from flywheel.runtime.export import export_onnx
+    from flywheel.serving.config import AuthConfig
+
+    home = tmp_path_factory.mktemp("front-auth")
+    torch.manual_seed(0)
+    module, sig = build("mlp", {"in_features": 64, "hidden": [2048, 2048], "out_features": 10})
+    heavy = export_onnx(module, sig, str(home / "heavy.onnx"))
+    uri = f"sqlite:///{home}/registry.db"
+    keys = KeyStore.open(uri)
+    _, token = keys.create("one-at-a-time", ["predict"], actor="tests")
+    keys.close()
+    cfg = ServerConfig(port=free_port(), grpc_port=free_port(), max_body_bytes=16 << 20,
+                       grpc_server=request.param,
+                       auth=AuthConfig(enabled=True, max_concurrent_per_key=1))
+    models = [ModelConfig(name="mlp", version="1", path=mlp_onnx),
+              ModelConfig(name="heavy", version="1", path=heavy, batching=BatchingConfig(max_batch_size=40_000))]
+    ingress = Ingress(cfg, [], keys_uri=uri, colocated=models)
+    yield f"127.0.0.1:{cfg.grpc_port}", token
+    ingress.close()
+
+
+def test_grpc_calls_need_a_key_on_either_server(secured):
+    target, token = secured
+    x = np.zeros((1, 64), np.float32)
+    with grpc.insecure_channel(target) as ch:
+        stub = ch.unary_unary(INFER)
+        for meta in ((), (("authorization", "Bearer junk"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub(_request(x), metadata=meta, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        raw = stub(_request(x), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        live = ch.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)  # no key needed
+    assert pb.ModelInferResponse.FromString(raw).model_name == "mlp"
+    assert pb.ServerLiveResponse.FromString(live).live
+
+
+def test_a_cancelled_call_gives_its_keys_slot_back_at_once(secured):
+    """Limit 1 per key: a call the client gives up on (its deadline) must
+    free the slot when it is cancelled, not when the model finishes."""
+    target, token = secured
+    meta = (("authorization", f"Bearer {token}"),)
+    slow = _request(np.zeros((30_000, 64), np.float32), model="heavy")  # seconds of work here
+    with grpc.insecure_channel(target) as ch:
+        stub = ch.unary_unary(INFER)
+        with pytest.raises(grpc.RpcError) as err:
+            stub(slow, metadata=meta, timeout=0.4)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.3)  # the cancel travels client -> front -> replica
+        raw = stub(_request(np.zeros((1, 64), np.float32)), metadata=meta, timeout=30)
+    assert pb.ModelInferResponse.FromString(raw).model_name == "mlp"
