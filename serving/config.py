@@ -70,7 +70,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         to the replica as HTTP/1.1 over a Unix socket (serving/_private/
         grpc_front.py; ~2-4x the calls/s of grpcio on a small machine);
         ``grpcio``: grpc.aio inside the replica; ``auto`` (default): haproxy
-        where its binary is found, else grpcio.
+        where its binary is found and starts, else grpcio (with a warning).
     max_body_bytes: larger request bodies get 413 before they are read (and
         larger gRPC messages RESOURCE_EXHAUSTED).
     max_tensor_elements: most elements one input tensor may declare (400 above).

@@ -40,26 +40,18 @@ Handler = Callable[[Request], object]  # returns a Response or an awaitable of o
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
-def _head(status: int, content_type: bytes, length: int, close: bool, extra: bytes = b"") -> bytes:
-    reason = _REASONS.get(status, b"")
+def _head(status: int, content_type: bytes, framing: bytes, close: bool, extra: bytes = b"") -> bytes:
+    """The status line and headers; ``framing`` is the content-length or
+    transfer-encoding line."""
     conn = b"connection: close\r\n" if close else b""
-    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
-        status,
-        reason,
-        content_type,
-        length,
-        extra,
-        conn,
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\n%s\r\n%s%s\r\n" % (
+        status, _REASONS.get(status, b""), content_type, framing, extra, conn,
     )
 
 
-def _chunked(status: int, content_type: bytes, body: bytes, close: bool, extra: bytes, trailers: bytes) -> bytes:
-    conn = b"connection: close\r\n" if close else b""
-    head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n%s%s\r\n" % (
-        status, _REASONS.get(status, b""), content_type, extra, conn,
-    )
+def _chunked(body: bytes, trailers: bytes) -> bytes:
     chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-    return b"%s%s0\r\n%s\r\n" % (head, chunk, trailers)
+    return b"%s0\r\n%s\r\n" % (chunk, trailers)
 
 
 class _Connection(asyncio.Protocol):
@@ -182,9 +174,9 @@ class _Connection(asyncio.Protocol):
         status, body, ctype = resp[0], resp[1], resp[2]
         extra = resp[3] if len(resp) > 3 else b""
         if len(resp) > 4:
-            t.write(_chunked(status, ctype, body, close, extra, resp[4]))
+            t.write(_head(status, ctype, b"transfer-encoding: chunked", close, extra) + _chunked(body, resp[4]))
         else:
-            t.write(_head(status, ctype, len(body), close, extra) + body)
+            t.write(_head(status, ctype, b"content-length: %d" % len(body), close, extra) + body)
         if close:
             self._closing = True
             t.close()
