@@ -37,6 +37,8 @@ import tempfile
 import time
 import zlib
 
+import grpc
+
 from flywheel.runtime.errors import FlywheelError
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls
@@ -44,7 +46,9 @@ from flywheel.serving._private.http_server import Request
 
 GRPC = b"application/grpc"
 _PREFIX = f"/{SERVICE}/"
-_UNIMPLEMENTED, _INTERNAL, _RESOURCE_EXHAUSTED = 12, 13, 8
+_UNIMPLEMENTED, _INTERNAL, _RESOURCE_EXHAUSTED = (
+    c.value[0] for c in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+)
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _ACCEPT_ENCODING = b"grpc-accept-encoding: identity, deflate, gzip\r\n"
 _SAFE = frozenset(range(0x20, 0x7F)) - {ord("%")}

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError, UnavailableError
+from flywheel.runtime.errors import FlywheelError, InvalidInputError, UnavailableError, error_from_code
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.endpoint_http import MAX_PEEK_BYTES
 from flywheel.serving._private.grpc_codec import peek_fields
@@ -34,17 +34,6 @@ Trailing = tuple[tuple[str, str], ...]
 Method = Callable[[bytes, Metadata, "float | None"], Awaitable[tuple[bytes, Trailing]]]
 
 _PUBLIC = frozenset(("ServerLive", "ServerReady"))  # health probes need no key
-
-
-class ReplyError(FlywheelError):
-    """A model's error reply (its neutral code and message) as an exception."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        try:
-            self.code = ErrorCode(code)
-        except ValueError:
-            self.code = ErrorCode.INTERNAL
 
 
 def _parameter(request: bytes, name: str) -> str | None:
@@ -142,7 +131,7 @@ class GrpcCalls:
         call = Call(OP_INFER_GRPC, request, 0, min(timeout_ms, 0xFFFFFFFF))
         reply = await self._router.forward(model, call)
         if reply.code:
-            raise ReplyError(reply.code, reply.payload.decode("utf-8", "replace"))
+            raise error_from_code(reply.code, reply.payload.decode("utf-8", "replace"))
         rid = self._router.routed(ep, model, call, reply, rid or None, bool(version))
         if rid:
             return reply.payload, ((VERSION_KEY, model.route.version), (REQUEST_ID_KEY, rid))
