@@ -196,11 +196,12 @@ def test_concurrent_threads_share_one_client(server, x, want):
         _check(r, want)
 
 
-def test_feedback_is_not_served_yet(server):
-    # The feedback endpoint does not exist yet: 404 (to change with the server side).
+def test_feedback_for_an_id_the_server_never_issued_is_404(server):
+    # Feedback travels over HTTP (the gRPC client needs http_url for it); an
+    # id no answer carried is refused by name, never counted.
     with Client(server["http"]) as c, pytest.raises(ClientError) as err:
         c.feedback("mlp", "req-1", 1.0)
-    assert err.value.status == 404
+    assert err.value.status == 404 and "'req-1' is unknown" in err.value.message, err.value.message
     with GrpcClient(server["grpc"]) as g:
         with pytest.raises(ClientError) as err:
             g.feedback("mlp", "req-1", 1.0)
