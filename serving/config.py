@@ -300,7 +300,10 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     policy: ``{kind: fixed, weights: {"1": 0.9, "2": 0.1}}`` (A/B),
         ``epsilon_greedy``, ``thompson`` or ``ucb1`` (bandits fed by
-        ``POST /v2/models/{name}/feedback``); see serving/policies.py.
+        ``POST /v2/models/{name}/feedback``), optionally with ``arms``: the
+        versions it routes among (default: every version listed here);
+        see serving/policies.py. A version added at run time takes traffic
+        only once a policy names it (weights or arms), a canary or a swap.
     shadow: ``{variant, fraction}``: that share of requests also goes to the
         shadow variant, whose answers are compared, never returned.
     sticky_header / sticky_parameter: where a request's sticky key is read
@@ -356,11 +359,12 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             known = versions[e.name]
             if "" in known:  # versions of registry references are known only once resolved
                 continue
-            named = set(getattr(e.policy, "weights", None) or ()) | ({e.shadow.variant} if e.shadow else set())
+            named = set(getattr(e.policy, "weights", None) or getattr(e.policy, "arms", ()))
+            named |= {e.shadow.variant} if e.shadow else set()
             unknown = sorted(named - known)
             if unknown:
                 raise ConfigError(
-                    f"endpoints.{e.name}: policy weights / shadow name versions {unknown}; "
+                    f"endpoints.{e.name}: policy weights / arms / shadow name versions {unknown}; "
                     f"the models give {e.name!r} versions {sorted(known)}"
                 )
         if len({e.name for e in self.endpoints}) != len(self.endpoints):

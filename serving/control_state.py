@@ -71,7 +71,8 @@ class Endpoint:
     @classmethod
     def fresh(cls, config: EndpointConfig, static: list[ModelConfig]) -> Endpoint:
         versions = sorted((m.version for m in static), key=version_key)
-        policy = _doc(config.policy) if config.policy is not None else {"kind": "fixed", "weights": {versions[-1]: 1.0}}
+        policy = (_with_arms(_doc(config.policy), versions) if config.policy is not None
+                  else {"kind": "fixed", "weights": {versions[-1]: 1.0}})
         return cls({
             "name": config.name,
             "variants": {m.version: {"model": None, "status": "ready", "error": ""} for m in static},
@@ -142,6 +143,23 @@ class Endpoint:
                 weights = {max(routable, key=version_key): 1.0}
             return weights
         return None
+
+
+def _with_arms(policy: dict, variants: list[str]) -> dict:
+    """A bandit policy document with its arms written out (``variants`` when
+    it names none), so that variants added later are not arms."""
+    if policy["kind"] == "fixed" or policy.get("arms"):
+        return policy
+    return {**policy, "arms": list(variants)}
+
+
+def _without(policy: dict, version: str) -> dict | None:
+    """``policy`` routing nothing to ``version``; None when nothing is left."""
+    if policy["kind"] == "fixed":
+        weights = {v: w for v, w in policy["weights"].items() if v != version}
+        return {**policy, "weights": weights} if any(w > 0 for w in weights.values()) else None
+    arms = [a for a in policy.get("arms", ()) if a != version]
+    return {**policy, "arms": arms} if arms else None
 
 
 def _canary(doc: dict) -> Canary:
@@ -397,6 +415,15 @@ class ControlState:
                 )
             if not any(w > 0 for v, w in cfg.weights.items() if v in routable):
                 raise InvalidInputError(f"policy.weights gives no weight to a ready variant of {name!r}")
+        elif cfg.arms:
+            unknown = sorted(set(cfg.arms) - set(ep.variants))
+            if unknown:
+                raise InvalidInputError(
+                    f"policy.arms names variants {unknown} that endpoint {name!r} does not have; "
+                    f"it has {sorted(ep.variants, key=version_key)}"
+                )
+            if not routable & set(cfg.arms):
+                raise InvalidInputError(f"policy.arms names no ready variant of {name!r}; ready: {sorted(routable)}")
         self._busy(ep, "set a policy")
         state = ep.doc["policy_state"]
         if not isinstance(cfg, FixedPolicy):  # a bandit starts from the arms' statistics so far
@@ -404,7 +431,7 @@ class ControlState:
                 state = make_policy(cfg, sorted(routable, key=version_key), state).state()
             except (ConfigError, InvalidInputError):
                 state = make_policy(cfg, sorted(routable, key=version_key)).state()
-        ep.doc["policy"] = _doc(cfg)
+        ep.doc["policy"] = _with_arms(_doc(cfg), sorted(routable, key=version_key))
         ep.doc["policy_state"] = state
         ep.event(now, "policy", f"policy set to {cfg.kind}")
         self._changed(now)
@@ -451,6 +478,10 @@ class ControlState:
         self._busy(ep, f"remove variant {version}")
         if ep.routable() == [version]:
             raise PreconditionFailedError(f"variant {version!r} is the last ready variant of {name!r}; swap instead")
+        if [v for v in ep.routable() if v in (ep.doc["policy"].get("arms") or ep.routable())] == [version]:
+            raise PreconditionFailedError(
+                f"variant {version!r} is the last arm of {name!r}'s {ep.doc['policy']['kind']} policy; set a policy first"
+            )
         self._retire(ep, version, now)
         self._changed(now)
         return self.status(name, now)
@@ -459,6 +490,7 @@ class ControlState:
         """Stop routing to ``version`` now; remove it once every replica has
         stopped sending it requests (see tick)."""
         ep.doc["retiring"][version] = {"since": now, "after": self.version + 1}
+        ep.doc["policy"] = _without(ep.doc["policy"], version) or ep.doc["policy"]  # see weights() for fixed
         if ep.doc["shadow"] and ep.doc["shadow"]["variant"] == version:
             ep.doc["shadow"] = None
         ep.event(now, "retire", f"retiring variant {version}")
@@ -490,6 +522,15 @@ class ControlState:
             cfg = msgspec.convert(config, CanaryConfig, strict=False)
         except msgspec.ValidationError as exc:
             raise InvalidInputError(f"canary: {exc}") from None
+        if cfg.gates.max_drift is not None:
+            # Canary.evaluate can judge a drift score, but the drift monitor
+            # tracks the versions of the deploy config only, and a canary is
+            # a variant added at run time: a gate that is never judged would
+            # pass silently, so it is refused.
+            raise InvalidInputError(
+                "canary.gates.max_drift: endpoints cannot judge drift yet (the drift monitor tracks the "
+                f"deployed versions only); leave it null and watch GET /v2/models/{name}/versions/<v>/drift"
+            )
         routable = ep.routable()
         if cfg.variant not in routable:
             raise InvalidInputError(
@@ -537,6 +578,7 @@ class ControlState:
             ep.doc["policy"] = {"kind": "fixed", "weights": {baseline: 1.0}}
             doc["state"]["status"] = "rolled_back"
             ep.event(now, "rollback", f"traffic back on {baseline}")
+            self._alias(ep, baseline, now)
             self._changed(now)
             return self.status(name, now)
         raise PreconditionFailedError(f"endpoint {name!r} has no canary to roll back")
@@ -720,7 +762,9 @@ class ControlState:
     def _end_canary(self, ep: Endpoint, canary: Canary, now: float, why: str) -> None:
         doc = ep.doc["canary"]
         doc["state"] = canary.state()
-        ep.doc["policy"] = doc.get("saved_policy") or {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
+        baseline = {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
+        restored = _without(doc.get("saved_policy") or baseline, doc["config"]["variant"])
+        ep.doc["policy"] = restored if restored is not None else baseline
         ep.event(now, "canary", why)
         self._changed(now)
 

@@ -7,6 +7,11 @@ controller folds rewards into its own Policy (``record``, ``add_stats``) and
 pushes ``state()`` snapshots that replicas ``load_state()`` about every 0.5 s,
 so a replica's bandit decides on stats up to one push old.
 
+A bandit routes among its ``arms`` (the variants it was set over; empty:
+every variant it is given), so a variant added to an endpoint later takes
+no bandit traffic until a policy names it; a fixed split routes among the
+variants its weights name.
+
 Thread-safety: none; a Policy belongs to one thread (a replica's event loop).
 """
 
@@ -29,6 +34,11 @@ KINDS = ("fixed", "epsilon_greedy", "thompson", "ucb1")
 REWARDS = ("bernoulli", "gaussian")
 _MC_DRAWS = 1000  # posterior draws behind Thompson's weights() estimate
 _TWO_52 = float(1 << 52)
+
+
+def _check_arms(arms: tuple[str, ...]) -> None:
+    if not all(isinstance(a, str) and a for a in arms) or len(set(arms)) != len(arms):
+        raise ConfigError(f"policy.arms {list(arms)} must be distinct, non-empty variant names")
 
 
 def _finite(x: Any) -> bool:
@@ -58,9 +68,11 @@ class EpsilonGreedyPolicy(
     one with the best mean reward; a variant without rewards counts as best."""
 
     epsilon: float = 0.1
+    arms: tuple[str, ...] = ()
     kind: ClassVar[str] = "epsilon_greedy"
 
     def __post_init__(self) -> None:
+        _check_arms(self.arms)
         if not 0 <= self.epsilon <= 1:
             raise ConfigError(f"policy.epsilon {self.epsilon} must lie in [0, 1]")
 
@@ -71,9 +83,11 @@ class ThompsonPolicy(msgspec.Struct, tag="thompson", tag_field="kind", frozen=Tr
     reward; see :class:`_Thompson` for the posterior used)."""
 
     reward: str = "bernoulli"
+    arms: tuple[str, ...] = ()
     kind: ClassVar[str] = "thompson"
 
     def __post_init__(self) -> None:
+        _check_arms(self.arms)
         if self.reward not in REWARDS:
             raise ConfigError(f"policy.reward {self.reward!r}: choose from {', '.join(REWARDS)}")
 
@@ -83,9 +97,11 @@ class UCB1Policy(msgspec.Struct, tag="ucb1", tag_field="kind", frozen=True, forb
     scale (> 0) widens (> 1) or narrows (< 1) exploration."""
 
     scale: float = 1.0
+    arms: tuple[str, ...] = ()
     kind: ClassVar[str] = "ucb1"
 
     def __post_init__(self) -> None:
+        _check_arms(self.arms)
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ConfigError(f"policy.scale {self.scale} must be a finite number > 0")
 
@@ -428,7 +444,8 @@ _RUNTIME: dict[type, type[Policy]] = {
 def make_policy(
     config: PolicyConfig, variants: Sequence[str], state: Mapping[str, Any] | None = None, seed: int | None = None
 ) -> Policy:
-    """A runtime Policy over ``variants`` (distinct, non-empty strings).
+    """A runtime Policy over ``variants`` (distinct, non-empty strings; a
+    bandit with ``arms`` over those of them that are arms).
 
     state: a :meth:`Policy.state` snapshot to start from; after variants were
     added or removed, pass the old policy's state: variants still present keep
@@ -437,6 +454,11 @@ def make_policy(
     InvalidInputError for a malformed state.
     """
     vs = tuple(variants)
+    arms = getattr(config, "arms", ())
+    if arms:
+        vs = tuple(v for v in vs if v in arms)
+        if not vs:
+            raise ConfigError(f"policy.arms {list(arms)} names none of the variants {list(variants)}")
     if not vs or not all(isinstance(v, str) and v for v in vs) or len(set(vs)) != len(vs):
         raise ConfigError(f"variants {list(vs)} must be one or more distinct, non-empty strings")
     cls = _RUNTIME.get(type(config))

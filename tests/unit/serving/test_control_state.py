@@ -267,3 +267,62 @@ def test_controller_feedback_expires_and_a_bad_reward_leaves_the_id_usable():
     assert st.feedback("m", "new", 1.0, now=T0 + 1)["variant"] == "2"
     with pytest.raises(NotFoundError):
         st.feedback("other", "new", 1.0, now=T0 + 1)
+
+
+def _ready(st: ControlState, now: float, *versions: str) -> None:
+    st.sync(report("r1", st.version, loaded={"m": {v: "ready" for v in versions}}), now=now)
+    st.tick(now=now)
+
+
+def test_a_variant_added_under_a_bandit_takes_no_traffic_until_a_policy_names_it():
+    st = control("d", "id1", [], models("1", "2"), now=T0)
+    st.sync(report("r1", 0), now=T0)
+    st.set_policy("m", {"kind": "ucb1"}, now=T0)  # arms: the ready variants now
+    st.add_variant("m", {"version": "3", "path": "/models/3.onnx"}, now=T0)
+    _ready(st, T0 + 1, "1", "2", "3")
+    snap = st.snapshot()["endpoints"]["m"]
+    assert snap["routable"] == ["1", "2", "3"] and snap["policy"]["arms"] == ["1", "2"]
+    assert set(st.status("m", now=T0 + 1)["weights"]) == {"1", "2"}
+    st.set_policy("m", {"kind": "ucb1", "arms": ["2", "3"]}, now=T0 + 1)
+    assert set(st.status("m", now=T0 + 1)["weights"]) == {"2", "3"}
+    with pytest.raises(InvalidInputError, match=r"arms names variants \['9'\]"):
+        st.set_policy("m", {"kind": "thompson", "arms": ["2", "9"]}, now=T0 + 1)
+    st.remove_variant("m", "2", now=T0 + 1)  # retiring: no longer an arm
+    assert st.snapshot()["endpoints"]["m"]["policy"]["arms"] == ["3"]
+    with pytest.raises(PreconditionFailedError, match="last arm"):
+        st.remove_variant("m", "3", now=T0 + 1)
+
+
+@pytest.mark.parametrize("policy", [{"kind": "ucb1"}, {"kind": "epsilon_greedy", "epsilon": 0.5},
+                                    {"kind": "fixed", "weights": {"1": 0.5, "2": 0.5}}])
+def test_a_rolled_back_canary_gets_no_traffic_under_any_policy(policy):
+    st = control("d", "id1", [], models("1", "2"), now=T0)
+    st.sync(report("r1", 0), now=T0)
+    st.set_policy("m", policy, now=T0)  # the canary variant is already one of its arms
+    st.start_canary("m", {"variant": "2", "baseline": "1", "steps": [10, 100], "hold_s": 60,
+                          "gates": {"min_requests": 20}}, now=T0)
+    st.sync(report("r1", st.version, windows={"m": {"1": window(200), "2": window(30, errors=6)}}), now=T0 + 1)
+    st.tick(now=T0 + 1)
+    status = st.status("m", now=T0 + 1)
+    assert status["canary"]["status"] == "rolled_back"
+    assert {v for v, w in status["weights"].items() if w > 0} == {"1"}, status["weights"]
+    snap = st.snapshot()["endpoints"]["m"]  # what the replicas route by
+    assert set(snap["weights"] or {}) == {"1"} or snap["policy"]["arms"] == ["1"], snap
+
+
+def test_rolling_back_a_promoted_canary_moves_the_alias_back():
+    moved: list = []
+    st = _two_variants(moved)
+    st.start_canary("m", {"variant": "2", "steps": [100], "hold_s": 5, "gates": {"min_requests": 10}}, now=T0)
+    st.sync(report("r1", st.version, windows={"m": {"1": window(50), "2": window(50)}}), now=T0 + 6)
+    st.tick(now=T0 + 6)
+    assert st.status("m", now=T0 + 6)["canary"]["status"] == "promoted"
+    st.rollback("m", now=T0 + 6)
+    assert moved == [("m", "production", 2), ("m", "production", 1)]
+    assert st.status("m", now=T0 + 6)["weights"] == {"1": 1.0}
+
+
+def test_a_drift_gate_that_could_not_be_judged_is_refused():
+    st = _two_variants()
+    with pytest.raises(InvalidInputError, match="max_drift"):
+        st.start_canary("m", {"variant": "2", "gates": {"max_drift": 0.5}}, now=T0)

@@ -340,3 +340,14 @@ def test_compare_outputs_non_float_and_mismatches():
     assert compare_outputs({"a": labels}, {"b": labels}) == (False, math.inf)
     assert compare_outputs({"a": labels}, {"a": labels[:2]}) == (False, math.inf)
     assert compare_outputs({}, {}) == (True, 0.0)
+
+
+def test_a_bandit_routes_only_among_its_arms():
+    cfg = decode_policy({"kind": "ucb1", "arms": ["1", "3"]})
+    policy = make_policy(cfg, ["1", "2", "3"], seed=1)
+    assert policy.variants == ("1", "3")
+    assert {policy.choose() for _ in range(200)} == {"1", "3"}
+    with pytest.raises(ConfigError, match="names none of the variants"):
+        make_policy(cfg, ["2"])
+    with pytest.raises(ConfigError, match="distinct"):
+        decode_policy({"kind": "thompson", "arms": ["1", "1"]})
