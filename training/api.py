@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from flywheel.runtime.errors import FlywheelError, InvalidInputError, PreconditionFailedError
-from flywheel.training.jobs import JobRecord, JobStore
+from flywheel.training.jobs import TERMINAL, JobRecord, JobStore
 from flywheel.training.loop import append_log, job_paths
 from flywheel.training.spec import JobSpec, load_spec, parse_spec, spec_to_dict
 
@@ -131,6 +131,8 @@ class TrainingRuntime:
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._hand_back = threading.Event()
+        self._last: str | None = None
         self._current: str | None = None
 
     # -- jobs ---------------------------------------------------------------
@@ -200,6 +202,8 @@ class TrainingRuntime:
     def start(self) -> None:
         """Run queued jobs from a background thread (idempotent)."""
         self._stop.clear()  # a thread still finishing its job after stop() goes on scheduling
+        self._hand_back.clear()
+        self._last = None
         if self._thread is not None and self._thread.is_alive():
             return
         from flywheel.serving.app import start_ray
@@ -209,19 +213,29 @@ class TrainingRuntime:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking jobs (a running job is cancelled) and end the thread."""
+        """Stop taking jobs and end the thread. A running job is handed back
+        to the queue (not cancelled: it may be another process's job): it
+        stops at its next step and resumes from its latest checkpoint in
+        whichever process takes it next. ``timeout``: how long to wait for
+        that; a job still running when this process exits is taken for
+        orphaned once its heartbeats stop (``resume`` continues it)."""
         self._stop.set()
-        if self._current is not None:
-            try:
-                self.store.request_cancel(self._current)
-            except FlywheelError:
-                pass
+        self._hand_back.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def stop_after(self, job_id: str) -> None:
+        """Take no more jobs once ``job_id`` has ended (``flywheel train``
+        runs its own job and whatever must run before it, not the queue
+        after it). ``start()`` clears it."""
+        self._last = job_id
 
     def _schedule(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._last is not None and self.store.get(self._last).state in TERMINAL:
+                    self._stop.set()
+                    break
                 self._mark_stale()
                 # by priority, not by what is free now: a job that cannot get
                 # its resources fails after resources.wait_s with a message
@@ -238,7 +252,7 @@ class TrainingRuntime:
             except BaseException as exc:  # the thread must outlive any one job
                 log.exception("training scheduler: job %s", rec.id)
                 try:
-                    self.store.finish(rec.id, "failed", error=f"scheduler error: {exc!r}")
+                    self.store.finish(rec.id, "failed", error=f"scheduler error: {exc!r}", runner=self.runner_id)
                 except Exception:
                     pass
 
@@ -268,11 +282,14 @@ class TrainingRuntime:
         try:
             result = run_job(
                 rec, registry_uri=self.settings.registry_uri, artifacts_uri=self.settings.artifacts_uri,
-                should_stop=lambda: lost.is_set() or self._cancel_requested(rec.id),
+                should_stop=lambda: lost.is_set() or self._hand_back.is_set() or self._cancel_requested(rec.id),
             )
             self.store.finish(rec.id, "succeeded", result=result, runner=self.runner_id)
         except JobCancelled as exc:
-            self.store.finish(rec.id, "cancelled", error=str(exc), runner=self.runner_id)
+            if self._hand_back.is_set() and not lost.is_set() and not self._cancel_requested(rec.id):
+                self._release(rec)
+            else:
+                self.store.finish(rec.id, "cancelled", error=str(exc), runner=self.runner_id)
         except BaseException as exc:  # every failure ends the job with its reason
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             log.warning("job %s failed: %s", rec.id, message)
@@ -290,9 +307,16 @@ class TrainingRuntime:
 
     def _cancel_requested(self, job_id: str) -> bool:
         try:
-            return self.store.get(job_id).cancel_requested or self._stop.is_set()
+            return self.store.get(job_id).cancel_requested
         except FlywheelError:
             return False
+
+    def _release(self, rec: JobRecord) -> None:
+        cancel = job_paths(rec.storage)["cancel"]  # the marker that stopped the loop must not stop the next
+        if os.path.exists(cancel):
+            os.remove(cancel)
+        self.store.release(rec.id, self.runner_id)
+        append_log(job_paths(rec.storage)["log"], f"handed back to the queue by {self.runner_id} (its process stopped)")
 
     def close(self) -> None:
         self.stop()

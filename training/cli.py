@@ -61,13 +61,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise InvalidInputError("give a spec file, or one of --list, --attach, --resume, --cancel")
     if args.detach:
         return
+    rt.stop_after(job.id)  # this process runs its job (and what must run first), not the queue after it
     try:
         rec = follow(job)
     except KeyboardInterrupt:
         print(f"\ncancelling {job.id} ...", flush=True)
         job.cancel()
         rec = job.wait(120)
-    rt.stop()
+    rt.stop(timeout=120)  # a job of another process that is running here goes back to the queue
     print(f"job {job.id}: {rec.state}" + (f" ({rec.error})" if rec.error else ""), flush=True)
     if rec.state == "succeeded":
         for key in ("ref", "onnx", "metrics"):

@@ -334,6 +334,26 @@ class JobStore:
             )
             return self._get(job_id)
 
+    def release(self, job_id: str, runner: str) -> JobRecord:
+        """Hand a job that ``runner`` is running back to the queue (its
+        process is stopping): queued again, same id, place in line and
+        storage, so whichever runner claims it next resumes it from its
+        checkpoints. PreconditionFailedError when it is not running under
+        ``runner``."""
+        with self._locked():
+            rec = self._get(job_id)
+            if rec.state != "running" or rec.runner != runner:
+                raise PreconditionFailedError(
+                    f"training job {job_id!r} is not running under runner {runner!r} "
+                    f"(state {rec.state}, runner {rec.runner!r})"
+                )
+            self._db.execute(
+                "UPDATE training_jobs SET state = 'queued', started_at = NULL, runner = '', heartbeat_at = NULL "
+                "WHERE id = ?",
+                (job_id,),
+            )
+            return self._get(job_id)
+
     def stale(self, older_than_s: float) -> list[JobRecord]:
         """Running jobs whose last heartbeat is more than ``older_than_s``
         seconds old (their runner died or hangs), oldest heartbeat first."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from typing import Any
 
@@ -108,7 +107,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from flywheel.runtime.architectures import build
     from flywheel.runtime.errors import InvalidInputError
-    from flywheel.training.checkpoint import CheckpointStore, TrainState, full_state_dicts, load_full_state_dicts
+    from flywheel.training.checkpoint import (
+        CheckpointStore,
+        TrainState,
+        capture_rng,
+        full_state_dicts,
+        load_full_state_dicts,
+        restore_rng,
+    )
     from flywheel.training.spec import parse_spec
 
     spec = parse_spec(config["spec"])
@@ -153,10 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
         epoch, step_in_epoch, global_step = (resumed["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         history = list(resumed["metrics"])
         running = dict(resumed["running"] or running)
-        if "torch" in resumed["rng"]:
-            torch.set_rng_state(resumed["rng"]["torch"])
-        if "python" in resumed["rng"]:
-            random.setstate(resumed["rng"]["python"])
+        restore_rng(resumed["rng"])  # rank 0's, on every rank (broadcast with the checkpoint)
         if rank == 0:
             append_log(paths["log"], f"attempt resumed from checkpoint at step {global_step} (epoch {epoch}, "
                                   f"step {step_in_epoch} of it)")
@@ -170,7 +173,7 @@ def train_loop(config: dict[str, Any]) -> None:
             store.save(TrainState(
                 model=model_sd, optimizer=optim_sd, scheduler=sched.state_dict(),
                 counters={"epoch": at_epoch, "step_in_epoch": at_step, "global_step": global_step},
-                rng={"torch": torch.get_rng_state(), "python": random.getstate()},
+                rng=capture_rng(),
                 metrics=history, extra={"running": running},
             ))
             store.prune(spec.checkpoint.keep)

@@ -250,8 +250,16 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
     result["ref"] = mv.ref
     _note(paths, f"registered {mv.ref}")
     if spec.export.canary_url:
-        result["canary"] = _start_canary(spec, mv)
-        _note(paths, f"canary of {mv.ref} started on {spec.export.canary_url}")
+        # the version is registered whatever the server says: a canary that
+        # cannot start is reported in the result, not a failed job (whose
+        # resume would register the same weights again)
+        try:
+            result["canary"] = _start_canary(spec, mv)
+            _note(paths, f"canary of {mv.ref} started on {spec.export.canary_url}")
+        except Exception as exc:  # noqa: BLE001 - any failure of the hand-off is reported the same way
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            result["canary_error"] = message
+            _note(paths, f"canary of {mv.ref} on {spec.export.canary_url} not started: {message}")
     return result
 
 

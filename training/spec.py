@@ -96,7 +96,8 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kind: ``digits`` (scikit-learn's bundled 8x8 digits, built in),
         ``parquet`` or ``csv`` (files at ``path``), or ``ray`` (a Ray Data
         dataset handed to ``submit()`` from Python; nothing to read here).
-    path: a file, a folder or a glob (local or fsspec URI); required for
+    path: a local file, folder or glob (on storage every node can read,
+        on a cluster); required for
         parquet/csv and refused for the other kinds (a path with kind digits
         is almost always a forgotten ``kind``).
     features: input columns, in order; empty = every column but ``label``.
@@ -211,7 +212,7 @@ class ResourcesSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                  "resources.cpus_per_worker must be a finite number > 0")
         _require(self.gpus_per_worker >= 0 and _finite(self.gpus_per_worker),
                  "resources.gpus_per_worker must be a finite number >= 0")
-        _require(self.wait_s > 0, "resources.wait_s must be > 0 (seconds)")
+        _require(self.wait_s > 0 and _finite(self.wait_s), "resources.wait_s must be a finite number > 0 (seconds)")
 
     @property
     def total_cpus(self) -> float:

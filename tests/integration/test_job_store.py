@@ -209,6 +209,19 @@ def test_requeue(store, clock):
         store.requeue(a.id)
 
 
+def test_a_runner_hands_its_job_back_and_the_next_claim_resumes_it(store):
+    a, _ = _submit(store, "a", priority=5), _submit(store, "b")
+    assert store.claim_next("r1").id == a.id
+    with pytest.raises(PreconditionFailedError, match="not running under runner 'r2'"):
+        store.release(a.id, "r2")
+    back = store.release(a.id, "r1")
+    assert (back.state, back.runner, back.attempts, back.storage) == ("queued", "", 1, a.storage)
+    again = store.claim_next("r2")  # still first in line
+    assert (again.id, again.attempts, again.runner) == (a.id, 2, "r2")
+    with pytest.raises(PreconditionFailedError):
+        store.release(a.id, "r1")
+
+
 def test_stale_running_jobs_are_found_and_requeued(store, clock):
     dead, alive = _submit(store, "dead"), _submit(store, "alive")
     store.claim_next("r-dead")

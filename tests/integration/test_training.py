@@ -122,6 +122,10 @@ def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_ru
     deadline = time.monotonic() + 60
     while first.status().state == "queued" and time.monotonic() < deadline:
         time.sleep(0.2)
+    # nothing is taken after "long" until all three are queued (else "long"
+    # ending between two submits would let "routine" start before "urgent"
+    # is queued, and the test would race its own submits)
+    runtime.stop_after(first.id)
     # routine: its rows come as a Ray Data dataset, its checkpoints go to a URI
     import pandas as pd
     from sklearn.datasets import load_digits
@@ -134,6 +138,7 @@ def test_an_urgent_job_runs_before_the_ones_waiting_and_a_cancelled_one_never_ru
     dropped = runtime.submit(spec("dropped", **tiny), run=False)
     urgent = runtime.submit(spec("urgent", priority=10, **tiny), run=False)
     assert dropped.cancel().state == "cancelled"
+    runtime.start()
     for job in (first, waiting, urgent):
         assert job.wait(300).state == "succeeded", job.logs()
     assert first.status().started_at < urgent.status().started_at < waiting.status().started_at
@@ -222,3 +227,36 @@ def test_a_trained_model_can_go_straight_to_a_canary_on_a_running_server(runtime
         assert status["variants"][version]["ref"] == rec.result["ref"]
     finally:
         undeploy(dep)
+
+
+def test_a_canary_that_cannot_start_leaves_the_version_registered_and_says_why(runtime):
+    # no server there: the job does not fail (its resume would register the
+    # same weights again); the result says why there is no canary
+    job = runtime.submit(spec("no-server", epochs=1, resources={"workers": 1, "cpus_per_worker": 1.0},
+                              export={"canary_url": "http://127.0.0.1:1"}))
+    rec = job.wait(300)
+    assert rec.state == "succeeded" and rec.result["ref"].startswith("no-server/"), job.logs()
+    assert rec.result["canary_error"] and "not started" in job.logs(), rec.result
+
+
+def test_a_stopped_runtime_hands_its_running_job_back_and_the_next_run_resumes_it(runtime):
+    tiny = {"resources": {"workers": 1, "cpus_per_worker": 1.0}, "export": {"register": False}}
+    job = runtime.submit(spec("handed", epochs=6, checkpoint={"every_steps": 0, "every_epochs": 1}, **tiny))
+    later = runtime.submit(spec("later", epochs=1, **tiny), run=False)
+    deadline = time.monotonic() + 120
+    while not job.metrics() and time.monotonic() < deadline:  # an epoch done: a checkpoint to resume from
+        time.sleep(0.2)
+    runtime.stop(timeout=120)  # e.g. `flywheel train` ending while it runs another process's job
+    rec = job.status()
+    assert (rec.state, rec.attempts, rec.runner) == ("queued", 1, ""), (rec, job.logs())
+    assert "handed back to the queue" in job.logs()
+    assert later.status().state == "queued"  # a stopped runtime takes nothing
+    runtime.start()
+    runtime.stop_after(job.id)  # as `flywheel train` does: its job, not the queue after it
+    rec = job.wait(300)
+    assert rec.state == "succeeded" and rec.attempts == 2, job.logs()
+    assert "resumed from checkpoint at step" in job.logs()
+    assert [m["epoch"] for m in job.metrics()][-1] == 6
+    time.sleep(2.0)  # several scheduler polls
+    assert later.status().state == "queued"
+    assert later.cancel().state == "cancelled"

@@ -73,6 +73,7 @@ def test_python_construction_validates_too():
         ({"resources": {"cpus_per_worker": 0}}, ["resources.cpus_per_worker", "> 0"]),
         ({"resources": {"gpus_per_worker": -1}}, ["resources.gpus_per_worker", ">= 0"]),
         ({"resources": {"wait_s": 0}}, ["resources.wait_s", "> 0"]),
+        ({"resources": {"wait_s": float("inf")}}, ["resources.wait_s", "finite"]),
         ({"resources": {"workers": "two"}}, ["$.resources.workers"]),
         ({"epochs": 0}, ["epochs must be >= 1"]),
         ({"batch_size": 0}, ["batch_size must be >= 1"]),
