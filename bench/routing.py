@@ -2,13 +2,14 @@
 
     python -m flywheel.bench.routing [--duration 3] [--rounds 3] [--out bench/results]
 
-One deployment (Ray Serve, one ingress replica), one endpoint ``m`` with two
-variants of the same ONNX model (an MLP 64->512->512->10, 1 row per request).
+One deployment (Ray Serve, one ingress replica) serving the same ONNX model
+(an MLP 64->512->512->10, 1 row per request) as an endpoint ``m`` with two
+variants and as a plain model ``plain`` (one version, no endpoint).
 In the same run, alternating in ABBA blocks ``--rounds`` times (this VM's
 speed drifts by 10-30 % over minutes; pairs taken side by side cancel it):
 
-- **direct**: ``/v2/models/m/versions/1/infer``: the variant called by its
-  version, no policy involved;
+- **direct**: ``/v2/models/plain/infer``: the model called directly, nothing
+  of the router involved (no policy, no request id kept for feedback);
 - **a/b sticky**: ``/v2/models/m/infer`` under a 50/50 fixed split with a
   sticky key header (weighted rendezvous hash, request id kept for feedback);
 - **thompson**: the same route under a Thompson-sampling bandit.
@@ -72,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config({
         "name": "bench-routing", "server": {"port": 0, "grpc_port": -1},
         "registry": {"uri": f"sqlite:///{tmp}/registry.db", "artifacts": f"{tmp}/artifacts"},
-        "models": [{"name": "m", "version": v, "path": model, "num_cpus": 0.1} for v in ("1", "2")],
+        "models": [{"name": "m", "version": v, "path": model, "num_cpus": 0.1} for v in ("1", "2")]
+        + [{"name": "plain", "version": "1", "path": model, "num_cpus": 0.1}],
         "endpoints": [{"name": "m", "policy": {"kind": "fixed", "weights": {"1": 0.5, "2": 0.5}}}],
     })
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                                    "data": np.linspace(0, 1, 64).round(4).tolist()}]}).encode()
-    direct = _request("/v2/models/m/versions/1/infer", body)
+    direct = _request("/v2/models/plain/infer", body)
     routed = _request("/v2/models/m/infer", body, "flywheel-routing-key: user-42\r\n")
     start_ray(msgspec.structs.replace(load_settings(), ray_address=""), num_cpus=4, log_to_driver=False)
     results: dict[str, list] = {"direct": [], "a/b sticky": [], "thompson": []}

@@ -214,7 +214,7 @@ def render_endpoint_metrics(endpoints: list[LiveEndpoint]) -> bytes:
     out += ["# HELP flywheel_endpoint_traffic_share Share of new requests each variant gets now",
             "# TYPE flywheel_endpoint_traffic_share gauge"]
     out += [f"flywheel_endpoint_traffic_share{{{lab(ep, v)}}} {w}" for ep in endpoints for v, w in sorted(ep.weights.items())]
-    out += ["# HELP flywheel_endpoint_bandit_arm_mean A bandit arm's mean reward (its posterior mean)",
+    out += ["# HELP flywheel_endpoint_bandit_arm_mean A bandit arm's mean reward so far (posterior parameters: GET /v2/endpoints/{name})",
             "# TYPE flywheel_endpoint_bandit_arm_mean gauge"]
     for ep in endpoints:
         for v, mean in sorted(ep.arm_means().items()):
