@@ -185,7 +185,8 @@ def deploy(
         logging_config={"enable_access_log": False},  # replicas sync twice a second
     )
     serve.run(
-        controller.bind(config.name, uuid.uuid4().hex, list(config.endpoints), list(config.models), config.registry),
+        controller.bind(config.name, uuid.uuid4().hex, list(config.endpoints), list(config.models), config.registry,
+                        f"{config.name}-drift" if monitored else ""),
         name=controller_app_name(config), route_prefix=None,
     )
     apps.append(controller_app_name(config))

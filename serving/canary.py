@@ -166,7 +166,10 @@ class GateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_p99_ratio: canary p99 / max(baseline p99, 1 ms), > 0 (None: off).
     max_reward_drop: baseline minus canary mean reward, >= 0 (None: off);
         judged once both have min_rewards (>= 1) rewards.
-    max_drift: the canary's drift score (given to evaluate) may not exceed it (None: off).
+    max_drift: the canary's drift score may not exceed it (None: off): the
+        share of its input features (0-1) found drifting in its worst drift
+        window of the step (serving/drift_monitor.py). A step with this gate
+        does not advance before one window was scored (max_step_s bounds it).
     min_requests: no gate is judged before the canary's window has this many (>= 1).
     """
 
@@ -312,6 +315,11 @@ class Canary:
             return self._apply(now, "rollback", gates, f"gate(s) failed at {pct:g} %: {', '.join(failed)}")
         if elapsed < cfg.hold_s:
             return Decision("hold", gates, f"healthy at {pct:g} % for {elapsed:.1f} of {cfg.hold_s:g} s")
+        if g.max_drift is not None and drift is None:  # no step passes a drift gate without a score
+            if cfg.max_step_s is not None and elapsed >= cfg.max_step_s:
+                return self._apply(now, "rollback", gates, f"no drift score for the canary at {pct:g} % "
+                                   f"after {elapsed:.1f} s")
+            return Decision("hold", gates, f"healthy at {pct:g} %; waiting for a drift window of the canary")
         if self.step == len(cfg.steps) - 1:
             if cfg.promote:
                 return self._apply(now, "promote", gates, f"healthy at 100 % for {elapsed:.1f} s: promoted")

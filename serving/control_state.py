@@ -180,6 +180,7 @@ class ControlState:
         *,
         alias_mover=None,
         resolver=None,
+        drift_monitor: bool = False,
         now: float | None = None,
     ) -> None:
         """``models``: the deployment's configured models (loaded by every
@@ -188,13 +189,18 @@ class ControlState:
         state of the same ``deploy_id`` (a restart of this controller) is
         resumed, anything older is replaced. ``alias_mover(name, alias,
         version)`` moves a registry alias on promotion and ``resolver(ref)``
-        pins a registry reference to ``name/N`` (None: no registry)."""
+        pins a registry reference to ``name/N`` (None: no registry).
+        ``drift_monitor``: the deployment has one, so canaries of variants
+        with drift monitoring may gate on drift (the caller feeds the
+        scores: :meth:`drift_wanted`, :meth:`set_drift`)."""
         now = time.time() if now is None else now
         self.deployment = deployment
         self.deploy_id = deploy_id
         self._store = store
         self._move_alias = alias_mover
         self._resolve = resolver
+        self._drift_monitor = drift_monitor
+        self._drift: dict[tuple[str, str], float | None] = {}  # (endpoint, variant) -> the step's score
         self.version = 1
         # A restarted controller counts versions from 1 again: replicas that
         # applied a higher version before would wait for it; a new epoch
@@ -523,14 +529,13 @@ class ControlState:
         except msgspec.ValidationError as exc:
             raise InvalidInputError(f"canary: {exc}") from None
         if cfg.gates.max_drift is not None:
-            # Canary.evaluate can judge a drift score, but the drift monitor
-            # tracks the versions of the deploy config only, and a canary is
-            # a variant added at run time: a gate that is never judged would
-            # pass silently, so it is refused.
-            raise InvalidInputError(
-                "canary.gates.max_drift: endpoints cannot judge drift yet (the drift monitor tracks the "
-                f"deployed versions only); leave it null and watch GET /v2/models/{name}/versions/<v>/drift"
-            )
+            drift = ((ep.doc["models"].get(cfg.variant) or {}).get("drift") or {}).get("enabled", False)
+            if not (self._drift_monitor and drift):
+                raise InvalidInputError(
+                    f"canary.gates.max_drift: variant {cfg.variant!r} of {name!r} has no drift monitoring; it needs "
+                    "drift.enabled in its model config and a drift monitor in the deployment (one deployed "
+                    "model with drift.enabled)"
+                )
         routable = ep.routable()
         if cfg.variant not in routable:
             raise InvalidInputError(
@@ -732,15 +737,36 @@ class ControlState:
             ep.event(now, "swap", f"swap to {swap['to']} done")
             self._changed(now)
 
+    def drift_wanted(self) -> list[tuple[str, str, float]]:
+        """(endpoint, variant, since) of every running canary with a drift
+        gate: the caller reads the variant's drift results scored since then
+        (the current step's start) and hands the score to :meth:`set_drift`.
+        Kept out of tick so that the controller can fetch them unlocked."""
+        out = []
+        for ep in self.endpoints.values():
+            doc = ep.doc["canary"]
+            if doc and doc["state"]["status"] == "running" and doc["config"]["gates"].get("max_drift") is not None:
+                out.append((ep.name, doc["config"]["variant"], _canary(doc).step_started_at))
+        return out
+
+    def set_drift(self, name: str, variant: str, score: float | None) -> None:
+        """The drift score of ``variant`` in its canary's current step (None:
+        no window scored yet, and a drift-gated step does not advance)."""
+        self._drift[(name, variant)] = score
+
     def _tick_canary(self, ep: Endpoint, now: float) -> None:
         doc = ep.doc["canary"]
         if not doc or doc["state"]["status"] != "running":
             return
         cfg = msgspec.convert(doc["config"], CanaryConfig)
         canary = _canary(doc)
+        step = canary.step
         decision = canary.evaluate(
-            now, ep.step.get(cfg.baseline) or VariantWindow(), ep.step.get(cfg.variant) or VariantWindow()
+            now, ep.step.get(cfg.baseline) or VariantWindow(), ep.step.get(cfg.variant) or VariantWindow(),
+            self._drift.get((ep.name, cfg.variant)) if cfg.gates.max_drift is not None else None,
         )
+        if canary.step != step or canary.finished:
+            self._drift.pop((ep.name, cfg.variant), None)  # a score belongs to one step
         doc["state"] = canary.state()
         ep.dirty = True
         if decision.action == "hold":

@@ -55,7 +55,10 @@ class RouterController:
         endpoints: list[EndpointConfig],
         models: list[ModelConfig],
         registry: RegistryConfig,
+        drift_app: str = "",
     ) -> None:
+        """``drift_app``: the Serve application of the deployment's drift
+        monitor ("" = none), which scores drift-gated canaries."""
         from flywheel.registry import Registry, RouterStateStore
 
         self._store = RouterStateStore.open(registry.uri) if registry.uri else None
@@ -66,7 +69,10 @@ class RouterController:
             deployment, deploy_id, endpoints, models, self._store,
             alias_mover=(lambda n, a, v: reg.set_alias(n, a, v, actor=ACTOR)) if reg else None,
             resolver=(lambda ref: reg.resolve(ref).ref) if reg else None,
+            drift_monitor=bool(drift_app),
         )
+        self._drift_app = drift_app
+        self._drift_handle = None
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="flywheel-router-tick", daemon=True)
         self._ticker.start()
@@ -76,10 +82,26 @@ class RouterController:
         while not self._stop.wait(TICK_S):
             try:
                 with self._lock:
+                    wanted = self._state.drift_wanted()
+                scores = [(name, variant, self._drift_score(name, variant, since)) for name, variant, since in wanted]
+                with self._lock:  # the scores were read unlocked: replicas' syncs never wait on the monitor
+                    for name, variant, score in scores:
+                        self._state.set_drift(name, variant, score)
                     self._state.tick()
                 self._beat = time.monotonic()
             except Exception:  # a tick that fails must not stop the next one
                 log.exception("router controller tick failed")
+
+    def _drift_score(self, name: str, variant: str, since: float) -> float | None:
+        try:
+            if self._drift_handle is None:
+                from ray import serve
+
+                self._drift_handle = serve.get_deployment_handle("drift", app_name=self._drift_app)
+            return self._drift_handle.drift_score.remote(name, variant, since).result(timeout_s=2.0)
+        except Exception:  # no score this tick: the gate waits (see Canary.evaluate)
+            log.debug("drift score of %s:%s unavailable", name, variant, exc_info=True)
+            return None
 
     def sync(self, report: dict) -> dict:
         """One ingress replica's report in, the snapshot (when newer) out."""

@@ -31,6 +31,7 @@ from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import (
     OP_DRIFT_HISTORY,
     OP_DRIFT_INGEST,
+    OP_DRIFT_TRACK,
     OP_METRICS,
     Call,
     Reply,
@@ -87,6 +88,12 @@ def load_reference(model: ModelConfig, registry: RegistryConfig | None) -> np.nd
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def drift_score(history: list[dict], since: float) -> float | None:
+    """See :meth:`DriftMonitor.drift_score` (``history``: its entries)."""
+    shares = [sum(h["result"]["drift"]) / max(1, len(h["result"]["drift"])) for h in history if h["ts"] >= since]
+    return max(shares) if shares else None
+
+
 class _Tracked:
     def __init__(self, model: ModelConfig, reference: np.ndarray) -> None:
         cfg = model.drift
@@ -104,6 +111,7 @@ class DriftMonitor:
 
     def __init__(self, port: int, models: list[ModelConfig], registry: RegistryConfig | None = None) -> None:
         self._tracked = {(m.name, m.version): _Tracked(m, load_reference(m, registry)) for m in models}
+        self._registry_config = registry
         self._callbacks: list[Callable[[DriftEvent], None]] = []
         self._registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version", "feature", "test"]
@@ -134,6 +142,9 @@ class DriftMonitor:
             if call.op == OP_DRIFT_INGEST:
                 await self._ingest(*decode_samples(call.payload))
                 return Reply(0, b"")
+            if call.op == OP_DRIFT_TRACK:
+                await self._track(msgspec.json.decode(call.payload, type=ModelConfig))
+                return Reply(0, b"")
             if call.op == OP_DRIFT_HISTORY:
                 req = msgspec.json.decode(call.payload)
                 return Reply(0, msgspec.json.encode(self.history(req["model"], req["version"])))
@@ -142,6 +153,19 @@ class DriftMonitor:
             return Reply(int(ErrorCode.INVALID_ARGUMENT), f"unknown operation {call.op}".encode())
         except FlywheelError as exc:
             return Reply(int(exc.code), exc.message.encode())
+
+    async def _track(self, model: ModelConfig) -> None:
+        """Track a model version loaded after the deploy (a variant added at
+        run time) from its first samples on; known versions are left as they are."""
+        if (model.name, model.version) in self._tracked:
+            return
+        if not model.drift.enabled:
+            raise InvalidInputError(f"model {model.name!r} version {model.version!r} has drift.enabled false")
+        loop = asyncio.get_running_loop()
+        tracked = await loop.run_in_executor(
+            self._executor, lambda: _Tracked(model, load_reference(model, self._registry_config))
+        )
+        self._tracked.setdefault((model.name, model.version), tracked)
 
     def _get(self, model: str, version: str) -> _Tracked:
         tracked = self._tracked.get((model, version))
@@ -183,6 +207,15 @@ class DriftMonitor:
                         fn(event)
                     except Exception:  # noqa: BLE001 - one bad callback must not stop monitoring
                         log.exception("drift callback failed")
+
+    def drift_score(self, model: str, version: str, since: float) -> float | None:
+        """The share of ``version``'s features found drifting in its worst
+        window scored since ``since`` (any test; 0..1); None when no window
+        was scored since then, or the version is not tracked (yet)."""
+        tracked = self._tracked.get((model, version))
+        if tracked is None:
+            return None
+        return drift_score(list(tracked.history), since)
 
     def history(self, model: str, version: str) -> list[dict]:
         """Recent results for one model version, oldest first."""

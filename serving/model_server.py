@@ -123,7 +123,8 @@ class ModelServer:
     async def start(self) -> None:
         model = self.model
         if model.drift.enabled and self._drift_port:
-            self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port)
+            self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port,
+                                         track=msgspec.json.encode(model))
             self._sampler.start()
         batching = model.batching
         if not self._batchable:  # no batch axis: one request per call

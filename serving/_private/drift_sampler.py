@@ -15,15 +15,19 @@ import random
 
 import numpy as np
 
-from flywheel.serving._private.wire import OP_DRIFT_INGEST, Call, ReplicaChannel
+from flywheel.serving._private.wire import OP_DRIFT_INGEST, OP_DRIFT_TRACK, Call, ReplicaChannel
 from flywheel.serving.config import DriftConfig
 
 log = logging.getLogger(__name__)
 
 
 class DriftSampler:
-    def __init__(self, cfg: DriftConfig, model: str, version: str, monitor_port: int, *, seed: int | None = None):
+    def __init__(self, cfg: DriftConfig, model: str, version: str, monitor_port: int, *, seed: int | None = None,
+                 track: bytes = b""):
+        """``track``: the model's config (JSON), sent once before the first
+        samples so that the monitor tracks a version it was not deployed with."""
         self._cfg = cfg
+        self._track = track
         self._model, self._version = model, version
         self._channel = ReplicaChannel("127.0.0.1", monitor_port, pool_size=1)
         self._rng = random.Random(seed)
@@ -68,6 +72,11 @@ class DriftSampler:
         batch, self._buf, n = self._buf, [], self._rows
         self._rows = 0
         try:
+            if self._track:
+                reply = await asyncio.wait_for(self._channel.call(Call(OP_DRIFT_TRACK, self._track)), 30)
+                if reply.code:
+                    raise RuntimeError(reply.payload.decode("utf-8", "replace"))
+                self._track = b""
             payload = encode_samples(self._model, self._version, np.concatenate(batch).astype(np.float64))
             reply = await asyncio.wait_for(self._channel.call(Call(OP_DRIFT_INGEST, payload)), 30)
             if reply.code:

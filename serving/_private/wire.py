@@ -36,6 +36,7 @@ OP_INFER_GRPC = 3
 OP_DRIFT_INGEST = 4  # replica -> drift monitor: sampled input rows
 OP_DRIFT_HISTORY = 5  # ingress -> drift monitor: recent results (JSON)
 OP_METRICS = 6  # ingress -> drift monitor: Prometheus text
+OP_DRIFT_TRACK = 7  # replica -> drift monitor: start tracking this model config (JSON), if not yet
 
 _REQ = struct.Struct("<IIBII")
 _RESP = struct.Struct("<IIBIIIIIB")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -190,3 +191,55 @@ def test_canary_of_a_healthy_variant_promotes_and_retires_the_baseline(ab, varia
         return False
 
     wait_for(gone, timeout=5)  # the replicas unload it with their next snapshot
+
+
+def test_canary_whose_inputs_drift_rolls_back_on_the_drift_gate(variants, tmp_path):
+    from flywheel.serving.config import DriftConfig
+
+    rng = np.random.default_rng(11)
+    reference = tmp_path / "reference.npy"
+    np.save(reference, rows(500, rng))
+    # every sampled row shipped at once, scored in windows of 60 rows
+    drift = DriftConfig(enabled=True, sample_rate=1.0, batch_rows=10, flush_interval_s=0.2, window=60,
+                        tests=("ks",), reference=str(reference))
+    cfg = DeployConfig(
+        name="drifted",
+        models=[ModelConfig(name="m", version="1", path=variants["1"], num_cpus=0.05, drift=drift)],
+        server=ServerConfig(port=0, grpc_port=-1),
+        registry=RegistryConfig(uri=f"sqlite:///{tmp_path}/registry.db", artifacts=str(tmp_path / "art")),
+    )
+    dep = deploy(cfg)
+    try:
+        with Client(dep.url) as client:
+            # a variant added at run time: the monitor starts tracking it from its first samples
+            client.add_variant("m", {"version": "2", "path": variants["2"], "num_cpus": 0.05,
+                                     "drift": msgspec.to_builtins(drift)})
+            wait_for(lambda: _loaded(client, "2"))
+            client.start_canary("m", {
+                "variant": "2", "baseline": "1", "steps": [50, 100], "hold_s": 2.0, "max_step_s": 60.0,
+                "gates": {"min_requests": 10, "max_drift": 0.2},
+            })
+            deadline = time.monotonic() + 60
+            while client.endpoint("m")["canary"]["status"] == "running" and time.monotonic() < deadline:
+                x = rows(1, rng)
+                x[:, 1:] += 3.0  # live inputs left the training range
+                client.infer("m", x)
+            status = client.endpoint("m")
+            assert status["canary"]["status"] == "rolled_back", status["canary"]
+            drift_gate = next(g for g in status["canary"]["last_gates"] if g["name"] == "drift")
+            assert not drift_gate["passed"] and drift_gate["value"] > 0.2, drift_gate
+            assert status["weights"] == {"1": 1.0}
+            # a variant without drift monitoring cannot take a drift gate
+            client.add_variant("m", {"version": "3", "path": variants["4"], "num_cpus": 0.05})
+            wait_for(lambda: _loaded(client, "3"))
+            with pytest.raises(ClientError, match="no drift monitoring") as err:
+                client.start_canary("m", {"variant": "3", "baseline": "1", "gates": {"max_drift": 0.2}})
+            assert err.value.status == 400
+    finally:
+        undeploy(dep)
+
+
+def _loaded(client, version: str) -> bool:
+    status = client.endpoint("m")
+    assert version in status["variants"], status["events"]  # a failed load says why there
+    return status["variants"][version]["status"] == "ready"

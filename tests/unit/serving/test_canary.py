@@ -112,6 +112,15 @@ def test_drift_gate():
     assert d.action == "rollback" and "drift" in d.reason
 
 
+def test_a_drift_gated_step_does_not_advance_without_a_score():
+    c = Canary(config(gates=GateConfig(max_drift=0.3), max_step_s=60.0), now=0.0)
+    d = c.evaluate(11.0, window(), window(), drift=None)  # healthy past hold_s, but no drift window yet
+    assert d.action == "hold" and "waiting for a drift window" in d.reason
+    assert c.evaluate(12.0, window(), window(), drift=0.1).action == "advance"
+    d = c.evaluate(80.0, window(), window(), drift=None)  # the next step never got a score
+    assert d.action == "rollback" and "no drift score" in d.reason
+
+
 def test_too_few_requests_holds_without_judging():
     c = Canary(config(), now=0.0)
     d = c.evaluate(60.0, window(), window(requests=5, errors=5))  # all failed, but only 5 of 20

@@ -322,7 +322,31 @@ def test_rolling_back_a_promoted_canary_moves_the_alias_back():
     assert st.status("m", now=T0 + 6)["weights"] == {"1": 1.0}
 
 
-def test_a_drift_gate_that_could_not_be_judged_is_refused():
-    st = _two_variants()
-    with pytest.raises(InvalidInputError, match="max_drift"):
-        st.start_canary("m", {"variant": "2", "gates": {"max_drift": 0.5}}, now=T0)
+def test_a_drift_gate_needs_a_monitored_variant_and_rolls_back_on_drift():
+    with pytest.raises(InvalidInputError, match="no drift monitoring"):  # no monitor in the deployment
+        _two_variants().start_canary("m", {"variant": "2", "gates": {"max_drift": 0.5}}, now=T0)
+    ms = [ModelConfig(name="m", version="1", path="/m/1.onnx"),
+          ModelConfig(name="m", version="2", path="/m/2.onnx", drift={"enabled": True, "reference": "/r.npy"})]
+    st = control("d", "id1", [EndpointConfig(name="m", policy=FixedPolicy(weights={"1": 1.0}))], ms,
+                 drift_monitor=True, now=T0)
+    st.sync(report("r1", 0), now=T0)
+    with pytest.raises(InvalidInputError, match="no drift monitoring"):  # variant 1 has it off
+        st.start_canary("m", {"variant": "1", "baseline": "2", "gates": {"max_drift": 0.5}}, now=T0)
+    st.start_canary("m", {"variant": "2", "steps": [10, 100], "hold_s": 5, "gates": {"min_requests": 10,
+                                                                                      "max_drift": 0.25}}, now=T0)
+    assert st.drift_wanted() == [("m", "2", T0)]
+    healthy = {"m": {"1": window(50), "2": window(50)}}
+    st.sync(report("r1", st.version, windows=healthy), now=T0 + 6)
+    st.tick(now=T0 + 6)  # past hold_s, healthy, but no drift score yet: holds
+    assert st.status("m", now=T0 + 6)["canary"]["step"] == 0
+    st.set_drift("m", "2", 0.0)
+    st.tick(now=T0 + 6)
+    assert st.status("m", now=T0 + 6)["canary"]["step"] == 1
+    ((_, _, since),) = st.drift_wanted()
+    assert since == T0 + 6  # scores are read per step
+    st.sync(report("r1", st.version, windows=healthy), now=T0 + 7)
+    st.set_drift("m", "2", 0.5)
+    st.tick(now=T0 + 7)
+    status = st.status("m", now=T0 + 7)
+    assert status["canary"]["status"] == "rolled_back" and status["weights"] == {"1": 1.0}
+    assert "drift" in status["events"][-1]["detail"] and st.drift_wanted() == []

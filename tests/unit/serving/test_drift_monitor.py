@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -90,3 +91,30 @@ def test_sampler_ships_batches_and_drops_when_the_monitor_is_gone(monitor):
     assert ok.shipped_rows == 100 and ok.dropped_rows == 0
     gone = asyncio.run(run(free_port()))
     assert gone.shipped_rows == 0 and gone.dropped_rows == 100
+
+
+def test_a_version_added_later_is_tracked_from_its_config_and_scored_since_a_time(monitor):
+    import msgspec
+
+    from flywheel.serving._private.wire import OP_DRIFT_TRACK
+
+    mon, port, _, got, cfg = monitor
+    assert mon.drift_score("m", "2", 0.0) is None  # not tracked: no score, no error
+    late = ModelConfig(name="m", path="x.onnx", version="2", drift=cfg)
+    assert asyncio.run(_call(port, OP_DRIFT_TRACK, msgspec.json.encode(late))).code == 0
+    rng = np.random.default_rng(2)
+    before = time.time()
+    assert mon.drift_score("m", "2", before) is None  # tracked, no window yet
+    shifted = rng.normal(size=(200, 4))
+    shifted[:, [1, 3]] += 2.0
+    assert asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("m", "2", shifted))).code == 0
+    deadline = time.monotonic() + 30
+    while len(mon.history("m", "2")) < 2 and time.monotonic() < deadline:  # ks, then mmd
+        time.sleep(0.05)
+    ks = [h for h in mon.history("m", "2") if h["test"] == "ks"]
+    assert ks[0]["result"]["drift"] == [False, True, False, True]
+    assert mon.drift_score("m", "2", before) == 1.0  # the worst window: mmd flags the whole input
+    assert mon.drift_score("m", "2", before + 3600) is None  # nothing scored since then
+    off = ModelConfig(name="m", path="x.onnx", version="3")
+    refused = asyncio.run(_call(port, OP_DRIFT_TRACK, msgspec.json.encode(off)))
+    assert refused.code == ErrorCode.INVALID_ARGUMENT and b"drift.enabled" in refused.payload
