@@ -153,6 +153,20 @@ def _with_arms(policy: dict, variants: list[str]) -> dict:
     return {**policy, "arms": list(variants)}
 
 
+def _routes_to(policy: dict, routable: list[str]) -> list[str]:
+    """The routable variants ``policy`` can send traffic to."""
+    if policy["kind"] == "fixed":
+        return [v for v in routable if policy["weights"].get(v, 0) > 0]
+    arms = policy.get("arms")
+    return [v for v in routable if v in arms] if arms else list(routable)
+
+
+def _newest(ep: Endpoint, version: str) -> dict | None:
+    """All traffic to the newest routable variant other than ``version``."""
+    others = [v for v in ep.routable() if v != version]
+    return {"kind": "fixed", "weights": {max(others, key=version_key): 1.0}} if others else None
+
+
 def _without(policy: dict, version: str) -> dict | None:
     """``policy`` routing nothing to ``version``; None when nothing is left."""
     if policy["kind"] == "fixed":
@@ -428,6 +442,9 @@ class ControlState:
                     f"policy.arms names variants {unknown} that endpoint {name!r} does not have; "
                     f"it has {sorted(ep.variants, key=version_key)}"
                 )
+            retiring = sorted(set(cfg.arms) & set(ep.doc["retiring"]))
+            if retiring:
+                raise InvalidInputError(f"policy.arms names variants {retiring} of {name!r} that are being removed")
             if not routable & set(cfg.arms):
                 raise InvalidInputError(f"policy.arms names no ready variant of {name!r}; ready: {sorted(routable)}")
         self._busy(ep, "set a policy")
@@ -484,9 +501,10 @@ class ControlState:
         self._busy(ep, f"remove variant {version}")
         if ep.routable() == [version]:
             raise PreconditionFailedError(f"variant {version!r} is the last ready variant of {name!r}; swap instead")
-        if [v for v in ep.routable() if v in (ep.doc["policy"].get("arms") or ep.routable())] == [version]:
+        if _routes_to(ep.doc["policy"], ep.routable()) == [version]:
             raise PreconditionFailedError(
-                f"variant {version!r} is the last arm of {name!r}'s {ep.doc['policy']['kind']} policy; set a policy first"
+                f"variant {version!r} is the only one {name!r}'s {ep.doc['policy']['kind']} policy sends traffic to; "
+                "set a policy first (or swap)"
             )
         self._retire(ep, version, now)
         self._changed(now)
@@ -496,7 +514,7 @@ class ControlState:
         """Stop routing to ``version`` now; remove it once every replica has
         stopped sending it requests (see tick)."""
         ep.doc["retiring"][version] = {"since": now, "after": self.version + 1}
-        ep.doc["policy"] = _without(ep.doc["policy"], version) or ep.doc["policy"]  # see weights() for fixed
+        ep.doc["policy"] = _without(ep.doc["policy"], version) or _newest(ep, version) or ep.doc["policy"]
         if ep.doc["shadow"] and ep.doc["shadow"]["variant"] == version:
             ep.doc["shadow"] = None
         ep.event(now, "retire", f"retiring variant {version}")
@@ -579,11 +597,17 @@ class ControlState:
             baseline = doc["config"]["baseline"]
             if baseline not in ep.variants:
                 raise PreconditionFailedError(f"cannot roll back {name!r}: baseline {baseline!r} was already removed")
+            promoted = doc["state"]["status"] == "promoted"
             ep.doc["retiring"].pop(baseline, None)
             ep.doc["policy"] = {"kind": "fixed", "weights": {baseline: 1.0}}
             doc["state"]["status"] = "rolled_back"
             ep.event(now, "rollback", f"traffic back on {baseline}")
-            self._alias(ep, baseline, now)
+            if promoted:  # the alias moved only on promotion (not for promote: false)
+                if (ep.doc["models"].get(baseline) or {}).get("ref"):
+                    self._alias(ep, baseline, now)
+                elif ep.doc["alias"] and self._move_alias is not None:
+                    ep.event(now, "alias", f"{ep.doc['alias']!r} stays where the promotion put it: "
+                                           f"baseline {baseline} has no registry reference")
             self._changed(now)
             return self.status(name, now)
         raise PreconditionFailedError(f"endpoint {name!r} has no canary to roll back")
@@ -708,6 +732,7 @@ class ControlState:
                 self._changed(now)
 
     def _load_failed(self, ep: Endpoint, version: str, error: str, now: float) -> None:
+        ep.doc["policy"] = _without(ep.doc["policy"], version) or ep.doc["policy"]  # a version re-added later is no arm
         del ep.variants[version]
         ep.doc["models"].pop(version, None)
         ep.doc.setdefault("failed", {})[version] = error
@@ -790,7 +815,8 @@ class ControlState:
         doc["state"] = canary.state()
         baseline = {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
         restored = _without(doc.get("saved_policy") or baseline, doc["config"]["variant"])
-        ep.doc["policy"] = restored if restored is not None else baseline
+        # the saved policy may name only variants that are gone by now
+        ep.doc["policy"] = restored if restored is not None and _routes_to(restored, ep.routable()) else baseline
         ep.event(now, "canary", why)
         self._changed(now)
 

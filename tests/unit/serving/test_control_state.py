@@ -289,7 +289,7 @@ def test_a_variant_added_under_a_bandit_takes_no_traffic_until_a_policy_names_it
         st.set_policy("m", {"kind": "thompson", "arms": ["2", "9"]}, now=T0 + 1)
     st.remove_variant("m", "2", now=T0 + 1)  # retiring: no longer an arm
     assert st.snapshot()["endpoints"]["m"]["policy"]["arms"] == ["3"]
-    with pytest.raises(PreconditionFailedError, match="last arm"):
+    with pytest.raises(PreconditionFailedError, match="only one"):
         st.remove_variant("m", "3", now=T0 + 1)
 
 
@@ -350,3 +350,39 @@ def test_a_drift_gate_needs_a_monitored_variant_and_rolls_back_on_drift():
     status = st.status("m", now=T0 + 7)
     assert status["canary"]["status"] == "rolled_back" and status["weights"] == {"1": 1.0}
     assert "drift" in status["events"][-1]["detail"] and st.drift_wanted() == []
+
+
+def test_removing_what_a_fixed_split_routes_to_is_refused_and_a_restored_policy_never_falls_back_to_a_new_variant():
+    st = control("d", "id1", [], models("1", "2"), now=T0)  # no settings: fixed {"2": 1}
+    st.sync(report("r1", 0), now=T0)
+    with pytest.raises(PreconditionFailedError, match="only one"):
+        st.remove_variant("m", "2", now=T0)
+    st.remove_variant("m", "1", now=T0)  # no weight: fine
+    with pytest.raises(InvalidInputError, match="being removed"):
+        st.set_policy("m", {"kind": "ucb1", "arms": ["1", "2"]}, now=T0)
+    st.add_variant("m", {"version": "3", "path": "/models/3.onnx"}, now=T0)
+    _ready(st, T0 + 1, "2", "3")
+    assert st.snapshot()["endpoints"]["m"]["weights"] == {"2": 1.0}  # 3 is newer, but named by nothing
+
+
+def test_a_failed_load_is_no_arm_of_a_version_added_again_later():
+    st = control("d", "id1", [], models("1", "2"), now=T0)
+    st.sync(report("r1", 0), now=T0)
+    st.set_policy("m", {"kind": "ucb1", "arms": ["1", "2"]}, now=T0)
+    st.add_variant("m", {"version": "3", "path": "/broken.onnx"}, now=T0)
+    st.set_policy("m", {"kind": "ucb1", "arms": ["1", "2", "3"]}, now=T0)  # 3 still loading
+    st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "ready", "3": "failed: no"}}), now=T0 + 1)
+    st.tick(now=T0 + 1)
+    assert st.snapshot()["endpoints"]["m"]["policy"]["arms"] == ["1", "2"]
+
+
+def test_rolling_back_a_completed_canary_leaves_the_alias_alone():
+    moved: list = []
+    st = _two_variants(moved)
+    st.start_canary("m", {"variant": "2", "steps": [100], "hold_s": 5, "promote": False,
+                          "gates": {"min_requests": 10}}, now=T0)
+    st.sync(report("r1", st.version, windows={"m": {"1": window(50), "2": window(50)}}), now=T0 + 6)
+    st.tick(now=T0 + 6)
+    assert st.status("m", now=T0 + 6)["canary"]["status"] == "completed"
+    st.rollback("m", now=T0 + 6)
+    assert moved == [] and st.status("m", now=T0 + 6)["weights"] == {"1": 1.0}
