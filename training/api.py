@@ -130,10 +130,12 @@ class TrainingRuntime:
         self.store = JobStore.open(self.settings.registry_uri)
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._thread: threading.Thread | None = None
+        # one stop event per scheduler thread: a thread that stop() or
+        # stop_after() ended keeps its own (set) event while it winds its job
+        # down, whatever a later start() does
         self._stop = threading.Event()
-        self._hand_back = threading.Event()
+        self._lock = threading.Lock()
         self._last: str | None = None
-        self._current: str | None = None
 
     # -- jobs ---------------------------------------------------------------
     def submit(self, spec: JobSpec | dict | str, *, dataset: Any = None, run: bool = True) -> JobHandle:
@@ -201,16 +203,16 @@ class TrainingRuntime:
     # -- the scheduler ------------------------------------------------------
     def start(self) -> None:
         """Run queued jobs from a background thread (idempotent)."""
-        self._stop.clear()  # a thread still finishing its job after stop() goes on scheduling
-        self._hand_back.clear()
-        self._last = None
-        if self._thread is not None and self._thread.is_alive():
-            return
-        from flywheel.serving.app import start_ray
+        with self._lock:
+            self._last = None
+            if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
+                return
+            from flywheel.serving.app import start_ray
 
-        start_ray(self.settings, log_to_driver=False)
-        self._thread = threading.Thread(target=self._schedule, name="flywheel-training", daemon=True)
-        self._thread.start()
+            start_ray(self.settings, log_to_driver=False)
+            self._stop = stop = threading.Event()
+            self._thread = threading.Thread(target=self._schedule, args=(stop,), name="flywheel-training", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking jobs and end the thread. A running job is handed back
@@ -219,10 +221,11 @@ class TrainingRuntime:
         whichever process takes it next. ``timeout``: how long to wait for
         that; a job still running when this process exits is taken for
         orphaned once its heartbeats stop (``resume`` continues it)."""
-        self._stop.set()
-        self._hand_back.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        with self._lock:
+            self._stop.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def stop_after(self, job_id: str) -> None:
         """Take no more jobs once ``job_id`` has ended (``flywheel train``
@@ -230,12 +233,13 @@ class TrainingRuntime:
         after it). ``start()`` clears it."""
         self._last = job_id
 
-    def _schedule(self) -> None:
-        while not self._stop.is_set():
+    def _schedule(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
-                if self._last is not None and self.store.get(self._last).state in TERMINAL:
-                    self._stop.set()
-                    break
+                with self._lock:  # decided together with start(), which may clear _last meanwhile
+                    if self._last is not None and self.store.get(self._last).state in TERMINAL:
+                        stop.set()
+                        break
                 self._mark_stale()
                 # by priority, not by what is free now: a job that cannot get
                 # its resources fails after resources.wait_s with a message
@@ -245,10 +249,10 @@ class TrainingRuntime:
                 log.exception("training scheduler: claiming a job failed")
                 rec = None
             if rec is None:
-                self._stop.wait(POLL_S)
+                stop.wait(POLL_S)
                 continue
             try:
-                self._run(rec)
+                self._run(rec, stop)
             except BaseException as exc:  # the thread must outlive any one job
                 log.exception("training scheduler: job %s", rec.id)
                 try:
@@ -256,10 +260,9 @@ class TrainingRuntime:
                 except Exception:
                     pass
 
-    def _run(self, rec: JobRecord) -> None:
+    def _run(self, rec: JobRecord, stop: threading.Event) -> None:
         from flywheel.training.runner import JobCancelled, run_job
 
-        self._current = rec.id
         beating = threading.Event()
 
         lost = threading.Event()
@@ -282,11 +285,11 @@ class TrainingRuntime:
         try:
             result = run_job(
                 rec, registry_uri=self.settings.registry_uri, artifacts_uri=self.settings.artifacts_uri,
-                should_stop=lambda: lost.is_set() or self._hand_back.is_set() or self._cancel_requested(rec.id),
+                should_stop=lambda: lost.is_set() or stop.is_set() or self._cancel_requested(rec.id),
             )
             self.store.finish(rec.id, "succeeded", result=result, runner=self.runner_id)
         except JobCancelled as exc:
-            if self._hand_back.is_set() and not lost.is_set() and not self._cancel_requested(rec.id):
+            if stop.is_set() and not lost.is_set() and not self._cancel_requested(rec.id):
                 self._release(rec)
             else:
                 self.store.finish(rec.id, "cancelled", error=str(exc), runner=self.runner_id)
@@ -303,7 +306,6 @@ class TrainingRuntime:
                 pass
         finally:
             beating.set()
-            self._current = None
 
     def _cancel_requested(self, job_id: str) -> bool:
         try:
@@ -318,8 +320,14 @@ class TrainingRuntime:
         self.store.release(rec.id, self.runner_id)
         append_log(job_paths(rec.storage)["log"], f"handed back to the queue by {self.runner_id} (its process stopped)")
 
-    def close(self) -> None:
-        self.stop()
+    def close(self, timeout: float = 60.0) -> None:
+        """stop() (waiting up to ``timeout`` for a running job to be handed
+        back), then close the store, unless the job is still winding down
+        (its hand-back needs the store; the process's exit ends both)."""
+        self.stop(timeout)
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("training: a job is still stopping after %.0f s; the job store stays open", timeout)
+            return
         self.store.close()
 
 

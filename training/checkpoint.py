@@ -657,8 +657,8 @@ def restore_rng(rng: dict[str, Any]) -> None:
         random.setstate(rng["python"])
     if "numpy" in rng:
         np.random.set_state(rng["numpy"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "cuda" in rng and torch.cuda.is_available():  # as many devices as this process sees
+        torch.cuda.set_rng_state_all(list(rng["cuda"])[: torch.cuda.device_count()])
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -71,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     rt.stop(timeout=120)  # a job of another process that is running here goes back to the queue
     print(f"job {job.id}: {rec.state}" + (f" ({rec.error})" if rec.error else ""), flush=True)
     if rec.state == "succeeded":
-        for key in ("ref", "onnx", "metrics"):
+        for key in ("ref", "onnx", "metrics", "canary", "canary_error"):
             if key in rec.result:
                 print(f"  {key}: {rec.result[key]}", flush=True)
     if rec.state != "succeeded":

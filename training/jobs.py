@@ -338,7 +338,8 @@ class JobStore:
         """Hand a job that ``runner`` is running back to the queue (its
         process is stopping): queued again, same id, place in line and
         storage, so whichever runner claims it next resumes it from its
-        checkpoints. PreconditionFailedError when it is not running under
+        checkpoints. A job whose cancel was asked for meanwhile is cancelled
+        instead. PreconditionFailedError when it is not running under
         ``runner``."""
         with self._locked():
             rec = self._get(job_id)
@@ -347,6 +348,12 @@ class JobStore:
                     f"training job {job_id!r} is not running under runner {runner!r} "
                     f"(state {rec.state}, runner {rec.runner!r})"
                 )
+            if rec.cancel_requested:
+                self._db.execute(
+                    "UPDATE training_jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
+                    (self._clock(), f"job {job_id} cancelled", job_id),
+                )
+                return self._get(job_id)
             self._db.execute(
                 "UPDATE training_jobs SET state = 'queued', started_at = NULL, runner = '', heartbeat_at = NULL "
                 "WHERE id = ?",

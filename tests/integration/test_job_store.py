@@ -220,6 +220,8 @@ def test_a_runner_hands_its_job_back_and_the_next_claim_resumes_it(store):
     assert (again.id, again.attempts, again.runner) == (a.id, 2, "r2")
     with pytest.raises(PreconditionFailedError):
         store.release(a.id, "r1")
+    store.request_cancel(a.id)  # asked while it was stopping: it ends cancelled, not queued
+    assert store.release(a.id, "r2").state == "cancelled"
 
 
 def test_stale_running_jobs_are_found_and_requeued(store, clock):
