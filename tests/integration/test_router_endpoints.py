@@ -217,7 +217,8 @@ def test_canary_whose_inputs_drift_rolls_back_on_the_drift_gate(variants, tmp_pa
             wait_for(lambda: _loaded(client, "2"))
             client.start_canary("m", {
                 "variant": "2", "baseline": "1", "steps": [50, 100], "hold_s": 2.0, "max_step_s": 60.0,
-                "gates": {"min_requests": 10, "max_drift": 0.2},
+                # drift alone judges (a p99 of 10 requests on a busy host is noise)
+                "gates": {"min_requests": 10, "max_drift": 0.2, "max_p99_ratio": None},
             })
             deadline = time.monotonic() + 60
             while client.endpoint("m")["canary"]["status"] == "running" and time.monotonic() < deadline:
@@ -227,7 +228,7 @@ def test_canary_whose_inputs_drift_rolls_back_on_the_drift_gate(variants, tmp_pa
             status = client.endpoint("m")
             assert status["canary"]["status"] == "rolled_back", status["canary"]
             drift_gate = next(g for g in status["canary"]["last_gates"] if g["name"] == "drift")
-            assert not drift_gate["passed"] and drift_gate["value"] > 0.2, drift_gate
+            assert not drift_gate["passed"] and drift_gate["value"] > 0.2, status["canary"]
             assert status["weights"] == {"1": 1.0}
             # a variant without drift monitoring cannot take a drift gate
             client.add_variant("m", {"version": "3", "path": variants["4"], "num_cpus": 0.05})
