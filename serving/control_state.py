@@ -12,7 +12,8 @@ comparisons), and which requests it routed where (for feedback). Here those
 reports are summed, canaries are judged, swaps are moved through their
 phases, and every change is persisted (registry/router_state.py) before the
 next snapshot announces it, so that losing a replica, or this process, loses
-nothing that was accepted.
+nothing that was accepted. The endpoint document itself, and the pure
+functions over its policy and canary parts: serving/_private/endpoint_state.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ import msgspec
 from flywheel.runtime.errors import AlreadyExistsError, ConfigError, InvalidInputError, NotFoundError
 from flywheel.runtime.errors import PreconditionFailedError
 from flywheel.serving._private.live_endpoint import ID_TTL_S, check_reward
+from flywheel.serving._private.endpoint_state import (
+    Endpoint,
+    as_doc,
+    canary_of,
+    canary_percent,
+    newest,
+    routes_to,
+    summary,
+    with_arms,
+    without,
+)
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
 from flywheel.serving.policies import FixedPolicy, ShadowConfig, decode_policy, make_policy
@@ -36,14 +48,9 @@ from flywheel.serving.router import version_key
 LIVE_S = 5.0  # a replica that has not reported for this long is gone
 LOAD_TIMEOUT_S = 300.0  # a variant still loading after this long has failed
 DRAIN_TIMEOUT_S = 30.0  # a retiring variant is removed after this even if busy
-MAX_EVENTS = 50
 MAX_IDS = 200_000  # request ids kept for feedback (ingress replicas keep their own)
 PERSIST_EVERY_S = 2.0  # statistics are saved at most this often; decisions at once
 STATS_EVERY_S = 1.0  # statistics (bandit arms, totals) are announced at most this often
-
-
-def _doc(struct: msgspec.Struct) -> dict:
-    return msgspec.to_builtins(struct)
 
 
 class _Replica:
@@ -55,129 +62,6 @@ class _Replica:
         self.seen = 0.0
         self.loaded: dict[str, dict[str, str]] = {}
         self.inflight: dict[str, dict[str, int]] = {}
-
-
-class Endpoint:
-    """One endpoint's durable state (``doc``) and its live statistics."""
-
-    def __init__(self, doc: dict) -> None:
-        self.doc = doc
-        self.totals: dict[str, VariantWindow] = {
-            v: VariantWindow.from_wire(w) for v, w in doc.get("totals", {}).items()
-        }
-        self.step: dict[str, VariantWindow] = {}  # the canary's current-step windows
-        self.dirty = True
-
-    @classmethod
-    def fresh(cls, config: EndpointConfig, static: list[ModelConfig]) -> Endpoint:
-        versions = sorted((m.version for m in static), key=version_key)
-        policy = (_with_arms(_doc(config.policy), versions) if config.policy is not None
-                  else {"kind": "fixed", "weights": {versions[-1]: 1.0}})
-        return cls({
-            "name": config.name,
-            "variants": {m.version: {"model": None, "status": "ready", "error": ""} for m in static},
-            "models": {m.version: _doc(m) for m in static},
-            "policy": policy,
-            "policy_state": None,
-            "shadow": _doc(config.shadow) if config.shadow is not None else None,
-            "sticky": {"header": config.sticky_header, "parameter": config.sticky_parameter},
-            "alias": config.promote_alias,
-            "canary": None,
-            "swap": None,
-            "retiring": {},
-            "events": [],
-            "totals": {},
-        })
-
-    @property
-    def name(self) -> str:
-        return self.doc["name"]
-
-    @property
-    def variants(self) -> dict[str, dict]:
-        return self.doc["variants"]
-
-    def routable(self) -> list[str]:
-        retiring = self.doc["retiring"]
-        return sorted(
-            (v for v, s in self.variants.items() if s["status"] == "ready" and v not in retiring), key=version_key
-        )
-
-    def event(self, now: float, kind: str, detail: str) -> None:
-        events = self.doc["events"]
-        events.append({"time": now, "kind": kind, "detail": detail})
-        del events[:-MAX_EVENTS]
-        self.dirty = True
-
-    def window(self, variant: str) -> VariantWindow:
-        w = self.totals.get(variant)
-        if w is None:
-            w = self.totals[variant] = VariantWindow()
-        return w
-
-    def step_window(self, variant: str) -> VariantWindow:
-        w = self.step.get(variant)
-        if w is None:
-            w = self.step[variant] = VariantWindow()
-        return w
-
-    def policy(self):
-        """The routing policy over the routable variants (bandit arms keep
-        their statistics across changes of the variant set)."""
-        cfg = decode_policy(self.doc["policy"])
-        return make_policy(cfg, self.routable(), self.doc["policy_state"])
-
-    def weights(self) -> dict[str, float] | None:
-        """Traffic shares that override the policy: a swap moving traffic, a
-        running canary, or a fixed policy. None = ask the bandit."""
-        swap = self.doc["swap"]
-        if swap and swap["phase"] in ("draining",):
-            return {swap["to"]: 1.0}
-        canary = self.doc["canary"]
-        if canary and canary["state"]["status"] == "running":
-            return _canary(canary).weights()
-        if self.doc["policy"]["kind"] == "fixed":
-            routable = set(self.routable())
-            weights = {v: w for v, w in self.doc["policy"]["weights"].items() if v in routable and w > 0}
-            if not weights and routable:  # what the policy named is gone: the newest takes it all
-                weights = {max(routable, key=version_key): 1.0}
-            return weights
-        return None
-
-
-def _with_arms(policy: dict, variants: list[str]) -> dict:
-    """A bandit policy document with its arms written out (``variants`` when
-    it names none), so that variants added later are not arms."""
-    if policy["kind"] == "fixed" or policy.get("arms"):
-        return policy
-    return {**policy, "arms": list(variants)}
-
-
-def _routes_to(policy: dict, routable: list[str]) -> list[str]:
-    """The routable variants ``policy`` can send traffic to."""
-    if policy["kind"] == "fixed":
-        return [v for v in routable if policy["weights"].get(v, 0) > 0]
-    arms = policy.get("arms")
-    return [v for v in routable if v in arms] if arms else list(routable)
-
-
-def _newest(ep: Endpoint, version: str) -> dict | None:
-    """All traffic to the newest routable variant other than ``version``."""
-    others = [v for v in ep.routable() if v != version]
-    return {"kind": "fixed", "weights": {max(others, key=version_key): 1.0}} if others else None
-
-
-def _without(policy: dict, version: str) -> dict | None:
-    """``policy`` routing nothing to ``version``; None when nothing is left."""
-    if policy["kind"] == "fixed":
-        weights = {v: w for v, w in policy["weights"].items() if v != version}
-        return {**policy, "weights": weights} if any(w > 0 for w in weights.values()) else None
-    arms = [a for a in policy.get("arms", ()) if a != version]
-    return {**policy, "arms": arms} if arms else None
-
-
-def _canary(doc: dict) -> Canary:
-    return Canary.from_state(msgspec.convert(doc["config"], CanaryConfig), doc["state"])
 
 
 class ControlState:
@@ -380,7 +264,7 @@ class ControlState:
                 "shadow": doc["shadow"] if doc["shadow"] and doc["shadow"]["variant"] in ep.routable() else None,
                 "sticky": doc["sticky"],
                 "totals": {v: summary(w) for v, w in ep.totals.items()},
-                "canary_step": _canary_percent(doc),
+                "canary_step": canary_percent(doc),
             }
         return {"version": self.version, "epoch": self.epoch, "endpoints": out}
 
@@ -426,22 +310,17 @@ class ControlState:
         except ConfigError as exc:  # from a caller: their input, not our config
             raise InvalidInputError(exc.message) from None
         routable = set(ep.routable())
+        field, named = ("weights", cfg.weights) if isinstance(cfg, FixedPolicy) else ("arms", cfg.arms)
+        unknown = sorted(set(named) - set(ep.variants))
+        if unknown:
+            raise InvalidInputError(
+                f"policy.{field} names variants {unknown} that endpoint {name!r} does not have; "
+                f"it has {sorted(ep.variants, key=version_key)}"
+            )
         if isinstance(cfg, FixedPolicy):
-            unknown = sorted(set(cfg.weights) - set(ep.variants))
-            if unknown:
-                raise InvalidInputError(
-                    f"policy.weights names variants {unknown} that endpoint {name!r} does not have; "
-                    f"it has {sorted(ep.variants, key=version_key)}"
-                )
             if not any(w > 0 for v, w in cfg.weights.items() if v in routable):
                 raise InvalidInputError(f"policy.weights gives no weight to a ready variant of {name!r}")
         elif cfg.arms:
-            unknown = sorted(set(cfg.arms) - set(ep.variants))
-            if unknown:
-                raise InvalidInputError(
-                    f"policy.arms names variants {unknown} that endpoint {name!r} does not have; "
-                    f"it has {sorted(ep.variants, key=version_key)}"
-                )
             retiring = sorted(set(cfg.arms) & set(ep.doc["retiring"]))
             if retiring:
                 raise InvalidInputError(f"policy.arms names variants {retiring} of {name!r} that are being removed")
@@ -454,7 +333,7 @@ class ControlState:
                 state = make_policy(cfg, sorted(routable, key=version_key), state).state()
             except (ConfigError, InvalidInputError):
                 state = make_policy(cfg, sorted(routable, key=version_key)).state()
-        ep.doc["policy"] = _with_arms(_doc(cfg), sorted(routable, key=version_key))
+        ep.doc["policy"] = with_arms(as_doc(cfg), sorted(routable, key=version_key))
         ep.doc["policy_state"] = state
         ep.event(now, "policy", f"policy set to {cfg.kind}")
         self._changed(now)
@@ -476,8 +355,8 @@ class ControlState:
         cfg = self._pinned(_model_config(name, model))
         if cfg.version in ep.variants:
             raise AlreadyExistsError(f"endpoint {name!r} already has variant {cfg.version!r}")
-        ep.variants[cfg.version] = {"model": _doc(cfg), "status": "loading", "error": "", "since": now}
-        ep.doc["models"][cfg.version] = _doc(cfg)
+        ep.variants[cfg.version] = {"model": as_doc(cfg), "status": "loading", "error": "", "since": now}
+        ep.doc["models"][cfg.version] = as_doc(cfg)
         ep.event(now, "variant", f"loading variant {cfg.version}")
         self._changed(now)
         return self.status(name, now)
@@ -501,7 +380,7 @@ class ControlState:
         self._busy(ep, f"remove variant {version}")
         if ep.routable() == [version]:
             raise PreconditionFailedError(f"variant {version!r} is the last ready variant of {name!r}; swap instead")
-        if _routes_to(ep.doc["policy"], ep.routable()) == [version]:
+        if routes_to(ep.doc["policy"], ep.routable()) == [version]:
             raise PreconditionFailedError(
                 f"variant {version!r} is the only one {name!r}'s {ep.doc['policy']['kind']} policy sends traffic to; "
                 "set a policy first (or swap)"
@@ -514,7 +393,7 @@ class ControlState:
         """Stop routing to ``version`` now; remove it once every replica has
         stopped sending it requests (see tick)."""
         ep.doc["retiring"][version] = {"since": now, "after": self.version + 1}
-        ep.doc["policy"] = _without(ep.doc["policy"], version) or _newest(ep, version) or ep.doc["policy"]
+        ep.doc["policy"] = without(ep.doc["policy"], version) or newest(ep, version) or ep.doc["policy"]
         if ep.doc["shadow"] and ep.doc["shadow"]["variant"] == version:
             ep.doc["shadow"] = None
         ep.event(now, "retire", f"retiring variant {version}")
@@ -531,8 +410,8 @@ class ControlState:
             raise AlreadyExistsError(
                 f"endpoint {name!r} already has variant {cfg.version!r}; give the new one another version"
             )
-        ep.variants[cfg.version] = {"model": _doc(cfg), "status": "loading", "error": "", "since": now}
-        ep.doc["models"][cfg.version] = _doc(cfg)
+        ep.variants[cfg.version] = {"model": as_doc(cfg), "status": "loading", "error": "", "since": now}
+        ep.doc["models"][cfg.version] = as_doc(cfg)
         ep.doc["swap"] = {"from": old, "to": cfg.version, "phase": "loading", "error": "", "started": now}
         ep.event(now, "swap", f"swap {old} -> {cfg.version}: loading")
         self._changed(now)
@@ -569,7 +448,7 @@ class ControlState:
         if cfg.baseline not in routable or cfg.baseline == cfg.variant:
             raise InvalidInputError(f"canary.baseline {cfg.baseline!r} must be another ready variant of {name!r}")
         canary = Canary(cfg, now)
-        ep.doc["canary"] = {"config": _doc(cfg), "state": canary.state(), "saved_policy": ep.doc["policy"]}
+        ep.doc["canary"] = {"config": as_doc(cfg), "state": canary.state(), "saved_policy": ep.doc["policy"]}
         ep.step.clear()
         ep.event(now, "canary", f"canary {cfg.variant} vs {cfg.baseline} started at {cfg.steps[0]} %")
         self._changed(now)
@@ -581,7 +460,7 @@ class ControlState:
         doc = ep.doc["canary"]
         if not doc or doc["state"]["status"] != "running":
             raise PreconditionFailedError(f"endpoint {name!r} has no running canary")
-        canary = _canary(doc)
+        canary = canary_of(doc)
         canary.abort(now, "aborted by an operator")
         self._end_canary(ep, canary, now, "aborted by an operator")
         return self.status(name, now)
@@ -623,7 +502,7 @@ class ControlState:
             raise PreconditionFailedError(f"cannot promote: endpoint {name!r} is swapping")
         doc = ep.doc["canary"]
         if doc and doc["state"]["status"] == "running":
-            canary = _canary(doc)
+            canary = canary_of(doc)
             canary.abort(now, f"promoted {version} by an operator")
             doc["state"] = canary.state()
             doc["state"]["status"] = "promoted" if version == doc["config"]["variant"] else "aborted"
@@ -664,7 +543,7 @@ class ControlState:
                 raise InvalidInputError(f"shadow: {exc}") from None
             if cfg.variant not in ep.routable():
                 raise InvalidInputError(f"shadow.variant {cfg.variant!r} is not a ready variant of {name!r}")
-            ep.doc["shadow"] = _doc(cfg)
+            ep.doc["shadow"] = as_doc(cfg)
             ep.event(now, "shadow", f"{cfg.fraction:.0%} of traffic mirrored to {cfg.variant}")
         self._changed(now)
         return self.status(name, now)
@@ -732,7 +611,7 @@ class ControlState:
                 self._changed(now)
 
     def _load_failed(self, ep: Endpoint, version: str, error: str, now: float) -> None:
-        ep.doc["policy"] = _without(ep.doc["policy"], version) or ep.doc["policy"]  # a version re-added later is no arm
+        ep.doc["policy"] = without(ep.doc["policy"], version) or ep.doc["policy"]  # a version re-added later is no arm
         del ep.variants[version]
         ep.doc["models"].pop(version, None)
         ep.doc.setdefault("failed", {})[version] = error
@@ -771,7 +650,7 @@ class ControlState:
         for ep in self.endpoints.values():
             doc = ep.doc["canary"]
             if doc and doc["state"]["status"] == "running" and doc["config"]["gates"].get("max_drift") is not None:
-                out.append((ep.name, doc["config"]["variant"], _canary(doc).step_started_at))
+                out.append((ep.name, doc["config"]["variant"], canary_of(doc).step_started_at))
         return out
 
     def set_drift(self, name: str, variant: str, score: float | None) -> None:
@@ -784,7 +663,7 @@ class ControlState:
         if not doc or doc["state"]["status"] != "running":
             return
         cfg = msgspec.convert(doc["config"], CanaryConfig)
-        canary = _canary(doc)
+        canary = canary_of(doc)
         step = canary.step
         decision = canary.evaluate(
             now, ep.step.get(cfg.baseline) or VariantWindow(), ep.step.get(cfg.variant) or VariantWindow(),
@@ -802,7 +681,7 @@ class ControlState:
             return
         ep.step.clear()  # windows are per step (Canary.evaluate's contract)
         if decision.action == "advance":
-            ep.event(now, "canary", f"canary {cfg.variant} advanced to {_canary_percent(ep.doc)} %")
+            ep.event(now, "canary", f"canary {cfg.variant} advanced to {canary_percent(ep.doc)} %")
             self._changed(now)
         elif decision.action == "rollback":
             self._end_canary(ep, canary, now, f"rolled back: {decision.reason}")
@@ -814,9 +693,9 @@ class ControlState:
         doc = ep.doc["canary"]
         doc["state"] = canary.state()
         baseline = {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
-        restored = _without(doc.get("saved_policy") or baseline, doc["config"]["variant"])
+        restored = without(doc.get("saved_policy") or baseline, doc["config"]["variant"])
         # the saved policy may name only variants that are gone by now
-        ep.doc["policy"] = restored if restored is not None and _routes_to(restored, ep.routable()) else baseline
+        ep.doc["policy"] = restored if restored is not None and routes_to(restored, ep.routable()) else baseline
         ep.event(now, "canary", why)
         self._changed(now)
 
@@ -829,13 +708,6 @@ class ControlState:
                 ep.variants.pop(version, None)
                 ep.event(now, "variant", f"variant {version} removed (drained)")
                 self._changed(now)
-
-
-def _canary_percent(doc: dict) -> float:
-    canary = doc.get("canary")
-    if not canary or canary["state"]["status"] != "running":
-        return 0.0
-    return float(_canary(canary).weights().get(canary["config"]["variant"], 0.0) * 100)
 
 
 def _model_config(name: str, model: Any) -> ModelConfig:
@@ -860,21 +732,3 @@ def _model_config(name: str, model: Any) -> ModelConfig:
     if not cfg.version and not cfg.ref:
         raise InvalidInputError("model.version is required with model.path")
     return cfg
-
-
-def summary(w: VariantWindow) -> dict:
-    """A variant's numbers for status and metrics (JSON-able)."""
-    p50, p99 = (w.quantile(0.5), w.quantile(0.99)) if w.requests else (None, None)
-    return {
-        "requests": w.requests,
-        "errors": w.errors,
-        "error_rate": w.error_rate,
-        "p50_ms": None if p50 is None else p50 * 1000,
-        "p99_ms": None if p99 is None else p99 * 1000,
-        "rewards": w.reward_count,
-        "reward_sum": w.reward_sum,
-        "mean_reward": w.mean_reward,
-        "shadow_compared": w.shadow_compared,
-        "shadow_agreed": w.shadow_agreed,
-        "shadow_abs_diff_sum": w.shadow_abs_diff_sum,
-    }
