@@ -6,13 +6,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps edge-runner
+.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps edge-runner lock wheel
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,bench,edge]'
+	@# the distribution was called "flywheel" before it became flywheel-ml
+	$(PY) -m pip uninstall --quiet --yes flywheel 2>/dev/null || true
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[train,test,bench,edge]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -69,6 +71,16 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.auth
 	$(PY) -m flywheel.bench.routing
 	$(PY) -m flywheel.bench.training
+
+# requirements.lock from a resolve against the public index alone (deploy/lock.py);
+# `make test` checks that the lock as committed still resolves there.
+lock: $(STAMP)
+	$(PY) deploy/lock.py
+
+# The wheel that `pip install flywheel-ml` gets, and the images build from.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	@ls dist/flywheel_ml-*.whl
 
 clean-venv:
 	rm -rf $(VENV)

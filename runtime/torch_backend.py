@@ -43,7 +43,11 @@ class TorchBackend(Backend):
         self._signature: Signature | None = None
 
     def load(self) -> None:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError("backend 'torch' needs PyTorch, which a serving-only install leaves out: "
+                              "pip install 'flywheel-ml[train]'") from None
 
         module, self._signature = build(self._arch, self._hparams)
         module.load_state_dict(load_state_dict(self._weights))
