@@ -1,14 +1,16 @@
 """Deploy a DeployConfig on Ray Serve and take it down again.
 
-Layout on Ray Serve: one application, ``<deployment>-ingress``, whose
-``server.replicas`` replicas serve V2 HTTP and gRPC on the configured
-addresses and host every colocated model in-process; and one application per
-dedicated (model, version), named ``<deployment>-<model>-<version>``, whose
-replicas serve the internal frame protocol on a loopback port shared by all of
-them (``<deployment>`` is the config's ``name``, ``flywheel`` by default);
-and ``<deployment>-router``, one replica of the router controller, which
-holds every endpoint's routing state (policies, canaries, swaps; see
-serving/controller.py) and persists it in the registry's database.
+Layout on Ray Serve: one application named after the config's ``name``
+(``flywheel`` by default), whose entry deployment ``ingress`` has
+``server.replicas`` replicas serving V2 HTTP and gRPC on the configured
+addresses and hosting every colocated model in-process; beside it ``router``,
+one replica of the router controller, which holds every endpoint's routing
+state (policies, canaries, swaps; see serving/controller.py) and persists it
+in the registry's database; ``drift``, the drift monitor, when a model has
+drift on; and one deployment ``<model>-<version>`` per dedicated model, whose
+replicas serve the internal frame protocol on a loopback port shared by all
+of them. One application is what ``serve deploy`` and KubeRay's
+``serveConfigV2`` deploy declaratively (serving/deploy.py builds the same).
 Serve's own HTTP proxy is disabled: it would add milliseconds to every request
 (shared/design/RAY-NOTES.md) and nothing routes through it.
 """
@@ -28,26 +30,28 @@ from dataclasses import dataclass
 import msgspec
 
 from flywheel.runtime.errors import ConfigError, UnavailableError
-from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig
+from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor
-from flywheel.serving.ingress import Ingress
+from flywheel.serving.ingress import DRAIN_S, Ingress
 from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
 from flywheel.serving.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-def app_name(config: DeployConfig, model: ModelConfig) -> str:
-    return f"{config.name}-{model.name}-{model.version}"
+def model_deployment_name(model: ModelConfig) -> str:
+    """The Serve deployment of a dedicated (model, version)."""
+    return f"{model.name}-{model.version}"
 
 
 def ingress_app_name(config: DeployConfig) -> str:
-    return f"{config.name}-ingress"
+    """The Serve application of a deployment (all its parts are in it)."""
+    return config.name
 
 
 def controller_app_name(config: DeployConfig) -> str:
-    return f"{config.name}-router"
+    return config.name
 
 
 def start_ray(
@@ -71,12 +75,44 @@ def start_ray(
         return
     kwargs: dict = {"namespace": "flywheel", "log_to_driver": log_to_driver}
     if settings.ray_address:
-        ray.init(address=settings.ray_address, **kwargs)
+        try:
+            ray.init(address=settings.ray_address, **kwargs)
+        except RuntimeError as exc:
+            if "version mismatch" not in str(exc).lower():
+                raise
+            # Ray's own words name the cluster's and this process's versions
+            raise ConfigError(f"RAY_ADDRESS {settings.ray_address}: {exc}") from None
+        check_cluster_versions()
         return
     cpus = num_cpus if num_cpus is not None else (settings.ray_num_cpus or None)
     if settings.ray_tmpdir:
         kwargs["_temp_dir"] = settings.ray_tmpdir
     ray.init(num_cpus=cpus, include_dashboard=include_dashboard, **kwargs)
+
+
+def check_cluster_versions() -> None:
+    """Refuse a cluster whose workers run another Flywheel than this driver:
+    replicas would run code that does not match the config written here.
+    (Ray refuses a Ray or Python mismatch itself, in ray.init.)"""
+    import ray
+
+    from flywheel.serving.deploy import flywheel_version
+
+    @ray.remote(num_cpus=0)
+    def _their_version() -> str:
+        try:
+            from flywheel.serving.deploy import flywheel_version as theirs
+        except ImportError:
+            return "none"
+        return theirs()
+
+    ours, theirs = flywheel_version(), ray.get(_their_version.remote(), timeout=60)
+    if theirs != ours:
+        ray.shutdown()
+        raise ConfigError(
+            f"the Ray cluster's workers run Flywheel {theirs}, this process Flywheel {ours}: "
+            f"install flywheel-ml=={ours} on every node (or run this Flywheel's own Ray)"
+        )
 
 
 def _actor_options(num_cpus: float, models) -> dict:
@@ -145,58 +181,47 @@ def resolve_models(config: DeployConfig, settings: Settings) -> DeployConfig:
     return msgspec.structs.replace(config, models=models, registry=reg_cfg)
 
 
-def deploy(
-    config: DeployConfig, *, settings: Settings | None = None, ready_timeout_s: float = 120.0
-) -> Deployment:
-    """Deploy every model of ``config`` and the ingress; return when
-    ``/v2/health/ready`` answers 200. Ray must be initialised (start_ray).
-    Registry references are resolved first (see resolve_models)."""
+def build_application(config: DeployConfig, *, deploy_id: str | None = None):
+    """The whole deployment as one Ray Serve application: the ingress (the
+    application's entry) and, bound into its arguments so that Serve deploys
+    them with it, the router controller, the drift monitor (when a model has
+    drift on) and one deployment per dedicated model. ``config`` must be
+    resolved (resolve_models) and have its public ports fixed; the internal
+    ports are chosen here, on the node that builds the application.
+
+    Used by :func:`deploy` and by the ``serve deploy`` builder
+    (serving/deploy.py), so both lay a deployment out the same way."""
     from ray import serve
 
-    config.server.check_exposure()
-    config = resolve_models(config, settings or load_settings())
     server = config.server
-    ports = {}
-    for field in ("port", "grpc_port"):
-        port = getattr(server, field)
-        if port > 0:
-            _check_bindable(server.host, port, field)
-        elif port == 0:  # pick a free port now so that we can tell the caller
-            with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET) as s:
-                s.bind((server.host, 0))
-                ports[field] = s.getsockname()[1]
-    server = msgspec.structs.replace(server, **ports)
-    serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
-    routes, apps = [], []
+    app = config.name
+    deploy_id = deploy_id or uuid.uuid4().hex
     monitored = [m for m in config.models if m.drift.enabled]
     drift_port = _free_port() if monitored else 0
-    if monitored:  # first, so that replicas can ship samples from the start
+    parts = []
+    if monitored:
         monitor = serve.deployment(DriftMonitor).options(
             name="drift", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
             health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=2.0,
         )
-        serve.run(monitor.bind(drift_port, monitored, config.registry), name=f"{config.name}-drift", route_prefix=None)
-        apps.append(f"{config.name}-drift")
-    # The router controller: endpoint policies, canaries, swaps (first, so
-    # that the ingress replicas get their first snapshot from it).
+        parts.append(monitor.bind(drift_port, monitored, config.registry))
+    # The router controller: endpoint policies, canaries, swaps; the ingress
+    # replicas take their first snapshot from it (EndpointSync.first waits).
     controller = serve.deployment(RouterController).options(
         name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
         health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1.0,
         logging_config={"enable_access_log": False},  # replicas sync twice a second
     )
-    serve.run(
-        controller.bind(config.name, uuid.uuid4().hex, list(config.endpoints), list(config.models), config.registry,
-                        f"{config.name}-drift" if monitored else ""),
-        name=controller_app_name(config), route_prefix=None,
-    )
-    apps.append(controller_app_name(config))
+    parts.append(controller.bind(config.name, deploy_id, list(config.endpoints),
+                                 list(config.models), config.registry, app if monitored else ""))
+    routes = []
     colocated = [m for m in config.models if m.placement == "colocated"]
     for model in config.models:
         if model.placement == "colocated":
             continue
         port = _free_port()
         dep = serve.deployment(ModelReplica).options(
-            name=f"{model.name}-{model.version}",
+            name=model_deployment_name(model),
             num_replicas=model.replicas,
             ray_actor_options=_actor_options(model.num_cpus, [model]),
             health_check_period_s=2.0,
@@ -204,37 +229,63 @@ def deploy(
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=5.0,
         )
-        name = app_name(config, model)
-        log.info("deploying %s (%d replica(s))", name, model.replicas)
-        serve.run(
-            dep.bind(model, port, server.request_limits(), config.registry, drift_port),
-            name=name,
-            route_prefix=None,
-        )
+        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port))
         routes.append(Route(model.name, model.version, port))
-        apps.append(name)
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=server.replicas,
         ray_actor_options=_actor_options(server.ingress_num_cpus + sum(m.num_cpus for m in colocated), colocated),
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
-        # colocated models drain their batches on close (up to 5 s), like dedicated replicas
-        graceful_shutdown_timeout_s=6.0 if colocated else 2.0,
+        # a replaced replica drains its connections (DRAIN_S) and its colocated
+        # models' batches (up to 5 s) before it goes
+        graceful_shutdown_timeout_s=(6.0 if colocated else 2.0) + DRAIN_S,
+        # a rolling update starts the new replicas beside the old ones (they
+        # share the ports: SO_REUSEPORT) and stops the old only then
+        max_surge_percent=100,
     )
-    serve.run(
-        ingress.bind(
-            server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
-            colocated, config.registry, controller_app_name(config),
-        ),
-        name=ingress_app_name(config), route_prefix=None,
+    return ingress.bind(
+        server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
+        colocated, config.registry, app, parts, deploy_id,
     )
-    apps.append(ingress_app_name(config))
+
+
+def fix_public_ports(server: ServerConfig) -> ServerConfig:
+    """Port 0 means any free port: pick it now, so that the caller can be
+    told, and check that fixed ports can be bound."""
+    ports = {}
+    for field in ("port", "grpc_port"):
+        port = getattr(server, field)
+        if port > 0:
+            _check_bindable(server.host, port, field)
+        elif port == 0:
+            with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET) as s:
+                s.bind((server.host, 0))
+                ports[field] = s.getsockname()[1]
+    return msgspec.structs.replace(server, **ports)
+
+
+def deploy(
+    config: DeployConfig, *, settings: Settings | None = None, ready_timeout_s: float = 120.0
+) -> Deployment:
+    """Deploy every model of ``config`` and the ingress as one Serve
+    application (build_application); return when ``/v2/health/ready``
+    answers 200. Ray must be initialised (start_ray). Registry references
+    are resolved first (see resolve_models)."""
+    from ray import serve
+
+    config.server.check_exposure()
+    config = resolve_models(config, settings or load_settings())
+    config = msgspec.structs.replace(config, server=fix_public_ports(config.server))
+    server = config.server
+    serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+    log.info("deploying %s (%d model(s))", config.name, len(config.models))
+    serve.run(build_application(config), name=config.name, route_prefix=None)
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
     wait_ready(url, ready_timeout_s)
     grpc_target = f"{host}:{server.grpc_port}" if server.grpc_port >= 0 else ""
-    return Deployment(msgspec.structs.replace(config, server=server), url, grpc_target, tuple(apps))
+    return Deployment(config, url, grpc_target, (config.name,))
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

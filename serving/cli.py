@@ -10,15 +10,36 @@ import sys
 import threading
 import time
 
-import msgspec
+from pathlib import Path
 
-from flywheel.runtime.errors import FlywheelError
+import msgspec
+import yaml
+
+from flywheel.runtime.errors import ConfigError, FlywheelError
 from flywheel.serving.app import deploy, start_ray, undeploy
 from flywheel.serving.config import DeployConfig, load_config
+from flywheel.serving.deploy import flywheel_version, serve_config
 from flywheel.serving.settings import Settings, load_settings
 
 
-def _apply_overrides(cfg: DeployConfig, settings: Settings, port: int | None) -> DeployConfig:
+def _load(arg: str) -> tuple[DeployConfig, Path | None]:
+    """``--config``: a file, or the name of a preset that ships with
+    Flywheel (``demo``, ``example``: flywheel.configs), whose model paths
+    are relative to the preset's folder. Returns the config and that folder."""
+    from flywheel.configs import preset, presets
+
+    path = Path(arg)
+    if path.exists():
+        return load_config(path), None
+    found = preset(arg)
+    if found is None:
+        raise ConfigError(f"--config {arg!r}: no such file, and no packaged preset of that name "
+                          f"(presets: {', '.join(presets())})")
+    return load_config(found, base_dir=found.parent), found.parent
+
+
+def _apply_overrides(cfg: DeployConfig, settings: Settings, port: int | None,
+                     grpc_port: int | None = None) -> DeployConfig:
     server = cfg.server
     if settings.http_host:
         server = msgspec.structs.replace(server, host=settings.http_host)
@@ -26,6 +47,8 @@ def _apply_overrides(cfg: DeployConfig, settings: Settings, port: int | None) ->
         server = msgspec.structs.replace(server, port=settings.http_port)
     if port is not None:
         server = msgspec.structs.replace(server, port=port)
+    if grpc_port is not None:
+        server = msgspec.structs.replace(server, grpc_port=grpc_port)
     return msgspec.structs.replace(cfg, server=server)
 
 
@@ -72,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from flywheel.training.digits import register_digits, train_digits
 
     settings = load_settings()
-    cfg = _apply_overrides(load_config(args.config), settings, args.port)
+    cfg = _apply_overrides(_load(args.config)[0], settings, args.port, args.grpc_port)
     out_dir = os.path.join(settings.home, "work", "digits")
     print(f"training the digits demo model ({args.epochs} epochs) ...", flush=True)
     result = train_digits(out_dir, epochs=args.epochs)
@@ -115,21 +138,45 @@ def _export_demo(registry, mv, settings: Settings) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings()
-    cfg = _apply_overrides(load_config(args.config), settings, args.port)
+    loaded, base_dir = _load(args.config)
+    cfg = _apply_overrides(loaded, settings, args.port, args.grpc_port)
+    if args.emit_serve_config:
+        _emit(cfg, base_dir, args.emit_serve_config)
+        return
     _serve_until_interrupted(cfg, settings, None)
+
+
+def _emit(cfg: DeployConfig, base_dir: Path | None, out: str) -> None:
+    text = yaml.safe_dump(serve_config(cfg, base_dir), sort_keys=False)
+    header = ("# Ray Serve config for Flywheel deployment %r, written by `flywheel serve --emit-serve-config`.\n"
+              "# Deploy it on a running Ray cluster with `serve deploy FILE` (or paste it into a KubeRay\n"
+              "# RayService's spec.serveConfigV2).\n" % cfg.name)
+    if out == "-":
+        sys.stdout.write(header + text)
+        return
+    Path(out).write_text(header + text)
+    print(f"wrote {out}: deploy it with `serve deploy {out}` on a running Ray cluster", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flywheel-ml {flywheel_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train the digits demo, export it to ONNX and serve it")
-    run.add_argument("--config", default="configs/demo.yaml")
-    run.add_argument("--epochs", type=int, default=15)
+    run.add_argument("--config", default="demo",
+                     help="deploy config: a YAML file or a packaged preset name (default: demo)")
+    run.add_argument("--epochs", type=int, default=15, help="training epochs of the demo model")
     run.add_argument("--port", type=int, default=None, help="HTTP port (overrides the config)")
+    run.add_argument("--grpc-port", type=int, default=None, help="gRPC port (overrides the config; -1 = off)")
     run.set_defaults(func=_cmd_run)
     srv = sub.add_parser("serve", help="serve the models of a config file")
-    srv.add_argument("--config", required=True)
-    srv.add_argument("--port", type=int, default=None)
+    srv.add_argument("--config", required=True,
+                     help="deploy config: a YAML file or a packaged preset name (demo, example)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (overrides the config)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (overrides the config; -1 = off)")
+    srv.add_argument("--emit-serve-config", metavar="OUT", default=None,
+                     help="write a Ray Serve config file (for `serve deploy` or a KubeRay RayService) "
+                          "that deploys this config, to OUT ('-' = stdout), instead of serving")
     srv.set_defaults(func=_cmd_serve)
     from flywheel.serving.models_cli import add_parser as add_models_parser
 

@@ -178,6 +178,13 @@ class ControlState:
         out and an event says why (a report that failed would be sent again,
         and fail again, forever)."""
         now = time.time() if now is None else now
+        theirs = report.get("deploy")
+        if theirs and theirs != self.deploy_id:
+            # a replica of another generation of this deployment (Serve
+            # replaces the replicas of an updated application one by one):
+            # it routes by its own config until it goes, and its figures
+            # are not this generation's
+            return {"deploy_id": self.deploy_id}
         rep = self._replicas.setdefault(report["replica"], _Replica())
         rep.seen = now
         same_epoch = report.get("epoch") == self.epoch
@@ -194,7 +201,7 @@ class ControlState:
         for rid in [r for r, rep2 in self._replicas.items() if now - rep2.seen > 10 * LIVE_S]:
             del self._replicas[rid]
         if same_epoch and rep.applied >= self.version:
-            return {"version": self.version, "epoch": self.epoch}
+            return {"version": self.version, "epoch": self.epoch, "deploy_id": self.deploy_id}
         return self.snapshot()
 
     def _fold(self, batch: dict, now: float) -> None:
@@ -266,7 +273,7 @@ class ControlState:
                 "totals": {v: summary(w) for v, w in ep.totals.items()},
                 "canary_step": canary_percent(doc),
             }
-        return {"version": self.version, "epoch": self.epoch, "endpoints": out}
+        return {"version": self.version, "epoch": self.epoch, "deploy_id": self.deploy_id, "endpoints": out}
 
     # -- management ---------------------------------------------------------
     def status(self, name: str | None = None, now: float | None = None) -> dict:

@@ -37,8 +37,12 @@ from flywheel.serving.router import Route, Router
 log = logging.getLogger(__name__)
 
 STALL_LIMIT_S = 10.0
+# How long a replica that is being replaced keeps its open connections: each
+# gets its next answer with `connection: close`, so that keep-alive clients
+# reconnect to the replicas that stay (SO_REUSEPORT) instead of failing.
+DRAIN_S = 2.0
 
-__all__ = ["Ingress", "Route"]
+__all__ = ["DRAIN_S", "Ingress", "Route"]
 
 
 def _front_binary(server: ServerConfig) -> str | None:
@@ -64,16 +68,25 @@ class Ingress:
         colocated: list[ModelConfig] = (),
         registry: RegistryConfig | None = None,
         controller_app: str = "",
+        dependencies: list = (),
+        deploy_id: str = "",
     ) -> None:
         """``routes`` lead to dedicated models; ``colocated`` models are
         loaded (and warmed up) here, before any port is bound.
         ``controller_app``: the Serve application of the router controller
         (serving/controller.py) whose endpoint snapshots this replica routes
-        by ("" = none: every name goes to its highest version)."""
+        by ("" = none: every name goes to its highest version).
+        ``dependencies``: the other deployments of the application (bound
+        into these arguments so that Serve deploys them with the ingress;
+        they are reached by their ports and names, not these handles).
+        ``deploy_id``: the generation of the deployment (the controller's):
+        while Serve replaces the replicas of an updated deployment, a replica
+        follows only the controller of its own generation."""
         self._registry = registry
         self._limits = server.request_limits()
         self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
+        self._deploy_id = deploy_id
         self._controller = None
         if controller_app:
             from ray import serve
@@ -121,7 +134,7 @@ class Ingress:
             self._sync = EndpointSync(
                 self.router, f"{os.getpid()}-{id(self)}",
                 lambda report: controller.sync.remote(report).result(timeout_s=10),
-                self._load_variant,
+                self._load_variant, self._deploy_id,
             )
             await self._sync.first()  # runtime variants load before the ports open
             self._sync.start()
@@ -218,7 +231,7 @@ class Ingress:
 
         async def _stop() -> None:
             if self._http is not None:
-                self._http.close()
+                await self._http.drain(DRAIN_S)
             if self._sync is not None:
                 await self._sync.close()
             if self._grpc is not None:
@@ -234,4 +247,4 @@ class Ingress:
                 await self._auth.aclose()
             self._metrics.close()  # last: draining requests still count
 
-        loop.shutdown(_stop)
+        loop.shutdown(_stop, timeout=DRAIN_S + 8.0)  # the drain, then the models' batches

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -54,20 +55,66 @@ def _chunked(body: bytes, trailers: bytes) -> bytes:
     return b"%s0\r\n%s\r\n" % (chunk, trailers)
 
 
+# A draining server closes a connection that has been quiet this long (no
+# request in progress): a client that sends nothing for half a second is not
+# in the middle of a burst, and keeping it would hold the drain to its end.
+QUIET_S = 0.5
+
+
+class HttpServer:
+    """A listening server and its open connections, for a graceful stop."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.base_events.Server | None = None
+        self.connections: set[_Connection] = set()
+        self.draining = False
+
+    @property
+    def sockets(self):
+        return self.server.sockets if self.server is not None else ()
+
+    def close(self) -> None:
+        """Stop listening; open connections go on (see drain)."""
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop listening, then let each open connection finish: its next
+        answer carries ``connection: close`` (a keep-alive client then
+        reconnects, to whichever server still listens on the port), a quiet
+        one is closed; whatever is left after ``grace_s`` is closed."""
+        self.close()
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.connections and time.monotonic() < deadline:
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.idle_since is not None and now - conn.idle_since >= QUIET_S:
+                    conn.close()
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.close()
+
+
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_handler", "_max_body", "_on_error", "_parser", "_transport", "_url", "_headers",
-        "_body", "_body_len", "_too_large", "_pending", "_closing",
+        "_body", "_body_len", "_too_large", "_pending", "_closing", "_owner", "_in_message", "idle_since",
     )
 
-    def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response]):
+    def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response],
+                 owner: HttpServer):
         self._handler = handler
         self._max_body = max_body
         self._on_error = on_error
+        self._owner = owner
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._pending: collections.deque[asyncio.Future] = collections.deque()
         self._closing = False
+        self._in_message = False
+        # when the connection last had nothing to do (None while it has)
+        self.idle_since: float | None = time.monotonic()
         self._reset()
 
     def _reset(self) -> None:
@@ -80,6 +127,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport) -> None:
         self._transport = transport
+        self._owner.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -89,6 +137,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closing = True
+        self._owner.connections.discard(self)
         for fut in self._pending:
             fut.cancel()
         self._pending.clear()
@@ -103,7 +152,16 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
 
+    def close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
     # -- httptools callbacks ------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self.idle_since = None
+
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -141,10 +199,11 @@ class _Connection(asyncio.Protocol):
         req = Request(method, path, self._headers, b"".join(self._body))
         keep_alive = self._parser.should_keep_alive()
         self._reset()
+        self._in_message = False
         result = self._handler(req)
         ready = type(result) is tuple  # a Response now (most routes but infer)
         if ready and not self._pending:
-            self._write(result, close=not keep_alive)
+            self._write(result, close=not keep_alive or self._owner.draining)
             return
         fut = _done(result) if ready else asyncio.ensure_future(result)
         fut.keep_alive = keep_alive  # type: ignore[attr-defined]
@@ -165,7 +224,9 @@ class _Connection(asyncio.Protocol):
                 return
             exc = fut.exception()
             resp = self._on_error(500, f"internal error: {exc!r}") if exc else fut.result()
-            self._write(resp, close=not fut.keep_alive)
+            # a draining server ends the connection after its last answer
+            last = not self._pending and not self._in_message
+            self._write(resp, close=not fut.keep_alive or (self._owner.draining and last))
 
     def _write(self, resp: Response, close: bool) -> None:
         t = self._transport
@@ -180,6 +241,8 @@ class _Connection(asyncio.Protocol):
         if close:
             self._closing = True
             t.close()
+        elif not self._pending and not self._in_message:
+            self.idle_since = time.monotonic()
 
     def _fail(self, status: int, message: str) -> None:
         self._write(self._on_error(status, message), close=True)
@@ -200,28 +263,32 @@ async def start_http_server(
     max_body: int,
     on_error: Callable[[int, str], Response],
     reuse_port: bool = False,
-) -> asyncio.base_events.Server:
-    """Listen on host:port on the running loop; returns the asyncio Server.
+) -> HttpServer:
+    """Listen on host:port on the running loop.
 
     ``handler`` may return a Response or an awaitable of one. ``on_error``
     builds the body for protocol-level errors (400 malformed, 413 too large,
     500 when a handler raised, which handlers should never let happen).
     """
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _Connection(handler, max_body, on_error),
+    owner = HttpServer()
+    owner.server = await asyncio.get_running_loop().create_server(
+        lambda: _Connection(handler, max_body, on_error, owner),
         host,
         port,
         reuse_address=True,
         reuse_port=reuse_port,
         backlog=1024,
     )
+    return owner
 
 
 async def start_unix_http_server(
     handler: Handler, path: str, *, max_body: int, on_error: Callable[[int, str], Response]
-) -> asyncio.base_events.Server:
+) -> HttpServer:
     """The same server on a Unix socket at ``path`` (for a local front end:
     no TCP stack between it and this process)."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: _Connection(handler, max_body, on_error), path, backlog=1024)
+    owner = HttpServer()
+    owner.server = await asyncio.get_running_loop().create_unix_server(
+        lambda: _Connection(handler, max_body, on_error, owner), path, backlog=1024,
+    )
+    return owner

@@ -62,7 +62,7 @@ def test_killing_replica_processes_under_load_loses_no_request(ray_session, mlp_
             # Kill each original replica in turn (SIGKILL to its process), so
             # that at least one kill hits the replica holding the ingress's
             # connections; wait until Serve runs two replicas again.
-            originals = _replica_handles("faults-mlp-1")
+            originals = _replica_handles("faults#mlp-1")
             seen = {n for n, _ in originals}
             for name, handle in originals:
                 time.sleep(3)
@@ -72,8 +72,8 @@ def test_killing_replica_processes_under_load_loses_no_request(ray_session, mlp_
                 # recovered = a replacement (a new replica name) is up and
                 # Serve counts two running replicas
                 while True:
-                    names = {n for n, _ in _replica_handles("faults-mlp-1")}
-                    if names - seen and name not in names and _running("faults-mlp-1", "mlp-1") == 2:
+                    names = {n for n, _ in _replica_handles("faults#mlp-1")}
+                    if names - seen and name not in names and _running("faults", "mlp-1") == 2:
                         break
                     assert time.monotonic() - killed < 60, "replica not replaced within 60 s"
                     time.sleep(0.1)

@@ -50,7 +50,7 @@ def test_killed_replica_is_replaced_and_traffic_resumes(ray_session, mlp_onnx):
     dep = deploy(cfg)
     try:
         assert _infer(dep.url) == 200
-        (old,) = _replicas("recovery-mlp-1")
+        (old,) = _replicas("recovery#mlp-1")
         ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
         statuses = []
         deadline = time.monotonic() + 90
@@ -66,7 +66,7 @@ def test_killed_replica_is_replaced_and_traffic_resumes(ray_session, mlp_onnx):
         failures = [s for s in statuses if s != 200]
         # while the replica was gone, callers got 503 (not 500, not a hang)
         assert failures and set(failures) == {503}
-        (new,) = _replicas("recovery-mlp-1")
+        (new,) = _replicas("recovery#mlp-1")
         assert new != old
     finally:
         undeploy(dep)

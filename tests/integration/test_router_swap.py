@@ -142,7 +142,7 @@ def test_router_state_survives_losing_its_replicas(swapped, models):
     wait_for(lambda: client.endpoint("m")["variants"]["5"]["status"] == "ready")
     (current,) = client.endpoint("m")["weights"]
     client.set_policy("m", {"kind": "fixed", "weights": {current: 0.25, "5": 0.75}})
-    for prefix in ("swapped-router#", "swapped-ingress#"):  # the controller, then the ingress
+    for prefix in ("swapped#router#", "swapped#ingress#"):  # the controller, then the ingress
         old = _replica(prefix)
         ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
         wait_for(lambda: _alive_other(prefix, old), timeout=90, interval=0.5)

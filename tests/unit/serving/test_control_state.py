@@ -386,3 +386,24 @@ def test_rolling_back_a_completed_canary_leaves_the_alias_alone():
     assert st.status("m", now=T0 + 6)["canary"]["status"] == "completed"
     st.rollback("m", now=T0 + 6)
     assert moved == [] and st.status("m", now=T0 + 6)["weights"] == {"1": 1.0}
+
+
+def test_a_replica_of_another_generation_of_the_deployment_gets_no_snapshot():
+    # Serve replaces an updated deployment's replicas one by one: an old
+    # ingress replica must not load the new generation's variants
+    st = control("d", "new-generation", [], models("2"), now=T0)
+    answer = st.sync({**report("old-replica", 0), "deploy": "old-generation"}, now=T0)
+    assert answer == {"deploy_id": "new-generation"}
+
+
+def test_a_replica_of_another_generation_is_not_counted_live():
+    st = control("d", "new-generation", [], models("2"), now=T0)
+    st.sync({**report("old-replica", 0), "deploy": "old-generation"}, now=T0)
+    assert st.live_replicas(T0) == {}
+
+
+def test_a_replica_of_this_generation_gets_the_snapshot_with_its_id():
+    st = control("d", "gen", [], models("2"), now=T0)
+    answer = st.sync({**report("r1", 0), "deploy": "gen"}, now=T0)
+    assert answer["deploy_id"] == "gen"
+    assert answer["endpoints"]["m"]["routable"] == ["2"]
