@@ -1,0 +1,116 @@
+"""pyproject.toml declares what the code imports, and nothing it does not:
+every third-party import of the package is a declared dependency (core or an
+extra); what serving imports at module level is core (a serving install has
+no extras); every declared dependency is imported somewhere, or says here why
+not."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ["runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs"]
+# what a serving-only install (no extras) imports when it loads these rooms
+SERVING = ["runtime", "kernels", "serving", "registry", "client", "configs"]
+# modules of optional GPU packages that are not installed here
+NOT_INSTALLED = {"cupy": "cupy-cuda12x", "tensorrt": "tensorrt"}
+# declared but never imported by name, and why
+USED_WITHOUT_IMPORT = {
+    "onnxscript": "torch.onnx.export's exporter needs it",
+    "pyarrow": "pandas and Ray Data write and read Parquet with it",
+    "s3fs": "fsspec loads it for s3:// URIs",
+    "onnxruntime-gpu": "it installs the module onnxruntime, in the place of onnxruntime's",
+}
+# dev tools that live in the package but only run by hand
+DEV_SCRIPTS = {"serving/_private/proto/generate.py"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(req: str) -> str:
+    return _norm(re.match(r"[A-Za-z0-9_.-]+", req).group(0))
+
+
+@pytest.fixture(scope="module")
+def declared() -> dict[str, set[str]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = {"core": {_requirement_name(r) for r in project["dependencies"]}}
+    for extra, reqs in project["optional-dependencies"].items():
+        groups[extra] = {_requirement_name(r) for r in reqs} - {"flywheel-ml"}
+    return groups
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(top-level module, imported at module level) for each absolute import."""
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            found.append((name.split(".")[0], id(node) in top_level))
+    return found
+
+
+def _third_party(folders: list[str], skip: set[str] = frozenset()) -> dict[str, list[tuple[str, bool]]]:
+    """distribution -> [(file, at module level)] for the files under ``folders``."""
+    dists = packages_distributions()
+    # the tests' own helper modules (tests/pg.py, tests/integration/_ports.py, ...)
+    local = {path.stem for path in (ROOT / "tests").rglob("*.py")}
+    out: dict[str, list[tuple[str, bool]]] = {}
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel in skip or path.name.endswith("_pb2.py") or path.name.endswith("_pb2_grpc.py"):
+                continue
+            for module, at_top in _imports(path):
+                if module in sys.stdlib_module_names or module in local or module == "flywheel":
+                    continue
+                if module in NOT_INSTALLED:
+                    names = [NOT_INSTALLED[module]]
+                else:
+                    names = dists.get(module)
+                assert names, f"{rel} imports {module!r}, which no installed distribution provides"
+                # google.* is shared by several distributions; ours is protobuf
+                dist = "protobuf" if module == "google" else _norm(names[0])
+                out.setdefault(dist, []).append((rel, at_top))
+    return out
+
+
+def test_every_third_party_import_is_declared(declared):
+    every = set().union(*declared.values())
+    undeclared = {dist: sorted({f for f, _ in where}) for dist, where in _third_party(PACKAGE).items()
+                  if dist not in every}
+    assert undeclared == {}
+
+
+def test_serving_imports_only_core_dependencies_at_module_level(declared):
+    extra_only = {dist: sorted(f for f, top in where if top) for dist, where in _third_party(SERVING, DEV_SCRIPTS).items()
+                  if dist not in declared["core"]}
+    assert {d: files for d, files in extra_only.items() if files} == {}
+
+
+def test_every_declared_dependency_is_imported_or_says_why_not(declared):
+    imported = set(_third_party(PACKAGE)) | set(_third_party(["tests"]))
+    unused = {dist for deps in declared.values() for dist in deps
+              if dist not in imported and dist not in USED_WITHOUT_IMPORT}
+    assert unused == set()
+
+
+def test_torch_is_not_a_core_dependency(declared):
+    assert "torch" not in declared["core"]
+    assert "torch" in declared["train"]
