@@ -82,7 +82,11 @@ def start_ray(
                 raise
             # Ray's own words name the cluster's and this process's versions
             raise ConfigError(f"RAY_ADDRESS {settings.ray_address}: {exc}") from None
-        check_cluster_versions()
+        try:
+            check_cluster_versions()
+        except ConfigError:
+            ray.shutdown()
+            raise
         return
     cpus = num_cpus if num_cpus is not None else (settings.ray_num_cpus or None)
     if settings.ray_tmpdir:
@@ -108,7 +112,6 @@ def check_cluster_versions() -> None:
 
     ours, theirs = flywheel_version(), ray.get(_their_version.remote(), timeout=60)
     if theirs != ours:
-        ray.shutdown()
         raise ConfigError(
             f"the Ray cluster's workers run Flywheel {theirs}, this process Flywheel {ours}: "
             f"install flywheel-ml=={ours} on every node (or run this Flywheel's own Ray)"
