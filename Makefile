@@ -77,9 +77,10 @@ bench: $(STAMP) bench-deps edge-runner
 lock: $(STAMP)
 	$(PY) deploy/lock.py
 
-# The wheel that `pip install flywheel-ml` gets, and the images build from.
-wheel: $(STAMP)
-	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+# The wheel that `pip install flywheel-ml` gets, and the images build from
+# (pure Python: no .venv needed).
+wheel:
+	$(PYTHON) -m pip wheel --quiet --no-deps -w dist .
 	@ls dist/flywheel_ml-*.whl
 
 clean-venv:

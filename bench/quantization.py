@@ -91,7 +91,7 @@ def edge_rows(name: str, arch: str, hparams: dict, base: str, sig, x_ref: np.nda
 
         targets.append("executorch")
     except ImportError:
-        print("  (executorch not installed: pip install 'flywheel[edge]' for the .pte rows)")
+        print("  (executorch not installed: pip install 'flywheel-ml[edge]' for the .pte rows)")
     for target in targets:
         for quantize in (None, "int8"):
             out = os.path.join(work, f"{name}-{target}-{quantize or 'fp32'}")

@@ -6,7 +6,9 @@
 #
 #   deploy/install.sh WHEEL LOCK [EXTRAS]       e.g. dist/flywheel_ml-0.1.0-py3-none-any.whl requirements.lock train
 #
-# PYTHON names the interpreter (default python3). With the gpu extra,
+# PYTHON names the interpreter (default python3). With the train extra and
+# TORCH_INDEX_URL set (e.g. PyTorch's CPU index), torch comes from there first:
+# the public index's torch is the CUDA build. With the gpu extra,
 # onnxruntime-gpu takes the place of onnxruntime: both install the module
 # onnxruntime, so the CPU package is removed and the GPU one put back whole.
 set -eu
@@ -18,6 +20,14 @@ python=${PYTHON:-python3}
 [ -f "$wheel" ] || { echo "install.sh: no wheel at $wheel (make wheel builds it)" >&2; exit 2; }
 spec=$wheel
 [ -n "$extras" ] && spec="$wheel[$extras]"
+case ",$extras," in
+  *,train,*|*,edge,*)
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+      torch=$(grep '^torch==' "$lock")
+      "$python" -m pip install --quiet --index-url "$TORCH_INDEX_URL" "$torch"
+    fi
+    ;;
+esac
 "$python" -m pip install --quiet -c "$lock" "$spec"
 case ",$extras," in
   *,gpu,*)

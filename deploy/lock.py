@@ -7,22 +7,27 @@
 Without --upgrade the current pins are kept where they still fit (as
 pip-compile does), so a new dependency does not move the others.
 
-Both run pip's own resolver in isolated mode (``--isolated``: no user or
-environment configuration, so no local wheel folder or extra index is seen)
-with ``--dry-run --report``: nothing is installed and, where the index serves
-wheel metadata on its own, nothing large is downloaded. A pin only this machine
-could satisfy (a ``+cpu`` local version from a local folder, say) fails the check.
+Both run pip's own resolver cut off from every local setting: ``--isolated``
+(no environment variables, no user configuration) and PIP_CONFIG_FILE set to
+the null device (which makes pip skip the site-wide configuration files too),
+so no local wheel folder, mirror or extra index is seen; with ``--dry-run
+--report`` nothing is installed and, where the index serves wheel metadata on
+its own, nothing large is downloaded. A pin only this machine could satisfy
+(a ``+cpu`` local version from a local folder, say) fails the check, and so
+does a dependency added to pyproject.toml that the lock does not fit.
 
 The lock is for CPython 3.11 on Linux x86_64, the platform CI and the images
-use. It has no hashes: a hash names one file, and torch==2.13.0 is a different
-file where the CPU build is installed (README: Install) than on the public
-index, while pip's hash checking is all or nothing.
+use. It has no hashes: it is a constraints file for installs of the project
+itself (``pip install -c requirements.lock -e .``), and a hash in a
+constraints file puts pip in hash-checking mode, which refuses the project's
+own folder ("Can't verify hashes ... because they point to directories").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,7 +51,8 @@ def resolve(args: list[str], python: str = sys.executable) -> dict:
         report = Path(tmp) / "report.json"
         cmd = [python, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed",
                "--quiet", "--report", str(report), *args]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"pip could not resolve {' '.join(args)} from the public index:\n{proc.stderr}")
         return json.loads(report.read_text())
@@ -65,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         report = resolve(["-r", str(args.lock)])
-        print(f"{args.lock.name}: {len(report['install'])} packages resolve from the public index alone")
+        resolve([f".[{EXTRAS}]", "-c", str(args.lock)])  # the project as declared fits the lock
+        print(f"{args.lock.name}: {len(report['install'])} packages resolve from the public index alone, "
+              f"and .[{EXTRAS}] within them")
         return 0
     keep = ["-c", str(LOCK)] if LOCK.exists() and not args.upgrade else []
     LOCK.write_text(HEADER + "\n".join(pins(resolve([f".[{EXTRAS}]", *keep]))) + "\n")

@@ -49,7 +49,7 @@ import numpy as np
 from flywheel.runtime.errors import ConfigError, InvalidInputError, UnavailableError
 from flywheel.runtime.signature import Signature
 
-INSTALL_HINT = "pip install 'flywheel[edge]'"
+INSTALL_HINT = "pip install 'flywheel-ml[edge]'"
 QUANTIZE_MODES = ("int8",)
 MAX_BATCH_LIMIT = 1 << 16
 # See the module docstring: tracing with at least 16 rows keeps convolution

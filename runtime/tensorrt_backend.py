@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp16", "fp32", "int8")
 INSTALL_HINT = (
     "install TensorRT 10 and CuPy for the host's CUDA on a machine with an NVIDIA GPU "
-    "(pip install tensorrt-cu12 cupy-cuda12x; the -cu13 / cuda13x wheels for CUDA 13)"
+    "(pip install 'flywheel-ml[gpu]' for CUDA 12; tensorrt-cu13 and cupy-cuda13x for CUDA 13)"
 )
 # Bump when the build recipe below changes, so that plans built the old way
 # are not reused.

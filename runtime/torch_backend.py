@@ -11,6 +11,7 @@ import numpy as np
 from flywheel.runtime.architectures import build
 from flywheel.runtime.backend import Backend, refuse_pickle
 from flywheel.runtime.errors import ConfigError, IntegrityError
+from flywheel.runtime.extras import require_extra
 from flywheel.runtime.signature import Signature
 
 
@@ -43,11 +44,8 @@ class TorchBackend(Backend):
         self._signature: Signature | None = None
 
     def load(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            raise ConfigError("backend 'torch' needs PyTorch, which a serving-only install leaves out: "
-                              "pip install 'flywheel-ml[train]'") from None
+        require_extra("train", ("torch",), "backend 'torch'")
+        import torch
 
         module, self._signature = build(self._arch, self._hparams)
         module.load_state_dict(load_state_dict(self._weights))

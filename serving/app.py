@@ -94,11 +94,14 @@ def start_ray(
     ray.init(num_cpus=cpus, include_dashboard=include_dashboard, **kwargs)
 
 
-def check_cluster_versions() -> None:
-    """Refuse a cluster whose workers run another Flywheel than this driver:
-    replicas would run code that does not match the config written here.
-    (Ray refuses a Ray or Python mismatch itself, in ray.init.)"""
+def check_cluster_versions(timeout_s: float = 60.0) -> None:
+    """Refuse a cluster where a node runs another Flywheel than this driver:
+    its replicas would run code that does not match the config written here.
+    One task per alive node reads the version installed there. (Ray refuses
+    a Ray or Python mismatch itself, in ray.init.)"""
     import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from flywheel.serving.deploy import flywheel_version
 
@@ -110,11 +113,20 @@ def check_cluster_versions() -> None:
             return "none"
         return theirs()
 
-    ours, theirs = flywheel_version(), ray.get(_their_version.remote(), timeout=60)
-    if theirs != ours:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [_their_version.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote() for n in nodes]
+    try:
+        versions = ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise ConfigError(f"the Ray cluster's nodes did not say which Flywheel they run within {timeout_s:.0f} s "
+                          "(a node without free workers?)") from None
+    ours = flywheel_version()
+    other = sorted({f"{n['NodeManagerAddress']}: Flywheel {v}" for n, v in zip(nodes, versions) if v != ours})
+    if other:
         raise ConfigError(
-            f"the Ray cluster's workers run Flywheel {theirs}, this process Flywheel {ours}: "
-            f"install flywheel-ml=={ours} on every node (or run this Flywheel's own Ray)"
+            f"this process runs Flywheel {ours}, but the Ray cluster's nodes run another "
+            f"({'; '.join(other)}): install flywheel-ml=={ours} on every node (or run this Flywheel's own Ray)"
         )
 
 

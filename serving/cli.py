@@ -29,7 +29,7 @@ def _load(arg: str) -> tuple[DeployConfig, Path | None]:
     from flywheel.configs import preset, presets
 
     path = Path(arg)
-    if path.exists():
+    if path.is_file():
         return load_config(path), None
     found = preset(arg)
     if found is None:
@@ -92,6 +92,9 @@ def _serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from flywheel.registry import Registry
+    from flywheel.runtime.extras import require_extra
+
+    require_extra("train", ("torch", "sklearn"), "flywheel run (it trains the demo model)")
     from flywheel.training.digits import register_digits, train_digits
 
     settings = load_settings()

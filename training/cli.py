@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from flywheel.runtime.extras import require_extra
+
+    require_extra("train", ("torch", "pandas"), "flywheel train")
     from flywheel.training.api import TrainingRuntime
     from flywheel.training.spec import load_spec
 

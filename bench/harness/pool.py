@@ -174,7 +174,7 @@ class WorkerPool:
 
     def __enter__(self) -> WorkerPool:
         if importlib.util.find_spec("locust") is None:
-            raise ConfigError("the load generator needs locust: pip install 'flywheel[bench]'")
+            raise ConfigError("the load generator needs locust: pip install 'flywheel-ml[bench]'")
         fd, self._plan_file = tempfile.mkstemp(prefix="fw-bench-", suffix=".msgpack")
         with os.fdopen(fd, "wb") as f:
             f.write(msgspec.msgpack.encode(self.plan))

@@ -78,18 +78,21 @@ class HttpServer:
         if self.server is not None:
             self.server.close()
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, quiet_s: float = QUIET_S) -> None:
         """Stop listening, then let each open connection finish: its next
         answer carries ``connection: close`` (a keep-alive client then
-        reconnects, to whichever server still listens on the port), a quiet
-        one is closed; whatever is left after ``grace_s`` is closed."""
+        reconnects, to whichever server still listens on the port), one
+        quiet for ``quiet_s`` is closed; whatever is left after ``grace_s``
+        is closed. (A connection the kernel queued for this listener but
+        not yet handed over is reset when the listener closes, unless
+        sysctl net.ipv4.tcp_migrate_req=1 moves it to a sibling listener.)"""
         self.close()
         self.draining = True
         deadline = time.monotonic() + grace_s
         while self.connections and time.monotonic() < deadline:
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.idle_since is not None and now - conn.idle_since >= QUIET_S:
+                if conn.idle_since is not None and now - conn.idle_since >= quiet_s:
                     conn.close()
             await asyncio.sleep(0.02)
         for conn in list(self.connections):

@@ -20,5 +20,6 @@ def test_a_cluster_running_another_flywheel_is_refused_naming_both(ray_session, 
     theirs = flywheel.serving.deploy.flywheel_version()
     # this driver claims another version; the workers report their installed one
     monkeypatch.setattr(flywheel.serving.deploy, "flywheel_version", lambda: "9.9.9")
-    with pytest.raises(ConfigError, match=rf"workers run Flywheel {theirs}, this process Flywheel 9\.9\.9"):
+    with pytest.raises(ConfigError, match=rf"this process runs Flywheel 9\.9\.9, but the Ray cluster's nodes run "
+                                          rf"another \([\d.]+: Flywheel {theirs}\)"):
         check_cluster_versions()

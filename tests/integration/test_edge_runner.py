@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
         importlib.util.find_spec("executorch") is None,
-        reason="ExecuTorch is not installed (pip install 'flywheel[edge]')",
+        reason="ExecuTorch is not installed (pip install 'flywheel-ml[edge]')",
     ),
     pytest.mark.skipif(
         shutil.which("cmake") is None or shutil.which(os.environ.get("CXX", "c++")) is None,

@@ -114,3 +114,12 @@ def test_every_declared_dependency_is_imported_or_says_why_not(declared):
 def test_torch_is_not_a_core_dependency(declared):
     assert "torch" not in declared["core"]
     assert "torch" in declared["train"]
+
+
+def test_a_missing_extra_is_named_with_its_install_command():
+    from flywheel.runtime.errors import ConfigError
+    from flywheel.runtime.extras import require_extra
+
+    with pytest.raises(ConfigError, match=r"flywheel run needs the train extra \(no_such_module_xyz not "
+                                          r"installed\): pip install 'flywheel-ml\[train\]'"):
+        require_extra("train", ("numpy", "no_such_module_xyz"), "flywheel run")

@@ -70,3 +70,28 @@ def test_the_entry_point_runs_flywheel_serve(dockerfile):
 def test_ray_auth_mode_is_set_explicitly(dockerfile):
     env = " ".join(args for word, args in dockerfile if word == "ENV")
     assert re.search(r"\bRAY_AUTH_MODE=\w+", env)
+
+
+def _project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_the_wheel_version_the_images_copy_is_the_projects(dockerfile):
+    [(_, arg)] = [i for i in dockerfile if i[0] == "ARG" and i[1].startswith("VERSION=")]
+    assert arg == f"VERSION={_project_version()}"
+
+
+def test_the_kubernetes_manifests_name_this_versions_image_and_serve_config():
+    import yaml
+
+    version = _project_version()
+    for name in ("rayservice.yaml", "rayjob-train.yaml"):
+        text = (ROOT / "deploy" / "kubernetes" / name).read_text()
+        tags = set(re.findall(r"image: flywheel-ml:([\w.-]+)", text))
+        assert tags and all(t == version or t.startswith(f"{version}-") for t in tags), (name, tags)
+    [service] = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "rayservice.yaml").read_text())
+                 if d and d["kind"] == "RayService"]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["args"]["flywheel_version"] == version

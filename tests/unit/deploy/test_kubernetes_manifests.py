@@ -236,11 +236,18 @@ def test_ingress_container_ports_are_the_configs_ports():
     assert ports["grpc"] == server["grpc_port"]
 
 
-def test_ingress_probes_use_the_v2_health_routes_on_the_http_port():
+def test_ingress_readiness_probe_uses_the_v2_ready_route_on_the_http_port():
     container = ingress_container()
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
-    assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+
+
+def test_a_pod_without_an_ingress_replica_is_not_restarted_for_it():
+    # KubeRay's default liveness probe (the raylet's health) stays: a liveness
+    # probe on the ingress would restart, forever, a pod that Serve happened
+    # to leave without an ingress replica
+    container = ingress_container()
+    assert "livenessProbe" not in container
+    assert "startupProbe" not in container
 
 
 def test_one_ingress_worker_pod_per_ingress_replica():

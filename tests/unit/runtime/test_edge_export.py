@@ -94,7 +94,7 @@ def test_a_tampered_bundle_is_detected(digits_mlp, tmp_path):
 
 
 def test_executorch_bundle_rebuilds_the_module_from_its_weights(digits, digits_mlp, tmp_path):
-    pytest.importorskip("executorch", reason="ExecuTorch is the 'edge' extra: pip install 'flywheel[edge]'")
+    pytest.importorskip("executorch", reason="ExecuTorch is the 'edge' extra: pip install 'flywheel-ml[edge]'")
     from flywheel.runtime.executorch_export import load_executorch
 
     _, _, xva, yva = digits

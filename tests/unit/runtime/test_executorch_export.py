@@ -23,7 +23,7 @@ MLP = {"in_features": 64, "hidden": [32], "out_features": 10}
 
 needs_executorch = pytest.mark.skipif(
     importlib.util.find_spec("executorch") is None,
-    reason="ExecuTorch is not installed (pip install 'flywheel[edge]')",
+    reason="ExecuTorch is not installed (pip install 'flywheel-ml[edge]')",
 )
 
 
@@ -212,6 +212,6 @@ def test_without_executorch_every_call_names_the_install_hint(without_executorch
         executorch_version,
     ]
     for call in calls:
-        with pytest.raises(UnavailableError, match=r"pip install 'flywheel\[edge\]'"):
+        with pytest.raises(UnavailableError, match=r"pip install 'flywheel-ml\[edge\]'"):
             call()
-    assert INSTALL_HINT == "pip install 'flywheel[edge]'"
+    assert INSTALL_HINT == "pip install 'flywheel-ml[edge]'"

@@ -271,7 +271,7 @@ def test_import_gpu_stack_without_tensorrt_says_how_to_install(monkeypatch):
     with pytest.raises(UnavailableError) as info:
         import_gpu_stack()
     assert "TensorRT is not installed" in info.value.message
-    assert "pip install tensorrt-cu12 cupy-cuda12x" in info.value.message
+    assert "pip install 'flywheel-ml[gpu]'" in info.value.message
 
 
 def test_import_gpu_stack_refuses_tensorrt_before_10(monkeypatch):
