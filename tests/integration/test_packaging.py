@@ -94,6 +94,14 @@ def test_a_serving_install_has_no_torch(fresh_venv):
     assert "No module named 'torch'" in proc.stderr
 
 
+def test_flywheel_run_on_a_serving_install_names_the_train_extra(fresh_venv, tmp_path):
+    proc = subprocess.run([str(fresh_venv.parent / "flywheel"), "run"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 2
+    assert "needs the train extra" in proc.stderr
+    assert "pip install 'flywheel-ml[train]'" in proc.stderr
+
+
 def test_the_installed_command_serves_the_packaged_example(fresh_venv, tmp_path):
     port, grpc_port = free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="fw-", dir="/tmp")  # short: Ray's socket paths

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+import flywheel.configs
 from flywheel.runtime.errors import ConfigError
-from flywheel.serving.cli import main
+from flywheel.serving.cli import _load, main
 from flywheel.serving.config import load_config, parse_config
 from flywheel.serving.deploy import IMPORT_PATH, app, flywheel_version, serve_config
 
@@ -98,3 +99,18 @@ def test_the_cli_names_the_packaged_presets_when_a_config_is_missing(tmp_path, c
     monkeypatch.chdir(tmp_path)
     assert main(["serve", "--config", "nowhere.yaml"]) == 2
     assert "no packaged preset of that name (presets: " in capsys.readouterr().err
+
+
+def test_the_demo_preset_is_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, base = _load("demo")
+    assert cfg.models[0].ref == "digits@production"
+    assert base == Path(flywheel.configs.__file__).parent
+
+
+def test_a_file_named_on_the_command_line_wins_over_a_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("models: [{name: mine, path: mine.onnx}]\n")
+    cfg, base = _load("demo")
+    assert cfg.models[0].name == "mine"
+    assert base is None
