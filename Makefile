@@ -21,16 +21,22 @@ run: $(STAMP)
 	$(VENV)/bin/flywheel run
 
 # The registry's store suite also runs against a real PostgreSQL server, which
-# the tests start themselves from Debian's `postgresql` package binaries. As
-# root with apt-get, install it when missing; otherwise those tests skip and
-# say why.
+# the tests start themselves from Debian's `postgresql` package binaries; the
+# image test builds deploy/Dockerfile with podman on a base made by
+# debootstrap. As root with apt-get, install what is missing; otherwise those
+# tests skip and say why.
+SYSTEM_TOOLS := postgresql:/usr/lib/postgresql/*/bin/initdb podman:/usr/bin/podman debootstrap:/usr/sbin/debootstrap runc:/usr/sbin/runc
+
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@missing=""; for t in $(SYSTEM_TOOLS); do \
+	  ls $${t#*:} >/dev/null 2>&1 || missing="$$missing $${t%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian's postgresql package for the registry tests ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	    echo "installing Debian's$$missing for the tests ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "note: no PostgreSQL server binaries; the PostgreSQL registry tests will skip"; \
+	    echo "note: missing$$missing; the tests that need them will skip"; \
 	  fi; \
 	fi
 

@@ -1,7 +1,7 @@
 """The images' Dockerfiles, read as text: they install through the one script
 the packaging test runs (deploy/install.sh), run as a non-root user, check
-readiness on the V2 route and serve by default. (No image is built here: the
-base images live in a container registry this machine cannot reach.)"""
+readiness on the V2 route and serve by default. (The CPU image is also built
+and run: tests/integration/test_container_image.py.)"""
 
 from __future__ import annotations
 
