@@ -124,8 +124,10 @@ def image(podman, base_image, tmp_path_factory):
     shutil.copy(ROOT / "requirements.lock", context / "requirements.lock")
     (context / "deploy").mkdir()
     shutil.copy(ROOT / "deploy" / "install.sh", context / "deploy" / "install.sh")
-    engine("build", "--pull=never", "--format", "docker", "-f", str(ROOT / "deploy" / "Dockerfile"), "-t", IMAGE,
-           str(context), timeout=1200)
+    # host networking: the build's pip and apt reach the registries as this
+    # machine does, and podman makes no bridge or firewall rules for it
+    engine("build", "--pull=never", "--network=host", "--format", "docker",
+           "-f", str(ROOT / "deploy" / "Dockerfile"), "-t", IMAGE, str(context), timeout=1200)
     return IMAGE
 
 
