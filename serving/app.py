@@ -45,12 +45,8 @@ def model_deployment_name(model: ModelConfig) -> str:
     return f"{model.name}-{model.version}"
 
 
-def ingress_app_name(config: DeployConfig) -> str:
+def application_name(config: DeployConfig) -> str:
     """The Serve application of a deployment (all its parts are in it)."""
-    return config.name
-
-
-def controller_app_name(config: DeployConfig) -> str:
     return config.name
 
 
@@ -209,7 +205,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     from ray import serve
 
     server = config.server
-    app = config.name
+    app = application_name(config)
     deploy_id = deploy_id or uuid.uuid4().hex
     monitored = [m for m in config.models if m.drift.enabled]
     drift_port = _free_port() if monitored else 0
@@ -295,12 +291,12 @@ def deploy(
     server = config.server
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     log.info("deploying %s (%d model(s))", config.name, len(config.models))
-    serve.run(build_application(config), name=config.name, route_prefix=None)
+    serve.run(build_application(config), name=application_name(config), route_prefix=None)
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
     wait_ready(url, ready_timeout_s)
     grpc_target = f"{host}:{server.grpc_port}" if server.grpc_port >= 0 else ""
-    return Deployment(config, url, grpc_target, (config.name,))
+    return Deployment(config, url, grpc_target, (application_name(config),))
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

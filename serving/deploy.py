@@ -90,6 +90,8 @@ def serve_config(config: DeployConfig, base_dir: str | Path | None = None) -> di
     working folder): the file is read on the cluster, not here. Fields left
     at their defaults are left out, so the file reads like the preset.
     """
+    from flywheel.serving.app import application_name
+
     check_fixed_ports(config)
     config.server.check_exposure()
     base = Path(base_dir or ".").resolve()
@@ -100,7 +102,7 @@ def serve_config(config: DeployConfig, base_dir: str | Path | None = None) -> di
         # Flywheel's ingress replicas serve HTTP and gRPC themselves.
         "proxy_location": "Disabled",
         "applications": [{
-            "name": config.name,
+            "name": application_name(config),
             # no Serve route: several Flywheel deployments can share a cluster
             "route_prefix": None,
             "import_path": IMPORT_PATH,

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flywheel.serving import parse_config
-from flywheel.serving.app import deploy, ingress_app_name, undeploy
+from flywheel.serving.app import deploy, application_name, undeploy
 
 from _requests import infer_status
 
@@ -47,7 +47,7 @@ def shared(ray_session, mlp_onnx):
 
 
 def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
-    app = ingress_app_name(shared.config)
+    app = application_name(shared.config)
     deadline = time.monotonic() + 60
     while _metric(shared.url, "flywheel_ingress_replicas") < 2:  # both hold a metrics slot
         assert time.monotonic() < deadline
@@ -65,7 +65,7 @@ def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
 def test_grpc_is_served_by_every_replica(shared):
     import tritonclient.grpc as grpcclient
 
-    before = _replica_stats(ingress_app_name(shared.config))
+    before = _replica_stats(application_name(shared.config))
     for _ in range(30):  # fresh channels: the kernel spreads them over the replicas
         client = grpcclient.InferenceServerClient(shared.grpc_target)
         x = np.ones((2, 64), np.float32)
@@ -73,7 +73,7 @@ def test_grpc_is_served_by_every_replica(shared):
         inp.set_data_from_numpy(x)
         assert client.infer("mlp", [inp]).as_numpy("logits").shape == (2, 10)
         client.close()
-    after = _replica_stats(ingress_app_name(shared.config))
+    after = _replica_stats(application_name(shared.config))
     assert len(after) == 2 and all(after[pid] > before.get(pid, 0) for pid in after), (before, after)
 
 
@@ -81,7 +81,7 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     import ray
     from ray import serve
 
-    app = ingress_app_name(shared.config)
+    app = application_name(shared.config)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{app}#ingress")]
     assert len(names) == 2
