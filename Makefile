@@ -34,7 +34,8 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian's$$missing for the tests ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	      || echo "note: could not install$$missing; the tests that need them will skip"; \
 	  else \
 	    echo "note: missing$$missing; the tests that need them will skip"; \
 	  fi; \
@@ -84,9 +85,11 @@ lock: $(STAMP)
 	$(PY) deploy/lock.py
 
 # The wheel that `pip install flywheel-ml` gets, and the images build from
-# (pure Python: no .venv needed).
+# (pure Python: no .venv needed, only pip; build/lib is cleared so that a
+# module deleted from the tree cannot ship from an earlier build).
 wheel:
-	$(PYTHON) -m pip wheel --quiet --no-deps -w dist .
+	rm -rf build/lib build/bdist.*
+	$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) -m pip wheel --quiet --no-deps -w dist .
 	@ls dist/flywheel_ml-*.whl
 
 clean-venv:

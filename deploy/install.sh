@@ -23,8 +23,9 @@ spec=$wheel
 case ",$extras," in
   *,train,*|*,edge,*)
     if [ -n "${TORCH_INDEX_URL:-}" ]; then
-      torch=$(grep '^torch==' "$lock")
-      "$python" -m pip install --quiet --index-url "$TORCH_INDEX_URL" "$torch"
+      torch=$(grep '^torch==' "$lock") || { echo "install.sh: no torch pin in $lock" >&2; exit 2; }
+      # torch alone from there; its dependencies come next, at the lock's versions
+      "$python" -m pip install --quiet --no-deps --index-url "$TORCH_INDEX_URL" "$torch"
     fi
     ;;
 esac

@@ -96,7 +96,7 @@ def check_cluster_versions(timeout_s: float = 60.0) -> None:
     One task per alive node reads the version installed there. (Ray refuses
     a Ray or Python mismatch itself, in ray.init.)"""
     import ray
-    from ray.exceptions import GetTimeoutError
+    from ray.exceptions import GetTimeoutError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from flywheel.serving.deploy import flywheel_version
@@ -112,13 +112,19 @@ def check_cluster_versions(timeout_s: float = 60.0) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = [_their_version.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote() for n in nodes]
-    try:
-        versions = ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError:
-        raise ConfigError(f"the Ray cluster's nodes did not say which Flywheel they run within {timeout_s:.0f} s "
-                          "(a node without free workers?)") from None
+    deadline = time.monotonic() + timeout_s
+    versions = []
+    for node, ref in zip(nodes, refs):
+        try:
+            versions.append(ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
+        except GetTimeoutError:
+            raise ConfigError(f"Ray node {node['NodeManagerAddress']} did not say which Flywheel it runs within "
+                              f"{timeout_s:.0f} s (no free worker there?)") from None
+        except RayError:  # the node went away since ray.nodes(): nothing of ours will run there
+            versions.append(None)
     ours = flywheel_version()
-    other = sorted({f"{n['NodeManagerAddress']}: Flywheel {v}" for n, v in zip(nodes, versions) if v != ours})
+    other = sorted({f"{n['NodeManagerAddress']}: Flywheel {v}" for n, v in zip(nodes, versions)
+                    if v is not None and v != ours})
     if other:
         raise ConfigError(
             f"this process runs Flywheel {ours}, but the Ray cluster's nodes run another "

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,22 +45,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(
 )]
 
 
-def _mirror_and_release() -> tuple[str, str]:
-    """The Debian mirror and release this machine's apt uses."""
-    release = re.search(r"^VERSION_CODENAME=(\w+)", Path("/etc/os-release").read_text(), re.M).group(1)
-    texts = [p.read_text() for p in sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]
-    for text in texts:
-        for entry in text.split("\n\n"):
-            uris = re.search(r"^URIs:\s*(\S+)", entry, re.M)
-            suites = re.search(r"^Suites:\s*(.+)$", entry, re.M)
-            if uris and suites and release in suites.group(1).split():
-                return uris.group(1), release
+def _debian_mirror() -> str:
+    """The http(s) Debian mirror this machine's apt uses (skip when none)."""
+    release = re.search(r"^VERSION_CODENAME=(\w+)", Path("/etc/os-release").read_text(), re.M)
+    if not Path("/etc/debian_version").exists() or release is None:
+        pytest.skip("not a Debian machine: no Debian mirror to build the stand-in base from")
+    entries = []
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        entries += path.read_text().split("\n\n")
+    for entry in entries:
+        uris = re.search(r"^URIs:\s*(\S+)", entry, re.M)
+        suites = re.search(r"^Suites:\s*(.+)$", entry, re.M)
+        if uris and suites and release.group(1) in suites.group(1).split() and uris.group(1).startswith("http"):
+            return uris.group(1)
     listing = Path("/etc/apt/sources.list")
     if listing.exists():
-        m = re.search(rf"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+{release}\s", listing.read_text(), re.M)
+        m = re.search(rf"^deb\s+(?:\[[^]]*\]\s+)?(https?://\S+)\s+{release.group(1)}\s", listing.read_text(), re.M)
         if m:
-            return m.group(1), release
-    pytest.skip("no Debian mirror found in this machine's apt sources")
+            return m.group(1)
+    pytest.skip("no http(s) Debian mirror in this machine's apt sources")
+
+
+def _mounts_under(path: Path) -> list[str]:
+    points = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    return sorted((p for p in points if p.startswith(str(path))), reverse=True)
 
 
 class Podman:
@@ -82,33 +91,59 @@ def podman():
     work = Path(tempfile.mkdtemp(prefix="fw-podman-", dir="/var/tmp"))
     engine = Podman(work)
     try:
+        # root in an unprivileged container may have podman but not the
+        # namespaces and mounts it needs: say so rather than fail
+        probe = subprocess.run(["unshare", "-m", "-p", "-f", "true"], capture_output=True, text=True, timeout=60)
+        info = subprocess.run([*engine.base, "info"], env=engine.env, capture_output=True, text=True, timeout=120)
+        if probe.returncode != 0 or info.returncode != 0:
+            pytest.skip(f"podman cannot run containers here: {(probe.stderr + info.stderr).strip()[-500:]}")
         yield engine, work
     finally:
         subprocess.run([*engine.base, "rm", "-af", "-t", "5"], env=engine.env, capture_output=True, timeout=120)
         subprocess.run([*engine.base, "rmi", "-af"], env=engine.env, capture_output=True, timeout=120)
+        for point in _mounts_under(work):  # what a debootstrap cut short left mounted
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def base_image(podman):
+    """Debian bookworm with Python 3.11, as the official slim image has."""
     engine, work = podman
     rootfs = work / "rootfs"
-    mirror, release = _mirror_and_release()
-    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-pip,python3-venv,ca-certificates",
-                    release, str(rootfs), mirror], check=True, capture_output=True, timeout=900)
+    mirror = _debian_mirror()
+    boot = subprocess.Popen(["debootstrap", "--variant=minbase",
+                             "--include=python3,python3-pip,python3-venv,ca-certificates",
+                             "bookworm", str(rootfs), mirror],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = boot.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(boot.pid, signal.SIGTERM)  # its exit trap unmounts /proc and /sys of the rootfs
+        boot.communicate(timeout=60)
+        raise
+    assert boot.returncode == 0, f"debootstrap failed:\n{out[-3000:]}"
     # as in the official image: pip installs system-wide, python3 in /usr/local/bin
     (rootfs / "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)
     for name, target in (("python3", "/usr/bin/python3"), ("python", "/usr/bin/python3"), ("pip", "/usr/bin/pip3")):
         (rootfs / "usr/local/bin" / name).symlink_to(target)
     # apt inside the build uses this machine's mirror; pip trusts this machine's extra CAs
-    shutil.copytree("/etc/apt/sources.list.d", rootfs / "etc/apt/sources.list.d", dirs_exist_ok=True)
+    (rootfs / "etc/apt/sources.list").write_text(f"deb {mirror} bookworm main\n")
     for ca in Path("/usr/local/share/ca-certificates").glob("*.crt"):
         shutil.copy(ca, rootfs / "usr/local/share/ca-certificates" / ca.name)
     subprocess.run(["chroot", str(rootfs), "update-ca-certificates"], check=True, capture_output=True, timeout=120)
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    engine("import", "--change", "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "--change", "ENV LANG=C.UTF-8", "-", BASE, stdin=tar.stdout)
-    tar.wait()
+    try:
+        engine("import", "--change", "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "--change", "ENV LANG=C.UTF-8", "-", BASE, stdin=tar.stdout)
+    finally:
+        tar.stdout.close()
+        try:
+            tar.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            tar.kill()
+            tar.wait()
+    assert tar.returncode == 0
     shutil.rmtree(rootfs, ignore_errors=True)
     return BASE
 
@@ -124,6 +159,8 @@ def image(podman, base_image, tmp_path_factory):
     shutil.copy(ROOT / "requirements.lock", context / "requirements.lock")
     (context / "deploy").mkdir()
     shutil.copy(ROOT / "deploy" / "install.sh", context / "deploy" / "install.sh")
+    # the repository's allowlist: the build must find what it copies through it
+    shutil.copy(ROOT / ".dockerignore", context / ".dockerignore")
     # host networking: the build's pip and apt reach the registries as this
     # machine does, and podman makes no bridge or firewall rules for it
     engine("build", "--pull=never", "--network=host", "--format", "docker",
