@@ -40,8 +40,8 @@ class EndpointSync:
     def __init__(self, router, replica_id: str, call: Callable[[dict], dict],
                  load: Callable[[ModelConfig], object], deploy_id: str = "") -> None:
         """``deploy_id``: the generation of the deployment this replica was
-        built for; a controller of another generation is not followed
-        ("" = follow any)."""
+        built for, sent with every report: a controller of another
+        generation answers it without a snapshot ("" = any generation)."""
         self._router = router
         self._id = replica_id
         self._deploy_id = deploy_id
@@ -71,7 +71,7 @@ class EndpointSync:
                     log.error("router controller unreachable (%s); routing by the deployment's config", exc)
                     return
                 await asyncio.sleep(0.5)
-        if "endpoints" in answer and self._follows(answer):
+        if "endpoints" in answer:
             await self._apply(answer, wait_loads=True)
 
     def start(self) -> None:
@@ -97,15 +97,11 @@ class EndpointSync:
         async with self._lock:
             answer = await self._exchange()
             fresh = answer.get("epoch") != self._epoch or answer.get("version", 0) > self.applied
-            if fresh and "endpoints" in answer and self._follows(answer):
+            if fresh and "endpoints" in answer:
                 try:
                     await self._apply(answer, wait_loads=False)
                 except Exception:  # a bad snapshot must not stop the reports
                     log.exception("applying the router snapshot failed")
-
-    def _follows(self, answer: dict) -> bool:
-        theirs = answer.get("deploy_id", "")
-        return not (self._deploy_id and theirs and theirs != self._deploy_id)
 
     async def _exchange(self) -> dict:
         report = self._report()

@@ -20,14 +20,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from _ports import free_port
+from _example import check_example_answer
+from _ports import answers, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "docker.io/library/python:3.11-slim-bookworm"
@@ -186,24 +184,12 @@ def test_the_image_serves_the_packaged_example_and_answers_an_inference(podman, 
            "--config", "example", "--port", str(port), "--grpc-port", str(grpc_port))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        try:
+            wait_for(lambda: answers(f"{url}/v2/health/ready"), 180, "the container to be ready")
+        except AssertionError as exc:
             logs = subprocess.run([*engine.base, "logs", "fw-test"], env=engine.env, capture_output=True, text=True)
-            raise AssertionError(f"the container never became ready:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
-        request = (ROOT / "configs" / "examples" / "request.json").read_bytes()
-        req = urllib.request.Request(f"{url}/v2/models/example/infer", data=request,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            out = json.loads(resp.read())["outputs"][0]
-        assert out["shape"] == [2, 3]
-        assert np.allclose(out["data"], _expected(request).ravel(), atol=1e-6)
+            raise AssertionError(f"{exc}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}") from None
+        check_example_answer(url)
         assert engine("exec", "fw-test", "id", "-u").stdout.strip() == "1000"
     finally:
         subprocess.run([*engine.base, "rm", "-f", "-t", "10", "fw-test"], env=engine.env, capture_output=True,
@@ -221,10 +207,3 @@ def _healthcheck(node):
                 return found
     return None
 
-
-def _expected(request: bytes) -> np.ndarray:
-    import onnxruntime as ort
-
-    inp = json.loads(request)["inputs"][0]
-    session = ort.InferenceSession(str(ROOT / "configs" / "examples" / "linear.onnx"))
-    return session.run(None, {"input": np.asarray(inp["data"], np.float32).reshape(inp["shape"])})[0]

@@ -5,22 +5,19 @@ the images' own install step), without torch, and serves its packaged example.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from _ports import free_port
+from _example import check_example_answer
+from _ports import answers, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -114,15 +111,8 @@ def test_the_installed_command_serves_the_packaged_example(fresh_venv, tmp_path)
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, proc, 180)
-        request = (ROOT / "configs" / "examples" / "request.json").read_bytes()
-        req = urllib.request.Request(f"{url}/v2/models/example/infer", data=request,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body = json.loads(resp.read())
-        out = body["outputs"][0]
-        assert out["shape"] == [2, 3]
-        assert np.allclose(out["data"], _expected(request).ravel(), atol=1e-6)
+        wait_for(lambda: _ready_while_running(url, proc), 180, f"{url}/v2/health/ready")
+        check_example_answer(url)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -134,24 +124,7 @@ def test_the_installed_command_serves_the_packaged_example(fresh_venv, tmp_path)
     assert "stopped." in output
 
 
-def _expected(request: bytes) -> np.ndarray:
-    import onnxruntime as ort
-
-    inp = json.loads(request)["inputs"][0]
-    session = ort.InferenceSession(str(ROOT / "configs" / "examples" / "linear.onnx"))
-    return session.run(None, {"input": np.asarray(inp["data"], np.float32).reshape(inp["shape"])})[0]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"flywheel serve exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready after {timeout_s:.0f}s")
+def _ready_while_running(url: str, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"flywheel serve exited with {proc.returncode}: {proc.stdout.read()}")
+    return answers(f"{url}/v2/health/ready")

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper, save
 
-from _ports import free_port
+from _ports import answers, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +69,7 @@ def cluster():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         try:
-            _wait_for(lambda: head.poll() is None and _answers(f"{address}/api/serve/applications/"), 120,
+            wait_for(lambda: head.poll() is None and answers(f"{address}/api/serve/applications/"), 120,
                       "the Ray head's dashboard")
         except AssertionError as exc:
             log.flush()
@@ -80,14 +79,6 @@ def cluster():
         _stop_tree(head.pid, tmp)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def _stop_tree(pid: int, tmp: str) -> None:
@@ -135,16 +126,6 @@ def _app_status(cluster, name: str) -> dict:
         return json.loads(resp.read())["applications"].get(name, {})
 
 
-def _wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 def _infer(conn: http.client.HTTPConnection) -> dict:
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]})
     conn.request("POST", "/v2/models/clf/infer", body, {"Content-Type": "application/json"})
@@ -156,7 +137,7 @@ def _infer(conn: http.client.HTTPConnection) -> dict:
 
 
 def _ready(port: int) -> bool:
-    return _answers(f"http://127.0.0.1:{port}/v2/health/ready")
+    return answers(f"http://127.0.0.1:{port}/v2/health/ready")
 
 
 class _Load:
@@ -198,7 +179,7 @@ def test_serve_deploy_of_the_emitted_config_serves_and_updates_in_place(cluster,
             "registry": {"uri": f"sqlite:///{tmp_path}/registry.db", "artifacts": str(tmp_path / "artifacts")}}
     first = _emit(tmp_path, "first", {**base, "models": [{"name": "clf", "path": str(v1), "version": "1"}]})
     _serve_deploy(cluster, first)
-    _wait_for(lambda: _ready(port), 180, "the first deploy to answer /v2/health/ready")
+    wait_for(lambda: _ready(port), 180, "the first deploy to answer /v2/health/ready")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     body = _infer(conn)
     conn.close()
@@ -207,12 +188,12 @@ def test_serve_deploy_of_the_emitted_config_serves_and_updates_in_place(cluster,
 
     second = _emit(tmp_path, "second", {**base, "models": [{"name": "clf", "path": str(v2), "version": "2"}]})
     with _Load(port) as load:
-        _wait_for(lambda: len(load.answers) > 20, 30, "the load to get going")
+        wait_for(lambda: len(load.answers) > 20, 30, "the load to get going")
         _serve_deploy(cluster, second)
-        _wait_for(lambda: any(v == "2" for v, _ in load.answers[-50:]), 180, "answers from version 2")
-        _wait_for(lambda: _app_status(cluster, "decl").get("status") == "RUNNING", 120, "the update to finish")
+        wait_for(lambda: any(v == "2" for v, _ in load.answers[-50:]), 180, "answers from version 2")
+        wait_for(lambda: _app_status(cluster, "decl").get("status") == "RUNNING", 120, "the update to finish")
         seen = len(load.answers)
-        _wait_for(lambda: len(load.answers) > seen + 50, 30, "answers after the update")
+        wait_for(lambda: len(load.answers) > seen + 50, 30, "answers after the update")
     assert load.failures == []
     assert {v for v, _ in load.answers[-20:]} == {"2"}
     assert np.allclose(load.answers[-1][1], np.asarray(ROW, np.float32) @ (np.arange(12).reshape(4, 3) * 2.0))
@@ -225,6 +206,6 @@ def test_a_config_written_by_another_flywheel_version_fails_the_deploy_naming_bo
     doc["applications"][0]["args"]["flywheel_version"] = "0.0.1"
     path.write_text(yaml.safe_dump(doc))
     _serve_deploy(cluster, path)
-    status = _wait_for(lambda: (s := _app_status(cluster, "other")).get("status") == "DEPLOY_FAILED" and s,
+    status = wait_for(lambda: (s := _app_status(cluster, "other")).get("status") == "DEPLOY_FAILED" and s,
                        120, "the deploy to fail")
     assert "written by Flywheel 0.0.1" in status["message"]
