@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.runtime.errors import FlywheelError
+from flywheel.protocol.errors import FlywheelError
 
 BATCHES = (1, 32)
 TOLERANCE = 1e-2

@@ -83,7 +83,7 @@ def _check(path: Path, expected: np.ndarray) -> Path:
     """One real request per path before loading it: the answer must be the
     model's (so that a fast error is never measured as a fast answer); also
     learns a good answer's size for h2load's gRPC error check."""
-    from flywheel.serving._private.proto import inference_pb2 as pb
+    from flywheel.protocol.proto import inference_pb2 as pb
 
     t = path.target
     headers = dict(h.split(": ", 1) for h in t.headers)

@@ -80,7 +80,7 @@ def model_rows(name: str, onnx_path: str, x_cal: np.ndarray, x_held: np.ndarray,
 def edge_rows(name: str, arch: str, hparams: dict, base: str, sig, x_ref: np.ndarray, y_ref: np.ndarray,
               work: str, runner: str | None) -> list[dict]:
     from flywheel.runtime.edge_export import ExportSource, export_bundle
-    from flywheel.runtime.errors import PreconditionFailedError
+    from flywheel.protocol.errors import PreconditionFailedError
 
     source = ExportSource(onnx_path=f"{base}.onnx", signature=sig, reference=x_ref, labels=y_ref,
                           architecture=arch, hparams=hparams, weights_path=f"{base}.safetensors")

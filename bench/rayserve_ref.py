@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-GRPC_SERVICER = "flywheel.serving._private.proto.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+GRPC_SERVICER = "flywheel.protocol.proto.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 
 
 @serve.deployment
@@ -43,7 +43,7 @@ class RayServeModel:
             {"name": self._output, "datatype": "FP32", "shape": list(y.shape), "data": y.ravel().tolist()}]}
 
     async def ModelInfer(self, request):  # noqa: N802 - the RPC's name
-        from flywheel.serving._private.proto import inference_pb2 as pb
+        from flywheel.protocol.proto import inference_pb2 as pb
 
         shape = list(request.inputs[0].shape)
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(shape)

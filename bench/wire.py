@@ -49,7 +49,7 @@ def _per_call_us(fn, seconds: float = 1.0) -> float:
 
 
 def codec_table(seconds: float) -> list[dict]:
-    from flywheel.runtime.codec import decode_infer_request, encode_infer_response
+    from flywheel.protocol.codec import decode_infer_request, encode_infer_response
 
     rows = []
     logits = np.random.default_rng(2).random((1, 10), dtype=np.float32)

@@ -14,9 +14,9 @@ import numpy as np
 
 from flywheel.client._result import ClientError, InferResult
 from flywheel.client._v2 import REQUEST_ID, ROUTING_KEY, Inputs, Outputs
-from flywheel.runtime.datatypes import numpy_dtype, v2_datatype
-from flywheel.runtime.errors import FlywheelError
-from flywheel.runtime.raw import tensor_from_raw, tensor_to_raw
+from flywheel.protocol.datatypes import numpy_dtype, v2_datatype
+from flywheel.protocol.errors import FlywheelError
+from flywheel.protocol.raw import tensor_from_raw, tensor_to_raw
 
 Metadata = Sequence[tuple[str, str]] | Mapping[str, str] | None
 _OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -27,8 +27,8 @@ def _load():
     """(grpc, inference_pb2, inference_pb2_grpc, grpc_codec), imported on first use."""
     try:
         import grpc
-        from flywheel.serving._private import grpc_codec
-        from flywheel.serving._private.proto import inference_pb2, inference_pb2_grpc
+        from flywheel.protocol import grpc_codec
+        from flywheel.protocol.proto import inference_pb2, inference_pb2_grpc
     except ImportError as exc:
         raise ImportError(
             f"flywheel.client's gRPC clients need grpcio and protobuf ({exc}): pip install grpcio protobuf"

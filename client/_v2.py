@@ -19,10 +19,10 @@ import msgspec
 import numpy as np
 
 from flywheel.client._result import ClientError, InferResult
-from flywheel.runtime.codec import InferResponse
-from flywheel.runtime.datatypes import numpy_dtype, v2_datatype
-from flywheel.runtime.errors import FlywheelError
-from flywheel.runtime.raw import tensor_from_raw, tensor_to_raw
+from flywheel.protocol.codec import InferResponse
+from flywheel.protocol.datatypes import numpy_dtype, v2_datatype
+from flywheel.protocol.errors import FlywheelError
+from flywheel.protocol.raw import tensor_from_raw, tensor_to_raw
 
 ROUTING_KEY = "flywheel-routing-key"
 REQUEST_ID = "flywheel-request-id"
@@ -78,7 +78,7 @@ class _Request(msgspec.Struct, omit_defaults=True):
 
 _ENCODER = msgspec.json.Encoder()
 _ANY = msgspec.json.Decoder()
-# The answer's types are the server's own (runtime/codec.py); they ignore
+# The answer's types are the server's own (protocol/codec.py); they ignore
 # fields they do not know, so answers from other V2 servers decode too.
 _RESPONSE = msgspec.json.Decoder(InferResponse)
 

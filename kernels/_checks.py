@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.errors import InvalidInputError
 
 NAN_POLICIES = ("raise", "omit")
 

@@ -27,7 +27,7 @@ from scipy import stats as sps
 from flywheel.kernels import mmd as mmd_mod
 from flywheel.kernels import stats as st
 from flywheel.kernels._checks import as_codes, as_matrix, check_nans, sorted_columns
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 
 TESTS = ("ks", "cvm", "chi2", "psi", "mmd")
 BACKENDS = ("auto", "numpy", "numba", "cupy")

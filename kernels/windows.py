@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 
 class WindowBuffer:

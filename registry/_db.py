@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from flywheel.runtime.errors import ConfigError, UnavailableError
+from flywheel.protocol.errors import ConfigError, UnavailableError
 
 
 class Db:

@@ -14,7 +14,7 @@ import os
 import uuid
 from pathlib import Path
 
-from flywheel.runtime.errors import ConfigError, IntegrityError, NotFoundError
+from flywheel.protocol.errors import ConfigError, IntegrityError, NotFoundError
 
 _CHUNK = 1 << 20
 

@@ -21,7 +21,7 @@ from typing import Union
 import msgspec
 import yaml
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 
 class MinRule(msgspec.Struct, tag="min", tag_field="rule", frozen=True, forbid_unknown_fields=True):

@@ -22,7 +22,7 @@ import msgspec
 
 from flywheel.registry._db import Db, connect
 from flywheel.registry.migrations import migrate
-from flywheel.runtime.errors import InvalidInputError, NotFoundError
+from flywheel.protocol.errors import InvalidInputError, NotFoundError
 
 # Each role includes the ones after it.
 ROLES = ("admin", "operate", "predict")

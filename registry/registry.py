@@ -30,7 +30,7 @@ from flywheel.registry.types import (
     ModelVersion,
     RegisteredModel,
 )
-from flywheel.runtime.errors import (
+from flywheel.protocol.errors import (
     AlreadyExistsError,
     InvalidInputError,
     NotFoundError,

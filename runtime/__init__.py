@@ -6,8 +6,8 @@ edge box. Heavy optional parts (torch, onnxruntime) are imported on first use.
 
 from flywheel.runtime.backend import Backend
 from flywheel.runtime.batcher import BatchingConfig, BatchResult, DynamicBatcher
-from flywheel.runtime.codec import DecodedRequest, decode_infer_request, encode_infer_response
-from flywheel.runtime.errors import (
+from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode_infer_response
+from flywheel.protocol.errors import (
     ConfigError,
     DeadlineExceededError,
     ErrorCode,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.signature import Signature, TensorSpec
 
 Builder = Callable[..., tuple[Any, Signature]]

@@ -6,8 +6,8 @@ import abc
 
 import numpy as np
 
-from flywheel.runtime.datatypes import numpy_dtype
-from flywheel.runtime.errors import IntegrityError
+from flywheel.protocol.datatypes import numpy_dtype
+from flywheel.protocol.errors import IntegrityError
 from flywheel.runtime.signature import Signature
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from flywheel.runtime.errors import (
+from flywheel.protocol.errors import (
     ConfigError,
     DeadlineExceededError,
     FlywheelError,

@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from flywheel.runtime.errors import ConfigError, PreconditionFailedError
+from flywheel.protocol.errors import ConfigError, PreconditionFailedError
 from flywheel.runtime.signature import Signature
 
 TARGETS = ("onnx", "ort-mobile", "executorch")
@@ -94,7 +94,7 @@ def _samples(source: ExportSource, quantized: bool):
     most SAMPLE_ROWS), or seeded standard-normal rows where the source has no
     reference sample. int8: the reference split as the quantization gate
     splits it, so parity is measured on rows calibration never saw."""
-    from flywheel.runtime.datatypes import numpy_dtype
+    from flywheel.protocol.datatypes import numpy_dtype
     from flywheel.runtime.quantize import QuantizeConfig, split_reference
 
     (spec,) = source.signature.inputs

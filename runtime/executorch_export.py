@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.runtime.errors import ConfigError, InvalidInputError, UnavailableError
+from flywheel.protocol.errors import ConfigError, InvalidInputError, UnavailableError
 from flywheel.runtime.signature import Signature
 
 INSTALL_HINT = "pip install 'flywheel-ml[edge]'"

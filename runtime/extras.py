@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 __all__ = ["require_extra"]
 

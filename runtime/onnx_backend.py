@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 
 from flywheel.runtime.backend import Backend, refuse_pickle
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 from flywheel.runtime.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import msgspec
 import numpy as np
 
-from flywheel.runtime.errors import ConfigError, PreconditionFailedError
+from flywheel.protocol.errors import ConfigError, PreconditionFailedError
 
 MODES = ("auto", "dynamic", "static", "fp16")
 _CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
@@ -123,7 +123,7 @@ def ort_session(path: str):
 def as_feeds(path: str, data: np.ndarray | Feeds) -> dict[str, np.ndarray]:
     """Rows for every model input: a dict by input name, or one array for a
     single-input model. Each is cast to the input's element type."""
-    from flywheel.runtime.datatypes import numpy_dtype
+    from flywheel.protocol.datatypes import numpy_dtype
     from flywheel.runtime.onnx_backend import _ORT_TO_V2
 
     inputs = ort_session(path).get_inputs()

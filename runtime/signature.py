@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import numpy as np
 
-from flywheel.runtime.datatypes import V2_DATATYPES, numpy_dtype
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.datatypes import V2_DATATYPES, numpy_dtype
+from flywheel.protocol.errors import InvalidInputError
 
 
 class TensorSpec(msgspec.Struct, frozen=True):
@@ -43,34 +43,6 @@ class Signature(msgspec.Struct, frozen=True):
     def batchable(self) -> bool:
         """True when every input and output has a variable first dimension."""
         return all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
-
-
-def check_shape(name: str, shape: Sequence[int], max_elements: int) -> int:
-    """Check a client-declared shape; return its element count.
-
-    Raises InvalidInputError for negative dims or more than ``max_elements``
-    elements (which also guards against absurd allocations).
-    """
-    count = 1
-    spread = 1  # product of the non-zero dims: an empty tensor may not declare absurd ones
-    for dim in shape:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise InvalidInputError(
-                f"input {name!r}: shape {list(shape)} must hold non-negative integers"
-            )
-        count *= dim
-        spread *= dim or 1
-    if spread > max_elements and count == 0:
-        raise InvalidInputError(
-            f"input {name!r}: shape {list(shape)} is empty but its other dimensions multiply to {spread}, "
-            f"more than the limit of {max_elements}"
-        )
-    if count > max_elements:
-        raise InvalidInputError(
-            f"input {name!r}: shape {list(shape)} has {count} elements, "
-            f"more than the limit of {max_elements}"
-        )
-    return count
 
 
 def validate_inputs(

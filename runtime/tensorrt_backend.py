@@ -32,8 +32,8 @@ import msgspec
 import numpy as np
 
 from flywheel.runtime.backend import Backend, refuse_pickle
-from flywheel.runtime.datatypes import numpy_dtype
-from flywheel.runtime.errors import ConfigError, FlywheelError, InvalidInputError, UnavailableError
+from flywheel.protocol.datatypes import numpy_dtype
+from flywheel.protocol.errors import ConfigError, FlywheelError, InvalidInputError, UnavailableError
 from flywheel.runtime.signature import Signature, TensorSpec
 
 log = logging.getLogger(__name__)

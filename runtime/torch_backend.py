@@ -10,7 +10,7 @@ import numpy as np
 
 from flywheel.runtime.architectures import build
 from flywheel.runtime.backend import Backend, refuse_pickle
-from flywheel.runtime.errors import ConfigError, IntegrityError
+from flywheel.protocol.errors import ConfigError, IntegrityError
 from flywheel.runtime.extras import require_extra
 from flywheel.runtime.signature import Signature
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from flywheel.runtime.errors import ConfigError, UnavailableError
+from flywheel.protocol.errors import ConfigError, UnavailableError
 from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.runtime.errors import ConfigError, InvalidInputError, PreconditionFailedError
+from flywheel.protocol.errors import ConfigError, InvalidInputError, PreconditionFailedError
 
 # Latency histogram bucket edges, shared by every process so windows merge:
 # 20 per decade from 10 us to 63 s (each bucket is 12.2 % wide). Bucket i

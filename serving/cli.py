@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from flywheel.runtime.errors import ConfigError, FlywheelError
+from flywheel.protocol.errors import ConfigError, FlywheelError
 from flywheel.serving.app import deploy, start_ray, undeploy
 from flywheel.serving.config import DeployConfig, load_config
 from flywheel.serving.deploy import flywheel_version, serve_config

@@ -16,7 +16,7 @@ import msgspec
 import yaml
 
 from flywheel.runtime.batcher import BatchingConfig
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 from flywheel.runtime.tensorrt_backend import TensorRTConfig
 from flywheel.serving.policies import PolicyConfig, ShadowConfig

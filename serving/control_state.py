@@ -26,8 +26,8 @@ from typing import Any
 
 import msgspec
 
-from flywheel.runtime.errors import AlreadyExistsError, ConfigError, InvalidInputError, NotFoundError
-from flywheel.runtime.errors import PreconditionFailedError
+from flywheel.protocol.errors import AlreadyExistsError, ConfigError, InvalidInputError, NotFoundError
+from flywheel.protocol.errors import PreconditionFailedError
 from flywheel.serving._private.live_endpoint import ID_TTL_S, check_reward
 from flywheel.serving._private.endpoint_state import (
     Endpoint,

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from flywheel.runtime.errors import ErrorCode, FlywheelError, InvalidInputError
+from flywheel.protocol.errors import ErrorCode, FlywheelError, InvalidInputError
 from flywheel.serving.config import EndpointConfig, ModelConfig, RegistryConfig
 from flywheel.serving.control_state import ControlState
 

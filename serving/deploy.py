@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import DeployConfig, parse_config
 
 IMPORT_PATH = "flywheel.serving.deploy:app"

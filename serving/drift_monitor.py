@@ -26,7 +26,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from flywheel.kernels import DriftDetector, DriftResult, WindowBuffer
-from flywheel.runtime.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError, NotFoundError
+from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError, NotFoundError
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import (
     OP_DRIFT_HISTORY,

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from flywheel.runtime.edge_export import QUANTIZE, TARGETS, BundleReport, ExportSource, export_bundle
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.signature import Signature
 from flywheel.serving.settings import load_settings
 

@@ -19,7 +19,7 @@ import gc
 import logging
 import os
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.endpoint_sync import EndpointSync
 from flywheel.serving._private.grpc_front import GrpcOverHttp1, HaproxyFront, grpc_failure, haproxy_binary

@@ -34,7 +34,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flywheel.runtime.errors import ErrorCode
+from flywheel.protocol.errors import ErrorCode
 from flywheel.serving._private.wire import Stats
 
 _LATENCY_BUCKETS = (

@@ -17,14 +17,14 @@ import numpy as np
 
 from flywheel.runtime.backend import Backend
 from flywheel.runtime.batcher import DynamicBatcher
-from flywheel.runtime.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
-from flywheel.runtime.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
+from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
+from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
 from flywheel.runtime.signature import validate_inputs
 from flywheel.runtime.tensorrt_backend import TensorRTBackend
 from flywheel.runtime.torch_backend import TorchBackend
 from flywheel.serving._private.drift_sampler import DriftSampler
-from flywheel.serving._private.grpc_codec import decode_grpc_request, encode_grpc_response
+from flywheel.protocol.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.wire import OP_INFER, OP_INFER_GRPC, OP_METADATA, Call, Reply, Stats
 from flywheel.serving.config import ModelConfig, RegistryConfig, RequestLimits
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import msgspec
 import numpy as np
 
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 
 KINDS = ("fixed", "epsilon_greedy", "thompson", "ucb1")
 REWARDS = ("bernoulli", "gaussian")

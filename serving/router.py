@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.runtime.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
+from flywheel.protocol.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
 from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id, usable_request_id
 from flywheel.serving._private.reply_outputs import reply_outputs
 from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel

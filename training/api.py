@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.runtime.errors import FlywheelError, InvalidInputError, PreconditionFailedError
+from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError
 from flywheel.training.jobs import TERMINAL, JobRecord, JobStore
 from flywheel.training.loop import append_log, job_paths
 from flywheel.training.spec import JobSpec, load_spec, parse_spec, spec_to_dict

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from flywheel.runtime.errors import ConfigError, IntegrityError, InvalidInputError, NotFoundError
+from flywheel.protocol.errors import ConfigError, IntegrityError, InvalidInputError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import time
 
 import msgspec
 
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.errors import InvalidInputError
 
 
 def add_parser(sub) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from flywheel.registry.lineage import fingerprint_arrays
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import msgspec
 
 from flywheel.registry._db import Db, connect
 from flywheel.registry.migrations import migrate
-from flywheel.runtime.errors import (
+from flywheel.protocol.errors import (
     AlreadyExistsError,
     InvalidInputError,
     NotFoundError,

@@ -106,7 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from flywheel.runtime.architectures import build
-    from flywheel.runtime.errors import InvalidInputError
+    from flywheel.protocol.errors import InvalidInputError
     from flywheel.training.checkpoint import (
         CheckpointStore,
         TrainState,

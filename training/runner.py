@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.runtime.errors import FlywheelError, UnavailableError
+from flywheel.protocol.errors import FlywheelError, UnavailableError
 from flywheel.training.loop import append_log, job_paths, train_loop
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def check_model(spec, data) -> None:
     import torch
 
     from flywheel.runtime.architectures import build
-    from flywheel.runtime.errors import InvalidInputError
+    from flywheel.protocol.errors import InvalidInputError
 
     if spec.batch_size > len(data.x_train):
         raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(data.x_train)} training rows")
@@ -168,7 +168,7 @@ def _same_data_and_code(paths: dict, fingerprint: str) -> None:
     """Pin the data (and code) a job started with: a resumed attempt on other
     data would mix two datasets under one lineage."""
     from flywheel.registry import code_version
-    from flywheel.runtime.errors import PreconditionFailedError
+    from flywheel.protocol.errors import PreconditionFailedError
 
     commit, dirty = code_version(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(os.path.dirname(paths["log"]), "lineage.json")

@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 
 from flywheel.runtime.architectures import ARCHITECTURES
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 # Same rule as model names in serving/config.py and the registry: a job name
 # becomes the registry model name by default, so it must be a valid one.

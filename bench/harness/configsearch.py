@@ -18,7 +18,7 @@ import msgspec
 from flywheel.bench.harness.payloads import build_plan
 from flywheel.bench.harness.runner import ConfigResult, Progress, run_against
 from flywheel.bench.harness.scenario import Grid, Scenario
-from flywheel.runtime.errors import ConfigError, FlywheelError
+from flywheel.protocol.errors import ConfigError, FlywheelError
 
 
 def combinations(base: dict, grid: Grid) -> list[tuple[str, dict, dict]]:

@@ -16,8 +16,8 @@ import msgspec
 import numpy as np
 
 from flywheel.bench.harness.scenario import InputSpec, OutputSpec, Scenario
-from flywheel.runtime.datatypes import numpy_dtype
-from flywheel.runtime.errors import ConfigError, UnavailableError
+from flywheel.protocol.datatypes import numpy_dtype
+from flywheel.protocol.errors import ConfigError, UnavailableError
 
 
 class Bodies(msgspec.Struct, frozen=True):
@@ -121,7 +121,7 @@ def generate(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
 
 def encode(model: str, version: str, tensors: dict[str, np.ndarray], datatypes: dict[str, str],
            outputs: list[OutputSpec]) -> Bodies:
-    from flywheel.serving._private.proto import inference_pb2 as pb
+    from flywheel.protocol.proto import inference_pb2 as pb
 
     json_body = msgspec.json.encode({
         "inputs": [

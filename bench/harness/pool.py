@@ -24,7 +24,7 @@ import msgspec
 from flywheel.bench.harness.histogram import LatencyHistogram
 from flywheel.bench.harness.payloads import WorkPlan
 from flywheel.bench.harness.scenario import SLO
-from flywheel.runtime.errors import ConfigError, UnavailableError
+from flywheel.protocol.errors import ConfigError, UnavailableError
 
 # A worker that was busy this share of the window could not have sent more.
 CLIENT_SATURATED = 0.85

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from flywheel.bench.harness.runner import Report
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 
 def _f(v, digits: int = 2) -> str:

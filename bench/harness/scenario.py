@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from flywheel.runtime.datatypes import V2_DATATYPES
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.datatypes import V2_DATATYPES
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import is_loopback
 
 PROTOCOLS = ("http_json", "http_binary", "grpc")

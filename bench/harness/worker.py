@@ -100,7 +100,7 @@ def _make_user_class(plan: WorkPlan, per_user_rate: float | None, window: _Windo
     from geventhttpclient import HTTPClient
     from locust import User
 
-    from flywheel.serving._private.proto import inference_pb2 as pb
+    from flywheel.protocol.proto import inference_pb2 as pb
 
     variants = plan.variants
 

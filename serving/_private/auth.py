@@ -24,7 +24,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from flywheel.registry.keys import KeyDigest, KeyStore, parse_token, verify
-from flywheel.runtime.errors import PermissionDeniedError, RateLimitedError, UnauthenticatedError
+from flywheel.protocol.errors import PermissionDeniedError, RateLimitedError, UnauthenticatedError
 from flywheel.serving.config import AuthConfig
 
 log = logging.getLogger(__name__)

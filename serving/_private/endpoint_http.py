@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
-from flywheel.runtime.codec import encode_json
-from flywheel.runtime.errors import ErrorCode, FlywheelError
+from flywheel.protocol.codec import encode_json
+from flywheel.protocol.errors import ErrorCode, FlywheelError
 from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
 from flywheel.serving._private.endpoint_sync import SYNC_INTERVAL_S

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from flywheel.runtime.errors import ErrorCode
+from flywheel.protocol.errors import ErrorCode
 
 GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,

@@ -39,7 +39,7 @@ import zlib
 
 import grpc
 
-from flywheel.runtime.errors import FlywheelError
+from flywheel.protocol.errors import FlywheelError
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls
 from flywheel.serving._private.http_server import Request

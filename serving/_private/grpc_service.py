@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from flywheel.runtime.errors import FlywheelError, InvalidInputError, UnavailableError, error_from_code
+from flywheel.protocol.errors import FlywheelError, InvalidInputError, UnavailableError, error_from_code
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.endpoint_http import MAX_PEEK_BYTES
-from flywheel.serving._private.grpc_codec import peek_fields
+from flywheel.protocol.grpc_codec import peek_fields
 from flywheel.serving._private.grpc_errors import grpc_status_for
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.proto import inference_pb2 as pb
 from flywheel.serving._private.wire import OP_INFER_GRPC, Call
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Router
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flywheel.runtime.codec import encode_json
-from flywheel.runtime.errors import ErrorCode
+from flywheel.protocol.codec import encode_json
+from flywheel.protocol.errors import ErrorCode
 from flywheel.serving._private.http_server import JSON, Response
 
 HTTP_STATUS: dict[ErrorCode, int] = {

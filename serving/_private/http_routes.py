@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from flywheel.runtime.codec import encode_json
-from flywheel.runtime.errors import FlywheelError
+from flywheel.protocol.codec import encode_json
+from flywheel.protocol.errors import FlywheelError
 from flywheel.serving._private.auth import Authenticator
 from flywheel.serving._private.endpoint_http import (
     Manage, endpoint_route, feedback, response_headers, routing_fields,

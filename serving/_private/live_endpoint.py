@@ -15,7 +15,7 @@ import random
 import time
 from collections import OrderedDict
 
-from flywheel.runtime.errors import InvalidInputError, UnavailableError
+from flywheel.protocol.errors import InvalidInputError, UnavailableError
 from flywheel.serving.canary import VariantWindow
 from flywheel.serving.policies import WeightedPicker, decode_policy, make_policy
 

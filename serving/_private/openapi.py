@@ -7,7 +7,7 @@ or status that drifts from this document fails there.
 
 from __future__ import annotations
 
-from flywheel.runtime.datatypes import V2_DATATYPES
+from flywheel.protocol.datatypes import V2_DATATYPES
 from flywheel.serving.router import SERVER_VERSION
 
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -12,9 +12,9 @@ import math
 import msgspec
 import numpy as np
 
-from flywheel.runtime.datatypes import numpy_dtype
-from flywheel.runtime.errors import InvalidInputError
-from flywheel.runtime.raw import tensor_from_raw
+from flywheel.protocol.datatypes import numpy_dtype
+from flywheel.protocol.errors import InvalidInputError
+from flywheel.protocol.raw import tensor_from_raw
 from flywheel.serving._private.wire import OP_INFER_GRPC, Reply
 
 
@@ -35,7 +35,7 @@ _RESP = msgspec.json.Decoder(_Resp)
 
 def reply_outputs(op: int, reply: Reply) -> dict[str, np.ndarray]:
     if op == OP_INFER_GRPC:
-        from flywheel.serving._private.proto import inference_pb2 as pb
+        from flywheel.protocol.proto import inference_pb2 as pb
 
         resp = pb.ModelInferResponse.FromString(reply.payload)
         return {

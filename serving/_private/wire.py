@@ -15,7 +15,7 @@ the JSON header length when outputs are binary); OP_INFER_GRPC carries and
 answers serialized ModelInferRequest / ModelInferResponse messages;
 OP_METADATA answers the model's V2 metadata as JSON. ``timeout ms`` is the
 caller's remaining deadline (0 = the server's default).
-``code`` is 0 for success or a :class:`~flywheel.runtime.errors.ErrorCode`
+``code`` is 0 for success or a :class:`~flywheel.protocol.errors.ErrorCode`
 (the payload is then the UTF-8 message).
 """
 
@@ -28,7 +28,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from flywheel.runtime.errors import ErrorCode, UnavailableError
+from flywheel.protocol.errors import ErrorCode, UnavailableError
 
 OP_INFER = 1
 OP_METADATA = 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import flywheel.serving.deploy
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving.app import check_cluster_versions
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flywheel.bench.harness import parse_scenario
 from flywheel.bench.harness.payloads import build_plan
 from flywheel.bench.harness.pool import WorkerPool
-from flywheel.runtime.errors import UnavailableError
+from flywheel.protocol.errors import UnavailableError
 from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, undeploy
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from flywheel.registry._db import connect
-from flywheel.runtime.errors import (
+from flywheel.protocol.errors import (
     AlreadyExistsError,
     InvalidInputError,
     NotFoundError,

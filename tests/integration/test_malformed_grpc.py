@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.proto import inference_pb2 as pb
 
 pytestmark = pytest.mark.integration
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND

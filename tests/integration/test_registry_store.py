@@ -13,7 +13,7 @@ import pytest
 from flywheel.registry import Lineage, Registry, fingerprint_arrays, parse_policy
 from flywheel.registry._db import connect
 from flywheel.registry.migrations import LATEST, current_version, migrate
-from flywheel.runtime.errors import (
+from flywheel.protocol.errors import (
     AlreadyExistsError,
     IntegrityError,
     InvalidInputError,

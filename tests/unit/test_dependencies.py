@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ["runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs"]
+PACKAGE = ["protocol", "runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs"]
 # what a serving-only install (no extras) imports when it loads these rooms
-SERVING = ["runtime", "kernels", "serving", "registry", "client", "configs"]
+SERVING = ["protocol", "runtime", "kernels", "serving", "registry", "client", "configs"]
 # modules of optional GPU packages that are not installed here
 NOT_INSTALLED = {"cupy": "cupy-cuda12x", "tensorrt": "tensorrt"}
 # declared but never imported by name, and why
@@ -29,7 +29,7 @@ USED_WITHOUT_IMPORT = {
     "onnxruntime-gpu": "it installs the module onnxruntime, in the place of onnxruntime's",
 }
 # dev tools that live in the package but only run by hand
-DEV_SCRIPTS = {"serving/_private/proto/generate.py"}
+DEV_SCRIPTS = {"protocol/proto/generate.py"}
 
 
 def _norm(name: str) -> str:
@@ -117,7 +117,7 @@ def test_torch_is_not_a_core_dependency(declared):
 
 
 def test_a_missing_extra_is_named_with_its_install_command():
-    from flywheel.runtime.errors import ConfigError
+    from flywheel.protocol.errors import ConfigError
     from flywheel.runtime.extras import require_extra
 
     with pytest.raises(ConfigError, match=r"flywheel run needs the train extra \(no_such_module_xyz not "

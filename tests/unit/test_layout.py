@@ -36,7 +36,7 @@ def test_wheel_build_maps_folders_into_flywheel(tmp_path):
     assert proc.returncode == 0, proc.stderr
     wheel = next(tmp_path.glob("flywheel_ml-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for pkg in ("runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs"):
+    for pkg in ("protocol", "runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs"):
         assert f"flywheel/{pkg}/__init__.py" in names
     assert "flywheel/runtime/batcher.py" in names
     assert not any(n.startswith(("runtime/", "tests/")) for n in names)

@@ -32,7 +32,7 @@ def test_binary_answers_check_the_declared_tensor_bytes():
 
 
 def test_grpc_answers():
-    from flywheel.serving._private.proto import inference_pb2 as pb
+    from flywheel.protocol.proto import inference_pb2 as pb
 
     resp = pb.ModelInferResponse(model_name="m")
     resp.outputs.add(name="logits", datatype="FP32", shape=[1, 10])

@@ -10,7 +10,7 @@ from flywheel.bench.harness import compare, compare_text, read_report, write_rep
 from flywheel.bench.harness.pool import judge, merge_replies
 from flywheel.bench.harness.runner import Report
 from flywheel.bench.harness.scenario import SLO, parse_scenario
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 
 

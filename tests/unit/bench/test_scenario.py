@@ -4,7 +4,7 @@ import pytest
 
 from flywheel.bench.harness import load_scenario, parse_scenario
 from flywheel.bench.harness.configsearch import combinations
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -1,7 +1,7 @@
 """flywheel.client's protocol layer and its HTTP transports, without a model server.
 
 The protocol flows are driven by hand and checked against the server's own
-codec (runtime/codec.py); the transports talk to a tiny loopback HTTP server
+codec (protocol/codec.py); the transports talk to a tiny loopback HTTP server
 that closes connections the way real servers and proxies do.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 from flywheel.client import AsyncClient, Client, ClientError
 from flywheel.client._v2 import HttpCall, HttpReply, V2Http
-from flywheel.runtime.codec import decode_infer_request, encode_response
+from flywheel.protocol.codec import decode_infer_request, encode_response
 
 META = json.dumps({"name": "m", "inputs": [{"name": "in", "datatype": "FP32", "shape": [-1, 3]}]}).encode()
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import parse_config
 from flywheel.training.cli import add_parser as add_train_parser
 from flywheel.training.spec import parse_spec

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from flywheel.kernels import DriftDetector, WindowBuffer, benjamini_hochberg, bonferroni, gpu_available
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 
 CPU = ["numpy", "numba"]
 

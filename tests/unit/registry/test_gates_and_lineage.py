@@ -7,7 +7,7 @@ import pytest
 
 from flywheel.registry import code_version, fingerprint_arrays, fingerprint_files, load_policy, parse_policy
 from flywheel.registry.gates import GateContext, evaluate
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 
 
 def test_policy_yaml_loads_into_typed_rules(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 from flywheel.registry import Registry
 from flywheel.registry.keys import KeyStore, expand_roles, parse_token, verify
-from flywheel.runtime.errors import InvalidInputError, NotFoundError
+from flywheel.protocol.errors import InvalidInputError, NotFoundError
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_key_events_and_refusals_land_in_the_audit_log_without_secrets(store, tm
 
 def test_a_read_only_database_fails_writes_with_a_clear_error(tmp_path):
     from flywheel.registry._db import SqliteDb
-    from flywheel.runtime.errors import UnavailableError
+    from flywheel.protocol.errors import UnavailableError
 
     db = SqliteDb(str(tmp_path / "r.db"))
     db.execute("CREATE TABLE t (x INTEGER)")

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from flywheel.runtime.errors import ConfigError, IntegrityError
+from flywheel.protocol.errors import ConfigError, IntegrityError
 from flywheel.runtime.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
 from flywheel.runtime.signature import TensorSpec
 from flywheel.runtime.torch_backend import TorchBackend

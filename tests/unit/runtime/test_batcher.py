@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flywheel.runtime.batcher import BatchingConfig, DynamicBatcher
-from flywheel.runtime.errors import (
+from flywheel.protocol.errors import (
     ConfigError,
     DeadlineExceededError,
     InvalidInputError,

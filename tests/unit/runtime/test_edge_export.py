@@ -13,7 +13,7 @@ from _trained import CNN, MLP
 
 from flywheel.runtime.architectures import build
 from flywheel.runtime.edge_export import ExportSource, export_bundle, read_bundle, sha256_file
-from flywheel.runtime.errors import ConfigError, PreconditionFailedError
+from flywheel.protocol.errors import ConfigError, PreconditionFailedError
 
 
 def _source(onnx_path: str, arch: str, hparams: dict, reference=None, labels=None) -> ExportSource:

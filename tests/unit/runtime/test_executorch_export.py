@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flywheel.runtime.architectures import build
-from flywheel.runtime.errors import ConfigError, InvalidInputError, UnavailableError
+from flywheel.protocol.errors import ConfigError, InvalidInputError, UnavailableError
 from flywheel.runtime.executorch_export import (
     INSTALL_HINT,
     executorch_version,

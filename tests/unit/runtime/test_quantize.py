@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from flywheel.runtime.errors import ConfigError, PreconditionFailedError
+from flywheel.protocol.errors import ConfigError, PreconditionFailedError
 from flywheel.runtime.quantize import (
     QuantizeConfig,
     choose_mode,

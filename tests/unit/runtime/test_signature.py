@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.errors import InvalidInputError
 from flywheel.runtime.signature import Signature, TensorSpec, validate_inputs
 
 SIG = Signature(

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from flywheel.runtime.errors import ConfigError, IntegrityError, UnavailableError
+from flywheel.protocol.errors import ConfigError, IntegrityError, UnavailableError
 from flywheel.runtime.onnx_backend import (
     OnnxRuntimeBackend,
     OnnxRuntimeConfig,

@@ -14,7 +14,7 @@ import pytest
 
 from flywheel.registry import Registry
 from flywheel.registry.keys import KeyStore
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.proto import inference_pb2 as pb
 from flywheel.serving.config import AuthConfig, ModelConfig, ServerConfig
 from flywheel.serving.ingress import Ingress
 from flywheel.serving.replica import ModelReplica

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from flywheel.runtime.errors import ConfigError, InvalidInputError, PreconditionFailedError
+from flywheel.protocol.errors import ConfigError, InvalidInputError, PreconditionFailedError
 from flywheel.serving.canary import (
     BUCKET_EDGES,
     Canary,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import load_config, parse_config
 from flywheel.serving.settings import load_settings
 

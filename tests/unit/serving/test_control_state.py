@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from flywheel.registry import RouterStateStore
-from flywheel.runtime.errors import AlreadyExistsError, InvalidInputError, NotFoundError, PreconditionFailedError
+from flywheel.protocol.errors import AlreadyExistsError, InvalidInputError, NotFoundError, PreconditionFailedError
 from flywheel.serving.canary import VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
 from flywheel.serving.control_state import ControlState

@@ -10,7 +10,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 import flywheel.configs
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving.cli import _load, main
 from flywheel.serving.config import load_config, parse_config
 from flywheel.serving.deploy import IMPORT_PATH, app, flywheel_version, serve_config

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from flywheel.runtime.errors import ErrorCode
+from flywheel.protocol.errors import ErrorCode
 from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_DRIFT_INGEST, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.config import DriftConfig, ModelConfig

@@ -22,11 +22,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import content_type_conformance, not_a_server_error, status_code_conformance
 
-from flywheel.runtime.codec import decode_infer_request
-from flywheel.runtime.datatypes import V2_DATATYPES
-from flywheel.runtime.errors import FlywheelError
-from flywheel.serving._private.grpc_codec import decode_grpc_request, peek_route
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.codec import decode_infer_request
+from flywheel.protocol.datatypes import V2_DATATYPES
+from flywheel.protocol.errors import FlywheelError
+from flywheel.protocol.grpc_codec import decode_grpc_request, peek_route
+from flywheel.protocol.proto import inference_pb2 as pb
 from flywheel.serving.config import ModelConfig, ServerConfig
 from flywheel.serving.ingress import Ingress
 from flywheel.serving.replica import ModelReplica

@@ -25,9 +25,9 @@ import psutil
 import pytest
 import tritonclient.grpc as tg
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.serving._private.grpc_front import HaproxyFront, _percent, _timeout, haproxy_binary
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.proto import inference_pb2 as pb
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.serving.config import ModelConfig, ServerConfig
 from flywheel.serving.ingress import Ingress

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.runtime.errors import InvalidInputError, UnavailableError
+from flywheel.protocol.errors import InvalidInputError, UnavailableError
 from flywheel.serving._private.live_endpoint import LiveEndpoint, usable_request_id
 
 STICKY = {"header": "flywheel-routing-key", "parameter": "routing_key"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 from flywheel.serving.policies import (
     EpsilonGreedyPolicy,
     FixedPolicy,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flywheel.registry import Registry
-from flywheel.runtime.errors import ConfigError, IntegrityError, NotFoundError
+from flywheel.protocol.errors import ConfigError, IntegrityError, NotFoundError
 from flywheel.serving.app import resolve_models
 from flywheel.serving.config import ModelConfig, RegistryConfig, parse_config
 from flywheel.serving.replica import make_backend

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flywheel.runtime.errors import ConfigError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 from flywheel.serving.config import AuthConfig, ServerConfig
 from flywheel.serving.replica import check_limits
 

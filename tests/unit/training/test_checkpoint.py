@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flywheel.runtime.errors import ConfigError, IntegrityError, InvalidInputError, NotFoundError
+from flywheel.protocol.errors import ConfigError, IntegrityError, InvalidInputError, NotFoundError
 from flywheel.training import checkpoint as ckpt
 from flywheel.training.checkpoint import (
     CheckpointStore,

@@ -8,7 +8,7 @@ import sys
 import msgspec
 import pytest
 
-from flywheel.runtime.errors import ConfigError
+from flywheel.protocol.errors import ConfigError
 from flywheel.training.spec import (
     DatasetSpec,
     JobSpec,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from flywheel.runtime.codec import DecodedRequest
-from flywheel.runtime.datatypes import numpy_dtype, v2_datatype
-from flywheel.runtime.errors import InvalidInputError
-from flywheel.runtime.raw import tensor_from_raw, tensor_to_raw
-from flywheel.runtime.signature import check_shape
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.codec import DecodedRequest
+from flywheel.protocol.datatypes import numpy_dtype, v2_datatype
+from flywheel.protocol.errors import InvalidInputError
+from flywheel.protocol.raw import tensor_from_raw, tensor_to_raw
+from flywheel.protocol.shapes import check_shape
+from flywheel.protocol.proto import inference_pb2 as pb
 
 # Which InferTensorContents field carries each datatype (FP16: raw only).
 _CONTENTS_FIELD = {

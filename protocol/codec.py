@@ -1,7 +1,7 @@
 """V2 HTTP codec on msgspec: infer request bytes -> NumPy arrays -> response bytes.
 
 Covers JSON tensors and the binary tensor data extension (a JSON header,
-then raw tensors in the order the JSON names them; see runtime/raw.py).
+then raw tensors in the order the JSON names them; see protocol/raw.py).
 
 Wire types are declared once here and the Encoder/Decoders are built once at
 import (they are stateless and thread-safe). Tensor ``data`` is kept as raw JSON
@@ -18,10 +18,10 @@ from typing import Union
 import msgspec
 import numpy as np
 
-from flywheel.runtime.datatypes import FLOAT_DATATYPES, INT_DATATYPES, numpy_dtype, v2_datatype
-from flywheel.runtime.errors import FlywheelError, InvalidInputError
-from flywheel.runtime.raw import tensor_from_raw, tensor_to_raw
-from flywheel.runtime.signature import check_shape
+from flywheel.protocol.datatypes import FLOAT_DATATYPES, INT_DATATYPES, numpy_dtype, v2_datatype
+from flywheel.protocol.errors import FlywheelError, InvalidInputError
+from flywheel.protocol.raw import tensor_from_raw, tensor_to_raw
+from flywheel.protocol.shapes import check_shape
 
 Parameters = dict[str, Union[bool, int, float, str]]
 

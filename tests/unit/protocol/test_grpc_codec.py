@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel.runtime.errors import InvalidInputError
-from flywheel.runtime.raw import tensor_to_raw
-from flywheel.serving._private.grpc_codec import decode_grpc_request, encode_grpc_response, peek_route
-from flywheel.serving._private.proto import inference_pb2 as pb
+from flywheel.protocol.errors import InvalidInputError
+from flywheel.protocol.raw import tensor_to_raw
+from flywheel.protocol.grpc_codec import decode_grpc_request, encode_grpc_response, peek_route
+from flywheel.protocol.proto import inference_pb2 as pb
 
 CONTENTS = {
     "BOOL": ("bool_contents", [True, False]), "INT8": ("int_contents", [-3, 4]),

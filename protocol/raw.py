@@ -11,8 +11,8 @@ import struct
 
 import numpy as np
 
-from flywheel.runtime.datatypes import numpy_dtype
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.datatypes import numpy_dtype
+from flywheel.protocol.errors import InvalidInputError
 
 _LEN = struct.Struct("<I")
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from flywheel.serving._private.proto import inference_pb2 as flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2
+from flywheel.protocol.proto import inference_pb2 as flywheel_dot_protocol_dot_proto_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in flywheel/serving/_private/proto/inference_pb2_grpc.py depends on'
+        + ' but the generated code in flywheel/protocol/proto/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerLiveResponse.FromString,
+                request_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerReadyResponse.FromString,
+                request_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelReadyResponse.FromString,
+                request_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerMetadataResponse.FromString,
+                request_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelMetadataResponse.FromString,
+                request_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelInferResponse.FromString,
+                request_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
 
 
@@ -110,33 +110,33 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerLiveRequest.FromString,
-                    response_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerLiveRequest.FromString,
+                    response_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerReadyRequest.FromString,
-                    response_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerReadyRequest.FromString,
+                    response_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelReadyRequest.FromString,
-                    response_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelReadyRequest.FromString,
+                    response_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelInferRequest.FromString,
-                    response_serializer=flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelInferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -164,8 +164,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerLiveResponse.FromString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerLiveRequest.SerializeToString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerReadyResponse.FromString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerReadyRequest.SerializeToString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelReadyResponse.FromString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelReadyRequest.SerializeToString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,8 +245,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ServerMetadataResponse.FromString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerMetadataRequest.SerializeToString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -272,8 +272,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelMetadataResponse.FromString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -299,8 +299,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
-            flywheel_dot_serving_dot___private_dot_proto_dot_inference__pb2.ModelInferResponse.FromString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            flywheel_dot_protocol_dot_proto_dot_inference__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,6 @@
 """Generate the Python stubs for inference.proto (development tool).
 
-    python -m flywheel.serving._private.proto.generate [OUT_DIR]
+    python -m flywheel.protocol.proto.generate [OUT_DIR]
 
 Needs grpcio-tools (a test dependency, pinned in requirements.lock). The
 stubs are committed; tests/unit/serving/test_proto.py regenerates them into
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = ("flywheel", "serving", "_private", "proto")
+PACKAGE = ("flywheel", "protocol", "proto")
 OUTPUTS = ("inference_pb2.py", "inference_pb2_grpc.py")
 
 # tritonclient registers its own copy of the `inference` package in
@@ -33,7 +33,7 @@ def generate(out_dir: Path) -> list[Path]:
 
     with tempfile.TemporaryDirectory() as tmp:
         # protoc derives the stubs' import path from the proto's path under
-        # its include root: lay the proto out as flywheel/serving/_private/proto/.
+        # its include root: lay the proto out as flywheel/protocol/proto/.
         pkg_dir = Path(tmp, *PACKAGE)
         pkg_dir.mkdir(parents=True)
         shutil.copy(HERE / "inference.proto", pkg_dir / "inference.proto")

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from flywheel.runtime.codec import decode_infer_request, encode_response
-from flywheel.runtime.errors import InvalidInputError
-from flywheel.runtime.raw import tensor_to_raw
+from flywheel.protocol.codec import decode_infer_request, encode_response
+from flywheel.protocol.errors import InvalidInputError
+from flywheel.protocol.raw import tensor_to_raw
 
 
 def binary_request(tensors: dict[str, np.ndarray], datatypes: dict[str, str], json_inputs=(), **extra):

@@ -5,8 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from flywheel.runtime.errors import InvalidInputError
-from flywheel.runtime.raw import tensor_from_raw, tensor_to_raw
+from flywheel.protocol.errors import InvalidInputError
+from flywheel.protocol.raw import tensor_from_raw, tensor_to_raw
 
 TYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flywheel.runtime.codec import decode_infer_request, encode_infer_response, select_outputs
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.codec import decode_infer_request, encode_infer_response, select_outputs
+from flywheel.protocol.errors import InvalidInputError
 
 
 def _req(datatype, shape, data, name="x", **extra):

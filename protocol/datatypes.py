@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flywheel.runtime.errors import InvalidInputError
+from flywheel.protocol.errors import InvalidInputError
 
 # BYTES tensors are object arrays of ``bytes``; everything else is a fixed-width
 # NumPy dtype, little-endian on the wire.

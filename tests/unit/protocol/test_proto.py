@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flywheel.serving._private.proto import inference_pb2 as pb
-from flywheel.serving._private.proto.generate import HERE, OUTPUTS, generate
+from flywheel.protocol.proto import inference_pb2 as pb
+from flywheel.protocol.proto.generate import HERE, OUTPUTS, generate
 
 
 def test_committed_stubs_are_not_stale(tmp_path):
     generate(tmp_path)
     for name in OUTPUTS:
         assert (tmp_path / name).read_text() == (HERE / name).read_text(), (
-            f"{name} is stale: run python -m flywheel.serving._private.proto.generate"
+            f"{name} is stale: run python -m flywheel.protocol.proto.generate"
         )
 
 

@@ -1,1 +1,0 @@
-"""Generated gRPC stubs for the V2 inference service (see inference.proto)."""
