@@ -134,7 +134,8 @@ def _checkpoint_times(tmp: str) -> dict:
     import torch
 
     from flywheel.runtime.architectures import build
-    from flywheel.training.checkpoint import CheckpointStore, TrainState
+    from flywheel.training.checkpoint import CheckpointStore
+    from flywheel.training.train_state import TrainState
 
     torch.manual_seed(0)
     model, _ = build("mlp", HPARAMS)

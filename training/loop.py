@@ -107,8 +107,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from flywheel.runtime.architectures import build
     from flywheel.protocol.errors import InvalidInputError
-    from flywheel.training.checkpoint import (
-        CheckpointStore,
+    from flywheel.training.checkpoint import CheckpointStore
+    from flywheel.training.train_state import (
         TrainState,
         capture_rng,
         full_state_dicts,

@@ -16,8 +16,9 @@ import torch
 
 from flywheel.protocol.errors import ConfigError, IntegrityError, InvalidInputError, NotFoundError
 from flywheel.training import checkpoint as ckpt
-from flywheel.training.checkpoint import (
-    CheckpointStore,
+from flywheel.training.checkpoint import CheckpointStore
+from flywheel.training.checkpoint_storage import Storage
+from flywheel.training.train_state import (
     TrainState,
     capture_rng,
     full_state_dicts,
@@ -225,15 +226,15 @@ def test_crash_mid_save_is_never_returned_and_is_pruned(tmp_path, monkeypatch):
     store.save(_state(1))
     store.save(_state(2))
 
-    real_write = ckpt._Storage.write
+    real_write = Storage.write
 
     def crash_on_state_json(self, data, *parts):
         if parts[-1] == "state.json":
             raise OSError("power cut")
         return real_write(self, data, *parts)
 
-    monkeypatch.setattr(ckpt._Storage, "write", crash_on_state_json)
-    monkeypatch.setattr(ckpt._Storage, "remove_dir", lambda self, name, **kw: None)  # died: no cleanup
+    monkeypatch.setattr(Storage, "write", crash_on_state_json)
+    monkeypatch.setattr(Storage, "remove_dir", lambda self, name, **kw: None)  # died: no cleanup
     with pytest.raises(OSError, match="power cut"):
         store.save(_state(3))
     monkeypatch.undo()
@@ -252,14 +253,14 @@ def test_crash_mid_save_is_never_returned_and_is_pruned(tmp_path, monkeypatch):
 def test_a_failed_save_cleans_up_and_keeps_the_previous_copy(root, monkeypatch):
     store = CheckpointStore(root)
     store.save(_state(1, version=1))
-    real_move = ckpt._Storage.move_dir
+    real_move = Storage.move_dir
 
     def fail_into_final(self, src, dst, order):
         if src.startswith(".tmp-"):
             raise OSError("disk full")
         return real_move(self, src, dst, order)
 
-    monkeypatch.setattr(ckpt._Storage, "move_dir", fail_into_final)
+    monkeypatch.setattr(Storage, "move_dir", fail_into_final)
     with pytest.raises(OSError, match="disk full"):
         store.save(_state(1, version=2))
     monkeypatch.undo()
