@@ -19,7 +19,8 @@ from flywheel.runtime.batcher import BatchingConfig
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 from flywheel.runtime.tensorrt_backend import TensorRTConfig
-from flywheel.serving.policies import PolicyConfig, ShadowConfig
+from flywheel.serving.policy_config import PolicyConfig
+from flywheel.serving.shadow import ShadowConfig
 
 T = TypeVar("T")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -302,7 +303,7 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ``epsilon_greedy``, ``thompson`` or ``ucb1`` (bandits fed by
         ``POST /v2/models/{name}/feedback``), optionally with ``arms``: the
         versions it routes among (default: every version listed here);
-        see serving/policies.py. A version added at run time takes traffic
+        see serving/policy_config.py. A version added at run time takes traffic
         only once a policy names it (weights or arms), a canary or a swap.
     shadow: ``{variant, fraction}``: that share of requests also goes to the
         shadow variant, whose answers are compared, never returned.

@@ -42,8 +42,10 @@ from flywheel.serving._private.endpoint_state import (
 )
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
-from flywheel.serving.policies import FixedPolicy, ShadowConfig, decode_policy, make_policy
+from flywheel.serving.policies import make_policy
+from flywheel.serving.policy_config import FixedPolicy, decode_policy
 from flywheel.serving.router import version_key
+from flywheel.serving.shadow import ShadowConfig
 
 LIVE_S = 5.0  # a replica that has not reported for this long is gone
 LOAD_TIMEOUT_S = 300.0  # a variant still loading after this long has failed

@@ -1,16 +1,13 @@
-"""Routing policies: which variant (model version) of an endpoint serves a request.
+"""Routing policies at run time: which variant (model version) of an endpoint
+serves a request.
 
-Configs: the ``kind``-tagged union :data:`PolicyConfig` (:func:`decode_policy`);
-:func:`make_policy` turns one into a runtime :class:`Policy`. Each ingress
-replica calls :meth:`Policy.choose` per request (microseconds, no I/O); the
-controller folds rewards into its own Policy (``record``, ``add_stats``) and
-pushes ``state()`` snapshots that replicas ``load_state()`` about every 0.5 s,
-so a replica's bandit decides on stats up to one push old.
-
-A bandit routes among its ``arms`` (the variants it was set over; empty:
-every variant it is given), so a variant added to an endpoint later takes
-no bandit traffic until a policy names it; a fixed split routes among the
-variants its weights name.
+:func:`make_policy` turns a config (serving/policy_config.py) into a runtime
+:class:`Policy`: a fixed split (:class:`WeightedPicker`) or a bandit
+(epsilon-greedy, Thompson sampling, UCB1). Each ingress replica calls
+:meth:`Policy.choose` per request (microseconds, no I/O); the controller
+folds rewards into its own Policy (``record``, ``add_stats``) and pushes
+``state()`` snapshots that replicas ``load_state()`` about every 0.5 s, so a
+replica's bandit decides on stats up to one push old.
 
 Thread-safety: none; a Policy belongs to one thread (a replica's event loop).
 """
@@ -25,108 +22,24 @@ from hashlib import blake2b
 from itertools import accumulate
 from typing import Any, ClassVar
 
-import msgspec
 import numpy as np
 
 from flywheel.protocol.errors import ConfigError, InvalidInputError
+from flywheel.serving.policy_config import (
+    KINDS,
+    EpsilonGreedyPolicy,
+    FixedPolicy,
+    PolicyConfig,
+    ThompsonPolicy,
+    UCB1Policy,
+)
 
-KINDS = ("fixed", "epsilon_greedy", "thompson", "ucb1")
-REWARDS = ("bernoulli", "gaussian")
 _MC_DRAWS = 1000  # posterior draws behind Thompson's weights() estimate
 _TWO_52 = float(1 << 52)
 
 
-def _check_arms(arms: tuple[str, ...]) -> None:
-    if not all(isinstance(a, str) and a for a in arms) or len(set(arms)) != len(arms):
-        raise ConfigError(f"policy.arms {list(arms)} must be distinct, non-empty variant names")
-
-
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-class FixedPolicy(msgspec.Struct, tag="fixed", tag_field="kind", frozen=True, forbid_unknown_fields=True):
-    """A fixed split. weights: variant -> weight (finite, >= 0, not all 0),
-    normalized, so ``{"1": 95, "2": 5}`` equals ``{"1": 0.95, "2": 0.05}``.
-    Requests with a key stick to one variant (weighted rendezvous hashing)."""
-
-    weights: dict[str, float]
-    kind: ClassVar[str] = "fixed"
-
-    def __post_init__(self) -> None:
-        bad = {v: w for v, w in self.weights.items() if not (math.isfinite(w) and w >= 0)}
-        if bad:
-            raise ConfigError(f"policy.weights {bad}: each weight must be a finite number >= 0")
-        if not any(w > 0 for w in self.weights.values()):
-            raise ConfigError("policy.weights: at least one variant needs a weight > 0")
-
-
-class EpsilonGreedyPolicy(
-    msgspec.Struct, tag="epsilon_greedy", tag_field="kind", frozen=True, forbid_unknown_fields=True
-):
-    """With probability epsilon (in [0, 1]) a uniformly random variant, else the
-    one with the best mean reward; a variant without rewards counts as best."""
-
-    epsilon: float = 0.1
-    arms: tuple[str, ...] = ()
-    kind: ClassVar[str] = "epsilon_greedy"
-
-    def __post_init__(self) -> None:
-        _check_arms(self.arms)
-        if not 0 <= self.epsilon <= 1:
-            raise ConfigError(f"policy.epsilon {self.epsilon} must lie in [0, 1]")
-
-
-class ThompsonPolicy(msgspec.Struct, tag="thompson", tag_field="kind", frozen=True, forbid_unknown_fields=True):
-    """Thompson sampling. reward: ``bernoulli`` (rewards in [0, 1], a fraction
-    counting as a partial success; Beta(1, 1) prior) or ``gaussian`` (any real
-    reward; see :class:`_Thompson` for the posterior used)."""
-
-    reward: str = "bernoulli"
-    arms: tuple[str, ...] = ()
-    kind: ClassVar[str] = "thompson"
-
-    def __post_init__(self) -> None:
-        _check_arms(self.arms)
-        if self.reward not in REWARDS:
-            raise ConfigError(f"policy.reward {self.reward!r}: choose from {', '.join(REWARDS)}")
-
-
-class UCB1Policy(msgspec.Struct, tag="ucb1", tag_field="kind", frozen=True, forbid_unknown_fields=True):
-    """UCB1: mean + scale * sqrt(2 ln N / n). Rewards must lie in [0, 1];
-    scale (> 0) widens (> 1) or narrows (< 1) exploration."""
-
-    scale: float = 1.0
-    arms: tuple[str, ...] = ()
-    kind: ClassVar[str] = "ucb1"
-
-    def __post_init__(self) -> None:
-        _check_arms(self.arms)
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ConfigError(f"policy.scale {self.scale} must be a finite number > 0")
-
-
-PolicyConfig = FixedPolicy | EpsilonGreedyPolicy | ThompsonPolicy | UCB1Policy
-
-
-def decode_policy(data: bytes | str | Mapping[str, Any]) -> PolicyConfig:
-    """A PolicyConfig from JSON bytes/str or a mapping (e.g. from YAML).
-
-    Raises ConfigError naming the bad field; an unknown ``kind`` lists the kinds.
-    """
-    if isinstance(data, (bytes, bytearray, memoryview, str)):
-        try:
-            data = msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"policy is not valid JSON: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"policy must be a mapping with a 'kind' field, got {type(data).__name__}")
-    if data.get("kind") not in KINDS:
-        raise ConfigError(f"policy.kind {data.get('kind')!r}: choose from {', '.join(KINDS)}")
-    try:
-        return msgspec.convert(dict(data), PolicyConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid policy: {exc}") from None
 
 
 class WeightedPicker:
@@ -468,52 +381,3 @@ def make_policy(
     if state is not None:
         policy.load_state(state)
     return policy
-
-
-class ShadowConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Mirror a share of requests to a shadow variant whose responses are only
-    compared, never returned. variant: its version; fraction: in (0, 1]."""
-
-    variant: str
-    fraction: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.variant:
-            raise ConfigError("shadow.variant must name a variant")
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"shadow.fraction {self.fraction} must lie in (0, 1]")
-
-
-def compare_outputs(primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray]) -> tuple[bool, float]:
-    """(agree, mean_abs_diff) of two responses' outputs.
-
-    Different output names or shapes: (False, inf). A floating output with
-    ndim >= 2 and last dimension > 1 is class scores: it agrees when the
-    argmax along the last axis matches in every row. Other floating outputs
-    agree when np.allclose(rtol=1e-3, atol=1e-5), NaN equal to NaN; others
-    (ints, bools, bytes) when exactly equal. mean_abs_diff is over every
-    element of the floating outputs (0.0 when there are none); an element
-    that is NaN on one side only counts as inf.
-    """
-    if set(primary) != set(shadow):
-        return False, math.inf
-    pairs = [(np.asarray(primary[n]), np.asarray(shadow[n])) for n in primary]
-    if any(a.shape != b.shape for a, b in pairs):
-        return False, math.inf
-    agree, diff_sum, diff_n = True, 0.0, 0
-    for a, b in pairs:
-        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(b.dtype, np.floating)):
-            agree = agree and bool(np.array_equal(a, b))
-            continue
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        if a.ndim >= 2 and a.shape[-1] > 1:
-            agree = agree and bool(np.array_equal(a64.argmax(axis=-1), b64.argmax(axis=-1)))
-        else:
-            agree = agree and bool(np.allclose(a64, b64, rtol=1e-3, atol=1e-5, equal_nan=True))
-        with np.errstate(invalid="ignore"):
-            d = np.abs(a64 - b64)
-        d[(a64 == b64) | (np.isnan(a64) & np.isnan(b64))] = 0.0  # equal infs and paired NaNs
-        d[np.isnan(d)] = math.inf
-        diff_sum += float(d.sum())
-        diff_n += d.size
-    return agree, diff_sum / diff_n if diff_n else 0.0

@@ -22,7 +22,7 @@ from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id
 from flywheel.serving._private.reply_outputs import reply_outputs
 from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel
 from flywheel.serving.metrics import ModelMetrics, ServingMetrics
-from flywheel.serving.policies import compare_outputs
+from flywheel.serving.shadow import compare_outputs
 
 SERVER_NAME = "flywheel"
 SERVER_VERSION = "0.1.0"

@@ -8,7 +8,8 @@ import msgspec
 
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
-from flywheel.serving.policies import decode_policy, make_policy
+from flywheel.serving.policies import make_policy
+from flywheel.serving.policy_config import decode_policy
 from flywheel.serving.router import version_key
 
 MAX_EVENTS = 50

@@ -17,7 +17,8 @@ from collections import OrderedDict
 
 from flywheel.protocol.errors import InvalidInputError, UnavailableError
 from flywheel.serving.canary import VariantWindow
-from flywheel.serving.policies import WeightedPicker, decode_policy, make_policy
+from flywheel.serving.policies import WeightedPicker, make_policy
+from flywheel.serving.policy_config import decode_policy
 
 ID_TTL_S = 600.0  # how long a request id takes feedback
 MAX_IDS = 100_000  # per replica; the oldest go first

@@ -16,7 +16,7 @@ from flywheel.client import Client, ClientError, GrpcClient
 from flywheel.serving import DeployConfig, ModelConfig, ServerConfig
 from flywheel.serving.app import deploy, undeploy
 from flywheel.serving.config import EndpointConfig, RegistryConfig
-from flywheel.serving.policies import FixedPolicy
+from flywheel.serving.policy_config import FixedPolicy
 
 from _router_models import expected, rows, table_model, wait_for
 

@@ -12,7 +12,7 @@ from flywheel.protocol.errors import AlreadyExistsError, InvalidInputError, NotF
 from flywheel.serving.canary import VariantWindow
 from flywheel.serving.config import EndpointConfig, ModelConfig
 from flywheel.serving.control_state import ControlState
-from flywheel.serving.policies import FixedPolicy
+from flywheel.serving.policy_config import FixedPolicy
 
 T0 = 1_000_000.0
 

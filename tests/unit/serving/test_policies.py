@@ -1,3 +1,6 @@
+"""Runtime routing policies (serving/policies.py): the fixed split's weighted
+rendezvous hashing, the bandits, rewards, state snapshots and make_policy."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,22 +12,17 @@ import subprocess
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 from scipy.stats import chisquare
 
 from flywheel.protocol.errors import ConfigError, InvalidInputError
-from flywheel.serving.policies import (
+from flywheel.serving.policies import WeightedPicker, make_policy, weighted_choice
+from flywheel.serving.policy_config import (
     EpsilonGreedyPolicy,
     FixedPolicy,
-    ShadowConfig,
     ThompsonPolicy,
     UCB1Policy,
-    WeightedPicker,
-    compare_outputs,
     decode_policy,
-    make_policy,
-    weighted_choice,
 )
 
 SPLIT = {"1": 0.7, "2": 0.2, "3": 0.1}
@@ -261,36 +259,7 @@ def test_thompson_weights_estimate_selection_share():
     assert make_policy(ThompsonPolicy(), ["a", "b"], seed=0).weights()["a"] == pytest.approx(0.5, abs=0.05)
 
 
-# -- configs --------------------------------------------------------------------------------------
-
-
-def test_decode_policy_from_bytes_and_mappings():
-    assert decode_policy(b'{"kind": "epsilon_greedy", "epsilon": 0.2}') == EpsilonGreedyPolicy(epsilon=0.2)
-    assert decode_policy({"kind": "fixed", "weights": {"1": 3, "2": 1}}) == FixedPolicy({"1": 3.0, "2": 1.0})
-    assert decode_policy({"kind": "ucb1"}) == UCB1Policy()
-    assert decode_policy('{"kind": "thompson", "reward": "gaussian"}').kind == "thompson"
-
-
-@pytest.mark.parametrize(
-    "data, fragment",
-    [
-        ({"kind": "softmax"}, "policy.kind 'softmax': choose from fixed, epsilon_greedy, thompson, ucb1"),
-        ({"epsilon": 0.1}, "policy.kind None"),
-        ({"kind": "epsilon_greedy", "epsilon": 1.5}, r"policy.epsilon 1.5 must lie in \[0, 1\]"),
-        ({"kind": "ucb1", "scale": 0}, "policy.scale"),
-        ({"kind": "thompson", "reward": "poisson"}, "policy.reward 'poisson': choose from bernoulli, gaussian"),
-        ({"kind": "fixed", "weights": {"1": -1}}, "policy.weights"),
-        ({"kind": "fixed", "weights": {"1": 0}}, "policy.weights"),
-        ({"kind": "fixed"}, "weights"),
-        ({"kind": "ucb1", "exploration": 2}, "exploration"),
-        ({"kind": "epsilon_greedy", "epsilon": "lots"}, r"\$.epsilon"),
-        (b"{not json", "not valid JSON"),
-        ([1, 2], "mapping"),
-    ],
-)
-def test_decode_policy_errors_name_the_field(data, fragment):
-    with pytest.raises(ConfigError, match=fragment):
-        decode_policy(data)
+# -- make_policy ----------------------------------------------------------------------------------
 
 
 def test_make_policy_checks_variants():
@@ -300,46 +269,6 @@ def test_make_policy_checks_variants():
         make_policy(UCB1Policy(), ["1", "1"])
     with pytest.raises(ConfigError, match="variants"):
         make_policy(UCB1Policy(), [])
-
-
-def test_shadow_config_validates_fraction():
-    assert ShadowConfig("2").fraction == 1.0
-    for bad in (0.0, 1.5, math.nan):
-        with pytest.raises(ConfigError, match=r"shadow.fraction .* \(0, 1\]"):
-            ShadowConfig("2", fraction=bad)
-
-
-# -- shadow comparison ----------------------------------------------------------------------------
-
-
-def test_compare_outputs_cases():
-    logits = np.array([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]], dtype=np.float32)
-    same = compare_outputs({"y": logits}, {"y": logits.copy()})
-    assert same == (True, 0.0)
-    agree, diff = compare_outputs({"y": logits}, {"y": logits + 0.05})  # same argmax, other scores
-    assert agree and diff == pytest.approx(0.05, rel=1e-5)
-    flipped = logits.copy()
-    flipped[1] = [0.1, 0.2, 0.7]
-    assert compare_outputs({"y": logits}, {"y": flipped})[0] is False
-    reg = np.array([1.0, 2.0, 3.0])
-    assert compare_outputs({"r": reg}, {"r": reg * (1 + 5e-4)})[0] is True
-    assert compare_outputs({"r": reg}, {"r": reg + 0.1})[0] is False
-    col = reg.reshape(3, 1)  # last dim 1: values, not class scores
-    assert compare_outputs({"r": col}, {"r": col + 0.1})[0] is False
-    nan = np.array([1.0, np.nan])
-    assert compare_outputs({"r": nan}, {"r": nan.copy()}) == (True, 0.0)
-    assert compare_outputs({"r": nan}, {"r": np.array([1.0, 2.0])}) == (False, math.inf)
-
-
-def test_compare_outputs_non_float_and_mismatches():
-    labels = np.array([1, 2, 3], dtype=np.int64)
-    assert compare_outputs({"l": labels}, {"l": labels.copy()}) == (True, 0.0)
-    assert compare_outputs({"l": labels}, {"l": np.array([1, 2, 4])}) == (False, 0.0)
-    both = {"l": labels, "p": np.array([0.5, 0.25])}
-    assert compare_outputs(both, {"l": labels, "p": np.array([0.5, 0.75])}) == (False, pytest.approx(0.25))
-    assert compare_outputs({"a": labels}, {"b": labels}) == (False, math.inf)
-    assert compare_outputs({"a": labels}, {"a": labels[:2]}) == (False, math.inf)
-    assert compare_outputs({}, {}) == (True, 0.0)
 
 
 def test_a_bandit_routes_only_among_its_arms():
