@@ -1,0 +1,211 @@
+"""The canary side of the router controller's decisions: start, judge step by
+step (the gates, drift included), advance, roll back or promote a canary;
+promote a variant by hand (moving the registry alias) and undo a promotion.
+
+One part of :class:`~flywheel.serving.control_state.ControlState` (a mixin:
+it holds no state of its own and is not used alone). The judging itself is
+serving/canary.py's :class:`~flywheel.serving.canary.Canary`; the variant side
+is serving/_private/control_variants.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from flywheel.protocol.errors import InvalidInputError, PreconditionFailedError
+from flywheel.serving._private.endpoint_state import Endpoint, as_doc, canary_of, canary_percent, routes_to, without
+from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
+
+
+class CanaryOps:
+    """ControlState's canary, promotion and rollback operations, the canary
+    tick, and the drift scores a drift-gated canary step waits for."""
+
+    # what ControlState (and VariantOps) provide
+    endpoints: dict[str, Endpoint]
+    _drift: dict[tuple[str, str], float | None]
+    _drift_monitor: bool
+    _move_alias: Callable[[str, str, int], None] | None
+    endpoint: Callable[[str], Endpoint]
+    status: Callable[..., dict]
+    _changed: Callable[[float], None]
+    _busy: Callable[[Endpoint, str], None]
+    _retire: Callable[[Endpoint, str, float], None]
+
+    # -- canaries -----------------------------------------------------------
+    def start_canary(self, name: str, config: Any, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        self._busy(ep, "start a canary")
+        try:
+            cfg = msgspec.convert(config, CanaryConfig, strict=False)
+        except msgspec.ValidationError as exc:
+            raise InvalidInputError(f"canary: {exc}") from None
+        if cfg.gates.max_drift is not None:
+            drift = ((ep.doc["models"].get(cfg.variant) or {}).get("drift") or {}).get("enabled", False)
+            if not (self._drift_monitor and drift):
+                raise InvalidInputError(
+                    f"canary.gates.max_drift: variant {cfg.variant!r} of {name!r} has no drift monitoring; it needs "
+                    "drift.enabled in its model config and a drift monitor in the deployment (one deployed "
+                    "model with drift.enabled)"
+                )
+        routable = ep.routable()
+        if cfg.variant not in routable:
+            raise InvalidInputError(
+                f"canary.variant {cfg.variant!r} is not a ready variant of {name!r}; ready: {routable} "
+                "(add it first: POST /v2/endpoints/{name}/variants)"
+            )
+        if not cfg.baseline:
+            current = ep.weights() or ep.policy().weights()
+            others = {v: w for v, w in current.items() if v != cfg.variant}
+            if not others:
+                raise InvalidInputError(f"canary of {name!r} needs a baseline: no other variant takes traffic")
+            cfg = msgspec.structs.replace(cfg, baseline=max(others, key=others.get))
+        if cfg.baseline not in routable or cfg.baseline == cfg.variant:
+            raise InvalidInputError(f"canary.baseline {cfg.baseline!r} must be another ready variant of {name!r}")
+        canary = Canary(cfg, now)
+        ep.doc["canary"] = {"config": as_doc(cfg), "state": canary.state(), "saved_policy": ep.doc["policy"]}
+        ep.step.clear()
+        ep.event(now, "canary", f"canary {cfg.variant} vs {cfg.baseline} started at {cfg.steps[0]} %")
+        self._changed(now)
+        return self.status(name, now)
+
+    def abort_canary(self, name: str, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        doc = ep.doc["canary"]
+        if not doc or doc["state"]["status"] != "running":
+            raise PreconditionFailedError(f"endpoint {name!r} has no running canary")
+        canary = canary_of(doc)
+        canary.abort(now, "aborted by an operator")
+        self._end_canary(ep, canary, now, "aborted by an operator")
+        return self.status(name, now)
+
+    def _end_canary(self, ep: Endpoint, canary: Canary, now: float, why: str) -> None:
+        doc = ep.doc["canary"]
+        doc["state"] = canary.state()
+        baseline = {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
+        restored = without(doc.get("saved_policy") or baseline, doc["config"]["variant"])
+        # the saved policy may name only variants that are gone by now
+        ep.doc["policy"] = restored if restored is not None and routes_to(restored, ep.routable()) else baseline
+        ep.event(now, "canary", why)
+        self._changed(now)
+
+    def _tick_canary(self, ep: Endpoint, now: float) -> None:
+        doc = ep.doc["canary"]
+        if not doc or doc["state"]["status"] != "running":
+            return
+        cfg = msgspec.convert(doc["config"], CanaryConfig)
+        canary = canary_of(doc)
+        step = canary.step
+        decision = canary.evaluate(
+            now, ep.step.get(cfg.baseline) or VariantWindow(), ep.step.get(cfg.variant) or VariantWindow(),
+            self._drift.get((ep.name, cfg.variant)) if cfg.gates.max_drift is not None else None,
+        )
+        if canary.step != step or canary.finished:
+            self._drift.pop((ep.name, cfg.variant), None)  # a score belongs to one step
+        doc["state"] = canary.state()
+        ep.dirty = True
+        if decision.action == "hold":
+            if canary.status == "completed":  # promote: false: it stays at 100 %, not promoted
+                ep.doc["policy"] = {"kind": "fixed", "weights": {cfg.variant: 1.0}}
+                ep.event(now, "canary", f"canary {cfg.variant} passed every step; holding at 100 % (promote: false)")
+                self._changed(now)
+            return
+        ep.step.clear()  # windows are per step (Canary.evaluate's contract)
+        if decision.action == "advance":
+            ep.event(now, "canary", f"canary {cfg.variant} advanced to {canary_percent(ep.doc)} %")
+            self._changed(now)
+        elif decision.action == "rollback":
+            self._end_canary(ep, canary, now, f"rolled back: {decision.reason}")
+        elif decision.action == "promote":
+            doc["state"] = canary.state()
+            self._promote(ep, cfg.variant, now, f"canary {cfg.variant} passed every step")
+
+    # -- drift gate -----------------------------------------------------------
+    def drift_wanted(self) -> list[tuple[str, str, float]]:
+        """(endpoint, variant, since) of every running canary with a drift
+        gate: the caller reads the variant's drift results scored since then
+        (the current step's start) and hands the score to :meth:`set_drift`.
+        Kept out of tick so that the controller can fetch them unlocked."""
+        out = []
+        for ep in self.endpoints.values():
+            doc = ep.doc["canary"]
+            if doc and doc["state"]["status"] == "running" and doc["config"]["gates"].get("max_drift") is not None:
+                out.append((ep.name, doc["config"]["variant"], canary_of(doc).step_started_at))
+        return out
+
+    def set_drift(self, name: str, variant: str, score: float | None) -> None:
+        """The drift score of ``variant`` in its canary's current step (None:
+        no window scored yet, and a drift-gated step does not advance)."""
+        self._drift[(name, variant)] = score
+
+    # -- promotion and rollback -----------------------------------------------
+    def promote(self, name: str, version: str, now: float | None = None) -> dict:
+        """All traffic to ``version``; move the registry alias; retire the rest."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        if version not in ep.routable():
+            raise InvalidInputError(f"version {version!r} is not a ready variant of {name!r}; ready: {ep.routable()}")
+        swap = ep.doc["swap"]
+        if swap and swap["phase"] in ("loading", "draining"):
+            raise PreconditionFailedError(f"cannot promote: endpoint {name!r} is swapping")
+        doc = ep.doc["canary"]
+        if doc and doc["state"]["status"] == "running":
+            canary = canary_of(doc)
+            canary.abort(now, f"promoted {version} by an operator")
+            doc["state"] = canary.state()
+            doc["state"]["status"] = "promoted" if version == doc["config"]["variant"] else "aborted"
+        self._promote(ep, version, now, f"promoted {version} by an operator")
+        return self.status(name, now)
+
+    def _promote(self, ep: Endpoint, version: str, now: float, why: str) -> None:
+        ep.doc["policy"] = {"kind": "fixed", "weights": {version: 1.0}}
+        for v in ep.routable():
+            if v != version:
+                self._retire(ep, v, now)
+        ep.event(now, "promote", why)
+        self._alias(ep, version, now)
+        self._changed(now)
+
+    def _alias(self, ep: Endpoint, version: str, now: float) -> None:
+        model = ep.doc["models"].get(version) or {}
+        ref = model.get("ref", "")
+        if self._move_alias is None or not ref or not ep.doc["alias"]:
+            return
+        try:
+            registry_version = int(ref.split("/", 1)[1])
+            self._move_alias(ref.split("/", 1)[0], ep.doc["alias"], registry_version)
+            ep.event(now, "alias", f"{ref.split('/', 1)[0]}@{ep.doc['alias']} -> {ref}")
+        except Exception as exc:  # the traffic move stands; say why the alias did not
+            ep.event(now, "alias", f"could not move {ep.doc['alias']!r} to {ref}: {exc}")
+
+    def rollback(self, name: str, now: float | None = None) -> dict:
+        """Abort a running canary, or undo the last promotion's traffic move."""
+        now = time.time() if now is None else now
+        ep = self.endpoint(name)
+        doc = ep.doc["canary"]
+        if doc and doc["state"]["status"] == "running":
+            return self.abort_canary(name, now)
+        if doc and doc["state"]["status"] in ("promoted", "completed"):
+            baseline = doc["config"]["baseline"]
+            if baseline not in ep.variants:
+                raise PreconditionFailedError(f"cannot roll back {name!r}: baseline {baseline!r} was already removed")
+            promoted = doc["state"]["status"] == "promoted"
+            ep.doc["retiring"].pop(baseline, None)
+            ep.doc["policy"] = {"kind": "fixed", "weights": {baseline: 1.0}}
+            doc["state"]["status"] = "rolled_back"
+            ep.event(now, "rollback", f"traffic back on {baseline}")
+            if promoted:  # the alias moved only on promotion (not for promote: false)
+                if (ep.doc["models"].get(baseline) or {}).get("ref"):
+                    self._alias(ep, baseline, now)
+                elif ep.doc["alias"] and self._move_alias is not None:
+                    ep.event(now, "alias", f"{ep.doc['alias']!r} stays where the promotion put it: "
+                                           f"baseline {baseline} has no registry reference")
+            self._changed(now)
+            return self.status(name, now)
+        raise PreconditionFailedError(f"endpoint {name!r} has no canary to roll back")
