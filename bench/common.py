@@ -26,7 +26,8 @@ def bench_deployment(name: str, models: list[dict]) -> Iterator:
     import ray
     from ray import serve
 
-    from flywheel.serving import load_settings, parse_config, start_ray
+    from flywheel.common import load_settings, start_ray
+    from flywheel.serving import parse_config
     from flywheel.serving.app import deploy, undeploy
 
     cfg = parse_config({"name": name, "server": {"port": 0, "grpc_port": 0}, "models": models})

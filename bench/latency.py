@@ -50,6 +50,7 @@ from flywheel.bench import h2load
 from flywheel.bench.common import export_model
 from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
 from flywheel.bench.mlserver_ref import default_venv, installed
+from flywheel.common.settings import load_settings
 from flywheel.serving.app import _free_port
 
 HPARAMS = {"in_features": 64, "hidden": [512, 512], "out_features": 10}
@@ -186,9 +187,11 @@ def _ray(env: dict[str, str] | None = None) -> Iterator[None]:
     import ray
     from ray import serve
 
-    from flywheel.serving import load_settings, start_ray
+    from flywheel.common import start_ray
 
-    old = {k: os.environ.get(k) for k in (env or {})}
+    # the Ray started here (and its workers) inherit ``env``; the whole
+    # environment is put back afterwards
+    saved = os.environ.copy()
     os.environ.update(env or {})
     start_ray(msgspec.structs.replace(load_settings(), ray_address=""), num_cpus=4, log_to_driver=False)
     try:
@@ -197,11 +200,8 @@ def _ray(env: dict[str, str] | None = None) -> Iterator[None]:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                         _print_row(row)
         except Exception as exc:  # noqa: BLE001 - a reference that fails is reported, the rest still runs
             print(f"  {system}: not measured: {exc!r}", flush=True)
-            if os.environ.get("FLYWHEEL_BENCH_DEBUG"):
+            if load_settings().bench_debug:
                 import traceback
 
                 traceback.print_exc()

@@ -46,7 +46,9 @@ class OnnxModel(MLModel):
 
 
 def default_venv() -> str:
-    return os.environ.get("FLYWHEEL_MLSERVER_VENV", ".venv-mlserver")
+    from flywheel.common.settings import load_settings
+
+    return load_settings().mlserver_venv
 
 
 def installed(venv: str) -> bool:

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from flywheel.client import Client
-    from flywheel.serving import load_settings, parse_config, start_ray
+    from flywheel.common import load_settings, start_ray
+    from flywheel.serving import parse_config
     from flywheel.serving.app import deploy, undeploy
 
     tmp = tempfile.mkdtemp(prefix="fw-routing-")

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import msgspec
     import ray
 
-    from flywheel.serving import load_settings
+    from flywheel.common.settings import load_settings
     from flywheel.training.api import TrainingRuntime
     from flywheel.training.loop import job_paths
 

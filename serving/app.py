@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 import urllib.error
@@ -36,7 +35,7 @@ from flywheel.serving.drift_monitor import DriftMonitor
 from flywheel.serving.ingress import DRAIN_S, Ingress
 from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
-from flywheel.serving.settings import Settings, load_settings
+from flywheel.common.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -48,88 +47,6 @@ def model_deployment_name(model: ModelConfig) -> str:
 def application_name(config: DeployConfig) -> str:
     """The Serve application of a deployment (all its parts are in it)."""
     return config.name
-
-
-def start_ray(
-    settings: Settings,
-    *,
-    num_cpus: float | None = None,
-    include_dashboard: bool = False,
-    log_to_driver: bool = True,
-) -> None:
-    """Start (or join, with RAY_ADDRESS) Ray for Flywheel.
-
-    The dashboard is off by default: serving does not need it and it costs
-    ~200 MiB; Ray Train and config-file deploys do (RAY-NOTES.md).
-    """
-    import ray
-
-    # Ray reads these from the environment of the processes it starts.
-    os.environ["RAY_AUTH_MODE"] = settings.ray_auth_mode
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    kwargs: dict = {"namespace": "flywheel", "log_to_driver": log_to_driver}
-    if settings.ray_address:
-        try:
-            ray.init(address=settings.ray_address, **kwargs)
-        except RuntimeError as exc:
-            if "version mismatch" not in str(exc).lower():
-                raise
-            # Ray's own words name the cluster's and this process's versions
-            raise ConfigError(f"RAY_ADDRESS {settings.ray_address}: {exc}") from None
-        try:
-            check_cluster_versions()
-        except ConfigError:
-            ray.shutdown()
-            raise
-        return
-    cpus = num_cpus if num_cpus is not None else (settings.ray_num_cpus or None)
-    if settings.ray_tmpdir:
-        kwargs["_temp_dir"] = settings.ray_tmpdir
-    ray.init(num_cpus=cpus, include_dashboard=include_dashboard, **kwargs)
-
-
-def check_cluster_versions(timeout_s: float = 60.0) -> None:
-    """Refuse a cluster where a node runs another Flywheel than this driver:
-    its replicas would run code that does not match the config written here.
-    One task per alive node reads the version installed there. (Ray refuses
-    a Ray or Python mismatch itself, in ray.init.)"""
-    import ray
-    from ray.exceptions import GetTimeoutError, RayError
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from flywheel.serving.deploy import flywheel_version
-
-    @ray.remote(num_cpus=0)
-    def _their_version() -> str:
-        try:
-            from flywheel.serving.deploy import flywheel_version as theirs
-        except ImportError:
-            return "none"
-        return theirs()
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [_their_version.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote() for n in nodes]
-    deadline = time.monotonic() + timeout_s
-    versions = []
-    for node, ref in zip(nodes, refs):
-        try:
-            versions.append(ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
-        except GetTimeoutError:
-            raise ConfigError(f"Ray node {node['NodeManagerAddress']} did not say which Flywheel it runs within "
-                              f"{timeout_s:.0f} s (no free worker there?)") from None
-        except RayError:  # the node went away since ray.nodes(): nothing of ours will run there
-            versions.append(None)
-    ours = flywheel_version()
-    other = sorted({f"{n['NodeManagerAddress']}: Flywheel {v}" for n, v in zip(nodes, versions)
-                    if v is not None and v != ours})
-    if other:
-        raise ConfigError(
-            f"this process runs Flywheel {ours}, but the Ray cluster's nodes run another "
-            f"({'; '.join(other)}): install flywheel-ml=={ours} on every node (or run this Flywheel's own Ray)"
-        )
 
 
 def _actor_options(num_cpus: float, models) -> dict:

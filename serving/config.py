@@ -9,20 +9,18 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
-import yaml
 
 from flywheel.runtime.batcher import BatchingConfig
+from flywheel.common.yaml_files import load_yaml
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
 from flywheel.runtime.tensorrt_backend import TensorRTConfig
 from flywheel.serving.policy_config import PolicyConfig
 from flywheel.serving.shadow import ShadowConfig
 
-T = TypeVar("T")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PLACEMENTS = ("colocated", "dedicated")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -390,22 +388,6 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConf
         ]
         cfg = msgspec.structs.replace(cfg, models=models)
     return cfg
-
-
-def load_yaml(path: str | Path, parse: Callable[[Any], T], what: str = "config") -> T:
-    """Read a YAML file and validate it with ``parse``; every ConfigError
-    names the file (and the parser names the field)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
-    try:
-        return parse(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc.message}") from None
 
 
 def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> DeployConfig:

@@ -19,28 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from flywheel.common.version import flywheel_version
 from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import DeployConfig, parse_config
 
 IMPORT_PATH = "flywheel.serving.deploy:app"
-DISTRIBUTION = "flywheel-ml"
 
-__all__ = ["IMPORT_PATH", "app", "flywheel_version", "serve_config"]
-
-
-def flywheel_version() -> str:
-    """The installed distribution's version ("unknown" when run from a tree
-    that was never installed)."""
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:
-        return "unknown"
+__all__ = ["IMPORT_PATH", "app", "serve_config"]
 
 
 def app(args: dict[str, Any]):
@@ -54,7 +44,7 @@ def app(args: dict[str, Any]):
     by another Flywheel version than the cluster runs.
     """
     from flywheel.serving.app import build_application, resolve_models
-    from flywheel.serving.settings import load_settings
+    from flywheel.common.settings import load_settings
 
     if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
         raise ConfigError("args.config: expected the Flywheel deploy config as a mapping "

@@ -30,8 +30,6 @@ loopback, so they must run on the node of the ingress that calls them.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 
 from flywheel.protocol.errors import ConfigError
@@ -134,44 +132,3 @@ def ray_nodes() -> list[str]:
     import ray
 
     return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
-
-
-def _cmd_haproxy(args: argparse.Namespace) -> None:
-    from flywheel.serving.config import load_config
-
-    server = load_config(args.config).server
-    hosts = args.node
-    if not hosts:
-        from flywheel.serving.app import start_ray
-        from flywheel.serving.settings import load_settings
-
-        start_ray(load_settings(), log_to_driver=False)
-        hosts = ray_nodes()
-    nodes = nodes_for(server, hosts)
-    text = haproxy_config(
-        nodes, bind_host=args.bind, http_port=args.http_port, grpc_port=args.grpc_port,
-        check_interval_ms=args.check_interval_ms, fall=args.fall, rise=args.rise,
-    )
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out} ({len(nodes)} node(s)); run: haproxy -f {args.out}")
-
-
-def add_parser(sub) -> None:
-    lb = sub.add_parser("lb", help="configuration for a load balancer in front of several nodes")
-    kinds = lb.add_subparsers(dest="lb_command", required=True)
-    hp = kinds.add_parser("haproxy", help="write an haproxy.cfg with health checks for a deployment's nodes")
-    hp.add_argument("--config", required=True, help="the deployment config (its ports are the nodes' ports)")
-    hp.add_argument("--node", action="append", default=[],
-                    help="a node's address (repeat); default: the Ray cluster's alive nodes")
-    hp.add_argument("--bind", default="0.0.0.0", help="where HAProxy listens")
-    hp.add_argument("--http-port", type=int, default=8000)
-    hp.add_argument("--grpc-port", type=int, default=9000, help="-1: no gRPC frontend")
-    hp.add_argument("--check-interval-ms", type=int, default=1000)
-    hp.add_argument("--fall", type=int, default=2)
-    hp.add_argument("--rise", type=int, default=2)
-    hp.add_argument("--out", default="-", help="file to write ('-' = stdout)")
-    hp.set_defaults(func=_cmd_haproxy)

@@ -123,7 +123,7 @@ class TrainingRuntime:
     def __init__(self, settings=None, *, stale_s: float = STALE_S) -> None:
         """``stale_s``: a running job whose runner has not beaten for this
         long is taken to have lost it (it fails; ``resume`` continues it)."""
-        from flywheel.serving.settings import load_settings
+        from flywheel.common.settings import load_settings
 
         self.settings = settings or load_settings()
         self._stale_s = stale_s
@@ -207,7 +207,7 @@ class TrainingRuntime:
             self._last = None
             if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
                 return
-            from flywheel.serving.app import start_ray
+            from flywheel.common.ray_cluster import start_ray
 
             start_ray(self.settings, log_to_driver=False)
             self._stop = stop = threading.Event()

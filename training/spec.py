@@ -357,7 +357,7 @@ def load_spec(path: str | Path) -> JobSpec:
     (and the field). Unreadable files and bad YAML are ConfigErrors too."""
     # Imported here: serving.config does not import Ray, but importing it
     # loads the serving package (gRPC, SciPy), which spec users rarely need.
-    from flywheel.serving.config import load_yaml
+    from flywheel.common.yaml_files import load_yaml
 
     return load_yaml(path, parse_spec, what="job spec")
 

@@ -67,7 +67,8 @@ def run_config_search(sc: Scenario, progress: Progress = None) -> tuple[list[Con
     import ray
     from ray import serve
 
-    from flywheel.serving import load_settings, parse_config, start_ray
+    from flywheel.common import load_settings, start_ray
+    from flywheel.serving import parse_config
     from flywheel.serving.app import deploy, undeploy
 
     cs, cap = sc.config_search, sc.capacity

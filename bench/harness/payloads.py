@@ -150,7 +150,7 @@ def build_plan(sc: Scenario, *, target_http: str | None = None, target_grpc: str
     """Everything the load generators need, with payloads pre-encoded."""
     http = (target_http or sc.target.http).rstrip("/")
     grpc_target = sc.target.grpc if target_grpc is None else target_grpc
-    from flywheel.serving.settings import load_settings
+    from flywheel.common.settings import load_settings
 
     api_key = load_settings().api_key
     authorization = f"Bearer {api_key}" if api_key else ""

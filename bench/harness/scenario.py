@@ -306,6 +306,6 @@ def parse_scenario(data: Any, *, base_dir: str | Path | None = None) -> Scenario
 
 def load_scenario(path: str | Path) -> Scenario:
     """Load and validate a scenario YAML file."""
-    from flywheel.serving.config import load_yaml
+    from flywheel.common.yaml_files import load_yaml
 
     return load_yaml(path, lambda data: parse_scenario(data, base_dir=Path(path).parent), what="scenario")

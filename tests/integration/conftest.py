@@ -15,7 +15,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from flywheel.serving import load_config, load_settings, start_ray
+from flywheel.common import load_settings, start_ray
+from flywheel.serving import load_config
 from flywheel.serving.app import deploy, undeploy
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -71,7 +71,7 @@ def test_failed_checks_and_rejected_requests_are_counted_and_sampled(demo):
 
 
 def test_cli_run_writes_reports_and_compare_prints_ratios(demo, tmp_path, capsys):
-    from flywheel.serving.cli import main
+    from flywheel.cli import main
 
     (tmp_path / "s.yaml").write_text(
         "name: cli-run\nmodel: digits\nmix: {http_json: 1, http_binary: 1, grpc: 1}\n"
@@ -98,7 +98,7 @@ def test_cli_run_writes_reports_and_compare_prints_ratios(demo, tmp_path, capsys
 
 
 def test_remote_targets_are_refused_without_opt_in(tmp_path, capsys):
-    from flywheel.serving.cli import main
+    from flywheel.cli import main
 
     (tmp_path / "s.yaml").write_text("model: digits\n")
     assert main(["bench", "run", str(tmp_path / "s.yaml"), "--http", "http://192.0.2.1:8000"]) == 2

@@ -93,7 +93,7 @@ def test_killing_replica_processes_under_load_loses_no_request(ray_session, mlp_
 
 def test_a_locked_registry_refuses_writes_clearly_while_models_keep_serving(demo, demo_registry, capsys):
     from flywheel.registry import Registry
-    from flywheel.serving.cli import main
+    from flywheel.cli import main
 
     path = demo_registry.uri[len("sqlite://"):]
     holder = sqlite3.connect(path, isolation_level=None)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from flywheel.registry import Registry
-from flywheel.serving import load_settings
+from flywheel.common.settings import load_settings
 from flywheel.training.api import TrainingRuntime
 from flywheel.training.checkpoint import CheckpointStore
 from flywheel.training.loop import job_paths

@@ -27,7 +27,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import parse_config
-from flywheel.training.cli import add_parser as add_train_parser
+from flywheel.cli.train import add_parser as add_train_parser
 from flywheel.training.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[3]

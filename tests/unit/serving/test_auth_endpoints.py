@@ -195,7 +195,7 @@ def test_the_bench_harness_sends_the_key_from_the_environment(secured, monkeypat
     from flywheel.bench.harness import parse_scenario
     from flywheel.bench.harness.payloads import build_plan
     from flywheel.bench.harness.runner import run_against
-    from flywheel.serving.settings import load_settings
+    from flywheel.common.settings import load_settings
 
     cfg = secured["cfg"]
     sc = parse_scenario({"model": "mlp", "target": {"http": f"http://127.0.0.1:{cfg.port}",

@@ -6,7 +6,7 @@ import pytest
 
 from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import load_config, parse_config
-from flywheel.serving.settings import load_settings
+from flywheel.common.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -11,9 +11,11 @@ from ray.serve.schema import ServeDeploySchema
 
 import flywheel.configs
 from flywheel.protocol.errors import ConfigError
-from flywheel.serving.cli import _load, main
+from flywheel.cli import main
+from flywheel.cli.serve import load_deploy_config
 from flywheel.serving.config import load_config, parse_config
-from flywheel.serving.deploy import IMPORT_PATH, app, flywheel_version, serve_config
+from flywheel.common.version import flywheel_version
+from flywheel.serving.deploy import IMPORT_PATH, app, serve_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -103,7 +105,7 @@ def test_the_cli_names_the_packaged_presets_when_a_config_is_missing(tmp_path, c
 
 def test_the_demo_preset_is_found_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg, base = _load("demo")
+    cfg, base = load_deploy_config("demo")
     assert cfg.models[0].ref == "digits@production"
     assert base == Path(flywheel.configs.__file__).parent
 
@@ -111,6 +113,6 @@ def test_the_demo_preset_is_found_from_any_folder(tmp_path, monkeypatch):
 def test_a_file_named_on_the_command_line_wins_over_a_preset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").write_text("models: [{name: mine, path: mine.onnx}]\n")
-    cfg, base = _load("demo")
+    cfg, base = load_deploy_config("demo")
     assert cfg.models[0].name == "mine"
     assert base is None

@@ -9,7 +9,7 @@ from flywheel.protocol.errors import ConfigError, IntegrityError, NotFoundError
 from flywheel.serving.app import resolve_models
 from flywheel.serving.config import ModelConfig, RegistryConfig, parse_config
 from flywheel.serving.replica import make_backend
-from flywheel.serving.settings import load_settings
+from flywheel.common.settings import load_settings
 
 
 @pytest.fixture

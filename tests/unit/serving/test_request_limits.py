@@ -42,7 +42,7 @@ def test_loopback_needs_no_auth(host):
 
 
 def test_flywheel_serve_refuses_before_starting_anything(tmp_path, capsys):
-    from flywheel.serving.cli import main
+    from flywheel.cli import main
 
     cfg = tmp_path / "open.yaml"
     cfg.write_text("server: {host: 0.0.0.0}\nmodels: [{name: m, path: m.onnx}]\n")

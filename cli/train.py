@@ -22,8 +22,12 @@ import msgspec
 from flywheel.protocol.errors import InvalidInputError
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="run a training job on Ray Train (DDP / FSDP) and register its model")
+HELP = "run a training job on Ray Train (DDP / FSDP) and register its model"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help=HELP, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", help="a job spec (YAML; see training/spec.py)")
     p.add_argument("--priority", type=int, default=None, help="override the spec's priority (higher runs first)")
     p.add_argument("--detach", action="store_true", help="queue it and return")

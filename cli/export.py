@@ -19,7 +19,7 @@ import numpy as np
 from flywheel.runtime.edge_export import QUANTIZE, TARGETS, BundleReport, ExportSource, export_bundle
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.signature import Signature
-from flywheel.serving.settings import load_settings
+from flywheel.common.settings import load_settings
 
 
 def source_from_registry(registry, ref: str) -> tuple[object, ExportSource]:
@@ -82,12 +82,16 @@ def register_bundle(registry, source_version, report: BundleReport, *, actor: st
     )
 
 
+HELP = "export a registered model as an edge bundle (onnx, ort-mobile, executorch)"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     settings = load_settings()
-    p = sub.add_parser("export", help="export a registered model as an edge bundle (onnx, ort-mobile, executorch)")
+    p = sub.add_parser("export", help=HELP, description=__doc__)
     p.add_argument("ref", help="registry reference: NAME, NAME/VERSION or NAME@ALIAS")
-    p.add_argument("--target", required=True, choices=TARGETS)
-    p.add_argument("--quantize", choices=[q for q in QUANTIZE if q], default=None)
+    p.add_argument("--target", required=True, choices=TARGETS, help="the bundle's format")
+    p.add_argument("--quantize", choices=[q for q in QUANTIZE if q], default=None,
+                   help="quantize the weights (the bundle is gated on parity with the source)")
     p.add_argument("--platform", choices=["arm", "amd64"], default="arm",
                    help="ort-mobile: the CPU the mobile build targets (default: %(default)s)")
     p.add_argument("--out", default=None,

@@ -11,9 +11,9 @@ import argparse
 
 import msgspec
 
+from flywheel.cli._output import add_json_flag, table, when
+from flywheel.common.settings import load_settings
 from flywheel.registry.keys import ROLES, KeyStore
-from flywheel.serving.models_cli import _table, _when
-from flywheel.serving.settings import load_settings
 
 
 def cmd_create(store: KeyStore, args) -> None:
@@ -31,10 +31,10 @@ def cmd_list(store: KeyStore, args) -> None:
     if args.json:
         print(msgspec.json.encode(keys).decode())
         return
-    print(_table(
+    print(table(
         ["id", "name", "roles", "created", "by", "revoked"],
-        [(k.id, k.name, ",".join(k.roles), _when(k.created_at), k.created_by,
-          _when(k.revoked_at) if k.revoked_at else "-") for k in keys],
+        [(k.id, k.name, ",".join(k.roles), when(k.created_at), k.created_by,
+          when(k.revoked_at) if k.revoked_at else "-") for k in keys],
     ))
 
 
@@ -43,24 +43,27 @@ def cmd_revoke(store: KeyStore, args) -> None:
     print(f"revoked {args.id}; servers stop accepting it within server.auth.reload_interval_s")
 
 
+HELP = "API keys for the HTTP/gRPC endpoints: create, list, revoke"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     settings = load_settings()
-    p = sub.add_parser("keys", help="API keys for the HTTP/gRPC endpoints: create, list, revoke")
+    p = sub.add_parser("keys", help=HELP, description=__doc__)
     p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
     p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    cmds = p.add_subparsers(dest="keys_command", required=True)
-    c = cmds.add_parser("create", help="a new key; prints its token once")
-    c.add_argument("name")
-    c.add_argument("--role", action="append", choices=ROLES,
-                   help="predict (default), operate (includes predict) or admin (everything); repeatable")
-    c.set_defaults(keys_func=cmd_create)
-    c = cmds.add_parser("list", help="keys (ids, names, roles; never secrets)")
-    c.add_argument("--all", action="store_true", help="include revoked keys")
-    c.set_defaults(keys_func=cmd_list)
-    c = cmds.add_parser("revoke", help="revoke a key by id")
-    c.add_argument("id")
-    c.set_defaults(keys_func=cmd_revoke)
+    cmds = p.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    create = cmds.add_parser("create", help="a new key; prints its token once")
+    create.add_argument("name", help="a name that says who or what uses the key")
+    create.add_argument("--role", action="append", choices=ROLES,
+                        help="predict (default), operate (includes predict) or admin (everything); repeatable")
+    create.set_defaults(keys_func=cmd_create)
+    listing = cmds.add_parser("list", help="keys (ids, names, roles; never secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.set_defaults(keys_func=cmd_list)
+    revoke = cmds.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id", help="the key's id (flywheel keys list)")
+    revoke.set_defaults(keys_func=cmd_revoke)
+    add_json_flag(p, [create, listing, revoke], help="print JSON instead of text")
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,4 @@
-"""The one place Flywheel reads environment variables.
+"""The one place Flywheel reads environment variables (a test enforces it).
 
 Everything else receives these values as arguments. Read with
 :func:`load_settings`, which has no side effects beyond reading.
@@ -33,6 +33,12 @@ class Settings(msgspec.Struct, frozen=True):
     actor: who is acting, for the audit log (``FLYWHEEL_ACTOR``, else ``USER``).
     api_key: the token ``flywheel bench`` sends to a server with auth on
         (``FLYWHEEL_API_KEY``; from the environment, never a scenario file).
+    ray_usage_stats: Ray's usage reporting (``RAY_USAGE_STATS_ENABLED``);
+        off (``0``) unless set.
+    mlserver_venv: the virtual environment with MLServer that the latency
+        bench compares against (``FLYWHEEL_MLSERVER_VENV``).
+    bench_debug: benchmarks print the traceback of a system that failed to
+        start (``FLYWHEEL_BENCH_DEBUG`` non-empty).
     """
 
     ray_address: str = ""
@@ -46,6 +52,9 @@ class Settings(msgspec.Struct, frozen=True):
     artifacts_uri: str = ""
     actor: str = "unknown"
     api_key: str = ""
+    ray_usage_stats: str = "0"
+    mlserver_venv: str = ".venv-mlserver"
+    bench_debug: bool = False
 
     def __repr__(self) -> str:  # never print the key
         return "Settings(" + ", ".join(
@@ -80,4 +89,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         http_host=env.get("FLYWHEEL_HTTP_HOST", ""),
         http_port=_int("FLYWHEEL_HTTP_PORT"),
         api_key=env.get("FLYWHEEL_API_KEY", ""),
+        ray_usage_stats=env.get("RAY_USAGE_STATS_ENABLED", "") or "0",
+        mlserver_venv=env.get("FLYWHEEL_MLSERVER_VENV", "") or ".venv-mlserver",
+        bench_debug=bool(env.get("FLYWHEEL_BENCH_DEBUG", "")),
     )

@@ -7,26 +7,13 @@ Errors print ``error: <message>`` and exit 2.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
-from collections.abc import Sequence
 
 import msgspec
 
+from flywheel.cli._output import add_json_flag, table, when
+from flywheel.common.settings import load_settings
 from flywheel.registry import Lineage, Registry, code_version, load_policy
-from flywheel.serving.settings import load_settings
-
-
-def _table(headers: Sequence[str], rows: list[Sequence[object]]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _time_arg(text: str) -> float:
@@ -55,17 +42,17 @@ def _emit(args, data, text: str) -> None:
     print(msgspec.json.encode(data).decode() if args.json else text)
 
 
-def _versions_table(versions) -> str:
-    return _table(
+def _versionstable(versions) -> str:
+    return table(
         ["version", "stage", "aliases", "created", "by", "metrics"],
-        [(v.version, v.stage, ",".join(v.aliases), _when(v.created_at), v.created_by,
+        [(v.version, v.stage, ",".join(v.aliases), when(v.created_at), v.created_by,
           " ".join(f"{k}={x:g}" for k, x in v.metrics.items())) for v in versions],
     )
 
 
 def cmd_list(reg: Registry, args) -> None:
     models = reg.list_models()
-    _emit(args, models, _table(
+    _emit(args, models, table(
         ["name", "latest", "aliases", "created by", "description"],
         [(m.name, m.latest_version, " ".join(f"{a}->{v}" for a, v in m.aliases.items()), m.created_by,
           m.description) for m in models]))
@@ -74,13 +61,13 @@ def cmd_list(reg: Registry, args) -> None:
 def cmd_show(reg: Registry, args) -> None:
     if "@" in args.ref or "/" in args.ref:
         v = reg.resolve(args.ref)
-        arts = _table(["artifact", "size", "sha256"], [(a.name, a.size, a.sha256) for a in v.artifacts.values()])
+        arts = table(["artifact", "size", "sha256"], [(a.name, a.size, a.sha256) for a in v.artifacts.values()])
         _emit(args, v, f"{v.ref}  stage={v.stage}  aliases={','.join(v.aliases) or '-'}\n"
-                        f"created {_when(v.created_at)} by {v.created_by}\nmetrics {v.metrics}\nparams {v.params}\n"
+                        f"created {when(v.created_at)} by {v.created_by}\nmetrics {v.metrics}\nparams {v.params}\n"
                         f"tags {v.tags}\n\n{arts}")
         return
     versions = reg.list_versions(args.ref)
-    _emit(args, versions, _versions_table(versions))
+    _emit(args, versions, _versionstable(versions))
 
 
 def cmd_lineage(reg: Registry, args) -> None:
@@ -90,8 +77,8 @@ def cmd_lineage(reg: Registry, args) -> None:
         lin = v.lineage
         rows.append((v.ref, lin.data_fingerprint[:16] or "-",
                      (lin.code_commit[:12] + ("+dirty" if lin.code_dirty else "")) or "-",
-                     lin.job_id or "-", lin.parent or "-", v.created_by, _when(v.created_at)))
-    text = _table(["version", "data", "code", "job", "parent", "by", "created"], rows)
+                     lin.job_id or "-", lin.parent or "-", v.created_by, when(v.created_at)))
+    text = table(["version", "data", "code", "job", "parent", "by", "created"], rows)
     cfg = report.version.lineage.training_config
     if cfg:
         text += f"\n\ntraining config of {report.version.ref}: {msgspec.json.encode(cfg).decode()}"
@@ -145,68 +132,70 @@ def cmd_policy(reg: Registry, args) -> None:
 
 def cmd_audit(reg: Registry, args) -> None:
     entries = reg.audit(model=args.model, actor=args.by, since=args.since, until=args.until, limit=args.limit)
-    _emit(args, entries, _table(
+    _emit(args, entries, table(
         ["id", "time", "actor", "action", "model", "version", "before", "after"],
-        [(e.id, _when(e.ts), e.actor, e.action, e.model, e.version if e.version is not None else "-",
+        [(e.id, when(e.ts), e.actor, e.action, e.model, e.version if e.version is not None else "-",
           msgspec.json.encode(e.before).decode(), msgspec.json.encode(e.after).decode()) for e in entries]))
+
+
+HELP = "the model registry: list, show, lineage, register, alias, promote, approve, policy, audit"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     settings = load_settings()
-    p = sub.add_parser("models", help="the model registry: list, show, lineage, alias, promote, approve, audit")
+    p = sub.add_parser("models", help=HELP, description=__doc__)
     p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
     p.add_argument("--artifacts", default=settings.artifacts_uri, help="artifact store (default: %(default)s)")
     p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    cmds = p.add_subparsers(dest="models_command", required=True)
-    c = cmds.add_parser("list", help="registered models")
-    c.set_defaults(models_func=cmd_list)
-    c = cmds.add_parser("show", help="a model's versions (NAME) or one version (NAME/V or NAME@ALIAS)")
-    c.add_argument("ref")
-    c.set_defaults(models_func=cmd_show)
-    c = cmds.add_parser("lineage", help="how a version was produced, and what it derives from")
-    c.add_argument("ref")
-    c.set_defaults(models_func=cmd_lineage)
-    c = cmds.add_parser("register", help="register a new version from local files")
-    c.add_argument("name")
-    c.add_argument("--artifact", action="append", required=True, help="name=path (repeatable)")
+    cmds = p.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    leaves = []
+
+    def leaf(name: str, help: str, func) -> argparse.ArgumentParser:
+        c = cmds.add_parser(name, help=help, description=help)
+        c.set_defaults(models_func=func)
+        leaves.append(c)
+        return c
+
+    leaf("list", "registered models", cmd_list)
+    c = leaf("show", "a model's versions (NAME) or one version (NAME/V or NAME@ALIAS)", cmd_show)
+    c.add_argument("ref", help="NAME, NAME/VERSION or NAME@ALIAS")
+    c = leaf("lineage", "how a version was produced, and what it derives from", cmd_lineage)
+    c.add_argument("ref", help="NAME/VERSION or NAME@ALIAS")
+    c = leaf("register", "register a new version from local files", cmd_register)
+    c.add_argument("name", help="the model's name")
+    c.add_argument("--artifact", action="append", required=True,
+                   help="name=path of a file to store with the version (repeatable)")
     c.add_argument("--metric", action="append", help="key=number (repeatable)")
     c.add_argument("--param", action="append", help="key=value (repeatable)")
     c.add_argument("--tag", action="append", help="key=value (repeatable)")
-    c.add_argument("--data-fingerprint", default="")
+    c.add_argument("--data-fingerprint", default="", help="fingerprint of the training data, for lineage")
     c.add_argument("--parent", default="", help="name/version this derives from")
-    c.add_argument("--job-id", default="")
-    c.set_defaults(models_func=cmd_register)
-    c = cmds.add_parser("alias", help="point NAME@ALIAS at VERSION (or --delete it)")
-    c.add_argument("name")
-    c.add_argument("alias")
-    c.add_argument("version", type=int, nargs="?")
-    c.add_argument("--delete", action="store_true")
-    c.set_defaults(models_func=cmd_alias)
-    c = cmds.add_parser("promote", help="move a version to a stage (production checks the gates)")
-    c.add_argument("name")
-    c.add_argument("version", type=int)
-    c.add_argument("stage", choices=["staging", "production", "archived", "none"])
-    c.set_defaults(models_func=cmd_promote)
-    c = cmds.add_parser("rollback", help="put the previous production version back")
-    c.add_argument("name")
-    c.set_defaults(models_func=cmd_rollback)
-    c = cmds.add_parser("approve", help="approve a version for production")
-    c.add_argument("name")
-    c.add_argument("version", type=int)
-    c.add_argument("--comment", default="")
-    c.set_defaults(models_func=cmd_approve)
-    c = cmds.add_parser("policy", help="set a model's promotion gates from a YAML file")
-    c.add_argument("name")
-    c.add_argument("file")
-    c.set_defaults(models_func=cmd_policy)
-    c = cmds.add_parser("audit", help="the audit log, oldest first")
-    c.add_argument("--model")
+    c.add_argument("--job-id", default="", help="the training job that produced it, for lineage")
+    c = leaf("alias", "point NAME@ALIAS at VERSION (or --delete it)", cmd_alias)
+    c.add_argument("name", help="the model's name")
+    c.add_argument("alias", help="the alias (e.g. champion)")
+    c.add_argument("version", type=int, nargs="?", help="the version it points at (omit with --delete)")
+    c.add_argument("--delete", action="store_true", help="remove the alias")
+    c = leaf("promote", "move a version to a stage (production checks the gates)", cmd_promote)
+    c.add_argument("name", help="the model's name")
+    c.add_argument("version", type=int, help="the version to move")
+    c.add_argument("stage", choices=["staging", "production", "archived", "none"], help="the stage it moves to")
+    c = leaf("rollback", "put the previous production version back", cmd_rollback)
+    c.add_argument("name", help="the model's name")
+    c = leaf("approve", "approve a version for production", cmd_approve)
+    c.add_argument("name", help="the model's name")
+    c.add_argument("version", type=int, help="the version approved")
+    c.add_argument("--comment", default="", help="why, for the audit log")
+    c = leaf("policy", "set a model's promotion gates from a YAML file", cmd_policy)
+    c.add_argument("name", help="the model's name")
+    c.add_argument("file", help="the gate policy (YAML)")
+    c = leaf("audit", "the audit log, oldest first", cmd_audit)
+    c.add_argument("--model", help="only this model")
     c.add_argument("--by", help="only this actor")
     c.add_argument("--since", type=_time_arg, help="epoch seconds or ISO time (UTC unless given)")
-    c.add_argument("--until", type=_time_arg)
-    c.add_argument("--limit", type=int, default=1000)
-    c.set_defaults(models_func=cmd_audit)
+    c.add_argument("--until", type=_time_arg, help="epoch seconds or ISO time (UTC unless given)")
+    c.add_argument("--limit", type=int, default=1000, help="at most this many entries (default: %(default)s)")
+    add_json_flag(p, leaves)
     p.set_defaults(func=run)
 
 
@@ -216,7 +205,3 @@ def run(args: argparse.Namespace) -> None:
         args.models_func(reg, args)
     finally:
         reg.close()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: flywheel models ...")

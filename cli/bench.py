@@ -1,9 +1,9 @@
-"""``flywheel bench run <scenario.yaml>`` and ``flywheel bench compare A B``."""
+"""``flywheel bench run <scenario.yaml>`` and ``flywheel bench compare A B``: load
+tests and capacity planning (the harness is flywheel.bench.harness)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import msgspec
@@ -49,26 +49,22 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(compare_json(result) if args.json else compare_text(result))
 
 
-def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="load tests and capacity planning for V2 servers (locust)")
-    bsub = bench.add_subparsers(dest="bench_command", required=True)
+HELP = "load tests and capacity planning for V2 servers (locust)"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help=HELP, description=__doc__)
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     run = bsub.add_parser("run", help="run a scenario YAML (load plan, capacity search or config search)")
-    run.add_argument("scenario")
+    run.add_argument("scenario", help="the scenario file (YAML; see configs/bench-demo.yaml)")
     run.add_argument("--out", default=None, help="report folder (default bench/results/<scenario name>)")
     run.add_argument("--duration", type=float, default=None, help="seconds per step (overrides the scenario)")
     run.add_argument("--http", default=None, help="target HTTP URL (overrides the scenario)")
     run.add_argument("--grpc", default=None, help="target gRPC host:port (overrides the scenario)")
     run.set_defaults(func=_cmd_run)
     cmp_ = bsub.add_parser("compare", help="ratios B / A of two report.json files")
-    cmp_.add_argument("a")
-    cmp_.add_argument("b")
-    cmp_.add_argument("--json", action="store_true")
+    cmp_.add_argument("a", help="the baseline report.json")
+    cmp_.add_argument("b", help="the report.json compared with it")
+    cmp_.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp_.set_defaults(func=_cmd_compare)
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="flywheel")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args()
-    a.func(a)
-    sys.exit(0)

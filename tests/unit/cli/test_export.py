@@ -9,7 +9,7 @@ import os
 import pytest
 
 from flywheel.registry import Registry
-from flywheel.serving.cli import main
+from flywheel.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_unknown_reference_is_a_clear_error(registry_args, capsys):
 
 
 def test_derivative_names_keep_targets_apart():
-    from flywheel.serving.export_cli import derivative_name
+    from flywheel.cli.export import derivative_name
 
     names = {derivative_name("digits", t, q, p) for t in ("onnx", "ort-mobile", "executorch")
              for q in (None, "int8") for p in ("arm", "amd64") if p == "arm" or t == "ort-mobile"}

@@ -1,0 +1,32 @@
+"""What the commands share in how they print: tables, times, ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from collections.abc import Sequence
+
+
+def table(headers: Sequence[str], rows: list[Sequence[object]]) -> str:
+    """Left-aligned columns under a dashed header line."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def when(ts: float) -> str:
+    """Epoch seconds as a UTC time."""
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def add_json_flag(group: argparse.ArgumentParser, leaves: Sequence[argparse.ArgumentParser],
+                  help: str = "print JSON instead of a table") -> None:
+    """``--json`` on a command group and on each of its sub-commands, so it
+    works on either side of the sub-command (``flywheel models --json list``
+    and ``flywheel models list --json``). The leaves' default is suppressed
+    so that they never undo a ``--json`` given before them."""
+    group.add_argument("--json", action="store_true", help=help)
+    for leaf in leaves:
+        leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=help)
