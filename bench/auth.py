@@ -18,13 +18,13 @@ import timeit
 
 import msgspec
 
-from flywheel.bench.common import export_model
+from flywheel.bench.common import export_model, free_port
 from flywheel.bench.loadgen import run_load
 
 
 def check_cost(uri: str, token: str) -> dict:
     from flywheel.registry.keys import parse_token
-    from flywheel.serving._private.auth import Authenticator
+    from flywheel.serving.auth import Authenticator
     from flywheel.serving.config import AuthConfig
 
     auth = Authenticator(AuthConfig(enabled=True), uri)
@@ -42,7 +42,6 @@ def check_cost(uri: str, token: str) -> dict:
 
 
 def http_figures(model: str, uri: str, token: str, duration: float) -> list[dict]:
-    from flywheel.serving.app import _free_port
     from flywheel.serving.config import AuthConfig, ModelConfig, ServerConfig
     from flywheel.serving.ingress import Ingress
     from flywheel.serving.replica import ModelReplica
@@ -54,8 +53,8 @@ def http_figures(model: str, uri: str, token: str, duration: float) -> list[dict
     # off, on, on, off: each setting once early and once late, since the
     # order alone moved p50 by ~0.05 ms in single runs here
     for auth_on in (False, True, True, False):
-        cfg = ServerConfig(port=_free_port(), grpc_port=-1, auth=AuthConfig(enabled=auth_on))
-        port = _free_port()
+        cfg = ServerConfig(port=free_port(), grpc_port=-1, auth=AuthConfig(enabled=auth_on))
+        port = free_port()
         replica = ModelReplica(ModelConfig(name="demo", version="1", path=model), port, cfg.request_limits())
         ingress = Ingress(cfg, [Route("demo", "1", port)], keys_uri=uri if auth_on else "")
         auth_header = f"Authorization: Bearer {token}\r\n" if auth_on else ""

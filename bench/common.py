@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server a benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def export_model(arch: str, hparams: dict, path: str) -> str:

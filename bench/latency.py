@@ -47,11 +47,10 @@ import msgspec
 import numpy as np
 
 from flywheel.bench import h2load
-from flywheel.bench.common import export_model
+from flywheel.bench.common import export_model, free_port
 from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
 from flywheel.bench.mlserver_ref import default_venv, installed
 from flywheel.common.settings import load_settings
-from flywheel.serving.app import _free_port
 
 HPARAMS = {"in_features": 64, "hidden": [512, 512], "out_features": 10}
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
@@ -171,7 +170,7 @@ def _flywheel_paths(http_port: int, grpc_port: int, p: Payloads, token: str) -> 
 def _flywheel_config(model_path: str, replicas: int, registry_uri: str, auth: bool) -> dict:
     return {
         "name": "latency",
-        "server": {"port": _free_port(), "grpc_port": _free_port(), "replicas": replicas,
+        "server": {"port": free_port(), "grpc_port": free_port(), "replicas": replicas,
                    "auth": {"enabled": auth}},
         "registry": {"uri": registry_uri},
         "models": [{
@@ -252,7 +251,7 @@ def ray_serve(model_path: str, p: Payloads, replicas: int, direct: bool) -> Iter
     from flywheel.bench.rayserve_ref import GRPC_SERVICER, RayServeModel
 
     env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"} if direct else {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     with _ray(env):
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
@@ -285,7 +284,7 @@ def ray_serve(model_path: str, p: Payloads, replicas: int, direct: bool) -> Iter
 def mlserver_reference(venv: str, model_path: str, p: Payloads) -> Iterator[list[Path]]:
     from flywheel.bench.mlserver_ref import mlserver
 
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     with mlserver(venv, model_path, MODEL, http_port, grpc_port):
         url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/infer"
         grpc_url = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}"
@@ -423,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         ("grpcio", "flywheel, grpcio", lambda: flywheel_on_ray(
             {**cfg, "server": {**cfg["server"], "grpc_server": "grpcio"}}, payloads, token, labels=("grpc",))),
         ("noray", "flywheel, no ray", lambda: flywheel_without_ray(
-            {**cfg, "server": {**cfg["server"], "port": _free_port(), "grpc_port": _free_port()}}, payloads, token)),
+            {**cfg, "server": {**cfg["server"], "port": free_port(), "grpc_port": free_port()}}, payloads, token)),
         ("rayserve", "ray serve", lambda: ray_serve(model_path, payloads, args.replicas, direct=False)),
         ("direct", "ray serve, direct ingress", lambda: ray_serve(model_path, payloads, args.replicas, direct=True)),
         ("mlserver", "mlserver", lambda: mlserver_reference(args.mlserver_venv, model_path, payloads)),

@@ -11,7 +11,7 @@ import os
 import time
 
 from flywheel.common.settings import Settings
-from flywheel.common.version import flywheel_version
+from flywheel.common.version import DISTRIBUTION, flywheel_version
 from flywheel.protocol.errors import ConfigError
 
 
@@ -66,14 +66,14 @@ def check_cluster_versions(timeout_s: float = 60.0) -> None:
 
     @ray.remote(num_cpus=0)
     def _their_version() -> str:
+        # the installed distribution's metadata, which every Flywheel has,
+        # whatever its modules are called
+        from importlib.metadata import PackageNotFoundError, version
+
         try:
-            from flywheel.common.version import flywheel_version as theirs
-        except ImportError:
-            try:  # a Flywheel from before flywheel.common
-                from flywheel.serving.deploy import flywheel_version as theirs
-            except ImportError:
-                return "none"
-        return theirs()
+            return version(DISTRIBUTION)
+        except PackageNotFoundError:
+            return "none"
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = [_their_version.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))

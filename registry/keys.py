@@ -20,7 +20,7 @@ import time
 
 import msgspec
 
-from flywheel.registry._db import Db, connect
+from flywheel.registry.db import Db, connect
 from flywheel.registry.migrations import migrate
 from flywheel.protocol.errors import InvalidInputError, NotFoundError
 

@@ -6,7 +6,7 @@ together with the bump of ``schema_version``.
 
 from __future__ import annotations
 
-from flywheel.registry._db import Db
+from flywheel.registry.db import Db
 
 # (version, statements for every dialect, extra statements per dialect)
 _V1 = [

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.registry._db import Db, connect
+from flywheel.registry.db import Db, connect
 from flywheel.registry.artifacts import ArtifactStore
 from flywheel.registry.gates import GateContext, GatePolicy, evaluate
 from flywheel.registry.migrations import migrate

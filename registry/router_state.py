@@ -13,7 +13,7 @@ import time
 
 import msgspec
 
-from flywheel.registry._db import Db, connect
+from flywheel.registry.db import Db, connect
 from flywheel.registry.migrations import migrate
 
 _ENC = msgspec.json.Encoder()

@@ -20,7 +20,7 @@ import logging
 import os
 
 from flywheel.protocol.errors import ConfigError
-from flywheel.serving._private.auth import Authenticator
+from flywheel.serving.auth import Authenticator
 from flywheel.serving._private.endpoint_sync import EndpointSync
 from flywheel.serving._private.grpc_front import GrpcOverHttp1, HaproxyFront, grpc_failure, haproxy_binary
 from flywheel.serving._private.grpc_service import GrpcCalls, start_grpc_server

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 import msgspec
 
-from flywheel.registry._db import Db, connect
+from flywheel.registry.db import Db, connect
 from flywheel.registry.migrations import migrate
 from flywheel.protocol.errors import (
     AlreadyExistsError,

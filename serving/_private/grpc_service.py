@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from flywheel.protocol.errors import FlywheelError, InvalidInputError, UnavailableError, error_from_code
-from flywheel.serving._private.auth import Authenticator
+from flywheel.serving.auth import Authenticator
 from flywheel.serving._private.endpoint_http import MAX_PEEK_BYTES
 from flywheel.protocol.grpc_codec import peek_fields
 from flywheel.serving._private.grpc_errors import grpc_status_for

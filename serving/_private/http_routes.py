@@ -6,7 +6,7 @@ import asyncio
 
 from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import FlywheelError
-from flywheel.serving._private.auth import Authenticator
+from flywheel.serving.auth import Authenticator
 from flywheel.serving._private.endpoint_http import (
     Manage, endpoint_route, feedback, response_headers, routing_fields,
 )

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from flywheel.registry._db import connect
+from flywheel.registry.db import connect
 from flywheel.protocol.errors import (
     AlreadyExistsError,
     InvalidInputError,

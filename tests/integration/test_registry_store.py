@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flywheel.registry import Lineage, Registry, fingerprint_arrays, parse_policy
-from flywheel.registry._db import connect
+from flywheel.registry.db import connect
 from flywheel.registry.migrations import LATEST, current_version, migrate
 from flywheel.protocol.errors import (
     AlreadyExistsError,

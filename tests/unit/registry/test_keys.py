@@ -71,7 +71,7 @@ def test_key_events_and_refusals_land_in_the_audit_log_without_secrets(store, tm
 
 
 def test_a_read_only_database_fails_writes_with_a_clear_error(tmp_path):
-    from flywheel.registry._db import SqliteDb
+    from flywheel.registry.db import SqliteDb
     from flywheel.protocol.errors import UnavailableError
 
     db = SqliteDb(str(tmp_path / "r.db"))
