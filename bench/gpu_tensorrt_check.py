@@ -57,7 +57,7 @@ def _ort_paths(model: str, cache: Path) -> dict[str, object]:
     when the session really runs on them (a CPU-only build falls back)."""
     import onnxruntime as ort
 
-    from flywheel.runtime.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
+    from flywheel.runtime.backends.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
 
     wanted = {
         "onnxruntime CPU": ("CPUExecutionProvider", OnnxRuntimeConfig(intra_op_threads=0)),
@@ -86,7 +86,8 @@ def _ort_paths(model: str, cache: Path) -> dict[str, object]:
 
 
 def main() -> int:
-    from flywheel.runtime.tensorrt_backend import TensorRTBackend, TensorRTConfig, import_gpu_stack
+    from flywheel.runtime.backends.tensorrt_backend import TensorRTBackend, TensorRTConfig
+    from flywheel.runtime.backends.tensorrt_plan import import_gpu_stack
 
     try:
         trt, cupy = import_gpu_stack()

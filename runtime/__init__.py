@@ -4,7 +4,7 @@ Plain library code: no Ray and no web framework, usable in a notebook or on an
 edge box. Heavy optional parts (torch, onnxruntime) are imported on first use.
 """
 
-from flywheel.runtime.backend import Backend
+from flywheel.runtime.backends import Backend, BackendSpec, available_backends, get_backend
 from flywheel.runtime.batcher import BatchingConfig, BatchResult, DynamicBatcher
 from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode_infer_response
 from flywheel.protocol.errors import (
@@ -18,12 +18,13 @@ from flywheel.protocol.errors import (
     PayloadTooLargeError,
     UnavailableError,
 )
-from flywheel.runtime.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
+from flywheel.runtime.backends.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
 from flywheel.runtime.signature import Signature, TensorSpec, validate_inputs
-from flywheel.runtime.torch_backend import TorchBackend
+from flywheel.runtime.backends.torch_backend import TorchBackend
 
 __all__ = [
     "Backend",
+    "BackendSpec",
     "BatchResult",
     "BatchingConfig",
     "ConfigError",
@@ -42,7 +43,9 @@ __all__ = [
     "TensorSpec",
     "TorchBackend",
     "UnavailableError",
+    "available_backends",
     "decode_infer_request",
     "encode_infer_response",
+    "get_backend",
     "validate_inputs",
 ]

@@ -124,7 +124,7 @@ def as_feeds(path: str, data: np.ndarray | Feeds) -> dict[str, np.ndarray]:
     """Rows for every model input: a dict by input name, or one array for a
     single-input model. Each is cast to the input's element type."""
     from flywheel.protocol.datatypes import numpy_dtype
-    from flywheel.runtime.onnx_backend import _ORT_TO_V2
+    from flywheel.runtime.backends.onnx_backend import _ORT_TO_V2
 
     inputs = ort_session(path).get_inputs()
     if not isinstance(data, Mapping):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import msgspec
 
 from flywheel.protocol.errors import ConfigError, UnavailableError
+from flywheel.runtime.backends import get_backend
 from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor
@@ -50,13 +51,15 @@ def application_name(config: DeployConfig) -> str:
 
 
 def _actor_options(num_cpus: float, models) -> dict:
-    """Ray resources of a replica that loads ``models``. A TensorRT engine
-    runs only on a GPU, so such a replica asks Ray for one (and is placed on
-    a GPU node); ONNX Runtime's CUDA/TensorRT providers fall back to the CPU
-    and ask for none."""
+    """Ray resources of a replica that loads ``models``: the most GPUs any of
+    their backends asks for (BackendSpec.gpus). A TensorRT engine runs only
+    on a GPU, so such a replica asks Ray for one (and is placed on a GPU
+    node); ONNX Runtime's CUDA/TensorRT providers fall back to the CPU and
+    ask for none."""
     options = {"num_cpus": num_cpus}
-    if any(m.backend == "tensorrt" for m in models):
-        options["num_gpus"] = 1
+    gpus = max((get_backend(m.backend).gpus for m in models), default=0)
+    if gpus:
+        options["num_gpus"] = gpus
     return options
 
 

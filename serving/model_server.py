@@ -15,14 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import numpy as np
 
-from flywheel.runtime.backend import Backend
+from flywheel.runtime.backends import Backend, get_backend
 from flywheel.runtime.batcher import DynamicBatcher
 from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
 from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
-from flywheel.runtime.onnx_backend import OnnxRuntimeBackend
 from flywheel.runtime.signature import validate_inputs
-from flywheel.runtime.tensorrt_backend import TensorRTBackend
-from flywheel.runtime.torch_backend import TorchBackend
 from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.protocol.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.wire import OP_INFER, OP_INFER_GRPC, OP_METADATA, Call, Reply, Stats
@@ -48,13 +45,10 @@ def model_file(model: ModelConfig, registry: RegistryConfig | None) -> str:
 
 
 def make_backend(model: ModelConfig, registry: RegistryConfig | None = None) -> Backend:
-    """The backend a model config asks for (not yet loaded)."""
+    """The backend a model config asks for (not yet loaded), made by its
+    registry spec (runtime/backends/)."""
     path = model_file(model, registry)
-    if model.backend == "torch":
-        return TorchBackend(path, model.architecture, model.hparams)
-    if model.backend == "tensorrt":
-        return TensorRTBackend(path, model.tensorrt)
-    return OnnxRuntimeBackend(path, model.onnxruntime)
+    return get_backend(model.backend).create(path, model)
 
 
 def model_metadata(model: ModelConfig, backend: Backend) -> dict:

@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 
 from flywheel.protocol.errors import ConfigError, IntegrityError
-from flywheel.runtime.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
+from flywheel.runtime.backends.onnx_backend import OnnxRuntimeBackend, OnnxRuntimeConfig
 from flywheel.runtime.signature import TensorSpec
-from flywheel.runtime.torch_backend import TorchBackend
+from flywheel.runtime.backends.torch_backend import TorchBackend
 
 
 def test_onnx_backend_signature_and_outputs_match_onnxruntime(mlp_onnx, rng):

@@ -13,14 +13,14 @@ import onnxruntime as ort
 import pytest
 
 from flywheel.protocol.errors import ConfigError, IntegrityError, UnavailableError
-from flywheel.runtime.onnx_backend import (
+from flywheel.runtime.backends.onnx_backend import (
     OnnxRuntimeBackend,
     OnnxRuntimeConfig,
     onnx_input_shapes,
     provider_options,
 )
-from flywheel.runtime.tensorrt_backend import (
-    TensorRTBackend,
+from flywheel.runtime.backends.tensorrt_backend import TensorRTBackend
+from flywheel.runtime.backends.tensorrt_plan import (
     TensorRTConfig,
     engine_cache_key,
     file_sha256,
@@ -42,7 +42,7 @@ NO_GPU_REASON = "no CUDA GPU with TensorRT on this machine"
 
 def test_importing_the_backend_imports_neither_tensorrt_nor_cupy():
     code = (
-        "import sys, flywheel.runtime.tensorrt_backend, flywheel.serving.config;"
+        "import sys, flywheel.runtime.backends.tensorrt_backend, flywheel.serving.config;"
         "print('tensorrt' in sys.modules, 'cupy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,7 @@
-"""PyTorch backend: a registered architecture plus safely loaded weights."""
+"""PyTorch backend (``backend: torch``): a registered architecture plus
+safely loaded weights. The model config gives ``architecture`` (a name from
+runtime/architectures.py, required) and ``hparams``; the file is .safetensors
+weights. torch is imported by ``load()`` only."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from flywheel.runtime.architectures import build
-from flywheel.runtime.backend import Backend, refuse_pickle
+from flywheel.runtime.backends.base import Backend, refuse_pickle
+from flywheel.runtime.backends.registry import BackendSpec, ConfigField
 from flywheel.protocol.errors import ConfigError, IntegrityError
 from flywheel.runtime.extras import require_extra
 from flywheel.runtime.signature import Signature
@@ -67,3 +71,25 @@ class TorchBackend(Backend):
         if not isinstance(out, (tuple, list)):
             out = (out,)
         return {s.name: t.numpy() for s, t in zip(self._signature.outputs, out)}
+
+
+def _create(path: str, model) -> TorchBackend:
+    return TorchBackend(path, model.architecture, model.hparams)
+
+
+def _validate(model) -> None:
+    if not model.architecture:
+        raise ConfigError("backend torch needs 'architecture'")
+
+
+SPEC = BackendSpec(
+    name="torch",
+    create=_create,
+    summary="safetensors weights of a registered architecture, run by PyTorch",
+    # not exclusive: other backends ignore them, as they always did
+    fields=(
+        ConfigField("architecture", str, "", exclusive=False),
+        ConfigField("hparams", dict[str, Any], {}, exclusive=False),
+    ),
+    validate=_validate,
+)

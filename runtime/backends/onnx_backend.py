@@ -1,4 +1,7 @@
-"""ONNX Runtime backend: CPU always; CUDA / TensorRT providers when present."""
+"""ONNX Runtime backend (``backend: onnxruntime``): an .onnx file in an
+``onnxruntime.InferenceSession``; CPU always, CUDA / TensorRT execution
+providers when present. Its settings are the model config's ``onnxruntime:``
+(:class:`OnnxRuntimeConfig`). onnxruntime is imported by ``load()`` only."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import numpy as np
 
-from flywheel.runtime.backend import Backend, refuse_pickle
+from flywheel.runtime.backends.base import Backend, refuse_pickle
+from flywheel.runtime.backends.registry import BackendSpec, ConfigField
 from flywheel.protocol.errors import ConfigError, InvalidInputError
 from flywheel.runtime.signature import Signature, TensorSpec
 
@@ -300,3 +304,16 @@ class OnnxRuntimeBackend(Backend):
             feed[name] = arr
         results = self._session.run(self._output_names, feed)
         return dict(zip(self._output_names, results))
+
+
+def _create(path: str, model) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(path, model.onnxruntime)
+
+
+SPEC = BackendSpec(
+    name="onnxruntime",
+    create=_create,
+    summary="an .onnx file run by ONNX Runtime",
+    # not exclusive: a config moved to backend tensorrt may keep its block
+    fields=(ConfigField("onnxruntime", OnnxRuntimeConfig, OnnxRuntimeConfig(), exclusive=False),),
+)
