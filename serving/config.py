@@ -16,12 +16,10 @@ import msgspec
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.common.yaml_files import load_yaml
 from flywheel.protocol.errors import ConfigError
-from flywheel.runtime.onnx_backend import OnnxRuntimeConfig
-from flywheel.runtime.tensorrt_backend import TensorRTConfig
+from flywheel.runtime.backends.registry import builtin_fields, builtin_specs, get_backend
 from flywheel.serving.policy_config import PolicyConfig
 from flywheel.serving.shadow import ShadowConfig
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
 PLACEMENTS = ("colocated", "dedicated")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -192,7 +190,16 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("drift.mode must be 'tumbling' or 'sliding'")
 
 
-class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+# The fields the built-in backends add to a model (onnxruntime:, tensorrt:,
+# architecture: / hparams:), declared by their registry specs
+# (runtime/backends/); keyword-only, so ModelConfig's own fields keep their
+# positions.
+_BackendFields = msgspec.defstruct(
+    "_BackendFields", builtin_fields(), frozen=True, forbid_unknown_fields=True, kw_only=True, module=__name__
+)
+
+
+class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     """One served model version (one Ray Serve deployment).
 
     name/version: what clients call (``/v2/models/{name}/versions/{version}``).
@@ -202,10 +209,17 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         and the artifact is verified against its sha256 on every load.
     artifact: which artifact of the registry version to load.
     path: a local model file instead of ``ref`` (exactly one of the two).
-    backend: ``onnxruntime`` (an .onnx file), ``torch`` (.safetensors
-        weights of ``architecture`` built with ``hparams``) or ``tensorrt``
-        (an .onnx file compiled into a TensorRT engine on the replica's GPU,
-        with the ``tensorrt`` settings).
+    backend: a name from the backend registry (runtime/backends/):
+        ``onnxruntime`` (an .onnx file, with the ``onnxruntime`` settings),
+        ``torch`` (.safetensors weights of ``architecture`` built with
+        ``hparams``), ``tensorrt`` (an .onnx file compiled into a TensorRT
+        engine on the replica's GPU, with the ``tensorrt`` settings), or a
+        plug-in's name (the ``flywheel.backends`` entry point group). The
+        fields named here after each built-in backend are declared by it,
+        and its checks run here.
+    settings: a plug-in backend's own settings, checked by its settings
+        type (empty for the built-in backends, whose settings have keys of
+        their own).
     placement: ``colocated`` (default): loaded into every ingress replica and
         called in-process, the low-latency path; it scales with
         ``server.replicas``. ``dedicated``: its own Serve deployment, reached
@@ -227,6 +241,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drift: live input drift monitoring (see DriftConfig).
     tensorrt: precision, batch profile, plan cache of backend tensorrt (see
         TensorRTConfig); its max_batch must cover batching.max_batch_size.
+        Given for another backend, it is refused.
     """
 
     name: str
@@ -235,16 +250,13 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     artifact: str = "model.onnx"
     version: str = ""
     backend: str = "onnxruntime"
-    architecture: str = ""
-    hparams: dict[str, Any] = {}
-    onnxruntime: OnnxRuntimeConfig = OnnxRuntimeConfig()
+    settings: dict[str, Any] = {}
     batching: BatchingConfig = BatchingConfig()
     placement: str = "colocated"
     replicas: int = 1
     num_cpus: float = 0.5
     warmup_batch_sizes: tuple[int, ...] = (1,)
     drift: DriftConfig = DriftConfig()
-    tensorrt: TensorRTConfig = TensorRTConfig()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -255,23 +267,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"model {self.name!r}: give exactly one of 'path' and 'ref'")
         if self.version and not _NAME.match(self.version):
             raise ConfigError(f"model {self.name!r}: version {self.version!r} must match {_NAME.pattern}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(
-                f"model {self.name!r}: backend {self.backend!r} unknown; allowed: {', '.join(BACKENDS)}"
-            )
-        if self.backend != "tensorrt" and self.tensorrt != TensorRTConfig():
-            raise ConfigError(
-                f"model {self.name!r}: tensorrt settings are given but backend is {self.backend!r}; "
-                "set backend: tensorrt or drop them"
-            )
-        if self.backend == "tensorrt" and self.tensorrt.max_batch < self.batching.max_batch_size:
-            raise ConfigError(
-                f"model {self.name!r}: tensorrt.max_batch {self.tensorrt.max_batch} is smaller than "
-                f"batching.max_batch_size {self.batching.max_batch_size}; every full batch would run "
-                "in slices. Raise tensorrt.max_batch or lower batching.max_batch_size"
-            )
-        if self.backend == "torch" and not self.architecture:
-            raise ConfigError(f"model {self.name!r}: backend torch needs 'architecture'")
+        self._check_backend()
         if self.replicas < 1:
             raise ConfigError(f"model {self.name!r}: replicas must be >= 1")
         if self.placement not in PLACEMENTS:
@@ -285,6 +281,26 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         if self.num_cpus < 0:
             raise ConfigError(f"model {self.name!r}: num_cpus must be >= 0")
+
+    def _check_backend(self) -> None:
+        """The backend is registered, other backends' exclusive fields are
+        unset, and the backend's own checks pass (messages name the model)."""
+        try:
+            spec = get_backend(self.backend)
+            for other in builtin_specs():
+                if other.name == self.backend:
+                    continue
+                for f in other.fields:
+                    if f.exclusive and getattr(self, f.name) != f.default:
+                        raise ConfigError(
+                            f"{f.name} settings are given but backend is {self.backend!r}; "
+                            f"set backend: {other.name} or drop them"
+                        )
+            spec.parse_settings(self.settings)
+            if spec.validate is not None:
+                spec.validate(self)
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.name!r}: {exc.message}") from None
 
     @property
     def key(self) -> str:
