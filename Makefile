@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps edge-runner lock wheel
+.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps edge-runner lock wheel client-wheel
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
@@ -91,6 +91,12 @@ wheel:
 	rm -rf build/lib build/bdist.*
 	$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) -m pip wheel --quiet --no-deps -w dist .
 	@ls dist/flywheel_ml-*.whl
+
+# flywheel-client: the Python client and the protocol only (NumPy, msgspec;
+# grpcio and protobuf with its grpc extra), for applications that only call a
+# server (deploy/client_wheel.py).
+client-wheel:
+	$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) deploy/client_wheel.py --out dist
 
 clean-venv:
 	rm -rf $(VENV)
