@@ -29,7 +29,7 @@ def ks_pvalues(d: np.ndarray, n: np.ndarray, m: np.ndarray) -> np.ndarray:
     return 0 where the tail is below 2 exp(-36) (Massart's bound), and defer to
     SciPy for small n and for tiny D (its DMTW region, where p ~ 1). Agreement
     with SciPy is checked to 1e-6 by the tests."""
-    from flywheel.kernels.numba_kernels import kolmogn_sf_pelz_good
+    from flywheel.kernels._numba import kolmogn_sf_pelz_good
 
     d = np.asarray(d, dtype=np.float64)
     n, m = np.broadcast_arrays(np.asarray(n, float), np.asarray(m, float))
@@ -119,6 +119,10 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     out = np.empty(n)
     out[order] = np.minimum(adj, 1.0)
     return out
+
+
+# The corrections a detector may apply across features, by the name it is given.
+CORRECTIONS = {"bh": benjamini_hochberg, "bonferroni": bonferroni, "none": np.asarray}
 
 
 # The float32 error bound of a permuted MMD^2 on the Numba path: each kernel

@@ -1,0 +1,115 @@
+"""What the per-feature rank tests (ks, cvm) share: sorted columns.
+
+Fitting keeps the reference's per-feature sorted values (features x rows,
+NaNs last) and counts of real values; a window is sorted the same way on each
+backend and handed to the test's kernel, which returns a raw statistic per
+feature that the test turns into (statistic, p-value). The NumPy reference
+scores one feature at a time with the test's SciPy function instead.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
+
+import numpy as np
+
+from flywheel.kernels._checks import sorted_columns
+from flywheel.kernels.drift.base import ContinuousTest, DriftOptions
+from flywheel.protocol.errors import InvalidInputError
+
+
+def sort_pool(threads: int | None) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1), thread_name_prefix="fw-drift-sort")
+
+
+def sort_columns(win: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
+    """Per-feature sorted window as (features, rows), NaNs last. NumPy's sort
+    beats Numba's here and releases the GIL, so chunks of features are
+    sorted on a few threads at once."""
+    cols = np.ascontiguousarray(win.T)
+    chunks = np.array_split(np.arange(cols.shape[0]), getattr(pool, "_max_workers", 1))
+
+    def work(idx: np.ndarray) -> None:
+        if len(idx):
+            cols[idx[0] : idx[-1] + 1].sort(axis=1)
+
+    list(pool.map(work, chunks))
+    return cols
+
+
+class SortedColumnsTest(ContinuousTest):
+    """Base of ks and cvm. A subclass gives ``min_values`` (real values a
+    window feature needs), ``reference_test`` (SciPy on one feature),
+    ``numba_raw`` / ``cupy_raw`` (its kernels) and ``finish`` (raw
+    statistic to statistic and p-value)."""
+
+    min_values: ClassVar[int] = 1
+
+    def __init__(self, backend: str, options: DriftOptions) -> None:
+        super().__init__(backend, options)
+        self._pool = sort_pool(options.threads) if backend == "numba" else None
+
+    def fit_data(self, data: np.ndarray) -> None:
+        self._ref_cols, self._ref_len = sorted_columns(data)
+        if (self._ref_len < 1).any():
+            raise InvalidInputError(f"reference feature {int(np.argmin(self._ref_len))} has no values")
+        self._ref = data
+        self._ref_dev = None  # the cupy backend's copy, made on first score
+
+    def need_values(self, feature: int, count: int) -> None:
+        if count < self.min_values:
+            raise InvalidInputError(
+                f"window feature {feature} has {count} values (after dropping NaN); need {self.min_values}"
+            )
+
+    def _check_counts(self, win_len: np.ndarray) -> None:
+        for f in np.flatnonzero(win_len < self.min_values):
+            self.need_values(int(f), int(win_len[f]))
+
+    # -- the three backends -----------------------------------------------------
+    def score_numpy(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        stat, p = [], []
+        for f in range(self.features):
+            a = self._ref[:, f][~np.isnan(self._ref[:, f])]
+            b = win[:, f][~np.isnan(win[:, f])]
+            self.need_values(f, len(b))
+            r = self.reference_test(a, b)
+            stat.append(r.statistic)
+            p.append(r.pvalue)
+        return np.array(stat), np.array(p)
+
+    def score_numba(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cols = sort_columns(win, self._pool)
+        win_len = (~np.isnan(cols)).sum(axis=1).astype(np.int64)
+        self._check_counts(win_len)
+        return self.finish(self.numba_raw(cols, win_len), win_len)
+
+    def score_cupy(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from flywheel.kernels import _cupy
+
+        if self._ref_dev is None:
+            self._ref_dev = _cupy.to_device(self._ref_cols, self._ref_len)
+        raw, win_len = self.cupy_raw(*self._ref_dev, win)
+        self._check_counts(win_len)
+        return self.finish(raw, win_len)
+
+    # -- what each test gives ---------------------------------------------------
+    @abc.abstractmethod
+    def reference_test(self, a: np.ndarray, b: np.ndarray):
+        """SciPy's two-sample test on one feature's values (NaNs dropped)."""
+
+    @abc.abstractmethod
+    def numba_raw(self, cols: np.ndarray, win_len: np.ndarray) -> np.ndarray:
+        """The raw statistic per feature from the sorted window columns."""
+
+    @abc.abstractmethod
+    def cupy_raw(self, ref, ref_len, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw statistic per feature and the window's counts of real
+        values, from the reference on the GPU and the unsorted window."""
+
+    @abc.abstractmethod
+    def finish(self, raw: np.ndarray, win_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(statistic, p-value) per feature from the raw statistic."""
