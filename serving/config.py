@@ -15,6 +15,7 @@ import msgspec
 
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.common.yaml_files import load_yaml
+from flywheel.kernels import available_tests
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.backends.registry import builtin_fields, builtin_specs, get_backend
 from flywheel.serving.policy_config import PolicyConfig
@@ -158,7 +159,15 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         in a replica; beyond that samples are dropped (and counted).
     window / mode / stride: the monitor scores windows of this many rows,
         tumbling or sliding (every ``stride`` rows).
-    tests: any of ks, cvm, mmd (continuous inputs).
+    tests: any registered drift test (``flywheel.kernels.available_tests()``):
+        ks, cvm, mmd for continuous inputs; chi2, psi for categorical inputs,
+        which read every input column as non-negative integer codes (integral
+        floats count, so label-encoded features work as sampled). The
+        reference must hold such codes (else the monitor refuses the model
+        at start, naming the test); a window holding other values is refused
+        by that test (logged and counted in
+        ``flywheel_drift_refused_windows``) while the model's other tests
+        still score it.
     reference: a .npy file with the training reference sample; empty = the
         registry artifact ``reference.npy`` of the model's version.
     alpha: significance after Benjamini-Hochberg correction across features.
@@ -183,9 +192,10 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("drift.sample_rate must lie in (0, 1]")
         if self.batch_rows < 1 or self.window < 2 or self.max_buffered_rows < 1 or self.history < 1:
             raise ConfigError("drift.batch_rows, max_buffered_rows, history must be >= 1 and window >= 2")
-        bad = [t for t in self.tests if t not in ("ks", "cvm", "mmd")]
+        known = available_tests()  # the drift-test registry: plug-in tests count too
+        bad = [t for t in self.tests if t not in known]
         if bad or not self.tests:
-            raise ConfigError(f"drift.tests {list(self.tests)}: choose from ks, cvm, mmd")
+            raise ConfigError(f"drift.tests {list(self.tests)}: choose from {', '.join(known)}")
         if self.mode not in ("tumbling", "sliding"):
             raise ConfigError("drift.mode must be 'tumbling' or 'sliding'")
 

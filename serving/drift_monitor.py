@@ -8,6 +8,13 @@ window is scored on a worker thread; results become Prometheus gauges
 (statistic, p-value, drift flag per model, version, feature and test), a short
 history (``GET /v2/models/{name}/versions/{v}/drift`` through the ingress) and
 drift events for registered callbacks (the retraining trigger hangs off these).
+
+Tests are found by name in the kernels' registry, so every test a
+``DriftDetector`` runs can be monitored. Samples arrive as float64 rows;
+categorical tests (chi2, psi) read them as integer codes: a reference that is
+not codes refuses the model at start (ConfigError naming model, version and
+test), a window that is not is refused by that test alone (logged, counted in
+``flywheel_drift_refused_windows``) while the other tests score it.
 """
 
 from __future__ import annotations
@@ -94,13 +101,24 @@ def drift_score(history: list[dict], since: float) -> float | None:
     return max(shares) if shares else None
 
 
+def fit_detector(model: ModelConfig, test: str, reference: np.ndarray) -> DriftDetector:
+    """``test``'s detector fitted on ``reference``; a reference the test
+    cannot read (e.g. values that are not integer codes for chi2 or psi) is a
+    ConfigError naming the model, version and test."""
+    try:
+        return DriftDetector(test, backend="numba", alpha=model.drift.alpha, threads=1).fit(reference)
+    except InvalidInputError as exc:
+        raise ConfigError(
+            f"model {model.name!r} version {model.version!r}: drift test {test!r} cannot use the reference "
+            f"sample: {exc.message}"
+        ) from None
+
+
 class _Tracked:
     def __init__(self, model: ModelConfig, reference: np.ndarray) -> None:
         cfg = model.drift
         ref = reference.reshape(len(reference), -1)
-        self.detectors = {
-            t: DriftDetector(t, backend="numba", alpha=cfg.alpha, threads=1).fit(ref) for t in cfg.tests
-        }
+        self.detectors = {t: fit_detector(model, t, ref) for t in cfg.tests}
         self.window = WindowBuffer(cfg.window, ref.shape[1], mode=cfg.mode, stride=cfg.stride or None)
         self.history: collections.deque = collections.deque(maxlen=cfg.history)
         self.features = ref.shape[1]
@@ -125,6 +143,9 @@ class DriftMonitor:
                                 registry=self._registry)
         self._rows = Counter("flywheel_drift_sampled_rows", "Sampled input rows received", ["model", "version"],
                              registry=self._registry)
+        self._refused = Counter("flywheel_drift_refused_windows",
+                                "Windows a test could not read (e.g. not integer codes for chi2 or psi)",
+                                ["model", "version", "test"], registry=self._registry)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fw-drift")
         self._loop = LoopThread("flywheel-drift")
         self._loop.start()
@@ -190,9 +211,10 @@ class DriftMonitor:
                 res = det.score(window)
             except FlywheelError as exc:
                 log.warning("drift scoring of %s:%s (%s) failed: %s", model, version, test, exc.message)
+                self._refused.labels(model, version, test).inc()
                 continue
             self._windows.labels(model, version, test).inc()
-            feats = [str(i) for i in range(len(res.statistic))] if test != "mmd" else ["all"]
+            feats = ["all"] if det.joint else [str(i) for i in range(len(res.statistic))]
             for f, s, p, d in zip(feats, res.statistic, res.p_adjusted, res.drift):
                 self._stat.labels(model, version, f, test).set(s)
                 self._p.labels(model, version, f, test).set(p)

@@ -4,7 +4,9 @@
 already-decoded array (with probability ``sample_rate``); shipping happens in
 a background task on the replica's loop and is never awaited by a request.
 If the monitor is unreachable, the batch is dropped and counted: predictions
-matter more than samples.
+matter more than samples. Rows travel as float64 whatever the input's numeric
+type (integers exactly, up to 2**53), so the monitor's categorical tests
+(chi2, psi) read integer inputs back as the same codes.
 """
 
 from __future__ import annotations

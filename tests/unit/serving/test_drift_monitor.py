@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from flywheel.protocol.errors import ErrorCode
+from flywheel.protocol.errors import ConfigError, ErrorCode
 from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_DRIFT_INGEST, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.config import DriftConfig, ModelConfig
@@ -118,3 +118,68 @@ def test_a_version_added_later_is_tracked_from_its_config_and_scored_since_a_tim
     off = ModelConfig(name="m", path="x.onnx", version="3")
     refused = asyncio.run(_call(port, OP_DRIFT_TRACK, msgspec.json.encode(off)))
     assert refused.code == ErrorCode.INVALID_ARGUMENT and b"drift.enabled" in refused.payload
+
+
+def test_drift_config_accepts_every_registered_test_and_names_them_on_a_typo():
+    from flywheel.kernels import available_tests
+
+    for test in available_tests():
+        assert DriftConfig(tests=(test,)).tests == (test,)
+    with pytest.raises(ConfigError, match=r"drift.tests \['kss'\]: choose from ks, cvm, chi2, psi, mmd"):
+        DriftConfig(tests=("kss",))
+
+
+def test_drift_config_accepts_a_test_registered_at_run_time():
+    from flywheel.kernels import register_test, unregister_test
+    from flywheel.kernels.drift import ContinuousTest
+
+    class Toy(ContinuousTest):
+        name = "toy_serving"
+        backends = ("numpy",)
+
+        def fit_data(self, data):
+            pass
+
+        def score_numpy(self, win):
+            return np.zeros(win.shape[1]), np.ones(win.shape[1])
+
+    register_test(Toy)
+    try:
+        assert DriftConfig(tests=("toy_serving",)).tests == ("toy_serving",)
+    finally:
+        unregister_test("toy_serving")
+
+
+def _codes_monitor(tmp_path, reference, tests=("chi2", "psi", "ks")):
+    ref = tmp_path / "codes.npy"
+    np.save(ref, reference)
+    cfg = DriftConfig(enabled=True, window=200, tests=tests, reference=str(ref))
+    port = free_port()
+    return DriftMonitor(port, [ModelConfig(name="c", path="x.onnx", version="1", drift=cfg)]), port
+
+
+def test_categorical_tests_score_integer_codes_and_refuse_other_values(tmp_path):
+    rng = np.random.default_rng(3)
+    mon, port = _codes_monitor(tmp_path, rng.integers(0, 5, size=(2000, 3)))
+    try:
+        moved = rng.integers(0, 5, size=(200, 3)).astype(np.float64)  # codes travel as float64
+        moved[:150, 1] = 4.0
+        assert asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("c", "1", moved))).code == 0
+        by_test = {h["test"]: h["result"]["drift"] for h in mon.history("c", "1")}
+        assert by_test["chi2"] == [False, True, False]
+        assert by_test["psi"] == [False, True, False]
+        not_codes = rng.normal(2.0, 1.0, size=(200, 3))
+        assert asyncio.run(_call(port, OP_DRIFT_INGEST, encode_samples("c", "1", not_codes))).code == 0
+        assert [h["test"] for h in mon.history("c", "1")] == ["chi2", "psi", "ks", "ks"]  # ks still scores
+        text = asyncio.run(_call(port, OP_METRICS, b"")).payload.decode()
+        assert 'flywheel_drift_refused_windows_total{model="c",test="chi2",version="1"} 1.0' in text
+        assert 'flywheel_drift_refused_windows_total{model="c",test="psi",version="1"} 1.0' in text
+    finally:
+        mon.close()
+
+
+def test_a_reference_that_is_not_integer_codes_refuses_the_model_naming_the_test(tmp_path):
+    rng = np.random.default_rng(4)
+    with pytest.raises(ConfigError, match=r"model 'c' version '1': drift test 'chi2' cannot use the reference "
+                                          r"sample: reference: categorical codes must be integers"):
+        _codes_monitor(tmp_path, rng.normal(size=(500, 3)), tests=("ks", "chi2"))
