@@ -154,7 +154,7 @@ def _load(name: str) -> BackendSpec:
     else:
         ep = _entry_points().get(name)
         if ep is None:
-            # plug-ins are listed too: a missing one shows it is not installed
+            # the list holds the installed plug-ins too: one missing from it is not installed
             raise ConfigError(f"backend {name!r} unknown; allowed: {', '.join(available_backends())}")
         source = f"entry point {ep.value!r}" + (f" of {ep.dist.name}" if ep.dist else "")
         try:
