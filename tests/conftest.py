@@ -1,9 +1,65 @@
-"""Shared fixtures: small real ONNX models built once per test session."""
+"""Shared fixtures (small real ONNX models built once per test session, a
+PostgreSQL server) and the guard that keeps Ray out of the fast suite: a test
+that starts Ray must carry the ``integration`` marker, so that
+``pytest -m "not integration"`` never starts one."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import psutil
 import pytest
+
+# Ray's daemons: a test that leaves them among this process's children started
+# a Ray (``ray start``, ``flywheel serve``, ``flywheel run`` in a subprocess).
+_RAY_DAEMONS = frozenset({"raylet", "gcs_server"})
+_ray_before = pytest.StashKey[tuple[bool, frozenset[int]]]()
+
+
+def _ray_in_this_process() -> bool:
+    ray = sys.modules.get("ray")  # never imported here just to ask
+    return ray is not None and ray.is_initialized()
+
+
+def _ray_daemons_among_children() -> dict[int, str]:
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() in _RAY_DAEMONS:
+                found[child.pid] = child.name()
+        except psutil.Error:  # it ended while we looked
+            continue
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture runs: the session's Ray (``ray_session``) is for
+    integration tests only; remember what of Ray was already up."""
+    if item.get_closest_marker("integration") is not None:
+        return
+    if "ray_session" in getattr(item, "fixturenames", ()):
+        pytest.fail(f"{item.nodeid} uses ray_session (a real Ray) but is not marked integration: "
+                    "add pytest.mark.integration to it", pytrace=False)
+    in_process = _ray_in_this_process()
+    # with the session's Ray up (a full run, after the integration tests) there is nothing to compare
+    item.stash[_ray_before] = (in_process, frozenset() if in_process else frozenset(_ray_daemons_among_children()))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """After a test without the ``integration`` marker: fail it if Ray came
+    up during its set-up or its body (in this process or as child daemons)."""
+    result = yield
+    in_process, daemons = item.stash.get(_ray_before, (True, frozenset()))
+    if not in_process:
+        started = ["ray.init() in this process"] if _ray_in_this_process() else []
+        started += [f"{name} (pid {pid})" for pid, name in _ray_daemons_among_children().items() if pid not in daemons]
+        if started:
+            pytest.fail(f"{item.nodeid} started Ray ({', '.join(started)}) but is not marked integration: "
+                        "add pytest.mark.integration to it, or keep Ray out of it", pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
+
+from _poll import wait_for  # re-exported: the integration tests import it from here
+
+__all__ = ["answers", "free_port", "wait_for"]
 
 
 def free_port() -> int:
@@ -21,15 +24,3 @@ def answers(url: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    """Poll ``condition`` until it returns something true (returned), or
-    fail with AssertionError naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")

@@ -6,8 +6,6 @@ Runtime fails every request whose x[0] is 10 or more (a share of the inputs).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 
@@ -44,12 +42,3 @@ def rows(n: int, rng, high: int = 10) -> np.ndarray:
     x[:, 0] = rng.integers(0, high, size=n)
     return x
 
-
-def wait_for(predicate, timeout=30.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")

@@ -26,7 +26,8 @@ def test_health_and_metadata(client):
     assert client.is_model_ready("digits")
     assert client.is_model_ready("digits", "1")
     meta = client.get_model_metadata("digits")
-    assert meta["name"] == "digits" and meta["versions"] == ["1"]
+    assert meta["name"] == "digits"
+    assert meta["versions"] == ["1"]
     assert meta["platform"] == "onnx_onnxv1"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
@@ -46,7 +47,9 @@ def test_infer_equals_onnxruntime(client, digits_model, rows, version):
     assert got.shape == (rows, 10)
     assert np.abs(got - want).max() <= 1e-5
     resp = result.get_response()
-    assert resp["model_name"] == "digits" and resp["model_version"] == "1" and resp["id"] == "r1"
+    assert resp["model_name"] == "digits"
+    assert resp["model_version"] == "1"
+    assert resp["id"] == "r1"
 
 
 def test_demo_example_request_is_classified_correctly(client, digits_model):

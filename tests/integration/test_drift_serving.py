@@ -4,7 +4,6 @@ scores them against the registered reference sample."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import numpy as np
@@ -12,6 +11,8 @@ import pytest
 
 from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, undeploy
+
+from _poll import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +37,18 @@ def test_shifted_inputs_show_up_as_drift(ray_session, demo_registry):
         infer = f"{dep.url}/v2/models/digits/infer"
         for _ in range(10):  # 100 rows of saturated pixels: far from the reference
             _post(infer, np.ones((10, 64), np.float32))
-        history = []
-        deadline = time.monotonic() + 60
-        while not history and time.monotonic() < deadline:
+
+        def drift_history() -> list:
             with urllib.request.urlopen(f"{dep.url}/v2/models/digits/versions/1/drift", timeout=5) as r:
-                history = json.loads(r.read())
-            time.sleep(0.2)
-        assert history and history[0]["test"] == "ks" and history[0]["any_drift"]
+                return json.loads(r.read())
+
+        history = wait_for(drift_history, 60, "a drift result for digits 1", every_s=0.2)
+        assert history
+        assert history[0]["test"] == "ks"
+        assert history[0]["any_drift"]
         assert history[0]["result"]["n_window"] == 100
         text = urllib.request.urlopen(f"{dep.url}/metrics", timeout=5).read().decode()
-        assert "flywheel_drift_detected{" in text and "flywheel_requests_total{" in text
+        assert "flywheel_drift_detected{" in text
+        assert "flywheel_requests_total{" in text
     finally:
         undeploy(dep)

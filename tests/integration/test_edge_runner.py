@@ -108,7 +108,8 @@ def test_runner_outputs_match_python_runtime_and_torch(edge_runner, programs, tm
     proc = _run(edge_runner, pte, tmp_path, tmp_path / "input0.npy")
     assert proc.returncode == 0, proc.stderr
     got = np.load(tmp_path / "output_0.npy")
-    assert got.dtype == np.float32 and got.shape == (shape[0], 10)
+    assert got.dtype == np.float32
+    assert got.shape == (shape[0], 10)
     assert np.abs(got - _python_runtime(pte, x)).max() <= 1e-5
     if name != "mlp_int8":  # int8 is compared with torch by top-1 agreement in the unit tests
         with torch.no_grad():
@@ -118,12 +119,14 @@ def test_runner_outputs_match_python_runtime_and_torch(edge_runner, programs, tm
 
 def test_runner_registers_xnnpack_and_reports_median_latency(edge_runner, programs, tmp_path):
     listed = _run(edge_runner, "--list-backends")
-    assert listed.returncode == 0 and "XnnpackBackend" in listed.stdout
+    assert listed.returncode == 0
+    assert "XnnpackBackend" in listed.stdout
     np.save(tmp_path / "x.npy", np.zeros((1, 64), np.float32))
     proc = _run(edge_runner, programs["mlp"][1], tmp_path, tmp_path / "x.npy", "--repeat", "20")
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"^median_us=(\d+\.\d+) repeat=20$", proc.stdout, re.M)
-    assert match and float(match.group(1)) > 0
+    assert match
+    assert float(match.group(1)) > 0
 
 
 def test_npy_versions_2_and_3_are_read(edge_runner, programs, tmp_path):
@@ -167,7 +170,8 @@ def test_bad_input_file_fails_with_a_clear_message(edge_runner, programs, tmp_pa
     bad = make(tmp_path)
     proc = _run(edge_runner, programs["mlp"][1], tmp_path, bad)
     assert proc.returncode == 2
-    assert "flywheel-edge-run: error:" in proc.stderr and message in proc.stderr, proc.stderr
+    assert "flywheel-edge-run: error:" in proc.stderr, proc.stderr
+    assert message in proc.stderr, proc.stderr
     assert not (tmp_path / "output_0.npy").exists()
 
 
@@ -175,8 +179,11 @@ def test_usage_errors_exit_2(edge_runner, programs, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 64), np.float32))
     assert _run(edge_runner, programs["mlp"][1], tmp_path).returncode == 2
     proc = _run(edge_runner, programs["mlp"][1], tmp_path, tmp_path / "x.npy", "--repeat", "0")
-    assert proc.returncode == 2 and "--repeat must be a positive integer" in proc.stderr
+    assert proc.returncode == 2
+    assert "--repeat must be a positive integer" in proc.stderr
     proc = _run(edge_runner, programs["mlp"][1], tmp_path / "nope", tmp_path / "x.npy")
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
     proc = _run(edge_runner, tmp_path / "x.npy", tmp_path, tmp_path / "x.npy")
-    assert proc.returncode == 1 and "cannot load program" in proc.stderr
+    assert proc.returncode == 1
+    assert "cannot load program" in proc.stderr

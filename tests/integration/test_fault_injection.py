@@ -65,7 +65,7 @@ def test_killing_replica_processes_under_load_loses_no_request(ray_session, mlp_
             originals = _replica_handles("faults#mlp-1")
             seen = {n for n, _ in originals}
             for name, handle in originals:
-                time.sleep(3)
+                time.sleep(3)  # pacing: each kill lands on a replica that has been taking load for a while
                 pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
                 os.kill(pid, signal.SIGKILL)
                 killed = time.monotonic()
@@ -85,7 +85,8 @@ def test_killing_replica_processes_under_load_loses_no_request(ray_session, mlp_
         print(f"\nFAULT replica kill: {step.ok} ok, {step.errors} failed, {retries:g} retried, "
               f"replacement running after {recoveries} s, p99 {step.p99_ms} ms, max {step.max_ms} ms")
         assert step.errors == 0, step.error_counts
-        assert step.ok > 1000 and len(recoveries) == 2
+        assert step.ok > 1000
+        assert len(recoveries) == 2
         assert retries >= 1  # some requests were stranded on a killed replica and answered by the other
     finally:
         undeploy(dep)

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, application_name, undeploy
 
+from _poll import wait_for
 from _requests import infer_status
 
 pytestmark = pytest.mark.integration
@@ -48,10 +49,8 @@ def shared(ray_session, mlp_onnx):
 
 def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
     app = application_name(shared.config)
-    deadline = time.monotonic() + 60
-    while _metric(shared.url, "flywheel_ingress_replicas") < 2:  # both hold a metrics slot
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: _metric(shared.url, "flywheel_ingress_replicas") >= 2, 60,
+             "both replicas to hold a metrics slot", every_s=0.2)
     before = _metric(shared.url, "flywheel_requests_total", model="mlp", outcome="ok")
     statuses = [infer_status(shared.url) for _ in range(80)]
     assert statuses == [200] * 80
@@ -59,7 +58,8 @@ def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
     for _ in range(4):
         assert _metric(shared.url, "flywheel_requests_total", model="mlp", outcome="ok") - before == 80
     answered = _replica_stats(app)
-    assert len(answered) == 2 and all(n > 0 for n in answered.values()), answered
+    assert len(answered) == 2, answered
+    assert all(n > 0 for n in answered.values()), answered
 
 
 def test_grpc_is_served_by_every_replica(shared):
@@ -74,7 +74,8 @@ def test_grpc_is_served_by_every_replica(shared):
         assert client.infer("mlp", [inp]).as_numpy("logits").shape == (2, 10)
         client.close()
     after = _replica_stats(application_name(shared.config))
-    assert len(after) == 2 and all(after[pid] > before.get(pid, 0) for pid in after), (before, after)
+    assert len(after) == 2, (before, after)
+    assert all(after[pid] > before.get(pid, 0) for pid in after), (before, after)
 
 
 def test_a_killed_replica_stops_getting_connections_at_once(shared):
@@ -87,10 +88,9 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     assert len(names) == 2
     pids = set(_replica_stats(app))
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 30
-    while all(psutil.pid_exists(pid) for pid in pids):  # the kill lands asynchronously
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # the kill lands asynchronously
+    wait_for(lambda: not all(psutil.pid_exists(pid) for pid in pids), 30, "the killed replica's process to exit",
+             every_s=0.02)
     killed = time.monotonic()
     # the kernel drops a dead process's listening socket: after a moment,
     # every new connection reaches the survivor
@@ -100,11 +100,9 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     recovered = time.monotonic() - killed
     assert [infer_status(shared.url) for _ in range(100)] == [200] * 100
     assert recovered < 5, f"took {recovered:.1f}s"
-    # and Serve brings the replica count back to two
+    # and Serve brings the replica count back to two (both waits within 90 s)
     deadline = time.monotonic() + 90
-    while serve.status().applications[app].deployments["ingress"].replica_states.get("RUNNING", 0) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    while len(_replica_stats(app)) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_for(lambda: serve.status().applications[app].deployments["ingress"].replica_states.get("RUNNING", 0) >= 2,
+             90, "Serve to run two ingress replicas again", every_s=0.5)
+    wait_for(lambda: len(_replica_stats(app)) >= 2, max(deadline - time.monotonic(), 0),
+             "both replicas to report their stats", every_s=0.5)

@@ -54,13 +54,18 @@ def test_submit_get_and_list(store, clock):
     a = _submit(store, "a")
     clock.now += 1
     b = _submit(store, "b", priority=3)
-    assert len(a.id) == 12 and int(a.id, 16) >= 0
+    assert len(a.id) == 12
+    assert int(a.id, 16) >= 0
     assert (a.state, a.attempts, a.runner, a.started_at, a.heartbeat_at, a.cancel_requested) == (
         "queued", 0, "", None, None, False)
-    assert a.spec == _spec("a") and a.storage == "/ckpt/a" and a.result == {} and a.error == ""
+    assert a.spec == _spec("a")
+    assert a.storage == "/ckpt/a"
+    assert a.result == {}
+    assert a.error == ""
     assert store.get(a.id) == a
     assert [j.name for j in store.list()] == ["b", "a"]  # newest first
-    assert store.list(["running"]) == [] and [j.id for j in store.list(("queued",))] == [b.id, a.id]
+    assert store.list(["running"]) == []
+    assert [j.id for j in store.list(("queued",))] == [b.id, a.id]
     with pytest.raises(NotFoundError, match="nope42"):
         store.get("nope42")
     with pytest.raises(InvalidInputError, match="paused"):
@@ -87,7 +92,10 @@ def test_claims_follow_priority_then_submission_order(store):
     low1, high1, low2, high2 = (_submit(store, n, p) for n, p in [("low1", 0), ("high1", 5), ("low2", 0), ("high2", 5)])
     claimed = [store.claim_next("r1") for _ in range(4)]
     assert [j.id for j in claimed] == [high1.id, high2.id, low1.id, low2.id]
-    assert all(j.state == "running" and j.runner == "r1" and j.attempts == 1 for j in claimed)
+    for j in claimed:
+        assert j.state == "running", j.name
+        assert j.runner == "r1", j.name
+        assert j.attempts == 1, j.name
     assert claimed[0].started_at == claimed[0].heartbeat_at == store.get(high1.id).heartbeat_at
     assert store.claim_next("r1") is None
 
@@ -196,13 +204,15 @@ def test_requeue(store, clock):
     again = store.requeue(a.id)
     assert (again.id, again.storage, again.state, again.attempts, again.error, again.runner) == (
         a.id, a.storage, "queued", 1, "", "")
-    assert again.submitted_at == a.submitted_at and again.finished_at is None
+    assert again.submitted_at == a.submitted_at
+    assert again.finished_at is None
     assert store.requeue(a.id) == again  # queued: as it is
     second = store.claim_next("r2")
     assert (second.id, second.attempts, second.runner) == (a.id, 2, "r2")
 
     store.request_cancel(b.id)
-    assert store.requeue(b.id).state == "queued" and not store.get(b.id).cancel_requested
+    assert store.requeue(b.id).state == "queued"
+    assert not store.get(b.id).cancel_requested
 
     store.finish(a.id, "succeeded")
     with pytest.raises(PreconditionFailedError, match="succeeded"):
@@ -263,7 +273,8 @@ def test_another_store_sees_everything(store, store_uri, clock):
     store.request_cancel(b.id)
     other = JobStore.open(store_uri, clock=clock)  # a new process's view
     assert other.list() == store.list()
-    assert other.get(a.id).runner == "r1" and other.get(b.id).state == "cancelled"
+    assert other.get(a.id).runner == "r1"
+    assert other.get(b.id).state == "cancelled"
     assert other.heartbeat(a.id, "r1") is True
     other.finish(a.id, "succeeded", result={"metrics": {"loss": 0.1}})
     assert store.get(a.id).result == {"metrics": {"loss": 0.1}}

@@ -36,11 +36,14 @@ def test_register_promote_and_inspect(cli, tmp_path):
     cli("promote", "fraud", "1", "staging")
     cli("promote", "fraud", "1", "production")
     models = json.loads(cli("--json", "list").stdout)
-    assert models[0]["name"] == "fraud" and models[0]["aliases"] == {"production": 1, "staging": 1}
+    assert models[0]["name"] == "fraud"
+    assert models[0]["aliases"] == {"production": 1, "staging": 1}
     table = cli("show", "fraud").stdout
-    assert "production" in table and "accuracy=0.9" in table
+    assert "production" in table
+    assert "accuracy=0.9" in table
     version = json.loads(cli("--json", "show", "fraud@production").stdout)
-    assert version["version"] == 1 and version["lineage"]["job_id"] == "j1"
+    assert version["version"] == 1
+    assert version["lineage"]["job_id"] == "j1"
     lineage = json.loads(cli("--json", "lineage", "fraud/2").stdout)
     assert [a["version"] for a in lineage["ancestors"]] == [1]
     cli("alias", "fraud", "champion", "2")

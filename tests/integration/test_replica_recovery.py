@@ -65,7 +65,8 @@ def test_killed_replica_is_replaced_and_traffic_resumes(ray_session, mlp_onnx):
         assert statuses[-1] == 200, statuses[-10:]
         failures = [s for s in statuses if s != 200]
         # while the replica was gone, callers got 503 (not 500, not a hang)
-        assert failures and set(failures) == {503}
+        assert failures
+        assert set(failures) == {503}
         (new,) = _replicas("recovery#mlp-1")
         assert new != old
     finally:

@@ -18,9 +18,10 @@ from flywheel.serving.app import deploy, undeploy
 from flywheel.serving.config import EndpointConfig, RegistryConfig
 from flywheel.serving.policy_config import FixedPolicy
 
-from _router_models import expected, rows, table_model, wait_for
+from _poll import wait_for
+from _router_models import expected, rows, table_model
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_bandit_learns_from_feedback_and_rejects_bad_feedback(ab):
         else:  # a new connection: the kernel may pick the other replica
             with Client(dep.url) as other:
                 assert other.feedback("m", r.request_id, float(rng.random() < p))["variant"] == r.model_version
-    status = wait_for(lambda: (s := client.endpoint("m"))["bandit"]["arms"]["2"]["count"] >= 20 and s)
+    status = wait_for(lambda: (s := client.endpoint("m"))["bandit"]["arms"]["2"]["count"] >= 20 and s, 30,
+                      "20 rewards counted for arm 2", every_s=0.2)
     arms = status["bandit"]["arms"]
     assert arms["2"]["mean"] > arms["1"]["mean"]
     assert status["weights"]["2"] > 0.5
@@ -94,12 +96,14 @@ def test_bandit_learns_from_feedback_and_rejects_bad_feedback(ab):
     assert later.count("2") >= 28, later
     with pytest.raises(ClientError) as err:
         client.feedback("m", "no-such-request", 1.0)
-    assert err.value.status == 404 and "unknown" in err.value.message
+    assert err.value.status == 404
+    assert "unknown" in err.value.message
     r = client.infer("m", rows(1, rng), request_id="mine-1")
     assert r.request_id == "mine-1"
     with pytest.raises(ClientError) as err:
         client.feedback("m", "mine-1", 3.0)  # a Bernoulli arm takes rewards in [0, 1]
-    assert err.value.status == 400 and "[0, 1]" in err.value.message
+    assert err.value.status == 400
+    assert "[0, 1]" in err.value.message
     assert client.feedback("m", "mine-1", 1.0)["variant"] == r.model_version  # the id was not used up
     client.set_policy("m", {"kind": "fixed", "weights": {"1": 0.5, "2": 0.5}})
 
@@ -115,7 +119,8 @@ def test_shadow_mirrors_without_changing_the_answer(ab, variants):
         r = client.infer("m", x)
         assert r.model_version == "1"
         np.testing.assert_allclose(r.output(), expected(variants["1"], x), rtol=1e-6)
-    status = wait_for(lambda: (s := client.endpoint("m"))["variants"]["2"]["shadow_compared"] >= before + 40 and s)
+    status = wait_for(lambda: (s := client.endpoint("m"))["variants"]["2"]["shadow_compared"] >= before + 40 and s,
+                      30, "40 more shadow comparisons", every_s=0.2)
     v2 = status["variants"]["2"]
     # two different random tables: the argmax agrees now and then, not always
     assert v2["shadow_agreed"] < v2["shadow_compared"]
@@ -149,7 +154,7 @@ def test_canary_of_a_faulty_variant_rolls_back(ab, variants):
     dep, client = ab
     client.set_policy("m", {"kind": "fixed", "weights": {"1": 1.0}})
     client.add_variant("m", {"version": "3", "path": variants["faulty"], "num_cpus": 0.05})
-    wait_for(lambda: client.endpoint("m")["variants"]["3"]["status"] == "ready")
+    wait_for(lambda: client.endpoint("m")["variants"]["3"]["status"] == "ready", 30, "variant 3 ready", every_s=0.2)
     client.start_canary("m", {
         "variant": "3", "baseline": "1", "steps": [30, 60, 100], "hold_s": 3.0,
         "gates": {"min_requests": 15, "max_error_rate_increase": 0.05},
@@ -164,8 +169,14 @@ def test_canary_of_a_faulty_variant_rolls_back(ab, variants):
     assert any("error" in e["detail"] for e in status["events"] if e["kind"] == "canary"), status["events"]
     # back on the baseline once the replicas have the new snapshot (they
     # fetch one every 0.5 s): every request succeeds again
-    time.sleep(1.5)
-    assert all(client.infer("m", rows(1, rng, 14)).model_version == "1" for _ in range(20))
+
+    def twenty_answered_by_the_baseline() -> bool:
+        try:
+            return all(client.infer("m", rows(1, rng, 14)).model_version == "1" for _ in range(20))
+        except ClientError:
+            return False  # a replica still on the old snapshot sent it to 3
+
+    wait_for(twenty_answered_by_the_baseline, 10, "20 requests in a row answered by 1", every_s=0.1)
     client.remove_variant("m", "3")
 
 
@@ -178,7 +189,8 @@ def test_canary_of_a_healthy_variant_promotes_and_retires_the_baseline(ab, varia
     })
     rng = np.random.default_rng(4)
     _drive(client, 40, rng, high=10, stop=lambda: client.endpoint("m")["canary"]["status"] != "running")
-    status = wait_for(lambda: (s := client.endpoint("m"))["canary"]["status"] == "promoted" and "1" not in s["variants"] and s)
+    status = wait_for(lambda: (s := client.endpoint("m"))["canary"]["status"] == "promoted" and "1" not in s["variants"] and s,
+                      30, "the canary promoted and 1 retired", every_s=0.2)
     assert status["weights"] == {"2": 1.0}
     assert {client.infer("m", rows(1, rng)).model_version for _ in range(10)} == {"2"}
 
@@ -190,7 +202,7 @@ def test_canary_of_a_healthy_variant_promotes_and_retires_the_baseline(ab, varia
             return True
         return False
 
-    wait_for(gone, timeout=5)  # the replicas unload it with their next snapshot
+    wait_for(gone, 5, "version 1 to answer 404", every_s=0.2)  # the replicas unload it with their next snapshot
 
 
 def test_canary_whose_inputs_drift_rolls_back_on_the_drift_gate(variants, tmp_path):
@@ -214,7 +226,7 @@ def test_canary_whose_inputs_drift_rolls_back_on_the_drift_gate(variants, tmp_pa
             # a variant added at run time: the monitor starts tracking it from its first samples
             client.add_variant("m", {"version": "2", "path": variants["2"], "num_cpus": 0.05,
                                      "drift": msgspec.to_builtins(drift)})
-            wait_for(lambda: _loaded(client, "2"))
+            wait_for(lambda: _loaded(client, "2"), 30, "variant 2 loaded", every_s=0.2)
             client.start_canary("m", {
                 "variant": "2", "baseline": "1", "steps": [50, 100], "hold_s": 2.0, "max_step_s": 60.0,
                 # drift alone judges (a p99 of 10 requests on a busy host is noise)
@@ -228,11 +240,12 @@ def test_canary_whose_inputs_drift_rolls_back_on_the_drift_gate(variants, tmp_pa
             status = client.endpoint("m")
             assert status["canary"]["status"] == "rolled_back", status["canary"]
             drift_gate = next(g for g in status["canary"]["last_gates"] if g["name"] == "drift")
-            assert not drift_gate["passed"] and drift_gate["value"] > 0.2, status["canary"]
+            assert not drift_gate["passed"], status["canary"]
+            assert drift_gate["value"] > 0.2, status["canary"]
             assert status["weights"] == {"1": 1.0}
             # a variant without drift monitoring cannot take a drift gate
             client.add_variant("m", {"version": "3", "path": variants["4"], "num_cpus": 0.05})
-            wait_for(lambda: _loaded(client, "3"))
+            wait_for(lambda: _loaded(client, "3"), 30, "variant 3 loaded", every_s=0.2)
             with pytest.raises(ClientError, match="no drift monitoring") as err:
                 client.start_canary("m", {"variant": "3", "baseline": "1", "gates": {"max_drift": 0.2}})
             assert err.value.status == 400

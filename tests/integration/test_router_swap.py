@@ -15,9 +15,10 @@ from flywheel.serving import DeployConfig, ModelConfig, ServerConfig
 from flywheel.serving.app import deploy, undeploy
 from flywheel.serving.config import RegistryConfig
 
-from _router_models import expected, rows, table_model, wait_for
+from _poll import wait_for
+from _router_models import expected, rows, table_model
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 CONCURRENCY = 16
 
@@ -88,10 +89,11 @@ def test_swap_under_load_drops_nothing(swapped, models):
     loader = threading.Thread(target=load)
     t0 = time.monotonic()
     loader.start()
-    time.sleep(15.0)
+    time.sleep(15.0)  # pacing, not waiting for a state: the swap lands mid-load, after 15 s of steady traffic
     t_swap = time.monotonic()
     assert client.swap("m", {"version": "2", "path": models["2"], "num_cpus": 0.05})["swap"]["phase"] == "loading"
-    status = wait_for(lambda: (s := client.endpoint("m"))["swap"]["phase"] in ("done", "failed") and s, timeout=20)
+    status = wait_for(lambda: (s := client.endpoint("m"))["swap"]["phase"] in ("done", "failed") and s, 20,
+                      "the swap to 2 to end", every_s=0.2)
     t_done = time.monotonic()
     loader.join()
     assert not failed, failed
@@ -118,10 +120,12 @@ def test_swap_to_a_model_that_fails_to_load_keeps_the_old_one(swapped, models):
     serving = client.endpoint("m")["weights"]
     (current,) = serving
     client.swap("m", {"version": "9", "path": models["broken"], "num_cpus": 0.05})
-    status = wait_for(lambda: (s := client.endpoint("m"))["swap"]["phase"] in ("done", "failed") and s, timeout=30)
+    status = wait_for(lambda: (s := client.endpoint("m"))["swap"]["phase"] in ("done", "failed") and s, 30,
+                      "the swap to the broken 9 to end", every_s=0.2)
     assert status["swap"]["phase"] == "failed"
     assert status["swap"]["error"], status["swap"]
-    assert "9" not in status["variants"] and status["weights"] == {current: 1.0}
+    assert "9" not in status["variants"]
+    assert status["weights"] == {current: 1.0}
     rng = np.random.default_rng(5)
     assert {client.infer("m", rows(1, rng)).model_version for _ in range(10)} == {current}
 
@@ -139,13 +143,13 @@ def test_router_state_survives_losing_its_replicas(swapped, models):
 
     dep, client = swapped
     client.add_variant("m", {"version": "5", "path": models["1"], "num_cpus": 0.05})
-    wait_for(lambda: client.endpoint("m")["variants"]["5"]["status"] == "ready")
+    wait_for(lambda: client.endpoint("m")["variants"]["5"]["status"] == "ready", 30, "variant 5 ready", every_s=0.2)
     (current,) = client.endpoint("m")["weights"]
     client.set_policy("m", {"kind": "fixed", "weights": {current: 0.25, "5": 0.75}})
     for prefix in ("swapped#router#", "swapped#ingress#"):  # the controller, then the ingress
         old = _replica(prefix)
         ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
-        wait_for(lambda: _alive_other(prefix, old), timeout=90, interval=0.5)
+        wait_for(lambda: _alive_other(prefix, old), 90, f"a replica {prefix}* other than {old}", every_s=0.5)
 
         def routed_by_the_saved_policy() -> dict | None:
             try:
@@ -154,7 +158,7 @@ def test_router_state_survives_losing_its_replicas(swapped, models):
             except (ClientError, OSError):
                 return None  # the ingress is coming back
 
-        status = wait_for(routed_by_the_saved_policy, timeout=90, interval=0.5)
+        status = wait_for(routed_by_the_saved_policy, 90, "weights 0.25/0.75 after the restart", every_s=0.5)
         assert status["variants"]["5"]["status"] == "ready"
     # the new ingress replica loaded the run-time variant before it took traffic
     rng = np.random.default_rng(6)

@@ -51,11 +51,15 @@ def _output(mod, transport, name):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_health_and_metadata_on_every_transport(demo, transport):
     mod, client = _client(demo, transport)
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("types") and client.is_model_ready("digits", "1")
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("types")
+    assert client.is_model_ready("digits", "1")
     meta = client.get_model_metadata("digits", as_json=True) if transport == "grpc" else client.get_model_metadata("digits")
-    assert meta["name"] == "digits" and meta["platform"] == "onnx_onnxv1"
-    assert meta["inputs"][0]["name"] == "input" and meta["inputs"][0]["datatype"] == "FP32"
+    assert meta["name"] == "digits"
+    assert meta["platform"] == "onnx_onnxv1"
+    assert meta["inputs"][0]["name"] == "input"
+    assert meta["inputs"][0]["datatype"] == "FP32"
     assert [int(d) for d in meta["inputs"][0]["shape"]] == [-1, 64]
     server = client.get_server_metadata(as_json=True) if transport == "grpc" else client.get_server_metadata()
     assert "binary_tensor_data" in server["extensions"]

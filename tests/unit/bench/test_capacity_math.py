@@ -18,8 +18,10 @@ def test_merge_adds_counts_and_takes_percentiles_over_all_processes():
     assert (step.ok, step.errors) == (1000, 10)
     assert step.error_rate == pytest.approx(10 / 1010, abs=1e-6)
     assert step.throughput_rps == 500.0
-    assert step.p50_ms == pytest.approx(1.0, rel=1e-3) and step.p99_ms == pytest.approx(100.0, rel=1e-3)
-    assert step.protocols["grpc"].ok == 100 and step.protocols["grpc"].errors == 10
+    assert step.p50_ms == pytest.approx(1.0, rel=1e-3)
+    assert step.p99_ms == pytest.approx(100.0, rel=1e-3)
+    assert step.protocols["grpc"].ok == 100
+    assert step.protocols["grpc"].errors == 10
     assert step.error_counts == {"http_json: HTTP 503: full": 10}
     assert step.limited_by == "server"
 
@@ -42,12 +44,15 @@ def test_who_limited_the_step(cpu, busy, rate, done, expected):
 def test_judge_names_every_broken_bound():
     slo = SLO(p99_ms=5, max_error_rate=0.01, min_achieved=0.9)
     good = judge(merge_replies("rate", 50, 8, 50.0, [_reply([0.002] * 100, rate=50.0)]), slo)
-    assert good.slo_ok and good.slo_failures == []
+    assert good.slo_ok
+    assert good.slo_failures == []
     reply = _reply([0.002] * 90 + [0.05] * 10, errors={"x": 5}, rate=200.0)
     bad = judge(merge_replies("rate", 200, 8, 200.0, [reply]), slo)
     assert not bad.slo_ok
     text = " | ".join(bad.slo_failures)
-    assert "p99 50.0" in text and "error rate" in text and "achieved" in text
+    assert "p99 50.0" in text
+    assert "error rate" in text
+    assert "achieved" in text
 
 
 def test_replicas_needed_with_headroom():

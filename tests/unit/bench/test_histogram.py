@@ -31,7 +31,8 @@ def test_merging_equals_one_histogram_of_all_samples():
     merged.merge(_filled(b))
     whole = _filled(np.concatenate([a, b]))
     assert np.array_equal(merged.counts, whole.counts)
-    assert merged.min_s == whole.min_s and merged.max_s == whole.max_s
+    assert merged.min_s == whole.min_s
+    assert merged.max_s == whole.max_s
     for q in (50, 99):
         assert merged.percentile(q) == whole.percentile(q)
 
@@ -46,7 +47,8 @@ def test_round_trip_through_the_worker_wire_form():
 
 def test_empty_histogram_reports_nan_and_round_trips():
     h = LatencyHistogram()
-    assert math.isnan(h.percentile(50)) and math.isnan(h.mean_s)
+    assert math.isnan(h.percentile(50))
+    assert math.isnan(h.mean_s)
     assert LatencyHistogram.from_dict(h.to_dict()).count == 0
     with pytest.raises(ValueError):
         h.percentile(101)

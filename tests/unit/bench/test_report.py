@@ -33,10 +33,12 @@ def test_write_report_produces_readable_json_markdown_and_pngs(tmp_path):
     assert [s.level for s in back.steps] == [1, 2, 4, 8]
     assert json.loads(paths["json"].read_text())["steps"][0]["p99_ms"] == pytest.approx(1.0, rel=1e-3)
     md = paths["markdown"].read_text()
-    assert "| 8 users |" in md and "broken: p99 8.00 ms > 5 ms" in md
+    assert "| 8 users |" in md
+    assert "broken: p99 8.00 ms > 5 ms" in md
     for key in ("latency_png", "throughput_png"):
         img = matplotlib.image.imread(paths[key])
-        assert img.shape[0] > 100 and img.shape[1] > 100
+        assert img.shape[0] > 100
+        assert img.shape[1] > 100
 
 
 def test_config_search_report_has_a_comparison_plot(tmp_path):
@@ -47,7 +49,8 @@ def test_config_search_report_has_a_comparison_plot(tmp_path):
                                   configs=[_cfg("batch=1", 900, 0.5), _cfg("batch=64", 2500, 0.5)],
                                   recommended="batch=64")
     paths = write_report(rep, tmp_path)
-    assert "configs_png" in paths and matplotlib.image.imread(paths["configs_png"]).ndim == 3
+    assert "configs_png" in paths
+    assert matplotlib.image.imread(paths["configs_png"]).ndim == 3
     assert "| batch=64 | 0.5 | 2500.0 | 5000.0 |" in paths["markdown"].read_text()
 
 

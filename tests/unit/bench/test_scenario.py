@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("bench-*.yaml")), ids=lambda p: p.name)
 def test_shipped_scenarios_validate(preset):
     sc = load_scenario(preset)
-    assert sc.model and sc.duration_s > 0
+    assert sc.model
+    assert sc.duration_s > 0
 
 
 @pytest.mark.parametrize(
@@ -79,8 +80,10 @@ def test_config_grid_expands_every_combination_into_model_configs():
     labels = {c[0] for c in combos}
     assert "max_batch_size=32, intra_op_threads=2, variant=int8" in labels
     _, settings, model = next(c for c in combos if c[1]["variant"] == "int8" and c[1]["max_batch_size"] == 1)
-    assert model["ref"] == "m@int8" and "path" not in model
-    assert model["batching"]["max_batch_size"] == 1 and model["onnxruntime"]["intra_op_threads"] in (1, 2)
+    assert model["ref"] == "m@int8"
+    assert "path" not in model
+    assert model["batching"]["max_batch_size"] == 1
+    assert model["onnxruntime"]["intra_op_threads"] in (1, 2)
     # the grid is validated by the serving config itself
     from flywheel.serving import parse_config
 

@@ -36,18 +36,23 @@ def test_export_registers_a_derivative_with_lineage(registry_args, capsys):
     assert rc == 0, printed
     assert "registered digits.ort-mobile-int8/1 (derivative of digits/1)" in printed
     report = json.loads(printed.strip().splitlines()[-1])
-    assert report["quantization"]["mode"] == "dynamic" and report["parity"]["passed"]
+    assert report["quantization"]["mode"] == "dynamic"
+    assert report["parity"]["passed"]
     reg = Registry.open(args[1], args[3])
     try:
         (derived,) = reg.derivatives("digits", 1)
-        assert derived.ref == "digits.ort-mobile-int8/1" and derived.lineage.parent == "digits/1"
+        assert derived.ref == "digits.ort-mobile-int8/1"
+        assert derived.lineage.parent == "digits/1"
         assert derived.lineage.data_fingerprint == reg.get_version("digits", 1).lineage.data_fingerprint
         assert set(derived.artifacts) == {"metadata.json", "model.ort", "report.json", "required_operators.config"}
         meta = json.loads(reg.read_artifact(derived.ref, "metadata.json"))
         assert derived.artifacts["model.ort"].sha256 == meta["files"]["model.ort"]["sha256"]
-        assert meta["source"]["ref"] == "digits/1" and "scale" in meta["preprocessing"]
-        assert meta["platform"] == "arm" and derived.params["platform"] == "arm"
-        assert derived.metrics["parity_top1_agreement"] >= 0.98 and derived.params["quantize"] == "int8"
+        assert meta["source"]["ref"] == "digits/1"
+        assert "scale" in meta["preprocessing"]
+        assert meta["platform"] == "arm"
+        assert derived.params["platform"] == "arm"
+        assert derived.metrics["parity_top1_agreement"] >= 0.98
+        assert derived.params["quantize"] == "int8"
     finally:
         reg.close()
 
@@ -69,7 +74,8 @@ def test_unknown_reference_is_a_clear_error(registry_args, capsys):
     root, args = registry_args
     rc = main(["export", "nosuch/3", "--target", "onnx", "--out", str(root / "x"), *args])
     assert rc == 2
-    assert "error:" in capsys.readouterr().err and not os.path.exists(root / "x")
+    assert "error:" in capsys.readouterr().err
+    assert not os.path.exists(root / "x")
 
 
 def test_derivative_names_keep_targets_apart():
@@ -77,4 +83,6 @@ def test_derivative_names_keep_targets_apart():
 
     names = {derivative_name("digits", t, q, p) for t in ("onnx", "ort-mobile", "executorch")
              for q in (None, "int8") for p in ("arm", "amd64") if p == "arm" or t == "ort-mobile"}
-    assert len(names) == 8 and "digits.ort-mobile-int8" in names and "digits.ort-mobile-int8-amd64" in names
+    assert len(names) == 8
+    assert "digits.ort-mobile-int8" in names
+    assert "digits.ort-mobile-int8-amd64" in names

@@ -90,7 +90,8 @@ def test_the_kubernetes_manifests_name_this_versions_image_and_serve_config():
     for name in ("rayservice.yaml", "rayjob-train.yaml"):
         text = (ROOT / "deploy" / "kubernetes" / name).read_text()
         tags = set(re.findall(r"image: flywheel-ml:([\w.-]+)", text))
-        assert tags and all(t == version or t.startswith(f"{version}-") for t in tags), (name, tags)
+        assert tags, (name, tags)
+        assert all(t == version or t.startswith(f"{version}-") for t in tags), (name, tags)
     [service] = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "rayservice.yaml").read_text())
                  if d and d["kind"] == "RayService"]
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])

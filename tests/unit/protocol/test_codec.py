@@ -38,20 +38,25 @@ def test_every_numeric_datatype_round_trips(datatype):
         arr = np.array([[0.5, -1.25, 3.0], [1e-3, 2.0, -7.5]], dtype=dtype)
     decoded = decode_infer_request(_req(datatype, [2, 3], arr.ravel().tolist()))
     got = decoded.inputs["x"]
-    assert got.dtype == dtype and got.shape == (2, 3)
+    assert got.dtype == dtype
+    assert got.shape == (2, 3)
     np.testing.assert_array_equal(got, arr)
     body = encode_infer_response("m", "1", {"y": got}, "req-7")
     resp = json.loads(body)
-    assert resp["model_name"] == "m" and resp["model_version"] == "1" and resp["id"] == "req-7"
+    assert resp["model_name"] == "m"
+    assert resp["model_version"] == "1"
+    assert resp["id"] == "req-7"
     out = resp["outputs"][0]
-    assert out["datatype"] == datatype and out["shape"] == [2, 3]
+    assert out["datatype"] == datatype
+    assert out["shape"] == [2, 3]
     np.testing.assert_array_equal(np.array(out["data"], dtype=dtype).reshape(2, 3), arr)
 
 
 def test_bytes_round_trip():
     decoded = decode_infer_request(_req("BYTES", [3], ["a", "hé", ""]))
     arr = decoded.inputs["x"]
-    assert arr.dtype == object and list(arr) == [b"a", "hé".encode(), b""]
+    assert arr.dtype == object
+    assert list(arr) == [b"a", "hé".encode(), b""]
     resp = json.loads(encode_infer_response("m", None, {"y": arr}))
     assert resp["outputs"][0]["data"] == ["a", "hé", ""]
     assert "model_version" not in resp
@@ -66,7 +71,9 @@ def test_nested_data_equals_flat_data():
 def test_request_fields_are_kept():
     body = _req("INT64", [1], [5], id="abc", parameters={"p": 1}, outputs=[{"name": "y"}])
     d = decode_infer_request(body)
-    assert d.id == "abc" and d.parameters == {"p": 1} and d.outputs == ["y"]
+    assert d.id == "abc"
+    assert d.parameters == {"p": 1}
+    assert d.outputs == ["y"]
 
 
 @pytest.mark.parametrize(

@@ -39,14 +39,16 @@ def test_binary_outputs_follow_the_json_header():
     body, hl = encode_response("m", "1", outs, "id", frozenset({"a"}))
     header = json.loads(body[:hl])
     a, b = header["outputs"]
-    assert a["parameters"] == {"binary_data_size": 8} and "data" not in a
+    assert a["parameters"] == {"binary_data_size": 8}
+    assert "data" not in a
     assert b["data"] == [1, 2]
     assert np.frombuffer(body[hl:], np.float32).tolist() == [1.5, 2.5]
 
 
 def test_all_json_response_has_no_header_length():
     body, hl = encode_response("m", "1", {"a": np.zeros(1, np.float32)})
-    assert hl == 0 and json.loads(body)["outputs"][0]["data"] == [0.0]
+    assert hl == 0
+    assert json.loads(body)["outputs"][0]["data"] == [0.0]
 
 
 @pytest.mark.parametrize(

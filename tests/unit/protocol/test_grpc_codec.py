@@ -45,7 +45,9 @@ def test_raw_contents_including_fp16_and_bytes():
     d = decode_grpc_request(req.SerializeToString(), max_elements=100)
     np.testing.assert_array_equal(d.inputs["x"], x)
     assert list(d.inputs["s"]) == [b"ab", b""]
-    assert d.id == "r" and d.outputs == ["y"] and d.parameters == {"p": 5}
+    assert d.id == "r"
+    assert d.outputs == ["y"]
+    assert d.parameters == {"p": 5}
 
 
 def _err(req) -> str:

@@ -60,7 +60,8 @@ def test_code_version_reads_git(tmp_path):
     subprocess.run(["git", "add", "f"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
     commit, dirty = code_version(tmp_path)
-    assert len(commit) == 40 and dirty is False
+    assert len(commit) == 40
+    assert dirty is False
     (tmp_path / "f").write_text("b")
     assert code_version(tmp_path) == (commit, True)
 

@@ -17,11 +17,14 @@ def store(tmp_path):
 def test_token_is_shown_once_and_only_its_salted_hash_is_stored(store, tmp_path):
     key, token = store.create("checkout-app", ["predict"], actor="ops")
     key_id, secret = parse_token(token)
-    assert key_id == key.id and len(secret) == 43
+    assert key_id == key.id
+    assert len(secret) == 43
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("registry.db*"))
-    assert secret.encode() not in raw and token.encode() not in raw
+    assert secret.encode() not in raw
+    assert token.encode() not in raw
     digest = store.active()[key.id]
-    assert verify(digest, secret) and not verify(digest, secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+    assert verify(digest, secret)
+    assert not verify(digest, secret[:-1] + ("A" if secret[-1] != "A" else "B"))
     # two keys never share a salt, so equal secrets would not share a hash
     other, _ = store.create("other", ["predict"], actor="ops")
     assert store.active()[other.id].salt != digest.salt
@@ -65,8 +68,10 @@ def test_key_events_and_refusals_land_in_the_audit_log_without_secrets(store, tm
     entries = reg.audit()
     reg.close()
     assert [e.action for e in entries] == ["key.create", "key.revoke", "auth.denied", "auth.denied"]
-    assert entries[1].actor == "security" and entries[1].after == {"key_id": key.id}
-    assert entries[2].actor == key.id and entries[3].actor == "anonymous"
+    assert entries[1].actor == "security"
+    assert entries[1].after == {"key_id": key.id}
+    assert entries[2].actor == key.id
+    assert entries[3].actor == "anonymous"
     assert all(token not in repr(e) for e in entries)
 
 

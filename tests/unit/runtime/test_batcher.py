@@ -19,6 +19,8 @@ from flywheel.protocol.errors import (
     UnavailableError,
 )
 
+from _poll import wait_for_async
+
 
 def double(inputs):
     return {"y": inputs["x"] * 2, "ids": inputs["x"][:, :1].copy()}
@@ -40,7 +42,7 @@ def test_config_rejects_bad_values_naming_the_field():
 
 
 def test_requires_a_running_loop():
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no running event loop"):
         DynamicBatcher(double, BatchingConfig())
 
 
@@ -97,9 +99,10 @@ def test_model_exception_fails_only_that_batch_and_batcher_keeps_serving():
 
 
 def test_full_queue_rejects_at_once():
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def slow(inputs):
+        entered.set()
         gate.wait(5)
         return double(inputs)
 
@@ -107,9 +110,9 @@ def test_full_queue_rejects_at_once():
         ex = ThreadPoolExecutor(1)
         b = DynamicBatcher(slow, BatchingConfig(max_batch_size=1, max_queue_size=2), executor=ex)
         running = asyncio.ensure_future(b.submit(rows(0, 1)))
-        await asyncio.sleep(0.05)  # now in the model
+        await wait_for_async(entered.is_set, 5, "the first request to be in the model")
         queued = [asyncio.ensure_future(b.submit(rows(i, 1))) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        await wait_for_async(lambda: b.queue_depth == 2, 5, "two requests queued behind it")
         with pytest.raises(OverloadedError, match="queue full"):
             await b.submit(rows(3, 1))
         gate.set()
@@ -131,9 +134,9 @@ def test_deadline_passed_in_queue_fails_without_running():
         ex = ThreadPoolExecutor(1)
         b = DynamicBatcher(slow, BatchingConfig(max_batch_size=1), executor=ex)
         first = asyncio.ensure_future(b.submit(rows(0, 1)))
-        await asyncio.sleep(0.02)
+        await wait_for_async(lambda: seen, 5, "the first request to be in the model")
         late = asyncio.ensure_future(b.submit(rows(9, 1), timeout_s=0.01))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the behaviour under test: late's 10 ms pass while it waits in the queue
         gate.set()
         await first
         with pytest.raises(DeadlineExceededError):

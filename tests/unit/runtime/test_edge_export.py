@@ -34,12 +34,17 @@ def test_onnx_bundle_describes_and_hashes_its_files(digits, digits_mlp, tmp_path
     report = export_bundle(_source(digits_mlp, "mlp", MLP, xva, yva), "onnx", str(out), progress=None)
     assert sorted(os.listdir(out)) == ["metadata.json", "model.onnx", "report.json"]
     meta, rep = read_bundle(str(out))
-    assert meta["target"] == "onnx" and meta["model_file"] == "model.onnx" and meta["quantize"] is None
+    assert meta["target"] == "onnx"
+    assert meta["model_file"] == "model.onnx"
+    assert meta["quantize"] is None
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
-    assert meta["source"]["ref"] == "digits/7" and meta["source"]["onnx_sha256"] == sha256_file(digits_mlp)
+    assert meta["source"]["ref"] == "digits/7"
+    assert meta["source"]["onnx_sha256"] == sha256_file(digits_mlp)
     assert meta["preprocessing"] == {"scale": "pixel / 16"}
-    assert rep["parity"]["passed"] and rep["parity"]["max_abs_diff"] <= 1e-5 and rep["parity"]["rows"] == 256
+    assert rep["parity"]["passed"]
+    assert rep["parity"]["max_abs_diff"] <= 1e-5
+    assert rep["parity"]["rows"] == 256
     assert rep["size_bytes"] == os.path.getsize(out / "model.onnx") == report.size_bytes
     assert 0 < rep["latency_ms_batch1"] < 100
 
@@ -53,7 +58,8 @@ def test_ort_mobile_bundle_runs_like_its_source_and_lists_its_operators(digits, 
     for rows in (1, 5):  # the batch dimension stayed variable
         np.testing.assert_allclose(_run(str(out / "model.ort"), x[:rows]), _run(digits_mlp, x[:rows]), atol=1e-5)
     ops = (out / "required_operators.config").read_text()
-    assert "ai.onnx;" in ops and ("Gemm" in ops or "MatMul" in ops)
+    assert "ai.onnx;" in ops
+    assert "Gemm" in ops or "MatMul" in ops
 
 
 def test_int8_cnn_ort_mobile_bundle_is_static_qdq_and_agrees(digits, digits_cnn, tmp_path):
@@ -61,8 +67,10 @@ def test_int8_cnn_ort_mobile_bundle_is_static_qdq_and_agrees(digits, digits_cnn,
     out = tmp_path / "q"
     report = export_bundle(_source(digits_cnn, "small_cnn", CNN, xva.reshape(-1, 1, 8, 8), yva), "ort-mobile",
                            str(out), quantize="int8", progress=None)
-    assert report.quantization["mode"] == "static" and report.quantization["kept"]
-    assert report.parity["top1_agreement"] >= 0.98 and report.parity["passed"]
+    assert report.quantization["mode"] == "static"
+    assert report.quantization["kept"]
+    assert report.parity["top1_agreement"] >= 0.98
+    assert report.parity["passed"]
     assert report.parity["rows"] == len(xva) - 128  # held-out rows only: calibration never saw them
     rep = json.loads((out / "report.json").read_text())
     assert rep["quantization"]["calibration_rows"] == 128
@@ -101,9 +109,11 @@ def test_executorch_bundle_rebuilds_the_module_from_its_weights(digits, digits_m
     out = tmp_path / "e"
     report = export_bundle(_source(digits_mlp, "mlp", MLP, xva, yva), "executorch", str(out), progress=None)
     assert sorted(os.listdir(out)) == ["metadata.json", "model.pte", "report.json"]
-    assert report.parity["passed"] and report.parity["max_abs_diff"] <= 1e-5
+    assert report.parity["passed"]
+    assert report.parity["max_abs_diff"] <= 1e-5
     meta, _ = read_bundle(str(out))
-    assert meta["runtime"]["executorch"].startswith("1.5") and meta["source"]["weights_sha256"]
+    assert meta["runtime"]["executorch"].startswith("1.5")
+    assert meta["source"]["weights_sha256"]
     x = np.random.default_rng(5).random((3, 64), dtype=np.float32)
     np.testing.assert_allclose(load_executorch(str(out / "model.pte"))([x])[0], _run(digits_mlp, x), atol=1e-5)
 
@@ -128,7 +138,9 @@ def test_overwrite_replaces_only_a_bundle(digits_mlp, tmp_path):
         export_bundle(src, "ort-mobile", str(out), progress=None)
     export_bundle(src, "ort-mobile", str(out), progress=None, overwrite=True)
     meta, _ = read_bundle(str(out))
-    assert meta["target"] == "ort-mobile" and not (out / "model.onnx").exists() and first
+    assert meta["target"] == "ort-mobile"
+    assert not (out / "model.onnx").exists()
+    assert first
     assert sorted(p for p in os.listdir(tmp_path)) == ["b"]  # no temp or old folders left
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")

@@ -58,7 +58,9 @@ def test_fp32_program_matches_torch(fp32_programs, arch, rows):
     module, sig, path = fp32_programs[arch]
     x = np.random.default_rng(rows).standard_normal((rows, *sig.inputs[0].shape[1:])).astype(np.float32)
     got = run_executorch(path, [x])
-    assert len(got) == 1 and got[0].shape == (rows, 10) and got[0].dtype == np.float32
+    assert len(got) == 1
+    assert got[0].shape == (rows, 10)
+    assert got[0].dtype == np.float32
     assert np.abs(got[0] - _torch(module, x)).max() <= 1e-5
 
 

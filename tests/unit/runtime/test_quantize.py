@@ -31,8 +31,11 @@ def test_dynamic_int8_mlp_passes_the_gate_and_shrinks(digits, digits_mlp, tmp_pa
     _, _, xva, yva = digits
     dst = str(tmp_path / "mlp-int8.onnx")
     report = quantize_with_gate(digits_mlp, dst, xva, labels=yva)
-    assert report.mode == "dynamic" and report.kept and report.reasons == []
-    assert report.top1_agreement >= 0.99 and report.accuracy_drop <= 1.0
+    assert report.mode == "dynamic"
+    assert report.kept
+    assert report.reasons == []
+    assert report.top1_agreement >= 0.99
+    assert report.accuracy_drop <= 1.0
     assert report.quantized_bytes == os.path.getsize(dst) < report.parent_bytes / 2
     assert "MatMulInteger" in graph_ops(dst)  # really int8 arithmetic
     assert set(report.parent_latency_ms) == set(report.quantized_latency_ms) == {"1", "32"}
@@ -42,20 +45,26 @@ def test_static_qdq_cnn_is_per_channel_and_calibrated_on_disjoint_rows(digits, d
     _, _, xva, yva = digits
     dst = str(tmp_path / "cnn-int8.onnx")
     report = require_kept(quantize_with_gate(digits_cnn, dst, xva.reshape(-1, 1, 8, 8), labels=yva))
-    assert report.mode == "static" and report.calibration_rows == 128
+    assert report.mode == "static"
+    assert report.calibration_rows == 128
     assert report.heldout_rows == len(xva) - 128
     calib, held = split_reference(len(xva), 128)
-    assert not set(calib) & set(held) and len(calib) + len(held) == len(xva)
+    assert not set(calib) & set(held)
+    assert len(calib) + len(held) == len(xva)
     model = onnx.load(dst)
     ops = [n.op_type for n in model.graph.node]
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert "QuantizeLinear" in ops
+    assert "DequantizeLinear" in ops
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     int8_weights = [a for a in inits.values() if a.dtype == np.int8 and a.ndim == 4]
     assert int8_weights, "conv weights stored as int8"
     # per-channel: a conv weight's DequantizeLinear has one scale per output channel
     scales = [inits[n.input[1]] for n in model.graph.node
               if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].ndim == 4]
-    assert scales and all(s.ndim == 1 and s.size > 1 for s in scales)
+    assert scales
+    for s in scales:
+        assert s.ndim == 1
+        assert s.size > 1
     assert {inits[n.input[2]].dtype for n in model.graph.node
             if n.op_type == "QuantizeLinear" and len(n.input) > 2} == {np.dtype(np.uint8)}  # uint8 activations
 
@@ -64,7 +73,8 @@ def test_fp16_keeps_the_float32_signature(digits, digits_mlp, tmp_path):
     _, _, xva, yva = digits
     dst = str(tmp_path / "mlp-fp16.onnx")
     report = quantize_with_gate(digits_mlp, dst, xva, labels=yva, config=QuantizeConfig(mode="fp16"))
-    assert report.kept and report.max_abs_diff < 0.05
+    assert report.kept
+    assert report.max_abs_diff < 0.05
     model = onnx.load(dst)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
@@ -81,7 +91,8 @@ def test_a_model_that_fails_the_gate_is_not_kept(digits, digits_mlp, tmp_path):
     if report.kept:  # pragma: no cover - would mean int8 matched fp32 exactly
         pytest.fail(f"expected a rejection: {report}")
     assert not dst.exists()
-    assert report.reasons and any("top-1 agreement" in r or "accuracy drop" in r for r in report.reasons)
+    assert report.reasons
+    assert any("top-1 agreement" in r or "accuracy drop" in r for r in report.reasons)
     with pytest.raises(PreconditionFailedError, match="failed its accuracy gate"):
         require_kept(report)
 

@@ -20,6 +20,8 @@ from flywheel.serving.ingress import Ingress
 from flywheel.serving.replica import ModelReplica
 from flywheel.serving.router import Route
 
+from _poll import wait_for
+
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]})
 INFER = "/v2/models/mlp/infer"
 
@@ -66,7 +68,8 @@ def test_health_checks_need_no_key(secured):
 @pytest.mark.parametrize("token", [None, "not-a-key", "fwk_0123456789ab_" + "A" * 43])
 def test_missing_or_invalid_keys_get_401_with_the_scheme(secured, token):
     status, body, resp = call(secured["cfg"], "POST", INFER, token, BODY)
-    assert status == 401 and resp.getheader("WWW-Authenticate") == "Bearer"
+    assert status == 401
+    assert resp.getheader("WWW-Authenticate") == "Bearer"
     assert "API key" in json.loads(body)["error"]
     # unknown routes too: nobody maps the API without a key
     assert call(secured["cfg"], "GET", "/v2/models/nope", token)[0] == 401
@@ -75,10 +78,12 @@ def test_missing_or_invalid_keys_get_401_with_the_scheme(secured, token):
 def test_roles_decide_what_a_valid_key_may_call(secured):
     cfg, t = secured["cfg"], secured["tokens"]
     status, body, _ = call(cfg, "POST", INFER, t["predict"], BODY)
-    assert status == 200 and json.loads(body)["model_name"] == "mlp"
+    assert status == 200
+    assert json.loads(body)["model_name"] == "mlp"
     assert call(cfg, "GET", "/v2/models/mlp", t["predict"])[0] == 200
     status, body, _ = call(cfg, "GET", "/metrics", t["predict"])
-    assert status == 403 and "lacks the 'operate' role" in json.loads(body)["error"]
+    assert status == 403
+    assert "lacks the 'operate' role" in json.loads(body)["error"]
     assert call(cfg, "GET", "/metrics", t["operate"])[0] == 200
     assert call(cfg, "POST", INFER, t["operate"], BODY)[0] == 200  # operate includes predict
 
@@ -107,7 +112,8 @@ def test_grpc_checks_the_authorization_metadata(secured):
             _grpc(cfg, "ModelInfer", _infer_request(), pb.ModelInferResponse, token)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     resp = _grpc(cfg, "ModelInfer", _infer_request(), pb.ModelInferResponse, t["predict"])
-    assert resp.model_name == "mlp" and list(resp.outputs[0].shape) == [1, 10]
+    assert resp.model_name == "mlp"
+    assert list(resp.outputs[0].shape) == [1, 10]
     meta = _grpc(cfg, "ModelMetadata", pb.ModelMetadataRequest(name="mlp"), pb.ModelMetadataResponse, t["operate"])
     assert meta.name == "mlp"
 
@@ -133,10 +139,8 @@ def test_concurrent_requests_per_key_are_limited_with_429(secured):
 def test_a_revoked_key_stops_working_within_the_reload_interval(secured):
     cfg, keys = secured["cfg"], secured["keys"]
     key, token = keys.create("short-lived", ["predict"], actor="tests")
-    deadline = time.monotonic() + 5
-    while call(cfg, "POST", INFER, token, BODY)[0] != 200:  # picked up by the next reload
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # picked up by the next reload
+    wait_for(lambda: call(cfg, "POST", INFER, token, BODY)[0] == 200, 5, "the new key to be accepted", every_s=0.05)
     keys.revoke(key.id, actor="tests")
     revoked_at = time.monotonic()
     while call(cfg, "POST", INFER, token, BODY)[0] != 401:
@@ -152,13 +156,9 @@ def test_refused_calls_are_audited_with_the_key_id_never_the_secret(secured):
     key_id = token.split("_")[1]
     reg = Registry.open(secured["uri"], str(secured["home"] / "artifacts"))
     try:
-        deadline = time.monotonic() + 5
-        while True:
-            denied = [e for e in reg.audit(limit=100_000) if e.action == "auth.denied" and e.actor == key_id]
-            if denied or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert denied and denied[-1].after["reason"] == "role operate required"
+        denied = wait_for(lambda: [e for e in reg.audit(limit=100_000) if e.action == "auth.denied" and e.actor == key_id],
+                          5, f"an auth.denied audit entry for {key_id}", every_s=0.1)
+        assert denied[-1].after["reason"] == "role operate required"
         assert denied[-1].after["route"] == "GET /metrics"
         assert all(token.split("_", 2)[2] not in json.dumps(e.after) for e in reg.audit(limit=100_000))
     finally:
@@ -203,7 +203,8 @@ def test_the_bench_harness_sends_the_key_from_the_environment(secured, monkeypat
                          "mix": {"http_json": 1, "http_binary": 1, "grpc": 1}, "duration_s": 20, "warmup_s": 0,
                          "max_requests": 30})
     monkeypatch.setenv("FLYWHEEL_API_KEY", secured["tokens"]["predict"])
-    assert "***" in repr(load_settings()) and secured["tokens"]["predict"] not in repr(load_settings())
+    assert "***" in repr(load_settings())
+    assert secured["tokens"]["predict"] not in repr(load_settings())
     [step], _ = run_against(sc, build_plan(sc))
     assert (step.ok, step.errors) == (30, 0)
     assert set(step.protocols) == {"http_json", "http_binary", "grpc"}

@@ -44,14 +44,16 @@ def test_healthy_canary_ramps_through_every_step_and_promotes():
         d = c.evaluate(t + 10, base, window())
         assert all(g.passed for g in d.gates), d.gates
         t += 10
-    assert d.action == "promote" and c.status == "promoted"
+    assert d.action == "promote"
+    assert c.status == "promoted"
     assert [w["2"] for w in seen] == [0.01, 0.05, 0.25, 0.5, 1.0]
     assert all(sum(w.values()) == pytest.approx(1.0) for w in seen)
     assert c.weights() == {"2": 1.0}
     assert [h["action"] for h in c.history] == ["start", "advance", "advance", "advance", "advance", "promote"]
     # the 100 % step judged the baseline by the stats of the earlier steps
     p99 = next(g for g in d.gates if g.name == "p99")
-    assert p99.value == pytest.approx(1.0) and "earlier steps" in p99.detail
+    assert p99.value == pytest.approx(1.0)
+    assert "earlier steps" in p99.detail
     assert c.evaluate(100.0, window(), window(errors=100)).action == "hold"  # finished: no change
 
 
@@ -59,8 +61,10 @@ def test_promote_off_completes_at_full_traffic():
     c = Canary(config(steps=(50, 100), promote=False), now=0.0)
     assert c.evaluate(10, window(), window()).action == "advance"
     d = c.evaluate(20, VariantWindow(), window())
-    assert d.action == "hold" and "completed" in d.reason
-    assert c.status == "completed" and c.weights() == {"1": 0.0, "2": 1.0}
+    assert d.action == "hold"
+    assert "completed" in d.reason
+    assert c.status == "completed"
+    assert c.weights() == {"1": 0.0, "2": 1.0}
 
 
 # -- gates ----------------------------------------------------------------------------------------
@@ -69,11 +73,16 @@ def test_promote_off_completes_at_full_traffic():
 def test_error_gate_rolls_back_at_once():
     c = Canary(config(), now=0.0)
     d = c.evaluate(1.0, window(errors=1), window(errors=6))  # +5 points, long before hold_s
-    assert d.action == "rollback" and "error_rate" in d.reason
+    assert d.action == "rollback"
+    assert "error_rate" in d.reason
     gate = next(g for g in d.gates if g.name == "error_rate")
-    assert not gate.passed and gate.value == pytest.approx(0.05) and gate.limit == 0.01
-    assert c.status == "rolled_back" and c.weights() == {"1": 1.0, "2": 0.0}
-    assert c.history[-1]["action"] == "rollback" and c.history[-1]["gates"][0]["name"] == "error_rate"
+    assert not gate.passed
+    assert gate.value == pytest.approx(0.05)
+    assert gate.limit == 0.01
+    assert c.status == "rolled_back"
+    assert c.weights() == {"1": 1.0, "2": 0.0}
+    assert c.history[-1]["action"] == "rollback"
+    assert c.history[-1]["gates"][0]["name"] == "error_rate"
 
 
 def test_p99_gate_rolls_back_a_slow_canary():
@@ -81,16 +90,20 @@ def test_p99_gate_rolls_back_a_slow_canary():
     d = c.evaluate(1.0, window(latency_s=0.010), window(latency_s=0.050))
     assert d.action == "rollback"
     (gate,) = [g for g in d.gates if not g.passed]
-    assert gate.name == "p99" and gate.value == pytest.approx(5.0, rel=0.13) and gate.limit == 2.0
+    assert gate.name == "p99"
+    assert gate.value == pytest.approx(5.0, rel=0.13)
+    assert gate.limit == 2.0
 
 
 def test_p99_gate_compares_with_a_1ms_floor():
     c = Canary(config(), now=0.0)
     d = c.evaluate(1.0, window(latency_s=20e-6), window(latency_s=1.5e-3))  # 75x a 20 us baseline
-    assert d.action == "hold" and all(g.passed for g in d.gates)
+    assert d.action == "hold"
+    assert all(g.passed for g in d.gates)
     d = c.evaluate(2.0, VariantWindow(), window(latency_s=1.5e-3))
     p99 = next(g for g in d.gates if g.name == "p99")
-    assert p99.passed and "no baseline requests" in p99.detail
+    assert p99.passed
+    assert "no baseline requests" in p99.detail
 
 
 def test_reward_gate_needs_min_rewards_then_rolls_back_on_a_drop():
@@ -98,10 +111,15 @@ def test_reward_gate_needs_min_rewards_then_rolls_back_on_a_drop():
     c = Canary(config(gates=gates), now=0.0)
     d = c.evaluate(1.0, window(rewards=[0.8] * 30), window(rewards=[0.6] * 10))
     reward = next(g for g in d.gates if g.name == "reward")
-    assert d.action == "hold" and reward.passed and reward.value is None and "not judged" in reward.detail
+    assert d.action == "hold"
+    assert reward.passed
+    assert reward.value is None
+    assert "not judged" in reward.detail
     d = c.evaluate(2.0, window(rewards=[0.8] * 30), window(rewards=[0.6] * 30))
     reward = next(g for g in d.gates if g.name == "reward")
-    assert d.action == "rollback" and not reward.passed and reward.value == pytest.approx(0.2)
+    assert d.action == "rollback"
+    assert not reward.passed
+    assert reward.value == pytest.approx(0.2)
 
 
 def test_drift_gate():
@@ -109,37 +127,46 @@ def test_drift_gate():
     assert c.evaluate(1.0, window(), window(), drift=None).action == "hold"
     assert c.evaluate(2.0, window(), window(), drift=0.2).action == "hold"
     d = c.evaluate(3.0, window(), window(), drift=0.5)
-    assert d.action == "rollback" and "drift" in d.reason
+    assert d.action == "rollback"
+    assert "drift" in d.reason
 
 
 def test_a_drift_gated_step_does_not_advance_without_a_score():
     c = Canary(config(gates=GateConfig(max_drift=0.3), max_step_s=60.0), now=0.0)
     d = c.evaluate(11.0, window(), window(), drift=None)  # healthy past hold_s, but no drift window yet
-    assert d.action == "hold" and "waiting for a drift window" in d.reason
+    assert d.action == "hold"
+    assert "waiting for a drift window" in d.reason
     assert c.evaluate(12.0, window(), window(), drift=0.1).action == "advance"
     d = c.evaluate(80.0, window(), window(), drift=None)  # the next step never got a score
-    assert d.action == "rollback" and "no drift score" in d.reason
+    assert d.action == "rollback"
+    assert "no drift score" in d.reason
 
 
 def test_too_few_requests_holds_without_judging():
     c = Canary(config(), now=0.0)
     d = c.evaluate(60.0, window(), window(requests=5, errors=5))  # all failed, but only 5 of 20
-    assert d.action == "hold" and d.gates == [] and "5 of 20" in d.reason
-    assert c.status == "running" and c.step == 0
+    assert d.action == "hold"
+    assert d.gates == []
+    assert "5 of 20" in d.reason
+    assert c.status == "running"
+    assert c.step == 0
 
 
 def test_not_enough_traffic_rolls_back_after_max_step_s():
     c = Canary(config(max_step_s=120.0), now=0.0)
     assert c.evaluate(119.0, window(), window(requests=19)).action == "hold"
     d = c.evaluate(120.0, window(), window(requests=19))
-    assert d.action == "rollback" and "not enough traffic" in d.reason and c.status == "rolled_back"
+    assert d.action == "rollback"
+    assert "not enough traffic" in d.reason
+    assert c.status == "rolled_back"
 
 
 def test_abort():
     c = Canary(config(), now=0.0)
     c.evaluate(10.0, window(), window())
     c.abort(12.0, "operator said so")
-    assert c.status == "aborted" and c.weights() == {"1": 1.0, "2": 0.0}
+    assert c.status == "aborted"
+    assert c.weights() == {"1": 1.0, "2": 0.0}
     assert c.history[-1] | {} == {"time": 12.0, "step": 1, "percent": 0.0, "action": "abort",
                                   "reason": "operator said so", "gates": []}
     assert c.evaluate(13.0, window(), window()).action == "hold"
@@ -155,13 +182,16 @@ def test_resume_from_state_mid_ramp():
     state = json.loads(json.dumps(c.state()))
     r = Canary.from_state(CanaryConfig(variant="2", hold_s=10.0), state)  # baseline from the state
     assert (r.step, r.status, r.step_started_at, r.weights()) == (2, "running", 120.0, {"1": 0.75, "2": 0.25})
-    assert r.history == c.history and r.last_gates == c.last_gates and r.state() == c.state()
+    assert r.history == c.history
+    assert r.last_gates == c.last_gates
+    assert r.state() == c.state()
     t = 130.0
     while not r.finished:
         base = window() if r.percent < 100 else VariantWindow()
         r.evaluate(t, base, window())
         t += 10
-    assert r.status == "promoted" and t == 160.0
+    assert r.status == "promoted"
+    assert t == 160.0
     with pytest.raises(InvalidInputError, match="'2', not '3'"):
         Canary.from_state(CanaryConfig(variant="3", baseline="1"), state)
     with pytest.raises(InvalidInputError, match="malformed"):
@@ -210,7 +240,8 @@ def test_canary_needs_a_baseline():
 
 
 def test_bucket_edges_span_10us_to_60s_log_spaced():
-    assert BUCKET_EDGES[0] == pytest.approx(1e-5) and 60 <= BUCKET_EDGES[-1] < 70
+    assert BUCKET_EDGES[0] == pytest.approx(1e-5)
+    assert 60 <= BUCKET_EDGES[-1] < 70
     ratios = np.diff(np.log10(BUCKET_EDGES))
     assert np.allclose(ratios, 1 / 20)
 
@@ -242,14 +273,19 @@ def test_window_merge_and_wire_round_trip():
     b.observe_shadow(False, math.inf)
     wire = json.loads(json.dumps(a.to_wire()))
     merged = VariantWindow.from_wire(wire).merge(b)
-    assert merged.buckets == whole.buckets and merged.requests == 1000 and merged.error_rate == 0.1
-    assert merged.p99() == whole.p99() and merged.mean_reward == 0.5
+    assert merged.buckets == whole.buckets
+    assert merged.requests == 1000
+    assert merged.error_rate == 0.1
+    assert merged.p99() == whole.p99()
+    assert merged.mean_reward == 0.5
     assert (merged.shadow_compared, merged.shadow_agreement, merged.shadow_abs_diff_sum) == (2, 0.5, 0.01)
     assert len(wire["buckets"]) < len(BUCKET_EDGES)  # sparse
     with pytest.raises(InvalidInputError, match="buckets"):
         VariantWindow.from_wire({**wire, "nb": 7})
     merged.reset()
-    assert merged.requests == 0 and merged.p99() is None and merged.mean_reward is None
+    assert merged.requests == 0
+    assert merged.p99() is None
+    assert merged.mean_reward is None
     assert merged.error_rate == 0.0
 
 
@@ -260,4 +296,6 @@ def test_window_rejects_bad_latencies():
             w.observe(bad, ok=True)
     w.observe(0.0, ok=True)
     w.observe(1e6, ok=False)  # past the last edge: the overflow bucket
-    assert w.buckets[0] == 1 and w.buckets[-1] == 1 and w.quantile(1.0) == 1e6
+    assert w.buckets[0] == 1
+    assert w.buckets[-1] == 1
+    assert w.quantile(1.0) == 1e6

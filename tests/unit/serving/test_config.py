@@ -15,8 +15,10 @@ def test_demo_preset_loads_with_typed_values():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     (m,) = cfg.models
     assert (m.name, m.ref, m.backend) == ("digits", "digits@production", "onnxruntime")
-    assert m.batching.max_batch_size == 64 and m.batching.max_queue_delay_us == 200
-    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
+    assert m.batching.max_batch_size == 64
+    assert m.batching.max_queue_delay_us == 200
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.port == 8000
 
 
 def test_relative_model_paths_resolve_against_base_dir(tmp_path):
@@ -56,7 +58,8 @@ def test_invalid_yaml_file_names_the_file(tmp_path):
 
 def test_settings_read_only_from_the_given_environment():
     s = load_settings({"RAY_ADDRESS": "ray://h:1", "FLYWHEEL_HTTP_PORT": "9001"})
-    assert s.ray_address == "ray://h:1" and s.http_port == 9001
+    assert s.ray_address == "ray://h:1"
+    assert s.http_port == 9001
     assert s.ray_auth_mode == "disabled"
     with pytest.raises(ValueError, match="FLYWHEEL_HTTP_PORT"):
         load_settings({"FLYWHEEL_HTTP_PORT": "x"})

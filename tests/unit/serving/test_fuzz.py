@@ -69,7 +69,8 @@ def post(cfg, path, body, headers=None):
 
 def assert_still_serving(cfg):
     status, body = post(cfg, "/v2/models/mlp/infer", VALID)
-    assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 10]
+    assert status == 200
+    assert json.loads(body)["outputs"][0]["shape"] == [1, 10]
 
 
 # -- schemathesis against the OpenAPI document ------------------------------

@@ -10,6 +10,8 @@ import time
 from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_server import start_http_server
 
+from _poll import wait_for_async
+
 REQUEST = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
 
 
@@ -37,7 +39,7 @@ def test_a_busy_connection_gets_its_answer_with_connection_close_then_ends():
         # a long quiet time: a slow machine between the two requests must not
         # turn this connection into a quiet one
         drain = asyncio.ensure_future(server.drain(30.0, quiet_s=20.0))
-        await asyncio.sleep(0.05)
+        await wait_for_async(lambda: server.draining, 5, "the server to start draining")
         writer.write(REQUEST)  # sent while the server drains
         second = await _answer(reader)
         eof = await reader.read()

@@ -62,7 +62,8 @@ def test_infer_matches_onnxruntime_and_names_the_version(server, mlp_onnx):
     status, body = call(server, "POST", "/v2/models/mlp/versions/1/infer", infer_body(x, id="q1"))
     assert status == 200
     resp = json.loads(body)
-    assert resp["model_version"] == "1" and resp["id"] == "q1"
+    assert resp["model_version"] == "1"
+    assert resp["id"] == "q1"
     want = ort.InferenceSession(mlp_onnx).run(None, {"input": x})[0]
     got = np.array(resp["outputs"][0]["data"], np.float32).reshape(resp["outputs"][0]["shape"])
     assert np.abs(got - want).max() <= 1e-5
@@ -71,14 +72,16 @@ def test_infer_matches_onnxruntime_and_names_the_version(server, mlp_onnx):
 def test_unversioned_route_goes_to_the_highest_version(server):
     x = np.zeros((1, 64), np.float32)
     status, body = call(server, "POST", "/v2/models/mlp/infer", infer_body(x))
-    assert status == 200 and json.loads(body)["model_version"] == "2"
+    assert status == 200
+    assert json.loads(body)["model_version"] == "2"
 
 
 def test_metadata_lists_versions_and_tensors(server):
     status, body = call(server, "GET", "/v2/models/mlp")
     meta = json.loads(body)
     assert status == 200
-    assert meta["versions"] == ["1", "2"] and meta["platform"] == "onnx_onnxv1"
+    assert meta["versions"] == ["1", "2"]
+    assert meta["platform"] == "onnx_onnxv1"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
 
 
@@ -86,7 +89,8 @@ def test_server_health_reflects_an_unreachable_model(server):
     assert call(server, "GET", "/v2/health/live") == (200, b"")
     assert call(server, "GET", "/v2/models/mlp/versions/1/ready")[0] == 200
     status, body = call(server, "GET", "/v2/models/ghost/ready")
-    assert status == 503 and "not ready" in json.loads(body)["error"]
+    assert status == 503
+    assert "not ready" in json.loads(body)["error"]
     assert call(server, "GET", "/v2/health/ready")[0] == 503  # ghost has no replica
 
 

@@ -24,7 +24,8 @@ def test_compare_outputs_cases():
     same = compare_outputs({"y": logits}, {"y": logits.copy()})
     assert same == (True, 0.0)
     agree, diff = compare_outputs({"y": logits}, {"y": logits + 0.05})  # same argmax, other scores
-    assert agree and diff == pytest.approx(0.05, rel=1e-5)
+    assert agree
+    assert diff == pytest.approx(0.05, rel=1e-5)
     flipped = logits.copy()
     flipped[1] = [0.1, 0.2, 0.7]
     assert compare_outputs({"y": logits}, {"y": flipped})[0] is False

@@ -122,7 +122,8 @@ def test_missing_required_fields_are_named():
 def test_batch_size_must_divide_evenly_across_workers():
     with pytest.raises(ConfigError) as info:
         parse_spec(_with(batch_size=64, resources={"workers": 3}))
-    assert "batch_size 64" in info.value.message and "resources.workers (3)" in info.value.message
+    assert "batch_size 64" in info.value.message
+    assert "resources.workers (3)" in info.value.message
     assert "e.g. 63" in info.value.message
     assert parse_spec(_with(batch_size=63, resources={"workers": 3})).batch_size == 63
 
@@ -136,7 +137,9 @@ def test_valid_non_default_choices():
         export={"model_name": "digits", "canary_url": "http://127.0.0.1:8000", "canary": {"steps": [10, 100]}},
         fault={"kill_rank": 1, "at_step": 3}, priority=-5,
     ))
-    assert s.dataset.features == ("a", "b") and s.model_name == "digits" and s.fault.enabled
+    assert s.dataset.features == ("a", "b")
+    assert s.model_name == "digits"
+    assert s.fault.enabled
     assert parse_spec(_with(dataset={"kind": "ray"})).dataset == DatasetSpec(kind="ray")
 
 
