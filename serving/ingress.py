@@ -6,6 +6,8 @@ in-process, so a request is parsed, routed, decoded, batched, run and answered
 by one process with no hop in between. Dedicated models live in their own
 deployments: their infer payloads go unchanged to those replicas over the
 internal frame protocol. Metadata is fetched from each model and answered here.
+Both transports are thin adapters of one data plane (serving/_private/dataplane.py)
+over this replica's Router, so an HTTP and a gRPC request are decided alike.
 
 All ingress replicas on a node bind the public ports with SO_REUSEPORT: the
 kernel spreads connections among them, and a rolling update's new replica
@@ -21,6 +23,7 @@ import os
 
 from flywheel.protocol.errors import ConfigError
 from flywheel.serving.auth import Authenticator
+from flywheel.serving._private.dataplane import DataPlane
 from flywheel.serving._private.endpoint_sync import EndpointSync
 from flywheel.serving._private.grpc_front import GrpcOverHttp1, HaproxyFront, grpc_failure, haproxy_binary
 from flywheel.serving._private.grpc_service import GrpcCalls, start_grpc_server
@@ -104,7 +107,7 @@ class Ingress:
             dedicated=frozenset((r.name, r.version) for r in routes if not r.local),
         )
         # what _start brings up, one by one (close() stops what exists)
-        self.router = self._sync = self._auth = self._http = None
+        self.router = self._plane = self._sync = self._auth = self._http = None
         self._grpc = self._front = self._front_http = None
         self._loop = LoopThread("flywheel-ingress")
         self._loop.start()
@@ -125,6 +128,7 @@ class Ingress:
         for ms in self._local.values():
             await ms.start()
         self.router = Router(routes, self._metrics, self._local)
+        self._plane = DataPlane(self.router)  # what both transports call
         # with several replicas, feedback may reach another replica than the
         # one that answered: request ids then also go to the controller
         self.router.ship_ids = server.replicas > 1
@@ -148,7 +152,7 @@ class Ingress:
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
-            HttpRoutes(self.router, monitor, self._auth, self._manage if self._controller else None).handle,
+            HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None).handle,
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True,
         )
@@ -160,7 +164,7 @@ class Ingress:
         binary = self._haproxy
         if binary is None:
             self._grpc = await start_grpc_server(
-                self.router, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
+                self._plane, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
                 auth=self._auth,
             )
             return
@@ -168,7 +172,7 @@ class Ingress:
         # HTTP/1.1 (serving/_private/grpc_front.py). Started from this loop
         # thread, which lives as long as the replica: HAProxy dies with it.
         front = HaproxyFront(binary, server.host, server.grpc_port)
-        handler = GrpcOverHttp1(GrpcCalls(self.router, self._auth), server.max_body_bytes)
+        handler = GrpcOverHttp1(GrpcCalls(self._plane, self._auth), server.max_body_bytes)
         self._front_http = await start_unix_http_server(
             handler.handle, front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
         )

@@ -1,7 +1,10 @@
-"""The model table behind every transport: resolution, readiness, forwarding.
+"""The model table behind every transport: routing, readiness, forwarding.
 
 Pure asyncio and no Ray, so it is testable alone. One Router per ingress
-replica; HTTP routes and the gRPC service both call into it.
+replica, driven by the data plane (serving/_private/dataplane.py), which
+both transports call. A request asks it one question, :meth:`Router.route`,
+whose :class:`Decision` carries everything the rest of the request needs:
+forwarding and the book-keeping after the answer look nothing up again.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +88,38 @@ class _Name:
     endpoint: LiveEndpoint | None = None
 
 
+class Decision:
+    """The answer to one request's routing question (:meth:`Router.route`).
+
+    ``endpoint``: the name's live endpoint (its windows record the answer);
+    ``model``: the variant that answers; ``variants``: every loaded version
+    of the name (where a shadow copy goes, what metadata lists);
+    ``explicit``: the caller named the version (no policy choice, no shadow);
+    ``request_id``: the id the caller gave, then (after
+    :meth:`Router.routed`) the one feedback names, None when there is none.
+
+    One is made per request, by :meth:`Router.route` alone, which sets every
+    field: without an ``__init__``, making one is a C call and five slot
+    stores (half the cost of a Python constructor, on the hot path)."""
+
+    __slots__ = ("endpoint", "explicit", "model", "request_id", "variants")
+
+    endpoint: LiveEndpoint
+    model: ModelEntry
+    variants: dict[str, ModelEntry]
+    explicit: bool
+    request_id: str | None
+
+
+# How a transport reads a request's routing fields:
+# (source, call, request id so far, sticky key header or None, sticky key
+# parameter or "") -> (request id, sticky key). Asked only for endpoints that
+# track requests; the header and parameter are given only when a sticky key
+# can change the choice (a weighted split and no version named), so an
+# untracked request costs no further parsing.
+RoutingFields = Callable[[Any, Call, "str | None", "bytes | None", str], "tuple[str | None, str | None]"]
+
+
 def version_key(v: str):
     """Sort key: numeric versions numerically, before any others."""
     return (0, int(v), "") if v.isdigit() else (1, 0, v)
@@ -132,19 +167,36 @@ class Router:
     def endpoints(self) -> list[LiveEndpoint]:
         return [e.endpoint for e in self._names.values()]
 
-    def resolve(self, name: str, version: str | None, key: str | None = None) -> ModelEntry:
-        """The entry for ``name`` at ``version``; without a version, the
-        variant the endpoint's policy picks (``key``: the sticky key).
-        NotFoundError naming what exists otherwise."""
+    def route(self, name: str, version: str | None, request_id: str | None = None,
+              fields: RoutingFields | None = None, source: Any = None, call: Call | None = None) -> Decision:
+        """The one routing question of a request: ``name`` at ``version``, or
+        without a version the variant the endpoint's policy picks.
+
+        ``fields(source, call, ...)`` reads the request id and sticky key
+        from the transport's request when the endpoint tracks requests (see
+        RoutingFields); without it (metadata calls) no key is used and
+        ``request_id`` stays as given. Raises NotFoundError for an unknown
+        name or version (naming the versions there are), UnavailableError
+        when the policy has no ready variant."""
         entry = self._names.get(name)
         if entry is None:
             raise NotFoundError(f"unknown model {name!r}")
-        if not version:
-            version = entry.endpoint.choose(key)
+        ep = entry.endpoint
+        key = None
+        if ep.tracked and fields is not None:
+            if ep.needs_key and not version:
+                request_id, key = fields(source, call, request_id, ep.sticky_header, ep.sticky_parameter)
+            else:
+                request_id, key = fields(source, call, request_id, None, "")
+        explicit = bool(version)
+        if not explicit:
+            version = ep.choose(key)
         model = entry.versions.get(version)
         if model is None:
             raise NotFoundError(f"model {name!r} has no version {version!r}; it has {self.versions(name)}")
-        return model
+        d = Decision()
+        d.endpoint, d.model, d.variants, d.explicit, d.request_id = ep, model, entry.versions, explicit, request_id
+        return d
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._names[name].versions, key=version_key)
@@ -172,14 +224,6 @@ class Router:
             return None
         return entry.versions.pop(version, None)
 
-    def metadata(self, model: ModelEntry) -> dict | None:
-        """V2 model metadata (with every version of the name), None until known."""
-        if model.metadata is None:
-            return None
-        meta = dict(model.metadata)
-        meta["versions"] = self.versions(model.route.name)
-        return meta
-
     # -- readiness ----------------------------------------------------------
     async def probe(self, model: ModelEntry) -> None:
         """Fetch metadata; afterwards it doubles as the liveness check."""
@@ -201,9 +245,10 @@ class Router:
         return all(m.ready for m in self.models())
 
     # -- forwarding ---------------------------------------------------------
-    async def forward(self, model: ModelEntry, call: Call) -> Reply:
+    async def forward(self, model: ModelEntry, endpoint: LiveEndpoint, call: Call) -> Reply:
         """Send ``call`` to the model's replicas; never raises: a lost or
-        unreachable replica becomes an UNAVAILABLE reply. Records metrics.
+        unreachable replica becomes an UNAVAILABLE reply. Records metrics
+        (the model's, and the variant's window in ``endpoint``, its name's).
 
         A call whose connection failed is sent once more: inference is
         idempotent, and a new connection on the shared port reaches a replica
@@ -223,10 +268,8 @@ class Router:
             model.inflight -= 1
         elapsed = time.perf_counter() - started
         model.stats.observe("ok" if reply.code == 0 else _OUTCOME.get(reply.code, "internal"), elapsed, reply.stats)
-        entry = self._names.get(model.route.name)
-        if entry is not None:
-            # caller errors (bad input) say nothing of the variant's health
-            entry.endpoint.window(model.route.version).observe(elapsed, reply.code in _HEALTHY)
+        # caller errors (bad input) say nothing of the variant's health
+        endpoint.window(model.route.version).observe(elapsed, reply.code in _HEALTHY)
         return reply
 
     async def _call_once(self, model: ModelEntry, call: Call) -> Reply:
@@ -242,19 +285,21 @@ class Router:
             return Reply(int(exc.code), exc.message.encode())
 
     # -- after an answer: feedback ids and shadow traffic -------------------
-    def routed(self, ep: LiveEndpoint, model: ModelEntry, call: Call, reply: Reply,
-               request_id: str | None, explicit: bool) -> str | None:
-        """Book-keeping for a successful answer of endpoint ``ep``: keep the
+    def routed(self, d: Decision, call: Call, reply: Reply) -> str | None:
+        """Book-keeping for a successful answer decided by ``d``: keep the
         request id for feedback (one is made when the caller gave none) and
-        maybe mirror the request to the shadow variant. Returns the id."""
+        maybe mirror the request to the shadow variant. Returns the id the
+        answer names (None: none)."""
+        ep, model, request_id = d.endpoint, d.model, d.request_id
         if not ep.tracked:
             return request_id if usable_request_id(request_id) else None
         if not usable_request_id(request_id):
             request_id = new_request_id()
         ep.remember(request_id, model.route.version, self.ship_ids)
         shadow = ep.shadow
-        if shadow is not None and not explicit and shadow[0] != model.route.version and self._rng.random() < shadow[1]:
-            target = self._names[ep.name].versions.get(shadow[0])
+        if (shadow is not None and not d.explicit and shadow[0] != model.route.version
+                and self._rng.random() < shadow[1]):
+            target = d.variants.get(shadow[0])
             if target is not None and self._shadows < MAX_SHADOWS:
                 self._shadows += 1
                 task = asyncio.get_running_loop().create_task(self._shadow(ep, target, call, reply))
@@ -271,7 +316,7 @@ class Router:
         the caller already has its answer (this task runs after it)."""
         try:
             await asyncio.sleep(0)  # let the caller's answer be written first
-            reply = await self.forward(target, call)
+            reply = await self.forward(target, ep, call)
             if reply.code:
                 return  # counted as the shadow variant's error by forward
             agree, diff = compare_outputs(reply_outputs(call.op, primary), reply_outputs(call.op, reply))

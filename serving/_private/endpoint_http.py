@@ -1,4 +1,4 @@
-"""HTTP faces of the router: management routes, feedback, routing fields.
+"""HTTP faces of endpoint routing: management (the router controller's) and feedback.
 
 Management (role ``operate`` when auth is on), answered by the router
 controller through any ingress replica:
@@ -143,40 +143,3 @@ async def _feedback_elsewhere(manage: Manage, name: str, body: dict) -> Response
         return resp
     await asyncio.sleep(SYNC_INTERVAL_S * 2)
     return await _call(manage, "feedback", name, body, 200)
-
-
-def response_headers(version: str, request_id: str | None) -> bytes:
-    head = b"flywheel-model-version: " + version.encode() + b"\r\n"
-    if request_id:
-        head += b"flywheel-request-id: " + request_id.encode("latin-1", "replace") + b"\r\n"
-    return head
-
-
-class _Routing(msgspec.Struct):
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-
-
-_ROUTING = msgspec.json.Decoder(_Routing)
-
-
-# Larger JSON bodies are not parsed a second time for their id / sticky
-# parameter (a 3 MB body costs ~2 ms to parse): send them as the
-# flywheel-request-id / sticky key headers, or use the binary extension,
-# whose JSON header is small.
-MAX_PEEK_BYTES = 64 * 1024
-
-
-def routing_fields(body: bytes, header_length: int, parameter: str) -> tuple[str | None, str | None]:
-    """(request id, sticky key) from a V2 JSON request (its JSON header when
-    binary). A malformed or large body yields neither: the model server
-    will reject a malformed one with the precise error."""
-    head = body[:header_length] if header_length else body
-    if len(head) > MAX_PEEK_BYTES:
-        return None, None
-    try:
-        fields = _ROUTING.decode(head)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None, None
-    key = (fields.parameters or {}).get(parameter) if parameter else None
-    return fields.id or None, None if key is None else str(key)

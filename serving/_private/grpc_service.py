@@ -1,13 +1,17 @@
-"""The V2 gRPC service (``inference.GRPCInferenceService``) over the Router.
+"""The V2 gRPC service (``inference.GRPCInferenceService``): the gRPC adapter
+of the data plane.
 
 :class:`GrpcCalls` is the service itself, on bytes: a method's serialized
 request and the caller's metadata in, the serialized response and trailing
-metadata out, a FlywheelError for any other status. Two transports carry it:
-the HTTP/2 front (``grpc_front.py``: HAProxy terminates HTTP/2 and hands each
-call to this process as HTTP/1.1, the fast path) and grpc.aio
-(:func:`start_grpc_server`, where no HAProxy binary is found). ModelInfer's
-request bytes go to the model as they came and its serialized response comes
-back as it is; only the routing fields are read here (grpc_codec.peek_fields).
+metadata out, a FlywheelError for any other status (mapped in
+``grpc_errors``). Each method decodes, calls the data plane
+(``dataplane.py``, which decides as it does for HTTP) and encodes. Two
+transports carry it: the HTTP/2 front (``grpc_front.py``: HAProxy terminates
+HTTP/2 and hands each call to this process as HTTP/1.1, the fast path) and
+grpc.aio (:func:`start_grpc_server`, where no HAProxy binary is found).
+ModelInfer's request bytes go to the model as they came and its serialized
+response comes back as it is; only the routing fields are read here
+(grpc_codec.peek_fields).
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from flywheel.protocol.errors import FlywheelError, InvalidInputError, UnavailableError, error_from_code
+from flywheel.protocol.errors import FlywheelError, InvalidInputError
 from flywheel.serving.auth import Authenticator
-from flywheel.serving._private.endpoint_http import MAX_PEEK_BYTES
+from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.protocol.grpc_codec import peek_fields
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.protocol.proto import inference_pb2 as pb
-from flywheel.serving._private.wire import OP_INFER_GRPC, Call
-from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Router
+from flywheel.serving._private.wire import OP_INFER_GRPC, Call, Reply
+from flywheel.serving.router import Decision
 
 SERVICE = "inference.GRPCInferenceService"
 VERSION_KEY = "flywheel-model-version"  # trailing metadata: the variant that answered
@@ -58,11 +62,15 @@ def _parse(message_type, request: bytes):
 
 
 class GrpcCalls:
-    """The V2 gRPC methods over the Router, for any transport."""
+    """The V2 gRPC methods over the data plane, for any transport."""
 
-    def __init__(self, router: Router, auth: Authenticator | None = None) -> None:
-        self._router = router
+    def __init__(self, plane: DataPlane, auth: Authenticator | None = None) -> None:
+        self._plane = plane
         self._auth = auth
+        meta = plane.server_metadata()  # fixed: serialized once
+        self._server_meta = pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        ).SerializeToString()
         self.methods: dict[str, Method] = {
             "ServerLive": self.server_live,
             "ServerReady": self.server_ready,
@@ -89,53 +97,62 @@ class GrpcCalls:
             auth.release(key_id)
 
     async def server_live(self, request: bytes, metadata: Metadata, timeout_s):
-        return pb.ServerLiveResponse(live=True).SerializeToString(), ()
+        return pb.ServerLiveResponse(live=self._plane.server_live()).SerializeToString(), ()
 
     async def server_ready(self, request: bytes, metadata: Metadata, timeout_s):
-        return pb.ServerReadyResponse(ready=self._router.all_ready()).SerializeToString(), ()
+        return pb.ServerReadyResponse(ready=self._plane.server_ready()).SerializeToString(), ()
 
     async def model_ready(self, request: bytes, metadata: Metadata, timeout_s):
         req = _parse(pb.ModelReadyRequest, request)
-        model = self._router.resolve(req.name, req.version)
-        return pb.ModelReadyResponse(ready=model.ready).SerializeToString(), ()
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(req.name, req.version)).SerializeToString(), ()
 
     async def server_metadata(self, request: bytes, metadata: Metadata, timeout_s):
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
-        ).SerializeToString(), ()
+        return self._server_meta, ()
 
     async def model_metadata(self, request: bytes, metadata: Metadata, timeout_s):
         req = _parse(pb.ModelMetadataRequest, request)
-        model = self._router.resolve(req.name, req.version)
-        meta = self._router.metadata(model)
-        if meta is None:
-            raise UnavailableError(f"model {req.name!r} is not ready")
+        meta = self._plane.model_metadata(req.name, req.version)
         tensor = lambda t: pb.ModelMetadataResponse.TensorMetadata(**t)  # noqa: E731
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[tensor(t) for t in meta["inputs"]], outputs=[tensor(t) for t in meta["outputs"]],
         ).SerializeToString(), ()
 
-    async def model_infer(self, request: bytes, metadata: Metadata, timeout_s: float | None):
+    def model_infer(self, request: bytes, metadata: Metadata, timeout_s: float | None):
+        # a plain function returning the data plane's coroutine (one frame
+        # less per call); a malformed message raises from it at once
         name, version, rid = peek_fields(request)
-        ep = self._router.endpoint(name)
-        key = None
-        if ep.tracked:
-            rid = rid or metadata(REQUEST_ID_KEY) or None
-            if ep.needs_key and not version:
-                key = metadata(ep.sticky_header.decode())
-                if key is None and ep.sticky_parameter and len(request) <= MAX_PEEK_BYTES:
-                    key = _parameter(request, ep.sticky_parameter)
-        model = self._router.resolve(name, version, key)
         timeout_ms = max(1, int(timeout_s * 1000)) if timeout_s is not None else 0
         call = Call(OP_INFER_GRPC, request, 0, min(timeout_ms, 0xFFFFFFFF))
-        reply = await self._router.forward(model, call)
-        if reply.code:
-            raise error_from_code(reply.code, reply.payload.decode("utf-8", "replace"))
-        rid = self._router.routed(ep, model, call, reply, rid or None, bool(version))
+        return self._plane.infer(name, version, rid or None, call, metadata, _GrpcInfer)
+
+
+class _GrpcInfer:
+    """The data plane's InferCodec for gRPC (``source``: the Metadata reader)."""
+
+    @staticmethod
+    def routing_fields(metadata: Metadata, call: Call, request_id: str | None, key_header: bytes | None,
+                       key_parameter: str) -> tuple[str | None, str | None]:
+        # the message's own id first, then metadata; the sticky key from
+        # metadata, else from a parameter (parsing the message, when small)
+        rid = request_id or metadata(REQUEST_ID_KEY) or None
+        key = None
+        if key_header is not None:
+            key = metadata(key_header.decode())
+            if key is None and key_parameter and len(call.payload) <= MAX_PEEK_BYTES:
+                key = _parameter(call.payload, key_parameter)
+        return rid, key
+
+    @staticmethod
+    def answer(metadata: Metadata, d: Decision, reply: Reply) -> tuple[bytes, Trailing]:
+        rid = d.request_id
         if rid:
-            return reply.payload, ((VERSION_KEY, model.route.version), (REQUEST_ID_KEY, rid))
-        return reply.payload, ((VERSION_KEY, model.route.version),)
+            return reply.payload, ((VERSION_KEY, d.model.route.version), (REQUEST_ID_KEY, rid))
+        return reply.payload, ((VERSION_KEY, d.model.route.version),)
+
+    @staticmethod
+    def failed(exc: FlywheelError):
+        raise exc  # the transport maps it to a gRPC status (grpc_errors)
 
 
 def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
@@ -158,7 +175,7 @@ def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
 
 
 async def start_grpc_server(
-    router: Router, host: str, port: int, *, max_message_bytes: int, auth: Authenticator | None = None
+    plane: DataPlane, host: str, port: int, *, max_message_bytes: int, auth: Authenticator | None = None
 ) -> grpc.aio.Server:
     """Start grpc.aio on the running loop at host:port."""
     server = grpc.aio.server(
@@ -170,7 +187,7 @@ async def start_grpc_server(
             ("grpc.max_send_message_length", -1),
         ]
     )
-    server.add_generic_rpc_handlers((_grpcio_handler(GrpcCalls(router, auth)),))
+    server.add_generic_rpc_handlers((_grpcio_handler(GrpcCalls(plane, auth)),))
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot bind gRPC on {host}:{port}")
     await server.start()

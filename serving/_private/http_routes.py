@@ -1,21 +1,30 @@
-"""V2 HTTP routes (PROTOCOL.md) on top of the Router."""
+"""V2 HTTP routes (PROTOCOL.md): the HTTP adapter of the data plane.
+
+Inference and metadata are decided in ``dataplane.py``, as for gRPC; here
+a request is authenticated, its path and headers decoded, the data plane
+called, and its answer (or FlywheelError, through ``http_errors``) encoded.
+What only HTTP serves is here too: Prometheus metrics, drift history,
+feedback and endpoint management (the last two in ``endpoint_http.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import msgspec
 
 from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import FlywheelError
 from flywheel.serving.auth import Authenticator
-from flywheel.serving._private.endpoint_http import (
-    Manage, endpoint_route, feedback, response_headers, routing_fields,
-)
+from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
+from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
 from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
-from flywheel.serving._private.live_endpoint import LiveEndpoint, render_endpoint_metrics
+from flywheel.serving._private.live_endpoint import render_endpoint_metrics
 from flywheel.serving._private.openapi import openapi_document
-from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel
-from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ModelEntry, Router
+from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel, Reply
+from flywheel.serving.router import Decision, ModelEntry
 
 _EMPTY: Response = (200, b"", JSON)
 _METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -42,18 +51,17 @@ class HttpRoutes:
     """``handle`` maps a parsed request to a Response (or an awaitable one)."""
 
     def __init__(
-        self, router: Router, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None,
+        self, plane: DataPlane, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None,
         manage: Manage | None = None,
     ) -> None:
         """``manage(op, name, body)``: the router controller's management
         call (None: no controller; the /v2/endpoints routes answer 404)."""
-        self._router = router
+        self._plane = plane
+        self._router = plane.router
         self._monitor = monitor
         self._auth = auth
         self._manage = manage
-        self._server_meta = encode_json(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
-        )
+        self._server_meta = encode_json(plane.server_metadata())  # fixed: encoded once
         self._openapi = encode_json(openapi_document())
 
     def handle(self, req: Request):
@@ -88,10 +96,12 @@ class HttpRoutes:
     def _route(self, req: Request):
         path = req.path
         if path == "/v2/health/live":
-            return self._only("GET", req) or _EMPTY
+            return self._only("GET", req) or (
+                _EMPTY if self._plane.server_live() else error_response(503, "the server is not live")
+            )
         if path == "/v2/health/ready":
             return self._only("GET", req) or (
-                _EMPTY if self._router.all_ready() else error_response(503, "not every model is ready")
+                _EMPTY if self._plane.server_ready() else error_response(503, "not every model is ready")
             )
         if path == "/v2" or path == "/v2/":
             return self._only("GET", req) or (200, self._server_meta, JSON)
@@ -130,20 +140,18 @@ class HttpRoutes:
                 return feedback(self._router, self._manage, name, req.body)
             return self._infer(name, version, req)
         try:
-            model = self._router.resolve(name, version)
+            if req.method != "GET":
+                self._plane.model(name, version)  # an unknown model is a 404 whatever the method
+                return self._only("GET", req)
+            if action == "ready":
+                if self._plane.model_ready(name, version):
+                    return _EMPTY
+                return error_response(503, f"model {name!r} is not ready")
+            if action == "drift":
+                return self._drift(self._plane.model(name, version))
+            return 200, encode_json(self._plane.model_metadata(name, version)), JSON
         except FlywheelError as exc:
             return error_for_code(exc.code, exc.message)
-        bad = self._only("GET", req)
-        if bad:
-            return bad
-        if action == "ready":
-            return _EMPTY if model.ready else error_response(503, f"model {name!r} is not ready")
-        if action == "drift":
-            return self._drift(model)
-        meta = self._router.metadata(model)
-        if meta is None:
-            return error_response(503, f"model {name!r} is not ready")
-        return 200, encode_json(meta), JSON
 
     def _infer(self, name: str, version: str | None, req: Request):
         raw = req.headers.get(_HEADER_LENGTH)
@@ -157,22 +165,7 @@ class HttpRoutes:
                     400,
                     f"Inference-Header-Content-Length {header_length} exceeds the body's {len(req.body)} bytes",
                 )
-        try:
-            ep = self._router.endpoint(name)
-            rid = key = None
-            if ep.tracked:
-                rid = _request_id(req)
-                key = _header(req, ep.sticky_header) if ep.needs_key and not version else None
-                want_key = key is None and ep.needs_key and not version and ep.sticky_parameter
-                if rid is None or want_key:
-                    body_id, body_key = routing_fields(
-                        req.body, header_length, ep.sticky_parameter if want_key else ""
-                    )
-                    rid, key = rid or body_id, key or body_key
-            model = self._router.resolve(name, version, key)
-        except FlywheelError as exc:
-            return error_for_code(exc.code, exc.message)
-        return self._forward(ep, model, Call(OP_INFER, req.body, header_length), rid, bool(version))
+        return self._plane.infer(name, version, None, Call(OP_INFER, req.body, header_length), req, _HttpInfer)
 
     def _metrics(self):
         own = self._router.metrics.render() + render_endpoint_metrics(self._router.endpoints())
@@ -205,17 +198,6 @@ class HttpRoutes:
             return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
         return 200, reply.payload, JSON
 
-    async def _forward(
-        self, ep: LiveEndpoint, model: ModelEntry, call: Call, rid: str | None, explicit: bool
-    ) -> Response:
-        reply = await self._router.forward(model, call)
-        if reply.code:
-            return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
-        rid = self._router.routed(ep, model, call, reply, rid, explicit)
-        extra = response_headers(model.route.version, rid)
-        if reply.aux:  # binary outputs follow a JSON header of this length
-            return 200, reply.payload, _BINARY, extra + b"inference-header-content-length: %d\r\n" % reply.aux
-        return 200, reply.payload, JSON, extra
 
 
 _REQUEST_ID = b"flywheel-request-id"
@@ -226,5 +208,61 @@ def _header(req: Request, name: bytes) -> str | None:
     return value.decode("latin-1") if value else None
 
 
-def _request_id(req: Request) -> str | None:
-    return _header(req, _REQUEST_ID)
+class _HttpInfer:
+    """The data plane's InferCodec for V2 HTTP (``source``: the Request)."""
+
+    @staticmethod
+    def routing_fields(req: Request, call: Call, request_id: str | None, key_header: bytes | None,
+                       key_parameter: str) -> tuple[str | None, str | None]:
+        # headers first; the body (its JSON header when binary) is parsed
+        # only for what they did not give
+        rid = _header(req, _REQUEST_ID)
+        key = _header(req, key_header) if key_header is not None else None
+        want = key_parameter if key is None else ""
+        if rid is None or want:
+            body_id, body_key = routing_fields(call.payload, call.aux, want)
+            rid, key = rid or body_id, key or body_key
+        return rid, key
+
+    @staticmethod
+    def answer(req: Request, d: Decision, reply: Reply) -> Response:
+        extra = response_headers(d.model.route.version, d.request_id)
+        if reply.aux:  # binary outputs follow a JSON header of this length
+            return 200, reply.payload, _BINARY, extra + b"inference-header-content-length: %d\r\n" % reply.aux
+        return 200, reply.payload, JSON, extra
+
+    @staticmethod
+    def failed(exc: FlywheelError) -> Response:
+        return error_for_code(exc.code, exc.message)
+
+
+def response_headers(version: str, request_id: str | None) -> bytes:
+    """The headers naming who answered: the variant, and the request id
+    that feedback names (when there is one)."""
+    head = b"flywheel-model-version: " + version.encode() + b"\r\n"
+    if request_id:
+        head += b"flywheel-request-id: " + request_id.encode("latin-1", "replace") + b"\r\n"
+    return head
+
+
+class _Routing(msgspec.Struct):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+_ROUTING = msgspec.json.Decoder(_Routing)
+
+
+def routing_fields(body: bytes, header_length: int, parameter: str) -> tuple[str | None, str | None]:
+    """(request id, sticky key) from a V2 JSON request (its JSON header when
+    binary). A malformed or large body yields neither: the model server
+    will reject a malformed one with the precise error."""
+    head = body[:header_length] if header_length else body
+    if len(head) > MAX_PEEK_BYTES:
+        return None, None
+    try:
+        fields = _ROUTING.decode(head)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None, None
+    key = (fields.parameters or {}).get(parameter) if parameter else None
+    return fields.id or None, None if key is None else str(key)
