@@ -5,6 +5,7 @@ that starts Ray must carry the ``integration`` marker, so that
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -22,14 +23,39 @@ def _ray_in_this_process() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+def _descendant_pids(pid: int) -> list[int]:
+    """``pid``'s children, recursively: from /proc/<pid>/task/*/children where
+    the kernel has it (microseconds; this runs twice per test), else from
+    psutil (a scan of every process on the machine, milliseconds)."""
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:  # it ended while we looked
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
 def _ray_daemons_among_children() -> dict[int, str]:
     found = {}
-    for child in psutil.Process().children(recursive=True):
+    for pid in _descendant_pids(os.getpid()):
         try:
-            if child.name() in _RAY_DAEMONS:
-                found[child.pid] = child.name()
+            name = psutil.Process(pid).name()
         except psutil.Error:  # it ended while we looked
             continue
+        if name in _RAY_DAEMONS:
+            found[pid] = name
     return found
 
 
