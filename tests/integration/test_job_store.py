@@ -169,7 +169,7 @@ def test_cancel_queued_running_and_terminal(store, clock):
     for job_id in (queued.id, running.id):
         with pytest.raises(PreconditionFailedError, match="already cancelled"):
             store.request_cancel(job_id)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="no training job 'missing'"):
         store.request_cancel("missing")
 
 

@@ -69,7 +69,7 @@ def test_damaged_artifact_is_refused(reg, damage):
             f.truncate(500)
     with pytest.raises(IntegrityError, match="integrity check"):
         reg.read_artifact("fraud/1", "model.onnx")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="integrity check"):
         reg.artifact_path("fraud/1", "model.onnx")
 
 
@@ -99,7 +99,7 @@ def test_lineage_queries(reg):
     assert [a.ref for a in reg.lineage("fraud-mobile/1").ancestors] == ["fraud-int8/1", "fraud/1"]
     assert [v.ref for v in reg.trained_from(data)] == ["fraud/1"]
     assert [v.ref for v in reg.derivatives("fraud", 1)] == ["fraud-int8/1", "fraud-mobile/1"]
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="'nope"):
         _v(reg, name="x", lineage=Lineage(parent="nope/1"))
 
 
@@ -161,7 +161,7 @@ def test_gates_refuse_with_numbers_then_pass(reg):
     _v(reg, data=b"3", metrics={"accuracy": 0.947, "p99_ms": 12})
     reg.promote("fraud", 3, "staging", actor="alice")
     reg.approve("fraud", 3, actor="bob")
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExistsError, match="bob already approved fraud/3"):
         reg.approve("fraud", 3, actor="bob")
     assert reg.check_gates("fraud", 3) == ["approvals: 1 distinct approval(s) ['bob'], need 2"]
     reg.approve("fraud", 3, actor="carol", comment="looks good")

@@ -90,7 +90,7 @@ def test_raw_count_must_match_inputs():
 
 
 def test_garbage_bytes_are_invalid():
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="malformed ModelInferRequest"):
         decode_grpc_request(b"\xff\xff\xff", max_elements=10)
 
 
@@ -100,7 +100,7 @@ def test_peek_route_reads_only_the_routing_fields():
     req.raw_input_contents.append(b"\0" * 100_000)
     assert peek_route(req.SerializeToString()) == ("m", "3")
     assert peek_route(b"") == ("", "")
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="malformed ModelInferRequest: field runs past the end"):
         peek_route(b"\x0a\x05ab")  # model_name claims 5 bytes, has 2
 
 

@@ -44,7 +44,7 @@ def test_revoked_keys_drop_out_of_the_active_set_and_the_list(store):
     assert [k.id for k in store.list()] == [b.id]
     revoked = {k.id: k for k in store.list(include_revoked=True)}[a.id]
     assert revoked.revoked_at is not None
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="no API key '000000000000'"):
         store.revoke("000000000000", actor="ops")
 
 

@@ -29,7 +29,7 @@ def test_a_snapshot_that_cannot_be_applied_leaves_routing_as_it_was():
 def test_no_ready_variant_is_unavailable_not_unknown():
     ep = LiveEndpoint("m")
     ep.configure({"routable": ["3"], "weights": {"3": 1.0}, "sticky": STICKY}, {"1"})  # 3 not loaded here
-    with pytest.raises(UnavailableError):
+    with pytest.raises(UnavailableError, match="endpoint 'm' has no ready variant"):
         ep.choose(None)
 
 
@@ -38,7 +38,7 @@ def test_feedback_validates_before_it_uses_the_id_up():
     ep.configure({"routable": ["1", "2"], "weights": None, "policy": {"kind": "thompson"},
                   "policy_state": None, "sticky": STICKY}, {"1", "2"})
     ep.remember("r1", "2", ship=True)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=r"reward 3.0 for variant '2': .* expects rewards in \[0, 1\]"):
         ep.take_feedback("r1", 3.0)
     assert ep.take_feedback("r1", 1.0) == "2"
     assert ep.take_feedback("r1", 1.0) is None
