@@ -199,7 +199,6 @@ class HttpRoutes:
         return 200, reply.payload, JSON
 
 
-
 _REQUEST_ID = b"flywheel-request-id"
 
 
@@ -214,8 +213,9 @@ class _HttpInfer:
     @staticmethod
     def routing_fields(req: Request, call: Call, request_id: str | None, key_header: bytes | None,
                        key_parameter: str) -> tuple[str | None, str | None]:
-        # headers first; the body (its JSON header when binary) is parsed
-        # only for what they did not give
+        # headers first (``request_id`` is None: HTTP reads none before
+        # routing); the body (its JSON header when binary) is parsed only
+        # for what they did not give
         rid = _header(req, _REQUEST_ID)
         key = _header(req, key_header) if key_header is not None else None
         want = key_parameter if key is None else ""
