@@ -32,7 +32,7 @@ import msgspec
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from flywheel.kernels import DriftDetector, DriftResult, WindowBuffer
+from flywheel.kernels import DriftDetector, DriftResult, WindowBuffer, get_test
 from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError, NotFoundError
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import (
@@ -104,9 +104,12 @@ def drift_score(history: list[dict], since: float) -> float | None:
 def fit_detector(model: ModelConfig, test: str, reference: np.ndarray) -> DriftDetector:
     """``test``'s detector fitted on ``reference``; a reference the test
     cannot read (e.g. values that are not integer codes for chi2 or psi) is a
-    ConfigError naming the model, version and test."""
+    ConfigError naming the model, version and test. The monitor scores on
+    the CPU (a GPU node's GPU belongs to its models): Numba kernels where the
+    test has them, else its NumPy reference."""
+    backend = "numba" if "numba" in get_test(test).backends else "numpy"
     try:
-        return DriftDetector(test, backend="numba", alpha=model.drift.alpha, threads=1).fit(reference)
+        return DriftDetector(test, backend=backend, alpha=model.drift.alpha, threads=1).fit(reference)
     except InvalidInputError as exc:
         raise ConfigError(
             f"model {model.name!r} version {model.version!r}: drift test {test!r} cannot use the reference "

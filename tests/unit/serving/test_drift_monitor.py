@@ -15,7 +15,7 @@ from flywheel.protocol.errors import ConfigError, ErrorCode
 from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_DRIFT_INGEST, OP_METRICS, Call, ReplicaChannel
 from flywheel.serving.config import DriftConfig, ModelConfig
-from flywheel.serving.drift_monitor import DriftMonitor, encode_samples
+from flywheel.serving.drift_monitor import DriftMonitor, encode_samples, fit_detector
 
 
 def free_port() -> int:
@@ -129,7 +129,7 @@ def test_drift_config_accepts_every_registered_test_and_names_them_on_a_typo():
         DriftConfig(tests=("kss",))
 
 
-def test_drift_config_accepts_a_test_registered_at_run_time():
+def test_a_test_registered_at_run_time_is_accepted_and_scored_by_the_monitor():
     from flywheel.kernels import register_test, unregister_test
     from flywheel.kernels.drift import ContinuousTest
 
@@ -145,7 +145,13 @@ def test_drift_config_accepts_a_test_registered_at_run_time():
 
     register_test(Toy)
     try:
-        assert DriftConfig(tests=("toy_serving",)).tests == ("toy_serving",)
+        cfg = DriftConfig(enabled=True, tests=("toy_serving",))
+        assert cfg.tests == ("toy_serving",)
+        # a NumPy-only test runs on its NumPy kernel in the monitor
+        model = ModelConfig(name="t", path="x.onnx", version="1", drift=cfg)
+        det = fit_detector(model, "toy_serving", np.zeros((50, 3)))
+        assert det.backend == "numpy"
+        assert list(det.score(np.ones((20, 3))).p_value) == [1.0, 1.0, 1.0]
     finally:
         unregister_test("toy_serving")
 
