@@ -48,39 +48,91 @@ def _is_private(part: str) -> bool:
     return part.startswith("_") and not part.startswith("__")
 
 
-def _imports(tree: ast.AST) -> Iterator[tuple[int, str, list[str]]]:
-    """(line, module, names imported from it) for every absolute import."""
+def _package(rel: str) -> list[str]:
+    """The package a module at ``rel`` belongs to, as import path parts."""
+    parts = rel[:-3].split("/")
+    return ["flywheel", *parts[:-1]] if parts[-1] != "__init__" else ["flywheel", *parts[:-1]]
+
+
+def _imports(tree: ast.AST, rel: str) -> Iterator[tuple[int, str, list[str]]]:
+    """(line, module, names imported from it) for every import: relative
+    ones resolved against the module's package, ``from flywheel import x``
+    as an import of ``flywheel.x``, and ``importlib.import_module("...")``
+    with a literal name."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name, []
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.lineno, node.module, [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = _package(rel)[: len(_package(rel)) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            names = [a.name for a in node.names]
+            if module == "flywheel":
+                for name in names:
+                    yield node.lineno, f"flywheel.{name}", []
+            elif module:
+                yield node.lineno, module, names
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id == "import_module"))):
+            yield node.lineno, node.args[0].value, []
 
 
-def _is_os_environ(node: ast.AST) -> bool:
+def _environ_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """Names bound to the os module (``import os as o``) and to os.environ
+    (``env = os.environ``, ``from os import environ``)."""
+    mods, envs = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.asname or a.name for a in node.names if a.name == "os"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            envs |= {a.asname or a.name for a in node.names if a.name == "environ"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and _is_environ(node.value, mods, envs):
+            envs |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return mods, envs
+
+
+def _is_environ(node: ast.AST, mods: set[str], envs: set[str]) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id in envs
     return (isinstance(node, ast.Attribute) and node.attr == "environ"
-            and isinstance(node.value, ast.Name) and node.value.id == "os")
+            and isinstance(node.value, ast.Name) and node.value.id in mods)
+
+
+# what reads the environment; writing it for processes we start (assignment,
+# update, pop, clear, copy-and-restore) is not a read of a setting
+_READS = {"get", "setdefault", "items", "keys", "values", "__getitem__", "__contains__"}
 
 
 def _env_reads(tree: ast.AST) -> Iterator[int]:
-    """Lines that read an environment variable: os.getenv, os.environ.get /
-    setdefault, os.environ[...] read, ``in os.environ``, ``from os import
-    environ / getenv``. Writing the environment of processes we start
-    (assignment, update, pop, copy-and-restore) is not a read of a setting."""
+    """Lines that read an environment variable: os.getenv, os.environ's
+    get / setdefault / items / keys / values, a subscript read, ``in``,
+    iteration, ``dict(os.environ)``, ``from os import getenv``, through any
+    name bound to os or os.environ."""
+    mods, envs = _environ_names(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             f = node.func
-            if f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id == "os":
+            if f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id in mods:
                 yield node.lineno
-            elif f.attr in ("get", "setdefault") and _is_os_environ(f.value):
+            elif f.attr in _READS and _is_environ(f.value, mods, envs):
                 yield node.lineno
-        elif isinstance(node, ast.Subscript) and _is_os_environ(node.value) and isinstance(node.ctx, ast.Load):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("dict", "list"):
+            if any(_is_environ(a, mods, envs) for a in node.args):
+                yield node.lineno
+        elif isinstance(node, ast.Subscript) and _is_environ(node.value, mods, envs):
+            if isinstance(node.ctx, ast.Load):
+                yield node.lineno
+        elif isinstance(node, ast.Compare) and any(_is_environ(c, mods, envs) for c in node.comparators):
             yield node.lineno
-        elif isinstance(node, ast.Compare) and any(_is_os_environ(c) for c in node.comparators):
-            yield node.lineno
+        elif isinstance(node, (ast.For, ast.comprehension)) and _is_environ(node.iter, mods, envs):
+            yield getattr(node, "lineno", getattr(node.iter, "lineno", 0))
         elif isinstance(node, ast.ImportFrom) and node.module == "os":
-            if any(a.name in ("environ", "getenv") for a in node.names):
+            if any(a.name == "getenv" for a in node.names):
                 yield node.lineno
 
 
@@ -89,7 +141,7 @@ def violations(room: str, rel: str, source: str) -> list[str]:
     repository root) breaks, one line each."""
     tree = ast.parse(source)
     found = []
-    for line, module, names in _imports(tree):
+    for line, module, names in _imports(tree, rel):
         parts = module.split(".")
         if parts[0] in RAY_AND_WEB and room in LOWER:
             found.append(f"{rel}:{line}: imports {module}, but {room}/ may not import Ray or a web framework")
@@ -144,7 +196,17 @@ def test_imports_follow_the_rules_of_the_house(room):
         ("serving", "import os\nx = os.getenv('X')\n", "reads an environment variable"),
         ("runtime", "import os\nx = os.environ['X']\n", "reads an environment variable"),
         ("cli", "import os\nok = 'X' in os.environ\n", "reads an environment variable"),
-        ("kernels", "from os import environ\n", "reads an environment variable"),
+        ("kernels", "from os import environ\nx = environ['X']\n", "reads an environment variable"),
+        ("kernels", "from os import getenv\n", "reads an environment variable"),
+        ("serving", "import os as o\nx = o.environ.get('X')\n", "reads an environment variable"),
+        ("serving", "import os\nenv = os.environ\nx = env.get('X')\n", "reads an environment variable"),
+        ("serving", "import os\nsnapshot = dict(os.environ)\n", "reads an environment variable"),
+        ("serving", "import os\nnames = [k for k in os.environ]\n", "reads an environment variable"),
+        ("runtime", "from flywheel import serving\n", "against the map"),
+        ("runtime", "from ..serving import config\n", "against the map"),
+        ("registry", "import importlib\nm = importlib.import_module('ray')\n", "may not import Ray"),
+        ("kernels", "from importlib import import_module\nm = import_module('flywheel.training.api')\n",
+         "against the map"),
     ],
 )
 def test_the_checker_catches_each_kind_of_violation(room, source, fragment):
