@@ -138,7 +138,7 @@ def cmd_audit(reg: Registry, args) -> None:
           msgspec.json.encode(e.before).decode(), msgspec.json.encode(e.after).decode()) for e in entries]))
 
 
-HELP = "the model registry: list, show, lineage, register, alias, promote, approve, policy, audit"
+HELP = "the model registry: list, show, lineage, register, alias, promote, rollback, approve, policy, audit"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 
 from flywheel.client._result import ClientError, InferResult
-from flywheel.protocol.codec import InferResponse
+from flywheel.protocol.codec import InferResponse, OutgoingInput, OutgoingOutput, OutgoingRequest
 from flywheel.protocol.datatypes import numpy_dtype, v2_datatype
 from flywheel.protocol.errors import FlywheelError
 from flywheel.protocol.raw import tensor_from_raw, tensor_to_raw
@@ -53,27 +53,6 @@ class HttpReply:
 
 
 Flow = Generator[HttpCall, HttpReply, Any]
-
-
-# Wire types of what the client sends (the server's decoder reads them).
-class _Input(msgspec.Struct, omit_defaults=True):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list | None = None
-
-
-class _Output(msgspec.Struct, omit_defaults=True):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class _Request(msgspec.Struct, omit_defaults=True):
-    inputs: list[_Input]
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[_Output] | None = None
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -140,7 +119,7 @@ def encode_infer(
     tensors, raw = [], []
     for name, value in inputs.items():
         arr = np.asarray(value)
-        t = _Input(name=name, shape=list(arr.shape), datatype=v2_datatype(arr.dtype))
+        t = OutgoingInput(name=name, shape=list(arr.shape), datatype=v2_datatype(arr.dtype))
         if binary:
             chunk = tensor_to_raw(arr)
             raw.append(chunk)
@@ -161,8 +140,8 @@ def encode_infer(
             p = dict(p or {})
             if binary:
                 p.setdefault("binary_data", True)
-            wanted.append(_Output(name=n, parameters=p or None))
-    header = _ENCODER.encode(_Request(inputs=tensors, id=request_id, parameters=params or None, outputs=wanted))
+            wanted.append(OutgoingOutput(name=n, parameters=p or None))
+    header = _ENCODER.encode(OutgoingRequest(inputs=tensors, id=request_id, parameters=params or None, outputs=wanted))
     if not raw:
         return header, 0
     return b"".join([header, *raw]), len(header)

@@ -67,13 +67,15 @@ def check_cluster_versions(timeout_s: float = 60.0) -> None:
     @ray.remote(num_cpus=0)
     def _their_version() -> str:
         # the installed distribution's metadata, which every Flywheel has,
-        # whatever its modules are called
+        # whatever its modules are called; a tree that was never installed
+        # says "unknown", as flywheel_version() does on the driver
         from importlib.metadata import PackageNotFoundError, version
+        from importlib.util import find_spec
 
         try:
             return version(DISTRIBUTION)
         except PackageNotFoundError:
-            return "none"
+            return "unknown" if find_spec("flywheel") is not None else "none"
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = [_their_version.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))

@@ -13,7 +13,7 @@ per-element Python loop on the numeric path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 import numpy as np
@@ -44,6 +44,30 @@ class InferRequest(msgspec.Struct, forbid_unknown_fields=True):
     id: str | None = None
     parameters: Parameters | None = None
     outputs: list[RequestOutput] | None = None
+
+
+# What a client sends: the same fields as the request types above, declared
+# apart because the two directions want different things of msgspec. The
+# server's keep ``data`` raw until the datatype is known and refuse unknown
+# fields; a client's omit unset fields and carry ``data`` as a list.
+class OutgoingInput(msgspec.Struct, omit_defaults=True):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list | None = None
+
+
+class OutgoingOutput(msgspec.Struct, omit_defaults=True):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class OutgoingRequest(msgspec.Struct, omit_defaults=True):
+    inputs: list[OutgoingInput]
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[OutgoingOutput] | None = None
 
 
 class ResponseOutput(msgspec.Struct, omit_defaults=True):

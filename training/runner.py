@@ -269,7 +269,7 @@ def tensor_info(t) -> dict:
 
 def _start_canary(spec, mv) -> dict:
     """Add the new version to a running server's endpoint and ramp it up as
-    a canary (the router's gates decide; see serving/control_state.py)."""
+    a canary (the router's gates decide; see serving/_private/control_canary.py)."""
     from flywheel.client import Client
 
     with Client(spec.export.canary_url) as client:

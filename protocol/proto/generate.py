@@ -3,7 +3,7 @@
     python -m flywheel.protocol.proto.generate [OUT_DIR]
 
 Needs grpcio-tools (a test dependency, pinned in requirements.lock). The
-stubs are committed; tests/unit/serving/test_proto.py regenerates them into
+stubs are committed; tests/unit/protocol/test_proto.py regenerates them into
 a temporary folder and fails if they differ from the committed ones.
 """
 
