@@ -86,7 +86,7 @@ def test_the_written_config_checks_every_node_on_its_ready_route():
 
 
 def test_nodes_must_be_reachable_from_the_balancer():
-    from flywheel.runtime.errors import ConfigError
+    from flywheel.protocol.errors import ConfigError
     from flywheel.serving.config import AuthConfig, ServerConfig
     from flywheel.serving.loadbalancer import nodes_for
 
