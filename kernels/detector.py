@@ -20,6 +20,7 @@ Thread-safety: ``score`` may run concurrently with itself; ``fit`` may not.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -82,9 +83,11 @@ class DriftDetector:
     nan_policy: ``raise`` or ``omit`` (continuous tests).
     correction / alpha: p-values are corrected across features (bh,
         bonferroni, none) and a feature drifts when its corrected p-value is
-        below alpha (psi: when its index exceeds psi_threshold).
-    sigma / n_permutations / seed: mmd's bandwidth, permutations and seed.
+        below alpha (psi: when its index exceeds its ``threshold``).
     threads: Numba (and sorting) threads for the numba backend.
+    **params: the test's own parameters, checked by its ``Params`` type
+        (psi: ``threshold``; mmd: ``sigma``, ``n_permutations``, ``seed``);
+        a parameter the test does not have is refused.
 
     Raises ConfigError naming the bad setting.
     """
@@ -97,26 +100,19 @@ class DriftDetector:
         nan_policy: str = "raise",
         correction: str = "bh",
         alpha: float = 0.05,
-        psi_threshold: float = 0.2,
-        sigma: float | None = None,
-        n_permutations: int = 100,
-        seed: int = 0,
         threads: int | None = None,
+        **params: Any,
     ) -> None:
         cls = get_test(test)
         if correction not in CORRECTIONS:
             raise ConfigError(f"correction {correction!r} must be one of {CORRECTIONS}")
         if not 0 < alpha < 1:
             raise ConfigError("alpha must lie in (0, 1)")
-        if n_permutations < 0:
-            raise ConfigError("n_permutations must be >= 0")
-        if sigma is not None and sigma <= 0:
-            raise ConfigError("sigma must be > 0")
         check_nans("", np.zeros((1, 1)), nan_policy)  # validates the policy name
         self.test, self.nan_policy, self.correction, self.alpha = test, nan_policy, correction, alpha
-        self.psi_threshold, self.sigma, self.n_permutations, self.seed = psi_threshold, sigma, n_permutations, seed
+        self.params = cls.parse_params(params)
         self.backend = choose_backend(backend, cls)
-        options = DriftOptions(nan_policy, psi_threshold, sigma, n_permutations, seed, threads)
+        options = DriftOptions(nan_policy, threads, self.params)
         self._test: DriftTest = cls(self.backend, options)
         self._fitted = False
 

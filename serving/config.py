@@ -15,7 +15,7 @@ import msgspec
 
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.common.yaml_files import load_yaml
-from flywheel.kernels import available_tests
+from flywheel.kernels import available_tests, get_test
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.backends.registry import builtin_fields, builtin_specs, get_backend
 from flywheel.serving.policy_config import PolicyConfig
@@ -168,6 +168,9 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         by that test (logged and counted in
         ``flywheel_drift_refused_windows``) while the model's other tests
         still score it.
+    params: each test's own parameters, by test name (psi: ``threshold``;
+        mmd: ``sigma``, ``n_permutations``, ``seed``), checked by the test
+        when the config is loaded: ``params: {psi: {threshold: 0.25}}``.
     reference: a .npy file with the training reference sample; empty = the
         registry artifact ``reference.npy`` of the model's version.
     alpha: significance after Benjamini-Hochberg correction across features.
@@ -183,6 +186,7 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mode: str = "tumbling"
     stride: int = 0
     tests: tuple[str, ...] = ("ks",)
+    params: dict[str, dict[str, Any]] = {}
     reference: str = ""
     alpha: float = 0.05
     history: int = 100
@@ -196,6 +200,13 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         bad = [t for t in self.tests if t not in known]
         if bad or not self.tests:
             raise ConfigError(f"drift.tests {list(self.tests)}: choose from {', '.join(known)}")
+        for test, values in self.params.items():
+            if test not in self.tests:
+                raise ConfigError(f"drift.params.{test}: {test!r} is not among drift.tests {list(self.tests)}")
+            try:
+                get_test(test).parse_params(values)
+            except ConfigError as exc:
+                raise ConfigError(f"drift.params.{test}: {exc.message}") from None
         if self.mode not in ("tumbling", "sliding"):
             raise ConfigError("drift.mode must be 'tumbling' or 'sliding'")
 

@@ -109,7 +109,8 @@ def fit_detector(model: ModelConfig, test: str, reference: np.ndarray) -> DriftD
     test has them, else its NumPy reference."""
     backend = "numba" if "numba" in get_test(test).backends else "numpy"
     try:
-        return DriftDetector(test, backend=backend, alpha=model.drift.alpha, threads=1).fit(reference)
+        return DriftDetector(test, backend=backend, alpha=model.drift.alpha, threads=1,
+                             **model.drift.params.get(test, {})).fit(reference)
     except InvalidInputError as exc:
         raise ConfigError(
             f"model {model.name!r} version {model.version!r}: drift test {test!r} cannot use the reference "

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import msgspec
 
 import numpy as np
 
@@ -29,22 +32,18 @@ KERNEL_BACKENDS = ("numpy", "numba", "cupy")
 
 @dataclass(frozen=True)
 class DriftOptions:
-    """The detector's settings a test may read (each test reads its own).
+    """The detector's settings a test reads.
 
     nan_policy: ``raise`` or ``omit`` (continuous tests drop NaNs per feature,
         mmd drops rows holding one).
-    psi_threshold: psi flags a feature whose index exceeds it.
-    sigma / n_permutations / seed: mmd's RBF bandwidth (None: the median
-        heuristic), permutation count and their seed.
     threads: Numba threads (and sorting threads) for the numba backend.
+    params: the test's own parameters, an instance of its ``Params`` type
+        (None for a test without parameters); see :meth:`DriftTest.parse_params`.
     """
 
     nan_policy: str = "raise"
-    psi_threshold: float = 0.2
-    sigma: float | None = None
-    n_permutations: int = 100
-    seed: int = 0
     threads: int | None = None
+    params: Any = None
 
 
 class Scores(NamedTuple):
@@ -67,6 +66,12 @@ class DriftTest(abc.ABC):
             (statistic, p_value) arrays.
         joint: True when it scores all features together (one result, mmd)
             instead of one result per feature.
+        Params: a frozen ``msgspec.Struct`` of the test's own parameters with
+            their defaults (``forbid_unknown_fields=True``; checks in
+            ``__post_init__`` raise ConfigError), or None when it has none.
+            The detector's keyword arguments and serving's
+            ``drift.params.<test>`` are decoded into it, so a test with
+            parameters is still one file.
 
     After ``fit``: ``features`` (columns of the reference) and
     ``n_reference`` (its rows, as the test counts them).
@@ -76,11 +81,26 @@ class DriftTest(abc.ABC):
     kind: ClassVar[str]
     backends: ClassVar[tuple[str, ...]] = KERNEL_BACKENDS
     joint: ClassVar[bool] = False
+    Params: ClassVar[type | None] = None
+
+    @classmethod
+    def parse_params(cls, raw: Mapping[str, Any] | None) -> Any:
+        """``raw`` as this test's ``Params``; ConfigError naming the test and
+        the parameter when one is unknown or out of range."""
+        if cls.Params is None:
+            if raw:
+                raise ConfigError(f"test {cls.name!r} takes no parameters (got {', '.join(sorted(raw))})")
+            return None
+        try:
+            return msgspec.convert(dict(raw or {}), cls.Params, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"parameters of test {cls.name!r}: {exc}") from None
 
     def __init__(self, backend: str, options: DriftOptions) -> None:
         if backend not in self.backends:
             raise ConfigError(f"test {self.name!r} has no {backend!r} backend; it has {self.backends}")
         self.backend, self.options = backend, options
+        self.params = options.params if options.params is not None else self.parse_params(None)
         self._kernel = getattr(self, f"score_{backend}")
         self.features = 0
         self.n_reference = 0

@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
+import msgspec
 import numpy as np
 from numba import njit, prange
 from scipy.spatial.distance import cdist, pdist
@@ -31,7 +32,7 @@ from scipy.spatial.distance import cdist, pdist
 from flywheel.kernels import stats as st
 from flywheel.kernels.drift._rbf import rbf_block32, row_chunks
 from flywheel.kernels.drift.base import ContinuousTest
-from flywheel.protocol.errors import InvalidInputError
+from flywheel.protocol.errors import ConfigError, InvalidInputError
 
 MEDIAN_SUBSAMPLE = 1000
 
@@ -222,13 +223,28 @@ class MMDTest(ContinuousTest):
 
     name = "mmd"
     joint: ClassVar[bool] = True
+
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        """sigma: the RBF bandwidth (None: the median heuristic on the
+        reference); n_permutations: permutations for the p-value (0: none,
+        the p-value is NaN); seed: of the permutations and the heuristic."""
+
+        sigma: float | None = None
+        n_permutations: int = 100
+        seed: int = 0
+
+        def __post_init__(self) -> None:
+            if self.n_permutations < 0:
+                raise ConfigError("n_permutations must be >= 0")
+            if self.sigma is not None and self.sigma <= 0:
+                raise ConfigError("sigma must be > 0")
     bandwidth: float | None = None  # sigma, given or fixed at fit
 
     def fit_data(self, data: np.ndarray) -> None:
         ref = data[~np.isnan(data).any(axis=1)]
         if len(ref) < 2:
             raise InvalidInputError("mmd needs at least 2 reference rows without NaN")
-        self.bandwidth = self.options.sigma or median_bandwidth(ref, self.options.seed)
+        self.bandwidth = self.params.sigma or median_bandwidth(ref, self.params.seed)
         self._ref = ref
         self.n_reference = len(ref)
         if self.backend == "numba":
@@ -239,7 +255,7 @@ class MMDTest(ContinuousTest):
         win = win[~np.isnan(win).any(axis=1)]
         if len(win) < 2:
             raise InvalidInputError("mmd needs at least 2 window rows without NaN")
-        return win, permutations(len(self._ref), len(win), self.options.n_permutations, self.options.seed)
+        return win, permutations(len(self._ref), len(win), self.params.n_permutations, self.params.seed)
 
     @staticmethod
     def _result(observed: float, permuted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -84,8 +85,9 @@ def test_kinds_and_joint_scoring_are_declared_by_the_tests():
 @pytest.mark.parametrize("name", available_tests())
 def test_numba_and_numpy_agree_for_every_registered_test(name):
     ref, win = _case(get_test(name).kind)
-    a = DriftDetector(name, backend="numpy", n_permutations=100, seed=2).fit(ref).score(win)
-    b = DriftDetector(name, backend="numba", n_permutations=100, seed=2).fit(ref).score(win)
+    params = {"n_permutations": 100, "seed": 2} if name == "mmd" else {}
+    a = DriftDetector(name, backend="numpy", **params).fit(ref).score(win)
+    b = DriftDetector(name, backend="numba", **params).fit(ref).score(win)
     # mmd's fast path sums float32 kernel blocks; the others agree to rounding
     rtol = 1e-5 if name == "mmd" else 1e-9
     np.testing.assert_allclose(b.statistic, a.statistic, rtol=rtol, atol=1e-12)
@@ -147,3 +149,48 @@ def test_categorical_tests_name_the_input_that_is_not_integer_codes(name):
     det = DriftDetector(name, backend="numba").fit(ref.astype(np.float64))  # integral floats are codes
     with pytest.raises(InvalidInputError, match="window: categorical codes must be integers"):
         det.score(win + 0.25)
+
+
+def test_a_parameter_the_test_does_not_have_is_refused_naming_the_test():
+    with pytest.raises(ConfigError, match=r"test 'ks' takes no parameters \(got n_permutations\)"):
+        DriftDetector("ks", n_permutations=10)
+    with pytest.raises(ConfigError, match=r"parameters of test 'mmd': Object contains unknown field `sgima`"):
+        DriftDetector("mmd", sgima=1.0)
+
+
+def test_a_parameter_out_of_range_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"parameters of test 'mmd': sigma must be > 0"):
+        DriftDetector("mmd", sigma=0.0)
+    with pytest.raises(ConfigError, match=r"parameters of test 'psi': threshold -1.0 must be > 0"):
+        DriftDetector("psi", threshold=-1.0)
+
+
+def test_a_test_declares_its_own_parameters_in_its_one_file():
+    class Shifted(ContinuousTest):
+        name = "shifted_toy"
+        backends = ("numpy",)
+
+        class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+            offset: float = 0.0
+
+        def fit_data(self, data):
+            pass
+
+        def score_numpy(self, win):
+            stat = np.full(win.shape[1], self.params.offset)
+            return stat, np.ones(win.shape[1])
+
+    register_test(Shifted)
+    try:
+        det = DriftDetector("shifted_toy", backend="numpy", offset=2.5).fit(np.zeros((10, 2)))
+        assert list(det.score(np.zeros((5, 2))).statistic) == [2.5, 2.5]
+    finally:
+        unregister_test("shifted_toy")
+
+
+def test_psi_threshold_is_a_parameter_of_psi():
+    ref = np.repeat(np.arange(4), 50).reshape(-1, 1)
+    win = np.repeat([0, 0, 1, 3], 25).reshape(-1, 1)
+    index = DriftDetector("psi", backend="numpy").fit(ref).score(win).statistic[0]
+    assert DriftDetector("psi", backend="numpy", threshold=index * 2).fit(ref).score(win).drift == [False]
+    assert DriftDetector("psi", backend="numpy", threshold=index / 2).fit(ref).score(win).drift == [True]

@@ -129,6 +129,21 @@ def test_drift_config_accepts_every_registered_test_and_names_them_on_a_typo():
         DriftConfig(tests=("kss",))
 
 
+def test_drift_params_reach_the_test_and_bad_ones_are_refused_naming_the_field():
+    cfg = DriftConfig(enabled=True, tests=("psi", "mmd"), params={"psi": {"threshold": 0.5},
+                                                                 "mmd": {"n_permutations": 0}})
+    model = ModelConfig(name="p", path="x.onnx", version="1", drift=cfg)
+    assert fit_detector(model, "psi", np.zeros((20, 1))).params.threshold == 0.5
+    assert fit_detector(model, "mmd", np.random.default_rng(0).normal(size=(20, 2))).params.n_permutations == 0
+    with pytest.raises(ConfigError, match=r"drift.params.psi: parameters of test 'psi': Object contains unknown "
+                                          r"field `treshold`"):
+        DriftConfig(tests=("psi",), params={"psi": {"treshold": 0.5}})
+    with pytest.raises(ConfigError, match=r"drift.params.ks: test 'ks' takes no parameters \(got sigma\)"):
+        DriftConfig(tests=("ks",), params={"ks": {"sigma": 1.0}})
+    with pytest.raises(ConfigError, match=r"drift.params.mmd: 'mmd' is not among drift.tests \['ks'\]"):
+        DriftConfig(tests=("ks",), params={"mmd": {"sigma": 1.0}})
+
+
 def test_a_test_registered_at_run_time_is_accepted_and_scored_by_the_monitor():
     from flywheel.kernels import register_test, unregister_test
     from flywheel.kernels.drift import ContinuousTest
