@@ -61,10 +61,12 @@ def want(mlp_onnx, x) -> np.ndarray:
 
 def _check(r: InferResult, want: np.ndarray) -> None:
     assert isinstance(r, InferResult)
-    assert r.model_name == "mlp" and r.model_version == "3"
+    assert r.model_name == "mlp"
+    assert r.model_version == "3"
     assert list(r.outputs) == ["logits"]
     got = r.output()
-    assert got.dtype == np.float32 and got.shape == want.shape
+    assert got.dtype == np.float32
+    assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-5
     got[0, 0] = 0.0  # outputs are the caller's to change
 
@@ -131,14 +133,17 @@ def test_bad_input_raises_400_with_the_servers_message(server):
     with Client(server["http"]) as c:
         with pytest.raises(ClientError) as err:
             c.infer("mlp", bad, binary=False)  # the same request as the raw one
-        assert err.value.status == 400 and err.value.message == message
+        assert err.value.status == 400
+        assert err.value.message == message
         assert str(err.value) == f"[400] {message}"
         with pytest.raises(ClientError) as err:
             c.infer("mlp", bad, binary=True)
-        assert err.value.status == 400 and "input" in err.value.message
+        assert err.value.status == 400
+        assert "input" in err.value.message
     with GrpcClient(server["grpc"]) as g, pytest.raises(ClientError) as err:
         g.infer("mlp", bad)
-    assert err.value.status == "INVALID_ARGUMENT" and "input" in err.value.message
+    assert err.value.status == "INVALID_ARGUMENT"
+    assert "input" in err.value.message
 
 
 def test_unknown_model_raises_404(server, x):
@@ -146,7 +151,8 @@ def test_unknown_model_raises_404(server, x):
         for inputs in (x, {"input": x}):  # via the metadata lookup, and directly
             with pytest.raises(ClientError) as err:
                 c.infer("nope", inputs)
-            assert err.value.status == 404 and "nope" in err.value.message
+            assert err.value.status == 404
+            assert "nope" in err.value.message
         with pytest.raises(ClientError) as err:
             c.infer("mlp", x, version="99")
         assert err.value.status == 404
@@ -201,11 +207,13 @@ def test_feedback_for_an_id_the_server_never_issued_is_404(server):
     # id no answer carried is refused by name, never counted.
     with Client(server["http"]) as c, pytest.raises(ClientError) as err:
         c.feedback("mlp", "req-1", 1.0)
-    assert err.value.status == 404 and "'req-1' is unknown" in err.value.message, err.value.message
+    assert err.value.status == 404, err.value.message
+    assert "'req-1' is unknown" in err.value.message, err.value.message
     with GrpcClient(server["grpc"]) as g:
         with pytest.raises(ClientError) as err:
             g.feedback("mlp", "req-1", 1.0)
-        assert err.value.status is None and "http_url" in err.value.message
+        assert err.value.status is None
+        assert "http_url" in err.value.message
     with GrpcClient(server["grpc"], http_url=server["http"]) as g, pytest.raises(ClientError) as err:
         g.feedback("mlp", "req-1", 1.0)
     assert err.value.status == 404
@@ -213,8 +221,13 @@ def test_feedback_for_an_id_the_server_never_issued_is_404(server):
 
 def test_health_and_metadata_over_both_transports(server):
     with Client(server["http"]) as c, GrpcClient(server["grpc"]) as g:
-        assert c.live() and c.ready() and c.model_ready("mlp") and c.model_ready("mlp", "3")
-        assert g.live() and g.ready() and g.model_ready("mlp")
+        assert c.live()
+        assert c.ready()
+        assert c.model_ready("mlp")
+        assert c.model_ready("mlp", "3")
+        assert g.live()
+        assert g.ready()
+        assert g.model_ready("mlp")
         meta = c.metadata("mlp")
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
         assert g.metadata("mlp") == {k: meta[k] for k in ("name", "versions", "platform", "inputs", "outputs")}
@@ -225,8 +238,12 @@ def test_health_and_metadata_over_both_transports(server):
 def test_async_health_and_errors(server):
     async def main():
         async with AsyncClient(server["http"]) as c, AsyncGrpcClient(server["grpc"]) as g:
-            assert await c.live() and await c.ready() and await c.model_ready("mlp")
-            assert await g.live() and await g.model_ready("mlp") and not await g.model_ready("nope")
+            assert await c.live()
+            assert await c.ready()
+            assert await c.model_ready("mlp")
+            assert await g.live()
+            assert await g.model_ready("mlp")
+            assert not await g.model_ready("nope")
             assert (await g.metadata("mlp"))["inputs"][0]["name"] == "input"
             with pytest.raises(ClientError) as err:
                 await c.infer("nope", {"input": np.zeros((1, 64), np.float32)})
@@ -241,4 +258,5 @@ def test_async_health_and_errors(server):
 def test_unreachable_server_raises_client_error_without_status():
     with Client(f"http://127.0.0.1:{_free_port()}", timeout=2) as c, pytest.raises(ClientError) as err:
         c.live()
-    assert err.value.status is None and "cannot reach" in err.value.message
+    assert err.value.status is None
+    assert "cannot reach" in err.value.message

@@ -52,19 +52,24 @@ def test_infer_flow_round_trips_through_the_servers_codec(binary):
     call = flow.send(HttpReply(200, {}, META))
     assert (call.method, call.path) == ("POST", "/v2/models/m/infer")
     h = call.headers
-    assert h["flywheel-routing-key"] == "user-1" and h["flywheel-request-id"] == "r-1"
+    assert h["flywheel-routing-key"] == "user-1"
+    assert h["flywheel-request-id"] == "r-1"
     assert h["authorization"] == "Bearer k-1"
     assert ("inference-header-content-length" in h) == binary
     req = _decode_call(call)
-    assert req.id == "r-1" and list(req.inputs) == ["in"]
-    assert np.array_equal(req.inputs["in"], x) and req.inputs["in"].dtype == np.float32
+    assert req.id == "r-1"
+    assert list(req.inputs) == ["in"]
+    assert np.array_equal(req.inputs["in"], x)
+    assert req.inputs["in"].dtype == np.float32
     assert req.binary_outputs(["out"]) == (frozenset({"out"}) if binary else frozenset())
     y = {"out": np.array([[1.5, -2.0]], np.float32), "label": np.array([b"cat", b"dog"], dtype=object)}
     with pytest.raises(StopIteration) as done:
         flow.send(_answer(y, binary=binary, request_id="r-1"))
     r = done.value.value
-    assert r.model_version == "7" and r.request_id == "r-1"
-    assert np.array_equal(r.output("out"), y["out"]) and r.output("out").flags.writeable
+    assert r.model_version == "7"
+    assert r.request_id == "r-1"
+    assert np.array_equal(r.output("out"), y["out"])
+    assert r.output("out").flags.writeable
     assert list(r.output("label")) == [b"cat", b"dog"]
     # the input's name is cached: the next call goes straight to infer
     assert next(_infer(v2, x)).path == "/v2/models/m/infer"
@@ -80,7 +85,8 @@ def test_every_datatype_encodes_as_the_server_decodes_it(dtype):
         call = next(_infer(V2Http(None), {"t": arr}, binary=binary))
         assert "authorization" not in call.headers
         got = _decode_call(call).inputs["t"]
-        assert got.shape == arr.shape and list(got.ravel()) == list(arr.ravel())
+        assert got.shape == arr.shape
+        assert list(got.ravel()) == list(arr.ravel())
 
 
 def test_answer_headers_fill_in_version_and_id_and_errors_drop_the_cache():
@@ -92,7 +98,8 @@ def test_answer_headers_fill_in_version_and_id_and_errors_drop_the_cache():
         flow.send(_answer({"out": np.zeros(1, np.float32)}, binary=False, model_version=None,
                           headers={"flywheel-model-version": "canary-2", "flywheel-request-id": "srv-1"}))
     r = done.value.value
-    assert r.model_version == "canary-2" and r.request_id == "srv-1"
+    assert r.model_version == "canary-2"
+    assert r.request_id == "srv-1"
     flow = _infer(v2, np.zeros((1, 3), np.float32))
     next(flow)  # cached: straight to infer
     with pytest.raises(ClientError) as err:

@@ -54,7 +54,9 @@ def test_chi2_and_psi_numba_equal_the_reference():
         if test == "chi2":
             np.testing.assert_allclose(b.p_value, a.p_value, rtol=1e-9, atol=1e-300)
     psi = DriftDetector("psi", backend="numba").fit(ref).score(win)
-    assert psi.drift[0] and psi.drift[1] and not any(psi.drift[2:])
+    assert psi.drift[0]
+    assert psi.drift[1]
+    assert not any(psi.drift[2:])
 
 
 def test_mmd_fast_path_matches_reference_and_is_seed_stable():

@@ -160,7 +160,8 @@ KEY_ARGS = dict(
 def test_cache_key_is_deterministic_hex():
     key = engine_cache_key(**KEY_ARGS)
     assert key == engine_cache_key(**KEY_ARGS)
-    assert len(key) == 64 and int(key, 16) >= 0
+    assert len(key) == 64
+    assert int(key, 16) >= 0
     assert key == engine_cache_key(**{**KEY_ARGS, "onnx_sha256": "AB" * 32})  # hex case is not identity
 
 
@@ -195,7 +196,7 @@ def test_write_atomically_replaces_whole_files_and_leaves_no_temporaries(tmp_pat
     write_atomically(str(target), b"first")
     write_atomically(str(target), b"second plan")
     assert target.read_bytes() == b"second plan"
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="bytes-like object is required"):
         write_atomically(str(target), "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"second plan"
     assert os.listdir(target.parent) == ["k.plan"]
@@ -260,7 +261,8 @@ def test_calls_outside_the_batch_profile_are_sliced_and_padded(mlp_onnx):
         seen.clear()
         out = backend._infer_rows(None, {"input": x[:rows]})
         np.testing.assert_array_equal(out["logits"], x[:rows, :2] * 2)
-        assert seen and all(3 <= n <= 4 for n in seen)
+        assert seen
+        assert all(3 <= n <= 4 for n in seen)
 
 
 # --- loading without TensorRT / CuPy / a GPU -----------------------------------------------
@@ -302,7 +304,8 @@ def test_gpu_check_script_exits_2_with_one_line_without_tensorrt(capsys):
 
     assert main() == 2
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "TensorRT" in out
+    assert out.count("\n") == 1
+    assert "TensorRT" in out
 
 
 def test_a_pickle_is_refused_before_anything_else(tmp_path):
@@ -423,7 +426,8 @@ def test_fp16_engine_matches_onnxruntime_and_is_cached(mlp_onnx, tmp_path, rng):
     cfg = TensorRTConfig(cache_dir=str(tmp_path / "plans"), min_batch=1, opt_batch=8, max_batch=16)
     first = TensorRTBackend(mlp_onnx, cfg)
     first.load()
-    assert first.built and os.path.isfile(first.cache_path)
+    assert first.built
+    assert os.path.isfile(first.cache_path)
     assert [(t.name, t.datatype, t.shape) for t in first.signature.inputs] == [("input", "FP32", (-1, 64))]
     assert [(t.name, t.datatype, t.shape) for t in first.signature.outputs] == [("logits", "FP32", (-1, 10))]
     for rows in (1, 5, 16, 37):  # 37 runs as three slices
@@ -433,7 +437,8 @@ def test_fp16_engine_matches_onnxruntime_and_is_cached(mlp_onnx, tmp_path, rng):
         assert np.abs(got - _ort_cpu(mlp_onnx, x)).max() <= 1e-2
     again = TensorRTBackend(mlp_onnx, cfg)
     again.load()
-    assert not again.built and again.cache_path == first.cache_path
+    assert not again.built
+    assert again.cache_path == first.cache_path
     assert os.listdir(tmp_path / "plans") == [os.path.basename(first.cache_path)]
 
 
@@ -468,5 +473,6 @@ def test_int8_engine_from_calibration_rows_tracks_fp32(mlp_onnx, tmp_path, rng):
     backend.load()
     x = rng.standard_normal((32, 64)).astype(np.float32)
     got, want = backend.infer({"input": x})["logits"], _ort_cpu(mlp_onnx, x)
-    assert got.shape == want.shape and np.isfinite(got).all()
+    assert got.shape == want.shape
+    assert np.isfinite(got).all()
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95

@@ -61,7 +61,8 @@ def store(tmp_path):
 def test_a_name_without_settings_sends_everything_to_its_highest_version():
     st = control("d", "id1", [], models("1", "2", "10"), now=T0)
     snap = st.snapshot()["endpoints"]["m"]
-    assert snap["weights"] == {"10": 1.0} and snap["routable"] == ["1", "2", "10"]
+    assert snap["weights"] == {"10": 1.0}
+    assert snap["routable"] == ["1", "2", "10"]
 
 
 def test_policies_are_checked_against_the_endpoints_variants():
@@ -74,9 +75,12 @@ def test_policies_are_checked_against_the_endpoints_variants():
         st.set_policy("nope", {"kind": "ucb1"}, now=T0)
     v = st.version
     status = st.set_policy("m", {"kind": "ucb1"}, now=T0)
-    assert st.version == v + 1 and status["policy"]["kind"] == "ucb1" and status["bandit"]["kind"] == "ucb1"
+    assert st.version == v + 1
+    assert status["policy"]["kind"] == "ucb1"
+    assert status["bandit"]["kind"] == "ucb1"
     snap = st.sync(report("r1", 0), now=T0)["endpoints"]["m"]
-    assert snap["weights"] is None and snap["policy"]["kind"] == "ucb1"
+    assert snap["weights"] is None
+    assert snap["policy"]["kind"] == "ucb1"
 
 
 def test_a_variant_takes_traffic_only_once_every_live_replica_has_it_ready():
@@ -85,7 +89,8 @@ def test_a_variant_takes_traffic_only_once_every_live_replica_has_it_ready():
     st.sync(report("r2", 0), now=T0)
     st.add_variant("m", {"version": "2", "path": "/models/2.onnx"}, now=T0)
     snap = st.snapshot()["endpoints"]["m"]
-    assert snap["variants"]["2"]["path"] == "/models/2.onnx" and snap["routable"] == ["1"]
+    assert snap["variants"]["2"]["path"] == "/models/2.onnx"
+    assert snap["routable"] == ["1"]
     st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "ready"}}), now=T0 + 1)
     st.sync(report("r2", st.version, loaded={"m": {"1": "ready", "2": "loading"}}), now=T0 + 1)
     st.tick(now=T0 + 1)
@@ -93,7 +98,7 @@ def test_a_variant_takes_traffic_only_once_every_live_replica_has_it_ready():
     st.sync(report("r2", st.version, loaded={"m": {"1": "ready", "2": "ready"}}), now=T0 + 2)
     st.tick(now=T0 + 2)
     assert st.snapshot()["endpoints"]["m"]["routable"] == ["1", "2"]
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExistsError, match="endpoint 'm' already has variant '2'"):
         st.add_variant("m", {"version": "2", "path": "/x.onnx"}, now=T0 + 2)
     with pytest.raises(InvalidInputError, match="placement"):
         st.add_variant("m", {"version": "3", "path": "/x.onnx", "placement": "dedicated"}, now=T0 + 2)
@@ -119,7 +124,8 @@ def test_swap_moves_traffic_after_load_and_removes_the_old_variant_once_drained(
     st.tick(now=T0 + 3)
     st.tick(now=T0 + 3)
     status = st.status("m", now=T0 + 3)
-    assert status["swap"]["phase"] == "done" and list(status["variants"]) == ["2"]
+    assert status["swap"]["phase"] == "done"
+    assert list(status["variants"]) == ["2"]
 
 
 def test_a_swap_whose_variant_fails_to_load_leaves_the_old_one_serving():
@@ -129,8 +135,10 @@ def test_a_swap_whose_variant_fails_to_load_leaves_the_old_one_serving():
     st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "failed: not an ONNX model"}}), now=T0 + 1)
     st.tick(now=T0 + 1)
     status = st.status("m", now=T0 + 1)
-    assert status["swap"]["phase"] == "failed" and status["swap"]["error"] == "not an ONNX model"
-    assert list(status["variants"]) == ["1"] and status["weights"] == {"1": 1.0}
+    assert status["swap"]["phase"] == "failed"
+    assert status["swap"]["error"] == "not an ONNX model"
+    assert list(status["variants"]) == ["1"]
+    assert status["weights"] == {"1": 1.0}
 
 
 def _two_variants(moved=None) -> ControlState:
@@ -149,7 +157,8 @@ def test_a_canary_that_errors_rolls_back_at_once_and_says_why():
     st.sync(report("r1", st.version, windows={"m": {"1": window(200), "2": window(30, errors=6)}}), now=T0 + 1)
     st.tick(now=T0 + 1)  # long before hold_s: a failing gate does not wait
     status = st.status("m", now=T0 + 1)
-    assert status["canary"]["status"] == "rolled_back" and status["weights"] == {"1": 1.0}
+    assert status["canary"]["status"] == "rolled_back"
+    assert status["weights"] == {"1": 1.0}
     assert "error_rate" in status["events"][-1]["detail"]
 
 
@@ -163,7 +172,8 @@ def test_a_healthy_canary_ramps_promotes_moves_the_alias_and_retires_the_baselin
         st.sync(report("r1", st.version, windows={"m": {"1": window(50), "2": window(50)}}), now=now)
         st.tick(now=now)
     status = st.status("m", now=now)
-    assert status["canary"]["status"] == "promoted" and status["weights"] == {"2": 1.0}
+    assert status["canary"]["status"] == "promoted"
+    assert status["weights"] == {"2": 1.0}
     assert moved == [("m", "production", 2)]
     assert status["variants"]["1"]["status"] == "retiring"
     st.sync(report("r1", st.version), now=now + 1)
@@ -183,7 +193,8 @@ def test_feedback_through_the_controller_for_ids_other_replicas_reported():
         st.feedback("m", "bad", float("nan"))
     st.sync(report("r1", st.version, rewards={"m": {"1": [10, 2.0, 2.0]}}), now=T0 + 2)
     arms = st.status("m", now=T0 + 2)["bandit"]["arms"]
-    assert arms["1"]["count"] == 10 and arms["2"]["count"] == 1
+    assert arms["1"]["count"] == 10
+    assert arms["2"]["count"] == 1
 
 
 def test_statistics_reach_the_replicas_about_once_a_second():
@@ -203,7 +214,8 @@ def test_state_resumes_after_a_controller_restart_and_not_after_a_new_deploy(sto
     st.start_canary("m", {"variant": "1", "baseline": "2", "steps": [5, 100], "hold_s": 30}, now=T0)
     again = control("d", "id1", [], ms, store, now=T0 + 5)  # Serve restarted the replica
     status = again.status("m", now=T0 + 5)
-    assert status["canary"]["status"] == "running" and status["canary"]["config"]["variant"] == "1"
+    assert status["canary"]["status"] == "running"
+    assert status["canary"]["config"]["variant"] == "1"
     assert again.snapshot()["endpoints"]["m"]["weights"] == pytest.approx({"2": 0.95, "1": 0.05})
     assert status["events"][-1]["kind"] == "resumed"
     fresh = control("d", "id2", [], ms, store, now=T0 + 6)  # a new deploy
@@ -220,10 +232,12 @@ def test_every_bandit_kind_takes_rewards_and_reports_its_arms(policy):
     st.set_policy("m", policy, now=T0)
     st.sync(report("r1", st.version, rewards={"m": {"2": [4, 3.0, 3.0]}}), now=T0 + 1)
     status = st.status("m", now=T0 + 1)
-    assert status["bandit"]["arms"]["2"]["count"] == 4 and status["bandit"]["arms"]["1"]["count"] == 0
+    assert status["bandit"]["arms"]["2"]["count"] == 4
+    assert status["bandit"]["arms"]["1"]["count"] == 0
     assert set(status["weights"]) == {"1", "2"}
     snap = st.sync(report("r1", 0), now=T0 + 1)["endpoints"]["m"]
-    assert snap["policy"]["kind"] == policy["kind"] and snap["policy_state"]["arms"]["2"]["count"] == 4
+    assert snap["policy"]["kind"] == policy["kind"]
+    assert snap["policy_state"]["arms"]["2"]["count"] == 4
 
 
 def test_a_report_batch_sent_again_is_counted_once():
@@ -242,7 +256,8 @@ def test_replicas_take_the_snapshot_of_a_restarted_controller(store):
     again = control("d", "id1", [], models("1", "2"), store, now=T0 + 1)
     assert again.version < applied
     answer = again.sync(report("r1", applied, epoch=old_epoch), now=T0 + 1)
-    assert answer["epoch"] == again.epoch and answer["endpoints"]["m"]["weights"] == {"1": 1.0}
+    assert answer["epoch"] == again.epoch
+    assert answer["endpoints"]["m"]["weights"] == {"1": 1.0}
 
 
 def test_a_canary_without_promotion_stays_at_full_traffic_when_it_completes():
@@ -252,7 +267,8 @@ def test_a_canary_without_promotion_stays_at_full_traffic_when_it_completes():
     st.sync(report("r1", st.version, windows={"m": {"1": window(20), "2": window(20)}}), now=T0 + 2)
     st.tick(now=T0 + 2)
     status = st.status("m", now=T0 + 2)
-    assert status["canary"]["status"] == "completed" and status["weights"] == {"2": 1.0}
+    assert status["canary"]["status"] == "completed"
+    assert status["weights"] == {"2": 1.0}
     assert set(status["variants"]) == {"1", "2"}  # nothing retired without a promotion
 
 
@@ -265,7 +281,7 @@ def test_controller_feedback_expires_and_a_bad_reward_leaves_the_id_usable():
     with pytest.raises(InvalidInputError, match=r"\[0, 1\]"):
         st.feedback("m", "new", 5.0, now=T0 + 1)
     assert st.feedback("m", "new", 1.0, now=T0 + 1)["variant"] == "2"
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="unknown endpoint 'other'"):
         st.feedback("other", "new", 1.0, now=T0 + 1)
 
 
@@ -281,7 +297,8 @@ def test_a_variant_added_under_a_bandit_takes_no_traffic_until_a_policy_names_it
     st.add_variant("m", {"version": "3", "path": "/models/3.onnx"}, now=T0)
     _ready(st, T0 + 1, "1", "2", "3")
     snap = st.snapshot()["endpoints"]["m"]
-    assert snap["routable"] == ["1", "2", "3"] and snap["policy"]["arms"] == ["1", "2"]
+    assert snap["routable"] == ["1", "2", "3"]
+    assert snap["policy"]["arms"] == ["1", "2"]
     assert set(st.status("m", now=T0 + 1)["weights"]) == {"1", "2"}
     st.set_policy("m", {"kind": "ucb1", "arms": ["2", "3"]}, now=T0 + 1)
     assert set(st.status("m", now=T0 + 1)["weights"]) == {"2", "3"}
@@ -348,8 +365,10 @@ def test_a_drift_gate_needs_a_monitored_variant_and_rolls_back_on_drift():
     st.set_drift("m", "2", 0.5)
     st.tick(now=T0 + 7)
     status = st.status("m", now=T0 + 7)
-    assert status["canary"]["status"] == "rolled_back" and status["weights"] == {"1": 1.0}
-    assert "drift" in status["events"][-1]["detail"] and st.drift_wanted() == []
+    assert status["canary"]["status"] == "rolled_back"
+    assert status["weights"] == {"1": 1.0}
+    assert "drift" in status["events"][-1]["detail"]
+    assert st.drift_wanted() == []
 
 
 def test_removing_what_a_fixed_split_routes_to_is_refused_and_a_restored_policy_never_falls_back_to_a_new_variant():
@@ -385,7 +404,8 @@ def test_rolling_back_a_completed_canary_leaves_the_alias_alone():
     st.tick(now=T0 + 6)
     assert st.status("m", now=T0 + 6)["canary"]["status"] == "completed"
     st.rollback("m", now=T0 + 6)
-    assert moved == [] and st.status("m", now=T0 + 6)["weights"] == {"1": 1.0}
+    assert moved == []
+    assert st.status("m", now=T0 + 6)["weights"] == {"1": 1.0}
 
 
 def test_a_replica_of_another_generation_of_the_deployment_gets_no_snapshot():

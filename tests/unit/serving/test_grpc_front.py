@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -31,6 +30,8 @@ from flywheel.protocol.proto import inference_pb2 as pb
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.serving.config import ModelConfig, ServerConfig
 from flywheel.serving.ingress import Ingress
+
+from _poll import wait_for
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -71,9 +72,13 @@ def _request(x: np.ndarray, model: str = "mlp", rid: str = "") -> bytes:
 
 
 def test_timeout_and_message_encodings():
-    assert _timeout(b"250m") == pytest.approx(0.25) and _timeout(b"5S") == 5.0 and _timeout(b"2H") == 7200.0
+    assert _timeout(b"250m") == pytest.approx(0.25)
+    assert _timeout(b"5S") == 5.0
+    assert _timeout(b"2H") == 7200.0
     assert _timeout(b"100u") == pytest.approx(1e-4)
-    assert _timeout(None) is None and _timeout(b"5x") is None and _timeout(b"m") is None
+    assert _timeout(None) is None
+    assert _timeout(b"5x") is None
+    assert _timeout(b"m") is None
     assert _timeout(b"1234567890S") is None  # the spec allows at most 8 digits
     assert _percent("unknown model 'm'") == b"unknown model 'm'"
     assert _percent("50% of 'ä'\n") == b"50%25 of '%C3%A4'%0A"
@@ -91,7 +96,9 @@ def test_infer_through_the_front_matches_onnxruntime_with_trailers(served, mlp_o
     with grpc.insecure_channel(served) as ch:
         raw, call = ch.unary_unary(INFER).with_call(_request(x, rid="call-7"), timeout=10)
     resp = pb.ModelInferResponse.FromString(raw)
-    assert resp.model_name == "mlp" and resp.model_version == "3" and resp.id == "call-7"
+    assert resp.model_name == "mlp"
+    assert resp.model_version == "3"
+    assert resp.id == "call-7"
     got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(resp.outputs[0].shape)
     want = ort.InferenceSession(mlp_onnx).run(None, {"input": x})[0]
     assert np.abs(got - want).max() <= 1e-5
@@ -101,9 +108,11 @@ def test_infer_through_the_front_matches_onnxruntime_with_trailers(served, mlp_o
 
 def test_tritonclient_metadata_and_readiness(served):
     c = tg.InferenceServerClient(served)
-    assert c.is_server_ready() and c.is_model_ready("mlp")
+    assert c.is_server_ready()
+    assert c.is_model_ready("mlp")
     meta = c.get_model_metadata("mlp", as_json=True)
-    assert meta["versions"] == ["3"] and meta["inputs"][0]["shape"] == ["-1", "64"]
+    assert meta["versions"] == ["3"]
+    assert meta["inputs"][0]["shape"] == ["-1", "64"]
     assert c.get_server_metadata(as_json=True)["name"] == "flywheel"
 
 
@@ -119,7 +128,8 @@ def test_gzip_compressed_requests_are_inflated(served, mlp_onnx):
 def test_unknown_methods_are_unimplemented(served, method):
     with grpc.insecure_channel(served) as ch, pytest.raises(grpc.RpcError) as err:
         ch.unary_unary(method)(b"", timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "no method" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "no method" in err.value.details()
 
 
 def test_errors_keep_their_status_and_a_non_ascii_message(served):
@@ -134,7 +144,8 @@ def test_a_message_over_the_limit_is_resource_exhausted_and_the_front_goes_on(se
     with grpc.insecure_channel(served) as ch:
         with pytest.raises(grpc.RpcError) as err:
             ch.unary_unary(INFER)(_request(big), timeout=10)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit" in err.value.details()
         raw = ch.unary_unary(INFER)(_request(np.zeros((1, 64), np.float32)), timeout=10)
     assert pb.ModelInferResponse.FromString(raw).model_version == "3"
 
@@ -160,7 +171,8 @@ def test_close_stops_the_front_gracefully_and_frees_the_port(mlp_onnx):
     assert client.is_server_live()  # an open client connection: soft stop must end it
     ingress.check_health()
     assert front.stop() == 0  # SIGUSR1: it unbound and left by itself, no kill needed
-    assert proc.poll() == 0 and not os.path.exists(folder)
+    assert proc.poll() == 0
+    assert not os.path.exists(folder)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", cfg.grpc_port)) != 0
     ingress.close()
@@ -191,10 +203,8 @@ def test_the_front_dies_with_its_replica_process(mlp_onnx):
         assert tg.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_live()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 5
-        while front.is_running() and front.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not front.is_running() or front.status() == psutil.STATUS_ZOMBIE
+        wait_for(lambda: not front.is_running() or front.status() == psutil.STATUS_ZOMBIE, 5,
+                 "its HAProxy front to exit with it", every_s=0.05)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", grpc_port)) != 0
         # nobody was left to remove its folder: the next front sweeps it
@@ -235,7 +245,8 @@ def test_auto_falls_back_to_grpcio_when_the_front_cannot_start(mlp_onnx, monkeyp
     monkeypatch.setattr(ingress_module, "haproxy_binary", lambda: "/bin/false")  # exits at once
     ingress, cfg = _ingress(mlp_onnx)
     try:
-        assert ingress._front is None and ingress._grpc is not None
+        assert ingress._front is None
+        assert ingress._grpc is not None
         assert tg.InferenceServerClient(f"127.0.0.1:{cfg.grpc_port}").is_model_ready("mlp")
     finally:
         ingress.close()
@@ -293,8 +304,10 @@ def test_the_replica_answers_a_call_as_chunked_http1_with_trailers(front_ingress
     backend = front_ingress[0]._front.backend
     status, hdrs, payload, trailers = _raw(backend, _framed(_request(np.zeros((1, 64), np.float32), rid="r1")),
                                            GRPC_HEADERS)
-    assert status == 200 and hdrs["content-type"] == "application/grpc"
-    assert trailers["grpc-status"] == "0" and trailers["flywheel-model-version"] == "3"
+    assert status == 200
+    assert hdrs["content-type"] == "application/grpc"
+    assert trailers["grpc-status"] == "0"
+    assert trailers["flywheel-model-version"] == "3"
     assert int.from_bytes(payload[1:5], "big") == len(payload) - 5
     assert pb.ModelInferResponse.FromString(payload[5:]).id == "r1"
 
@@ -303,7 +316,8 @@ def test_deflate_is_inflated_and_broken_compression_is_refused(front_ingress):
     backend = front_ingress[0]._front.backend
     message = _request(np.zeros((1, 64), np.float32))
     ok = _raw(backend, _framed(zlib.compress(message), True), {**GRPC_HEADERS, "grpc-encoding": "deflate"})
-    assert ok[3]["grpc-status"] == "0" and pb.ModelInferResponse.FromString(ok[2][5:]).model_name == "mlp"
+    assert ok[3]["grpc-status"] == "0"
+    assert pb.ModelInferResponse.FromString(ok[2][5:]).model_name == "mlp"
     truncated = gzip.compress(message)[:-4]  # the CRC and length are gone
     cases = [
         (_framed(truncated, True), {"grpc-encoding": "gzip"}, "13", "truncated"),
@@ -323,7 +337,8 @@ def test_deflate_is_inflated_and_broken_compression_is_refused(front_ingress):
 
 def test_a_plain_http_request_on_the_front_socket_is_refused(front_ingress):
     status, _, body, _ = _raw(front_ingress[0]._front.backend, b"{}", {"content-type": "application/json"})
-    assert status == 415 and b"application/grpc" in body
+    assert status == 415
+    assert b"application/grpc" in body
 
 
 # -- auth and per-key limits, on both gRPC servers ----------------------------
@@ -381,6 +396,15 @@ def test_a_cancelled_call_gives_its_keys_slot_back_at_once(secured):
         with pytest.raises(grpc.RpcError) as err:
             stub(slow, metadata=meta, timeout=0.4)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.3)  # the cancel travels client -> front -> replica
-        raw = stub(_request(np.zeros((1, 64), np.float32)), metadata=meta, timeout=30)
+
+        def answered() -> bytes | None:
+            try:
+                return stub(_request(np.zeros((1, 64), np.float32)), metadata=meta, timeout=30)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                return None  # the cancel is still on its way client -> front -> replica
+
+        # 0.3 s for the cancel to travel: far less than the heavy call's seconds of work
+        raw = wait_for(answered, 0.3, "the key's slot to be given back", every_s=0.02)
     assert pb.ModelInferResponse.FromString(raw).model_name == "mlp"

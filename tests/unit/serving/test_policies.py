@@ -127,7 +127,8 @@ def test_bandits_find_the_best_of_three_bernoulli_arms(config, seed):
     policy = make_policy(config, ["a", "b", "c"], seed=seed)
     assert _simulate(policy, _bernoulli, seed) >= 0.90
     w = policy.weights()
-    assert max(w, key=w.get) == "c" and sum(w.values()) == pytest.approx(1.0)
+    assert max(w, key=w.get) == "c"
+    assert sum(w.values()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -137,7 +138,8 @@ def test_gaussian_thompson_finds_the_best_arm(seed):
     means = {"a": 0.0, "b": 0.5, "c": 1.0}
     assert _simulate(policy, lambda v, rng: rng.gauss(means[v], 1.0), seed) >= 0.90
     arm = policy.state()["arms"]["c"]
-    assert arm["post_mean"] == pytest.approx(1.0, abs=0.2) and 0 < arm["post_std"] < 0.1
+    assert arm["post_mean"] == pytest.approx(1.0, abs=0.2)
+    assert 0 < arm["post_std"] < 0.1
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -236,7 +238,8 @@ def test_new_variants_keep_the_old_stats():
     assert (arms["1"]["count"], arms["1"]["sum"], arms["2"]["count"], arms["3"]["count"]) == (2, 1.0, 1, 0)
     assert new.choose() == "3"  # the new, unplayed variant goes first
     fewer = make_policy(UCB1Policy(), ["2"], state=old.state())
-    assert list(fewer.state()["arms"]) == ["2"] and fewer.state()["arms"]["2"]["count"] == 1
+    assert list(fewer.state()["arms"]) == ["2"]
+    assert fewer.state()["arms"]["2"]["count"] == 1
 
 
 def test_load_state_is_all_or_nothing():

@@ -113,10 +113,12 @@ def test_dcp_optimizer_state_round_trips_types(tmp_path):
     store.save(TrainState(model_sd, optim_sd, sched.state_dict(), {"global_step": 2}, {}, []))
     got = store.load(2).optimizer
     step = got["state"]["0.weight"]["step"]
-    assert step.dim() == 0 and step.dtype == optim_sd["state"]["0.weight"]["step"].dtype
+    assert step.dim() == 0
+    assert step.dtype == optim_sd["state"]["0.weight"]["step"].dtype
     assert float(step) == 2.0
     group, ref_group = got["param_groups"][0], optim_sd["param_groups"][0]
-    assert group["params"] == ref_group["params"] and all(isinstance(p, str) for p in group["params"])
+    assert group["params"] == ref_group["params"]
+    assert all(isinstance(p, str) for p in group["params"])
     assert group == {k: v for k, v in ref_group.items()}  # betas stays a tuple, None stays None
 
 
@@ -127,12 +129,14 @@ def test_plain_optimizer_state_dict_keeps_int_keys(root):
     store = CheckpointStore(root)
     store.save(TrainState(model.state_dict(), plain, sched.state_dict(), {"global_step": 2}, {}, []))
     got = store.load(2).optimizer
-    assert list(got["state"]) == [0, 1, 2, 3] and all(type(k) is int for k in got["state"])
+    assert list(got["state"]) == [0, 1, 2, 3]
+    assert all(type(k) is int for k in got["state"])
     assert got["param_groups"][0]["params"] == [0, 1, 2, 3]
     for pid, entry in plain["state"].items():
         assert entry.keys() == got["state"][pid].keys()
         for key, value in entry.items():
-            assert torch.equal(value, got["state"][pid][key]) and value.dtype == got["state"][pid][key].dtype
+            assert torch.equal(value, got["state"][pid][key])
+            assert value.dtype == got["state"][pid][key].dtype
 
     model2, opt2, _ = _make(5)
     opt2.load_state_dict(got)  # torch itself accepts it
@@ -152,8 +156,10 @@ def test_rng_states_restore(root):
     expected = (torch.rand(4), np.random.randn(4), [random.random() for _ in range(4)], random.gauss(0, 1))
 
     rng = store.latest().rng
-    assert isinstance(rng["python"], tuple) and isinstance(rng["python"][1], tuple)
-    assert rng["numpy"][0] == "MT19937" and rng["numpy"][1].dtype == np.uint32
+    assert isinstance(rng["python"], tuple)
+    assert isinstance(rng["python"][1], tuple)
+    assert rng["numpy"][0] == "MT19937"
+    assert rng["numpy"][1].dtype == np.uint32
     assert rng["torch"].dtype == torch.uint8
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
     restore_rng(rng)
@@ -181,16 +187,24 @@ def test_nested_values_keep_their_types(tmp_path):
     got = CheckpointStore(str(tmp_path)).load(4)
     assert list(got.model) == ["t", "tied_a", "tied_b", "view", "half"]
     for key, value in state.model.items():
-        assert torch.equal(got.model[key], value) and got.model[key].dtype == value.dtype, key
+        assert torch.equal(got.model[key], value), key
+        assert got.model[key].dtype == value.dtype, key
     t = got.extra["tricky"]
-    assert list(t) == list(tricky) and [type(k) for k in t] == [type(k) for k in tricky]
+    assert list(t) == list(tricky)
+    assert [type(k) for k in t] == [type(k) for k in tricky]
     assert t["$dollar"] == [1, (2, 3), {"x": math.inf}]
-    assert math.isnan(t["nan"]) and t["neg"] == -math.inf and t["big"] == 2**70
-    assert t["np_scalar"] == 1.5 and t["dtype"] is torch.bfloat16
-    assert torch.equal(t["lr_tensor"], tricky["lr_tensor"]) and t["lr_tensor"].dim() == 0
-    assert t["arr"].dtype == np.int16 and t["arr"].tolist() == [0, 1, 2]
+    assert math.isnan(t["nan"])
+    assert t["neg"] == -math.inf
+    assert t["big"] == 2**70
+    assert t["np_scalar"] == 1.5
+    assert t["dtype"] is torch.bfloat16
+    assert torch.equal(t["lr_tensor"], tricky["lr_tensor"])
+    assert t["lr_tensor"].dim() == 0
+    assert t["arr"].dtype == np.int16
+    assert t["arr"].tolist() == [0, 1, 2]
     assert got.optimizer["param_groups"][0]["betas"] == (0.9, 0.99)
-    assert got.scheduler == {"best": math.inf} and math.isnan(got.metrics[0]["loss"])
+    assert got.scheduler == {"best": math.inf}
+    assert math.isnan(got.metrics[0]["loss"])
     # state.json is standard JSON (no NaN/Infinity literals)
     raw = (tmp_path / "step-000000004" / "state.json").read_text()
     json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -204,7 +218,8 @@ def test_unsaveable_values_fail_with_their_path(tmp_path):
         store.save(TrainState({"w": torch.ones(1)}, {}, {}, {"epoch": 1}, {}, []))
     with pytest.raises(InvalidInputError, match="rank 0"):
         store.save(TrainState({}, {}, {}, {"global_step": 1}, {}, []))
-    assert store.steps() == [] and os.listdir(tmp_path) == []  # nothing half-done left behind
+    assert store.steps() == []
+    assert os.listdir(tmp_path) == []  # nothing half-done left behind
 
 
 # --------------------------------------------------- never lost, never half
@@ -246,7 +261,8 @@ def test_crash_mid_save_is_never_returned_and_is_pruned(tmp_path, monkeypatch):
 
     store.save(_state(3))  # the job resumes and saves step 3 again
     removed = store.prune(keep=5)
-    assert len(removed) == 1 and os.path.basename(removed[0]).startswith(".tmp-step-000000003-")
+    assert len(removed) == 1
+    assert os.path.basename(removed[0]).startswith(".tmp-step-000000003-")
     assert sorted(os.listdir(tmp_path)) == ["LATEST", "step-000000001", "step-000000002", "step-000000003"]
 
 
@@ -284,13 +300,14 @@ def test_damaged_folders_are_skipped_and_pruned(root, caplog):
     with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
         state = fresh.latest()
     assert state.counters["global_step"] == 3
-    assert "step-000000004" in caplog.text and "falling back to step-000000003" in caplog.text
+    assert "step-000000004" in caplog.text
+    assert "falling back to step-000000003" in caplog.text
     assert fresh.steps() == [1, 3]
     with pytest.raises(IntegrityError, match="manifest"):
         fresh.load(4)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="step-000000002"):
         fresh.load(2)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="no checkpoint for step 99"):
         fresh.load(99)
 
     removed = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fresh.prune(keep=1))
@@ -318,8 +335,10 @@ def test_empty_store(root, caplog):
     store = CheckpointStore(root)
     with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
         assert store.latest() is None
-    assert store.steps() == [] and store.prune(keep=1) == [] and caplog.text == ""
-    with pytest.raises(NotFoundError):
+    assert store.steps() == []
+    assert store.prune(keep=1) == []
+    assert caplog.text == ""
+    with pytest.raises(NotFoundError, match="no checkpoint for step 0"):
         store.load(0)
 
 
@@ -329,7 +348,8 @@ def test_saving_a_step_twice_replaces_it(root):
     path = store.save(_state(3, version=2))
     assert path.endswith("step-000000003")
     assert store.steps() == [3]
-    assert store.load(3).extra == {"version": 2} and CheckpointStore(root).latest().extra == {"version": 2}
+    assert store.load(3).extra == {"version": 2}
+    assert CheckpointStore(root).latest().extra == {"version": 2}
     assert sorted(store._st.names()) == ["LATEST", "step-000000003"]  # no leftovers
 
 
