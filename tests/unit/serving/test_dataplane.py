@@ -24,6 +24,8 @@ from flywheel.serving._private.wire import OP_INFER_GRPC, OP_METADATA, Reply
 from flywheel.serving.metrics import ServingMetrics
 from flywheel.serving.router import Route, Router
 
+from _poll import wait_for_async
+
 STICKY = {"header": "flywheel-routing-key", "parameter": "routing_key"}
 
 
@@ -298,10 +300,9 @@ def test_the_shadow_variant_gets_a_copy_and_is_compared(transport):
         else:
             await _grpc(grpc, "ModelInfer", _infer_message("s"))
         window = plane.router.endpoint("s").windows
-        for _ in range(100):  # the shadow runs after the answer, on the same loop
-            if "2" in window and window["2"].shadow_compared:
-                break
-            await asyncio.sleep(0.001)
+        # the shadow runs after the answer, on the same loop
+        await wait_for_async(lambda: "2" in window and window["2"].shadow_compared, 5, "the shadow's comparison",
+                             every_s=0.001)
         assert models[("s", "2")].infers == 1
         assert window["2"].shadow_compared == 1
         assert window["2"].shadow_agreed == 1
