@@ -6,23 +6,40 @@ registry (:func:`available_tests`, :func:`get_test`, :func:`register_test`;
 one module per test under ``flywheel.kernels.drift``).
 """
 
-from flywheel.kernels.detector import BACKENDS, TESTS, DriftDetector, DriftResult, gpu_available
-from flywheel.kernels.drift import DriftTest, available_tests, get_test, register_test, unregister_test
-from flywheel.kernels.stats import benjamini_hochberg, bonferroni
-from flywheel.kernels.windows import WindowBuffer
+from __future__ import annotations
 
-__all__ = [
-    "BACKENDS",
-    "TESTS",
-    "DriftDetector",
-    "DriftResult",
-    "DriftTest",
-    "WindowBuffer",
-    "available_tests",
-    "benjamini_hochberg",
-    "bonferroni",
-    "get_test",
-    "gpu_available",
-    "register_test",
-    "unregister_test",
-]
+import importlib
+from typing import Any
+
+# name -> module; loaded on first use, so that reading a config (which asks
+# the registry which tests exist) does not import SciPy and Numba
+_EXPORTS = {
+    "BACKENDS": "flywheel.kernels.detector",
+    "TESTS": "flywheel.kernels.detector",
+    "DriftDetector": "flywheel.kernels.detector",
+    "DriftResult": "flywheel.kernels.detector",
+    "gpu_available": "flywheel.kernels.detector",
+    "DriftTest": "flywheel.kernels.drift",
+    "available_tests": "flywheel.kernels.drift",
+    "get_test": "flywheel.kernels.drift",
+    "register_test": "flywheel.kernels.drift",
+    "unregister_test": "flywheel.kernels.drift",
+    "benjamini_hochberg": "flywheel.kernels.stats",
+    "bonferroni": "flywheel.kernels.stats",
+    "WindowBuffer": "flywheel.kernels.windows",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flywheel.kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
