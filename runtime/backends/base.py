@@ -41,15 +41,21 @@ class Backend(abc.ABC):
     """
 
     platform: str = ""
+    # set by load(); a backend may instead override ``signature``
+    _signature: Signature | None = None
 
     @abc.abstractmethod
     def load(self) -> None:
-        """Load weights and build the session. Raises on a bad artifact."""
+        """Load weights and build the session (and set ``_signature``).
+        Raises on a bad artifact."""
 
     @property
-    @abc.abstractmethod
     def signature(self) -> Signature:
-        """Inputs and outputs with V2 datatypes; -1 marks a variable dimension."""
+        """Inputs and outputs with V2 datatypes; -1 marks a variable
+        dimension. RuntimeError before ``load()``."""
+        if self._signature is None:
+            raise RuntimeError("call load() first")
+        return self._signature
 
     @abc.abstractmethod
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

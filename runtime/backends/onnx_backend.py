@@ -287,12 +287,6 @@ class OnnxRuntimeBackend(Backend):
             raise ConfigError(f"tensor {node.name!r} has unsupported type {node.type}") from None
         return TensorSpec(node.name, datatype, tuple(_dim(d) for d in node.shape))
 
-    @property
-    def signature(self) -> Signature:
-        if self._signature is None:
-            raise RuntimeError("call load() first")
-        return self._signature
-
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {}
         for name, arr in inputs.items():

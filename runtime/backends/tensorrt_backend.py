@@ -163,12 +163,6 @@ class TensorRTBackend(Backend):
             lo, _, hi = engine.get_tensor_profile_shape(inputs[0].name, 0)
             self._batch_range = (int(lo[0]), int(hi[0]))
 
-    @property
-    def signature(self) -> Signature:
-        if self._signature is None:
-            raise RuntimeError("call load() first")
-        return self._signature
-
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._engine is None:
             raise RuntimeError("call load() first")

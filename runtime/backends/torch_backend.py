@@ -57,12 +57,6 @@ class TorchBackend(Backend):
         self._module = module
         self._torch = torch
 
-    @property
-    def signature(self) -> Signature:
-        if self._signature is None:
-            raise RuntimeError("call load() first")
-        return self._signature
-
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self._signature.inputs]

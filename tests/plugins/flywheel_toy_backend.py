@@ -45,12 +45,6 @@ class Doubler(Backend):
             outputs=(TensorSpec("y", "FP32", (-1, self._width)),),
         )
 
-    @property
-    def signature(self) -> Signature:
-        if self._signature is None:
-            raise RuntimeError("call load() first")
-        return self._signature
-
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"y": inputs["x"] * np.float32(2)}
 
