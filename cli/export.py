@@ -19,6 +19,7 @@ import numpy as np
 from flywheel.runtime.edge_export import QUANTIZE, TARGETS, BundleReport, ExportSource, export_bundle
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.signature import Signature
+from flywheel.cli._shared import add_registry_arguments
 from flywheel.common.settings import load_settings
 
 
@@ -86,7 +87,6 @@ HELP = "export a registered model as an edge bundle (onnx, ort-mobile, executorc
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    settings = load_settings()
     p = sub.add_parser("export", help=HELP, description=__doc__)
     p.add_argument("ref", help="registry reference: NAME, NAME/VERSION or NAME@ALIAS")
     p.add_argument("--target", required=True, choices=TARGETS, help="the bundle's format")
@@ -98,9 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bundle folder (default: <home>/exports/<name>-<version>-<target>[-int8])")
     p.add_argument("--no-register", action="store_true", help="write the bundle only")
     p.add_argument("--force", action="store_true", help="replace an earlier bundle in the output folder")
-    p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
-    p.add_argument("--artifacts", default=settings.artifacts_uri, help="artifact store (default: %(default)s)")
-    p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
+    add_registry_arguments(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end")
     p.set_defaults(func=run)
 

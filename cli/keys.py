@@ -11,8 +11,7 @@ import argparse
 
 import msgspec
 
-from flywheel.cli._output import add_json_flag, table, when
-from flywheel.common.settings import load_settings
+from flywheel.cli._shared import add_json_flag, add_registry_arguments, table, when
 from flywheel.registry.keys import ROLES, KeyStore
 
 
@@ -47,10 +46,8 @@ HELP = "API keys for the HTTP/gRPC endpoints: create, list, revoke"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    settings = load_settings()
     p = sub.add_parser("keys", help=HELP, description=__doc__)
-    p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
-    p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
+    add_registry_arguments(p, artifacts=False)
     cmds = p.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
     create = cmds.add_parser("create", help="a new key; prints its token once")
     create.add_argument("name", help="a name that says who or what uses the key")

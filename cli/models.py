@@ -11,8 +11,7 @@ import sys
 
 import msgspec
 
-from flywheel.cli._output import add_json_flag, table, when
-from flywheel.common.settings import load_settings
+from flywheel.cli._shared import add_json_flag, add_registry_arguments, table, when
 from flywheel.registry import Lineage, Registry, code_version, load_policy
 
 
@@ -142,11 +141,8 @@ HELP = "the model registry: list, show, lineage, register, alias, promote, rollb
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    settings = load_settings()
     p = sub.add_parser("models", help=HELP, description=__doc__)
-    p.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
-    p.add_argument("--artifacts", default=settings.artifacts_uri, help="artifact store (default: %(default)s)")
-    p.add_argument("--actor", default=settings.actor, help="who acts, for the audit log (default: %(default)s)")
+    add_registry_arguments(p)
     cmds = p.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     leaves = []
 

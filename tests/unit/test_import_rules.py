@@ -50,8 +50,7 @@ def _is_private(part: str) -> bool:
 
 def _package(rel: str) -> list[str]:
     """The package a module at ``rel`` belongs to, as import path parts."""
-    parts = rel[:-3].split("/")
-    return ["flywheel", *parts[:-1]] if parts[-1] != "__init__" else ["flywheel", *parts[:-1]]
+    return ["flywheel", *rel[:-3].split("/")[:-1]]
 
 
 def _imports(tree: ast.AST, rel: str) -> Iterator[tuple[int, str, list[str]]]:

@@ -1,10 +1,12 @@
-"""What the commands share in how they print: tables, times, ``--json``."""
+"""What the commands share: the registry options, ``--json``, tables and times."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 from collections.abc import Sequence
+
+from flywheel.common.settings import load_settings
 
 
 def table(headers: Sequence[str], rows: list[Sequence[object]]) -> str:
@@ -30,3 +32,15 @@ def add_json_flag(group: argparse.ArgumentParser, leaves: Sequence[argparse.Argu
     group.add_argument("--json", action="store_true", help=help)
     for leaf in leaves:
         leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=help)
+
+
+def add_registry_arguments(parser: argparse.ArgumentParser, *, artifacts: bool = True) -> None:
+    """``--registry``, ``--artifacts`` (unless ``artifacts`` is false) and
+    ``--actor``, defaulting to the process settings."""
+    settings = load_settings()
+    parser.add_argument("--registry", default=settings.registry_uri, help="registry URI (default: %(default)s)")
+    if artifacts:
+        parser.add_argument("--artifacts", default=settings.artifacts_uri,
+                            help="artifact store (default: %(default)s)")
+    parser.add_argument("--actor", default=settings.actor,
+                        help="who acts, for the audit log (default: %(default)s)")
