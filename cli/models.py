@@ -7,6 +7,7 @@ Errors print ``error: <message>`` and exit 2.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 
 import msgspec
@@ -49,6 +50,14 @@ def _versionstable(versions) -> str:
     )
 
 
+def _evaluationstable(evaluations) -> str:
+    return table(
+        ["id", "dataset", "fingerprint", "rows", "metrics", "run_id", "when", "by"],
+        [(e.id, e.dataset, e.fingerprint[:12], e.rows, " ".join(f"{k}={x:g}" for k, x in e.metrics.items()),
+          e.run_id or "-", when(e.created_at), e.created_by) for e in evaluations],
+    )
+
+
 def cmd_list(reg: Registry, args) -> None:
     models = reg.list_models()
     _emit(args, models, table(
@@ -81,7 +90,15 @@ def cmd_lineage(reg: Registry, args) -> None:
     cfg = report.version.lineage.training_config
     if cfg:
         text += f"\n\ntraining config of {report.version.ref}: {msgspec.json.encode(cfg).decode()}"
+    if report.evaluations:
+        text += f"\n\nevaluations of {report.version.ref}:\n{_evaluationstable(report.evaluations)}"
     _emit(args, report, text)
+
+
+def cmd_evaluations(reg: Registry, args) -> None:
+    v = reg.resolve(args.ref)
+    evaluations = reg.evaluations(v.name, v.version, dataset=args.dataset)
+    _emit(args, evaluations, _evaluationstable(evaluations))
 
 
 def cmd_register(reg: Registry, args) -> None:
@@ -137,7 +154,8 @@ def cmd_audit(reg: Registry, args) -> None:
           msgspec.json.encode(e.before).decode(), msgspec.json.encode(e.after).decode()) for e in entries]))
 
 
-HELP = "the model registry: list, show, lineage, register, alias, promote, rollback, approve, policy, audit"
+HELP = ("the model registry: list, show, lineage, evaluations, register, alias, promote, rollback, approve, "
+        "policy, audit")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -155,8 +173,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     leaf("list", "registered models", cmd_list)
     c = leaf("show", "a model's versions (NAME) or one version (NAME/V or NAME@ALIAS)", cmd_show)
     c.add_argument("ref", help="NAME, NAME/VERSION or NAME@ALIAS")
-    c = leaf("lineage", "how a version was produced, and what it derives from", cmd_lineage)
+    c = leaf("lineage", "how a version was produced, what it derives from and its evaluations",
+             cmd_lineage)
     c.add_argument("ref", help="NAME/VERSION or NAME@ALIAS")
+    c = leaf("evaluations", "a version's evaluations on datasets, oldest first", cmd_evaluations)
+    c.add_argument("ref", help="NAME/VERSION, NAME@ALIAS or NAME (its latest version)")
+    c.add_argument("--dataset", help="only evaluations on this dataset (its URI/name or its fingerprint)")
     c = leaf("register", "register a new version from local files", cmd_register)
     c.add_argument("name", help="the model's name")
     c.add_argument("--artifact", action="append", required=True,

@@ -7,6 +7,14 @@ A policy is a list of rules (YAML or code)::
       - {rule: not_worse_than_production, metric: accuracy, tolerance: 0.005}
       - {rule: max, metric: p99_latency_ms, value: 20}
       - {rule: approvals, count: 2}
+      - {rule: evaluated_on, dataset: "s3://b/holdout/"}
+      - {rule: evaluated_on, dataset: "s3://b/holdout/", metric: accuracy, min: 0.9}
+
+``evaluated_on`` needs at least one recorded evaluation of the version
+(``Registry.add_evaluation``) on that dataset, matched by the dataset string
+or by its fingerprint; with ``metric`` (and ``min`` and/or ``max``) the newest
+such evaluation's metric must lie within the bounds. The other rules read the
+version's own metrics.
 
 Tolerances and bounds are in the metric's own units (0.5 accuracy points on a
 0-1 accuracy is 0.005). A refusal lists every failed rule with its numbers.
@@ -14,6 +22,7 @@ Tolerances and bounds are in the metric's own units (0.5 accuracy points on a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -22,6 +31,7 @@ import msgspec
 import yaml
 
 from flywheel.protocol.errors import ConfigError
+from flywheel.registry.types import Evaluation
 
 
 class MinRule(msgspec.Struct, tag="min", tag_field="rule", frozen=True, forbid_unknown_fields=True):
@@ -61,7 +71,36 @@ class ApprovalsRule(msgspec.Struct, tag="approvals", tag_field="rule", frozen=Tr
     count: int
 
 
-Rule = Union[MinRule, MaxRule, NotWorseRule, RequiredMetricsRule, ApprovalsRule]
+class EvaluatedOnRule(
+    msgspec.Struct, tag="evaluated_on", tag_field="rule", frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """The version was evaluated on ``dataset`` (its string or fingerprint);
+    with ``metric``, the newest such evaluation has it within [min, max]."""
+
+    dataset: str
+    metric: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ConfigError("evaluated_on: dataset must be a non-empty dataset string or fingerprint")
+        if self.metric == "":
+            raise ConfigError("evaluated_on: metric must be a non-empty name (or left out)")
+        bounded = self.min is not None or self.max is not None
+        if self.metric is not None and not bounded:
+            raise ConfigError(f"evaluated_on: metric {self.metric!r} needs a min and/or a max")
+        if self.metric is None and bounded:
+            raise ConfigError("evaluated_on: min/max need the metric they bound")
+        for field in ("min", "max"):
+            bound = getattr(self, field)
+            if bound is not None and not math.isfinite(bound):
+                raise ConfigError(f"evaluated_on: {field} must be a finite number, got {bound}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ConfigError(f"evaluated_on: min {self.min:g} > max {self.max:g}")
+
+
+Rule = Union[MinRule, MaxRule, NotWorseRule, RequiredMetricsRule, ApprovalsRule, EvaluatedOnRule]
 
 
 class GatePolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -90,6 +129,7 @@ class GateContext:
     metrics: dict[str, float]
     production_metrics: dict[str, float] | None  # None: nothing in production
     approvers: frozenset[str]
+    evaluations: tuple[Evaluation, ...] = ()  # the version's evaluations, oldest first
 
 
 def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
@@ -106,6 +146,10 @@ def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
                 failures.append(
                     f"approvals: {len(ctx.approvers)} distinct approval(s) {sorted(ctx.approvers)}, need {rule.count}"
                 )
+        elif isinstance(rule, EvaluatedOnRule):
+            failure = _evaluated_on(rule, ctx.evaluations)
+            if failure:
+                failures.append(failure)
         elif rule.metric not in m:
             failures.append(f"{rule.__struct_config__.tag}: metric {rule.metric!r} is missing")
         elif isinstance(rule, MinRule):
@@ -130,3 +174,23 @@ def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
                     f"tolerance {rule.tolerance:g} = {prod + rule.tolerance:g}"
                 )
     return failures
+
+
+def _evaluated_on(rule: EvaluatedOnRule, evaluations: tuple[Evaluation, ...]) -> str | None:
+    on = [e for e in evaluations if rule.dataset in (e.dataset, e.fingerprint)]
+    if not on:
+        return f"evaluated_on: no evaluation on dataset {rule.dataset!r}"
+    if rule.metric is None:
+        return None
+    # The newest run decides: a later evaluation on the same data supersedes
+    # an earlier one (ids grow with every insert; clocks may not).
+    newest = max(on, key=lambda e: e.id)
+    where = f"on dataset {rule.dataset!r} (run {newest.run_id or f'#{newest.id}'})"
+    got = newest.metrics.get(rule.metric)
+    if got is None:
+        return f"evaluated_on: metric {rule.metric!r} is missing from the newest evaluation {where}"
+    if rule.min is not None and not got >= rule.min:
+        return f"evaluated_on: {rule.metric} {got:g} < {rule.min:g} {where}"
+    if rule.max is not None and not got <= rule.max:
+        return f"evaluated_on: {rule.metric} {got:g} > {rule.max:g} {where}"
+    return None

@@ -139,12 +139,33 @@ _V5 = [
     "CREATE INDEX training_jobs_by_state ON training_jobs (state, priority)",
 ]
 
+# v6: evaluations of a version on a dataset (a batch run's metrics), for
+# lineage and for the evaluated_on promotion gate; found by version and by
+# the dataset's fingerprint.
+_V6 = [
+    """CREATE TABLE evaluations (
+        id {serial},
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        dataset TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        rows BIGINT NOT NULL,
+        run_id TEXT NOT NULL,
+        created_at {real} NOT NULL,
+        created_by TEXT NOT NULL,
+        FOREIGN KEY (model, version) REFERENCES model_versions(model, version) ON DELETE CASCADE)""",
+    "CREATE INDEX evaluations_by_version ON evaluations (model, version, id)",
+    "CREATE INDEX evaluations_by_fingerprint ON evaluations (fingerprint)",
+]
+
 MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (1, _V1, {}),
     (2, _V2, _V2_DIALECT),
     (3, _V3, {}),
     (4, _V4, {}),
     (5, _V5, {}),
+    (6, _V6, {}),
 ]
 LATEST = MIGRATIONS[-1][0]
 

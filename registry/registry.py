@@ -1,4 +1,5 @@
-"""The model registry: versions, aliases, stages, gates, lineage and audit.
+"""The model registry: versions, aliases, stages, gates, lineage, evaluations
+and audit.
 
 Thread-safety: a Registry may be shared by threads; any number of processes
 may open the same store (SQLite file or PostgreSQL) at once. Every mutation is
@@ -8,6 +9,7 @@ never disagree.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -25,6 +27,7 @@ from flywheel.registry.types import (
     STAGES,
     Artifact,
     AuditEntry,
+    Evaluation,
     Lineage,
     LineageReport,
     ModelVersion,
@@ -57,6 +60,37 @@ def _json(field: str, value: Any) -> str:
 def _check_name(kind: str, value: str, pattern: re.Pattern = _NAME) -> None:
     if not isinstance(value, str) or not pattern.match(value):
         raise InvalidInputError(f"{kind} {value!r} must match {pattern.pattern}")
+
+
+_EVALUATION_COLUMNS = "id, model, version, dataset, fingerprint, metrics, rows, run_id, created_at, created_by"
+
+
+def _to_evaluation(row: tuple) -> Evaluation:
+    i, model, version, dataset, fp, metrics, rows, run_id, at, by = row
+    return Evaluation(i, model, version, dataset, fp, msgspec.json.decode(metrics), rows, run_id, at, by)
+
+
+def _check_evaluation(dataset: str, fingerprint: str, metrics: Mapping[str, float], rows: int,
+                      run_id: str) -> dict[str, float]:
+    """The metrics as finite floats; InvalidInputError names the bad field."""
+    for field, value in (("dataset", dataset), ("fingerprint", fingerprint)):
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInputError(f"{field} must be a non-empty string, got {value!r}")
+    if not isinstance(run_id, str):
+        raise InvalidInputError(f"run_id must be a string, got {run_id!r}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise InvalidInputError(f"rows must be a non-negative integer, got {rows!r}")
+    if not isinstance(metrics, Mapping):
+        raise InvalidInputError(f"metrics must be a mapping of name to number, got {type(metrics).__name__}")
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidInputError(f"metrics: name {key!r} must be a non-empty string")
+        # bool is an int, but True is no measurement
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidInputError(f"metrics[{key!r}] must be a finite number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 _VERSION_COLUMNS = (
@@ -258,8 +292,8 @@ class Registry:
         return self.get_version(name, version)
 
     def delete_version(self, name: str, version: int, *, actor: str) -> None:
-        """Remove a version (its aliases and approvals go with it; blobs stay,
-        content-addressed, possibly shared)."""
+        """Remove a version (its aliases, approvals and evaluations go with it;
+        blobs stay, content-addressed, possibly shared)."""
         with self._db.tx():
             row = self._version_row(name, version)
             if row[2] == "production":
@@ -344,7 +378,8 @@ class Registry:
         prod_metrics = self.get_version(name, prod[0][0]).metrics if prod else None
         approvers = frozenset(a for (a,) in self._db.execute(
             "SELECT actor FROM approvals WHERE model = ? AND version = ?", (name, version)))
-        return evaluate(self.get_policy(name), GateContext(mv.metrics, prod_metrics, approvers))
+        evaluations = tuple(self.evaluations(name, version))
+        return evaluate(self.get_policy(name), GateContext(mv.metrics, prod_metrics, approvers, evaluations))
 
     def promote(self, name: str, version: int, stage: str, *, actor: str) -> ModelVersion:
         """Move a version to ``stage`` (none -> staging -> production; anything
@@ -416,7 +451,7 @@ class Registry:
             p = self.resolve(parent)
             chain.append(p)
             parent = p.lineage.parent
-        return LineageReport(mv, chain)
+        return LineageReport(mv, chain, self.evaluations(mv.name, mv.version))
 
     def trained_from(self, data_fingerprint: str) -> list[ModelVersion]:
         rows = self._db.execute(
@@ -438,6 +473,60 @@ class Registry:
                 out.append(mv)
                 frontier.append(mv.ref)
         return out
+
+    # -- evaluations ----------------------------------------------------------
+    def add_evaluation(self, name: str, version: int, *, dataset: str, fingerprint: str,
+                       metrics: Mapping[str, float], rows: int, run_id: str, actor: str) -> Evaluation:
+        """Record that ``name/version`` was evaluated on a dataset.
+
+        ``dataset``: the URI or name the user gave; ``fingerprint``: sha256 of
+        the dataset's manifest; ``metrics``: finite numbers; ``rows``: rows
+        scored; ``run_id``: the run that produced it. The record and its audit
+        entry (action "evaluate") are written in one transaction.
+
+        Raises NotFoundError (no such model or version) and InvalidInputError
+        naming the bad field (empty dataset or fingerprint, a non-finite or
+        non-numeric metric, negative rows)."""
+        version = int(version)
+        clean = _check_evaluation(dataset, fingerprint, metrics, rows, run_id)
+        metrics_json = _json("metrics", clean)
+        _json("dataset", dataset)  # size check
+        with self._db.tx():
+            self._version_row(name, version)
+            now = time.time()
+            eid = self._db.execute(
+                "INSERT INTO evaluations (model, version, dataset, fingerprint, metrics, rows, run_id, created_at, "
+                "created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (name, version, dataset, fingerprint, metrics_json, rows, run_id, now, actor),
+            )[0][0]
+            self._audit(actor, "evaluate", name, version, None, {
+                "dataset": dataset, "fingerprint": fingerprint, "metrics": clean, "rows": rows, "run_id": run_id})
+        return Evaluation(eid, name, version, dataset, fingerprint, clean, rows, run_id, now, actor)
+
+    def evaluations(self, name: str, version: int | None = None, *, dataset: str | None = None) -> list[Evaluation]:
+        """A model's evaluations (of one version when given), oldest first.
+        ``dataset`` keeps those whose dataset string or fingerprint equals it.
+        NotFoundError for an unknown model or version."""
+        if version is None:
+            self._require_model(name)
+            where, args = "model = ?", [name]
+        else:
+            self._version_row(name, int(version))
+            where, args = "model = ? AND version = ?", [name, int(version)]
+        if dataset is not None:
+            where += " AND (dataset = ? OR fingerprint = ?)"
+            args += [dataset, dataset]
+        rows = self._db.execute(f"SELECT {_EVALUATION_COLUMNS} FROM evaluations WHERE {where} ORDER BY id", args)
+        return [_to_evaluation(r) for r in rows]
+
+    def evaluated_on(self, fingerprint: str) -> list[Evaluation]:
+        """Every evaluation, of any version, on the data with this fingerprint
+        (by model, version, then oldest first)."""
+        rows = self._db.execute(
+            f"SELECT {_EVALUATION_COLUMNS} FROM evaluations WHERE fingerprint = ? ORDER BY model, version, id",
+            (fingerprint,),
+        )
+        return [_to_evaluation(r) for r in rows]
 
     def audit(self, *, model: str | None = None, actor: str | None = None, since: float | None = None,
               until: float | None = None, limit: int = 1000) -> list[AuditEntry]:

@@ -76,8 +76,36 @@ class AuditEntry(msgspec.Struct, frozen=True):
     after: Any
 
 
+class Evaluation(msgspec.Struct, frozen=True):
+    """One evaluation of a version on a dataset (a batch run's result).
+
+    dataset: the URI or name the user gave (e.g. "s3://b/holdout/").
+    fingerprint: sha256 of the dataset's manifest, so that the same data
+        under another name still matches, and changed data under the same
+        name does not.
+    rows: how many rows were scored; run_id: the run that produced it.
+    """
+
+    id: int
+    model: str
+    version: int
+    dataset: str
+    fingerprint: str
+    metrics: dict[str, float]
+    rows: int
+    run_id: str
+    created_at: float
+    created_by: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}/{self.version}"
+
+
 class LineageReport(msgspec.Struct, frozen=True):
-    """A version and the chain of versions it derives from (nearest first)."""
+    """A version, the chain of versions it derives from (nearest first) and
+    the version's own evaluations (oldest first)."""
 
     version: ModelVersion
     ancestors: list[ModelVersion]
+    evaluations: list[Evaluation] = []

@@ -78,3 +78,15 @@ def test_bad_input_is_a_clear_error(cli, args, fragment):
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluations_and_an_iso_audit_window(cli, tmp_path):
+    cli("register", "fraud", "--artifact", "model.onnx=m.onnx")
+    assert json.loads(cli("evaluations", "fraud/1", "--json").stdout) == []
+    assert cli("evaluations", "fraud").stdout.split()[:8] == [
+        "id", "dataset", "fingerprint", "rows", "metrics", "run_id", "when", "by"]
+    missing = cli("evaluations", "fraud/7", ok=False)
+    assert missing.returncode == 2
+    assert "no version 7" in missing.stderr
+    since = json.loads(cli("--json", "audit", "--since", "2000-01-01T00:00:00").stdout)
+    assert [e["action"] for e in since] == ["create_model", "register"]

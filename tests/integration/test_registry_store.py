@@ -103,6 +103,37 @@ def test_lineage_queries(reg):
         _v(reg, name="x", lineage=Lineage(parent="nope/1"))
 
 
+def test_evaluations_round_trip(reg):
+    data = fingerprint_arrays(np.arange(10))
+    _v(reg)
+    _v(reg, data=b"2")
+    big = 5_000_000_000  # past 32 bits: rows is a BIGINT
+    e1 = reg.add_evaluation("fraud", 1, dataset="s3://b/holdout/", fingerprint=data,
+                            metrics={"accuracy": 0.1 + 0.2, "loss": 1e-300}, rows=big, run_id="r-1", actor="batch")
+    e2 = reg.add_evaluation("fraud", 1, dataset="/mnt/holdout", fingerprint=data, metrics={"accuracy": 0.95},
+                            rows=10, run_id="r-2", actor="batch")
+    e3 = reg.add_evaluation("fraud", 2, dataset="s3://b/holdout/", fingerprint=data, metrics={}, rows=0,
+                            run_id="r-3", actor="carol")
+    assert e1.id < e2.id < e3.id
+    assert reg.evaluations("fraud", 1) == [e1, e2]  # floats and the timestamp round-trip exactly
+    assert reg.evaluations("fraud", 1)[0].rows == big
+    assert reg.evaluations("fraud", 1, dataset="s3://b/holdout/") == [e1]
+    assert reg.evaluations("fraud", dataset=data) == [e1, e2, e3]
+    assert reg.evaluated_on(data) == [e1, e2, e3]
+    assert reg.lineage("fraud/1").evaluations == [e1, e2]
+    evaluate_entries = [e for e in reg.audit(model="fraud") if e.action == "evaluate"]
+    assert [e.after["run_id"] for e in evaluate_entries] == ["r-1", "r-2", "r-3"]
+    reg.set_policy("fraud", parse_policy({"rules": [
+        {"rule": "evaluated_on", "dataset": data, "metric": "accuracy", "min": 0.9}]}), actor="alice")
+    assert reg.check_gates("fraud", 1) == []  # the newest, r-2, decides
+    assert reg.check_gates("fraud", 2) == [
+        f"evaluated_on: metric 'accuracy' is missing from the newest evaluation on dataset {data!r} (run r-3)"]
+    reg.delete_version("fraud", 1, actor="alice")
+    assert reg.evaluated_on(data) == [e3]
+    with pytest.raises(NotFoundError, match="no version 1"):
+        reg.add_evaluation("fraud", 1, dataset="d", fingerprint=data, metrics={}, rows=1, run_id="r", actor="x")
+
+
 def test_aliases_move_atomically(reg):
     _v(reg)
     _v(reg, data=b"2")
@@ -253,10 +284,12 @@ def test_opening_an_older_schema_upgrades_it(store_uri, tmp_path):
         db.execute("SELECT * FROM approvals")
     db.close()
     r = Registry.open(store_uri, str(tmp_path / "artifacts"))
-    assert current_version(connect(store_uri)) == LATEST == 5
+    assert current_version(connect(store_uri)) == LATEST == 6
     assert r.get_model("old").created_by == "v1-user"
     _v(r, name="old")
     r.approve("old", 1, actor="bob")  # the v2 table works
+    r.add_evaluation("old", 1, dataset="/data/holdout", fingerprint="f" * 64, metrics={"accuracy": 0.9}, rows=1,
+                     run_id="r-1", actor="bob")  # the v6 table works
     r.close()
 
 
