@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("keys", "keys"),
     ("export", "export"),
     ("train", "train"),
+    ("predict", "predict"),
     ("bench", "bench"),
     ("lb", "lb"),
 )

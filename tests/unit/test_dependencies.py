@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ["protocol", "runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs"]
+PACKAGE = ["protocol", "runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs", "batch"]
 # what a serving-only install (no extras) imports when it loads these rooms
 SERVING = ["protocol", "runtime", "kernels", "serving", "registry", "client", "configs"]
 # modules of optional GPU packages that are not installed here
@@ -24,7 +24,6 @@ NOT_INSTALLED = {"cupy": "cupy-cuda12x", "tensorrt": "tensorrt"}
 # declared but never imported by name, and why
 USED_WITHOUT_IMPORT = {
     "onnxscript": "torch.onnx.export's exporter needs it",
-    "pyarrow": "pandas and Ray Data write and read Parquet with it",
     "s3fs": "fsspec loads it for s3:// URIs",
     "onnxruntime-gpu": "it installs the module onnxruntime, in the place of onnxruntime's",
 }

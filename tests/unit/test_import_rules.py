@@ -34,9 +34,11 @@ ALLOWED: dict[str, set[str]] = {
     "common": {"protocol"},
     "serving": {"protocol", "runtime", "kernels", "registry", "common", "configs"},
     "training": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs"},
-    "bench": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs", "serving", "training"},
+    "batch": {"protocol", "runtime", "kernels", "registry", "common", "configs", "serving"},
+    "bench": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs", "serving", "training",
+              "batch"},
     "cli": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs", "serving", "training",
-            "bench"},
+            "batch", "bench"},
 }
 RAY_AND_WEB = {"ray", "starlette", "fastapi", "uvicorn", "aiohttp", "flask", "tornado", "sanic", "django",
                "httptools"}

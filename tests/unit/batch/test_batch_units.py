@@ -1,0 +1,343 @@
+"""The batch room without Ray: planning, column mapping, readers, one
+partition scored by the actor class called directly, resume bookkeeping,
+metrics and the checks that fail a run before it starts."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _batch_data import features_of, image_onnx, linear_onnx, parquet_files
+
+from flywheel.batch import PredictJob, parse_job
+from flywheel.batch.mapping import plan_inputs, to_inputs
+from flywheel.batch.metrics import auc, evaluate
+from flywheel.batch.model import resolve
+from flywheel.batch.output import Manifest, OutputFolder
+from flywheel.batch.report import Progress
+from flywheel.batch.runner import plan_run, run
+from flywheel.batch.scorer import PartitionScorer, ScoringPlan
+from flywheel.batch.sources import open_input, plan_partitions
+from flywheel.protocol.errors import ConfigError, InvalidInputError, PreconditionFailedError
+from flywheel.runtime.signature import Signature, TensorSpec
+
+SIG = Signature((TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("logits", "FP32", (-1, 2)),))
+
+
+# -- the job ------------------------------------------------------------------------
+def test_job_fields_are_checked_by_name():
+    with pytest.raises(ConfigError, match="format 'xlsx' unknown"):
+        PredictJob(model="m", input="i", output="o", format="xlsx")
+    with pytest.raises(ConfigError, match="register: an evaluation needs a label"):
+        PredictJob(model="m", input="i", output="o", register=True)
+    with pytest.raises(ConfigError, match="'row' is a column Flywheel writes itself"):
+        PredictJob(model="m", input="i", output="o", keys=["row"])
+    with pytest.raises(ConfigError, match="batch_rows must be >= 0"):
+        PredictJob(model="m", input="i", output="o", batch_rows=-1)
+    with pytest.raises(ConfigError, match="invalid batch job.*actors"):
+        parse_job({"model": "m", "input": "i", "output": "o", "actors": "two"})
+    with pytest.raises(ConfigError, match="invalid batch job.*unknown field"):
+        parse_job({"model": "m", "input": "i", "output": "o", "colums": {}})
+
+
+# -- partitions ---------------------------------------------------------------------
+def test_large_parquet_files_split_by_row_groups_and_hive_folders_become_keys(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in" / "day=2026-12-01", w, files=1, rows=1000, row_group=250)
+    parquet_files(tmp_path / "in" / "day=2026-12-02", w, files=1, rows=300, row_group=250, seed=2)
+    fs, root, files = open_input(str(tmp_path / "in"))
+    parts = plan_partitions(fs, root, files, "parquet", partition_rows=500)
+    assert [(p.rel, p.row_groups, p.rows, p.first_row) for p in parts] == [
+        ("day=2026-12-01/part-0.parquet", (0, 1), 500, 0),
+        ("day=2026-12-01/part-0.parquet", (2, 3), 500, 500),
+        ("day=2026-12-02/part-0.parquet", (), 300, 0),
+    ]
+    assert parts[0].hive == {"day": "2026-12-01"}
+    assert len({p.name for p in parts}) == 3
+    # the same input plans the same partition names: what resuming relies on
+    assert [p.name for p in plan_partitions(fs, root, files, "parquet", 500)] == [p.name for p in parts]
+
+
+def test_globs_and_missing_inputs(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=3, rows=10)
+    _, _, files = open_input(f"file://{tmp_path}/in/part-[01].parquet")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-0.parquet", "part-1.parquet"]
+    with pytest.raises(InvalidInputError, match="no such file or folder"):
+        open_input(str(tmp_path / "nothing"))
+
+
+# -- mapping ------------------------------------------------------------------------
+def _schema(**cols):
+    return pa.schema(list(cols.items()))
+
+
+def test_auto_mapping_takes_the_numeric_columns_that_are_not_keys_or_label():
+    schema = _schema(id=pa.int64(), a=pa.float32(), b=pa.float64(), c=pa.int32(), y=pa.int64())
+    (plan,) = plan_inputs(schema, SIG, "f.parquet", columns={}, exclude={"id", "y"})
+    assert plan.columns == ("a", "b", "c")
+    batch = pa.record_batch({"id": [1, 2], "a": pa.array([1, 2], pa.float32()), "b": [3.0, 4.0],
+                             "c": pa.array([5, 6], pa.int32()), "y": [0, 1]})
+    x = to_inputs(batch, [plan], "f.parquet")["x"]
+    assert x.dtype == np.float32 and x.tolist() == [[1, 3, 5], [2, 4, 6]]
+
+
+def test_globs_and_list_columns_map_inputs():
+    schema = _schema(p_2=pa.float32(), p_1=pa.float32(), p_0=pa.float32(), other=pa.float32())
+    (plan,) = plan_inputs(schema, SIG, "f", columns={"x": ["p_0", "p_*"]}, exclude=set())
+    assert plan.columns == ("p_0", "p_2", "p_1")  # named first, then the glob's in file order
+    schema = _schema(x=pa.list_(pa.float32(), 3), id=pa.int64())
+    (plan,) = plan_inputs(schema, SIG, "f", columns={}, exclude={"id"})
+    assert plan.list_column == "x"
+    batch = pa.record_batch({"x": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(6, dtype=np.float32)), 3),
+                             "id": [1, 2]})
+    assert to_inputs(batch.slice(1), [plan], "f")["x"].tolist() == [[3, 4, 5]]
+
+
+@pytest.mark.parametrize("schema, columns, message", [
+    (_schema(a=pa.float32(), b=pa.float32()), {},
+     r"f.parquet: model input 'x' expects FP32 x 3 per row \(shape \[-1, 3\]\); 2 column\(s\) would feed it"),
+    (_schema(a=pa.float32(), b=pa.string(), c=pa.float32()), {"x": ["a", "b", "c"]},
+     r"f.parquet: column 'b' is string; model input 'x' expects FP32 x 3 per row"),
+    (_schema(a=pa.float32()), {"x": ["zz_*"]}, r"f.parquet: column 'zz_\*' \(columns.x\) is not there"),
+    (_schema(x=pa.list_(pa.float32(), 4)), {}, r"column 'x' holds 4 values per row; model input 'x' expects"),
+    (_schema(a=pa.float32()), {"nope": ["a"]}, r"columns: 'nope' is not an input of the model"),
+])
+def test_mismatches_name_the_file_the_column_and_the_expectation(schema, columns, message):
+    with pytest.raises(InvalidInputError, match=message):
+        plan_inputs(schema, SIG, "f.parquet", columns=columns, exclude=set())
+
+
+def test_float_columns_do_not_feed_integer_inputs():
+    sig = Signature((TensorSpec("ids", "INT64", (-1, 1)),), (TensorSpec("o", "FP32", (-1, 1)),))
+    with pytest.raises(InvalidInputError, match="column 'v' is double; model input 'ids' expects INT64"):
+        plan_inputs(_schema(v=pa.float64()), sig, "f", columns={}, exclude=set())
+
+
+def test_null_values_fail_the_batch_with_the_column_named():
+    (plan,) = plan_inputs(_schema(a=pa.float32(), b=pa.float32(), c=pa.float32()), SIG, "f", columns={},
+                          exclude=set())
+    batch = pa.record_batch({"a": [1.0, 2.0], "b": [1.0, None], "c": [1.0, 2.0]})
+    with pytest.raises(InvalidInputError, match="f: column 'b' is empty \\(null\\) at row 1"):
+        to_inputs(batch, [plan], "f")
+
+
+# -- scoring one partition without Ray ------------------------------------------------
+def _plan(tmp_path, job: PredictJob, run_id="r-test") -> tuple[ScoringPlan, list]:
+    source = resolve(job, "", "")
+    fs, root, files = open_input(job.input)
+    from flywheel.batch.sources import detect_format
+
+    parts = plan_partitions(fs, root, files, detect_format(files, job.format), job.partition_rows)
+    inputs, image = plan_run(job, source, parts)
+    return ScoringPlan(job=job, model=source, inputs=inputs, run_id=run_id, batch_rows=job.batch_rows or 100,
+                       image=image), parts
+
+
+def _score(plan: ScoringPlan, parts) -> dict:
+    OutputFolder(plan.job.output).fs.makedirs(plan.job.output + "/_flywheel/tmp", exist_ok=True)
+    scorer = PartitionScorer(msgspec.msgpack.encode(plan))
+    return scorer({"partition": np.array([msgspec.json.encode(p).decode() for p in parts], dtype=object)})
+
+
+def test_a_partition_is_scored_streaming_and_written_with_its_keys(tmp_path):
+    import onnxruntime as ort
+
+    w = linear_onnx(tmp_path / "m.onnx")
+    labels = parquet_files(tmp_path / "in", w, files=2, rows=350, row_group=100)
+    job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                     keys=["id"], label="y", batch_rows=64, partition_rows=200)
+    plan, parts = _plan(tmp_path, job)
+    got = _score(plan, parts)
+    assert list(got["rows"]) == [200, 150, 200, 150] and not any(got["error"])
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 700
+    assert table.column_names == ["source", "row", "id", "y", "logits", "model_version", "run_id"]
+    ids = table.column("id").to_numpy()
+    assert sorted(ids.tolist()) == list(range(700))
+    src = pq.read_table(tmp_path / "in")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    want = dict(zip(src.column("id").to_pylist(), sess.run(None, {"x": features_of(src, 8)})[0]))
+    logits = np.stack(table.column("logits").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(logits, np.stack([want[i] for i in ids]), rtol=1e-5, atol=1e-5)
+    assert [labels[i] for i in ids] == table.column("y").to_pylist()
+    rows = {(s, r) for s, r in zip(table.column("source").to_pylist(), table.column("row").to_pylist())}
+    assert len(rows) == 700 and ("part-1.parquet", 349) in rows
+    assert set(table.column("model_version").to_pylist()) == {"m.onnx"}
+    assert set(table.column("run_id").to_pylist()) == {"r-test"}
+    assert not list((tmp_path / "out" / "_flywheel" / "tmp").iterdir())  # nothing half-written left
+
+
+def test_a_corrupt_file_fails_only_its_partition(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=2, rows=100)
+    job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                     keys=["id"], label="y")
+    plan, parts = _plan(tmp_path, job)
+    data = (tmp_path / "in" / "part-1.parquet").read_bytes()
+    (tmp_path / "in" / "part-1.parquet").write_bytes(data[:200] + b"\0" * 300 + data[500:])  # damaged pages
+    got = _score(plan, parts)
+    assert got["rows"][0] == 100 and got["error"][0] == ""
+    assert got["rows"][1] == 0 and "part-1.parquet" in got["error"][1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == [f"{parts[0].name}.parquet"]
+
+
+def test_csv_and_npy_inputs(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    x = np.random.default_rng(3).standard_normal((130, 8)).astype(np.float32)
+    (tmp_path / "csv").mkdir()
+    header = "id," + ",".join(f"f{j}" for j in range(8))
+    lines = [header] + [f"{i}," + ",".join(repr(float(v)) for v in row) for i, row in enumerate(x)]
+    (tmp_path / "csv" / "a.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "a.npy", x)
+    want = x @ w
+    for fmt, keys in (("csv", ["id"]), ("npy", [])):
+        job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / fmt), output=str(tmp_path / f"o-{fmt}"),
+                         keys=keys, batch_rows=50)
+        plan, parts = _plan(tmp_path, job)
+        got = _score(plan, parts)
+        assert list(got["rows"]) == [130], got["error"]
+        table = pq.read_table(tmp_path / f"o-{fmt}")
+        order = np.argsort(table.column("row").to_numpy())
+        logits = np.stack(table.column("logits").to_numpy(zero_copy_only=False))[order]
+        np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_npy_fails_with_the_file_named(tmp_path):
+    linear_onnx(tmp_path / "m.onnx")
+    (tmp_path / "npy").mkdir()
+    buf = io.BytesIO()
+    np.save(buf, np.ones((100, 8), np.float32))
+    (tmp_path / "npy" / "a.npy").write_bytes(buf.getvalue()[:-64])
+    job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "npy"), output=str(tmp_path / "o"),
+                     batch_rows=30)
+    plan, parts = _plan(tmp_path, job)
+    got = _score(plan, parts)
+    assert "a.npy: truncated" in got["error"][0]
+
+
+def test_image_folders_with_a_label_per_folder(tmp_path):
+    from PIL import Image
+
+    image_onnx(tmp_path / "img.onnx", channels=3, size=8, classes=2)
+    for label, color in (("red", (250, 10, 10)), ("green", (10, 250, 10))):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (16, 12), color).save(tmp_path / "imgs" / label / f"{i}.png")
+    job = PredictJob(model=str(tmp_path / "img.onnx"), input=str(tmp_path / "imgs"), output=str(tmp_path / "o"),
+                     label="label", classes=["red", "green"], batch_rows=4)
+    plan, parts = _plan(tmp_path, job)
+    got = _score(plan, parts)
+    assert list(got["rows"]) == [5, 5], got["error"]
+    table = pq.read_table(tmp_path / "o")
+    pred = np.argmax(np.stack(table.column("logits").to_numpy(zero_copy_only=False)), axis=1)
+    truth = [["red", "green"].index(v) for v in table.column("label").to_pylist()]
+    assert pred.tolist() == truth
+    assert sorted(table.column("source").to_pylist())[0] == "green/0.png"
+
+
+# -- resume bookkeeping -------------------------------------------------------------
+def _manifest(**kw) -> Manifest:
+    base = dict(run_id="r1", model="m", model_sha256="a" * 64, options={"keys": ["id"]},
+                partitions={"p1": "10:1", "p2": "10:1"}, created_at=0.0)
+    return Manifest(**{**base, **kw})
+
+
+def test_a_folder_resumes_only_the_same_run(tmp_path):
+    out = OutputFolder(str(tmp_path / "o"))
+    m, done = out.begin(_manifest(), overwrite=False)
+    assert done == set()
+    (tmp_path / "o" / "p1.parquet").write_bytes(b"x")
+    m2, done = out.begin(_manifest(run_id="r2"), overwrite=False)
+    assert m2.run_id == "r1" and done == {"p1"}
+    with pytest.raises(PreconditionFailedError, match="scored with model m .* pass overwrite"):
+        out.begin(_manifest(model_sha256="b" * 64), overwrite=False)
+    with pytest.raises(PreconditionFailedError, match="was asked keys=\\['id'\\], not \\[\\]"):
+        out.begin(_manifest(options={"keys": []}), overwrite=False)
+    with pytest.raises(PreconditionFailedError, match="wrote partitions whose input has changed since \\(p1"):
+        out.begin(_manifest(partitions={"p1": "11:2", "p2": "10:1"}), overwrite=False)
+    # a partition not yet written may have been mended: the run goes on
+    m4, done = out.begin(_manifest(run_id="r4", partitions={"p1": "10:1", "p2": "11:2"}), overwrite=False)
+    assert m4.run_id == "r1" and m4.partitions["p2"] == "11:2" and done == {"p1"}
+    m3, done = out.begin(_manifest(run_id="r3", model_sha256="b" * 64), overwrite=True)
+    assert m3.run_id == "r3" and done == set() and not (tmp_path / "o" / "p1.parquet").exists()
+
+
+def test_stray_parquet_files_are_not_taken_for_a_run(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "other.parquet").write_bytes(b"x")
+    with pytest.raises(PreconditionFailedError, match="holds Parquet files but no Flywheel run"):
+        OutputFolder(str(tmp_path / "o")).begin(_manifest(), overwrite=False)
+
+
+# -- checks before the run: no Ray is started for a job that cannot run -------------
+def test_a_file_that_does_not_fit_the_model_fails_before_the_run(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=2, rows=20)
+    pq.write_table(pa.table({"id": [1], "f0": [1.0], "y": [0]}), tmp_path / "in" / "part-9.parquet")
+    with pytest.raises(InvalidInputError, match=r"input file part-9.parquet: model input 'x' expects FP32 x 8 per "
+                                                r"row \(shape \[-1, 8\]\); 1 column\(s\) would feed it"):
+        run(PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "o"),
+                       keys=["id"], label="y"), progress=False)
+    with pytest.raises(InvalidInputError, match="input file part-0.parquet: no column 'customer' \\(keys\\)"):
+        run(PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "o"),
+                       keys=["customer"]), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_file_must_exist_and_a_file_model_cannot_register(tmp_path):
+    with pytest.raises(InvalidInputError, match="no such file"):
+        run(PredictJob(model=str(tmp_path / "none.onnx"), input=str(tmp_path), output=str(tmp_path / "o")),
+            progress=False)
+    linear_onnx(tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="register: the model is a file"):
+        run(PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path), output=str(tmp_path / "o"), label="y",
+                       register=True), progress=False)
+
+
+# -- metrics and progress -----------------------------------------------------------
+def test_metrics_agree_with_scikit_learn():
+    from sklearn.metrics import mean_squared_error, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)
+    logits = rng.standard_normal((500, 3)) + np.eye(3)[y] * 1.5
+    got = evaluate(y, logits, "auto", [])
+    assert got["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert got["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert auc(np.array([True, False, True]), np.array([0.9, 0.1, 0.5])) == 1.0
+    target = rng.standard_normal(200)
+    pred = target + rng.standard_normal(200) * 0.1
+    reg = evaluate(target, pred.astype(np.float32), "auto", [])
+    assert reg["rmse"] == pytest.approx(np.sqrt(mean_squared_error(target, pred)), rel=1e-5)
+    named = evaluate(np.array(["b", "a", "b"], dtype=object), np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]),
+                     "classification", [])
+    assert named["accuracy"] == 1.0 and named["auc"] == 1.0
+    with pytest.raises(InvalidInputError, match="label: value 'c' is not among classes"):
+        evaluate(np.array(["c"], dtype=object), np.array([[0.1, 0.9]]), "classification", ["a", "b"])
+
+
+def test_progress_shows_rows_rate_and_eta():
+    out = io.StringIO()
+    bar = Progress(4, 4000, 0, stream=out, every_s=0)
+    bar.advance(1000, 0)
+    assert "batch: 1/4 partitions, 1,000/4,000 rows" in out.getvalue()
+    assert "rows/s, ETA" in out.getvalue()
+    for _ in range(3):
+        bar.advance(1000, 0)
+    assert "4/4 partitions, 4,000/4,000 rows" in out.getvalue() and "done in" in out.getvalue()
+
+
+def test_the_report_is_json():
+    from flywheel.batch import BatchReport
+
+    r = BatchReport(run_id="r", model="m", model_sha256="s", output="o", partitions=1, skipped=0, scored=1,
+                    failed=[], rows=3, seconds=1.0, rows_per_s=3.0, actors=1, nodes=["n"], peak_rss_mb=1.0)
+    assert json.loads(msgspec.json.encode(r))["rows"] == 3 and r.ok
