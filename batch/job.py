@@ -50,7 +50,8 @@ class PredictJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     actors: scoring actors (0: as many as the cluster's free CPUs allow).
     num_cpus / num_gpus: Ray resources of each actor.
     threads: ONNX Runtime intra-op threads in each actor.
-    batch_rows: rows per model call (0: 8192 on CPU).
+    batch_rows: rows per model call (0: the backend's default: 8192, 1024
+        for a TensorRT engine, which is built for that batch profile).
     partition_rows: a Parquet file with more rows is split into partitions
         of whole row groups of about this many rows, so that one large file
         still spreads over the actors.

@@ -116,18 +116,43 @@ def local_file(source: ModelSource) -> str:
     return path
 
 
-def load(source: ModelSource, *, threads: int, gpu: bool) -> Backend:
-    """The loaded backend, built by the backend registry from a model config
-    as serving builds it."""
+# rows per model call by backend: ONNX Runtime and torch on a CPU amortise
+# their per-call cost by 8192 rows; a TensorRT engine is built for the batch
+# profile it will see, and a larger profile costs GPU memory and build time
+_BATCH_ROWS = {"tensorrt": 1024}
+DEFAULT_BATCH_ROWS = 8192
+
+
+def batch_rows(backend: str, wanted: int) -> int:
+    """Rows per model call: ``wanted``, or the backend's default."""
+    return wanted or _BATCH_ROWS.get(backend, DEFAULT_BATCH_ROWS)
+
+
+def model_config(source: ModelSource, path: str, *, threads: int, gpu: bool, rows: int):
+    """The serving model config that the backend registry builds ``source``
+    from: ONNX Runtime on the CUDA provider when the actor has a GPU, a
+    TensorRT engine profiled for ``rows``-row batches."""
     from flywheel.runtime.backends.onnx_backend import OnnxRuntimeConfig
+    from flywheel.runtime.batcher import BatchingConfig
     from flywheel.serving.config import ModelConfig
 
-    path = local_file(source)
-    providers = ("cuda", "cpu") if gpu else ("cpu",)
-    cfg = ModelConfig(
+    extra = {}
+    if source.backend == "tensorrt":
+        from flywheel.runtime.backends.tensorrt_plan import TensorRTConfig
+
+        extra["tensorrt"] = TensorRTConfig(min_batch=1, opt_batch=rows, max_batch=rows)
+    return ModelConfig(
         name="batch", path=path, backend=source.backend, architecture=source.architecture,
-        hparams=dict(source.hparams), onnxruntime=OnnxRuntimeConfig(providers=providers, intra_op_threads=threads),
+        hparams=dict(source.hparams), batching=BatchingConfig(max_batch_size=rows),
+        onnxruntime=OnnxRuntimeConfig(providers=("cuda", "cpu") if gpu else ("cpu",), intra_op_threads=threads),
+        **extra,
     )
-    backend = get_backend(source.backend).create(path, cfg)
+
+
+def load(source: ModelSource, *, threads: int, gpu: bool, rows: int = DEFAULT_BATCH_ROWS) -> Backend:
+    """The loaded backend, built by the backend registry as serving builds it."""
+    path = local_file(source)
+    backend = get_backend(source.backend).create(
+        path, model_config(source, path, threads=threads, gpu=gpu, rows=rows))
     backend.load()
     return backend

@@ -17,7 +17,7 @@ import msgspec
 from flywheel.batch.job import PredictJob
 from flywheel.batch.mapping import InputPlan, plan_inputs
 from flywheel.batch.metrics import evaluate, read_columns
-from flywheel.batch.model import ModelSource, resolve
+from flywheel.batch.model import ModelSource, batch_rows, resolve
 from flywheel.batch.output import Manifest, OutputFolder, new_run_id
 from flywheel.batch.readers import IMAGE_COLUMN, IMAGE_LABEL_COLUMN, ImageShape, file_schema
 from flywheel.batch.report import BatchReport, PartitionFailure, Progress
@@ -28,7 +28,6 @@ from flywheel.protocol.errors import ConfigError, InvalidInputError, Unavailable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_ROWS = 8192
 
 
 def predict(model: str, input: str, output: str, *, progress: bool = True, **options) -> BatchReport:
@@ -139,7 +138,7 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     if done:
         log.warning("resuming run %s: %d of %d partitions already written", manifest.run_id, len(done), len(parts))
     plan = ScoringPlan(job=job, model=source, inputs=plans, run_id=manifest.run_id,
-                       batch_rows=job.batch_rows or DEFAULT_BATCH_ROWS, image=image, hive_keys=hive_keys)
+                       batch_rows=batch_rows(source.backend, job.batch_rows), image=image, hive_keys=hive_keys)
 
     summaries, actors = _score(plan, pending, progress) if pending else ([], 0)
     failed = [PartitionFailure(s["name"], next(p.rel for p in pending if p.name == s["name"]), s["error"])

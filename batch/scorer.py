@@ -53,7 +53,7 @@ class PartitionScorer:
     def __init__(self, plan: bytes) -> None:
         self.plan = msgspec.msgpack.decode(plan, type=ScoringPlan)
         job = self.plan.job
-        self.model = load(self.plan.model, threads=job.threads, gpu=job.num_gpus > 0)
+        self.model = load(self.plan.model, threads=job.threads, gpu=job.num_gpus > 0, rows=self.plan.batch_rows)
         self.output = OutputFolder(job.output)
         self.image = ImageShape(tuple(self.plan.image), self.plan.inputs[0].name) if self.plan.image else None
         self.node = _node_id()

@@ -341,3 +341,66 @@ def test_the_report_is_json():
     r = BatchReport(run_id="r", model="m", model_sha256="s", output="o", partitions=1, skipped=0, scored=1,
                     failed=[], rows=3, seconds=1.0, rows_per_s=3.0, actors=1, nodes=["n"], peak_rss_mb=1.0)
     assert json.loads(msgspec.json.encode(r))["rows"] == 3 and r.ok
+
+
+# -- several inputs, fsspec URIs, the backend's config, the model's bytes ----------
+def _two_input_onnx(path) -> None:
+    """``out = concat(a, b) @ W``: a takes 2 values per row, b 3."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(10, dtype=np.float32).reshape(5, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["ab"], axis=1), helper.make_node("MatMul", ["ab", "W"], ["out"])],
+        "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 2]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_model_with_several_inputs_takes_them_from_mapped_columns(tmp_path):
+    _two_input_onnx(tmp_path / "two.onnx")
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(5)
+    cols = {c: rng.standard_normal(40).astype(np.float32) for c in ("u", "v", "p", "q", "r")}
+    pq.write_table(pa.table({"key": np.arange(40), **cols}), tmp_path / "in" / "t.parquet")
+    unmapped = PredictJob(model=str(tmp_path / "two.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "o"),
+                          keys=["key"])
+    with pytest.raises(InvalidInputError, match="no column named 'a' for model input 'a' \\(FP32 x 2 per row"):
+        _plan(tmp_path, unmapped)
+    # fsspec URIs for the input and the output
+    job = PredictJob(model=str(tmp_path / "two.onnx"), input=f"file://{tmp_path}/in/*.parquet",
+                     output=f"file://{tmp_path}/o", keys=["key"], columns={"a": ["u", "v"], "b": ["p", "q", "r"]})
+    plan, parts = _plan(tmp_path, job)
+    got = _score(plan, parts)
+    assert list(got["rows"]) == [40], got["error"]
+    table = pq.read_table(tmp_path / "o").sort_by("key")
+    x = np.column_stack([cols[c] for c in ("u", "v", "p", "q", "r")])
+    want = x @ np.arange(10, dtype=np.float32).reshape(5, 2)
+    np.testing.assert_allclose(np.stack(table.column("out").to_numpy(zero_copy_only=False)), want, rtol=1e-5)
+
+
+def test_each_backend_gets_batches_sized_for_it():
+    from flywheel.batch.model import ModelSource, batch_rows, model_config
+
+    assert batch_rows("onnxruntime", 0) == 8192 and batch_rows("tensorrt", 0) == 1024
+    assert batch_rows("tensorrt", 300) == 300
+    src = ModelSource(label="m", artifact="model.onnx", sha256="0" * 64, backend="tensorrt", signature=SIG)
+    cfg = model_config(src, "/nonexistent/m.onnx", threads=1, gpu=True, rows=1024)
+    assert (cfg.tensorrt.min_batch, cfg.tensorrt.opt_batch, cfg.tensorrt.max_batch) == (1, 1024, 1024)
+    onnx = model_config(msgspec.structs.replace(src, backend="onnxruntime"), "/m.onnx", threads=2, gpu=True, rows=8)
+    assert onnx.onnxruntime.providers == ("cuda", "cpu") and onnx.onnxruntime.intra_op_threads == 2
+
+
+def test_an_actor_refuses_model_bytes_other_than_the_run_resolved(tmp_path):
+    from flywheel.batch.model import load
+    from flywheel.protocol.errors import IntegrityError
+
+    linear_onnx(tmp_path / "m.onnx")
+    job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path), output=str(tmp_path / "o"))
+    source = resolve(job, "", "")
+    linear_onnx(tmp_path / "m.onnx", seed=7)  # replaced after the driver resolved it
+    with pytest.raises(IntegrityError, match="m.onnx: .* has sha256 .*, the run resolved"):
+        load(source, threads=1, gpu=False)
