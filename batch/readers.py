@@ -9,7 +9,6 @@ at a time.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterator
 
 import numpy as np

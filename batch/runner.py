@@ -97,6 +97,14 @@ def _actors(job: PredictJob, pending: int) -> int:
     import ray
 
     if job.actors:
+        # more than the whole cluster holds would wait for actors forever
+        total = ray.cluster_resources()
+        for what, each in (("CPU", job.num_cpus), ("GPU", job.num_gpus)):
+            if each and job.actors * each > total.get(what, 0) + 1e-9:
+                raise UnavailableError(
+                    f"actors {job.actors} x num_{what.lower()}s {each:g} = {job.actors * each:g} {what}s; the "
+                    f"cluster has {total.get(what, 0):g}. Ask for fewer actors or smaller shares"
+                )
         return min(job.actors, pending)
     free = ray.available_resources()
     if job.num_gpus:

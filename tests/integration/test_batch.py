@@ -177,3 +177,17 @@ def test_a_corrupt_file_mid_run_fails_its_partition_and_a_rerun_retries_it(ray_s
     x = features_of(_read(tmp_path / "in"), 8)
     np.testing.assert_allclose(np.stack(table.column("logits").to_numpy(zero_copy_only=False)), x @ w,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_more_actors_than_the_cluster_holds_is_refused_not_awaited(ray_session, tmp_path):
+    import ray
+
+    from flywheel.batch import predict
+    from flywheel.protocol.errors import UnavailableError
+
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=2, rows=10)
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(UnavailableError, match=f"actors {int(cpus) + 1} x num_cpus 1 .* the cluster has {cpus:g}"):
+        predict(str(tmp_path / "m.onnx"), str(tmp_path / "in"), str(tmp_path / "o"), keys=["id"], label="y",
+                actors=int(cpus) + 1, progress=False)
