@@ -4,7 +4,6 @@ sha256 there, so that every actor on every node runs the same bytes."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import msgspec
@@ -12,6 +11,7 @@ import msgspec
 from flywheel.batch.job import PredictJob
 from flywheel.protocol.errors import ConfigError, IntegrityError, InvalidInputError
 from flywheel.runtime.backends import Backend, get_backend
+from flywheel.runtime.backends.tensorrt_plan import file_sha256
 from flywheel.runtime.signature import Signature
 
 _DEFAULT_ARTIFACT = {"torch": "model.safetensors"}
@@ -40,14 +40,6 @@ class ModelSource(msgspec.Struct, frozen=True):
     hparams: dict = {}
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def looks_like_file(ref: str) -> bool:
     """A model reference that names a file rather than a registry version."""
     return os.path.isfile(ref) or ref.endswith((".onnx", ".safetensors"))
@@ -62,7 +54,7 @@ def resolve(job: PredictJob, registry_uri: str, artifacts_uri: str) -> ModelSour
             raise InvalidInputError(f"model: no such file {job.model!r}")
         if job.backend == "torch":
             raise ConfigError("model: backend torch needs a registry version (its architecture and hparams)")
-        source = ModelSource(label=os.path.basename(path), artifact=os.path.basename(path), sha256=_sha256(path),
+        source = ModelSource(label=os.path.basename(path), artifact=os.path.basename(path), sha256=file_sha256(path),
                              backend=job.backend, signature=Signature((), ()), path=path)
         return msgspec.structs.replace(source, signature=_signature_of(source))
     from flywheel.registry import Registry
@@ -109,7 +101,7 @@ def local_file(source: ModelSource) -> str:
             path = reg.artifact_path(source.ref, source.artifact)[1]  # verifies the registry's sha256
         finally:
             reg.close()
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != source.sha256:
         raise IntegrityError(f"model {source.label}: {path} has sha256 {got[:16]}..., the run resolved "
                              f"{source.sha256[:16]}...; refusing to score with other bytes")
