@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from flywheel.protocol.errors import ConfigError
@@ -46,7 +48,9 @@ class PredictJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         the sorted distinct labels; image folders: the sorted folder names).
     artifact / backend: which artifact of a registry version to load and
         with which runtime backend (default ``model.onnx`` on
-        ``onnxruntime``; ``model.safetensors`` for ``torch``).
+        ``onnxruntime``; ``model.safetensors`` for ``torch``; any backend of
+        the registry, plug-ins included).
+    settings: a plug-in backend's settings (its model config's ``settings:``).
     actors: scoring actors (0: as many as the cluster's free CPUs allow).
     num_cpus / num_gpus: Ray resources of each actor.
     threads: ONNX Runtime intra-op threads in each actor.
@@ -75,6 +79,7 @@ class PredictJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     classes: list[str] = []
     artifact: str = ""
     backend: str = "onnxruntime"
+    settings: dict[str, Any] = {}
     actors: int = 0
     num_cpus: float = 1.0
     num_gpus: float = 0.0

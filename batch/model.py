@@ -5,6 +5,7 @@ sha256 there, so that every actor on every node runs the same bytes."""
 from __future__ import annotations
 
 import os
+import re
 
 import msgspec
 
@@ -38,6 +39,7 @@ class ModelSource(msgspec.Struct, frozen=True):
     path: str = ""
     architecture: str = ""
     hparams: dict = {}
+    settings: dict = {}
 
 
 def looks_like_file(ref: str) -> bool:
@@ -55,7 +57,7 @@ def resolve(job: PredictJob, registry_uri: str, artifacts_uri: str) -> ModelSour
         if job.backend == "torch":
             raise ConfigError("model: backend torch needs a registry version (its architecture and hparams)")
         source = ModelSource(label=os.path.basename(path), artifact=os.path.basename(path), sha256=file_sha256(path),
-                             backend=job.backend, signature=Signature((), ()), path=path)
+                             backend=job.backend, signature=Signature((), ()), path=path, settings=job.settings)
         return msgspec.structs.replace(source, signature=_signature_of(source))
     from flywheel.registry import Registry
 
@@ -69,7 +71,7 @@ def resolve(job: PredictJob, registry_uri: str, artifacts_uri: str) -> ModelSour
         source = ModelSource(
             label=mv.ref, artifact=artifact, sha256=mv.artifacts[artifact].sha256, backend=job.backend,
             signature=Signature((), ()), ref=mv.ref, registry=registry_uri, artifacts=artifacts_uri,
-            architecture=architecture, hparams=params if architecture else {},
+            architecture=architecture, hparams=params if architecture else {}, settings=job.settings,
         )
         if mv.signature:
             return msgspec.structs.replace(source, signature=msgspec.convert(mv.signature, Signature))
@@ -81,7 +83,7 @@ def resolve(job: PredictJob, registry_uri: str, artifacts_uri: str) -> ModelSour
 def _signature_of(source: ModelSource) -> Signature:
     # read on the CPU whatever runs it later: a TensorRT model's .onnx file
     # has the same signature under ONNX Runtime
-    cpu = "torch" if source.backend == "torch" else "onnxruntime"
+    cpu = "onnxruntime" if source.backend == "tensorrt" else source.backend
     backend = load(msgspec.structs.replace(source, backend=cpu), threads=1, gpu=False)
     return backend.signature
 
@@ -133,9 +135,11 @@ def model_config(source: ModelSource, path: str, *, threads: int, gpu: bool, row
         from flywheel.runtime.backends.tensorrt_plan import TensorRTConfig
 
         extra["tensorrt"] = TensorRTConfig(min_batch=1, opt_batch=rows, max_batch=rows)
+    # the model's messages name it as the run does (a config name has no "/")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", source.label).lstrip("_.-")[:128] or "model"
     return ModelConfig(
-        name="batch", path=path, backend=source.backend, architecture=source.architecture,
-        hparams=dict(source.hparams), batching=BatchingConfig(max_batch_size=rows),
+        name=name, path=path, backend=source.backend, architecture=source.architecture,
+        hparams=dict(source.hparams), settings=dict(source.settings), batching=BatchingConfig(max_batch_size=rows),
         onnxruntime=OnnxRuntimeConfig(providers=("cuda", "cpu") if gpu else ("cpu",), intra_op_threads=threads),
         **extra,
     )

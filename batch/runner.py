@@ -137,7 +137,8 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
 
     out = OutputFolder(job.output)
     options = {"format": fmt, "columns": job.columns, "keys": job.keys, "label": job.label,
-               "artifact": source.artifact, "backend": source.backend, "partition_rows": job.partition_rows}
+               "artifact": source.artifact, "backend": source.backend, "settings": job.settings,
+               "partition_rows": job.partition_rows}
     manifest = Manifest(run_id=new_run_id(), model=source.label, model_sha256=source.sha256, options=options,
                         partitions={p.name: p.stamp for p in parts}, created_at=time.time())
     manifest, done = out.begin(manifest, job.overwrite)

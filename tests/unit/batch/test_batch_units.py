@@ -404,3 +404,25 @@ def test_an_actor_refuses_model_bytes_other_than_the_run_resolved(tmp_path):
     linear_onnx(tmp_path / "m.onnx", seed=7)  # replaced after the driver resolved it
     with pytest.raises(IntegrityError, match="m.onnx: .* has sha256 .*, the run resolved"):
         load(source, threads=1, gpu=False)
+
+
+def test_a_plug_in_backend_scores_batches_too(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from flywheel.runtime.backends import registry
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "plugins"))
+    try:
+        (tmp_path / "weights.bin").write_bytes(b"the doubler reads no weights")
+        (tmp_path / "in").mkdir()
+        pq.write_table(pa.table({"k": [1, 2], "a": [1.0, 2.0], "b": [3.0, 4.0]}), tmp_path / "in" / "t.parquet")
+        job = PredictJob(model=str(tmp_path / "weights.bin"), input=str(tmp_path / "in"), output=str(tmp_path / "o"),
+                         keys=["k"], backend="doubler", settings={"width": 2})
+        plan, parts = _plan(tmp_path, job)
+        assert list(_score(plan, parts)["rows"]) == [2]
+        table = pq.read_table(tmp_path / "o").sort_by("k")
+        assert table.column("y").to_pylist() == [[2.0, 6.0], [4.0, 8.0]]
+        with pytest.raises(ConfigError, match="settings of backend 'doubler'"):
+            resolve(msgspec.structs.replace(job, settings={"width": "wide"}), "", "")
+    finally:
+        registry._loaded.pop("doubler", None)  # the registry keeps what it loaded for the process's life
