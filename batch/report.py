@@ -23,6 +23,8 @@ class BatchReport(msgspec.Struct, frozen=True):
     already written, and those written by this run. failed: the rest, each
     with its error (a re-run of the same job retries exactly these).
     rows / seconds / rows_per_s: rows written by this run and its wall time.
+    busy_s: actor-seconds spent scoring partitions (rows / (busy_s / actors)
+        is the rate once the actors are up, without their start-up).
     peak_rss_mb: the largest peak RSS of one scoring actor.
     nodes: the Ray nodes whose actors scored.
     metrics: evaluation mode only, over every row of the output (empty while
@@ -44,6 +46,7 @@ class BatchReport(msgspec.Struct, frozen=True):
     actors: int
     nodes: list[str]
     peak_rss_mb: float
+    busy_s: float = 0.0
     metrics: dict[str, float] = {}
     dataset_fingerprint: str = ""
     evaluation_id: int | None = None

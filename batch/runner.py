@@ -170,6 +170,7 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
         seconds=seconds, rows_per_s=rows / seconds if seconds > 0 else 0.0, actors=actors,
         nodes=sorted({str(s["node"]) for s in summaries}),
         peak_rss_mb=max((float(s["peak_rss_mb"]) for s in summaries), default=0.0),
+        busy_s=sum(float(s["seconds"]) for s in summaries),
         metrics=metrics, dataset_fingerprint=data_fp, evaluation_id=evaluation_id,
     )
     out.write_json("report.json", report)
@@ -201,7 +202,10 @@ def _score(plan: ScoringPlan, pending: list[Partition], progress: bool | Progres
         fn_constructor_args=(msgspec.msgpack.encode(plan),),
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # two partitions per actor: the next one waits in the actor, where one
+        # at a time left it idle 100-200 ms between partitions (Ray Data's
+        # dispatch); a run's tail can then wait on at most one partition
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         num_cpus=job.num_cpus,
         num_gpus=job.num_gpus or None,
     )

@@ -10,6 +10,7 @@ returns its error; it never takes down the actor or the other partitions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -91,7 +92,7 @@ class PartitionScorer:
         needed = list(dict.fromkeys(c for c in needed if c not in part.hive))
         image_dtype = numpy_dtype(plan.inputs[0].datatype) if self.image else None
         row = part.first_row
-        with self.output.fs.open(tmp, "wb") as sink:
+        with (contextlib.nullcontext(tmp) if self.output.local else self.output.fs.open(tmp, "wb")) as sink:
             writer = None
             try:
                 for batch in read_batches(self.input_fs, part, plan.batch_rows,
@@ -101,7 +102,7 @@ class PartitionScorer:
                     outputs = self.model.infer(to_inputs(batch, plan.inputs, f"input file {part.rel}"))
                     table = self._table(part, batch, outputs, row)
                     if writer is None:
-                        writer = pq.ParquetWriter(sink, table.schema)
+                        writer = pq.ParquetWriter(sink, table.schema, use_dictionary=_dictionary_columns(table.schema))
                     writer.write_batch(table)
                     row += batch.num_rows
                 if writer is None:  # an empty partition still gets its (empty) file
@@ -157,6 +158,19 @@ class PartitionScorer:
         import pyarrow as pa
 
         return pa.schema([(SOURCE_COLUMN, pa.string()), (ROW_COLUMN, pa.int64())])
+
+
+def _dictionary_columns(schema) -> list[str]:
+    """Columns worth dictionary-encoding: text (constants such as ``source``
+    and ``run_id``, text keys). Pyarrow's default tries every column, and on
+    model outputs (floats that never repeat) that alone costs more than the
+    rest of the write."""
+    import pyarrow.types as pt
+
+    def text(t) -> bool:
+        return pt.is_dictionary(t) or pt.is_string(t) or pt.is_large_string(t) or pt.is_binary(t)
+
+    return [f.name for f in schema if text(f.type)]
 
 
 def _constant(value: str, n: int):
