@@ -78,6 +78,7 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.auth
 	$(PY) -m flywheel.bench.routing
 	$(PY) -m flywheel.bench.training
+	$(PY) -m flywheel.bench.batch
 
 # requirements.lock from a resolve against the public index alone (deploy/lock.py);
 # `make test` checks that the lock as committed still resolves there.

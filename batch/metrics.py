@@ -45,17 +45,29 @@ def read_columns(fs, paths: list[str], label: str, score: str) -> tuple[np.ndarr
     return np.concatenate(labels), np.concatenate(scores)
 
 
-def class_indices(labels: np.ndarray, classes: list[str]) -> np.ndarray:
+def class_indices(labels: np.ndarray, classes: list[str], k: int = 0) -> np.ndarray:
     """Labels as class indices: integer labels as they are; others by their
-    position in ``classes`` (default: the sorted distinct labels)."""
+    position in ``classes``. Without ``classes``, string labels take the
+    sorted order only when every one of the model's ``k`` classes occurs
+    (with one missing, every later index would shift silently)."""
     if labels.dtype.kind in "iu":
         return labels.astype(np.int64)
     if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        if np.isnan(labels).any():
+            raise InvalidInputError(f"label: {int(np.isnan(labels).sum())} row(s) have no label (null)")
+        if not np.all(labels == np.round(labels)):
             raise InvalidInputError("label: classification needs integer or string labels; got fractional values")
         return labels.astype(np.int64)
+    if any(v is None for v in labels):
+        raise InvalidInputError(f"label: {sum(v is None for v in labels)} row(s) have no label (null)")
     text = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in labels], dtype=object)
-    names = list(classes) or sorted(set(text))
+    seen = sorted(set(text))
+    if not classes and k and len(seen) != k:
+        raise InvalidInputError(
+            f"label: {len(seen)} distinct labels {seen[:10]} for a model with {k} classes; give classes "
+            "(--classes) in the model's class-index order"
+        )
+    names = list(classes) or seen
     index = {c: i for i, c in enumerate(names)}
     unknown = sorted(set(text) - set(index))
     if unknown:
@@ -88,21 +100,32 @@ def probabilities(scores: np.ndarray) -> np.ndarray:
 
 
 def classification(labels: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[str, float]:
-    y = class_indices(labels, classes)
-    if scores.ndim == 1:  # the model outputs a class id per row
-        return {"accuracy": float(np.mean(scores.astype(np.int64) == y)), "rows": float(len(y))}
-    k = scores.shape[1]
-    if y.size and (y.min() < 0 or y.max() >= k):
-        raise InvalidInputError(f"label: class {int(y.max())} is outside the model's {k} output columns")
-    out = {"accuracy": float(np.mean(np.argmax(scores, axis=1) == y))}
-    scores = probabilities(scores)
-    if k == 2:
-        out["auc"] = auc(y == 1, scores[:, 1])
+    """Accuracy and AUC. Scores are a column per class (argmax; AUC one vs
+    rest, macro), one column (a binary model: the positive class's
+    probability, thresholded at 0.5, or its logit, at 0), or integer class
+    ids (accuracy only)."""
+    flat = scores.reshape(len(scores), -1) if scores.ndim > 1 else scores[:, None]
+    k = flat.shape[1]
+    if scores.dtype.kind in "iu" and k == 1:  # the model outputs a class id per row
+        y = class_indices(labels, classes)
+        return {"accuracy": float(np.mean(flat[:, 0].astype(np.int64) == y)), "rows": float(len(y))}
+    y = class_indices(labels, classes, max(k, 2))
+    if y.size and (y.min() < 0 or y.max() >= max(k, 2)):
+        raise InvalidInputError(f"label: class {int(y.max())} is outside the model's {max(k, 2)} classes")
+    if k == 1:
+        p = flat[:, 0].astype(np.float64)
+        threshold = 0.5 if p.size and p.min() >= 0 and p.max() <= 1 else 0.0
+        out = {"accuracy": float(np.mean((p > threshold) == (y == 1))), "auc": auc(y == 1, p)}
     else:
-        per_class = [auc(y == c, scores[:, c]) for c in range(k)]
-        present = [a for a in per_class if not math.isnan(a)]
-        if present:
-            out["auc"] = float(np.mean(present))  # macro, one-vs-rest, over classes seen
+        out = {"accuracy": float(np.mean(np.argmax(flat, axis=1) == y))}
+        probs = probabilities(flat)
+        if k == 2:
+            out["auc"] = auc(y == 1, probs[:, 1])
+        else:
+            per_class = [auc(y == c, probs[:, c]) for c in range(k)]
+            present = [a for a in per_class if not math.isnan(a)]
+            if present:
+                out["auc"] = float(np.mean(present))  # macro, one-vs-rest, over the classes seen
     out["rows"] = float(len(y))
     return {k_: v for k_, v in out.items() if not math.isnan(v)}
 
@@ -110,6 +133,8 @@ def classification(labels: np.ndarray, scores: np.ndarray, classes: list[str]) -
 def regression(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     if labels.dtype.kind not in "iuf":
         raise InvalidInputError(f"label: regression needs numeric labels, got {labels.dtype}")
+    if labels.dtype.kind == "f" and np.isnan(labels).any():
+        raise InvalidInputError(f"label: {int(np.isnan(labels).sum())} row(s) have no label (null)")
     pred = scores.reshape(len(scores), -1)
     if pred.shape[1] != 1:
         raise InvalidInputError(f"score_output: regression needs one value per row, got {pred.shape[1]}")
@@ -123,7 +148,8 @@ def regression(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 def evaluate(labels: np.ndarray, scores: np.ndarray, task: str, classes: list[str]) -> dict[str, float]:
     """Metrics for ``task`` (auto: classification when the scored output has
-    a column per class or is an integer class id)."""
+    a column per class or is an integer class id; a single float column is
+    taken for regression: say classification for a binary model)."""
     if len(labels) == 0:
         return {"rows": 0.0}
     if task == "auto":

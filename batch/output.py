@@ -111,6 +111,13 @@ class OutputFolder:
         if self.local:
             import os
 
+            # on disk before it is named done: a machine crash must not leave
+            # a truncated file that a resumed run would take as finished
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.part_path(name))
         else:
             self.fs.mv(tmp, self.part_path(name))

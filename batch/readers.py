@@ -47,7 +47,7 @@ class ImageShape:
         return self.c * self.h * self.w
 
 
-def file_schema(fs, part: Partition, image: ImageShape | None = None):
+def file_schema(fs, part: Partition, image: ImageShape | None = None, image_dtype: np.dtype | None = None):
     """The Arrow schema a partition's batches will have; InvalidInputError
     naming the file when it cannot be read."""
     import pyarrow as pa
@@ -71,7 +71,8 @@ def file_schema(fs, part: Partition, image: ImageShape | None = None):
                              metadata={b"row_shape": str(list(shape[1:])).encode()})
         if part.format == "images":
             width = image.width if image else 0
-            return pa.schema([(IMAGE_COLUMN, pa.list_(pa.float32(), width)), (IMAGE_LABEL_COLUMN, pa.string())])
+            values = pa.from_numpy_dtype(image_dtype) if image_dtype is not None else pa.float32()
+            return pa.schema([(IMAGE_COLUMN, pa.list_(values, width)), (IMAGE_LABEL_COLUMN, pa.string())])
     except InvalidInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - the reader's own words say what is wrong
@@ -80,13 +81,16 @@ def file_schema(fs, part: Partition, image: ImageShape | None = None):
 
 
 def read_batches(fs, part: Partition, rows: int, columns: list[str] | None,
-                 image: ImageShape | None = None, image_dtype: np.dtype | None = None) -> Iterator:
+                 image: ImageShape | None = None, image_dtype: np.dtype | None = None,
+                 column_types: dict | None = None) -> Iterator:
     """The partition's rows as record batches of at most ``rows`` rows.
-    ``columns``: the ones needed (None: all; Parquet reads no others)."""
+    ``columns``: the ones needed (None: all; Parquet reads no others).
+    ``column_types``: CSV only: Arrow types for these columns, where
+    inference from the first block could guess narrower than later rows."""
     if part.format == "parquet":
         yield from _parquet(fs, part, rows, columns)
     elif part.format == "csv":
-        yield from _csv(fs, part, rows)
+        yield from _csv(fs, part, rows, column_types or {})
     elif part.format == "npy":
         yield from _npy(fs, part, rows)
     elif part.format == "images":
@@ -113,11 +117,12 @@ def _is_local(fs) -> bool:
     return "file" in protocol
 
 
-def _csv(fs, part: Partition, rows: int) -> Iterator:
+def _csv(fs, part: Partition, rows: int, column_types: dict) -> Iterator:
     import pyarrow.csv as pcsv
 
     with fs.open(part.path, "rb") as f:
-        reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False))
+        reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
+                               convert_options=pcsv.ConvertOptions(column_types=column_types))
         for batch in reader:
             for start in range(0, batch.num_rows, rows):
                 yield batch.slice(start, rows)

@@ -29,7 +29,8 @@ class BatchReport(msgspec.Struct, frozen=True):
     nodes: the Ray nodes whose actors scored.
     metrics: evaluation mode only, over every row of the output (empty while
     a partition is missing). evaluation_id: the registry's record, when
-    registered.
+    registered. evaluation_error: why the output, though written, could not
+    be evaluated or recorded (bad labels, say).
     """
 
     run_id: str
@@ -50,10 +51,11 @@ class BatchReport(msgspec.Struct, frozen=True):
     metrics: dict[str, float] = {}
     dataset_fingerprint: str = ""
     evaluation_id: int | None = None
+    evaluation_error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.evaluation_error
 
 
 def _eta(seconds: float) -> str:

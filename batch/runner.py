@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import msgspec
 
@@ -21,10 +22,10 @@ from flywheel.batch.model import ModelSource, batch_rows, resolve
 from flywheel.batch.output import Manifest, OutputFolder, new_run_id
 from flywheel.batch.readers import IMAGE_COLUMN, IMAGE_LABEL_COLUMN, ImageShape, file_schema
 from flywheel.batch.report import BatchReport, PartitionFailure, Progress
-from flywheel.batch.scorer import PartitionScorer, ScoringPlan
+from flywheel.batch.scorer import PartitionScorer, ScoringPlan, csv_types, output_schema, pyarrow_schema
 from flywheel.batch.sources import Partition, detect_format, fingerprint, open_input, plan_partitions
 from flywheel.common.settings import load_settings
-from flywheel.protocol.errors import ConfigError, InvalidInputError, UnavailableError
+from flywheel.protocol.errors import ConfigError, FlywheelError, InvalidInputError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,36 @@ def _check_columns(schema, part: Partition, job: PredictJob) -> None:
                                     f"{sorted(names)[:12]}")
 
 
-def plan_run(job: PredictJob, source: ModelSource, parts: list[Partition]) -> tuple[list[InputPlan], tuple]:
-    """The input plan, checked against every input file's schema."""
-    sig = source.signature
+class InputCheck(msgspec.Struct, frozen=True):
+    """What checking the input against the model decided: the input plan,
+    the image input's shape (format images), and each input column's Arrow
+    type (the first non-null one across the files)."""
+
+    plans: list[InputPlan]
     image: tuple = ()
+    types: dict = {}
+
+
+def plan_run(job: PredictJob, source: ModelSource, parts: list[Partition]) -> InputCheck:
+    """The input plan, checked against every input file's schema."""
+    from flywheel.protocol.datatypes import numpy_dtype
+
+    sig = source.signature
     fs = _input_fs(job)
     if parts and parts[0].format == "images":
         if len(sig.inputs) != 1:
             raise InvalidInputError(f"format images: the model has {len(sig.inputs)} inputs; images feed one")
-        shape = ImageShape(tuple(sig.inputs[0].shape), sig.inputs[0].name)
-        image = tuple(sig.inputs[0].shape)
-        schema = file_schema(fs, parts[0], shape)
-        plans = plan_inputs(schema, sig, "format images", columns={sig.inputs[0].name: [IMAGE_COLUMN]},
+        spec = sig.inputs[0]
+        shape = ImageShape(tuple(spec.shape), spec.name)
+        schema = file_schema(fs, parts[0], shape, numpy_dtype(spec.datatype))
+        plans = plan_inputs(schema, sig, "format images", columns={spec.name: [IMAGE_COLUMN]},
                             exclude={IMAGE_LABEL_COLUMN})
         _check_columns(schema, parts[0], job)
-        return plans, image
+        return InputCheck(plans, tuple(spec.shape), {IMAGE_LABEL_COLUMN: schema.field(IMAGE_LABEL_COLUMN).type})
+    import pyarrow as pa
+
     plans: list[InputPlan] | None = None
+    types: dict = {}
     seen: set[str] = set()
     for part in parts:
         if part.path in seen:
@@ -72,6 +87,9 @@ def plan_run(job: PredictJob, source: ModelSource, parts: list[Partition]) -> tu
         seen.add(part.path)
         schema = file_schema(fs, part)
         _check_columns(schema, part, job)
+        for field in schema:
+            if not pa.types.is_null(field.type):
+                types.setdefault(field.name, field.type)
         exclude = set(job.keys) | set(part.hive) | ({job.label} if job.label else set())
         got = plan_inputs(schema, sig, f"input file {part.rel}", columns=job.columns, exclude=exclude)
         if plans is None:
@@ -80,7 +98,21 @@ def plan_run(job: PredictJob, source: ModelSource, parts: list[Partition]) -> tu
             raise InvalidInputError(f"input file {part.rel}: its columns feed the model differently from "
                                     f"{parts[0].rel}'s ({_describe(got)} vs {_describe(plans)}); make the files "
                                     "agree or map columns explicitly")
-    return plans or [], image
+    return InputCheck(plans or [], (), types)
+
+
+def scoring_plan(job: PredictJob, source: ModelSource, parts: list[Partition], fmt: str,
+                 run_id: str = "") -> ScoringPlan:
+    """What every actor is told: the checked input plan, the output schema,
+    the batch size for the backend."""
+    check = plan_run(job, source, parts)
+    hive_keys = sorted({k for p in parts for k in p.hive})
+    return ScoringPlan(
+        job=job, model=source, inputs=check.plans, run_id=run_id,
+        batch_rows=batch_rows(source.backend, job.batch_rows), image=check.image, hive_keys=hive_keys,
+        output_schema=output_schema(job, source, hive_keys, check.types, fmt).serialize().to_pybytes(),
+        csv_types=csv_types(job, check.plans, check.types).serialize().to_pybytes() if fmt == "csv" else b"",
+    )
 
 
 def _describe(plans: list[InputPlan]) -> str:
@@ -132,8 +164,10 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     fs, root, files = open_input(job.input)
     fmt = detect_format(files, job.format)
     parts = plan_partitions(fs, root, files, fmt, job.partition_rows)
-    plans, image = plan_run(job, source, parts)
-    hive_keys = sorted({k for p in parts for k in p.hive} - set(job.keys))
+    plan = scoring_plan(job, source, parts, fmt)
+    if job.label:
+        label_type = pyarrow_schema(plan.output_schema).field(job.label).type
+        check_evaluation(job, source, None if fmt == "images" else label_type)
 
     out = OutputFolder(job.output)
     options = {"format": fmt, "columns": job.columns, "keys": job.keys, "label": job.label,
@@ -146,12 +180,15 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     pending = [p for p in parts if p.name not in done]
     if done:
         log.warning("resuming run %s: %d of %d partitions already written", manifest.run_id, len(done), len(parts))
-    plan = ScoringPlan(job=job, model=source, inputs=plans, run_id=manifest.run_id,
-                       batch_rows=batch_rows(source.backend, job.batch_rows), image=image, hive_keys=hive_keys)
+    plan = msgspec.structs.replace(plan, run_id=manifest.run_id)
 
     summaries, actors = _score(plan, pending, progress) if pending else ([], 0)
     failed = [PartitionFailure(s["name"], next(p.rel for p in pending if p.name == s["name"]), s["error"])
               for s in summaries if s["error"]]
+    answered = {s["name"] for s in summaries}
+    failed += [PartitionFailure(p.name, p.rel, f"{p.rel}: the actor scoring it died twice (a crash or the "
+                                               "out-of-memory killer); see the Ray worker logs")
+               for p in pending if p.name not in answered]
     scored = [s for s in summaries if not s["error"]]
     rows = sum(int(s["rows"]) for s in scored)
     seconds = time.perf_counter() - started
@@ -159,11 +196,15 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     metrics: dict[str, float] = {}
     data_fp = ""
     evaluation_id = None
+    evaluation_error = ""
     if job.label and not failed:
-        metrics = _evaluate(job, source, out, parts)
-        if job.register:
-            data_fp = fingerprint(fs, files, root)
-            evaluation_id = _register(job, source, registry, artifacts, metrics, data_fp, manifest.run_id)
+        try:
+            metrics = _evaluate(job, source, out, parts)
+            if job.register:
+                data_fp = fingerprint(fs, files, root)
+                evaluation_id = _register(job, source, registry, artifacts, metrics, data_fp, manifest.run_id)
+        except FlywheelError as exc:  # the output is written; say why its evaluation is not
+            evaluation_error = exc.message
     report = BatchReport(
         run_id=manifest.run_id, model=source.label, model_sha256=source.sha256, output=job.output,
         partitions=len(parts), skipped=len(done), scored=len(scored), failed=failed, rows=rows,
@@ -172,6 +213,7 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
         peak_rss_mb=max((float(s["peak_rss_mb"]) for s in summaries), default=0.0),
         busy_s=sum(float(s["seconds"]) for s in summaries),
         metrics=metrics, dataset_fingerprint=data_fp, evaluation_id=evaluation_id,
+        evaluation_error=evaluation_error,
     )
     out.write_json("report.json", report)
     return report
@@ -189,6 +231,9 @@ def _score(plan: ScoringPlan, pending: list[Partition], progress: bool | Progres
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # a partition whose actor dies twice (a native crash, the OOM killer) is
+    # skipped, not the run's end: it is reported failed like a corrupt file
+    ctx.max_errored_blocks = len(pending)
 
     job = plan.job
     actors = _actors(job, len(pending))
@@ -197,18 +242,26 @@ def _score(plan: ScoringPlan, pending: list[Partition], progress: bool | Progres
         Progress(len(pending), total_rows, sum(p.size for p in pending)) if progress else None)
     sizes = {p.name: p.size for p in pending}
     items = [{"partition": msgspec.json.encode(p).decode()} for p in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        PartitionScorer,
-        fn_constructor_args=(msgspec.msgpack.encode(plan),),
-        batch_size=1,
-        batch_format="numpy",
-        # two partitions per actor: the next one waits in the actor, where one
-        # at a time left it idle 100-200 ms between partitions (Ray Data's
-        # dispatch); a run's tail can then wait on at most one partition
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=job.num_cpus,
-        num_gpus=job.num_gpus or None,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote args without naming a replacement
+        # for max_restarts / max_task_retries; Ray is pinned, so this holds
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            PartitionScorer,
+            fn_constructor_args=(msgspec.msgpack.encode(plan),),
+            batch_size=1,
+            batch_format="numpy",
+            # two partitions per actor: the next one waits in the actor, where one
+            # at a time left it idle 100-200 ms between partitions (Ray Data's
+            # dispatch); a run's tail can then wait on at most one partition
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+            num_cpus=job.num_cpus,
+            num_gpus=job.num_gpus or None,
+            # a dead actor is replaced and its partition tried once more (Ray
+            # Data's default retries forever: a poison partition would never end)
+            max_restarts=-1,
+            max_task_retries=1,
+        )
     summaries = []
     try:
         for row in ds.iter_rows():
@@ -223,12 +276,30 @@ def _score(plan: ScoringPlan, pending: list[Partition], progress: bool | Progres
     return summaries, actors
 
 
-def _evaluate(job: PredictJob, source: ModelSource, out: OutputFolder, parts: list[Partition]) -> dict[str, float]:
-    sig = source.signature
-    outputs = [t.name for t in sig.outputs]
-    score = job.score_output or outputs[0]
+def check_evaluation(job: PredictJob, source: ModelSource, label_type) -> str:
+    """The output that evaluation scores, checked before the run: it exists,
+    and the task fits it and the label's type (ConfigError naming the field)."""
+    import pyarrow as pa
+
+    outputs = {t.name: t for t in source.signature.outputs}
+    score = job.score_output or next(iter(outputs))
     if score not in outputs:
-        raise ConfigError(f"score_output {score!r} is not an output of the model; its outputs are {outputs}")
+        raise ConfigError(f"score_output {score!r} is not an output of the model; its outputs are {list(outputs)}")
+    width = 1
+    for d in outputs[score].shape[1:]:
+        width *= d
+    if job.task == "regression" and width != 1:
+        raise ConfigError(f"task regression: output {score!r} has shape {list(outputs[score].shape)}; regression "
+                          "scores one value per row (name another with score_output)")
+    text = label_type is not None and (pa.types.is_string(label_type) or pa.types.is_large_string(label_type)
+                                       or pa.types.is_dictionary(label_type))
+    if text and job.task == "regression":
+        raise ConfigError(f"task regression: label {job.label!r} is {label_type}; regression needs numbers")
+    return score
+
+
+def _evaluate(job: PredictJob, source: ModelSource, out: OutputFolder, parts: list[Partition]) -> dict[str, float]:
+    score = check_evaluation(job, source, None)
     labels, scores = read_columns(out.fs, [out.part_path(p.name) for p in parts], job.label, score)
     return evaluate(labels, scores, job.task, job.classes)
 
@@ -240,7 +311,11 @@ def _register(job: PredictJob, source: ModelSource, registry: str, artifacts: st
     name, _, version = source.ref.partition("/")
     reg = Registry.open(registry, artifacts)
     try:
-        ev = reg.add_evaluation(name, int(version), dataset=job.dataset or job.input, fingerprint=data_fp,
+        dataset = job.dataset or job.input
+        for ev in reg.evaluations(name, int(version), dataset=data_fp):
+            if ev.run_id == run_id and ev.dataset == dataset:  # a re-run of a finished run: recorded already
+                return ev.id
+        ev = reg.add_evaluation(name, int(version), dataset=dataset, fingerprint=data_fp,
                                 metrics={k: v for k, v in metrics.items() if k != "rows"},
                                 rows=int(metrics.get("rows", 0)), run_id=run_id, actor=job.actor)
         return ev.id

@@ -26,13 +26,19 @@ from flywheel.batch.output import OutputFolder
 from flywheel.batch.readers import IMAGE_LABEL_COLUMN, ImageShape, read_batches
 from flywheel.batch.sources import Partition
 from flywheel.protocol.datatypes import numpy_dtype
-from flywheel.protocol.errors import FlywheelError
+from flywheel.protocol.errors import FlywheelError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
 
 class ScoringPlan(msgspec.Struct, frozen=True):
-    """Everything an actor needs, decided once by the driver."""
+    """Everything an actor needs, decided once by the driver.
+
+    output_schema: every output file's Arrow schema (IPC bytes), so that
+        all partitions agree, an empty one included. csv_types: Arrow types
+        (IPC schema bytes) that CSV columns are read as, where the first
+        block's inference could guess narrower than later rows.
+    """
 
     job: PredictJob
     model: ModelSource
@@ -41,6 +47,70 @@ class ScoringPlan(msgspec.Struct, frozen=True):
     batch_rows: int
     image: tuple[int, ...] = ()  # the image input's shape, for format images
     hive_keys: list[str] = []
+    output_schema: bytes = b""
+    csv_types: bytes = b""
+
+
+def _arrow_type(datatype: str, shape: tuple[int, ...]):
+    """A model output's column type: a scalar per row for ``[-1]``, else a
+    list of the row's values (fixed-size where the shape is)."""
+    import pyarrow as pa
+
+    value = pa.binary() if datatype == "BYTES" else pa.from_numpy_dtype(numpy_dtype(datatype))
+    dims = shape[1:]
+    if not dims:
+        return value
+    if any(d < 0 for d in dims):
+        return pa.list_(value)
+    return pa.list_(value, int(np.prod(dims)))
+
+
+def output_schema(job: PredictJob, model: ModelSource, hive_keys: list[str], types: dict, fmt: str):
+    """The schema of every output file: source, row, Hive keys, the keys,
+    the label, the model's outputs, model_version, run_id. ``types``: the
+    input columns' Arrow types (first non-null across the files)."""
+    import pyarrow as pa
+
+    text = pa.dictionary(pa.int32(), pa.string())
+    fields = [(SOURCE_COLUMN, pa.string() if fmt == "images" else text), (ROW_COLUMN, pa.int64())]
+    fields += [(k, text) for k in hive_keys]
+    fields += [(k, text if k in hive_keys else types.get(k, pa.null())) for k in job.keys if k not in hive_keys]
+    if job.label:
+        fields.append((job.label, pa.string() if fmt == "images" else types.get(job.label, pa.null())))
+    fields += [(t.name, _arrow_type(t.datatype, t.shape)) for t in model.signature.outputs]
+    fields += [(VERSION_COLUMN, text), (RUN_COLUMN, text)]
+    seen, unique = set(), []
+    for name, t in fields:
+        if name not in seen:
+            seen.add(name)
+            unique.append(pa.field(name, t))
+    return pa.schema(unique)
+
+
+def csv_types(job: PredictJob, inputs: list[InputPlan], types: dict):
+    """Arrow types to read CSV columns as: model inputs as their datatype
+    asks (FP32 from float64, so '1' then '0.5' both parse), keys and the
+    label as the first file showed them."""
+    import pyarrow as pa
+
+    wanted = {}
+    for plan in inputs:
+        kind = numpy_dtype(plan.datatype)
+        t = pa.binary() if plan.datatype == "BYTES" else pa.bool_() if plan.datatype == "BOOL" else \
+            pa.float64() if kind.kind == "f" else pa.int64()
+        for col in plan.columns:
+            wanted[col] = t
+    for col in (*job.keys, job.label):
+        if col and col in types and not pa.types.is_null(types[col]):
+            wanted.setdefault(col, types[col])
+    return pa.schema(list(wanted.items()))
+
+
+def pyarrow_schema(blob: bytes):
+    """An Arrow schema from the IPC bytes a plan carries (None for none)."""
+    import pyarrow as pa
+
+    return pa.ipc.read_schema(pa.py_buffer(blob)) if blob else None
 
 
 def _peak_rss_mb() -> float:
@@ -57,6 +127,9 @@ class PartitionScorer:
         self.model = load(self.plan.model, threads=job.threads, gpu=job.num_gpus > 0, rows=self.plan.batch_rows)
         self.output = OutputFolder(job.output)
         self.image = ImageShape(tuple(self.plan.image), self.plan.inputs[0].name) if self.plan.image else None
+        self.schema = pyarrow_schema(self.plan.output_schema)
+        csv = pyarrow_schema(self.plan.csv_types)
+        self.csv_types = {f.name: f.type for f in csv} if csv is not None else {}
         self.node = _node_id()
 
     def __call__(self, batch: dict) -> dict:
@@ -95,18 +168,15 @@ class PartitionScorer:
         with (contextlib.nullcontext(tmp) if self.output.local else self.output.fs.open(tmp, "wb")) as sink:
             writer = None
             try:
+                writer = pq.ParquetWriter(sink, self.schema, use_dictionary=_dictionary_columns(self.schema))
                 for batch in read_batches(self.input_fs, part, plan.batch_rows,
-                                          needed if part.format == "parquet" else None, self.image, image_dtype):
+                                          needed if part.format == "parquet" else None, self.image, image_dtype,
+                                          self.csv_types):
                     if batch.num_rows == 0:
                         continue
                     outputs = self.model.infer(to_inputs(batch, plan.inputs, f"input file {part.rel}"))
-                    table = self._table(part, batch, outputs, row)
-                    if writer is None:
-                        writer = pq.ParquetWriter(sink, table.schema, use_dictionary=_dictionary_columns(table.schema))
-                    writer.write_batch(table)
+                    writer.write_batch(self._table(part, batch, outputs, row))
                     row += batch.num_rows
-                if writer is None:  # an empty partition still gets its (empty) file
-                    writer = pq.ParquetWriter(sink, self._empty_schema())
             finally:
                 if writer is not None:
                     writer.close()
@@ -152,12 +222,18 @@ class PartitionScorer:
             cols.append(_column(arr))
         names += [VERSION_COLUMN, RUN_COLUMN]
         cols += [_constant(self.plan.model.label, n), _constant(self.plan.run_id, n)]
-        return pa.RecordBatch.from_arrays(cols, names)
-
-    def _empty_schema(self):
-        import pyarrow as pa
-
-        return pa.schema([(SOURCE_COLUMN, pa.string()), (ROW_COLUMN, pa.int64())])
+        by_name = dict(zip(names, cols))
+        out = []
+        for field in self.schema:  # every partition's file has the same schema
+            col = by_name[field.name]
+            if col.type != field.type:
+                try:
+                    col = col.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise InvalidInputError(f"input file {part.rel}: column {field.name!r} is {col.type} here, "
+                                            f"{field.type} in the run's first file: {exc}") from None
+            out.append(col)
+        return pa.RecordBatch.from_arrays(out, schema=self.schema)
 
 
 def _dictionary_columns(schema) -> list[str]:

@@ -71,7 +71,10 @@ def open_input(uri: str):
         files, root = [path], posixpath.dirname(path)
     else:
         raise InvalidInputError(f"input {uri!r}: no such file or folder")
-    files = [f for f in files if not posixpath.basename(f).startswith((".", "_"))]
+    # hidden and underscore names anywhere below the root (Spark's _temporary/,
+    # _SUCCESS, .crc files) are not data, as pyarrow and Ray Data also assume
+    files = [f for f in files
+             if not any(p.startswith((".", "_")) for p in _relative(root, f).split("/"))]
     if not files:
         raise InvalidInputError(f"input {uri!r}: no files there")
     return fs, root, files

@@ -10,8 +10,8 @@ each row came from), the ``--keys`` columns, the label, the model's outputs,
 ``model_version`` and ``run_id``. Running the same command again after a
 crash resumes it: finished partitions are kept, the rest are scored. The exit
 status is 1 when a partition failed (the others are written; re-run to retry
-those) and 2 when the run could not start (the message names the file,
-column and expectation).
+those) or the written output could not be evaluated, and 2 when the run could
+not start (the message names the file, column and expectation).
 """
 
 from __future__ import annotations
@@ -125,7 +125,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             print(f"  evaluation #{report.evaluation_id} recorded (data fingerprint {report.dataset_fingerprint[:12]})")
         for f in report.failed:
             print(f"  FAILED {f.partition} ({f.source}): {f.error}", file=sys.stderr)
+    if report.evaluation_error:
+        print(f"evaluation failed: {report.evaluation_error}", file=sys.stderr)
     if report.failed:
         print(f"{len(report.failed)} partition(s) failed; run the same command again to retry them",
               file=sys.stderr)
+    if not report.ok:
         raise SystemExit(1)

@@ -80,9 +80,10 @@ class Evaluation(msgspec.Struct, frozen=True):
     """One evaluation of a version on a dataset (a batch run's result).
 
     dataset: the URI or name the user gave (e.g. "s3://b/holdout/").
-    fingerprint: sha256 of the dataset's manifest, so that the same data
-        under another name still matches, and changed data under the same
-        name does not.
+    fingerprint: sha256 of the dataset's manifest (each file's name and
+        content hash): what the data was, whatever it is called. A gate
+        that names the dataset matches by name; one that must hold for
+        exactly this data names the fingerprint.
     rows: how many rows were scored; run_id: the run that produced it.
     """
 

@@ -119,7 +119,7 @@ def test_a_run_scores_several_times_its_memory_cap(tmp_path):
         cg.remove()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert oom == 0, f"the kernel killed {oom} process(es) of the job at its {CAP >> 20} MiB cap"
-    assert 0 < peak <= CAP
+    assert peak > 256 << 20  # the job's processes were charged to the capped cgroup, not left outside it
     report = json.loads(proc.stdout)
     assert report["rows"] == rows * files and report["failed"] == []
     written = sum(pq.ParquetFile(p).metadata.num_rows for p in (tmp_path / "out").glob("*.parquet"))
@@ -138,7 +138,8 @@ _CLUSTER_SCRIPT = textwrap.dedent("""
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        report = predict(sys.argv[1], sys.argv[2], sys.argv[3], keys=["id"], label="y", num_cpus=1, progress=False)
+        report = predict(sys.argv[1], sys.argv[2], sys.argv[3], keys=["id"], label="y", columns={"x": ["f*"]},
+                         num_cpus=1, progress=False)
         print(json.dumps({"nodes": nodes, "used": report.nodes, "actors": report.actors, "rows": report.rows,
                           "accuracy": report.metrics.get("accuracy")}))
     finally:
@@ -150,8 +151,10 @@ _CLUSTER_SCRIPT = textwrap.dedent("""
 def test_a_two_node_cluster_scores_on_every_node(tmp_path):
     from _batch_data import parquet_files
 
-    w = linear_onnx(tmp_path / "m.onnx")
-    parquet_files(tmp_path / "in", w, files=6, rows=2000)
+    # partitions that take a while (a slow model), so that the run outlasts
+    # the second actor's start and both nodes get work
+    linear_onnx(tmp_path / "m.onnx", features=8, classes=3, layers=3, hidden=512)
+    parquet_files(tmp_path / "in", np.zeros((8, 3), np.float32), files=12, rows=8000, features=8)
     (tmp_path / "run.py").write_text(_CLUSTER_SCRIPT)
     proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "m.onnx"), str(tmp_path / "in"),
                            str(tmp_path / "out")], env=_clean_env(), cwd=tmp_path, capture_output=True, text=True,
@@ -160,4 +163,4 @@ def test_a_two_node_cluster_scores_on_every_node(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(got["nodes"]) == 2
     assert got["actors"] == 2 and got["used"] == got["nodes"]  # the pool, sized to the cluster, spans both
-    assert got["rows"] == 12000 and got["accuracy"] == 1.0
+    assert got["rows"] == 12 * 8000 and 0 <= got["accuracy"] <= 1

@@ -20,7 +20,7 @@ from flywheel.batch.metrics import auc, evaluate
 from flywheel.batch.model import resolve
 from flywheel.batch.output import Manifest, OutputFolder
 from flywheel.batch.report import Progress
-from flywheel.batch.runner import plan_run, run
+from flywheel.batch.runner import run, scoring_plan
 from flywheel.batch.scorer import PartitionScorer, ScoringPlan
 from flywheel.batch.sources import open_input, plan_partitions
 from flywheel.protocol.errors import ConfigError, InvalidInputError, PreconditionFailedError
@@ -133,10 +133,10 @@ def _plan(tmp_path, job: PredictJob, run_id="r-test") -> tuple[ScoringPlan, list
     fs, root, files = open_input(job.input)
     from flywheel.batch.sources import detect_format
 
-    parts = plan_partitions(fs, root, files, detect_format(files, job.format), job.partition_rows)
-    inputs, image = plan_run(job, source, parts)
-    return ScoringPlan(job=job, model=source, inputs=inputs, run_id=run_id, batch_rows=job.batch_rows or 100,
-                       image=image), parts
+    fmt = detect_format(files, job.format)
+    parts = plan_partitions(fs, root, files, fmt, job.partition_rows)
+    plan = scoring_plan(job, source, parts, fmt, run_id)
+    return msgspec.structs.replace(plan, batch_rows=job.batch_rows or 100), parts
 
 
 def _score(plan: ScoringPlan, parts) -> dict:
@@ -426,3 +426,155 @@ def test_a_plug_in_backend_scores_batches_too(tmp_path, monkeypatch):
             resolve(msgspec.structs.replace(job, settings={"width": "wide"}), "", "")
     finally:
         registry._loaded.pop("doubler", None)  # the registry keeps what it loaded for the process's life
+
+
+# -- what the review found: empty partitions, CSV types, ragged lists, hidden folders ---------
+def test_empty_partitions_keep_the_run_schema(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=1, rows=30)
+    empty = pq.read_table(tmp_path / "in" / "part-0.parquet").slice(0, 0)
+    pq.write_table(empty, tmp_path / "in" / "part-9.parquet")
+    job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "o"),
+                     keys=["id"], label="y")
+    plan, parts = _plan(tmp_path, job)
+    assert list(_score(plan, parts)["rows"]) == [30, 0]
+    schemas = {pq.read_schema(p).remove_metadata() for p in (tmp_path / "o").glob("*.parquet")}
+    assert len(schemas) == 1
+    table = pq.read_table(tmp_path / "o")
+    assert table.column_names == ["source", "row", "id", "y", "logits", "model_version", "run_id"]
+    assert table.num_rows == 30
+
+
+def test_csv_columns_read_as_the_model_takes_them_and_header_only_files_pass(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx", features=2, classes=2)
+    (tmp_path / "csv").mkdir()
+    # a first block of integers, then a fraction: inference alone would fail the file at row 40,000
+    lines = ["id,f0,f1"] + [f"{i},{i % 3},1" for i in range(40_000)] + ["40000,0.5,2.5"]
+    (tmp_path / "csv" / "a.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "csv" / "b.csv").write_text("id,f0,f1\n")  # yesterday's file, with no rows
+    job = PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "csv"), output=str(tmp_path / "o"),
+                     keys=["id"], batch_rows=10_000)
+    plan, parts = _plan(tmp_path, job)
+    got = _score(plan, parts)
+    assert list(got["rows"]) == [40_001, 0], got["error"]
+    table = pq.read_table(tmp_path / "o").sort_by("id")
+    last = np.array(table.column("logits").to_pylist()[-1])
+    np.testing.assert_allclose(last, np.array([0.5, 2.5], np.float32) @ w, rtol=1e-5)
+
+
+def test_ragged_or_holey_list_rows_fail_with_the_row_named(tmp_path):
+    sig_schema = _schema(x=pa.list_(pa.float32()))
+    (plan,) = plan_inputs(sig_schema, SIG, "f", columns={}, exclude=set())
+    ragged = pa.record_batch({"x": pa.array([[1, 2], [3, 4, 5, 6]], pa.list_(pa.float32()))})
+    with pytest.raises(InvalidInputError, match="column 'x' holds 2 values at row 0 of this batch; model input 'x' "
+                                                "expects 3 per row"):
+        to_inputs(ragged, [plan], "f")
+    holey = pa.record_batch({"x": pa.array([[1, None, 3]], pa.list_(pa.float32()))})
+    with pytest.raises(InvalidInputError, match="empty \\(null\\) values inside its lists"):
+        to_inputs(holey, [plan], "f")
+
+
+def test_hidden_and_underscore_folders_are_not_input(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=1, rows=5)
+    parquet_files(tmp_path / "in" / "_temporary" / "0", w, files=1, rows=5)
+    parquet_files(tmp_path / "in" / ".hidden", w, files=1, rows=5)
+    _, _, files = open_input(str(tmp_path / "in"))
+    assert [f.rsplit("/in/", 1)[1] for f in files] == ["part-0.parquet"]
+
+
+def test_images_feed_integer_inputs_unscaled(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    from PIL import Image
+
+    graph = helper.make_graph([helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+                               helper.make_node("ReduceMax", ["f"], ["top"], axes=[1, 2, 3], keepdims=0)], "u8",
+                              [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 4, 4, 1])],
+                              [helper.make_tensor_value_info("top", TensorProto.FLOAT, ["N"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "u8.onnx"))
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.new("L", (4, 4), 200).save(tmp_path / "imgs" / "a" / "x.png")
+    job = PredictJob(model=str(tmp_path / "u8.onnx"), input=str(tmp_path / "imgs"), output=str(tmp_path / "o"))
+    plan, parts = _plan(tmp_path, job)
+    assert list(_score(plan, parts)["rows"]) == [1]
+    assert pq.read_table(tmp_path / "o").column("top").to_pylist() == [200.0]
+
+
+def test_binary_models_with_one_score_and_string_labels_with_a_class_absent():
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.2], [0.9], [0.6], [0.4]], dtype=np.float32)
+    got = evaluate(y, probs, "classification", [])
+    assert got["accuracy"] == 1.0 and got["auc"] == 1.0
+    logits = np.array([-2.0, 3.0, 0.5, -0.1], dtype=np.float32)
+    assert evaluate(y, logits, "classification", [])["accuracy"] == 1.0  # logits: threshold 0
+    assert "rmse" in evaluate(y.astype(np.float32), probs, "auto", [])  # auto reads one float as regression
+    labels = np.array(["cat", "dog"], dtype=object)  # a 3-class model; "bird" absent from this data
+    scores = np.array([[0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    with pytest.raises(InvalidInputError, match="2 distinct labels .* a model with 3 classes; give classes"):
+        evaluate(labels, scores, "classification", [])
+    assert evaluate(labels, scores, "classification", ["bird", "cat", "dog"])["accuracy"] == 1.0
+    with pytest.raises(InvalidInputError, match="label: 1 row\\(s\\) have no label"):
+        evaluate(np.array([0.0, np.nan]), np.array([[0.9, 0.1], [0.2, 0.8]]), "classification", [])
+
+
+# -- the command line ---------------------------------------------------------------------------
+def _args(*argv):
+    from flywheel.cli.main import build_parser
+
+    return build_parser().parse_args(["predict", *argv])
+
+
+def test_flags_over_a_config_file_make_the_job(tmp_path):
+    from flywheel.cli.predict import job_from_args
+
+    (tmp_path / "job.yaml").write_text("model: m.onnx\ninput: in/\noutput: out/\nkeys: [id]\nactors: 3\n")
+    job = job_from_args(_args("--config", str(tmp_path / "job.yaml"), "--actors", "1", "--map", "x=f_*,g",
+                              "--map", "z=h", "--label", "y", "--classes", "a,b"))
+    assert (job.model, job.keys, job.actors, job.label, job.classes) == ("m.onnx", ["id"], 1, "y", ["a", "b"])
+    assert job.columns == {"x": ["f_*", "g"], "z": ["h"]}
+    with pytest.raises(ConfigError, match="--map 'x': expected INPUT=COLUMN"):
+        job_from_args(_args("--model", "m", "--input", "i", "--output", "o", "--map", "x"))
+    with pytest.raises(ConfigError, match="give --input, --output"):
+        job_from_args(_args("--model", "m"))
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="a batch job is a mapping"):
+        job_from_args(_args("--config", str(tmp_path / "bad.yaml")))
+
+
+def test_the_command_exits_2_naming_the_file_when_the_input_cannot_fit(tmp_path, capsys):
+    from flywheel.cli.main import main
+
+    linear_onnx(tmp_path / "m.onnx")
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "a.npy", np.ones((5, 7), np.float32))
+    assert main(["predict", "--model", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "npy"),
+                 "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "input file a.npy: column 'array' holds 7 values per row; model input 'x' expects FP32 x 8" in err
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "a.csv").write_text("id,f0,f1\n1,a,2\n")
+    assert main(["predict", "--model", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "csv"),
+                 "--output", str(tmp_path / "o"), "--keys", "id"]) == 2
+    assert "input file a.csv: model input 'x' expects FP32 x 8 per row" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "csv"),
+                 "--output", str(tmp_path / "o"), "--map", "x=f*", "--keys", "id"]) == 2
+    assert "input file a.csv: column 'f0' is string; model input 'x' expects" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "npy"),
+                 "--output", str(tmp_path / "o"), "--label", "y"]) == 2
+    assert "input file a.npy: no column 'y' (label)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluation_settings_are_checked_before_the_run(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=1, rows=10)
+    base = dict(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "o"), keys=["id"],
+                label="y")
+    with pytest.raises(ConfigError, match="score_output 'probs' is not an output of the model; its outputs are"):
+        run(PredictJob(**base, score_output="probs"), progress=False)
+    with pytest.raises(ConfigError, match="task regression: output 'logits' has shape \\[-1, 3\\]"):
+        run(PredictJob(**base, task="regression"), progress=False)
+    assert not (tmp_path / "o").exists()
