@@ -578,3 +578,28 @@ def test_evaluation_settings_are_checked_before_the_run(tmp_path):
     with pytest.raises(ConfigError, match="task regression: output 'logits' has shape \\[-1, 3\\]"):
         run(PredictJob(**base, task="regression"), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_object_store_style_file_systems_read_and_commit_through_fsspec(tmp_path):
+    import fsspec
+
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=2, rows=50)
+    mem = fsspec.filesystem("memory")
+    for p in (tmp_path / "in").iterdir():
+        mem.pipe(f"/fw-batch-test/in/{p.name}", p.read_bytes())
+    try:
+        job = PredictJob(model=str(tmp_path / "m.onnx"), input="memory://fw-batch-test/in",
+                         output="memory://fw-batch-test/out", keys=["id"], label="y")
+        out = OutputFolder(job.output)
+        assert not out.local
+        out.begin(_manifest(), overwrite=False)
+        plan, parts = _plan(tmp_path, job)
+        assert list(_score(plan, parts)["rows"]) == [50, 50]
+        done = sorted(p.rsplit("/", 1)[1] for p in mem.ls("/fw-batch-test/out", detail=False) if p.endswith(".parquet"))
+        assert done == sorted(f"{p.name}.parquet" for p in parts)
+        assert mem.ls("/fw-batch-test/out/_flywheel/tmp", detail=False) == []
+        with mem.open(f"/fw-batch-test/out/{parts[0].name}.parquet", "rb") as f:
+            assert pq.read_table(f).column("id").to_pylist() == list(range(50))
+    finally:
+        mem.rm("/fw-batch-test", recursive=True)
