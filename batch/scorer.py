@@ -26,7 +26,7 @@ from flywheel.batch.output import OutputFolder
 from flywheel.batch.readers import IMAGE_LABEL_COLUMN, ImageShape, read_batches
 from flywheel.batch.sources import Partition
 from flywheel.protocol.datatypes import numpy_dtype
-from flywheel.protocol.errors import FlywheelError, InvalidInputError
+from flywheel.protocol.errors import ConfigError, FlywheelError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ def output_schema(job: PredictJob, model: ModelSource, hive_keys: list[str], typ
     fields += [(k, text if k in hive_keys else types.get(k, pa.null())) for k in job.keys if k not in hive_keys]
     if job.label:
         fields.append((job.label, pa.string() if fmt == "images" else types.get(job.label, pa.null())))
+    taken = {name for name, _ in fields} | {VERSION_COLUMN, RUN_COLUMN}
+    for t in model.signature.outputs:
+        if t.name in taken:
+            raise ConfigError(f"model output {t.name!r} has the name of a column the output already holds "
+                              f"(source, row, model_version, run_id, a key or the label); rename the key or "
+                              "label column, or export the model with another output name")
     fields += [(t.name, _arrow_type(t.datatype, t.shape)) for t in model.signature.outputs]
     fields += [(VERSION_COLUMN, text), (RUN_COLUMN, text)]
     seen, unique = set(), []

@@ -603,3 +603,14 @@ def test_object_store_style_file_systems_read_and_commit_through_fsspec(tmp_path
             assert pq.read_table(f).column("id").to_pylist() == list(range(50))
     finally:
         mem.rm("/fw-batch-test", recursive=True)
+
+
+def test_an_output_named_like_a_key_is_refused_before_the_run(tmp_path):
+    w = linear_onnx(tmp_path / "m.onnx")
+    parquet_files(tmp_path / "in", w, files=1, rows=5)
+    table = pq.read_table(tmp_path / "in" / "part-0.parquet").rename_columns(
+        ["logits", *[f"f{j}" for j in range(8)], "y"])
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    with pytest.raises(ConfigError, match="model output 'logits' has the name of a column the output already holds"):
+        run(PredictJob(model=str(tmp_path / "m.onnx"), input=str(tmp_path / "in"), output=str(tmp_path / "o"),
+                       keys=["logits"], label="y"), progress=False)
