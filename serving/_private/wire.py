@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from flywheel.protocol.errors import ErrorCode, UnavailableError
+from flywheel.protocol.errors import ErrorCode, PayloadTooLargeError, UnavailableError
 
 OP_INFER = 1
 OP_METADATA = 2
@@ -37,6 +38,8 @@ OP_DRIFT_INGEST = 4  # replica -> drift monitor: sampled input rows
 OP_DRIFT_HISTORY = 5  # ingress -> drift monitor: recent results (JSON)
 OP_METRICS = 6  # ingress -> drift monitor: Prometheus text
 OP_DRIFT_TRACK = 7  # replica -> drift monitor: start tracking this model config (JSON), if not yet
+
+log = logging.getLogger(__name__)
 
 _REQ = struct.Struct("<IIBII")
 _RESP = struct.Struct("<IIBIIIIIB")
@@ -83,6 +86,12 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
+class FrameTooLarge(Exception):
+    """A frame header announced more than MAX_FRAME payload bytes: the peer
+    is broken or hostile, and the connection is dropped before any of it is
+    buffered."""
+
+
 class _Buffer:
     """Accumulates bytes and yields complete frames."""
 
@@ -97,6 +106,9 @@ class _Buffer:
         size = self._head.size
         while len(self._buf) >= size:
             fields = self._head.unpack_from(self._buf)
+            if fields[0] > MAX_FRAME:
+                self._buf.clear()
+                raise FrameTooLarge(f"a frame of {fields[0]} payload bytes, more than MAX_FRAME {MAX_FRAME}")
             end = size + fields[0]
             if len(self._buf) < end:
                 return
@@ -121,10 +133,15 @@ class _ServerConn(asyncio.Protocol):
             t.cancel()
 
     def data_received(self, data: bytes) -> None:
-        for (_, req_id, op, aux, timeout_ms), payload in self._buf.feed(data):
-            task = asyncio.ensure_future(self._serve(req_id, Call(op, payload, aux, timeout_ms)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        try:
+            for (_, req_id, op, aux, timeout_ms), payload in self._buf.feed(data):
+                task = asyncio.ensure_future(self._serve(req_id, Call(op, payload, aux, timeout_ms)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except FrameTooLarge as exc:
+            log.warning("closing a frame connection: %s", exc)
+            if self._transport is not None:
+                self._transport.close()
 
     async def _serve(self, req_id: int, call: Call) -> None:
         try:
@@ -173,10 +190,19 @@ class _ClientConn(asyncio.Protocol):
         self.waiting.clear()
 
     def data_received(self, data: bytes) -> None:
-        for (_, req_id, code, aux, q, c, rows, depth, leader), payload in self._buf.feed(data):
-            fut = self.waiting.pop(req_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(Reply(code, payload, Stats(q, c, rows, depth, bool(leader)), aux))
+        try:
+            for (_, req_id, code, aux, q, c, rows, depth, leader), payload in self._buf.feed(data):
+                fut = self.waiting.pop(req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(Reply(code, payload, Stats(q, c, rows, depth, bool(leader)), aux))
+        except FrameTooLarge as exc:
+            self.lost = True
+            for fut in self.waiting.values():
+                if not fut.done():
+                    fut.set_exception(UnavailableError(f"the model replica sent {exc}; connection dropped"))
+            self.waiting.clear()
+            if self.transport is not None:
+                self.transport.close()
 
 
 class ReplicaChannel:
@@ -240,6 +266,8 @@ class ReplicaChannel:
                 conn.transport.close()
 
     async def _send(self, conn: _ClientConn, call: Call) -> Reply:
+        if len(call.payload) > MAX_FRAME:  # the replica would drop the connection
+            raise PayloadTooLargeError(f"{len(call.payload)} bytes is more than one frame takes ({MAX_FRAME})")
         req_id = next(self._ids) & 0xFFFFFFFF
         fut = asyncio.get_running_loop().create_future()
         conn.waiting[req_id] = fut
