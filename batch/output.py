@@ -15,6 +15,7 @@ import uuid
 
 import msgspec
 
+from flywheel.batch.sources import is_local
 from flywheel.protocol.errors import PreconditionFailedError
 
 META = "_flywheel"
@@ -38,7 +39,7 @@ class OutputFolder:
 
         self.fs, self.root = fsspec.core.url_to_fs(uri)
         self.root = self.root.rstrip("/")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = is_local(self.fs)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flywheel.batch.sources import Partition, npy_header
+from flywheel.batch.sources import Partition, is_local, npy_header
 from flywheel.protocol.errors import InvalidInputError
 
 NPY_COLUMN = "array"
@@ -103,18 +103,13 @@ def _parquet(fs, part: Partition, rows: int, columns: list[str] | None) -> Itera
     import pyarrow.parquet as pq
 
     groups = list(part.row_groups) or None
-    if _is_local(fs):  # Arrow's own file reader: no Python call per read
+    if is_local(fs):  # Arrow's own file reader: no Python call per read
         pf = pq.ParquetFile(part.path)
         yield from pf.iter_batches(batch_size=rows, row_groups=groups, columns=columns, use_threads=False)
         return
     with fs.open(part.path, "rb") as f:
         pf = pq.ParquetFile(f)
         yield from pf.iter_batches(batch_size=rows, row_groups=groups, columns=columns, use_threads=False)
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol
 
 
 def _csv(fs, part: Partition, rows: int, column_types: dict) -> Iterator:

@@ -165,9 +165,10 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     fmt = detect_format(files, job.format)
     parts = plan_partitions(fs, root, files, fmt, job.partition_rows)
     plan = scoring_plan(job, source, parts, fmt)
+    score = ""
     if job.label:
         label_type = pyarrow_schema(plan.output_schema).field(job.label).type
-        check_evaluation(job, source, None if fmt == "images" else label_type)
+        score = check_evaluation(job, source, None if fmt == "images" else label_type)
 
     out = OutputFolder(job.output)
     options = {"format": fmt, "columns": job.columns, "keys": job.keys, "label": job.label,
@@ -183,8 +184,8 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     plan = msgspec.structs.replace(plan, run_id=manifest.run_id)
 
     summaries, actors = _score(plan, pending, progress) if pending else ([], 0)
-    failed = [PartitionFailure(s["name"], next(p.rel for p in pending if p.name == s["name"]), s["error"])
-              for s in summaries if s["error"]]
+    by_name = {p.name: p for p in pending}
+    failed = [PartitionFailure(s["name"], by_name[s["name"]].rel, s["error"]) for s in summaries if s["error"]]
     answered = {s["name"] for s in summaries}
     failed += [PartitionFailure(p.name, p.rel, f"{p.rel}: the actor scoring it died twice (a crash or the "
                                                "out-of-memory killer); see the Ray worker logs")
@@ -199,7 +200,8 @@ def run(job: PredictJob, *, progress: bool | Progress = True) -> BatchReport:
     evaluation_error = ""
     if job.label and not failed:
         try:
-            metrics = _evaluate(job, source, out, parts)
+            labels, scores = read_columns(out.fs, [out.part_path(p.name) for p in parts], job.label, score)
+            metrics = evaluate(labels, scores, job.task, job.classes)
             if job.register:
                 data_fp = fingerprint(fs, files, root)
                 evaluation_id = _register(job, source, registry, artifacts, metrics, data_fp, manifest.run_id)
@@ -296,12 +298,6 @@ def check_evaluation(job: PredictJob, source: ModelSource, label_type) -> str:
     if text and job.task == "regression":
         raise ConfigError(f"task regression: label {job.label!r} is {label_type}; regression needs numbers")
     return score
-
-
-def _evaluate(job: PredictJob, source: ModelSource, out: OutputFolder, parts: list[Partition]) -> dict[str, float]:
-    score = check_evaluation(job, source, None)
-    labels, scores = read_columns(out.fs, [out.part_path(p.name) for p in parts], job.label, score)
-    return evaluate(labels, scores, job.task, job.classes)
 
 
 def _register(job: PredictJob, source: ModelSource, registry: str, artifacts: str, metrics: dict[str, float],

@@ -128,10 +128,13 @@ class PartitionScorer:
     and returns one summary row each."""
 
     def __init__(self, plan: bytes) -> None:
+        import fsspec
+
         self.plan = msgspec.msgpack.decode(plan, type=ScoringPlan)
         job = self.plan.job
         self.model = load(self.plan.model, threads=job.threads, gpu=job.num_gpus > 0, rows=self.plan.batch_rows)
         self.output = OutputFolder(job.output)
+        self.input_fs = fsspec.core.url_to_fs(job.input)[0]
         self.image = ImageShape(tuple(self.plan.image), self.plan.inputs[0].name) if self.plan.image else None
         self.schema = pyarrow_schema(self.plan.output_schema)
         csv = pyarrow_schema(self.plan.csv_types)
@@ -187,16 +190,6 @@ class PartitionScorer:
                 if writer is not None:
                     writer.close()
         return row - part.first_row
-
-    @property
-    def input_fs(self):
-        # the input's file system, opened once per actor
-        fs = getattr(self, "_input_fs", None)
-        if fs is None:
-            import fsspec
-
-            fs = self._input_fs = fsspec.core.url_to_fs(self.plan.job.input)[0]
-        return fs
 
     def _table(self, part: Partition, batch, outputs: dict[str, np.ndarray], row: int):
         import pyarrow as pa

@@ -80,6 +80,13 @@ def open_input(uri: str):
     return fs, root, files
 
 
+def is_local(fs) -> bool:
+    """Whether an fsspec file system is the local disk (where Arrow's own
+    file I/O and a rename are available)."""
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol
+
+
 def detect_format(files: list[str], wanted: str) -> str:
     """The input format: ``wanted``, or the one every file's extension names."""
     kinds = {_EXTENSIONS.get(posixpath.splitext(f)[1].lower()) for f in files}
