@@ -50,17 +50,42 @@ def application_name(config: DeployConfig) -> str:
     return config.name
 
 
+def model_gpus(model: ModelConfig) -> float:
+    """Ray GPUs one replica of ``model`` asks for: its ``num_gpus`` when set,
+    else what its backend needs (BackendSpec.gpus_for: TensorRT, and ONNX
+    Runtime with a CUDA or TensorRT provider, need one)."""
+    if model.num_gpus is not None:
+        return model.num_gpus
+    return get_backend(model.backend).gpus_for(model)
+
+
 def _actor_options(num_cpus: float, models) -> dict:
     """Ray resources of a replica that loads ``models``: the most GPUs any of
-    their backends asks for (BackendSpec.gpus). A TensorRT engine runs only
-    on a GPU, so such a replica asks Ray for one (and is placed on a GPU
-    node); ONNX Runtime's CUDA/TensorRT providers fall back to the CPU and
-    ask for none."""
+    them asks for (model_gpus), so that a GPU model is placed on a GPU node
+    and never lands on a CPU node to fall back to the CPU unseen."""
     options = {"num_cpus": num_cpus}
-    gpus = max((get_backend(m.backend).gpus for m in models), default=0)
+    gpus = max((model_gpus(m) for m in models), default=0)
     if gpus:
         options["num_gpus"] = gpus
     return options
+
+
+def check_gpus(config: DeployConfig, cluster_gpus: float) -> None:
+    """Refuse, before anything is deployed, a GPU model on a Ray cluster
+    that has fewer GPUs than its largest replica asks for (Serve would
+    otherwise wait forever for a node that never comes)."""
+    for m in config.models:
+        need = model_gpus(m)
+        if need > cluster_gpus:
+            why = (f"backend {m.backend}" if m.num_gpus is None and m.backend != "onnxruntime"
+                   else "num_gpus" if m.num_gpus is not None
+                   else f"onnxruntime.providers {list(m.onnxruntime.providers)}")
+            raise ConfigError(
+                f"model {m.name!r} needs {need:g} GPU per replica ({why}), and this Ray cluster has "
+                f"{cluster_gpus:g}. Deploy it on a cluster with a GPU node, or run it on the CPU: "
+                "set onnxruntime.providers to [cpu] (or num_gpus: 0 to keep the providers and let "
+                "ONNX Runtime fall back)."
+            )
 
 
 def _free_port() -> int:
@@ -215,6 +240,9 @@ def deploy(
     config = resolve_models(config, settings or load_settings())
     config = msgspec.structs.replace(config, server=fix_public_ports(config.server))
     server = config.server
+    import ray
+
+    check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     log.info("deploying %s (%d model(s))", config.name, len(config.models))
     serve.run(build_application(config), name=application_name(config), route_prefix=None)

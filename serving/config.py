@@ -36,17 +36,26 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         revoked key stops working within about this long.
     max_concurrent_per_key: requests one key may have in flight; more get
         429 / RESOURCE_EXHAUSTED (0 = no limit).
+    rate_per_key / burst_per_key: the request rate (per second, per ingress
+        replica) of a key made without its own ``--rate``: a token bucket
+        holding ``burst_per_key`` tokens (0 = one second's worth), refilled
+        at ``rate_per_key``; a call finding it empty gets 429 with
+        ``Retry-After`` / RESOURCE_EXHAUSTED (0 = no limit).
     """
 
     enabled: bool = False
     reload_interval_s: float = 1.0
     max_concurrent_per_key: int = 256
+    rate_per_key: float = 0.0
+    burst_per_key: int = 0
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.reload_interval_s <= 60:
             raise ConfigError("server.auth.reload_interval_s must lie in [0.05, 60]")
         if self.max_concurrent_per_key < 0:
             raise ConfigError("server.auth.max_concurrent_per_key must be >= 0 (0 = no limit)")
+        if self.rate_per_key < 0 or self.burst_per_key < 0:
+            raise ConfigError("server.auth.rate_per_key and burst_per_key must be >= 0 (0 = no limit / default)")
 
 
 class RequestLimits(msgspec.Struct, frozen=True):
@@ -84,6 +93,18 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         Fractional, so that a 2-core machine can also run models and training.
     auth: API keys and roles (see AuthConfig). Binding a non-loopback host
         without it is refused.
+    max_url_bytes / max_header_bytes: a request line's target longer than
+        this gets 414, request headers larger than this in all get 431; the
+        connection is then closed.
+    header_timeout_s: a connection must deliver a whole request head within
+        this long of its first byte (or of being opened), else it is closed:
+        slow clients cannot hold connections open.
+    keepalive_timeout_s: an idle keep-alive connection (no request in
+        progress) is closed after this long.
+    max_connections: open HTTP connections per ingress replica; one more is
+        answered 503 and closed (counted in ``flywheel_http_connections_refused``).
+    max_pipelined: requests one connection may have waiting for their
+        answers; the connection stops being read until it is back under.
     """
 
     host: str = "127.0.0.1"
@@ -98,6 +119,12 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
     ingress_num_cpus: float = 0.1
     auth: AuthConfig = AuthConfig()
+    max_url_bytes: int = 8 * 1024
+    max_header_bytes: int = 32 * 1024
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 60.0
+    max_connections: int = 10_000
+    max_pipelined: int = 64
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -116,6 +143,13 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("server.ingress_num_cpus must be >= 0")
         if not 1 <= self.replicas <= 32:
             raise ConfigError("server.replicas must lie in [1, 32] (per node: they share its ports)")
+        if self.max_url_bytes < 64 or self.max_header_bytes < 256:
+            raise ConfigError("server.max_url_bytes must be >= 64 and server.max_header_bytes >= 256")
+        for field in ("header_timeout_s", "keepalive_timeout_s"):
+            if not 0.05 <= getattr(self, field) <= 3600:
+                raise ConfigError(f"server.{field} must lie in [0.05, 3600] seconds")
+        if self.max_connections < 1 or self.max_pipelined < 1:
+            raise ConfigError("server.max_connections and server.max_pipelined must be >= 1")
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_tensor_elements, self.max_batch_rows, self.max_bytes_element,
@@ -253,6 +287,9 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     replicas / num_cpus: Serve replicas (dedicated only) and Ray CPUs per
         replica (fractional ok; a colocated model adds its num_cpus to each
         ingress replica's).
+    num_gpus: Ray GPUs per replica; unset = what the backend needs (1 for
+        ``tensorrt`` and for ``onnxruntime`` with the ``cuda`` or
+        ``tensorrt`` provider, else 0). Fractional shares a GPU.
     batching: the replica's dynamic batcher. Requests reach the replica through
         Flywheel's own ingress, not Serve's proxy, so Serve's
         ``max_ongoing_requests`` (default 5, which would cap every batch at 5)
@@ -276,6 +313,7 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     placement: str = "colocated"
     replicas: int = 1
     num_cpus: float = 0.5
+    num_gpus: float | None = None
     warmup_batch_sizes: tuple[int, ...] = (1,)
     drift: DriftConfig = DriftConfig()
 
@@ -302,6 +340,8 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
             )
         if self.num_cpus < 0:
             raise ConfigError(f"model {self.name!r}: num_cpus must be >= 0")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"model {self.name!r}: num_gpus must be >= 0")
 
     def _check_backend(self) -> None:
         """The backend is registered, other backends' exclusive fields are
@@ -347,6 +387,10 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         key always sees one variant while the weights stay put.
     promote_alias: the registry alias moved to a variant when it is promoted
         ("" = move none).
+    allow_signature_change: let a variant whose signature (input/output
+        names, datatypes, shapes) differs from the endpoint's take traffic
+        (add_variant, swap, canary); off, such a move is refused naming the
+        first difference.
     """
 
     name: str
@@ -355,6 +399,7 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sticky_header: str = "flywheel-routing-key"
     sticky_parameter: str = "routing_key"
     promote_alias: str = "production"
+    allow_signature_change: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

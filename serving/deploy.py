@@ -43,7 +43,9 @@ def app(args: dict[str, Any]):
     DEPLOY_FAILED message, for a config that does not validate or was written
     by another Flywheel version than the cluster runs.
     """
-    from flywheel.serving.app import build_application, resolve_models
+    import ray
+
+    from flywheel.serving.app import build_application, check_gpus, resolve_models
     from flywheel.common.settings import load_settings
 
     if not isinstance(args, dict) or not isinstance(args.get("config"), dict):
@@ -58,6 +60,7 @@ def app(args: dict[str, Any]):
     check_fixed_ports(config)
     config.server.check_exposure()
     config = resolve_models(config, load_settings())
+    check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
     # Stable for a given config: the router controller then resumes its state
     # when Serve restarts it, and starts afresh when the config changes.
     deploy_id = hashlib.sha256(json.dumps(args["config"], sort_keys=True).encode()).hexdigest()[:32]

@@ -41,6 +41,7 @@ _PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+GPU_PROVIDERS = frozenset({"cuda", "tensorrt"})
 
 
 class OnnxRuntimeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -304,9 +305,18 @@ def _create(path: str, model) -> OnnxRuntimeBackend:
     return OnnxRuntimeBackend(path, model.onnxruntime)
 
 
+def _gpus(model_config) -> float:
+    """A GPU when a GPU provider is wanted: Ray must place the replica on a
+    GPU node, where otherwise it could land on a CPU node and silently run
+    on the CPU fallback."""
+    providers = model_config.onnxruntime.providers
+    return 1.0 if any(p in GPU_PROVIDERS for p in providers) else 0.0
+
+
 SPEC = BackendSpec(
     name="onnxruntime",
     create=_create,
+    gpus=_gpus,
     summary="an .onnx file run by ONNX Runtime",
     # not exclusive: a config moved to backend tensorrt may keep its block
     fields=(ConfigField("onnxruntime", OnnxRuntimeConfig, OnnxRuntimeConfig(), exclusive=False),),

@@ -95,7 +95,8 @@ class BackendSpec:
         config is made; raise ConfigError naming the field (the model's name
         is prefixed to the message).
     gpus: GPUs a Ray replica that loads this backend asks for (a TensorRT
-        engine runs on a GPU only).
+        engine runs on a GPU only), or ``(model_config) -> float`` where it
+        depends on the model's settings (ONNX Runtime's CUDA provider).
     """
 
     name: str
@@ -104,7 +105,11 @@ class BackendSpec:
     fields: tuple[ConfigField, ...] = ()
     settings: type | None = None
     validate: Callable[[Any], None] | None = None
-    gpus: float = 0
+    gpus: float | Callable[[Any], float] = 0
+
+    def gpus_for(self, model_config: Any) -> float:
+        """GPUs a replica loading ``model_config`` with this backend needs."""
+        return float(self.gpus(model_config)) if callable(self.gpus) else float(self.gpus)
 
     def parse_settings(self, raw: Any) -> Any:
         """``raw`` (a model's ``settings:`` mapping) as this spec's settings

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from flywheel.protocol.errors import ConfigError
@@ -43,10 +44,19 @@ def test_each_built_in_backend_has_a_spec_of_its_own_name(name, cls):
     assert spec.create.__module__ == cls.__module__
 
 
-def test_only_the_tensorrt_backend_asks_for_a_gpu():
-    assert {name: get_backend(name).gpus for name in ("onnxruntime", "torch", "tensorrt")} == {
+def test_tensorrt_and_onnxruntime_with_a_gpu_provider_ask_for_a_gpu():
+    from flywheel.serving.config import ModelConfig
+
+    def model(backend, **kw):
+        return msgspec.convert({"name": "m", "path": "x", "backend": backend, **kw}, ModelConfig)
+
+    extra = {"torch": {"architecture": "mlp"}}
+    assert {name: get_backend(name).gpus_for(model(name, **extra.get(name, {})))
+            for name in ("onnxruntime", "torch", "tensorrt")} == {
         "onnxruntime": 0, "torch": 0, "tensorrt": 1,
     }
+    cuda = model("onnxruntime", onnxruntime={"providers": ["cuda", "cpu"]})
+    assert get_backend("onnxruntime").gpus_for(cuda) == 1
 
 
 def test_an_unknown_backend_names_itself_and_the_installed_choices():

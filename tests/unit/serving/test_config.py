@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from flywheel.protocol.errors import ConfigError
@@ -65,13 +66,56 @@ def test_settings_read_only_from_the_given_environment():
         load_settings({"FLYWHEEL_HTTP_PORT": "x"})
 
 
-def test_replicas_loading_a_tensorrt_model_ask_ray_for_a_gpu():
+def _gpu_models():
+    return parse_config({"models": [
+        {"name": "cpu", "path": "x"},
+        {"name": "trt", "path": "y", "backend": "tensorrt"},
+        {"name": "ort-gpu", "path": "z", "onnxruntime": {"providers": ["cuda", "cpu"]}},
+        {"name": "ort-trt", "path": "w", "onnxruntime": {"providers": ["tensorrt", "cpu"]}},
+        {"name": "shared", "path": "v", "onnxruntime": {"providers": ["cuda"]}, "num_gpus": 0.25},
+    ]})
+
+
+def test_replicas_of_a_gpu_model_ask_ray_for_a_gpu():
     from flywheel.serving.app import _actor_options
 
-    cfg = parse_config({"models": [{"name": "cpu", "path": "x"},
-                                   {"name": "trt", "path": "y", "backend": "tensorrt"},
-                                   {"name": "ort-gpu", "path": "z", "onnxruntime": {"providers": ["cuda", "cpu"]}}]})
-    cpu, trt, ort_gpu = cfg.models
+    cpu, trt, ort_gpu, ort_trt, shared = _gpu_models().models
     assert _actor_options(0.5, [cpu]) == {"num_cpus": 0.5}
-    assert _actor_options(0.5, [ort_gpu]) == {"num_cpus": 0.5}  # falls back to the CPU: no GPU demanded
+    # ONNX Runtime's CUDA / TensorRT providers: placed on a GPU node, never a
+    # CPU node where they would fall back to the CPU unseen
+    assert _actor_options(0.5, [ort_gpu]) == {"num_cpus": 0.5, "num_gpus": 1}
+    assert _actor_options(0.5, [ort_trt]) == {"num_cpus": 0.5, "num_gpus": 1}
     assert _actor_options(1.5, [cpu, trt]) == {"num_cpus": 1.5, "num_gpus": 1}
+    assert _actor_options(0.5, [shared]) == {"num_cpus": 0.5, "num_gpus": 0.25}  # num_gpus overrides
+
+
+def test_a_gpu_model_on_a_cluster_without_a_gpu_is_refused_naming_why():
+    from flywheel.serving.app import check_gpus
+
+    cfg = _gpu_models()
+    cpu, trt, ort_gpu, _, shared = cfg.models
+    check_gpus(msgspec.structs.replace(cfg, models=[cpu]), 0.0)  # no GPU needed: passes
+    check_gpus(cfg, 1.0)
+    with pytest.raises(ConfigError, match=r"model 'ort-gpu' needs 1 GPU per replica "
+                                          r"\(onnxruntime.providers \['cuda', 'cpu'\]\).*has 0"):
+        check_gpus(msgspec.structs.replace(cfg, models=[cpu, ort_gpu]), 0.0)
+    with pytest.raises(ConfigError, match=r"model 'trt' needs 1 GPU per replica \(backend tensorrt\)"):
+        check_gpus(msgspec.structs.replace(cfg, models=[trt]), 0.0)
+    with pytest.raises(ConfigError, match=r"model 'shared' needs 0.25 GPU per replica \(num_gpus\)"):
+        check_gpus(msgspec.structs.replace(cfg, models=[shared]), 0.0)
+    # num_gpus: 0 keeps the providers and accepts ONNX Runtime's CPU fallback
+    zero = msgspec.structs.replace(ort_gpu, num_gpus=0.0)
+    check_gpus(msgspec.structs.replace(cfg, models=[zero]), 0.0)
+
+
+def test_new_server_and_auth_limits_are_validated_naming_the_field():
+    for bad, field in [({"server": {"header_timeout_s": 0}}, "header_timeout_s"),
+                       ({"server": {"max_connections": 0}}, "max_connections"),
+                       ({"server": {"max_url_bytes": 10}}, "max_url_bytes"),
+                       ({"server": {"auth": {"rate_per_key": -1}}}, "rate_per_key"),
+                       ({"models": [{"name": "m", "path": "x", "num_gpus": -1}]}, "num_gpus")]:
+        with pytest.raises(ConfigError, match=field):
+            parse_config({"models": [{"name": "m", "path": "x"}], **bad})
+    cfg = parse_config({"models": [{"name": "m", "path": "x"}],
+                        "endpoints": [{"name": "m", "allow_signature_change": True}]})
+    assert cfg.endpoints[0].allow_signature_change and cfg.server.max_connections == 10_000
