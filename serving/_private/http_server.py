@@ -5,6 +5,14 @@ per request on this class of machine (see shared/design/RAY-NOTES.md); this
 server parses with httptools (C), keeps connections alive, answers pipelined
 requests in order, and refuses an oversized body from its Content-Length before
 reading it. It knows nothing about V2: routing is the handler's job.
+
+It is bounded against clients that are slow or greedy on purpose (HttpLimits):
+request-target and header sizes (414 / 431, then the connection closes), a
+deadline for a whole request head and an idle keep-alive timeout (both
+enforced by one sweep per server, so the request path sets a timestamp
+instead of arming a timer), a cap on open connections (503 beyond it), and a
+bound on the requests of one connection in progress at once (reading stops
+until its answers go out). HEAD is answered as GET without the body.
 """
 
 from __future__ import annotations
@@ -29,6 +37,31 @@ class Request:
     path: str
     headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one client may hold of a server (see ServerConfig for the
+    public defaults). ``None`` for a timeout turns it off: the local gRPC
+    front's own connections are pooled and trusted (a 0700 socket folder)."""
+
+    max_url_bytes: int = 8 * 1024
+    max_header_bytes: int = 32 * 1024
+    header_timeout_s: float | None = 10.0
+    keepalive_timeout_s: float | None = 60.0
+    max_connections: int = 10_000
+    max_pipelined: int = 64
+
+    def sweep_interval_s(self) -> float | None:
+        """How often the timeouts are checked: a quarter of the shorter one
+        (so a connection outlives its deadline by at most a quarter), at
+        least every second and at most every 20 ms."""
+        timeouts = [t for t in (self.header_timeout_s, self.keepalive_timeout_s) if t is not None]
+        return min(1.0, max(0.02, min(timeouts) / 4)) if timeouts else None
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a refused request."""
 
 
 # status, body, content type[, extra header lines[, trailer lines]], the
@@ -64,10 +97,38 @@ QUIET_S = 0.5
 class HttpServer:
     """A listening server and its open connections, for a graceful stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: HttpLimits | None = None) -> None:
+        self.limits = limits or HttpLimits()
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[_Connection] = set()
         self.draining = False
+        # connections refused at the cap, and closed for being too slow with
+        # a request head or idle too long (for /metrics and the log)
+        self.refused_connections = 0
+        self.timed_out_heads = 0
+        self.timed_out_idle = 0
+        self._sweeper: asyncio.Task | None = None
+
+    def start_sweeping(self) -> None:
+        interval = self.limits.sweep_interval_s()
+        if interval is not None and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(interval))
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Close every connection past its head deadline or idle timeout."""
+        head_s, idle_s = self.limits.header_timeout_s, self.limits.keepalive_timeout_s
+        for conn in list(self.connections):
+            if head_s is not None and conn.head_since is not None and now - conn.head_since > head_s:
+                self.timed_out_heads += 1
+                conn.close()
+            elif idle_s is not None and conn.idle_since is not None and now - conn.idle_since > idle_s:
+                self.timed_out_idle += 1
+                conn.close()
 
     @property
     def sockets(self):
@@ -77,6 +138,11 @@ class HttpServer:
         """Stop listening; open connections go on (see drain)."""
         if self.server is not None:
             self.server.close()
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def drain(self, grace_s: float, quiet_s: float = QUIET_S) -> None:
         """Stop listening, then let each open connection finish: its next
@@ -97,12 +163,14 @@ class HttpServer:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.close()
+        self.stop_sweeping()
 
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_handler", "_max_body", "_on_error", "_parser", "_transport", "_url", "_headers",
         "_body", "_body_len", "_too_large", "_pending", "_closing", "_owner", "_in_message", "idle_since",
+        "head_since", "_header_bytes", "_limits", "_held", "_paused",
     )
 
     def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response],
@@ -111,17 +179,26 @@ class _Connection(asyncio.Protocol):
         self._max_body = max_body
         self._on_error = on_error
         self._owner = owner
+        self._limits = owner.limits
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._pending: collections.deque[asyncio.Future] = collections.deque()
+        # requests parsed while max_pipelined were in progress: dispatched as
+        # answers go out (reading is paused meanwhile, so few can wait here)
+        self._held: collections.deque[tuple[Request, bool]] = collections.deque()
+        self._paused = False
         self._closing = False
         self._in_message = False
         # when the connection last had nothing to do (None while it has)
         self.idle_since: float | None = time.monotonic()
+        # when the request head now being read began (None between heads):
+        # a new connection owes its first head from the moment it opens
+        self.head_since: float | None = time.monotonic()
         self._reset()
 
     def _reset(self) -> None:
         self._url = b""
+        self._header_bytes = 0
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._body_len = 0
@@ -130,7 +207,17 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport) -> None:
         self._transport = transport
-        self._owner.connections.add(self)
+        owner = self._owner
+        if len(owner.connections) >= self._limits.max_connections:
+            # answered without reading: the client learns why, and the
+            # connections already open keep their share of the replica
+            owner.refused_connections += 1
+            self._closing = True
+            self.head_since = None
+            transport.write(_head(503, JSON, b"content-length: %d" % len(_FULL), True) + _FULL)
+            transport.close()
+            return
+        owner.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -153,7 +240,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            if not self._closing:  # a callback that refused the request has answered it
+                self._fail(400, f"malformed HTTP request: {exc}")
 
     def close(self) -> None:
         self._closing = True
@@ -164,14 +252,24 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_message = True
         self.idle_since = None
+        if self.head_since is None:
+            self.head_since = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self._limits.max_url_bytes:
+            self._fail(414, f"request target longer than {self._limits.max_url_bytes} bytes")
+            raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self._header_bytes > self._limits.max_header_bytes:
+            self._fail(431, f"request headers larger than {self._limits.max_header_bytes} bytes")
+            raise _Refused
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        self.head_since = None
         length = self._headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             # Refuse before reading a byte of the body, and drop the connection
@@ -203,13 +301,26 @@ class _Connection(asyncio.Protocol):
         keep_alive = self._parser.should_keep_alive()
         self._reset()
         self._in_message = False
+        if self._held or len(self._pending) >= self._limits.max_pipelined:
+            self._held.append((req, keep_alive))
+            if not self._paused and self._transport is not None:
+                self._paused = True
+                self._transport.pause_reading()
+            return
+        self._dispatch(req, keep_alive)
+
+    def _dispatch(self, req: Request, keep_alive: bool) -> None:
+        head = req.method == "HEAD"
+        if head:  # routed as GET; the answer goes out without its body
+            req.method = "GET"
         result = self._handler(req)
         ready = type(result) is tuple  # a Response now (most routes but infer)
         if ready and not self._pending:
-            self._write(result, close=not keep_alive or self._owner.draining)
+            self._write(result, close=not keep_alive or self._owner.draining, head=head)
             return
         fut = _done(result) if ready else asyncio.ensure_future(result)
         fut.keep_alive = keep_alive  # type: ignore[attr-defined]
+        fut.head = head  # type: ignore[attr-defined]
         self._pending.append(fut)
         fut.add_done_callback(self._flush)
 
@@ -228,10 +339,15 @@ class _Connection(asyncio.Protocol):
             exc = fut.exception()
             resp = self._on_error(500, f"internal error: {exc!r}") if exc else fut.result()
             # a draining server ends the connection after its last answer
-            last = not self._pending and not self._in_message
-            self._write(resp, close=not fut.keep_alive or (self._owner.draining and last))
+            last = not self._pending and not self._in_message and not self._held
+            self._write(resp, close=not fut.keep_alive or (self._owner.draining and last), head=fut.head)
+        while self._held and len(self._pending) < self._limits.max_pipelined and not self._closing:
+            self._dispatch(*self._held.popleft())
+        if self._paused and not self._held and not self._closing and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
 
-    def _write(self, resp: Response, close: bool) -> None:
+    def _write(self, resp: Response, close: bool, head: bool = False) -> None:
         t = self._transport
         if t is None or t.is_closing():
             return
@@ -240,16 +356,20 @@ class _Connection(asyncio.Protocol):
         if len(resp) > 4:
             t.write(_head(status, ctype, b"transfer-encoding: chunked", close, extra) + _chunked(body, resp[4]))
         else:
-            t.write(_head(status, ctype, b"content-length: %d" % len(body), close, extra) + body)
+            framing = b"content-length: %d" % len(body)
+            t.write(_head(status, ctype, framing, close, extra) + (b"" if head else body))
         if close:
             self._closing = True
             t.close()
-        elif not self._pending and not self._in_message:
+        elif not self._pending and not self._in_message and not self._held:
             self.idle_since = time.monotonic()
 
     def _fail(self, status: int, message: str) -> None:
         self._write(self._on_error(status, message), close=True)
         self._closing = True
+
+
+_FULL = b'{"error":"this server has as many connections open as it takes; retry later"}'
 
 
 def _done(value) -> asyncio.Future:
@@ -266,14 +386,17 @@ async def start_http_server(
     max_body: int,
     on_error: Callable[[int, str], Response],
     reuse_port: bool = False,
+    limits: HttpLimits | None = None,
 ) -> HttpServer:
     """Listen on host:port on the running loop.
 
     ``handler`` may return a Response or an awaitable of one. ``on_error``
     builds the body for protocol-level errors (400 malformed, 413 too large,
-    500 when a handler raised, which handlers should never let happen).
+    414 / 431 request target / headers too large, 500 when a handler raised,
+    which handlers should never let happen).
     """
-    owner = HttpServer()
+    owner = HttpServer(limits)
+    owner.start_sweeping()
     owner.server = await asyncio.get_running_loop().create_server(
         lambda: _Connection(handler, max_body, on_error, owner),
         host,
@@ -286,11 +409,14 @@ async def start_http_server(
 
 
 async def start_unix_http_server(
-    handler: Handler, path: str, *, max_body: int, on_error: Callable[[int, str], Response]
+    handler: Handler, path: str, *, max_body: int, on_error: Callable[[int, str], Response],
+    limits: HttpLimits | None = None,
 ) -> HttpServer:
     """The same server on a Unix socket at ``path`` (for a local front end:
-    no TCP stack between it and this process)."""
-    owner = HttpServer()
+    no TCP stack between it and this process). By default without timeouts:
+    its one client pools its connections and keeps them open."""
+    owner = HttpServer(limits or HttpLimits(header_timeout_s=None, keepalive_timeout_s=None))
+    owner.start_sweeping()
     owner.server = await asyncio.get_running_loop().create_unix_server(
         lambda: _Connection(handler, max_body, on_error, owner), path, backlog=1024,
     )
