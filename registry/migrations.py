@@ -159,6 +159,16 @@ _V6 = [
     "CREATE INDEX evaluations_by_fingerprint ON evaluations (fingerprint)",
 ]
 
+# v7: per-key limits on API keys: model scopes (comma-separated globs; empty:
+# every model), an expiry, and a request rate / burst (NULL: the server's
+# default). Existing keys get none of them, so they keep working as before.
+_V7 = [
+    "ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE api_keys ADD COLUMN expires_at {real}",
+    "ALTER TABLE api_keys ADD COLUMN rate {real}",
+    "ALTER TABLE api_keys ADD COLUMN burst INTEGER",
+]
+
 MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (1, _V1, {}),
     (2, _V2, _V2_DIALECT),
@@ -166,6 +176,7 @@ MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (4, _V4, {}),
     (5, _V5, {}),
     (6, _V6, {}),
+    (7, _V7, {}),
 ]
 LATEST = MIGRATIONS[-1][0]
 
