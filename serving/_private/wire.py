@@ -17,15 +17,42 @@ OP_METADATA answers the model's V2 metadata as JSON. ``timeout ms`` is the
 caller's remaining deadline (0 = the server's default).
 ``code`` is 0 for success or a :class:`~flywheel.protocol.errors.ErrorCode`
 (the payload is then the UTF-8 message).
+
+Authentication. A listener started with a ``secret`` (every part of a
+deployment gets the same 32 random bytes from ``build_application``) proves
+each connection before it reads a single frame, and is proven to in turn, so
+that neither a local user on 127.0.0.1 nor a peer across nodes can send
+``OP_INFER`` past the API keys, feed the drift monitor, or pose as a replica
+to collect requests::
+
+    server -> client   "FWF1" <32-byte server nonce>
+    client -> server   <32-byte client nonce> HMAC-SHA256(secret, "client" sn cn)
+    server -> client   HMAC-SHA256(secret, "server" sn cn) <u16 length> identity
+
+The secret never crosses the wire, only proofs bound to both nonces (nothing
+to replay). A wrong proof, a connection closed before its proof, or none
+within HANDSHAKE_TIMEOUT_S is dropped without a frame read or answered,
+counted and logged (rate-limited) with the peer's address. ``identity`` names
+the serving process (Serve replica, pid, node), so that a client can say which
+replica it lost. Trust model: whoever knows the secret is inside; it lives in
+the deployment's arguments as Ray Serve stores them, i.e. with whoever
+controls the Ray cluster (who can run any code on it anyway). Frames are not
+encrypted: across untrusted networks, run Ray's nodes on a private network or
+a TLS tunnel. ``secret=None`` turns authentication off, for in-process tests
+only; ``build_application`` always sets one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import logging
+import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -44,6 +71,17 @@ log = logging.getLogger(__name__)
 _REQ = struct.Struct("<IIBII")
 _RESP = struct.Struct("<IIBIIIIIB")
 MAX_FRAME = 1 << 31
+
+_HELLO = b"FWF1"  # protocol tag, then the server's nonce
+NONCE = 32
+_PROOF = hashlib.sha256().digest_size
+_IDENTITY = struct.Struct("<H")
+MAX_IDENTITY = 1024
+MIN_SECRET = 16
+# A peer has this long from connecting to proving itself; a loopback
+# handshake takes well under a millisecond, a cross-node one a round trip.
+HANDSHAKE_TIMEOUT_S = 5.0
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,6 +130,26 @@ class FrameTooLarge(Exception):
     buffered."""
 
 
+class ReplicaLost(UnavailableError):
+    """The connection dropped while this call was in flight: the serving
+    process died (or was cut off) with the call. ``replica`` names it (its
+    handshake identity, else its address), for the log and the metrics."""
+
+    def __init__(self, message: str, replica: str) -> None:
+        super().__init__(message)
+        self.replica = replica
+
+
+def check_secret(secret: bytes | None) -> None:
+    """Refuse a secret too short to be one (None: authentication off)."""
+    if secret is not None and len(secret) < MIN_SECRET:
+        raise ValueError(f"a frame secret needs at least {MIN_SECRET} bytes, got {len(secret)}")
+
+
+def _proof(secret: bytes, role: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    return hmac.new(secret, role + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
 class _Buffer:
     """Accumulates bytes and yields complete frames."""
 
@@ -117,22 +175,117 @@ class _Buffer:
             yield fields, payload
 
 
+class FrameServer:
+    """A listening frame server (:func:`start_frame_server`): its port, and
+    ``refused``, the connections dropped unauthenticated since it started."""
+
+    def __init__(
+        self, secret: bytes | None, identity: str, on_refused: Callable[[str], None] | None
+    ) -> None:
+        self.secret = secret
+        self.identity = identity.encode()[:MAX_IDENTITY]
+        self.refused = 0
+        self._on_refused = on_refused
+        self._server: asyncio.base_events.Server | None = None
+        self._logged_at = float("-inf")
+        self._unlogged = 0
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    def refuse(self, peer, why: str) -> None:
+        """Count a connection dropped unauthenticated; log the first one and
+        then at most one line per REFUSAL_LOG_INTERVAL_S (a flood of probes
+        must not flood the log)."""
+        self.refused += 1
+        if self._on_refused is not None:
+            self._on_refused(why)
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_INTERVAL_S:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last report)" if self._unlogged else ""
+        log.warning("frame server refused a connection from %s: %s%s", peer, why, more)
+        self._logged_at, self._unlogged = now, 0
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
 class _ServerConn(asyncio.Protocol):
-    def __init__(self, handler: FrameHandler) -> None:
+    def __init__(self, handler: FrameHandler, owner: FrameServer) -> None:
         self._handler = handler
+        self._owner = owner
         self._buf = _Buffer(_REQ)
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task] = set()
+        # until the peer has proven itself: the nonce sent, the bytes so far
+        self._nonce = b""
+        self._pending: bytearray | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self._transport = transport
         _nodelay(transport)
+        if self._owner.secret is not None:
+            self._nonce = os.urandom(NONCE)
+            self._pending = bytearray()
+            self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._too_slow)
+            transport.write(_HELLO + self._nonce)
 
     def connection_lost(self, exc) -> None:
+        if self._pending is not None:
+            self._drop("closed before proving that it knows the deployment secret")
         for t in self._tasks:
             t.cancel()
 
+    def _too_slow(self) -> None:
+        self._drop(f"no proof of the deployment secret within {HANDSHAKE_TIMEOUT_S:g}s")
+
+    def _drop(self, why: str) -> None:
+        """Refuse the unauthenticated peer: nothing read, nothing answered."""
+        if self._pending is None:
+            return
+        self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
+        t = self._transport
+        self._owner.refuse(t.get_extra_info("peername") if t is not None else None, why)
+        if t is not None:
+            t.abort()
+
+    def _authenticate(self, data: bytes) -> bytes:
+        """Consume handshake bytes: what follows a valid proof (frames), or
+        nothing while the proof is incomplete or when it was refused."""
+        pending = self._pending
+        need = 2 * NONCE - len(pending)
+        pending += data[:need]
+        if len(pending) < 2 * NONCE:
+            return b""
+        client_nonce, proof = bytes(pending[:NONCE]), bytes(pending[NONCE:])
+        secret = self._owner.secret
+        if not hmac.compare_digest(proof, _proof(secret, b"client", self._nonce, client_nonce)):
+            self._drop("a wrong proof of the deployment secret")
+            return b""
+        self._pending = None
+        self._timer.cancel()
+        who = self._owner.identity
+        self._transport.write(_proof(secret, b"server", self._nonce, client_nonce) + _IDENTITY.pack(len(who)) + who)
+        return data[need:]
+
     def data_received(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            return
+        if self._pending is not None:
+            data = self._authenticate(data)
+            if not data:
+                return
         try:
             for (_, req_id, op, aux, timeout_ms), payload in self._buf.feed(data):
                 task = asyncio.ensure_future(self._serve(req_id, Call(op, payload, aux, timeout_ms)))
@@ -140,8 +293,7 @@ class _ServerConn(asyncio.Protocol):
                 task.add_done_callback(self._tasks.discard)
         except FrameTooLarge as exc:
             log.warning("closing a frame connection: %s", exc)
-            if self._transport is not None:
-                self._transport.close()
+            self._transport.close()
 
     async def _serve(self, req_id: int, call: Call) -> None:
         try:
@@ -161,35 +313,119 @@ class _ServerConn(asyncio.Protocol):
 
 
 async def start_frame_server(
-    handler: FrameHandler, host: str, port: int, *, reuse_port: bool = True
-) -> asyncio.base_events.Server:
-    """Serve frames on host:port. ``reuse_port`` lets every replica of one
-    deployment bind the same port, the kernel spreading connections among them."""
+    handler: FrameHandler,
+    host: str,
+    port: int,
+    *,
+    secret: bytes | None = None,
+    identity: str = "",
+    reuse_port: bool = True,
+    on_refused: Callable[[str], None] | None = None,
+) -> FrameServer:
+    """Serve frames on host:port. ``secret``: the deployment's (see the
+    module docstring; None: no authentication, in-process tests only);
+    ``identity``: who this process is, told to authenticated clients;
+    ``on_refused(why)``: called for every connection refused unauthenticated
+    (to count it in the caller's metrics). ``reuse_port`` lets every replica
+    of one deployment bind the same port, the kernel spreading connections
+    among them. ValueError for a secret shorter than MIN_SECRET."""
+    check_secret(secret)
+    owner = FrameServer(secret, identity, on_refused)
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _ServerConn(handler), host, port, reuse_address=True, reuse_port=reuse_port
+    owner._server = await loop.create_server(
+        lambda: _ServerConn(handler, owner), host, port, reuse_address=True, reuse_port=reuse_port
     )
+    return owner
 
 
 class _ClientConn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, secret: bytes | None, address: str) -> None:
+        self._secret = secret
+        self._address = address
         self._buf = _Buffer(_RESP)
         self.transport: asyncio.Transport | None = None
         self.waiting: dict[int, asyncio.Future] = {}
         self.lost = False
+        self.identity = ""  # the server's, once proven
+        # done when the connection may carry calls (after the handshake)
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        # a handshake abandoned by a timed-out caller fails unheard; not an error
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._shake = bytearray()
+        self._server_nonce = b""
+        self._nonce = b""  # ours, sent once the server's hello came
+
+    @property
+    def name(self) -> str:
+        """The server as logs and metrics name it."""
+        return self.identity or self._address
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         _nodelay(transport)
+        if self._secret is None:
+            self.ready.set_result(None)
 
     def connection_lost(self, exc) -> None:
         self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(UnavailableError(
+                f"{self._address} closed the connection during the frame handshake (is its deployment "
+                "secret this caller's?)"
+            ))
         for fut in self.waiting.values():
             if not fut.done():
-                fut.set_exception(UnavailableError("connection to the model replica was lost"))
+                fut.set_exception(ReplicaLost(f"connection to {self.name} was lost with the call in flight",
+                                              self.name))
         self.waiting.clear()
 
+    def _fail(self, why: str) -> None:
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(UnavailableError(f"{self._address} {why}"))
+        self.transport.abort()
+
+    def _handshake(self, data: bytes) -> bytes:
+        """Consume the server's handshake bytes: what follows them, or
+        nothing while they are incomplete or were refused."""
+        shake = self._shake
+        shake += data
+        if not self._nonce:
+            if len(shake) < len(_HELLO) + NONCE:
+                return b""
+            if not shake.startswith(_HELLO):
+                self._fail("does not open with a Flywheel frame handshake")
+                return b""
+            self._server_nonce = bytes(shake[len(_HELLO) : len(_HELLO) + NONCE])
+            del shake[: len(_HELLO) + NONCE]
+            self._nonce = os.urandom(NONCE)
+            self.transport.write(self._nonce + _proof(self._secret, b"client", self._server_nonce, self._nonce))
+        head = _PROOF + _IDENTITY.size
+        if len(shake) < head:
+            return b""
+        (size,) = _IDENTITY.unpack_from(shake, _PROOF)
+        if size > MAX_IDENTITY:
+            self._fail(f"announces an identity of {size} bytes, more than {MAX_IDENTITY}")
+            return b""
+        if len(shake) < head + size:
+            return b""
+        expected = _proof(self._secret, b"server", self._server_nonce, self._nonce)
+        if not hmac.compare_digest(bytes(shake[:_PROOF]), expected):
+            self._fail("failed to prove that it knows the deployment secret")
+            return b""
+        self.identity = shake[head : head + size].decode("utf-8", "replace")
+        rest = bytes(shake[head + size :])
+        self._shake = bytearray()
+        self.ready.set_result(None)
+        return rest
+
     def data_received(self, data: bytes) -> None:
+        if self.lost:
+            return
+        if not self.ready.done():
+            data = self._handshake(data)
+            if not data:
+                return
         try:
             for (_, req_id, code, aux, q, c, rows, depth, leader), payload in self._buf.feed(data):
                 fut = self.waiting.pop(req_id, None)
@@ -199,7 +435,7 @@ class _ClientConn(asyncio.Protocol):
             self.lost = True
             for fut in self.waiting.values():
                 if not fut.done():
-                    fut.set_exception(UnavailableError(f"the model replica sent {exc}; connection dropped"))
+                    fut.set_exception(UnavailableError(f"{self.name} sent {exc}; connection dropped"))
             self.waiting.clear()
             if self.transport is not None:
                 self.transport.close()
@@ -210,11 +446,16 @@ class ReplicaChannel:
 
     Connections are opened lazily and replaced when lost, so a restarted or
     added replica (sharing the port) is picked up by later connections.
+    ``secret``: the deployment's (None: for servers that authenticate nobody);
+    each new connection proves it, and has the server prove it, before its
+    first call. ValueError for a secret shorter than MIN_SECRET.
     """
 
-    def __init__(self, host: str, port: int, pool_size: int = 2) -> None:
+    def __init__(self, host: str, port: int, pool_size: int = 2, *, secret: bytes | None = None) -> None:
+        check_secret(secret)
         self.host = host
         self.port = port
+        self._secret = secret
         self._conns: list[_ClientConn | None] = [None] * pool_size
         self._rr = itertools.cycle(range(pool_size))
         self._ids = itertools.count(1)
@@ -236,15 +477,27 @@ class ReplicaChannel:
 
     async def _open(self) -> _ClientConn:
         loop = asyncio.get_running_loop()
+        address = f"{self.host}:{self.port}"
         try:
-            _, proto = await loop.create_connection(_ClientConn, self.host, self.port)
+            _, proto = await loop.create_connection(lambda: _ClientConn(self._secret, address), self.host, self.port)
         except OSError as exc:
-            raise UnavailableError(f"model replica at {self.host}:{self.port} unreachable: {exc}") from None
+            raise UnavailableError(f"model replica at {address} unreachable: {exc}") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.ready), HANDSHAKE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            proto.transport.abort()
+            raise UnavailableError(
+                f"{address} did not complete the frame handshake within {HANDSHAKE_TIMEOUT_S:g}s"
+            ) from None
+        except BaseException:
+            proto.transport.abort()
+            raise
         return proto
 
     async def call(self, call: Call) -> Reply:
         """Send one request and wait for its reply. Raises UnavailableError
-        when no replica can be reached or the connection drops."""
+        when no replica can be reached or authenticated, ReplicaLost (one)
+        when the connection drops with the call in flight."""
         return await self._send(await self._conn(next(self._rr)), call)
 
     async def call_fresh(self, call: Call) -> Reply:
@@ -268,6 +521,8 @@ class ReplicaChannel:
     async def _send(self, conn: _ClientConn, call: Call) -> Reply:
         if len(call.payload) > MAX_FRAME:  # the replica would drop the connection
             raise PayloadTooLargeError(f"{len(call.payload)} bytes is more than one frame takes ({MAX_FRAME})")
+        if conn.lost:  # lost while this call waited for the connection
+            raise UnavailableError(f"connection to {conn.name} was lost before the call was sent")
         req_id = next(self._ids) & 0xFFFFFFFF
         fut = asyncio.get_running_loop().create_future()
         conn.waiting[req_id] = fut
