@@ -10,7 +10,7 @@ from typing import Any
 
 from flywheel.client._http import MAX_IDLE, parse_url
 from flywheel.client._result import ClientError, InferResult
-from flywheel.client._v2 import Flow, HttpCall, HttpReply, Inputs, Outputs, V2Http, endpoint_path, model_path
+from flywheel.client._v2 import Flow, HttpCall, HttpReply, Inputs, Outputs, V2Http, endpoint_path, model_path, with_allow
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of one answer
 _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, asyncio.IncompleteReadError)
@@ -229,17 +229,17 @@ class AsyncClient:
     async def set_policy(self, name: str, policy: Mapping[str, Any]) -> Any:
         return await self._json("PUT", endpoint_path(name, "policy"), policy)
 
-    async def add_variant(self, name: str, model: Mapping[str, Any]) -> Any:
-        return await self._json("POST", endpoint_path(name, "variants"), model)
+    async def add_variant(self, name: str, model: Mapping[str, Any], *, allow_signature_change: bool = False) -> Any:
+        return await self._json("POST", endpoint_path(name, "variants"), with_allow(model, allow_signature_change))
 
     async def remove_variant(self, name: str, version: str) -> Any:
         return await self._json("DELETE", endpoint_path(name, "variants", version))
 
-    async def swap(self, name: str, model: Mapping[str, Any]) -> Any:
-        return await self._json("POST", endpoint_path(name, "swap"), model)
+    async def swap(self, name: str, model: Mapping[str, Any], *, allow_signature_change: bool = False) -> Any:
+        return await self._json("POST", endpoint_path(name, "swap"), with_allow(model, allow_signature_change))
 
-    async def start_canary(self, name: str, canary: Mapping[str, Any]) -> Any:
-        return await self._json("POST", endpoint_path(name, "canary"), canary)
+    async def start_canary(self, name: str, canary: Mapping[str, Any], *, allow_signature_change: bool = False) -> Any:
+        return await self._json("POST", endpoint_path(name, "canary"), with_allow(canary, allow_signature_change))
 
     async def abort_canary(self, name: str) -> Any:
         return await self._json("DELETE", endpoint_path(name, "canary"))

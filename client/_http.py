@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flywheel.client._result import ClientError, InferResult
-from flywheel.client._v2 import Flow, HttpCall, HttpReply, Inputs, Outputs, V2Http, endpoint_path, model_path
+from flywheel.client._v2 import Flow, HttpCall, HttpReply, Inputs, Outputs, V2Http, endpoint_path, model_path, with_allow
 
 MAX_IDLE = 32  # idle connections kept per client; more are closed when returned
 # A reused connection failing this way was closed by the server while idle:
@@ -246,21 +246,24 @@ class Client:
         """``PUT /v2/endpoints/{name}/policy`` with ``policy``."""
         return self._json("PUT", endpoint_path(name, "policy"), policy)
 
-    def add_variant(self, name: str, model: Mapping[str, Any]) -> Any:
-        """``POST /v2/endpoints/{name}/variants`` with ``model``."""
-        return self._json("POST", endpoint_path(name, "variants"), model)
+    def add_variant(self, name: str, model: Mapping[str, Any], *, allow_signature_change: bool = False) -> Any:
+        """``POST /v2/endpoints/{name}/variants`` with ``model``; see
+        :func:`~flywheel.client._v2.with_allow` for ``allow_signature_change``."""
+        return self._json("POST", endpoint_path(name, "variants"), with_allow(model, allow_signature_change))
 
     def remove_variant(self, name: str, version: str) -> Any:
         """``DELETE /v2/endpoints/{name}/variants/{version}``."""
         return self._json("DELETE", endpoint_path(name, "variants", version))
 
-    def swap(self, name: str, model: Mapping[str, Any]) -> Any:
-        """``POST /v2/endpoints/{name}/swap`` with ``model``."""
-        return self._json("POST", endpoint_path(name, "swap"), model)
+    def swap(self, name: str, model: Mapping[str, Any], *, allow_signature_change: bool = False) -> Any:
+        """``POST /v2/endpoints/{name}/swap`` with ``model``; see
+        :func:`~flywheel.client._v2.with_allow` for ``allow_signature_change``."""
+        return self._json("POST", endpoint_path(name, "swap"), with_allow(model, allow_signature_change))
 
-    def start_canary(self, name: str, canary: Mapping[str, Any]) -> Any:
-        """``POST /v2/endpoints/{name}/canary`` with ``canary``."""
-        return self._json("POST", endpoint_path(name, "canary"), canary)
+    def start_canary(self, name: str, canary: Mapping[str, Any], *, allow_signature_change: bool = False) -> Any:
+        """``POST /v2/endpoints/{name}/canary`` with ``canary``; see
+        :func:`~flywheel.client._v2.with_allow` for ``allow_signature_change``."""
+        return self._json("POST", endpoint_path(name, "canary"), with_allow(canary, allow_signature_change))
 
     def abort_canary(self, name: str) -> Any:
         """``DELETE /v2/endpoints/{name}/canary``."""

@@ -71,6 +71,16 @@ def endpoint_path(name: str, *rest: str) -> str:
     return "/".join([f"/v2/endpoints/{quote(name, safe='')}", *(quote(str(r), safe="") for r in rest)])
 
 
+def with_allow(body: Mapping[str, Any], allow_signature_change: bool) -> Mapping[str, Any]:
+    """A management body (add_variant, swap, canary) with
+    ``allow_signature_change: true`` when asked: the server then moves traffic
+    even to a model whose signature (input/output names, datatypes, shapes)
+    differs from the endpoint's, and records the change. Without it such a
+    move is refused with a 400 ClientError naming the first difference, and
+    nothing changes."""
+    return {**body, "allow_signature_change": True} if allow_signature_change else body
+
+
 def error_from(reply: HttpReply) -> ClientError:
     """The ClientError of a 4xx/5xx answer: the server's ``{"error": ...}``
     text when the body has one, else the body itself (shortened)."""

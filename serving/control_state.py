@@ -31,8 +31,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 
+import msgspec
+
 from flywheel.protocol.errors import InvalidInputError, NotFoundError
+from flywheel.runtime.signature import Signature
 from flywheel.serving._private.control_canary import CanaryOps
+from flywheel.serving._private import signature_gate
 from flywheel.serving._private.control_variants import VariantOps
 from flywheel.serving._private.endpoint_state import Endpoint, canary_percent, summary
 from flywheel.serving._private.live_endpoint import ID_TTL_S, check_reward
@@ -186,6 +190,7 @@ class ControlState(VariantOps, CanaryOps):
         same_epoch = report.get("epoch") == self.epoch
         rep.applied = report.get("applied", 0) if same_epoch else 0
         rep.loaded = report.get("loaded", {})
+        self._signatures(report.get("signatures"))
         rep.inflight = report.get("inflight", {})
         for batch in report.get("batches", ()):
             # a batch whose answer was lost (a timeout after we took it)
@@ -199,6 +204,35 @@ class ControlState(VariantOps, CanaryOps):
         if same_epoch and rep.applied >= self.version:
             return {"version": self.version, "epoch": self.epoch, "deploy_id": self.deploy_id}
         return self.snapshot()
+
+    def _signatures(self, reported) -> None:
+        """Keep the signatures a replica reports for the variants it loaded
+        (V2 metadata of each), which the signature checks judge by."""
+        if not isinstance(reported, dict):
+            return
+        for name, versions in reported.items():
+            ep = self.endpoints.get(name)
+            if ep is None or not isinstance(versions, dict):
+                continue
+            for version, doc in versions.items():
+                if version in ep.variants:
+                    signature_gate.record(ep, version, doc)
+
+    def unknown_signatures(self, name: str) -> list[tuple[str, dict]]:
+        """(version, model config document) of the ready variants of endpoint
+        ``name`` whose signature no replica has reported yet."""
+        ep = self.endpoint(name)
+        known = ep.doc.get("signatures", {})
+        return [(v, ep.doc["models"][v]) for v, s in ep.variants.items()
+                if s["status"] == "ready" and v not in known and ep.doc["models"].get(v)]
+
+    def learn_signatures(self, name: str, found: dict[str, Signature]) -> None:
+        """Signatures read from the variants' artifacts; a replica's report,
+        from the loaded model, wins over them (now and later)."""
+        ep = self.endpoint(name)
+        for version, sig in found.items():
+            if version in ep.variants and version not in ep.doc.get("signatures", {}):
+                signature_gate.record(ep, version, msgspec.to_builtins(sig))
 
     def _fold(self, batch: dict, now: float) -> None:
         for name, windows in batch.get("windows", {}).items():

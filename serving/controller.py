@@ -20,7 +20,13 @@ import threading
 import time
 from typing import Any
 
+import msgspec
+
 from flywheel.protocol.errors import ErrorCode, FlywheelError, InvalidInputError
+from flywheel.runtime.onnx_signature import read_onnx_signature
+from flywheel.runtime.signature import Signature, signature_from_doc
+from flywheel.serving._private import signature_gate
+from flywheel.serving._private.control_variants import model_config
 from flywheel.serving.config import EndpointConfig, ModelConfig, RegistryConfig
 from flywheel.serving.control_state import ControlState
 
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 ACTOR = "flywheel-router"
+
+_ONNX_BACKENDS = ("onnxruntime", "tensorrt")  # backends whose artifact is an .onnx file
 
 # management operations: name -> (ControlState method, takes a body)
 _OPS = {
@@ -116,6 +124,12 @@ class RouterController:
             if op not in _OPS:
                 raise InvalidInputError(f"unknown operation {op!r}")
             method, takes_body = _OPS[op]
+            signature = None
+            if op in ("add_variant", "swap", "start_canary"):
+                # read unlocked: an artifact may take a while, and replicas' syncs must not wait on it
+                self._learn_signatures(name)
+                if op != "start_canary":
+                    signature = self._candidate_signature(name, body)
             with self._lock:
                 fn = getattr(self._state, method)
                 if op == "status":
@@ -124,6 +138,8 @@ class RouterController:
                     result = fn(name, _field(body, "version"))
                 elif op == "feedback":
                     result = fn(name, _field(body, "id"), body.get("reward"))
+                elif op in ("add_variant", "swap"):
+                    result = fn(name, body, signature=signature)
                 elif takes_body:
                     result = fn(name, body)
                 else:
@@ -134,6 +150,60 @@ class RouterController:
         except Exception as exc:  # a bug here must not look like the caller's fault
             log.exception("router controller: %s failed", op)
             return {"ok": False, "code": int(ErrorCode.INTERNAL), "error": f"controller error: {exc!r}"}
+
+    def _candidate_signature(self, name: str | None, body: Any) -> Signature | None:
+        """The signature of the model an add_variant or swap names, read
+        before any replica loads it (None: unknown until its replicas report
+        it loaded, when it is judged again; a bad body is the operation's to
+        refuse)."""
+        try:
+            model, _ = signature_gate.take_allow(body)
+            cfg = model_config(name or "", model)
+        except FlywheelError:
+            return None
+        return self._read_signature(cfg)
+
+    def _learn_signatures(self, name: str | None) -> None:
+        """Read from their artifacts the signatures of the endpoint's ready
+        variants that no replica has reported yet (a management call right
+        after a deploy can come before the first reports)."""
+        try:
+            with self._lock:
+                wanted = self._state.unknown_signatures(name or "")
+        except FlywheelError:
+            return  # an unknown endpoint: the operation itself says so
+        found = {}
+        for version, doc in wanted:
+            try:
+                sig = self._read_signature(msgspec.convert(doc, ModelConfig))
+            except msgspec.ValidationError:
+                sig = None
+            if sig is not None:
+                found[version] = sig
+        if found:
+            with self._lock:
+                self._state.learn_signatures(name or "", found)
+
+    def _read_signature(self, cfg: ModelConfig) -> Signature | None:
+        """A model's signature without loading it: from its ONNX graph, else
+        from the registry's record of its version; None when neither can be
+        read (a backend that reads no ONNX file and no record)."""
+        try:
+            reg = self._registry
+            ref = reg.resolve(cfg.ref).ref if cfg.ref and reg is not None else ""
+            if cfg.backend in _ONNX_BACKENDS and (cfg.path or ref):
+                try:
+                    path = reg.artifact_path(ref, cfg.artifact)[1] if ref else cfg.path
+                    return read_onnx_signature(path)
+                except FlywheelError as exc:
+                    log.info("signature of %s/%s not read from its artifact: %s", cfg.name, cfg.version, exc.message)
+            if ref:
+                recorded = reg.resolve(ref).signature
+                return signature_from_doc(recorded) if recorded else None
+        except Exception as exc:  # best effort: the check when it has loaded still stands
+            log.info("signature of %s/%s unknown before loading: %s", cfg.name, cfg.version,
+                     getattr(exc, "message", exc))
+        return None
 
     def check_health(self) -> None:
         if time.monotonic() - self._beat > 30:

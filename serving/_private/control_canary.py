@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from flywheel.protocol.errors import InvalidInputError, PreconditionFailedError
+from flywheel.serving._private import signature_gate
 from flywheel.serving._private.endpoint_state import Endpoint, as_doc, canary_of, canary_percent, routes_to, without
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 
@@ -38,9 +39,14 @@ class CanaryOps:
 
     # -- canaries -----------------------------------------------------------
     def start_canary(self, name: str, config: Any, now: float | None = None) -> dict:
+        """Start ``config`` (a CanaryConfig, plus ``allow_signature_change``).
+        SignatureMismatchError, before anything changes, when the variant's
+        signature differs from its baseline's and the change is not allowed
+        (the check any caller starting a canary, a loop included, gets)."""
         now = time.time() if now is None else now
         ep = self.endpoint(name)
         self._busy(ep, "start a canary")
+        config, allow = signature_gate.take_allow(config)
         try:
             cfg = msgspec.convert(config, CanaryConfig, strict=False)
         except msgspec.ValidationError as exc:
@@ -67,7 +73,11 @@ class CanaryOps:
             cfg = msgspec.structs.replace(cfg, baseline=max(others, key=others.get))
         if cfg.baseline not in routable or cfg.baseline == cfg.variant:
             raise InvalidInputError(f"canary.baseline {cfg.baseline!r} must be another ready variant of {name!r}")
+        diff = signature_gate.judge(ep, cfg.variant, signature_gate.known(ep, cfg.variant),
+                                    against=cfg.baseline, allowed=allow)
         canary = Canary(cfg, now)
+        if diff is not None:
+            signature_gate.note(ep, cfg.variant, diff, by_request=allow, now=now)
         ep.doc["canary"] = {"config": as_doc(cfg), "state": canary.state(), "saved_policy": ep.doc["policy"]}
         ep.step.clear()
         ep.event(now, "canary", f"canary {cfg.variant} vs {cfg.baseline} started at {cfg.steps[0]} %")

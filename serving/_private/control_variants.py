@@ -22,6 +22,8 @@ from flywheel.protocol.errors import (
     NotFoundError,
     PreconditionFailedError,
 )
+from flywheel.runtime.signature import Signature, SignatureMismatchError
+from flywheel.serving._private import signature_gate
 from flywheel.serving._private.endpoint_state import Endpoint, as_doc, newest, routes_to, with_arms, without
 from flywheel.serving.config import ModelConfig
 from flywheel.serving.policies import make_policy
@@ -112,19 +114,35 @@ class VariantOps:
         return self.status(name, now)
 
     # -- variants and swaps ------------------------------------------------
-    def add_variant(self, name: str, model: Any, now: float | None = None) -> dict:
+    def add_variant(self, name: str, model: Any, now: float | None = None, *,
+                    signature: Signature | None = None) -> dict:
         """Ask every ingress replica to load (and warm) a new variant; it takes
-        no traffic until every live replica has it ready."""
+        no traffic until every live replica has it ready. ``signature``: the
+        candidate's, when it could be read before loading (see
+        serving/_private/signature_gate.py); SignatureMismatchError when it
+        differs from the endpoint's and the change is not allowed."""
         now = time.time() if now is None else now
         ep = self.endpoint(name)
-        cfg = self._pinned(_model_config(name, model))
+        model, allow = signature_gate.take_allow(model)
+        cfg = self._pinned(model_config(name, model))
         if cfg.version in ep.variants:
             raise AlreadyExistsError(f"endpoint {name!r} already has variant {cfg.version!r}")
-        ep.variants[cfg.version] = {"model": as_doc(cfg), "status": "loading", "error": "", "since": now}
-        ep.doc["models"][cfg.version] = as_doc(cfg)
+        self._admit(ep, cfg, signature, allow, now)
         ep.event(now, "variant", f"loading variant {cfg.version}")
         self._changed(now)
         return self.status(name, now)
+
+    def _admit(self, ep: Endpoint, cfg: ModelConfig, signature: Signature | None, allow: bool,
+               now: float) -> None:
+        """Judge the candidate's signature (raises before anything changes),
+        then list it as loading."""
+        diff = signature_gate.judge(ep, cfg.version, signature, against=signature_gate.reference(ep),
+                                    allowed=allow)
+        ep.variants[cfg.version] = {"model": as_doc(cfg), "status": "loading", "error": "", "since": now,
+                                    "allow_signature_change": allow, "signature_noted": diff is not None}
+        ep.doc["models"][cfg.version] = as_doc(cfg)
+        if diff is not None:
+            signature_gate.note(ep, cfg.version, diff, by_request=allow, now=now)
 
     def _pinned(self, cfg: ModelConfig) -> ModelConfig:
         """Pin ``name@alias`` to ``name/N`` once, here, so that every replica
@@ -163,20 +181,22 @@ class VariantOps:
             ep.doc["shadow"] = None
         ep.event(now, "retire", f"retiring variant {version}")
 
-    def swap(self, name: str, model: Any, now: float | None = None) -> dict:
+    def swap(self, name: str, model: Any, now: float | None = None, *,
+             signature: Signature | None = None) -> dict:
         """Replace what serves ``name``: load and warm the new variant on
-        every replica, move all traffic to it, drain and remove the old ones."""
+        every replica, move all traffic to it, drain and remove the old ones.
+        ``signature`` and its refusal: as for :meth:`add_variant`."""
         now = time.time() if now is None else now
         ep = self.endpoint(name)
         self._busy(ep, "swap")
-        cfg = self._pinned(_model_config(name, model))
+        model, allow = signature_gate.take_allow(model)
+        cfg = self._pinned(model_config(name, model))
         old = ep.routable()
         if cfg.version in ep.variants:
             raise AlreadyExistsError(
                 f"endpoint {name!r} already has variant {cfg.version!r}; give the new one another version"
             )
-        ep.variants[cfg.version] = {"model": as_doc(cfg), "status": "loading", "error": "", "since": now}
-        ep.doc["models"][cfg.version] = as_doc(cfg)
+        self._admit(ep, cfg, signature, allow, now)
         ep.doc["swap"] = {"from": old, "to": cfg.version, "phase": "loading", "error": "", "started": now}
         ep.event(now, "swap", f"swap {old} -> {cfg.version}: loading")
         self._changed(now)
@@ -194,14 +214,35 @@ class VariantOps:
             elif now - state.get("since", now) > LOAD_TIMEOUT_S:
                 self._load_failed(ep, version, f"not ready on every replica after {LOAD_TIMEOUT_S:.0f}s", now)
             elif reports and all(r == "ready" for r in reports):
+                if not self._signature_fits(ep, version, state, now):
+                    continue
                 state["status"] = "ready"
                 ep.event(now, "variant", f"variant {version} ready on {len(reports)} replica(s)")
                 self._changed(now)
+
+    def _signature_fits(self, ep: Endpoint, version: str, state: dict, now: float) -> bool:
+        """The loaded variant's own signature, as its replicas reported it,
+        judged before it can take traffic (the one read before loading, if
+        any, came from the artifact or the registry's record of it)."""
+        try:
+            diff = signature_gate.judge(
+                ep, version, signature_gate.known(ep, version),
+                against=signature_gate.reference(ep, exclude=version),
+                allowed=state.get("allow_signature_change", False),
+            )
+        except SignatureMismatchError as exc:
+            self._load_failed(ep, version, exc.message, now)
+            return False
+        if diff is not None and not state.get("signature_noted"):
+            state["signature_noted"] = True
+            signature_gate.note(ep, version, diff, by_request=state.get("allow_signature_change", False), now=now)
+        return True
 
     def _load_failed(self, ep: Endpoint, version: str, error: str, now: float) -> None:
         ep.doc["policy"] = without(ep.doc["policy"], version) or ep.doc["policy"]  # a version re-added later is no arm
         del ep.variants[version]
         ep.doc["models"].pop(version, None)
+        signature_gate.forget(ep, version)
         ep.doc.setdefault("failed", {})[version] = error
         swap = ep.doc["swap"]
         if swap and swap["to"] == version and swap["phase"] == "loading":
@@ -236,11 +277,12 @@ class VariantOps:
             if (applied and idle) or now - info["since"] > DRAIN_TIMEOUT_S:
                 del ep.doc["retiring"][version]
                 ep.variants.pop(version, None)
+                signature_gate.forget(ep, version)
                 ep.event(now, "variant", f"variant {version} removed (drained)")
                 self._changed(now)
 
 
-def _model_config(name: str, model: Any) -> ModelConfig:
+def model_config(name: str, model: Any) -> ModelConfig:
     """A runtime variant's ModelConfig: the endpoint's name, colocated (every
     ingress replica loads it), a version of its own."""
     if not isinstance(model, dict):

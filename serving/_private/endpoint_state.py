@@ -44,6 +44,8 @@ class Endpoint:
             "shadow": as_doc(config.shadow) if config.shadow is not None else None,
             "sticky": {"header": config.sticky_header, "parameter": config.sticky_parameter},
             "alias": config.promote_alias,
+            "allow_signature_change": config.allow_signature_change,
+            "signatures": {},  # version -> its signature, as its replicas reported it
             "canary": None,
             "swap": None,
             "retiring": {},

@@ -55,6 +55,8 @@ class EndpointSync:
         self._epoch = ""  # the controller's; a new one (it restarted) means: take its snapshot
         self._seq = 0
         self._pending: list[dict] = []  # report batches not yet acknowledged (sent again, deduplicated by seq)
+        # (name, version) whose signature this controller epoch has taken
+        self._signatures_taken: set[tuple[str, str]] = set()
         self._task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None  # made on the loop (STYLE 7)
 
@@ -107,6 +109,13 @@ class EndpointSync:
         report = self._report()
         answer = await asyncio.get_running_loop().run_in_executor(None, self._call, report)
         self._pending = []  # taken (a failure above keeps them for the next report)
+        if answer.get("epoch", self._epoch) != self._epoch:
+            # another controller (restarted): it may not have kept them
+            self._signatures_taken.clear()
+        else:
+            self._signatures_taken.update(
+                (name, version) for name, versions in report["signatures"].items() for version in versions
+            )
         return answer
 
     def _report(self) -> dict:
@@ -130,9 +139,25 @@ class EndpointSync:
             del self._pending[:-MAX_PENDING]
         return {
             "replica": self._id, "deploy": self._deploy_id, "epoch": self._epoch,
-            "applied": self.applied, "loaded": self._loaded(),
+            "applied": self.applied, "loaded": self._loaded(), "signatures": self._signatures(),
             "inflight": inflight, "batches": list(self._pending),
         }
+
+    def _signatures(self) -> dict[str, dict[str, dict]]:
+        """The signatures (inputs and outputs of the V2 metadata) of loaded
+        models the controller has not taken yet: it judges a new variant by
+        them before the variant can take traffic."""
+        out: dict[str, dict[str, dict]] = {}
+        for m in self._router.models():
+            key = (m.route.name, m.route.version)
+            if key in self._signatures_taken:
+                continue
+            meta = m.metadata
+            if meta is None and m.route.local:  # not probed yet, but loaded here
+                meta = msgspec.json.decode(m.channel.server.metadata)
+            if meta:
+                out.setdefault(key[0], {})[key[1]] = {"inputs": meta.get("inputs", []), "outputs": meta.get("outputs", [])}
+        return out
 
     def _loaded(self) -> dict[str, dict[str, str]]:
         out = {name: dict(s) for name, s in self._status.items()}
@@ -195,6 +220,7 @@ class EndpointSync:
     async def _unload(self, name: str, version: str) -> None:
         model = self._router.remove(name, version)
         self._status.get(name, {}).pop(version, None)
+        self._signatures_taken.discard((name, version))  # a later variant of that version may differ
         server = self._servers.pop((name, version), None)
         if server is None and model is not None and model.route.local:
             server = getattr(model.channel, "server", None)
