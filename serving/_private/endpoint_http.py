@@ -16,6 +16,11 @@ controller through any ingress replica:
     PUT    /v2/endpoints/{name}/shadow         {"variant", "fraction"}
     DELETE /v2/endpoints/{name}/shadow
 
+The add_variant, swap and canary bodies may carry ``"allow_signature_change":
+true``: without it (or the endpoint's config saying so) a candidate whose
+signature differs from the endpoint's is refused with a 400 naming the first
+difference (serving/_private/signature_gate.py).
+
 Feedback (role ``predict``): ``POST /v2/models/{name}/feedback`` with
 ``{"id": "<request id>", "reward": <number>}``.
 """
