@@ -8,6 +8,7 @@ Nothing here knows about HTTP or gRPC.
 from __future__ import annotations
 
 import enum
+import math
 
 
 class ErrorCode(enum.IntEnum):
@@ -25,7 +26,7 @@ class ErrorCode(enum.IntEnum):
     FAILED_PRECONDITION = 9  # e.g. a promotion gate refused
     UNAUTHENTICATED = 10  # no valid credentials
     PERMISSION_DENIED = 11  # valid credentials, wrong role
-    RATE_LIMITED = 12  # this caller has too many requests in flight
+    RATE_LIMITED = 12  # this caller exceeds its own rate or in-flight limit
 
 
 class FlywheelError(Exception):
@@ -100,9 +101,20 @@ class PermissionDeniedError(FlywheelError):
 
 
 class RateLimitedError(FlywheelError):
-    """The caller's own limit (e.g. concurrent requests per key) is reached."""
+    """The caller's own limit (its request rate, or its requests in flight)
+    is reached. ``retry_after_s``: when a retry can succeed, where known."""
 
     code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def retry_after_whole_s(self) -> int | None:
+        """The delay in whole seconds, at least 1 (HTTP Retry-After's unit)."""
+        if self.retry_after_s is None:
+            return None
+        return max(1, math.ceil(self.retry_after_s))
 
 
 class IntegrityError(FlywheelError):

@@ -1,4 +1,4 @@
-"""Authentication, roles and per-key concurrency for the ingress.
+"""Authentication, roles, model scopes and per-key limits for the ingress.
 
 One ``Authenticator`` per ingress, used by both transports (HTTP checks in
 ``HttpRoutes.handle``, gRPC in ``GrpcCalls.call``): that is the one place
@@ -8,6 +8,12 @@ every ``reload_interval_s``, so a revoked key stops working within about
 that long on every ingress. If the database cannot be read, the last keys
 read stay in force (serving goes on; a warning says revocations are not
 seen meanwhile).
+
+Per call, in this order: the key (valid, not expired), its role for the
+route, its model scopes for the model the call addresses (``check_model``;
+server-wide routes have none), then ``acquire``: the key's request rate (a
+token bucket per key in this ingress, the key's own ``rate``/``burst`` or
+``server.auth``'s defaults) and its cap on requests in flight.
 
 Refused calls are counted per (key id, reason, route) and written to the
 audit log by a separate task, one row per distinct kind with its count, so
@@ -19,13 +25,16 @@ thread of our own (the store's connections belong to it).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from flywheel.registry.keys import KeyDigest, KeyStore, parse_token, verify
 from flywheel.protocol.errors import PermissionDeniedError, RateLimitedError, UnauthenticatedError
 from flywheel.serving.config import AuthConfig
+from flywheel.serving._private.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ class Authenticator:
         self._store: KeyStore | None = None
         self._keys: dict[str, KeyDigest] = {}
         self._in_flight: dict[str, int] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._denied: Counter[tuple[str | None, str, str]] = Counter()
         self.dropped_denials = 0
         self._tasks: list[asyncio.Task] = []
@@ -65,6 +75,9 @@ class Authenticator:
                 self._keys = await self._db(self._store.active)
             except Exception as exc:  # unreadable DB: keep the last keys, say so
                 log.warning("cannot re-read API keys (revocations are not seen until it works again): %s", exc)
+                continue
+            for gone in self._buckets.keys() - self._keys.keys():
+                del self._buckets[gone]
 
     async def _audit_forever(self) -> None:
         while True:
@@ -96,7 +109,8 @@ class Authenticator:
 
     def authenticate(self, credentials: str | None, need: str, route: str) -> str:
         """The caller's key id if it may call ``route`` with role ``need``;
-        raises UnauthenticatedError / PermissionDeniedError otherwise."""
+        raises UnauthenticatedError (no key, a wrong, revoked or expired
+        one) or PermissionDeniedError (role) otherwise."""
         token = _bearer(credentials)
         parsed = parse_token(token) if token else None
         if parsed is None:
@@ -109,17 +123,63 @@ class Authenticator:
         if digest is None or not verify(digest, secret):
             self._deny(key_id, "unknown, revoked or wrong key", route)
             raise UnauthenticatedError(f"API key {key_id} is not valid (unknown, revoked, or a wrong secret)")
+        if digest.expires_at is not None and time.time() >= digest.expires_at:
+            self._deny(key_id, "expired", route)
+            expired = dt.datetime.fromtimestamp(digest.expires_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            raise UnauthenticatedError(f"API key {key_id} expired at {expired}; create a new one")
         if need not in digest.roles:
             self._deny(key_id, f"role {need} required", route)
             raise PermissionDeniedError(f"API key {key_id} lacks the {need!r} role needed for {route}")
         return key_id
 
+    def is_scoped(self, key_id: str) -> bool:
+        """Whether the key may call only some models (so that a transport
+        reads the model name of a call only when it matters)."""
+        digest = self._keys.get(key_id)
+        return digest is not None and bool(digest.models)
+
+    def check_model(self, key_id: str, model: str | None, route: str) -> None:
+        """Raises PermissionDeniedError when ``model`` is outside the key's
+        scopes; ``model`` None (a server-wide route) is governed by role alone."""
+        digest = self._keys.get(key_id)
+        if model is None or digest is None or digest.allows(model):
+            return
+        self._deny(key_id, f"model {model} out of scope", route)
+        raise PermissionDeniedError(
+            f"API key {key_id} may not call model {model!r} (its models: {', '.join(digest.models)})"
+        )
+
     def acquire(self, key_id: str) -> None:
+        """Take one request of the key's rate and one in-flight slot (give
+        the slot back with ``release``); RateLimitedError when either is
+        used up, with the delay after which the rate allows a retry."""
         limit = self._config.max_concurrent_per_key
         n = self._in_flight.get(key_id, 0)
         if limit and n >= limit:
             raise RateLimitedError(f"API key {key_id} has {n} requests in flight (limit {limit}); retry later")
+        digest = self._keys.get(key_id)
+        if digest is not None:
+            self._take(key_id, digest)  # after the cap: a call it refuses costs no token
         self._in_flight[key_id] = n + 1
+
+    def _take(self, key_id: str, digest: KeyDigest) -> None:
+        rate, burst = (self._config.rate_per_key, self._config.burst_per_key) if digest.rate is None \
+            else (digest.rate, digest.burst or 0)
+        if not rate:
+            return
+        capacity = float(burst) if burst else max(1.0, rate)  # no burst: one second's worth
+        now = time.monotonic()
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = TokenBucket(rate, capacity, now)
+        elif bucket.rate != rate or bucket.capacity != capacity:
+            bucket.reshape(rate, capacity, now)
+        wait = bucket.take(now)
+        if wait:
+            raise RateLimitedError(
+                f"API key {key_id} is over its rate of {rate:g} requests/s (burst {capacity:g}); "
+                f"retry in {wait:.3g} s", retry_after_s=wait,
+            )
 
     def release(self, key_id: str) -> None:
         n = self._in_flight.get(key_id, 1) - 1

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from flywheel.protocol.errors import FlywheelError, InvalidInputError
+from flywheel.protocol.errors import FlywheelError, InvalidInputError, RateLimitedError
 from flywheel.serving.auth import Authenticator
 from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.protocol.grpc_codec import peek_fields
@@ -38,6 +38,7 @@ Trailing = tuple[tuple[str, str], ...]
 Method = Callable[[bytes, Metadata, "float | None"], Awaitable[tuple[bytes, Trailing]]]
 
 _PUBLIC = frozenset(("ServerLive", "ServerReady"))  # health probes need no key
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata of a rate-limited call: whole seconds
 
 
 def _parameter(request: bytes, name: str) -> str | None:
@@ -59,6 +60,15 @@ def _parse(message_type, request: bytes):
         return message_type.FromString(request)
     except Exception as exc:
         raise InvalidInputError(f"malformed {message_type.__name__}: {exc}") from None
+
+
+# The model a method addresses, for a key's scopes (read only for scoped
+# keys); the other methods are server-wide.
+_MODEL_OF: dict[str, Callable[[bytes], str]] = {
+    "ModelReady": lambda request: _parse(pb.ModelReadyRequest, request).name,
+    "ModelMetadata": lambda request: _parse(pb.ModelMetadataRequest, request).name,
+    "ModelInfer": lambda request: peek_fields(request)[0],
+}
 
 
 class GrpcCalls:
@@ -83,13 +93,18 @@ class GrpcCalls:
     async def call(self, method: str, request: bytes, metadata: Metadata, timeout_s: float | None):
         """(response bytes, trailing metadata) of ``method`` (a known one).
         The one auth check for gRPC: every method but ServerLive/ServerReady
-        needs the predict role; the key's concurrency slot is held for the
-        call. Nothing of an unauthenticated request is parsed."""
+        needs the predict role, a scoped key the model the call names; the
+        key's rate is charged and its concurrency slot held for the call.
+        Nothing of an unauthenticated request is parsed."""
         fn = self.methods[method]
         auth = self._auth
         if auth is None or method in _PUBLIC:
             return await fn(request, metadata, timeout_s)
-        key_id = auth.authenticate(metadata("authorization"), "predict", f"/{SERVICE}/{method}")
+        route = f"/{SERVICE}/{method}"
+        key_id = auth.authenticate(metadata("authorization"), "predict", route)
+        if auth.is_scoped(key_id):
+            model_of = _MODEL_OF.get(method)
+            auth.check_model(key_id, model_of(request) if model_of else None, route)
         auth.acquire(key_id)
         try:
             return await fn(request, metadata, timeout_s)
@@ -155,6 +170,13 @@ class _GrpcInfer:
         raise exc  # the transport maps it to a gRPC status (grpc_errors)
 
 
+def error_trailers(exc: FlywheelError) -> Trailing:
+    """Trailing metadata of a failed call: ``retry-after`` when it is known."""
+    if type(exc) is RateLimitedError and exc.retry_after_s is not None:
+        return ((RETRY_AFTER_KEY, str(exc.retry_after_whole_s())),)
+    return ()
+
+
 def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
     """Every method with raw bytes both ways (parsed in GrpcCalls)."""
 
@@ -164,7 +186,7 @@ def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
             try:
                 body, trailing = await calls.call(method, request, metadata.get, context.time_remaining())
             except FlywheelError as exc:
-                await context.abort(grpc_status_for(exc.code), exc.message)
+                await context.abort(grpc_status_for(exc.code), exc.message, error_trailers(exc))
             if trailing:
                 context.set_trailing_metadata(trailing)
             return body

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flywheel.protocol.codec import encode_json
-from flywheel.protocol.errors import ErrorCode
+from flywheel.protocol.errors import ErrorCode, FlywheelError, RateLimitedError
 from flywheel.serving._private.http_server import JSON, Response
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -40,3 +40,19 @@ def error_for_code(code: int, message: str) -> Response:
     if status == 401:  # RFC 9110: a 401 names the scheme to use
         return status, encode_json({"error": message}), JSON, b"www-authenticate: Bearer\r\n"
     return error_response(status, message)
+
+
+def error_for(exc: FlywheelError) -> Response:
+    """``error_for_code`` of a raised error, with what only the error knows:
+    ``Retry-After`` (whole seconds) on a 429 whose delay is known."""
+    if type(exc) is RateLimitedError and exc.retry_after_s is not None:
+        status = status_for(exc.code)
+        return status, encode_json({"error": exc.message}), JSON, b"retry-after: %d\r\n" % exc.retry_after_whole_s()
+    return error_for_code(exc.code, exc.message)
+
+
+def method_not_allowed(path: str, method: str, allowed: tuple[str, ...]) -> Response:
+    """A 405 with the ``Allow`` header that RFC 9110 asks of it."""
+    listed = ", ".join(allowed)
+    return 405, encode_json({"error": f"{path} takes {' or '.join(allowed)}, not {method}"}), JSON, \
+        b"allow: " + listed.encode() + b"\r\n"

@@ -19,7 +19,7 @@ from flywheel.protocol.errors import FlywheelError
 from flywheel.serving.auth import Authenticator
 from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
-from flywheel.serving._private.http_errors import error_for_code, error_response
+from flywheel.serving._private.http_errors import error_for, error_for_code, error_response, method_not_allowed
 from flywheel.serving._private.http_server import JSON, Request, Response
 from flywheel.serving._private.live_endpoint import render_endpoint_metrics
 from flywheel.serving._private.openapi import openapi_document
@@ -30,6 +30,8 @@ _EMPTY: Response = (200, b"", JSON)
 _METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BINARY = b"application/octet-stream"
 _HEADER_LENGTH = b"inference-header-content-length"
+_GET = ("GET", "HEAD")  # the server answers HEAD as GET without the body
+_POST = ("POST",)
 
 
 def role_for(path: str) -> str | None:
@@ -45,6 +47,17 @@ def role_for(path: str) -> str | None:
     if parts[:2] == ["v2", "endpoints"]:  # routing management and its status
         return "operate"
     return "predict"
+
+
+def model_for(path: str) -> str | None:
+    """The model (endpoint) name a route addresses, for a key's scopes:
+    ``/v2/models/{name}/...`` and ``/v2/endpoints/{name}/...``; None for
+    the server-wide routes (``/v2/endpoints`` itself lists every endpoint,
+    like /metrics, and is governed by role alone). Split as routing splits."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == "v2" and parts[1] in ("models", "endpoints"):
+        return parts[2]
+    return None
 
 
 class HttpRoutes:
@@ -71,14 +84,16 @@ class HttpRoutes:
         need = role_for(req.path)
         if need is None:
             return self._route(req)
+        auth = self._auth
         try:
             credentials = req.headers.get(b"authorization")
-            key_id = self._auth.authenticate(
-                credentials.decode("latin-1") if credentials else None, need, f"{req.method} {req.path}"
-            )
-            self._auth.acquire(key_id)
+            route = f"{req.method} {req.path}"
+            key_id = auth.authenticate(credentials.decode("latin-1") if credentials else None, need, route)
+            if auth.is_scoped(key_id):
+                auth.check_model(key_id, model_for(req.path), route)
+            auth.acquire(key_id)
         except FlywheelError as exc:
-            return error_for_code(exc.code, exc.message)
+            return error_for(exc)
         try:
             resp = self._route(req)
         except BaseException:
@@ -96,19 +111,19 @@ class HttpRoutes:
     def _route(self, req: Request):
         path = req.path
         if path == "/v2/health/live":
-            return self._only("GET", req) or (
+            return self._only(_GET, req) or (
                 _EMPTY if self._plane.server_live() else error_response(503, "the server is not live")
             )
         if path == "/v2/health/ready":
-            return self._only("GET", req) or (
+            return self._only(_GET, req) or (
                 _EMPTY if self._plane.server_ready() else error_response(503, "not every model is ready")
             )
         if path == "/v2" or path == "/v2/":
-            return self._only("GET", req) or (200, self._server_meta, JSON)
+            return self._only(_GET, req) or (200, self._server_meta, JSON)
         if path == "/metrics":
-            return self._only("GET", req) or self._metrics()
+            return self._only(_GET, req) or self._metrics()
         if path == "/v2/openapi.json":
-            return self._only("GET", req) or (200, self._openapi, JSON)
+            return self._only(_GET, req) or (200, self._openapi, JSON)
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "endpoints":
             return endpoint_route(self._manage, req, parts[2:])
@@ -117,9 +132,9 @@ class HttpRoutes:
         return self._model_route(req, parts[2], parts[3:])
 
     @staticmethod
-    def _only(method: str, req: Request) -> Response | None:
-        if req.method != method:
-            return error_response(405, f"{req.path} takes {method}, not {req.method}")
+    def _only(allowed: tuple[str, ...], req: Request) -> Response | None:
+        if req.method not in allowed:
+            return method_not_allowed(req.path, req.method, allowed)
         return None
 
     def _model_route(self, req: Request, name: str, rest: list[str]):
@@ -133,7 +148,7 @@ class HttpRoutes:
             return error_response(404, f"no route {req.method} {req.path}")
         if action in ("infer", "feedback"):
             if req.method != "POST":
-                return error_response(405, f"{req.path} takes POST, not {req.method}")
+                return method_not_allowed(req.path, req.method, _POST)
             if action == "feedback":
                 if version is not None:
                     return error_response(404, f"no route {req.method} {req.path} (feedback goes to /v2/models/{name}/feedback)")
@@ -142,7 +157,7 @@ class HttpRoutes:
         try:
             if req.method != "GET":
                 self._plane.model(name, version)  # an unknown model is a 404 whatever the method
-                return self._only("GET", req)
+                return self._only(_GET, req)
             if action == "ready":
                 if self._plane.model_ready(name, version):
                     return _EMPTY

@@ -13,8 +13,18 @@ from flywheel.serving.router import SERVER_VERSION
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+# A key over its request rate: the body says why, Retry-After when to retry
+# (absent when the in-flight cap refused, which has no known delay).
+_TOO_MANY = {
+    **_ERROR,
+    "description": "the API key's request rate or requests in flight are used up",
+    "headers": {"Retry-After": {"description": "whole seconds until the key's rate allows a request",
+                                "schema": {"type": "integer", "minimum": 1}}},
+}
+
+
 def _errors(*codes: int) -> dict:
-    return {str(c): _ERROR for c in codes}
+    return {str(c): _TOO_MANY if c == 429 else _ERROR for c in codes}
 
 
 _AUTH_ERRORS = (401, 403, 429)

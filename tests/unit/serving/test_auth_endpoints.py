@@ -32,22 +32,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _server_config(grpc_server: str = "auto") -> ServerConfig:
+    return ServerConfig(port=free_port(), grpc_port=free_port(), grpc_server=grpc_server,
+                        auth=AuthConfig(enabled=True, reload_interval_s=0.2, max_concurrent_per_key=1))
+
+
 @pytest.fixture(scope="module")
 def secured(mlp_onnx, tmp_path_factory):
     home = tmp_path_factory.mktemp("auth")
     uri = f"sqlite:///{home}/registry.db"
     keys = KeyStore.open(uri)
     tokens = {role: keys.create(f"{role}-key", [role], actor="tests")[1] for role in ("predict", "operate")}
+    # scoped keys: to mlp by a glob, and to other models only
+    tokens["in-scope"] = keys.create("in-scope", ["predict"], actor="tests", models=["ml*"])[1]
+    tokens["out-of-scope"] = keys.create("out-of-scope", ["predict"], actor="tests", models=["fraud-*", "digits"])[1]
+    tokens["operate-out-of-scope"] = keys.create("operate-elsewhere", ["operate"], actor="tests", models=["fraud"])[1]
     limited = keys.create("limited", ["predict"], actor="tests")
-    cfg = ServerConfig(port=free_port(), grpc_port=free_port(),
-                       auth=AuthConfig(enabled=True, reload_interval_s=0.2, max_concurrent_per_key=1))
+    cfg = _server_config()
     port = free_port()
     replica = ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), port, cfg.request_limits())
     ingress = Ingress(cfg, [Route("mlp", "1", port)], keys_uri=uri)
-    yield {"cfg": cfg, "uri": uri, "keys": keys, "tokens": tokens, "limited": limited, "home": home}
+    yield {"cfg": cfg, "uri": uri, "keys": keys, "tokens": tokens, "limited": limited, "home": home,
+           "replica_port": port}
     ingress.close()
     replica.close()
     keys.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_ports(secured):
+    """Both gRPC transports over the same keys: the HAProxy front of
+    ``secured`` (the fast path, where the binary is installed) and a second
+    ingress serving gRPC with grpc.aio."""
+    cfg = _server_config("grpcio")
+    ingress = Ingress(cfg, [Route("mlp", "1", secured["replica_port"])], keys_uri=secured["uri"])
+    yield {"front": secured["cfg"].grpc_port, "grpcio": cfg.grpc_port}
+    ingress.close()
 
 
 def call(cfg, method, path, token=None, body=None):
@@ -88,8 +108,8 @@ def test_roles_decide_what_a_valid_key_may_call(secured):
     assert call(cfg, "POST", INFER, t["operate"], BODY)[0] == 200  # operate includes predict
 
 
-def _grpc(cfg, method, request, response_type, token=None):
-    with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
+def _grpc(cfg, method, request, response_type, token=None, port=None):
+    with grpc.insecure_channel(f"127.0.0.1:{port or cfg.grpc_port}") as ch:
         call = ch.unary_unary(f"/inference.GRPCInferenceService/{method}",
                               request_serializer=lambda m: m.SerializeToString(),
                               response_deserializer=response_type.FromString)
@@ -208,3 +228,179 @@ def test_the_bench_harness_sends_the_key_from_the_environment(secured, monkeypat
     [step], _ = run_against(sc, build_plan(sc))
     assert (step.ok, step.errors) == (30, 0)
     assert set(step.protocols) == {"http_json", "http_binary", "grpc"}
+
+
+# -- per-key limits: model scopes, expiry, request rate (issue 25) ----------
+
+GRPC_TRANSPORTS = ["front", "grpcio"]
+
+
+def _key_id(token: str) -> str:
+    return token.split("_")[1]
+
+
+def _error(body: bytes) -> str:
+    return json.loads(body)["error"]
+
+
+def test_a_scoped_key_calls_the_models_its_globs_name(secured):
+    cfg, token = secured["cfg"], secured["tokens"]["in-scope"]
+    assert call(cfg, "POST", INFER, token, BODY)[0] == 200
+    assert call(cfg, "GET", "/v2/models/mlp/versions/1/ready", token)[0] == 200
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", INFER), ("POST", "/v2/models/mlp/versions/1/infer"), ("GET", "/v2/models/mlp"),
+    ("GET", "/v2/models/mlp/ready"), ("POST", "/v2/models/mlp/feedback"), ("GET", "//v2/models/mlp/"),
+])
+def test_a_key_scoped_to_other_models_gets_403_naming_key_and_model(secured, method, path):
+    token = secured["tokens"]["out-of-scope"]
+    status, body, _ = call(secured["cfg"], method, path, token, BODY if method == "POST" else None)
+    assert status == 403
+    assert _error(body) == f"API key {_key_id(token)} may not call model 'mlp' (its models: fraud-*, digits)"
+
+
+@pytest.mark.parametrize("path", ["/v2/models/mlp/drift", "/v2/endpoints/mlp"])
+def test_scopes_cover_the_operate_routes_of_a_model(secured, path):
+    status, body, _ = call(secured["cfg"], "GET", path, secured["tokens"]["operate-out-of-scope"])
+    assert status == 403
+    assert "may not call model 'mlp'" in _error(body)
+
+
+@pytest.mark.parametrize("path", ["/v2", "/metrics", "/v2/health/ready"])
+def test_server_wide_routes_are_governed_by_role_alone(secured, path):
+    assert call(secured["cfg"], "GET", path, secured["tokens"]["operate-out-of-scope"])[0] == 200
+
+
+def test_an_out_of_scope_call_is_audited(secured):
+    token = secured["tokens"]["out-of-scope"]
+    assert call(secured["cfg"], "GET", "/v2/models/mlp/versions/1", token)[0] == 403
+    reg = Registry.open(secured["uri"], str(secured["home"] / "artifacts"))
+    try:
+        denied = wait_for(lambda: [e for e in reg.audit(limit=100_000) if e.action == "auth.denied"
+                                   and e.actor == _key_id(token) and e.after["route"] == "GET /v2/models/mlp/versions/1"],
+                          5, "an auth.denied entry for the out-of-scope call", every_s=0.1)
+        assert denied[-1].after["reason"] == "model mlp out of scope"
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize("transport", GRPC_TRANSPORTS)
+def test_grpc_scopes_cover_every_method_that_names_a_model(secured, grpc_ports, transport):
+    cfg, t = secured["cfg"], secured["tokens"]
+    port = grpc_ports[transport]
+    resp = _grpc(cfg, "ModelInfer", _infer_request(), pb.ModelInferResponse, t["in-scope"], port)
+    assert resp.model_name == "mlp"
+    for method, request, response_type in (
+        ("ModelInfer", _infer_request(), pb.ModelInferResponse),
+        ("ModelMetadata", pb.ModelMetadataRequest(name="mlp"), pb.ModelMetadataResponse),
+        ("ModelReady", pb.ModelReadyRequest(name="mlp", version="1"), pb.ModelReadyResponse),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            _grpc(cfg, method, request, response_type, t["out-of-scope"], port)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, method
+        assert f"API key {_key_id(t['out-of-scope'])} may not call model 'mlp'" in err.value.details(), method
+    meta = _grpc(cfg, "ServerMetadata", pb.ServerMetadataRequest(), pb.ServerMetadataResponse, t["out-of-scope"], port)
+    assert meta.name
+
+
+def test_an_expired_key_is_refused_with_401_naming_it_on_every_transport(secured, grpc_ports):
+    cfg, keys = secured["cfg"], secured["keys"]
+    key, token = keys.create("brief", ["predict"], actor="tests", expires_at=time.time() + 1)
+
+    def http_refusal():  # 401 "not valid" until the reload sees the key, 200 until it expires
+        status, body, _ = call(cfg, "POST", INFER, token, BODY)
+        return status == 401 and "expired" in _error(body) and _error(body)
+
+    message = wait_for(http_refusal, 15, "the key to be refused as expired", every_s=0.1)
+    assert message.startswith(f"API key {key.id} expired at ")
+    for transport, port in grpc_ports.items():
+        def grpc_refusal():
+            try:
+                _grpc(cfg, "ModelInfer", _infer_request(), pb.ModelInferResponse, token, port)
+            except grpc.RpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in exc.details() and exc
+            return False
+
+        err = wait_for(grpc_refusal, 15, f"gRPC ({transport}) to refuse the expired key", every_s=0.1)
+        assert f"API key {key.id} expired at " in err.details()
+
+
+def _new_rate_limited_key(secured) -> str:
+    """A key of one request per 100 s: its one token goes on the first call."""
+    return secured["keys"].create("slow", ["predict"], actor="tests", rate=0.01, burst=1)[1]
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(secured):
+    cfg = secured["cfg"]
+    token = _new_rate_limited_key(secured)
+    wait_for(lambda: call(cfg, "POST", INFER, token, BODY)[0] == 200, 5, "the new key's first call", every_s=0.05)
+    status, body, resp = call(cfg, "POST", INFER, token, BODY)
+    assert status == 429
+    assert f"API key {_key_id(token)} is over its rate of 0.01 requests/s (burst 1); retry in" in _error(body)
+    assert 1 <= int(resp.getheader("Retry-After")) <= 100  # one token at 0.01/s, whole seconds
+    # other keys are not held back by it
+    assert call(cfg, "POST", INFER, secured["tokens"]["predict"], BODY)[0] == 200
+
+
+@pytest.mark.parametrize("transport", GRPC_TRANSPORTS)
+def test_a_key_over_its_rate_gets_resource_exhausted_on_grpc(secured, grpc_ports, transport):
+    cfg, port = secured["cfg"], grpc_ports[transport]
+    token = _new_rate_limited_key(secured)
+
+    def first_call():
+        try:
+            return _grpc(cfg, "ModelInfer", _infer_request(), pb.ModelInferResponse, token, port)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED  # not loaded yet
+            return None
+
+    wait_for(first_call, 5, "the new key's first call", every_s=0.05)
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc(cfg, "ModelInfer", _infer_request(), pb.ModelInferResponse, token, port)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over its rate of 0.01 requests/s (burst 1); retry in" in err.value.details()
+    if transport == "grpcio":
+        trailing = dict(err.value.trailing_metadata())
+        assert 1 <= int(trailing["retry-after"]) <= 100
+
+
+def test_tritonclient_reports_the_rate_limit(secured):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    cfg = secured["cfg"]
+    token = _new_rate_limited_key(secured)
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{cfg.port}")
+    inp = httpclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    try:
+        wait_for(lambda: call(cfg, "GET", "/v2", token)[0] == 200, 5, "the new key to load", every_s=0.05)
+        with pytest.raises(InferenceServerException, match="over its rate") as err:
+            client.infer("mlp", [inp], headers={"authorization": f"Bearer {token}"})
+        assert err.value.status() == "429"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("method, path, role, allow", [
+    ("POST", "/v2/health/live", None, "GET, HEAD"),
+    ("POST", "/v2", "predict", "GET, HEAD"),
+    ("DELETE", "/metrics", "operate", "GET, HEAD"),
+    ("GET", INFER, "predict", "POST"),
+    ("GET", "/v2/models/mlp/feedback", "predict", "POST"),
+    ("PUT", "/v2/models/mlp", "predict", "GET, HEAD"),
+    ("DELETE", "/v2/models/mlp/versions/1/ready", "predict", "GET, HEAD"),
+])
+def test_every_405_says_which_methods_the_path_takes(secured, method, path, role, allow):
+    status, body, resp = call(secured["cfg"], method, path, secured["tokens"][role] if role else None)
+    assert status == 405
+    assert resp.getheader("Allow") == allow
+    assert _error(body).endswith(f"not {method}")
+
+
+def test_the_openapi_document_describes_retry_after_on_429(secured):
+    status, body, _ = call(secured["cfg"], "GET", "/v2/openapi.json", secured["tokens"]["predict"])
+    assert status == 200
+    too_many = json.loads(body)["paths"]["/v2/models/{name}/infer"]["post"]["responses"]["429"]
+    assert too_many["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 1}
