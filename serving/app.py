@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import socket
 import time
 import urllib.error
@@ -149,7 +150,12 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     them with it, the router controller, the drift monitor (when a model has
     drift on) and one deployment per dedicated model. ``config`` must be
     resolved (resolve_models) and have its public ports fixed; the internal
-    ports are chosen here, on the node that builds the application.
+    ports are chosen here, on the node that builds the application, and so
+    is the deployment's secret: 32 random bytes that every part proves on
+    every internal frame connection (serving/_private/wire.py). It is
+    stored with the deployments' arguments by Serve, so it is known to
+    whoever controls the Ray cluster and to nobody else; each build makes
+    a new one (as it picks new ports).
 
     Used by :func:`deploy` and by the ``serve deploy`` builder
     (serving/deploy.py), so both lay a deployment out the same way."""
@@ -158,6 +164,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     server = config.server
     app = application_name(config)
     deploy_id = deploy_id or uuid.uuid4().hex
+    secret = secrets.token_bytes(32)
     monitored = [m for m in config.models if m.drift.enabled]
     drift_port = _free_port() if monitored else 0
     parts = []
@@ -166,7 +173,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
             name="drift", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
             health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=2.0,
         )
-        parts.append(monitor.bind(drift_port, monitored, config.registry))
+        parts.append(monitor.bind(drift_port, monitored, config.registry, secret))
     # The router controller: endpoint policies, canaries, swaps; the ingress
     # replicas take their first snapshot from it (EndpointSync.first waits).
     controller = serve.deployment(RouterController).options(
@@ -191,7 +198,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=5.0,
         )
-        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port))
+        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret))
         routes.append(Route(model.name, model.version, port))
     ingress = serve.deployment(Ingress).options(
         name="ingress",
@@ -208,7 +215,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     )
     return ingress.bind(
         server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
-        colocated, config.registry, app, parts, deploy_id,
+        colocated, config.registry, app, parts, deploy_id, secret,
     )
 
 

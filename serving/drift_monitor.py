@@ -42,6 +42,8 @@ from flywheel.serving._private.wire import (
     OP_METRICS,
     Call,
     Reply,
+    check_secret,
+    process_identity,
     start_frame_server,
 )
 from flywheel.serving.config import ModelConfig, RegistryConfig
@@ -131,7 +133,14 @@ class _Tracked:
 class DriftMonitor:
     """Serve deployment class (also usable in-process, e.g. in tests)."""
 
-    def __init__(self, port: int, models: list[ModelConfig], registry: RegistryConfig | None = None) -> None:
+    def __init__(self, port: int, models: list[ModelConfig], registry: RegistryConfig | None = None,
+                 secret: bytes | None = None) -> None:
+        """``secret``: the deployment's; every connection (the model
+        replicas' samples, the ingress's history and metrics calls) proves
+        it before a frame is read, so that nobody else can feed the drift
+        gate of a canary. None: no authentication (in-process tests only)."""
+        check_secret(secret)
+        self._secret = secret
         self._tracked = {(m.name, m.version): _Tracked(m, load_reference(m, registry)) for m in models}
         self._registry_config = registry
         self._callbacks: list[Callable[[DriftEvent], None]] = []
@@ -150,13 +159,22 @@ class DriftMonitor:
         self._refused = Counter("flywheel_drift_refused_windows",
                                 "Windows a test could not read (e.g. not integer codes for chi2 or psi)",
                                 ["model", "version", "test"], registry=self._registry)
+        self._conn_refused = Counter(
+            "flywheel_drift_refused_connections",
+            "Frame connections to the drift monitor dropped for not proving the deployment secret "
+            "(wrong_proof, no_proof: closed first, timeout)",
+            ["reason"], registry=self._registry,
+        )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fw-drift")
         self._loop = LoopThread("flywheel-drift")
         self._loop.start()
         self._loop.call(self._start(port))
 
     async def _start(self, port: int) -> None:
-        self._server = await start_frame_server(self._handle, "127.0.0.1", port, reuse_port=False)
+        self._server = await start_frame_server(
+            self._handle, "127.0.0.1", port, reuse_port=False, secret=self._secret, identity=process_identity(),
+            on_refused=lambda why: self._conn_refused.labels(why).inc(),
+        )
 
     def add_callback(self, fn: Callable[[DriftEvent], None]) -> None:
         """Call ``fn(event)`` for every window that drifted (on a worker thread)."""

@@ -82,6 +82,7 @@ class Ingress:
         controller_app: str = "",
         dependencies: list = (),
         deploy_id: str = "",
+        secret: bytes | None = None,
     ) -> None:
         """``routes`` lead to dedicated models; ``colocated`` models are
         loaded (and warmed up) here, before any port is bound.
@@ -93,12 +94,16 @@ class Ingress:
         they are reached by their ports and names, not these handles).
         ``deploy_id``: the generation of the deployment (the controller's):
         while Serve replaces the replicas of an updated deployment, a replica
-        follows only the controller of its own generation."""
+        follows only the controller of its own generation.
+        ``secret``: the deployment's (build_application makes it), proven on
+        every connection to the model replicas and the drift monitor (see
+        serving/_private/wire.py); None only in in-process tests."""
         self._registry = registry
         self._limits = server.request_limits()
         self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
         self._deploy_id = deploy_id
+        self._secret = secret
         self._controller = None
         if controller_app:
             from ray import serve
@@ -106,7 +111,7 @@ class Ingress:
             self._controller = serve.get_deployment_handle("router", controller_app)
         self._local = {}
         for m in colocated:
-            ms = ModelServer(m, server.request_limits(), registry, drift_port)
+            ms = ModelServer(m, server.request_limits(), registry, drift_port, secret=secret)
             self._local[(ms.model.name, ms.model.version)] = ms
         routes = [*routes, *(Route(name, version, local=True) for name, version in self._local)]
         # replicas sharing this port share their metrics (serving/metrics.py);
@@ -136,7 +141,7 @@ class Ingress:
     async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int, keys_uri: str) -> None:
         for ms in self._local.values():
             await ms.start()
-        self.router = Router(routes, self._metrics, self._local)
+        self.router = Router(routes, self._metrics, self._local, secret=self._secret)
         self._plane = DataPlane(self.router)  # what both transports call
         # with several replicas, feedback may reach another replica than the
         # one that answered: request ids then also go to the controller
@@ -157,7 +162,7 @@ class Ingress:
                 raise ConfigError("server.auth is on but no registry URI was given for the API keys")
             self._auth = Authenticator(server.auth, keys_uri)
             await self._auth.start()
-        monitor = ReplicaChannel("127.0.0.1", drift_port, pool_size=1) if drift_port else None
+        monitor = ReplicaChannel("127.0.0.1", drift_port, pool_size=1, secret=self._secret) if drift_port else None
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
@@ -209,7 +214,7 @@ class Ingress:
 
     def _load_variant(self, model: ModelConfig) -> ModelServer:
         """A variant added at run time (blocking: loads and warms it up)."""
-        return ModelServer(model, self._limits, self._registry, self._drift_port)
+        return ModelServer(model, self._limits, self._registry, self._drift_port, secret=self._secret)
 
     async def _manage(self, op: str, name: str | None, body=None) -> dict:
         """Forward a management call to the controller (from the ingress

@@ -8,7 +8,9 @@ numbers in its own *slot* of one memory-mapped file per deployment and node
 (in /dev/shm), and every replica renders the sum over all slots: one scrape
 sees the whole node. A replica that dies leaves its counts in its slot, and
 the replica that takes the slot over goes on counting from them, so counters
-never go backwards.
+never go backwards. One exception: the lost calls by replica name (an open
+set of label values, unfit for a fixed slot) are this process's own; their
+node-wide total is slotted like the rest.
 
 Why not prometheus_client here: its labelled histograms cost about 40 us per
 request on this class of machine (a lock, a label walk and a linear bucket
@@ -51,7 +53,11 @@ _OFF_COMPUTE = _OFF_QUEUE + _N_LAT
 _OFF_BATCH = _OFF_COMPUTE + _N_LAT
 _OFF_DEPTH = _OFF_BATCH + _N_BATCH
 _OFF_RETRIES = _OFF_DEPTH + 1
-BLOCK = _OFF_RETRIES + 1
+_OFF_LOST = _OFF_RETRIES + 1
+BLOCK = _OFF_LOST + 1
+# Lost replicas named per model in this process's own metrics: replicas
+# come and go (each restart is a new name), so only the latest are kept.
+NAMED_LOST_REPLICAS = 32
 
 # name, type, help, (offset, bounds) for histograms
 _HISTOGRAMS = (
@@ -75,11 +81,12 @@ def _escape(value: str) -> str:
 class ModelMetrics:
     """One (model, version)'s block in this replica's slot."""
 
-    __slots__ = ("name", "version", "_v")
+    __slots__ = ("name", "version", "_v", "_lost")
 
     def __init__(self, name: str, version: str, values: np.ndarray) -> None:
         self.name, self.version = name, version
         self._v = values  # a view of BLOCK floats
+        self._lost: dict[str, int] = {}  # replica -> calls lost with it, oldest first
 
     def observe(self, outcome: str, latency_s: float, stats: Stats) -> None:
         v = self._v
@@ -99,6 +106,19 @@ class ModelMetrics:
 
     def retried(self) -> None:
         self._v[_OFF_RETRIES] += 1
+
+    def replica_lost(self, replica: str) -> None:
+        """A call was in flight on a connection to ``replica`` when it
+        dropped (the replica crashed, maybe because of the call)."""
+        self._v[_OFF_LOST] += 1
+        lost = self._lost
+        lost[replica] = lost.pop(replica, 0) + 1  # the latest last
+        if len(lost) > NAMED_LOST_REPLICAS:
+            del lost[next(iter(lost))]
+
+    def lost_by_replica(self) -> dict[str, int]:
+        """This process's lost calls by replica (the latest NAMED_LOST_REPLICAS)."""
+        return dict(self._lost)
 
     def count(self, outcome: str) -> int:
         """This replica's own count of ``outcome`` (for tests and logs)."""
@@ -287,6 +307,16 @@ class ServingMetrics:
         out += ["# HELP flywheel_replica_retries_total Requests sent again after their replica connection failed",
                 "# TYPE flywheel_replica_retries_total counter"]
         out += [f"flywheel_replica_retries_total{{{m},{v}}} {int(total[b + _OFF_RETRIES])}" for m, v, b in blocks]
+        out += ["# HELP flywheel_replica_lost_calls_total Calls in flight on a model replica connection that "
+                "dropped (the replica died, maybe of the call)",
+                "# TYPE flywheel_replica_lost_calls_total counter"]
+        out += [f"flywheel_replica_lost_calls_total{{{m},{v}}} {int(total[b + _OFF_LOST])}" for m, v, b in blocks]
+        out += ["# HELP flywheel_replica_lost_calls_by_replica_total The same by replica (Serve replica, pid, "
+                f"node), as this ingress replica saw them (its latest {NAMED_LOST_REPLICAS} per model)",
+                "# TYPE flywheel_replica_lost_calls_by_replica_total counter"]
+        for (name, version), (m, v, _) in zip(self._models, blocks):
+            for replica, n in self._by_key[(name, version)].lost_by_replica().items():
+                out.append(f'flywheel_replica_lost_calls_by_replica_total{{{m},replica="{_escape(replica)}",{v}}} {n}')
         out += ["# HELP flywheel_ingress_replicas Ingress replicas counted in these metrics (alive now)",
                 "# TYPE flywheel_ingress_replicas gauge", f"flywheel_ingress_replicas {len(live) or 1}"]
         return ("\n".join(out) + "\n").encode()

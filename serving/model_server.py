@@ -93,12 +93,17 @@ class ModelServer:
         limits: RequestLimits,
         registry: RegistryConfig | None = None,
         drift_port: int = 0,
+        *,
+        secret: bytes | None = None,
     ) -> None:
+        """``secret``: the deployment's, proven on the connection to the
+        drift monitor (see serving/_private/wire.py)."""
         if not model.version:
             model = msgspec.structs.replace(model, version="1")
         self.model = model
         self._limits = limits
         self._drift_port = drift_port
+        self._secret = secret
         self._max_elements = limits.max_tensor_elements
         self._timeout_s = limits.request_timeout_ms / 1000 if limits.request_timeout_ms else None
         self._backend = make_backend(model, registry)
@@ -118,7 +123,7 @@ class ModelServer:
         model = self.model
         if model.drift.enabled and self._drift_port:
             self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port,
-                                         track=msgspec.json.encode(model))
+                                         track=msgspec.json.encode(model), secret=self._secret)
             self._sampler.start()
         batching = model.batching
         if not self._batchable:  # no batch axis: one request per call

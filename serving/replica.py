@@ -7,7 +7,10 @@ path does not go through Serve. Each replica runs the internal frame server
 deployment bind the same loopback port with SO_REUSEPORT, so the kernel spreads
 the ingress's connections among them and a restarted replica simply joins in.
 The port is bound last, after the model is loaded and warmed up: a replica
-that accepts connections is ready.
+that accepts connections is ready. Every connection must prove the
+deployment's secret before its first frame is read (see ``_private/wire.py``),
+and is told this replica's identity (Serve replica, pid, node), so that the
+ingress can name the replica when it dies with calls in flight.
 
 Colocated models (``placement: colocated``) skip all of this: the ingress
 hosts their ModelServer itself.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import logging
 
 from flywheel.serving._private.loop_thread import LoopThread
-from flywheel.serving._private.wire import start_frame_server
+from flywheel.serving._private.wire import check_secret, process_identity, start_frame_server
 from flywheel.serving.config import ModelConfig, RegistryConfig, RequestLimits
 from flywheel.serving.model_server import ModelServer, check_limits, make_backend, model_metadata
 
@@ -41,16 +44,30 @@ class ModelReplica:
         limits: RequestLimits,
         registry: RegistryConfig | None = None,
         drift_port: int = 0,
+        secret: bytes | None = None,
     ):
-        self._model_server = ModelServer(model, limits, registry, drift_port)
+        """``secret``: the deployment's (build_application makes it); every
+        frame connection, the ingress's and the drift monitor's, proves it.
+        None serves unauthenticated, for in-process tests only."""
+        check_secret(secret)
+        self._model_server = ModelServer(model, limits, registry, drift_port, secret=secret)
+        self.identity = process_identity()
         self._loop = LoopThread(f"flywheel-replica-{model.name}")
         self._loop.start()
-        self._loop.call(self._start(port))
-        log.info("replica of %s:%s serving on 127.0.0.1:%d", model.name, self._model_server.model.version, port)
+        self._loop.call(self._start(port, secret))
+        log.info("replica %s of %s:%s serving on 127.0.0.1:%d%s", self.identity, model.name,
+                 self._model_server.model.version, port, "" if secret else " WITHOUT authentication")
 
-    async def _start(self, port: int) -> None:
+    async def _start(self, port: int, secret: bytes | None) -> None:
         await self._model_server.start()
-        self._server = await start_frame_server(self._model_server.handle, "127.0.0.1", port)
+        self._server = await start_frame_server(
+            self._model_server.handle, "127.0.0.1", port, secret=secret, identity=self.identity
+        )
+
+    def refused_connections(self) -> int:
+        """Frame connections dropped unauthenticated since this replica
+        started (each is also logged, rate-limited, with its peer)."""
+        return self._server.refused
 
     def check_health(self) -> None:
         """Serve's health probe: fail if our own loop has stopped beating."""

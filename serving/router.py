@@ -23,7 +23,7 @@ import msgspec
 from flywheel.protocol.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
 from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id, usable_request_id
 from flywheel.serving._private.reply_outputs import reply_outputs
-from flywheel.serving._private.wire import OP_METADATA, Call, Reply, ReplicaChannel
+from flywheel.serving._private.wire import OP_METADATA, Call, ReplicaChannel, ReplicaLost, Reply
 from flywheel.serving.metrics import ModelMetrics, ServingMetrics
 from flywheel.serving.shadow import compare_outputs
 
@@ -128,9 +128,11 @@ def version_key(v: str):
 class Router:
     """Resolves (name, version) to a model's replicas and forwards calls."""
 
-    def __init__(self, routes: list[Route], metrics: ServingMetrics, local: Mapping[tuple[str, str], Any] = {}) -> None:
+    def __init__(self, routes: list[Route], metrics: ServingMetrics, local: Mapping[tuple[str, str], Any] = {},
+                 *, secret: bytes | None = None) -> None:
         """``local`` maps (name, version) to the ModelServer of each route
-        with ``local=True``."""
+        with ``local=True``; ``secret``: the deployment's, which every
+        connection to a dedicated model's replicas proves."""
         self.metrics = metrics
         self.ship_ids = False  # send request ids to the controller (several ingress replicas)
         self._rng = random.Random()
@@ -142,7 +144,7 @@ class Router:
             if r.local:
                 channel = LocalChannel(local[(r.name, r.version)])
             else:
-                channel = ReplicaChannel("127.0.0.1", r.port)
+                channel = ReplicaChannel("127.0.0.1", r.port, secret=secret)
             entry.versions[r.version] = ModelEntry(r, channel, metrics.for_model(r.name, r.version))
         for name, entry in self._names.items():
             # Until the controller says otherwise, the highest version (by
@@ -250,20 +252,26 @@ class Router:
         unreachable replica becomes an UNAVAILABLE reply. Records metrics
         (the model's, and the variant's window in ``endpoint``, its name's).
 
-        A call whose connection failed is sent once more: inference is
-        idempotent, and a new connection on the shared port reaches a replica
-        that is alive (the pooled ones may still point at the dead one), so a
-        request stranded on a replica that just died is answered by another."""
+        A call whose connection failed is sent once more, and only once:
+        inference is idempotent, and a new connection on the shared port
+        reaches a replica that is alive (the pooled ones may still point at
+        the dead one), so a request stranded on a replica that just died is
+        answered by another. A replica lost with the call in flight is named
+        in a warning and counted (ModelMetrics.replica_lost); a call that
+        loses a second replica is a poison request, likely to crash any
+        replica it reaches, and is answered INTERNAL instead of being sent
+        a third time (see README, "When a request crashes its replica")."""
         started = time.perf_counter()
         model.inflight += 1
         try:
             reply = await model.channel.call(call)
-        except UnavailableError:
+        except UnavailableError as exc:
+            first = self._lost(model, exc, "sending it once more on a new connection")
             model.stats.retried()
             if call.timeout_ms:  # the retry gets what is left of the caller's deadline
                 spent_ms = int((time.perf_counter() - started) * 1000)
                 call = dataclasses.replace(call, timeout_ms=max(1, call.timeout_ms - spent_ms))
-            reply = await self._call_once(model, call)
+            reply = await self._call_once(model, call, first)
         finally:
             model.inflight -= 1
         elapsed = time.perf_counter() - started
@@ -272,17 +280,43 @@ class Router:
         endpoint.window(model.route.version).observe(elapsed, reply.code in _HEALTHY)
         return reply
 
-    async def _call_once(self, model: ModelEntry, call: Call) -> Reply:
+    async def _call_once(self, model: ModelEntry, call: Call, first: str | None) -> Reply:
+        """The one retry; ``first``: the replica lost with the first try
+        (None: the first try reached no replica)."""
         # A moment for the kernel to finish tearing down a replica that was
         # just killed: until its listening socket is gone, a new connection
         # on the shared port can still be queued to it (and then reset).
         await asyncio.sleep(RETRY_DELAY_S)
         try:
             return await model.channel.call_fresh(call)
+        except ReplicaLost as exc:
+            self._lost(model, exc, "not sending it again" if first else "answering UNAVAILABLE")
+            if first is None:
+                model.ready = False
+                return Reply(int(exc.code), exc.message.encode())
+            # INTERNAL, not UNAVAILABLE: a client told to come back later
+            # would send the request that crashes replicas again. The
+            # replicas' names stay in the log: pids and nodes are not the
+            # caller's business.
+            return Reply(int(ErrorCode.INTERNAL), (
+                f"model {model.route.name!r} version {model.route.version!r}: two model replicas were lost "
+                "while they had this request; it may be what crashes them, so it is not sent again"
+            ).encode())
         except FlywheelError as exc:
             if exc.code == ErrorCode.UNAVAILABLE:
                 model.ready = False
             return Reply(int(exc.code), exc.message.encode())
+
+    @staticmethod
+    def _lost(model: ModelEntry, exc: UnavailableError, then: str) -> str | None:
+        """Name and count the replica lost with a call in flight (None when
+        ``exc`` is not such a loss: no replica was reached)."""
+        if not isinstance(exc, ReplicaLost):
+            return None
+        model.stats.replica_lost(exc.replica)
+        log.warning("model %s:%s: replica %s was lost with a call in flight; %s",
+                    model.route.name, model.route.version, exc.replica, then)
+        return exc.replica
 
     # -- after an answer: feedback ids and shadow traffic -------------------
     def routed(self, d: Decision, call: Call, reply: Reply) -> str | None:

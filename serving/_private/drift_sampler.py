@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 class DriftSampler:
     def __init__(self, cfg: DriftConfig, model: str, version: str, monitor_port: int, *, seed: int | None = None,
-                 track: bytes = b""):
+                 track: bytes = b"", secret: bytes | None = None):
         """``track``: the model's config (JSON), sent once before the first
-        samples so that the monitor tracks a version it was not deployed with."""
+        samples so that the monitor tracks a version it was not deployed with.
+        ``secret``: the deployment's, which the monitor's connections prove."""
         self._cfg = cfg
         self._track = track
         self._model, self._version = model, version
-        self._channel = ReplicaChannel("127.0.0.1", monitor_port, pool_size=1)
+        self._channel = ReplicaChannel("127.0.0.1", monitor_port, pool_size=1, secret=secret)
         self._rng = random.Random(seed)
         self._buf: list[np.ndarray] = []
         self._rows = 0

@@ -140,6 +140,20 @@ class ReplicaLost(UnavailableError):
         self.replica = replica
 
 
+def process_identity() -> str:
+    """Who this process is, as a client names a server it lost: the Serve
+    replica (deployment#id) when it runs in one, its pid, and its node."""
+    pid = os.getpid()
+    try:
+        import ray
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return f"{ctx.deployment}#{ctx.replica_tag} pid={pid} node={ray.util.get_node_ip_address()}"
+    except Exception:  # noqa: BLE001 - not in a Serve replica (in-process tests)
+        return f"pid={pid} node={socket.gethostname()}"
+
+
 def check_secret(secret: bytes | None) -> None:
     """Refuse a secret too short to be one (None: authentication off)."""
     if secret is not None and len(secret) < MIN_SECRET:
@@ -194,13 +208,14 @@ class FrameServer:
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
 
-    def refuse(self, peer, why: str) -> None:
-        """Count a connection dropped unauthenticated; log the first one and
-        then at most one line per REFUSAL_LOG_INTERVAL_S (a flood of probes
-        must not flood the log)."""
+    def refuse(self, peer, reason: str, why: str) -> None:
+        """Count a connection dropped unauthenticated (``reason``: a short
+        code, ``why``: its words); log the first one and then at most one
+        line per REFUSAL_LOG_INTERVAL_S (a flood of probes must not flood
+        the log)."""
         self.refused += 1
         if self._on_refused is not None:
-            self._on_refused(why)
+            self._on_refused(reason)
         now = time.monotonic()
         if now - self._logged_at < REFUSAL_LOG_INTERVAL_S:
             self._unlogged += 1
@@ -241,14 +256,14 @@ class _ServerConn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if self._pending is not None:
-            self._drop("closed before proving that it knows the deployment secret")
+            self._drop("no_proof", "closed before proving that it knows the deployment secret")
         for t in self._tasks:
             t.cancel()
 
     def _too_slow(self) -> None:
-        self._drop(f"no proof of the deployment secret within {HANDSHAKE_TIMEOUT_S:g}s")
+        self._drop("timeout", f"no proof of the deployment secret within {HANDSHAKE_TIMEOUT_S:g}s")
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, reason: str, why: str) -> None:
         """Refuse the unauthenticated peer: nothing read, nothing answered."""
         if self._pending is None:
             return
@@ -256,7 +271,7 @@ class _ServerConn(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         t = self._transport
-        self._owner.refuse(t.get_extra_info("peername") if t is not None else None, why)
+        self._owner.refuse(t.get_extra_info("peername") if t is not None else None, reason, why)
         if t is not None:
             t.abort()
 
@@ -271,7 +286,7 @@ class _ServerConn(asyncio.Protocol):
         client_nonce, proof = bytes(pending[:NONCE]), bytes(pending[NONCE:])
         secret = self._owner.secret
         if not hmac.compare_digest(proof, _proof(secret, b"client", self._nonce, client_nonce)):
-            self._drop("a wrong proof of the deployment secret")
+            self._drop("wrong_proof", "a wrong proof of the deployment secret")
             return b""
         self._pending = None
         self._timer.cancel()
@@ -325,8 +340,9 @@ async def start_frame_server(
     """Serve frames on host:port. ``secret``: the deployment's (see the
     module docstring; None: no authentication, in-process tests only);
     ``identity``: who this process is, told to authenticated clients;
-    ``on_refused(why)``: called for every connection refused unauthenticated
-    (to count it in the caller's metrics). ``reuse_port`` lets every replica
+    ``on_refused(reason)``: called for every connection refused
+    unauthenticated, ``reason`` being ``wrong_proof``, ``no_proof`` (closed
+    first) or ``timeout`` (to count it in the caller's metrics). ``reuse_port`` lets every replica
     of one deployment bind the same port, the kernel spreading connections
     among them. ValueError for a secret shorter than MIN_SECRET."""
     check_secret(secret)

@@ -131,7 +131,7 @@ def test_frames_sent_without_a_proof_are_never_handled_or_answered():
         await _closed_after(reader, writer, HEAD.pack(64, 1, wire.OP_INFER, 0, 0) + b"x" * 64)
         assert echo.handled == 0
         assert server.refused == 1
-        assert refusals == ["a wrong proof of the deployment secret"]
+        assert refusals == ["wrong_proof"]
         await _echo_works(server.port)
         assert echo.handled == 1
 
@@ -206,11 +206,11 @@ def test_refusals_are_logged_at_most_once_per_interval_and_the_next_line_says_ho
     server = wire.FrameServer(SECRET, "", None)
     with caplog.at_level(logging.WARNING, logger=wire.__name__):
         for _ in range(5):
-            server.refuse(("127.0.0.1", 4000), "a wrong proof of the deployment secret")
+            server.refuse(("127.0.0.1", 4000), "wrong_proof", "a wrong proof of the deployment secret")
         assert server.refused == 5
         assert len(caplog.records) == 1
         server._logged_at -= wire.REFUSAL_LOG_INTERVAL_S  # the interval has passed
-        server.refuse(("127.0.0.1", 4001), "a wrong proof of the deployment secret")
+        server.refuse(("127.0.0.1", 4001), "wrong_proof", "a wrong proof of the deployment secret")
     assert len(caplog.records) == 2
     assert "(4 more refused since the last report)" in caplog.records[1].getMessage()
 
@@ -261,7 +261,7 @@ def test_a_connection_lost_with_a_call_in_flight_names_the_replica_that_had_it()
             await reader.readexactly(HEAD.size)
             writer.transport.abort()
 
-        lost, _ = await _fails_against(dies_mid_call, SECRET, wire.ReplicaLost, "connection to mlp-1#abc pid=42 was lost")
+        lost, _ = await _fails_against(dies_mid_call, SECRET, wire.ReplicaLost, "connection to mlp-1#abc pid=42 was")
         assert lost.replica == "mlp-1#abc pid=42"
 
     asyncio.run(main())
