@@ -1,0 +1,130 @@
+"""Flywheel's processes in a running deployment, found through Ray Serve.
+
+Every replica is a Serve actor named ``SERVE_REPLICA::<app>#<deployment>#<id>``;
+its PID is asked of the actor itself. A gRPC front is the HAProxy child of an
+ingress replica (serving/_private/grpc_front.py starts it from the replica's
+loop thread). Nothing is found by matching process names. Needs Ray
+initialised in this process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flywheel.bench._soak_report import rss_kib
+
+# roles by Serve deployment name (a dedicated model's deployment is <model>-<version>)
+INGRESS, ROUTER, DRIFT = "ingress", "router", "drift"
+FRONT = "gRPC front"
+
+
+def replicas(app: str, deployment: str) -> dict[str, object]:
+    """Replica actor name -> actor handle, for one deployment of ``app``."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(prefix))
+    out = {}
+    for name in names:
+        try:
+            out[name] = ray.get_actor(name, namespace="serve")
+        except ValueError:  # gone between the listing and the lookup
+            pass
+    return out
+
+
+def replica_pid(handle, timeout_s: float = 10.0) -> int:
+    """The PID of a replica's process, asked of the actor."""
+    import ray
+
+    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=timeout_s)
+
+
+def running(app: str, deployment: str) -> int:
+    """Replicas Serve counts as RUNNING for ``deployment``."""
+    from ray import serve
+
+    app_status = serve.status().applications.get(app)
+    if app_status is None or deployment not in app_status.deployments:
+        return 0
+    return app_status.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def front_pids(ingress_pid: int) -> list[int]:
+    """The gRPC fronts of an ingress replica: its child processes that
+    listen on a TCP socket (HAProxy binds the public gRPC port; the other
+    children Ray or ONNX Runtime may start do not listen)."""
+    return [c for c in children(ingress_pid) if tcp_sockets(c, LISTEN)]
+
+
+LISTEN, ESTABLISHED = "0A", "01"
+
+
+def tcp_sockets(pid: int, state: str, port: int | None = None) -> int:
+    """How many TCP sockets ``pid`` holds in ``state`` (a /proc/net/tcp
+    state code), on local ``port`` if given; 0 when it is gone."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        rows = []
+        for family in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{family}") as f:
+                rows += f.read().splitlines()[1:]
+    except OSError:
+        return 0
+    return sum(1 for cols in (r.split() for r in rows)
+               if cols[3] == state and f"socket:[{cols[9]}]" in inodes
+               and (port is None or int(cols[1].rsplit(":", 1)[1], 16) == port))
+
+
+def sample(pid: int) -> dict | None:
+    """RSS (KiB) and open descriptors of ``pid`` now; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = rss_kib(f.read())
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    return {"pid": pid, "rss_kib": rss, "fds": fds}
+
+
+def flywheel_pids(app: str, deployments: list[str]) -> list[tuple[str, int]]:
+    """(role, pid) of every process of the deployment: each replica of
+    ``deployments`` and each ingress replica's gRPC front."""
+    out = []
+    for dep in deployments:
+        for handle in replicas(app, dep).values():
+            try:
+                pid = replica_pid(handle)
+            except Exception:  # a replica being replaced: it is not there to measure
+                continue
+            out.append((dep, pid))
+            if dep == INGRESS:
+                out += [(FRONT, c) for c in front_pids(pid)]
+    return out
+
+
+def snapshot(app: str, deployments: list[str]) -> list[dict]:
+    """RSS and open files of every Flywheel process of the deployment."""
+    out = []
+    for role, pid in flywheel_pids(app, deployments):
+        s = sample(pid)
+        if s is not None:
+            out.append({"role": role, **s})
+    return out
