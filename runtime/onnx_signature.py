@@ -32,9 +32,9 @@ def read_onnx_signature(path: str) -> Signature:
     weights = {t.name for t in graph.initializer}
 
     def spec(vi) -> TensorSpec:
-        tensor = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             raise ConfigError(f"{path}: {vi.name!r} is not a tensor")
+        tensor = vi.type.tensor_type
         try:
             datatype = v2_datatype(np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)))
         except (FlywheelError, KeyError, TypeError, ValueError):
