@@ -284,7 +284,7 @@ def test_opening_an_older_schema_upgrades_it(store_uri, tmp_path):
         db.execute("SELECT * FROM approvals")
     db.close()
     r = Registry.open(store_uri, str(tmp_path / "artifacts"))
-    assert current_version(connect(store_uri)) == LATEST == 6
+    assert current_version(connect(store_uri)) == LATEST == 7
     assert r.get_model("old").created_by == "v1-user"
     _v(r, name="old")
     r.approve("old", 1, actor="bob")  # the v2 table works
