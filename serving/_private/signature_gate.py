@@ -51,7 +51,7 @@ def record(ep: Endpoint, version: str, doc: Any) -> None:
         sig = signature_from_doc(doc)
     except InvalidInputError:
         return
-    ep.doc.setdefault("signatures", {})[version] = msgspec.to_builtins(sig)
+    ep.doc.setdefault("signatures", {})[version] = msgspec.json.decode(msgspec.json.encode(sig))  # as persisted
     ep.dirty = True
 
 
