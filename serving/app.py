@@ -60,14 +60,17 @@ def model_gpus(model: ModelConfig) -> float:
     return get_backend(model.backend).gpus_for(model)
 
 
-def _actor_options(num_cpus: float, models) -> dict:
+def _actor_options(num_cpus: float, models, runtime_env: dict | None = None) -> dict:
     """Ray resources of a replica that loads ``models``: the most GPUs any of
     them asks for (model_gpus), so that a GPU model is placed on a GPU node
-    and never lands on a CPU node to fall back to the CPU unseen."""
-    options = {"num_cpus": num_cpus}
+    and never lands on a CPU node to fall back to the CPU unseen; and the
+    deployment's runtime environment, if any."""
+    options: dict = {"num_cpus": num_cpus}
     gpus = max((model_gpus(m) for m in models), default=0)
     if gpus:
         options["num_gpus"] = gpus
+    if runtime_env:
+        options["runtime_env"] = runtime_env
     return options
 
 
@@ -144,7 +147,7 @@ def resolve_models(config: DeployConfig, settings: Settings) -> DeployConfig:
     return msgspec.structs.replace(config, models=models, registry=reg_cfg)
 
 
-def build_application(config: DeployConfig, *, deploy_id: str | None = None):
+def build_application(config: DeployConfig, *, deploy_id: str | None = None, runtime_env: dict | None = None):
     """The whole deployment as one Ray Serve application: the ingress (the
     application's entry) and, bound into its arguments so that Serve deploys
     them with it, the router controller, the drift monitor (when a model has
@@ -156,6 +159,11 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     stored with the deployments' arguments by Serve, so it is known to
     whoever controls the Ray cluster and to nobody else; each build makes
     a new one (as it picks new ports).
+
+    ``runtime_env``: the Ray runtime environment of every replica (e.g.
+    ``env_vars`` or ``py_modules`` that make a plug-in backend importable
+    on every node), as a ``serve deploy`` config's per-application
+    ``runtime_env`` gives.
 
     Used by :func:`deploy` and by the ``serve deploy`` builder
     (serving/deploy.py), so both lay a deployment out the same way."""
@@ -170,14 +178,14 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     parts = []
     if monitored:
         monitor = serve.deployment(DriftMonitor).options(
-            name="drift", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+            name="drift", num_replicas=1, ray_actor_options=_actor_options(0.1, [], runtime_env),
             health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=2.0,
         )
         parts.append(monitor.bind(drift_port, monitored, config.registry, secret))
     # The router controller: endpoint policies, canaries, swaps; the ingress
     # replicas take their first snapshot from it (EndpointSync.first waits).
     controller = serve.deployment(RouterController).options(
-        name="router", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
+        name="router", num_replicas=1, ray_actor_options=_actor_options(0.05, [], runtime_env),
         health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1.0,
         logging_config={"enable_access_log": False},  # replicas sync twice a second
     )
@@ -192,7 +200,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
         dep = serve.deployment(ModelReplica).options(
             name=model_deployment_name(model),
             num_replicas=model.replicas,
-            ray_actor_options=_actor_options(model.num_cpus, [model]),
+            ray_actor_options=_actor_options(model.num_cpus, [model], runtime_env),
             health_check_period_s=2.0,
             health_check_timeout_s=10.0,
             graceful_shutdown_wait_loop_s=0.1,
@@ -203,7 +211,9 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None):
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=server.replicas,
-        ray_actor_options=_actor_options(server.ingress_num_cpus + sum(m.num_cpus for m in colocated), colocated),
+        ray_actor_options=_actor_options(
+            server.ingress_num_cpus + sum(m.num_cpus for m in colocated), colocated, runtime_env
+        ),
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.1,
         # a replaced replica drains its connections (DRAIN_S) and its colocated
@@ -235,12 +245,13 @@ def fix_public_ports(server: ServerConfig) -> ServerConfig:
 
 
 def deploy(
-    config: DeployConfig, *, settings: Settings | None = None, ready_timeout_s: float = 120.0
+    config: DeployConfig, *, settings: Settings | None = None, ready_timeout_s: float = 120.0,
+    runtime_env: dict | None = None,
 ) -> Deployment:
     """Deploy every model of ``config`` and the ingress as one Serve
-    application (build_application); return when ``/v2/health/ready``
-    answers 200. Ray must be initialised (start_ray). Registry references
-    are resolved first (see resolve_models)."""
+    application (build_application, which takes ``runtime_env``); return
+    when ``/v2/health/ready`` answers 200. Ray must be initialised
+    (start_ray). Registry references are resolved first (see resolve_models)."""
     from ray import serve
 
     config.server.check_exposure()
@@ -252,7 +263,7 @@ def deploy(
     check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     log.info("deploying %s (%d model(s))", config.name, len(config.models))
-    serve.run(build_application(config), name=application_name(config), route_prefix=None)
+    serve.run(build_application(config, runtime_env=runtime_env), name=application_name(config), route_prefix=None)
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
     wait_ready(url, ready_timeout_s)

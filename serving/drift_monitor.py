@@ -265,6 +265,11 @@ class DriftMonitor:
         """Recent results for one model version, oldest first."""
         return list(self._get(model, version).history)
 
+    def frame_stats(self) -> dict:
+        """For operators and tests: the monitor's frame port and ``refused``,
+        the connections dropped unauthenticated since it started."""
+        return {"port": self._server.port, "refused": self._server.refused}
+
     def check_health(self) -> None:
         if self._loop.stalled_for() > 10.0:
             raise RuntimeError("drift monitor loop stalled")

@@ -64,10 +64,11 @@ class ModelReplica:
             self._model_server.handle, "127.0.0.1", port, secret=secret, identity=self.identity
         )
 
-    def refused_connections(self) -> int:
-        """Frame connections dropped unauthenticated since this replica
-        started (each is also logged, rate-limited, with its peer)."""
-        return self._server.refused
+    def frame_stats(self) -> dict:
+        """For operators and tests: this replica's identity, its frame port,
+        and ``refused``, the frame connections dropped unauthenticated since
+        it started (each also logged, rate-limited, with its peer)."""
+        return {"identity": self.identity, "port": self._server.port, "refused": self._server.refused}
 
     def check_health(self) -> None:
         """Serve's health probe: fail if our own loop has stopped beating."""

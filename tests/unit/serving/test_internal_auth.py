@@ -112,10 +112,10 @@ def _one_request_adds_exactly_one_row(dep, before: float) -> None:
 
 @pytest.mark.parametrize("proof", [None, _wrong_proof()], ids=["no-proof", "wrong-proof"])
 def test_the_model_replica_answers_and_handles_nothing_without_the_secret(deployment, proof):
-    before_rows, before_refused = _sampled_rows(deployment), deployment["replica"].refused_connections()
+    before_rows, before_refused = _sampled_rows(deployment), deployment["replica"].frame_stats()["refused"]
     frame = HEAD.pack(len(_infer_body()), 1, wire.OP_INFER, 0, 0) + _infer_body()
     assert _unanswered(deployment["model"], frame, proof) == b""
-    wait_for(lambda: deployment["replica"].refused_connections() == before_refused + 1, 10, "the refusal counted")
+    wait_for(lambda: deployment["replica"].frame_stats()["refused"] == before_refused + 1, 10, "the refusal counted")
     _one_request_adds_exactly_one_row(deployment, before_rows)
 
 
