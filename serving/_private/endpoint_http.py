@@ -35,7 +35,7 @@ import msgspec
 
 from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import ErrorCode, FlywheelError
-from flywheel.serving._private.http_errors import error_for_code, error_response
+from flywheel.serving._private.http_errors import error_for_code, error_response, method_not_allowed
 from flywheel.serving._private.http_server import JSON, Request, Response
 from flywheel.serving._private.endpoint_sync import SYNC_INTERVAL_S
 from flywheel.serving._private.live_endpoint import check_reward
@@ -76,7 +76,9 @@ def endpoint_route(manage: Manage | None, req: Request, parts: list[str]):
     if route is None:
         if any(shape == s for _, s in _ROUTES):
             allowed = sorted(m for m, s in _ROUTES if s == shape)
-            return error_response(405, f"{req.path} takes {' or '.join(allowed)}, not {req.method}")
+            if "GET" in allowed:  # the HTTP server answers HEAD as GET
+                allowed.append("HEAD")
+            return method_not_allowed(req.path, req.method, tuple(allowed))
         return error_response(404, f"no route {req.method} {req.path}")
     if manage is None:
         return error_response(404, "endpoint management needs the router controller, which this server does not run")

@@ -42,7 +42,7 @@ def secured(mlp_onnx, tmp_path_factory):
     home = tmp_path_factory.mktemp("auth")
     uri = f"sqlite:///{home}/registry.db"
     keys = KeyStore.open(uri)
-    tokens = {role: keys.create(f"{role}-key", [role], actor="tests")[1] for role in ("predict", "operate")}
+    tokens = {role: keys.create(f"{role}-key", [role], actor="tests")[1] for role in ("predict", "operate", "admin")}
     # scoped keys: to mlp by a glob, and to other models only
     tokens["in-scope"] = keys.create("in-scope", ["predict"], actor="tests", models=["ml*"])[1]
     tokens["out-of-scope"] = keys.create("out-of-scope", ["predict"], actor="tests", models=["fraud-*", "digits"])[1]
@@ -391,6 +391,8 @@ def test_tritonclient_reports_the_rate_limit(secured):
     ("GET", "/v2/models/mlp/feedback", "predict", "POST"),
     ("PUT", "/v2/models/mlp", "predict", "GET, HEAD"),
     ("DELETE", "/v2/models/mlp/versions/1/ready", "predict", "GET, HEAD"),
+    ("GET", "/v2/endpoints/mlp/canary", "admin", "DELETE, POST"),
+    ("POST", "/v2/endpoints/mlp", "admin", "GET, HEAD"),
 ])
 def test_every_405_says_which_methods_the_path_takes(secured, method, path, role, allow):
     status, body, resp = call(secured["cfg"], method, path, secured["tokens"][role] if role else None)
