@@ -58,18 +58,26 @@ async def _hello(reader: asyncio.StreamReader) -> bytes:
     return hello[4:]
 
 
+async def _fails_against_port(port: int, match: str, secret: bytes | None = SECRET,
+                              error: type = UnavailableError) -> Exception:
+    """A call to ``port`` must raise ``error`` matching ``match``; returns it."""
+    channel = wire.ReplicaChannel("127.0.0.1", port, pool_size=1, secret=secret)
+    try:
+        with pytest.raises(error, match=match) as failed:
+            await asyncio.wait_for(channel.call(wire.Call(wire.OP_INFER, b"abc")), 10)
+        return failed.value
+    finally:
+        channel.close()
+
+
 async def _fails_against(serve, secret: bytes | None, error: type, match: str):
     """Call a raw asyncio server ``serve`` playing a replica: the call must
     raise ``error``; returns it and the server's port."""
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    channel = wire.ReplicaChannel("127.0.0.1", port, pool_size=1, secret=secret)
     try:
-        with pytest.raises(error, match=match) as failed:
-            await asyncio.wait_for(channel.call(wire.Call(wire.OP_INFER, b"abc")), 10)
-        return failed.value, port
+        return await _fails_against_port(port, match, secret, error), port
     finally:
-        channel.close()
         server.close()
 
 
@@ -218,13 +226,10 @@ def test_refusals_are_logged_at_most_once_per_interval_and_the_next_line_says_ho
 def test_a_client_refuses_a_server_that_cannot_prove_the_secret():
     async def main():
         impostor = await _serve(Echo(), secret=b"not the deployment's secret....!")
-        channel = wire.ReplicaChannel("127.0.0.1", impostor.port, pool_size=1, secret=SECRET)
         try:
             # the impostor drops our proof; we never send it a frame
-            with pytest.raises(UnavailableError, match="closed the connection during the frame handshake"):
-                await asyncio.wait_for(channel.call(wire.Call(wire.OP_INFER, b"abc")), 10)
+            await _fails_against_port(impostor.port, "closed the connection during the frame handshake")
         finally:
-            channel.close()
             impostor.close()
             await impostor.wait_closed()
 
@@ -325,3 +330,19 @@ def test_the_buffer_refuses_the_header_before_the_payload_arrives():
     # a well-formed frame after it on a fresh buffer still parses
     ok = wire._Buffer(wire._REQ)
     assert list(ok.feed(HEAD.pack(2, 9, 1, 0, 0) + b"hi")) == [((2, 9, 1, 0, 0), b"hi")]
+
+
+def test_a_client_with_a_secret_gives_up_on_a_server_that_never_says_hello(monkeypatch):
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.2)
+
+    async def main():
+        echo = Echo()
+        server = await _serve(echo)  # no secret: it waits for frames, says nothing first
+        try:
+            await _fails_against_port(server.port, "did not complete the frame handshake within 0.2s")
+            assert echo.handled == 0
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
