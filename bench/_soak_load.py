@@ -126,3 +126,27 @@ class OpenLoopLoad:
         if client is None:
             client = pool[token] = cls(address, api_key=token, timeout=self._timeout)
         return client
+
+
+def touch_every_replica(http_url: str, grpc_target: str, token: str, models: list[str], features: int,
+                        connections: int = 16) -> list[str]:
+    """Send each model one request per transport over each of
+    ``connections`` fresh connections, so that the kernel's SO_REUSEPORT
+    spreads them over every ingress replica and gRPC front: a replica's
+    first requests of a kind load what they need (an ingress replica grew
+    by ~55 MiB once its front took its first calls), which the warm-up must
+    see before the first resource sample. Returns the failures, as causes."""
+    from flywheel.client import Client, GrpcClient
+
+    x = {"input": np.zeros((1, features), np.float32)}
+    failures = []
+    for _ in range(connections):
+        for transport, make in (("HTTP", lambda: Client(http_url, api_key=token)),
+                                ("gRPC", lambda: GrpcClient(grpc_target, api_key=token))):
+            with make() as client:
+                for model in models:
+                    try:
+                        client.infer(model, x)
+                    except ClientError as exc:
+                        failures.append(cause_of(transport, exc.status, exc.message))
+    return failures

@@ -34,14 +34,16 @@ import time
 import urllib.request
 
 from flywheel.bench import _soak_procs as procs
-from flywheel.bench._soak_faults import FaultRunner, Target
-from flywheel.bench._soak_load import KeyRing, OpenLoopLoad, key_id
-from flywheel.bench._soak_plan import CHURN_SHARE, MODELS, TRANSPORTS, fault_plan
+from flywheel.bench._soak_faults import RECOVERY_LIMIT_S, FaultRunner, Target
+from flywheel.bench._soak_load import KeyRing, OpenLoopLoad, touch_every_replica
+from flywheel.bench._soak_plan import CHURN_SHARE, FAULTS, MODELS, TRANSPORTS, fault_plan
+from flywheel.bench._soak_plot import plot, timeline
 from flywheel.bench._soak_report import growth, revocation, summarize, table, verdict
 from flywheel.bench.common import export_model
 
 APP = "soak"
 HPARAMS = {"in_features": 64, "hidden": [128, 64], "out_features": 10}  # the demo digits MLP's shape
+DEDICATED = "ded-1"  # the dedicated model's Serve deployment (<model>-<version>)
 DEDICATED_REPLICAS = 2
 INGRESS_REPLICAS = 2
 
@@ -78,70 +80,57 @@ def retries(url: str, token: str) -> int:
                    if s.name == "flywheel_replica_retries_total"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: ``args.plan`` holds the faults' plan."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="how long the load runs (default 10)")
     ap.add_argument("--rate", type=float, default=50.0, help="requests per second, open loop (default 50)")
     ap.add_argument("--seed", type=int, default=0, help="draws the fault times and the request mix")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds of load before the first "
                     "resource sample; no fault before it (default 20)")
+    ap.add_argument("--faults", default=",".join(FAULTS),
+                    help=f"which faults, comma-separated (default all: {', '.join(FAULTS)})")
     ap.add_argument("--out", default="bench/results", help="folder for soak.json and soak.png")
     args = ap.parse_args(argv)
-    duration = args.minutes * 60.0
+    if not args.rate > 0:
+        ap.error(f"--rate must be > 0 requests/s, not {args.rate}")
+    kinds = tuple(k.strip() for k in args.faults.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULTS]
+    if unknown or len(set(kinds)) != len(kinds):
+        ap.error(f"--faults {args.faults!r}: each at most once, from: {', '.join(FAULTS)}")
     try:
-        plan = fault_plan(duration, args.warmup, args.seed)
+        args.plan = fault_plan(args.minutes * 60.0, args.warmup, args.seed, kinds)
     except ValueError as exc:
         ap.error(str(exc))
-    if not args.rate > 0:
-        ap.error("--rate must be > 0")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import msgspec
-    import numpy as np
     import ray
     from ray import serve
 
     from flywheel.common import load_settings, start_ray
-    from flywheel.registry.keys import KeyStore
-    from flywheel.serving import parse_config
-    from flywheel.serving.app import deploy, undeploy
-
-    work = tempfile.mkdtemp(prefix="fw-soak-")
-    model = export_model("mlp", HPARAMS, os.path.join(work, "mlp.onnx"))
-    reference = os.path.join(work, "reference.npy")
-    np.save(reference, np.random.default_rng(args.seed).random((1000, HPARAMS["in_features"]), dtype=np.float32))
-    cfg = parse_config(deploy_config(work, model, reference))
-    store = KeyStore.open(cfg.registry.uri)
-    _, admin = store.create("soak-admin", ["admin"], actor="soak")
-    _, main_key = store.create("soak-load", ["predict"], actor="soak")
-    _, churn = store.create("soak-churn-0", ["predict"], actor="soak")
-    store.close()
 
     ray_tmp = tempfile.mkdtemp(prefix="fw-soak-ray-", dir="/tmp")  # short: Ray's socket paths
     start_ray(msgspec.structs.replace(load_settings(), ray_address="", ray_tmpdir=ray_tmp),
               num_cpus=4, log_to_driver=False)
     try:
-        print(f"deploying {APP}: 2 ingress replicas, colo (drift on), ded x{DEDICATED_REPLICAS}, ep 1+2 ...",
-              flush=True)
-        dep = deploy(cfg)
-        try:
-            report = soak(args, duration, plan, dep, admin, main_key, churn, model)
-        finally:
-            undeploy(dep)
+        report = run_soak(args)
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "soak.json"), "w") as f:
         json.dump(report, f, indent=1)
     wrote = "soak.json"
     try:
-        _plot(report, os.path.join(args.out, "soak.png"))
+        plot(report, os.path.join(args.out, "soak.png"))
         wrote += " and soak.png"
     except ImportError:
-        pass  # matplotlib is the bench extra's: the JSON says it all
+        pass  # matplotlib comes with the bench extra; the JSON holds every figure
     print(f"\nwrote {args.out}/{wrote}")
     if report["missed"]:
         print("TARGET MISSED: " + "; ".join(report["missed"]))
@@ -151,33 +140,73 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def soak(args, duration: float, plan, dep, admin: str, main_key: str, churn: str, model: str) -> dict:
-    """Run the load and the faults against ``dep``; return the report."""
-    deployments = [procs.INGRESS, procs.ROUTER, procs.DRIFT, "ded-1"]
-    host_port = dep.grpc_target
+def run_soak(args: argparse.Namespace) -> dict:
+    """Deploy, soak (see :func:`soak`) and undeploy; return the report.
+    Ray must be initialised (main starts it; a test shares its own)."""
+    import numpy as np
+
+    from flywheel.registry.keys import KeyStore
+    from flywheel.serving import parse_config
+    from flywheel.serving.app import deploy, undeploy
+
+    work = tempfile.mkdtemp(prefix="fw-soak-")
+    try:
+        model = export_model("mlp", HPARAMS, os.path.join(work, "mlp.onnx"))
+        reference = os.path.join(work, "reference.npy")
+        np.save(reference, np.random.default_rng(args.seed).random((1000, HPARAMS["in_features"]), dtype=np.float32))
+        cfg = parse_config(deploy_config(work, model, reference))
+        store = KeyStore.open(cfg.registry.uri)
+        try:
+            _, admin = store.create("soak-admin", ["admin"], actor="soak")
+            _, main_key = store.create("soak-load", ["predict"], actor="soak")
+            _, churn = store.create("soak-churn-0", ["predict"], actor="soak")
+        finally:
+            store.close()
+        print(f"deploying {APP}: {INGRESS_REPLICAS} ingress replicas, colo (drift on), "
+              f"ded x{DEDICATED_REPLICAS}, ep 1+2 ...", flush=True)
+        dep = deploy(cfg)
+        try:
+            return soak(args, dep, admin, main_key, churn, model)
+        finally:
+            undeploy(dep)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def soak(args: argparse.Namespace, dep, admin: str, main_key: str, churn: str, model: str) -> dict:
+    """Run the load and ``args.plan``'s faults against ``dep``; return the report."""
+    duration = args.minutes * 60.0
+    deployments = [procs.INGRESS, procs.ROUTER, procs.DRIFT, DEDICATED]
     t0 = time.monotonic()
     keys = KeyRing(main_key, churn)
-    load = OpenLoopLoad(dep.url, host_port, keys, args.rate, args.seed, HPARAMS["in_features"], t0)
-    runner = FaultRunner(Target(APP, dep.url, dep.grpc_target, admin, dep.config.registry.uri, "ded-1", DEDICATED_REPLICAS,
-                                INGRESS_REPLICAS, {"version": "3", "path": model, "num_cpus": 0.05}),
-                         keys, t0, args.seed)
+    load = OpenLoopLoad(dep.url, dep.grpc_target, keys, args.rate, args.seed, HPARAMS["in_features"], t0)
+    target = Target(APP, dep.url, dep.grpc_target, admin, dep.config.registry.uri, DEDICATED,
+                    DEDICATED_REPLICAS, INGRESS_REPLICAS, {"version": "3", "path": model, "num_cpus": 0.05})
+    runner = FaultRunner(target, keys, t0, args.seed)
     print(f"load: {args.rate:g} req/s for {duration:.0f} s; faults planned at "
-          + ", ".join(f"{p.at:.0f}s {p.kind}" for p in plan), flush=True)
+          + ", ".join(f"{p.at:.0f}s {p.kind}" for p in args.plan), flush=True)
     load.start(duration)
+    warm = touch_every_replica(dep.url, dep.grpc_target, main_key, list(MODELS), HPARAMS["in_features"])
+    if warm:
+        runner.say(f"warm-up: {len(warm)} request(s) over fresh connections failed: {sorted(set(warm))}")
     time.sleep(max(0.0, args.warmup - (time.monotonic() - t0)))
     before = procs.snapshot(APP, deployments)
     runner.say(f"warm-up over: {len(before)} Flywheel processes sampled, {len(load.outcomes)} requests answered")
-    runner.run(plan)
+    runner.run(args.plan)
     load.join(duration - (time.monotonic() - t0) + 60.0)
     runner.join(30.0)
     after = procs.snapshot(APP, deployments)
-    retried = retries(dep.url, admin)
+    return report(args, load, runner, growth(before, after), retries(dep.url, admin), warm)
 
+
+def report(args: argparse.Namespace, load: OpenLoopLoad, runner: FaultRunner, rows: list[dict],
+           retried: int, warm_failures: list[str]) -> dict:
+    """Judge the run, print the table, and return the JSON report.
+    ``warm_failures``: causes of the warm-up's own requests that failed
+    (before any fault: each one misses the target)."""
     outcomes = sorted(load.outcomes, key=lambda o: o.start)
     faults = runner.result()
-    revoked = {r["key"]: r["at"] for r in runner.revocations}
-    summary = summarize(outcomes, faults, revoked)
-    rows = growth(before, after)
+    summary = summarize(outcomes, faults, {r["key"]: r["at"] for r in runner.revocations})
     revocations = [{**r, "at_s": round(r["at"], 2), **revocation(outcomes, r["key"], r["at"], r["new_key"])}
                    for r in runner.revocations]
     print()
@@ -190,65 +219,26 @@ def soak(args, duration: float, plan, dep, admin: str, main_key: str, churn: str
         print(f"load schedule: {len(slip)} request(s) left late, worst {slip[-1] * 1e3:.0f} ms "
               "(the load generator's own lag on this machine)")
     missed = verdict(summary, rows)
-    missed += [f"fault {f.kind} not done: {f.detail}" for f in faults if f.detail.startswith("NOT DONE")]
-    missed += [f"{f.kind} not recovered within the limit" for f in faults
-               if f.kind.startswith("kill") and f.recovered is None and not f.detail.startswith("NOT DONE")]
+    if warm_failures:
+        missed.append(f"{len(warm_failures)} warm-up request(s) failed before any fault")
+    missed += [f"fault {kind} not done: {why}" for kind, why in runner.not_done]
+    missed += [f"{f.kind} not whole again within {RECOVERY_LIMIT_S:.0f} s" for f in faults
+               if f.kind.startswith("kill") and f.recovered is None]
     return {
-        "args": vars(args), "duration_s": duration, "mix": {"transports": TRANSPORTS, "models": MODELS,
-                                                            "churned_key_share": CHURN_SHARE},
-        "plan": [{"at_s": p.at, "kind": p.kind} for p in plan],
-        "summary": summary, "retried": {"ingress_replica_retries": retried, "soak_resends": 0},
-        "revocations": revocations, "processes": rows, "fault_log": runner.log,
+        "args": {k: v for k, v in vars(args).items() if k != "plan"},
+        "mix": {"transports": TRANSPORTS, "models": MODELS, "churned_key_share": CHURN_SHARE},
+        "plan": [{"at_s": p.at, "kind": p.kind} for p in args.plan],
+        "summary": summary,
+        "retried": {"ingress_replica_retries": retried, "soak_resends": 0},
+        "warmup_failures": warm_failures,
+        "revocations": revocations,
+        "processes": rows,
+        "fault_log": runner.log,
         "late_sends": {"count": len(slip), "worst_ms": round(slip[-1] * 1e3, 1) if slip else 0.0},
         "missed": missed,
-        "keys": {"load": key_id(main_key)},
-        "timeline": _timeline(outcomes), "faults_at": [{"kind": f.kind, "at_s": round(f.at, 2)} for f in faults],
+        "timeline": timeline(outcomes),
+        "faults_at": [{"kind": f.kind, "at_s": round(f.at, 2)} for f in faults],
     }
-
-
-def _timeline(outcomes) -> list[dict]:
-    """Per second: requests that started then, how many failed, p50/p99 ms."""
-    import numpy as np
-
-    by_s: dict[int, list] = {}
-    for o in outcomes:
-        by_s.setdefault(int(o.start), []).append(o)
-    out = []
-    for s in sorted(by_s):
-        lat = np.array([o.end - o.start for o in by_s[s]]) * 1e3
-        out.append({"t": s, "sent": len(lat), "failed": sum(1 for o in by_s[s] if not o.ok),
-                    "p50_ms": round(float(np.median(lat)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)})
-    return out
-
-
-def _plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tl = report["timeline"]
-    t = [p["t"] for p in tl]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
-    top.plot(t, [p["sent"] - p["failed"] for p in tl], label="answered well")
-    top.plot(t, [p["failed"] for p in tl], "r.", label="failed")
-    top.set_ylabel("requests / s")
-    top.legend(loc="lower left")
-    bottom.plot(t, [p["p50_ms"] for p in tl], label="p50")
-    bottom.plot(t, [p["p99_ms"] for p in tl], label="p99")
-    bottom.set_yscale("log")
-    bottom.set_ylabel("latency per second (ms)")
-    bottom.set_xlabel("seconds since the load started")
-    bottom.legend(loc="upper left")
-    for f in report["faults_at"]:
-        for ax in (top, bottom):
-            ax.axvline(f["at_s"], color="grey", alpha=0.5, lw=0.8)
-        top.annotate(f["kind"], (f["at_s"], 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                     fontsize=7, va="top", ha="right")
-    top.set_title(f"Soak: {report['args']['rate']:g} req/s open loop, faults marked")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

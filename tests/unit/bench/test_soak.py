@@ -166,10 +166,16 @@ def test_growth_pairs_processes_by_pid_and_marks_the_killed_and_their_replacemen
 
 
 def test_only_survivors_growing_beyond_the_limit_miss_the_target():
-    rows = growth([_s("a", 1, 1000, 10), _s("b", 2, 1000, 10), _s("c", 3, 1000, 10)],
-                  [_s("a", 1, 1051, 10), _s("b", 2, 1000, 20), _s("c", 4, 5000, 99)])
+    rows = growth([_s("a", 1, 1000, 10), _s("b", 2, 1000, 100), _s("c", 3, 1000, 10)],
+                  [_s("a", 1, 1051, 10), _s("b", 2, 1000, 110), _s("c", 4, 5000, 99)])
     assert [r["pid"] for r in over_growth(rows)] == [1, 2]
     assert over_growth(rows, limit_pct=200) == []
+
+
+def test_a_few_more_open_files_on_a_small_count_are_traffic_not_a_leak():
+    rows = growth([_s("front", 1, 1000, 8)], [_s("front", 1, 1000, 12)])  # +50 %, +4 descriptors
+    assert rows[0]["fds_growth_pct"] == 50.0
+    assert over_growth(rows) == []
 
 
 def test_verdict_names_unexplained_failures_and_growth():
