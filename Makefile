@@ -80,6 +80,14 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.training
 	$(PY) -m flywheel.bench.batch
 
+# The soak with faults (issue 25): open-loop mixed load for 10 minutes on a
+# local Ray while replicas, the router controller, the drift monitor and a gRPC
+# front are killed; exits 1 on a failure no fault explains. Not part of `make
+# test` or `make bench`. Options: `make soak SOAK_ARGS="--minutes 2 --rate 80"`.
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) -m flywheel.bench.soak $(SOAK_ARGS)
+
 # requirements.lock from a resolve against the public index alone (deploy/lock.py);
 # `make test` checks that the lock as committed still resolves there.
 lock: $(STAMP)
