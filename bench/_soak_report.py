@@ -135,6 +135,7 @@ def summarize(outcomes: list[Outcome], faults: list[Fault], revoked: dict[str, f
         "sent": len(outcomes),
         "ok": len(outcomes) - len(failed),
         "failed": len(failed),
+        "latency_ms": latency_ms([o for o in outcomes if o.ok]),
         "by_transport": {t: {"sent": n, "failed": sum(1 for o in failed if o.transport == t)}
                          for t, n in sorted(per_transport.items())},
         "failed_by_cause": dict(Counter(o.cause for o in failed).most_common()),
@@ -145,8 +146,21 @@ def summarize(outcomes: list[Outcome], faults: list[Fault], revoked: dict[str, f
     }
 
 
+def latency_ms(outcomes: list[Outcome]) -> dict:
+    """p50 / p99 / max of the requests' latency, in ms (empty: zeros)."""
+    lat = sorted(o.end - o.start for o in outcomes)
+    if not lat:
+        return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+
+    def q(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3, 2)
+
+    return {"p50": q(0.5), "p99": q(0.99), "max": round(lat[-1] * 1e3, 2)}
+
+
 def fault_row(f: Fault, outcomes: list[Outcome], failed: list[Outcome], revoked: dict[str, float]) -> dict:
-    """One fault's line: the failures blamed on it, every failure (any
+    """One fault's line: the requests in flight on its path when it struck
+    and the failures among them (blamed on it), every failure (any
     path, any blame) while it lasted (from ``at`` to its recovery, at least
     1 s), when its path answered well again and when it was whole again."""
     label = f"fault: {f.kind} @{f.at:.1f}s"
@@ -155,6 +169,7 @@ def fault_row(f: Fault, outcomes: list[Outcome], failed: list[Outcome], revoked:
         "kind": f.kind, "at_s": round(f.at, 2), "target": f.target, "detail": f.detail,
         "path": ({"transports": list(f.transports) or "all", "models": list(f.models) or "all"}
                  if f.load_path else "none of the load's"),
+        "in_flight": sum(1 for o in outcomes if f.touches(o)),
         "failed_in_flight": sum(1 for o in failed if blame(o, [f], revoked) == label),
         "failed_meanwhile": sum(1 for o in failed if o.start <= end and o.end >= f.at),
         "first_success_after_s": _round(first_success_after(outcomes, f)),
@@ -236,8 +251,10 @@ def verdict(summary: dict, rows: list[dict]) -> list[str]:
 
 def table(summary: dict, rows: list[dict], revocations: list[dict]) -> str:
     """The report as text, for the terminal."""
+    lat = summary["latency_ms"]
     out = [f"requests: sent {summary['sent']}, ok {summary['ok']}, failed {summary['failed']} "
-           f"(unexplained {summary['unexplained']})"]
+           f"(unexplained {summary['unexplained']}); answered in p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
+           f"max {lat['max']} ms"]
     for t, c in summary["by_transport"].items():
         out.append(f"  {t:<12} sent {c['sent']:>7}  failed {c['failed']:>5}")
     if summary["failed_by_cause"]:
@@ -246,11 +263,12 @@ def table(summary: dict, rows: list[dict], revocations: list[dict]) -> str:
         out.append("failed by blame:")
         out += [f"  {n:>6}  {b}" for b, n in summary["failed_by_blame"].items()]
     out.append("")
-    out.append(f"{'fault':<24}{'at s':>7}{'blamed':>8}{'failed meanwhile':>18}{'path ok after s':>17}"
-               f"{'whole after s':>15}  target")
+    out.append(f"{'fault':<24}{'at s':>7}{'in flight':>11}{'blamed':>8}{'failed meanwhile':>18}"
+               f"{'path ok after s':>17}{'whole after s':>15}  target")
     for f in summary["faults"]:
-        out.append(f"{f['kind']:<24}{f['at_s']:>7.1f}{f['failed_in_flight']:>8}{f['failed_meanwhile']:>18}"
-                   f"{_s(f['first_success_after_s']):>17}{_s(f['recovered_after_s']):>15}  "
+        in_flight = f["in_flight"] if f["path"] != "none of the load's" else "-"
+        out.append(f"{f['kind']:<24}{f['at_s']:>7.1f}{in_flight:>11}{f['failed_in_flight']:>8}"
+                   f"{f['failed_meanwhile']:>18}{_s(f['first_success_after_s']):>17}{_s(f['recovered_after_s']):>15}  "
                    f"{f['target']} {f['detail']}".rstrip())
     for r in revocations:
         out.append(f"key {r['key']} revoked @{r['at_s']:.1f}s: refused after {_s(r['lag_s'])} s, "

@@ -229,7 +229,9 @@ def report(args: argparse.Namespace, load: OpenLoopLoad, runner: FaultRunner, ro
         "mix": {"transports": TRANSPORTS, "models": MODELS, "churned_key_share": CHURN_SHARE},
         "plan": [{"at_s": p.at, "kind": p.kind} for p in args.plan],
         "summary": summary,
-        "retried": {"ingress_replica_retries": retried, "soak_resends": 0},
+        "retried": {"ingress_replica_retries": retried, "soak_resends": 0,
+                    "client_resends": "not counted: flywheel.client's AsyncClient resends a request once, unseen, "
+                                      "when its pooled keep-alive connection was closed before any answer byte"},
         "warmup_failures": warm_failures,
         "revocations": revocations,
         "processes": rows,

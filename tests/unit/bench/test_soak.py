@@ -123,6 +123,19 @@ def test_summary_counts_sent_ok_failed_by_cause_and_by_blame():
     assert s["unexplained_samples"][0]["start"] == 12.0
     assert s["by_transport"]["grpc"] == {"sent": 1, "failed": 0}
     assert [f["failed_in_flight"] for f in s["faults"]] == [1, 0]
+    assert [f["in_flight"] for f in s["faults"]] == [1, 0]
+
+
+def test_a_fault_counts_every_request_in_flight_on_its_path_answered_or_not():
+    outcomes = [_o(9.9, 10.1), _o(9.8, 10.2, "HTTP 503: x"), _o(9.9, 10.1, model="colo"), _o(10.2, 10.3)]
+    (row,) = summarize(outcomes, [KILL_DED], {})["faults"]
+    assert (row["in_flight"], row["failed_in_flight"]) == (2, 1)
+
+
+def test_latency_is_summarised_over_the_answered_requests():
+    outcomes = [_o(0.0, 0.001 * (i + 1)) for i in range(100)] + [_o(0.0, 9.0, "HTTP 500: x")]
+    lat = summarize(outcomes, [], {})["latency_ms"]
+    assert lat == {"p50": 51.0, "p99": 100.0, "max": 100.0}
 
 
 def test_failures_meanwhile_count_any_failure_while_a_fault_lasted():
