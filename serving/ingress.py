@@ -169,6 +169,7 @@ class Ingress:
             HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None).handle,
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True, limits=http_limits(server),
+            counts=self._metrics.http_counts,
         )
         self._grpc = self._front = self._front_http = None
         if server.grpc_port >= 0:

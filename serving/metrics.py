@@ -59,6 +59,11 @@ BLOCK = _OFF_LOST + 1
 # come and go (each restart is a new name), so only the latest are kept.
 NAMED_LOST_REPLICAS = 32
 
+# The public HTTP server's own numbers, after the model blocks of a slot
+# (indexes into ServingMetrics.http_counts, which HttpServer writes).
+HTTP_REFUSED, HTTP_HEAD_TIMEOUT, HTTP_IDLE_TIMEOUT, HTTP_OPEN = range(4)
+_HTTP = 4
+
 # name, type, help, (offset, bounds) for histograms
 _HISTOGRAMS = (
     ("flywheel_request_latency_seconds", "Time from request parsed to response ready, in the ingress",
@@ -168,10 +173,11 @@ class ServingMetrics:
                  dedicated: frozenset[tuple[str, str]] = frozenset()) -> None:
         self._models = list(dict.fromkeys(models))
         self._dedicated = dedicated
-        floats = max(1, len(self._models)) * BLOCK
+        self._http_off = max(1, len(self._models)) * BLOCK
+        floats = self._http_off + _HTTP
         # the layout is part of the name: other code on the node (an upgrade
         # rolling through) gets its own file rather than a clash
-        self._path = metrics_path(f"{key}|{self._models}|{_MAGIC}|{SLOTS}|{BLOCK}") if key else ""
+        self._path = metrics_path(f"{key}|{self._models}|{_MAGIC}|{SLOTS}|{BLOCK}|{_HTTP}") if key else ""
         self._mm: mmap.mmap | None = None
         self._closed = False
         if self._path:
@@ -182,6 +188,8 @@ class ServingMetrics:
             self._data = np.zeros((1, floats))
             self._slot = 0
         mine = self._data[self._slot]
+        # connection counters of this replica's HTTP server, in its slot
+        self.http_counts = mine[self._http_off : self._http_off + _HTTP]
         self._by_key = {
             (name, version): ModelMetrics(name, version, mine[i * BLOCK : (i + 1) * BLOCK])
             for i, (name, version) in enumerate(self._models)
@@ -257,7 +265,8 @@ class ServingMetrics:
                 raise RuntimeError(f"all {SLOTS} metrics slots of {self._path} are held by live processes")
             slot = free[0]
             owners[slot] = (os.getpid(), _start_time(os.getpid()))
-            data[slot, _OFF_DEPTH::BLOCK] = 0  # gauges of a departed replica
+            data[slot, _OFF_DEPTH : self._http_off : BLOCK] = 0  # gauges of a departed replica
+            data[slot, self._http_off + HTTP_OPEN] = 0
             return owners, data, slot
 
     @property
@@ -317,6 +326,18 @@ class ServingMetrics:
         for (name, version), (m, v, _) in zip(self._models, blocks):
             for replica, n in self._by_key[(name, version)].lost_by_replica().items():
                 out.append(f'flywheel_replica_lost_calls_by_replica_total{{{m},replica="{_escape(replica)}",{v}}} {n}')
+        h = self._http_off
+        out += ["# HELP flywheel_http_connections_refused_total HTTP connections answered 503 at "
+                "server.max_connections", "# TYPE flywheel_http_connections_refused_total counter",
+                f"flywheel_http_connections_refused_total {int(total[h + HTTP_REFUSED])}",
+                "# HELP flywheel_http_connections_closed_total HTTP connections the server closed: a request "
+                "head not complete within server.header_timeout_s, or idle past server.keepalive_timeout_s",
+                "# TYPE flywheel_http_connections_closed_total counter",
+                f'flywheel_http_connections_closed_total{{reason="head_timeout"}} {int(total[h + HTTP_HEAD_TIMEOUT])}',
+                f'flywheel_http_connections_closed_total{{reason="idle_timeout"}} {int(total[h + HTTP_IDLE_TIMEOUT])}',
+                "# HELP flywheel_http_connections_open HTTP connections open now",
+                "# TYPE flywheel_http_connections_open gauge",
+                f"flywheel_http_connections_open {int(depth_sum[h + HTTP_OPEN])}"]
         out += ["# HELP flywheel_ingress_replicas Ingress replicas counted in these metrics (alive now)",
                 "# TYPE flywheel_ingress_replicas gauge", f"flywheel_ingress_replicas {len(live) or 1}"]
         return ("\n".join(out) + "\n").encode()
@@ -329,7 +350,8 @@ class ServingMetrics:
         self._closed = True
         with self._locked():
             self._owners[self._slot] = (0, 0)
-            self._data[self._slot, _OFF_DEPTH::BLOCK] = 0
+            self._data[self._slot, _OFF_DEPTH : self._http_off : BLOCK] = 0
+            self._data[self._slot, self._http_off + HTTP_OPEN] = 0
             if not any(self._live(self._owners, i) for i in range(SLOTS)):
                 with contextlib.suppress(OSError):
                     os.unlink(self._path)

@@ -41,7 +41,7 @@ import grpc
 
 from flywheel.protocol.errors import FlywheelError
 from flywheel.serving._private.grpc_errors import grpc_status_for
-from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls
+from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls, Trailing, error_trailers
 from flywheel.serving._private.http_server import Request
 
 GRPC = b"application/grpc"
@@ -59,16 +59,24 @@ def _percent(message: str) -> bytes:
     return b"".join(bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in message.encode("utf-8"))
 
 
-def _status(code: int, message: str, headers: bytes = b"") -> tuple:
+def _status(code: int, message: str, headers: bytes = b"", extra: Trailing = ()) -> tuple:
     trailers = b"grpc-status: %d\r\ngrpc-message: %s\r\n" % (code, _percent(message[:4096]))
-    return (200, b"", GRPC, headers, trailers)
+    return (200, b"", GRPC, headers, trailers + _metadata_lines(extra))
+
+
+def _metadata_lines(trailing: Trailing) -> bytes:
+    # only printable ASCII may go into a trailer line (anything else could
+    # split it); what we put there is so already, this keeps it so
+    return b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in trailing if v.isascii() and v.isprintable())
 
 
 def grpc_failure(status: int, message: str) -> tuple:
     """on_error for the front's listener: the HTTP server's own refusals
     (413, malformed, 500) as gRPC statuses, which a gRPC client reports as
     they are (an HTTP 413 would reach it as 'UNKNOWN')."""
-    code = _RESOURCE_EXHAUSTED if status == 413 else _INTERNAL
+    # a body, request target or metadata over the limits: as grpc-core
+    # reports metadata over its limit
+    code = _RESOURCE_EXHAUSTED if status in (413, 414, 431) else _INTERNAL
     return _status(code, message)
 
 
@@ -129,12 +137,8 @@ class GrpcOverHttp1:
         try:
             body, trailing = await self._calls.call(method, message, metadata, _timeout(headers.get(b"grpc-timeout")))
         except FlywheelError as exc:
-            return _status(grpc_status_for(exc.code).value[0], exc.message)
-        # only printable ASCII may go into a trailer line (anything else
-        # could split it); what we put there is so already, this keeps it so
-        trailers = b"grpc-status: 0\r\n" + b"".join(
-            b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in trailing if v.isascii() and v.isprintable()
-        )
+            return _status(grpc_status_for(exc.code).value[0], exc.message, extra=error_trailers(exc))
+        trailers = b"grpc-status: 0\r\n" + _metadata_lines(trailing)
         return (200, len(body).to_bytes(5, "big") + body, GRPC, b"", trailers)
 
 

@@ -60,6 +60,10 @@ class HttpLimits:
         return min(1.0, max(0.02, min(timeouts) / 4)) if timeouts else None
 
 
+# indexes of HttpServer.counts (the same as serving/metrics.py's HTTP_*)
+_REFUSED, _HEAD_TIMEOUT, _IDLE_TIMEOUT, _OPEN = range(4)
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a refused request."""
 
@@ -97,17 +101,28 @@ QUIET_S = 0.5
 class HttpServer:
     """A listening server and its open connections, for a graceful stop."""
 
-    def __init__(self, limits: HttpLimits | None = None) -> None:
+    def __init__(self, limits: HttpLimits | None = None, counts=None) -> None:
         self.limits = limits or HttpLimits()
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[_Connection] = set()
         self.draining = False
-        # connections refused at the cap, and closed for being too slow with
-        # a request head or idle too long (for /metrics and the log)
-        self.refused_connections = 0
-        self.timed_out_heads = 0
-        self.timed_out_idle = 0
+        # connections refused at the cap, closed for a slow request head, for
+        # idling, and open now: four numbers, in a slot of the node's shared
+        # metrics when the caller passes one (serving/metrics.py)
+        self.counts = counts if counts is not None else [0, 0, 0, 0]
         self._sweeper: asyncio.Task | None = None
+
+    @property
+    def refused_connections(self) -> int:
+        return int(self.counts[_REFUSED])
+
+    @property
+    def timed_out_heads(self) -> int:
+        return int(self.counts[_HEAD_TIMEOUT])
+
+    @property
+    def timed_out_idle(self) -> int:
+        return int(self.counts[_IDLE_TIMEOUT])
 
     def start_sweeping(self) -> None:
         interval = self.limits.sweep_interval_s()
@@ -124,10 +139,10 @@ class HttpServer:
         head_s, idle_s = self.limits.header_timeout_s, self.limits.keepalive_timeout_s
         for conn in list(self.connections):
             if head_s is not None and conn.head_since is not None and now - conn.head_since > head_s:
-                self.timed_out_heads += 1
+                self.counts[_HEAD_TIMEOUT] += 1
                 conn.close()
             elif idle_s is not None and conn.idle_since is not None and now - conn.idle_since > idle_s:
-                self.timed_out_idle += 1
+                self.counts[_IDLE_TIMEOUT] += 1
                 conn.close()
 
     @property
@@ -211,13 +226,14 @@ class _Connection(asyncio.Protocol):
         if len(owner.connections) >= self._limits.max_connections:
             # answered without reading: the client learns why, and the
             # connections already open keep their share of the replica
-            owner.refused_connections += 1
+            owner.counts[_REFUSED] += 1
             self._closing = True
             self.head_since = None
             transport.write(_head(503, JSON, b"content-length: %d" % len(_FULL), True) + _FULL)
-            transport.close()
+            _linger_close(transport)
             return
         owner.connections.add(self)
+        owner.counts[_OPEN] = len(owner.connections)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -227,7 +243,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closing = True
-        self._owner.connections.discard(self)
+        owner = self._owner
+        if self in owner.connections:
+            owner.connections.discard(self)
+            owner.counts[_OPEN] = len(owner.connections)
         for fut in self._pending:
             fut.cancel()
         self._pending.clear()
@@ -347,7 +366,7 @@ class _Connection(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
 
-    def _write(self, resp: Response, close: bool, head: bool = False) -> None:
+    def _write(self, resp: Response, close: bool, head: bool = False, linger: bool = False) -> None:
         t = self._transport
         if t is None or t.is_closing():
             return
@@ -360,16 +379,33 @@ class _Connection(asyncio.Protocol):
             t.write(_head(status, ctype, framing, close, extra) + (b"" if head else body))
         if close:
             self._closing = True
-            t.close()
+            _linger_close(t) if linger else t.close()
         elif not self._pending and not self._in_message and not self._held:
             self.idle_since = time.monotonic()
 
     def _fail(self, status: int, message: str) -> None:
-        self._write(self._on_error(status, message), close=True)
+        # the client may still be sending the refused request: linger, so
+        # that the answer is not lost to a reset
+        self._write(self._on_error(status, message), close=True, linger=True)
         self._closing = True
 
 
 _FULL = b'{"error":"this server has as many connections open as it takes; retry later"}'
+
+
+# How long a refused connection is kept half-closed (our answer sent, then
+# FIN) while what the client still sends is read and dropped: closing a
+# socket with unread data resets it, and a reset can destroy the answer
+# before the client reads it.
+LINGER_S = 1.0
+
+
+def _linger_close(transport: asyncio.Transport) -> None:
+    if transport.can_write_eof():
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)  # the client's EOF may close it first
+    else:
+        transport.close()
 
 
 def _done(value) -> asyncio.Future:
@@ -387,15 +423,17 @@ async def start_http_server(
     on_error: Callable[[int, str], Response],
     reuse_port: bool = False,
     limits: HttpLimits | None = None,
+    counts=None,
 ) -> HttpServer:
     """Listen on host:port on the running loop.
 
     ``handler`` may return a Response or an awaitable of one. ``on_error``
     builds the body for protocol-level errors (400 malformed, 413 too large,
     414 / 431 request target / headers too large, 500 when a handler raised,
-    which handlers should never let happen).
+    which handlers should never let happen). ``counts``: where to count
+    connections refused, timed out and open (see HttpServer).
     """
-    owner = HttpServer(limits)
+    owner = HttpServer(limits, counts)
     owner.start_sweeping()
     owner.server = await asyncio.get_running_loop().create_server(
         lambda: _Connection(handler, max_body, on_error, owner),

@@ -106,3 +106,27 @@ def test_files_left_by_killed_replicas_are_swept_by_the_next_deployment(key):
     assert os.path.exists(alive.path)  # a live one is left alone
     alive.close()
     other.close()
+
+
+def test_http_connection_counts_add_up_over_replicas_and_open_is_a_live_gauge(key):
+    from flywheel.serving.metrics import HTTP_HEAD_TIMEOUT, HTTP_IDLE_TIMEOUT, HTTP_OPEN, HTTP_REFUSED
+
+    a, b = ServingMetrics(MODELS, key=key), ServingMetrics(MODELS, key=key)
+    a.http_counts[HTTP_REFUSED] += 2
+    b.http_counts[HTTP_REFUSED] += 1
+    a.http_counts[HTTP_HEAD_TIMEOUT] += 5
+    b.http_counts[HTTP_IDLE_TIMEOUT] += 7
+    a.http_counts[HTTP_OPEN] = 3
+    b.http_counts[HTTP_OPEN] = 4
+    s = samples(a)
+    assert s[("flywheel_http_connections_refused_total", ())] == 3
+    assert s[("flywheel_http_connections_closed_total", (("reason", "head_timeout"),))] == 5
+    assert s[("flywheel_http_connections_closed_total", (("reason", "idle_timeout"),))] == 7
+    assert s[("flywheel_http_connections_open", ())] == 7
+    # the model counters next to them are untouched
+    assert requests(a) == 0
+    b.close()  # its connections are gone, its counts stay
+    s = samples(a)
+    assert s[("flywheel_http_connections_open", ())] == 3
+    assert s[("flywheel_http_connections_refused_total", ())] == 3
+    a.close()
