@@ -55,8 +55,10 @@ def http_figures(model: str, uri: str, token: str, duration: float) -> list[dict
     for auth_on in (False, True, True, False):
         cfg = ServerConfig(port=free_port(), grpc_port=-1, auth=AuthConfig(enabled=auth_on))
         port = free_port()
-        replica = ModelReplica(ModelConfig(name="demo", version="1", path=model), port, cfg.request_limits())
-        ingress = Ingress(cfg, [Route("demo", "1", port)], keys_uri=uri if auth_on else "")
+        secret = os.urandom(32)
+        replica = ModelReplica(ModelConfig(name="demo", version="1", path=model), port, cfg.request_limits(),
+                               secret=secret)
+        ingress = Ingress(cfg, [Route("demo", "1", port)], keys_uri=uri if auth_on else "", secret=secret)
         auth_header = f"Authorization: Bearer {token}\r\n" if auth_on else ""
         request = (f"POST /v2/models/demo/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth_header}"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body

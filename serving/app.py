@@ -181,7 +181,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
             name="drift", num_replicas=1, ray_actor_options=_actor_options(0.1, [], runtime_env),
             health_check_period_s=2.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=2.0,
         )
-        parts.append(monitor.bind(drift_port, monitored, config.registry, secret))
+        parts.append(monitor.bind(drift_port, monitored, config.registry, secret=secret))
     # The router controller: endpoint policies, canaries, swaps; the ingress
     # replicas take their first snapshot from it (EndpointSync.first waits).
     controller = serve.deployment(RouterController).options(
@@ -206,7 +206,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=5.0,
         )
-        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret))
+        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret=secret))
         routes.append(Route(model.name, model.version, port))
     ingress = serve.deployment(Ingress).options(
         name="ingress",

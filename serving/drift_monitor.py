@@ -134,12 +134,12 @@ class DriftMonitor:
     """Serve deployment class (also usable in-process, e.g. in tests)."""
 
     def __init__(self, port: int, models: list[ModelConfig], registry: RegistryConfig | None = None,
-                 secret: bytes | None = None) -> None:
+                 *, secret: bytes) -> None:
         """``secret``: the deployment's; every connection (the model
         replicas' samples, the ingress's history and metrics calls) proves
         it before a frame is read, so that nobody else can feed the drift
-        gate of a canary. None: no authentication (in-process tests only)."""
-        check_secret(secret)
+        gate of a canary."""
+        check_secret(secret, required=True)
         self._secret = secret
         self._tracked = {(m.name, m.version): _Tracked(m, load_reference(m, registry)) for m in models}
         self._registry_config = registry

@@ -44,19 +44,19 @@ class ModelReplica:
         limits: RequestLimits,
         registry: RegistryConfig | None = None,
         drift_port: int = 0,
-        secret: bytes | None = None,
+        *,
+        secret: bytes,
     ):
         """``secret``: the deployment's (build_application makes it); every
-        frame connection, the ingress's and the drift monitor's, proves it.
-        None serves unauthenticated, for in-process tests only."""
-        check_secret(secret)
+        frame connection, the ingress's and the drift monitor's, proves it."""
+        check_secret(secret, required=True)
         self._model_server = ModelServer(model, limits, registry, drift_port, secret=secret)
         self.identity = process_identity()
         self._loop = LoopThread(f"flywheel-replica-{model.name}")
         self._loop.start()
         self._loop.call(self._start(port, secret))
-        log.info("replica %s of %s:%s serving on 127.0.0.1:%d%s", self.identity, model.name,
-                 self._model_server.model.version, port, "" if secret else " WITHOUT authentication")
+        log.info("replica %s of %s:%s serving on 127.0.0.1:%d", self.identity, model.name,
+                 self._model_server.model.version, port)
 
     async def _start(self, port: int, secret: bytes | None) -> None:
         await self._model_server.start()

@@ -38,8 +38,10 @@ replica it lost. Trust model: whoever knows the secret is inside; it lives in
 the deployment's arguments as Ray Serve stores them, i.e. with whoever
 controls the Ray cluster (who can run any code on it anyway). Frames are not
 encrypted: across untrusted networks, run Ray's nodes on a private network or
-a TLS tunnel. ``secret=None`` turns authentication off, for in-process tests
-only; ``build_application`` always sets one.
+a TLS tunnel. The frame servers of a deployment (ModelReplica,
+DriftMonitor) cannot be made without the secret; ``secret=None`` on
+``start_frame_server`` / ``ReplicaChannel`` themselves is for tests of the
+framing alone, and a caller without one is told when the server wants it.
 """
 
 from __future__ import annotations
@@ -154,8 +156,11 @@ def process_identity() -> str:
         return f"pid={pid} node={socket.gethostname()}"
 
 
-def check_secret(secret: bytes | None) -> None:
-    """Refuse a secret too short to be one (None: authentication off)."""
+def check_secret(secret: bytes | None, *, required: bool = False) -> None:
+    """Refuse a secret too short to be one (None: authentication off, which
+    a frame server never allows: ``required``)."""
+    if secret is None and required:
+        raise ValueError("a frame server needs the deployment's secret (build_application makes one)")
     if secret is not None and len(secret) < MIN_SECRET:
         raise ValueError(f"a frame secret needs at least {MIN_SECRET} bytes, got {len(secret)}")
 
@@ -370,6 +375,8 @@ class _ClientConn(asyncio.Protocol):
         self._shake = bytearray()
         self._server_nonce = b""
         self._nonce = b""  # ours, sent once the server's hello came
+        self._answered = False  # any reply bytes yet
+        self.refused: Exception | None = None
 
     @property
     def name(self) -> str:
@@ -394,6 +401,15 @@ class _ClientConn(asyncio.Protocol):
                 fut.set_exception(ReplicaLost(f"connection to {self.name} was lost with the call in flight",
                                               self.name))
         self.waiting.clear()
+
+    def _refuse_all(self, exc: Exception) -> None:
+        self.lost = True
+        self.refused = exc  # for calls not sent yet
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.waiting.clear()
+        self.transport.abort()
 
     def _fail(self, why: str) -> None:
         self.lost = True
@@ -442,6 +458,14 @@ class _ClientConn(asyncio.Protocol):
             data = self._handshake(data)
             if not data:
                 return
+        elif self._secret is None and not self._answered and data.startswith(_HELLO[:len(data)]):
+            # a server that authenticates its callers, and this caller has
+            # no secret: say so, rather than read its hello as a reply (and
+            # take the dropped connection for a replica that died)
+            self._refuse_all(UnavailableError(
+                f"{self._address} requires the deployment secret, and this caller was not given one"))
+            return
+        self._answered = True
         try:
             for (_, req_id, code, aux, q, c, rows, depth, leader), payload in self._buf.feed(data):
                 fut = self.waiting.pop(req_id, None)
@@ -537,6 +561,8 @@ class ReplicaChannel:
     async def _send(self, conn: _ClientConn, call: Call) -> Reply:
         if len(call.payload) > MAX_FRAME:  # the replica would drop the connection
             raise PayloadTooLargeError(f"{len(call.payload)} bytes is more than one frame takes ({MAX_FRAME})")
+        if conn.refused is not None:
+            raise conn.refused
         if conn.lost:  # lost while this call waited for the connection
             raise UnavailableError(f"connection to {conn.name} was lost before the call was sent")
         req_id = next(self._ids) & 0xFFFFFFFF

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import time
 
@@ -50,10 +51,12 @@ def secured(mlp_onnx, tmp_path_factory):
     limited = keys.create("limited", ["predict"], actor="tests")
     cfg = _server_config()
     port = free_port()
-    replica = ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), port, cfg.request_limits())
-    ingress = Ingress(cfg, [Route("mlp", "1", port)], keys_uri=uri)
+    secret = os.urandom(32)
+    replica = ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), port, cfg.request_limits(),
+                           secret=secret)
+    ingress = Ingress(cfg, [Route("mlp", "1", port)], keys_uri=uri, secret=secret)
     yield {"cfg": cfg, "uri": uri, "keys": keys, "tokens": tokens, "limited": limited, "home": home,
-           "replica_port": port}
+           "replica_port": port, "secret": secret}
     ingress.close()
     replica.close()
     keys.close()
@@ -65,7 +68,8 @@ def grpc_ports(secured):
     ``secured`` (the fast path, where the binary is installed) and a second
     ingress serving gRPC with grpc.aio."""
     cfg = _server_config("grpcio")
-    ingress = Ingress(cfg, [Route("mlp", "1", secured["replica_port"])], keys_uri=secured["uri"])
+    ingress = Ingress(cfg, [Route("mlp", "1", secured["replica_port"])], keys_uri=secured["uri"],
+                      secret=secured["secret"])
     yield {"front": secured["cfg"].grpc_port, "grpcio": cfg.grpc_port}
     ingress.close()
 

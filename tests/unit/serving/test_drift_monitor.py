@@ -19,6 +19,8 @@ from flywheel.serving.drift_monitor import DriftMonitor, encode_samples, fit_det
 
 from _poll import wait_for, wait_for_async
 
+SECRET = b"s" * 32  # the deployment's: the monitor and its callers share it
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,7 +35,7 @@ def monitor(tmp_path):
     np.save(ref, rng.normal(size=(2000, 4)))
     cfg = DriftConfig(enabled=True, window=200, tests=("ks", "mmd"), reference=str(ref))
     port = free_port()
-    mon = DriftMonitor(port, [ModelConfig(name="m", path="x.onnx", version="1", drift=cfg)])
+    mon = DriftMonitor(port, [ModelConfig(name="m", path="x.onnx", version="1", drift=cfg)], secret=SECRET)
     events = []
     got = threading.Event()
     mon.add_callback(lambda e: (events.append(e), got.set()))
@@ -42,7 +44,7 @@ def monitor(tmp_path):
 
 
 async def _call(port, op, payload):
-    ch = ReplicaChannel("127.0.0.1", port, pool_size=1)
+    ch = ReplicaChannel("127.0.0.1", port, pool_size=1, secret=SECRET)
     try:
         return await ch.call(Call(op, payload))
     finally:
@@ -83,7 +85,7 @@ def test_sampler_ships_batches_and_drops_when_the_monitor_is_gone(monitor):
     cfg = DriftConfig(enabled=True, sample_rate=1.0, batch_rows=50, flush_interval_s=0.05, window=200)
 
     async def run(p):
-        s = DriftSampler(cfg, "m", "1", p, seed=0)
+        s = DriftSampler(cfg, "m", "1", p, seed=0, secret=SECRET)
         s.start()
         for _ in range(10):
             s.offer({"x": np.zeros((10, 4))})
@@ -181,7 +183,7 @@ def _codes_monitor(tmp_path, reference, tests=("chi2", "psi", "ks")):
     np.save(ref, reference)
     cfg = DriftConfig(enabled=True, window=200, tests=tests, reference=str(ref))
     port = free_port()
-    return DriftMonitor(port, [ModelConfig(name="c", path="x.onnx", version="1", drift=cfg)]), port
+    return DriftMonitor(port, [ModelConfig(name="c", path="x.onnx", version="1", drift=cfg)], secret=SECRET), port
 
 
 def test_categorical_tests_score_integer_codes_and_refuse_other_values(tmp_path):

@@ -53,8 +53,10 @@ def stack(mlp_onnx):
     cfg = ServerConfig(port=free_port(), grpc_port=free_port(), max_body_bytes=1 << 20,
                        max_tensor_elements=100_000, max_batch_rows=1024)
     port = free_port()
-    replica = ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), port, cfg.request_limits())
-    ingress = Ingress(cfg, [Route("mlp", "1", port)])
+    secret = os.urandom(32)
+    replica = ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), port, cfg.request_limits(),
+                           secret=secret)
+    ingress = Ingress(cfg, [Route("mlp", "1", port)], secret=secret)
     yield cfg
     ingress.close()
     replica.close()

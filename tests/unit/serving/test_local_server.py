@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import time
 
@@ -32,11 +33,13 @@ def server(mlp_onnx):
     p1, p2 = free_port(), free_port()
     cfg = ServerConfig(port=free_port(), grpc_port=free_port(), max_body_bytes=200_000,
                        max_tensor_elements=10_000, request_timeout_ms=5_000)
+    secret = os.urandom(32)  # the deployment's: replicas and ingress share it
     replicas = [
-        ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), p1, cfg.request_limits()),
-        ModelReplica(ModelConfig(name="mlp", version="2", path=mlp_onnx), p2, cfg.request_limits()),
+        ModelReplica(ModelConfig(name="mlp", version="1", path=mlp_onnx), p1, cfg.request_limits(), secret=secret),
+        ModelReplica(ModelConfig(name="mlp", version="2", path=mlp_onnx), p2, cfg.request_limits(), secret=secret),
     ]
-    ingress = Ingress(cfg, [Route("mlp", "1", p1), Route("mlp", "2", p2), Route("ghost", "1", free_port())])
+    ingress = Ingress(cfg, [Route("mlp", "1", p1), Route("mlp", "2", p2), Route("ghost", "1", free_port())],
+                      secret=secret)
     yield cfg.port
     ingress.close()
     for r in replicas:

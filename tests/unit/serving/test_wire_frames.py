@@ -346,3 +346,29 @@ def test_a_client_with_a_secret_gives_up_on_a_server_that_never_says_hello(monke
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_caller_without_a_secret_is_told_the_server_needs_one_not_that_a_replica_died():
+    async def scenario(server, echo):
+        channel = wire.ReplicaChannel("127.0.0.1", server.port, pool_size=1, secret=None)
+        try:
+            with pytest.raises(UnavailableError, match="requires the deployment secret") as err:
+                await asyncio.wait_for(channel.call(wire.Call(wire.OP_INFER, b"abc")), 10)
+            assert not isinstance(err.value, wire.ReplicaLost)  # nothing to count as a poison request
+            assert echo.handled == 0
+        finally:
+            channel.close()
+
+    _run(scenario, secret=SECRET)
+
+
+def test_model_replicas_and_the_drift_monitor_cannot_be_made_without_the_secret():
+    from flywheel.serving.config import ModelConfig, ServerConfig
+    from flywheel.serving.drift_monitor import DriftMonitor
+    from flywheel.serving.replica import ModelReplica
+
+    model = ModelConfig(name="m", path="unused.onnx")
+    with pytest.raises(ValueError, match="needs the deployment's secret"):
+        ModelReplica(model, 1, ServerConfig().request_limits(), secret=None)
+    with pytest.raises(ValueError, match="needs the deployment's secret"):
+        DriftMonitor(1, [], secret=None)
