@@ -79,6 +79,7 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.routing
 	$(PY) -m flywheel.bench.training
 	$(PY) -m flywheel.bench.batch
+	$(PY) -m flywheel.bench.http_limits
 
 # The soak with faults (issue 25): open-loop mixed load for 10 minutes on a
 # local Ray while replicas, the router controller, the drift monitor and a gRPC
