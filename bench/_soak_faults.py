@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ from flywheel.bench._soak_report import Fault
 from flywheel.client import Client, ClientError
 
 RECOVERY_LIMIT_S = 120.0
+# A kill waits up to this long for a request of the load to be in flight on
+# its path: at a rate well below capacity a request lasts ~2 ms, so a kill at
+# a random instant would almost never test what happens to one in flight.
+STRIKE_WAIT_S = 3.0
 KEY_HOLD_S = 5.0  # the revoked key stays in the churned share this long (refusals expected)
 CANARY = {"variant": "2", "steps": [50, 100], "hold_s": 4.0,
           # p99 on 2 busy shared cores is noise: the canary is judged on errors
@@ -53,6 +58,7 @@ class FaultRunner:
     keys: KeyRing
     t0: float
     seed: int
+    in_flight: Counter  # the load's requests awaiting answers, by transport and by model
     faults: list[dict] = field(default_factory=list)
     revocations: list[dict] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -104,13 +110,25 @@ class FaultRunner:
         name = names[(self.seed + len(self.faults)) % len(names)]
         return name, procs.replica_pid(reps[name])
 
+    def _strike(self, path: str | None) -> str:
+        """Wait (up to STRIKE_WAIT_S) until a request on ``path`` (a
+        transport or model name) is in flight; say how many were."""
+        if path is None:
+            return ""
+        deadline = time.monotonic() + STRIKE_WAIT_S
+        while self.in_flight[path] <= 0 and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        return f"struck with {max(0, self.in_flight[path])} {path} request(s) in flight"
+
     def _kill_replica(self, kind: str, deployment: str, count: int, also: Callable[[], bool] | None = None,
-                      **path) -> None:
-        """SIGKILL one replica of ``deployment``; recovered when Serve runs
-        ``count`` replicas again without it (and ``also()`` holds)."""
+                      path: str | None = None, **fields) -> None:
+        """SIGKILL one replica of ``deployment`` (once a request is in
+        flight on ``path``); recovered when Serve runs ``count`` replicas
+        again without it (and ``also()`` holds)."""
         name, pid = self._pick(deployment)
+        struck = self._strike(path)
         os.kill(pid, signal.SIGKILL)
-        f = {"kind": kind, "at": self.now(), "target": f"{deployment} pid {pid}", **path}
+        f = {"kind": kind, "at": self.now(), "target": f"{deployment} pid {pid}", "detail": struck, **fields}
         self.faults.append(f)
         self.say(f"{kind}: SIGKILL to pid {pid} ({name})")
         self._watch(f, lambda: self._replaced(deployment, name, count), also)
@@ -143,8 +161,8 @@ class FaultRunner:
 
     def kill_dedicated(self) -> None:
         t = self.target
-        self._kill_replica("kill dedicated replica", t.dedicated, t.dedicated_replicas,
-                           models=(t.dedicated.rsplit("-", 1)[0],))
+        model = t.dedicated.rsplit("-", 1)[0]
+        self._kill_replica("kill dedicated replica", t.dedicated, t.dedicated_replicas, path=model, models=(model,))
 
     def kill_router(self) -> None:
         t = self.target
@@ -194,8 +212,9 @@ class FaultRunner:
         busiest = max(c for c, *_ in fronts)
         tied = [f for f in fronts if f[0] == busiest]
         conns, name, ingress, pid = tied[self.seed % len(tied)]
+        struck = self._strike("grpc")
         os.kill(pid, signal.SIGKILL)
-        f = {"kind": "kill gRPC front", "at": self.now(), "transports": ("grpc",),
+        f = {"kind": "kill gRPC front", "at": self.now(), "transports": ("grpc",), "detail": struck,
              "target": f"HAProxy pid {pid} of ingress pid {ingress}, {conns} client connection(s)"}
         self.faults.append(f)
         self.say(f"kill gRPC front: SIGKILL to HAProxy pid {pid} ({conns} client connections) of "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -53,6 +54,9 @@ class OpenLoopLoad:
         self._grpc: dict[str, AsyncGrpcClient] = {}
         self.outcomes: list[Outcome] = []
         self.slip_s: list[float] = []  # how late each request left (the loop's own lag)
+        # requests awaiting their answer, by transport and by model (read by
+        # the fault thread to strike while some are in flight)
+        self.in_flight: Counter[str] = Counter()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,6 +109,8 @@ class OpenLoopLoad:
         inputs = {"input": self._x}
         t = time.monotonic()
         cause = ""
+        self.in_flight[s.transport] += 1
+        self.in_flight[s.model] += 1
         try:
             if s.transport == "grpc":
                 r = await self._client(self._grpc, token, AsyncGrpcClient, self._target).infer(s.model, inputs)
@@ -118,6 +124,9 @@ class OpenLoopLoad:
             cause = cause_of("gRPC" if s.transport == "grpc" else "HTTP", exc.status, exc.message)
         except Exception as exc:  # every request gets its outcome, even one the client did not foresee
             cause = cause_of("client", type(exc).__name__, str(exc))
+        finally:
+            self.in_flight[s.transport] -= 1
+            self.in_flight[s.model] -= 1
         self.outcomes.append(Outcome(s.index, s.transport, s.model, key_id(token),
                                      t - self._t0, time.monotonic() - self._t0, cause))
 

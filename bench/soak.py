@@ -182,7 +182,7 @@ def soak(args: argparse.Namespace, dep, admin: str, main_key: str, churn: str, m
     load = OpenLoopLoad(dep.url, dep.grpc_target, keys, args.rate, args.seed, HPARAMS["in_features"], t0)
     target = Target(APP, dep.url, dep.grpc_target, admin, dep.config.registry.uri, DEDICATED,
                     DEDICATED_REPLICAS, INGRESS_REPLICAS, {"version": "3", "path": model, "num_cpus": 0.05})
-    runner = FaultRunner(target, keys, t0, args.seed)
+    runner = FaultRunner(target, keys, t0, args.seed, load.in_flight)
     print(f"load: {args.rate:g} req/s for {duration:.0f} s; faults planned at "
           + ", ".join(f"{p.at:.0f}s {p.kind}" for p in args.plan), flush=True)
     load.start(duration)
