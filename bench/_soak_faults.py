@@ -54,6 +54,10 @@ class Target:
 
 @dataclass
 class FaultRunner:
+    """Does the planned faults (``run``) and records them: ``faults`` (as
+    dicts until ``result``), ``revocations``, ``not_done`` and a time-stamped
+    ``log``. Its watcher threads only write their own fault's ``recovered``."""
+
     target: Target
     keys: KeyRing
     t0: float
@@ -97,7 +101,7 @@ class FaultRunner:
             w.join(max(0.0, deadline - time.monotonic()))
 
     def result(self) -> list[Fault]:
-        return [Fault(f["kind"], f["at"], f.get("until"), tuple(f.get("transports", ())), tuple(f.get("models", ())),
+        return [Fault(f["kind"], f["at"], tuple(f.get("transports", ())), tuple(f.get("models", ())),
                       f.get("target", ""), f.get("recovered"), f.get("detail", ""), f.get("load_path", True))
                 for f in sorted(self.faults, key=lambda f: f["at"])]
 

@@ -46,19 +46,16 @@ class Outcome:
 class Fault:
     """Something the soak did to the deployment.
 
-    ``until``: the end of the span over which the fault can break a request
-    (= ``at`` for a kill; for a kill whose process Serve then replaces, when
-    the replaced process was seen gone). ``transports`` / ``models``: the
-    requests whose path goes through what was hit (empty = every one).
-    ``load_path``: False for what no request of the load goes through (the
-    router controller, the drift monitor, a canary, a key): such a fault is
-    blamed for no failure. ``recovered``: seconds from ``at`` to the deployment's own signal that it
-    is whole again (a replacement running, a swap done; None = not seen).
+    ``transports`` / ``models``: the requests whose path goes through what
+    was hit (empty = every one). ``load_path``: False for what no request of
+    the load goes through (the router controller, the drift monitor, a
+    canary, a key): such a fault is blamed for no failure. ``recovered``:
+    seconds from ``at`` to the deployment's own signal that it is whole
+    again (a replacement running, a swap done; None = not seen).
     """
 
     kind: str
     at: float
-    until: float | None = None
     transports: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     target: str = ""
@@ -66,14 +63,14 @@ class Fault:
     detail: str = ""
     load_path: bool = True  # False: what it hit is on no request's path (a controller, a key)
 
+    def on_path(self, o: Outcome) -> bool:
+        """Whether ``o``'s path goes through what this fault hits."""
+        return (self.load_path and (not self.transports or o.transport in self.transports)
+                and (not self.models or o.model in self.models))
+
     def touches(self, o: Outcome) -> bool:
-        """Whether ``o`` went through what this fault hit while it hit it."""
-        if not self.load_path:
-            return False
-        end = self.at if self.until is None else self.until
-        on_path = ((not self.transports or o.transport in self.transports)
-                   and (not self.models or o.model in self.models))
-        return on_path and o.start <= end and o.end >= self.at
+        """Whether ``o`` was in flight through what this fault hit when it hit it."""
+        return self.on_path(o) and o.start <= self.at <= o.end
 
 
 _NUMBER = re.compile(r"\d+(\.\d+)?")
@@ -112,9 +109,8 @@ def first_success_after(outcomes: list[Outcome], fault: Fault) -> float | None:
     if not fault.load_path:
         return None
     best = None
-    probe = Fault(fault.kind, fault.at, float("inf"), fault.transports, fault.models)
     for o in outcomes:
-        if o.ok and o.start >= fault.at and probe.touches(o) and (best is None or o.end < best):
+        if o.ok and o.start >= fault.at and fault.on_path(o) and (best is None or o.end < best):
             best = o.end
     return None if best is None else best - fault.at
 

@@ -54,12 +54,6 @@ def test_a_grpc_failure_in_flight_at_the_front_kill_is_blamed_on_it_for_any_mode
     assert blame(o, [KILL_DED, KILL_FRONT], {}) == "fault: kill gRPC front @20.0s"
 
 
-def test_a_fault_with_a_span_blames_what_was_in_flight_during_it():
-    replaced = Fault("kill gRPC front", at=20.0, until=23.0)
-    assert blame(_o(22.0, 22.5, "connection: reset"), [replaced], {}) == "fault: kill gRPC front @20.0s"
-    assert blame(_o(23.5, 24.0, "connection: reset"), [replaced], {}) == UNEXPLAINED
-
-
 def test_a_fault_off_every_request_path_is_blamed_for_nothing():
     assert blame(_o(29.0, 31.0, "HTTP 500: boom"), [ROUTER], {}) == UNEXPLAINED
 
