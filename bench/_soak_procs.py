@@ -81,7 +81,7 @@ def tcp_sockets(pid: int, state: str, port: int | None = None) -> int:
     """How many TCP sockets ``pid`` holds in ``state`` (a /proc/net/tcp
     state code), on local ``port`` if given; 0 when it is gone."""
     try:
-        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        inodes = _fd_targets(pid)
         rows = []
         for family in ("tcp", "tcp6"):
             with open(f"/proc/{pid}/net/{family}") as f:
@@ -91,6 +91,18 @@ def tcp_sockets(pid: int, state: str, port: int | None = None) -> int:
     return sum(1 for cols in (r.split() for r in rows)
                if cols[3] == state and f"socket:[{cols[9]}]" in inodes
                and (port is None or int(cols[1].rsplit(":", 1)[1], 16) == port))
+
+
+def _fd_targets(pid: int) -> set[str]:
+    """What each open descriptor of ``pid`` points at (``socket:[inode]``...);
+    a descriptor closed between the listing and its reading is left out."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def sample(pid: int) -> dict | None:

@@ -1,6 +1,6 @@
 """Soak with faults: steady mixed load for minutes while processes are killed.
 
-    python -m flywheel.bench.soak [--minutes 10] [--rate 50] [--seed 0] [--out bench/results]
+    python -m flywheel.bench.soak [--minutes 10] [--rate 50] [--seed 0] [--faults ...] [--out bench/results]
 
 Deploys, on a local Ray it starts itself, one Flywheel deployment with auth
 on (API keys from flywheel.registry.keys.KeyStore), two ingress replicas
@@ -10,16 +10,18 @@ of two versions (90/10). Then it sends an open-loop load at ``--rate``
 requests/s (HTTP JSON 40 %, HTTP binary 30 %, gRPC 30 %; 5 % of it under a
 key that is churned), and at seeded random times: SIGKILLs a replica of
 ``ded``, the router controller, the drift monitor, and the HAProxy gRPC front
-of an ingress replica; runs a canary of ``ep`` 2 and then a swap of ``ep`` to
-version 3; revokes the churned key and creates its successor.
+that holds the load's connections (a kill on the load's path waits until a
+request is in flight on it); runs a canary of ``ep`` 2 and then a swap of
+``ep`` to version 3; revokes the churned key and creates its successor.
 
 Report (printed, and soak.json plus soak.png under --out): requests sent /
 ok / failed by cause; each failure blamed on the fault it was in flight on
 (its path went through the killed process at the kill), on the revoked key,
 or ``unexplained``; each fault's time and recovery; RSS and open files of
 every Flywheel process after the warm-up and at the end. Exit status 1 when a
-failure is unexplained, a fault could not be done, or a process that lived
-through the run grew by more than 5 %. Sends traffic to 127.0.0.1 only.
+failure is unexplained, a fault could not be done or was not recovered from,
+or a process that lived through the run grew by more than 5 %. Sends traffic
+to 127.0.0.1 only.
 """
 
 from __future__ import annotations
