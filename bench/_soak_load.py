@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 
 from flywheel.bench._soak_plan import Send, request_plan
-from flywheel.bench._soak_report import Outcome, cause_of
+from flywheel.bench._soak_report import Outcome, cause_of, wrong_answer
 from flywheel.client import AsyncClient, AsyncGrpcClient, ClientError
 from flywheel.registry.keys import parse_token
 
@@ -46,10 +46,12 @@ class OpenLoopLoad:
     time.monotonic() reading). ``start`` runs it on a thread of its own."""
 
     def __init__(self, http_url: str, grpc_target: str, keys: KeyRing, rate: float, seed: int,
-                 features: int, t0: float, timeout_s: float = 10.0) -> None:
+                 x: np.ndarray, expected: np.ndarray, t0: float, timeout_s: float = 10.0) -> None:
+        """Every request sends input ``x``; an answer other than ``expected``
+        (every model and version serves the same weights) is a failure."""
         self._url, self._target, self._keys = http_url, grpc_target, keys
         self._rate, self._seed, self._t0, self._timeout = rate, seed, t0, timeout_s
-        self._x = np.random.default_rng(seed + 2).random((1, features), dtype=np.float32)
+        self._x, self._expected = x, expected
         self._http: dict[str, AsyncClient] = {}
         self._grpc: dict[str, AsyncGrpcClient] = {}
         self.outcomes: list[Outcome] = []
@@ -117,9 +119,7 @@ class OpenLoopLoad:
             else:
                 client = self._client(self._http, token, AsyncClient, self._url)
                 r = await client.infer(s.model, inputs, binary=s.transport == "http_binary")
-            shape = r.output().shape
-            if shape != (1, 10):
-                cause = f"wrong answer: output shape {shape}"
+            cause = wrong_answer(r.output(), self._expected)
         except ClientError as exc:
             cause = cause_of("gRPC" if s.transport == "grpc" else "HTTP", exc.status, exc.message)
         except Exception as exc:  # every request gets its outcome, even one the client did not foresee

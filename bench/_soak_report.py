@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 # the issue's bound on RSS and open-file growth of a process that lived from
 # the end of the warm-up to the end of the run
 MAX_GROWTH_PCT = 5.0
@@ -84,6 +86,16 @@ def cause_of(kind: str, status: object, message: str, limit: int = 90) -> str:
     prefix = "connection" if status is None else f"{kind} {status}"
     text = _NUMBER.sub("N", " ".join(message.split()))
     return f"{prefix}: {text}"[:limit]
+
+
+def wrong_answer(got: np.ndarray, expected: np.ndarray) -> str:
+    """The cause of a wrong answer, or "" when ``got`` is the model's answer
+    (to float tolerance: a row batched with others may differ in its last bits)."""
+    if got.shape != expected.shape:
+        return f"wrong answer: output shape {got.shape}, expected {expected.shape}"
+    if not np.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        return f"wrong answer: output differs from the model's by up to {float(np.max(np.abs(got - expected))):.3g}"
+    return ""
 
 
 def is_unauthenticated(cause: str) -> bool:

@@ -70,6 +70,17 @@ def deploy_config(work: str, model: str, reference: str) -> dict:
     }
 
 
+def model_io(path: str, seed: int) -> tuple:
+    """The load's input (1 row) and the model's answer to it, from ONNX
+    Runtime here: every model and version of the soak serves this file."""
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.random.default_rng(seed + 2).random((1, HPARAMS["in_features"]), dtype=np.float32)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return x, session.run(None, {"input": x})[0]
+
+
 def retries(url: str, token: str) -> int:
     """Requests the ingress sent again after a dedicated replica's
     connection failed (flywheel_replica_retries_total, both replicas)."""
@@ -181,7 +192,8 @@ def soak(args: argparse.Namespace, dep, admin: str, main_key: str, churn: str, m
     deployments = [procs.INGRESS, procs.ROUTER, procs.DRIFT, DEDICATED]
     t0 = time.monotonic()
     keys = KeyRing(main_key, churn)
-    load = OpenLoopLoad(dep.url, dep.grpc_target, keys, args.rate, args.seed, HPARAMS["in_features"], t0)
+    x, expected = model_io(model, args.seed)
+    load = OpenLoopLoad(dep.url, dep.grpc_target, keys, args.rate, args.seed, x, expected, t0)
     target = Target(APP, dep.url, dep.grpc_target, admin, dep.config.registry.uri, DEDICATED,
                     DEDICATED_REPLICAS, INGRESS_REPLICAS, {"version": "3", "path": model, "num_cpus": 0.05})
     runner = FaultRunner(target, keys, t0, args.seed, load.in_flight)

@@ -3,6 +3,7 @@ failure is blamed on, recovery, process growth, the plan. No servers."""
 
 import itertools
 
+import numpy as np
 import pytest
 
 from flywheel.bench._soak_plan import FAULTS, fault_plan, request_plan
@@ -21,6 +22,7 @@ from flywheel.bench._soak_report import (
     summarize,
     table,
     verdict,
+    wrong_answer,
 )
 
 KILL_DED = Fault("kill dedicated replica", at=10.0, models=("ded",))
@@ -239,3 +241,15 @@ def test_the_request_plan_is_open_loop_at_the_rate_and_mixes_everything():
 def test_the_request_plan_refuses_a_rate_that_is_not_positive():
     with pytest.raises(ValueError, match="rate must be > 0"):
         next(request_plan(0.0, seed=0))
+
+
+def test_an_answer_equal_to_the_model_s_to_float_tolerance_is_right():
+    expected = np.linspace(-1, 1, 10, dtype=np.float32).reshape(1, 10)
+    assert wrong_answer(expected + np.float32(1e-7), expected) == ""
+
+
+def test_an_answer_of_another_shape_or_other_values_is_wrong():
+    expected = np.zeros((1, 10), np.float32)
+    assert wrong_answer(np.zeros((2, 10), np.float32), expected) == \
+        "wrong answer: output shape (2, 10), expected (1, 10)"
+    assert wrong_answer(expected + 0.5, expected) == "wrong answer: output differs from the model's by up to 0.5"
