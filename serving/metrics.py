@@ -61,8 +61,8 @@ NAMED_LOST_REPLICAS = 32
 
 # The public HTTP server's own numbers, after the model blocks of a slot
 # (indexes into ServingMetrics.http_counts, which HttpServer writes).
-HTTP_REFUSED, HTTP_HEAD_TIMEOUT, HTTP_IDLE_TIMEOUT, HTTP_OPEN = range(4)
-_HTTP = 4
+HTTP_REFUSED, HTTP_HEAD_TIMEOUT, HTTP_IDLE_TIMEOUT, HTTP_OPEN, HTTP_BODY_TIMEOUT = range(5)
+_HTTP = 5
 
 # name, type, help, (offset, bounds) for histograms
 _HISTOGRAMS = (
@@ -331,9 +331,11 @@ class ServingMetrics:
                 "server.max_connections", "# TYPE flywheel_http_connections_refused_total counter",
                 f"flywheel_http_connections_refused_total {int(total[h + HTTP_REFUSED])}",
                 "# HELP flywheel_http_connections_closed_total HTTP connections the server closed: a request "
-                "head not complete within server.header_timeout_s, or idle past server.keepalive_timeout_s",
+                "head not complete within server.header_timeout_s, a body slower than the minimum rate after "
+                "it, or idle past server.keepalive_timeout_s",
                 "# TYPE flywheel_http_connections_closed_total counter",
                 f'flywheel_http_connections_closed_total{{reason="head_timeout"}} {int(total[h + HTTP_HEAD_TIMEOUT])}',
+                f'flywheel_http_connections_closed_total{{reason="body_timeout"}} {int(total[h + HTTP_BODY_TIMEOUT])}',
                 f'flywheel_http_connections_closed_total{{reason="idle_timeout"}} {int(total[h + HTTP_IDLE_TIMEOUT])}',
                 "# HELP flywheel_http_connections_open HTTP connections open now",
                 "# TYPE flywheel_http_connections_open gauge",

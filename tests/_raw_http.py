@@ -19,7 +19,7 @@ async def closed_within(reader: asyncio.StreamReader, within_s: float = 10.0) ->
     try:
         while await asyncio.wait_for(reader.read(65536), within_s):
             pass
-    except ConnectionResetError:
+    except ConnectionError:  # a reset, or our own write failing on the closed socket
         pass
     except TimeoutError:
         return False

@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 
 import grpc
 
@@ -169,7 +170,22 @@ def _maxconn() -> int:
     return max(64, min(10000, (hard - 64) // 2))
 
 
-def front_config(host: str, port: int, backend: str) -> str:
+@dataclass(frozen=True)
+class FrontTimeouts:
+    """How long the front waits on a client: for a request's headers (and a
+    new connection's first one), and on an idle connection between calls;
+    the public HTTP server's header_timeout_s / keepalive_timeout_s, so that
+    slow or idle clients are bounded on the gRPC port as on the HTTP one."""
+
+    request_s: float = 10.0
+    keep_alive_s: float = 600.0
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def front_config(host: str, port: int, backend: str, timeouts: FrontTimeouts = FrontTimeouts()) -> str:
     """One h2 frontend on host:port passing every call to ``backend`` (a Unix
     socket path) as HTTP/1.1."""
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -186,11 +202,15 @@ def front_config(host: str, port: int, backend: str) -> str:
 defaults
     mode http
     timeout connect 5s
-    # an idle client connection is closed (GOAWAY; gRPC clients reconnect);
-    # a call may run as long as its own grpc-timeout says, up to an hour
-    timeout client 1h
+    # a client must send a call's headers in time (http-request; a new
+    # connection that sends nothing at all: client, which on an h2
+    # connection counts only while no call is in progress, so calls may run
+    # as long as their own grpc-timeout says, up to an hour), and an idle
+    # connection is closed (GOAWAY; gRPC clients reconnect)
+    timeout http-request {_ms(timeouts.request_s)}
+    timeout client {_ms(timeouts.request_s)}
     timeout server 1h
-    timeout http-keep-alive 10m
+    timeout http-keep-alive {_ms(timeouts.keep_alive_s)}
 
 frontend grpc
     bind {addr} proto h2
@@ -238,7 +258,8 @@ def _sweep_stale_dirs() -> None:
 class HaproxyFront:
     """One HAProxy process: h2 on host:port, HTTP/1.1 to a Unix socket here."""
 
-    def __init__(self, binary: str, host: str, port: int) -> None:
+    def __init__(self, binary: str, host: str, port: int, timeouts: FrontTimeouts = FrontTimeouts()) -> None:
+        self._timeouts = timeouts
         _sweep_stale_dirs()
         self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # 0700: ours alone
         self.backend = os.path.join(self._dir, "replica.sock")  # our httptools server listens here
@@ -254,7 +275,7 @@ class HaproxyFront:
         as long as the replica."""
         cfg = os.path.join(self._dir, "haproxy.cfg")
         with open(cfg, "w") as f:
-            f.write(front_config(self._host, self.port, self.backend))
+            f.write(front_config(self._host, self.port, self.backend, self._timeouts))
         with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
                 [self._binary, "-f", cfg, "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,

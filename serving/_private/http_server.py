@@ -51,6 +51,10 @@ class HttpLimits:
     keepalive_timeout_s: float | None = 60.0
     max_connections: int = 10_000
     max_pipelined: int = 64
+    # a request body must keep coming at this average rate (bytes/s) once
+    # header_timeout_s has passed since its head: slow-body clients are
+    # closed like slow-head ones, large uploads at any real speed are not
+    min_body_rate: int = 1024
 
     def sweep_interval_s(self) -> float | None:
         """How often the timeouts are checked: a quarter of the shorter one
@@ -61,7 +65,7 @@ class HttpLimits:
 
 
 # indexes of HttpServer.counts (the same as serving/metrics.py's HTTP_*)
-_REFUSED, _HEAD_TIMEOUT, _IDLE_TIMEOUT, _OPEN = range(4)
+_REFUSED, _HEAD_TIMEOUT, _IDLE_TIMEOUT, _OPEN, _BODY_TIMEOUT = range(5)
 
 
 class _Refused(Exception):
@@ -107,9 +111,9 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.draining = False
         # connections refused at the cap, closed for a slow request head, for
-        # idling, and open now: four numbers, in a slot of the node's shared
-        # metrics when the caller passes one (serving/metrics.py)
-        self.counts = counts if counts is not None else [0, 0, 0, 0]
+        # idling, open now, closed for a slow body: five numbers, in a slot of
+        # the node's shared metrics when the caller passes one (serving/metrics.py)
+        self.counts = counts if counts is not None else [0] * 5
         self._sweeper: asyncio.Task | None = None
 
     @property
@@ -124,6 +128,10 @@ class HttpServer:
     def timed_out_idle(self) -> int:
         return int(self.counts[_IDLE_TIMEOUT])
 
+    @property
+    def timed_out_bodies(self) -> int:
+        return int(self.counts[_BODY_TIMEOUT])
+
     def start_sweeping(self) -> None:
         interval = self.limits.sweep_interval_s()
         if interval is not None and self._sweeper is None:
@@ -137,9 +145,14 @@ class HttpServer:
     def sweep(self, now: float) -> None:
         """Close every connection past its head deadline or idle timeout."""
         head_s, idle_s = self.limits.header_timeout_s, self.limits.keepalive_timeout_s
+        rate = self.limits.min_body_rate
         for conn in list(self.connections):
             if head_s is not None and conn.head_since is not None and now - conn.head_since > head_s:
                 self.counts[_HEAD_TIMEOUT] += 1
+                conn.close()
+            elif (head_s is not None and conn.body_since is not None
+                  and now - conn.body_since > head_s + conn.body_received / rate):
+                self.counts[_BODY_TIMEOUT] += 1
                 conn.close()
             elif idle_s is not None and conn.idle_since is not None and now - conn.idle_since > idle_s:
                 self.counts[_IDLE_TIMEOUT] += 1
@@ -185,7 +198,8 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_handler", "_max_body", "_on_error", "_parser", "_transport", "_url", "_headers",
         "_body", "_body_len", "_too_large", "_pending", "_closing", "_owner", "_in_message", "idle_since",
-        "head_since", "_header_bytes", "_limits", "_held", "_paused",
+        "head_since", "_header_bytes", "_limits", "_held", "_paused", "_in_head", "_head_bytes",
+        "body_since", "_write_paused",
     )
 
     def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response],
@@ -201,7 +215,12 @@ class _Connection(asyncio.Protocol):
         # requests parsed while max_pipelined were in progress: dispatched as
         # answers go out (reading is paused meanwhile, so few can wait here)
         self._held: collections.deque[tuple[Request, bool]] = collections.deque()
-        self._paused = False
+        self._paused = False  # reading, while requests are held
+        self._write_paused = False  # the transport's buffer is full: the client is not reading
+        self._in_head = False
+        self._head_bytes = 0  # of an unfinished head, from the chunks after its first
+        # when the current request's head completed, while its body is coming
+        self.body_since: float | None = None
         self._closing = False
         self._in_message = False
         # when the connection last had nothing to do (None while it has)
@@ -210,6 +229,10 @@ class _Connection(asyncio.Protocol):
         # a new connection owes its first head from the moment it opens
         self.head_since: float | None = time.monotonic()
         self._reset()
+
+    @property
+    def body_received(self) -> int:
+        return self._body_len
 
     def _reset(self) -> None:
         self._url = b""
@@ -254,13 +277,26 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        mid_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             if not self._closing:  # a callback that refused the request has answered it
                 self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head and mid_head:
+            # The parser holds a header's bytes until its line ends, so the
+            # caps in on_url / on_header cannot see one endless header: count
+            # the chunks that began inside the head and ended inside it (all
+            # of their bytes are head; the chunk it began in, at most one
+            # read, is not counted).
+            self._head_bytes += len(data)
+            cap = self._limits.max_url_bytes + self._limits.max_header_bytes
+            if self._head_bytes > cap:
+                self._fail(431, f"request head larger than {cap} bytes")
 
     def close(self) -> None:
         self._closing = True
@@ -270,6 +306,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
+        self._head_bytes = 0
         self.idle_since = None
         if self.head_since is None:
             self.head_since = time.monotonic()
@@ -289,6 +327,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_since = None
+        self._in_head = False
+        self.body_since = time.monotonic()  # until the message completes
         length = self._headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             # Refuse before reading a byte of the body, and drop the connection
@@ -309,6 +349,7 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.body_since = None
         if self._closing:
             return
         if self._too_large:  # chunked body that grew past the limit
@@ -320,13 +361,28 @@ class _Connection(asyncio.Protocol):
         keep_alive = self._parser.should_keep_alive()
         self._reset()
         self._in_message = False
-        if self._held or len(self._pending) >= self._limits.max_pipelined:
+        if self._held or self._write_paused or len(self._pending) >= self._limits.max_pipelined:
             self._held.append((req, keep_alive))
-            if not self._paused and self._transport is not None:
-                self._paused = True
-                self._transport.pause_reading()
+            self._reading()
             return
         self._dispatch(req, keep_alive)
+
+    def _reading(self) -> None:
+        """Read while nothing is held back; stop while requests wait for
+        answers to go out or the client is not taking them."""
+        pause = bool(self._held) or self._write_paused
+        if pause != self._paused and self._transport is not None and not self._closing:
+            self._paused = pause
+            (self._transport.pause_reading if pause else self._transport.resume_reading)()
+
+    # -- asyncio flow control: the client stopped reading our answers -------
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._release_held()
 
     def _dispatch(self, req: Request, keep_alive: bool) -> None:
         head = req.method == "HEAD"
@@ -360,11 +416,13 @@ class _Connection(asyncio.Protocol):
             # a draining server ends the connection after its last answer
             last = not self._pending and not self._in_message and not self._held
             self._write(resp, close=not fut.keep_alive or (self._owner.draining and last), head=fut.head)
-        while self._held and len(self._pending) < self._limits.max_pipelined and not self._closing:
+        self._release_held()
+
+    def _release_held(self) -> None:
+        while (self._held and not self._write_paused and not self._closing
+               and len(self._pending) < self._limits.max_pipelined):
             self._dispatch(*self._held.popleft())
-        if self._paused and not self._held and not self._closing and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        self._reading()
 
     def _write(self, resp: Response, close: bool, head: bool = False, linger: bool = False) -> None:
         t = self._transport

@@ -408,3 +408,40 @@ def test_a_cancelled_call_gives_its_keys_slot_back_at_once(secured):
         # 0.3 s for the cancel to travel: far less than the heavy call's seconds of work
         raw = wait_for(answered, 0.3, "the key's slot to be given back", every_s=0.02)
     assert pb.ModelInferResponse.FromString(raw).model_name == "mlp"
+
+
+def test_the_front_closes_slow_and_idle_grpc_connections_by_the_server_timeouts(mlp_onnx):
+    """The HTTP port's header_timeout_s and keepalive_timeout_s bound the
+    gRPC port too: a connection that never sends a call's headers, and one
+    left idle after a call, are closed by HAProxy; calls still answer."""
+    ingress, cfg = _ingress(mlp_onnx, header_timeout_s=1.0, keepalive_timeout_s=1.5)
+    try:
+        silent = socket.create_connection(("127.0.0.1", cfg.grpc_port))
+        silent.settimeout(15)
+        half = socket.create_connection(("127.0.0.1", cfg.grpc_port))
+        half.settimeout(15)
+        half.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the preface, then never a call
+        with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
+            raw, _ = ch.unary_unary(INFER).with_call(_request(np.zeros((1, 64), np.float32)), timeout=10)
+        assert pb.ModelInferResponse.FromString(raw).model_version == "3"
+        for conn in (silent, half):
+            try:
+                while conn.recv(65536):  # HAProxy may say GOAWAY first; then it closes
+                    pass
+            except ConnectionResetError:
+                pass
+            conn.close()
+        # an idle channel reconnects by itself: calls keep working
+        with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
+            raw, _ = ch.unary_unary(INFER).with_call(_request(np.zeros((1, 64), np.float32)), timeout=10)
+        assert pb.ModelInferResponse.FromString(raw).model_version == "3"
+    finally:
+        ingress.close()
+
+
+def test_the_front_config_carries_the_server_timeouts():
+    from flywheel.serving._private.grpc_front import FrontTimeouts, front_config
+
+    text = front_config("127.0.0.1", 9000, "/tmp/x.sock", FrontTimeouts(request_s=2.5, keep_alive_s=60))
+    assert "timeout http-request 2500ms" in text
+    assert "timeout http-keep-alive 60000ms" in text

@@ -6,7 +6,9 @@ progress, and HEAD answered without a body."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
+import socket
 
 import pytest
 
@@ -76,6 +78,104 @@ def test_request_headers_over_the_cap_get_431_and_the_connection_closes():
     assert head.startswith(b"HTTP/1.1 431 ")
     assert b"request headers larger than 1024 bytes" in body
     assert closed
+
+
+def test_one_endless_header_gets_431_once_the_head_passes_its_caps():
+    """The parser keeps an unfinished header line to itself: the server
+    counts the head's bytes as they arrive, so one header that never ends
+    cannot grow past the caps until the head deadline."""
+
+    async def run():
+        server, port = await _serve(HttpLimits(max_url_bytes=256, max_header_bytes=1024, header_timeout_s=60))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nhost: t\r\nx-endless: ")
+        sent = 0
+        answer = b""
+        while sent < 1 << 20 and not answer:  # at most 1 MiB of one header value
+            try:
+                writer.write(b"v" * 4096)
+                await writer.drain()
+            except ConnectionError:
+                break
+            sent += 4096
+            try:
+                answer = await asyncio.wait_for(reader.read(65536), 0.01)
+            except TimeoutError:
+                pass
+        answer += await asyncio.wait_for(reader.read(65536), 5) if answer and b"\r\n\r\n" not in answer else b""
+        writer.close()
+        server.close()
+        return sent, answer
+
+    sent, answer = _run(run())
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"request head larger than 1280 bytes" in answer
+    assert sent < 512 * 1024  # refused long before the megabyte: one socket read past the caps at most
+
+
+def test_a_body_that_trickles_slower_than_the_minimum_rate_is_closed_and_a_steady_one_is_not():
+    async def run():
+        server, port = await _serve(HttpLimits(header_timeout_s=0.5, keepalive_timeout_s=60, min_body_rate=1000))
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", port)
+        slow_w.write(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n")
+        ok_r, ok_w = await asyncio.open_connection("127.0.0.1", port)
+        ok_w.write(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 600\r\n\r\n")
+        for i in range(6):  # the slow one: 5 bytes/s; the steady one: 600 bytes in 0.4 s
+            with contextlib.suppress(ConnectionError):
+                slow_w.write(b"s")
+            if i < 3:
+                ok_w.write(b"k" * 200)
+            await asyncio.sleep(0.2)
+        slow_closed = await _closed(slow_r, 10)
+        head, body = await _answer(ok_r)
+        counted = server.timed_out_bodies
+        for w in (slow_w, ok_w):
+            w.close()
+        server.close()
+        return slow_closed, head, counted
+
+    slow_closed, head, counted = _run(run())
+    assert slow_closed and counted == 1
+    assert head.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_client_that_never_reads_its_answers_cannot_make_the_server_buffer_them():
+    """Pipelined requests whose answers the client does not read: once the
+    transport's buffer is full the server stops reading, so what it holds
+    stays bounded however much the client sends."""
+
+    async def run():
+        big = b"x" * 16384
+
+        def handler(req):
+            return 200, big, b"text/plain"
+
+        server, port = await _serve(HttpLimits(max_pipelined=8), handler)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        sent = 0
+        deadline = loop.time() + 3.0
+        while loop.time() < deadline:
+            try:
+                sent += sock.send(GET * 64)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)  # the server stopped reading: the kernel's buffers are full
+                continue
+            await asyncio.sleep(0)
+        (conn,) = server.connections
+        buffered = conn._transport.get_write_buffer_size()
+        held = len(conn._held)
+        sock.close()
+        server.close()
+        return sent, buffered, held
+
+    sent, buffered, held = _run(run())
+    # what the server keeps: under a few answers in the transport, one read's requests held
+    assert buffered < 64 * 1024 + 9 * 16384
+    assert held * len(GET) <= 256 * 1024
+    assert sent < 64 * 1024 * 1024  # the client was held back too, by TCP
 
 
 def test_a_connection_that_never_finishes_its_head_is_closed_after_the_deadline():
