@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.protocol.errors import InvalidInputError, PreconditionFailedError
+from flywheel.protocol.errors import InvalidInputError, PreconditionFailedError, UnavailableError
 from flywheel.serving._private import signature_gate
 from flywheel.serving._private.endpoint_state import Endpoint, as_doc, canary_of, canary_percent, routes_to, without
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
@@ -73,6 +73,12 @@ class CanaryOps:
             cfg = msgspec.structs.replace(cfg, baseline=max(others, key=others.get))
         if cfg.baseline not in routable or cfg.baseline == cfg.variant:
             raise InvalidInputError(f"canary.baseline {cfg.baseline!r} must be another ready variant of {name!r}")
+        missing = signature_gate.unknown(ep, cfg.variant, cfg.baseline)
+        if missing:
+            raise UnavailableError(
+                f"canary of {name!r}: the signature of version(s) {missing} is not known yet (the ingress "
+                "replicas report it within a second of loading); nothing was changed, retry shortly"
+            )
         diff = signature_gate.judge(ep, cfg.variant, signature_gate.known(ep, cfg.variant),
                                     against=cfg.baseline, allowed=allow)
         canary = Canary(cfg, now)

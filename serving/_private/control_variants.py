@@ -214,6 +214,11 @@ class VariantOps:
             elif now - state.get("since", now) > LOAD_TIMEOUT_S:
                 self._load_failed(ep, version, f"not ready on every replica after {LOAD_TIMEOUT_S:.0f}s", now)
             elif reports and all(r == "ready" for r in reports):
+                against = signature_gate.reference(ep, exclude=version)
+                if signature_gate.unknown(ep, version, against):
+                    # not judged, never passed: it waits (up to LOAD_TIMEOUT_S)
+                    # for the replicas to report the signatures
+                    continue
                 if not self._signature_fits(ep, version, state, now):
                     continue
                 state["status"] = "ready"

@@ -76,6 +76,12 @@ def reference(ep: Endpoint, exclude: str = "") -> str | None:
     return max(shares)[2] if shares else None
 
 
+def unknown(ep: Endpoint, *versions: str | None) -> list[str]:
+    """Which of ``versions`` have no signature known yet (None is skipped:
+    no variant to compare with)."""
+    return [v for v in versions if v is not None and known(ep, v) is None]
+
+
 def judge(ep: Endpoint, version: str, candidate: Signature | None, *, against: str | None,
           allowed: bool) -> str | None:
     """Whether ``version`` (signature ``candidate``) may take traffic from
@@ -92,8 +98,8 @@ def judge(ep: Endpoint, version: str, candidate: Signature | None, *, against: s
         return diff
     raise SignatureMismatchError(
         f"endpoint {ep.name!r}: {diff}; nothing was changed. To move traffic to it anyway, send "
-        f"{ALLOW_FIELD}: true (CLI: --allow-signature-change), or set {ALLOW_FIELD} on the endpoint "
-        "in the deploy config"
+        f"{ALLOW_FIELD}: true with the request (flywheel.client: allow_signature_change=True), or set "
+        f"{ALLOW_FIELD} on the endpoint in the deploy config"
     )
 
 

@@ -37,8 +37,17 @@ def report(replica: str, applied: int, loaded=None, windows=None, inflight=None,
     ``epoch`` says otherwise."""
     batch = {"seq": seq or next(_seq), "windows": windows or {}, "rewards": rewards or {}, "ids": list(ids),
              "used_ids": []}
+    # every version of these tests shares one signature, as the replicas
+    # report it (the controller judges a move only once it knows both sides)
+    names = set(loaded or {}) | {"m"}
+    signatures = {n: {str(v): _META for v in range(1, 10)} for n in names}
     return {"replica": replica, "epoch": epoch if epoch is not None else report.epoch, "applied": applied,
-            "loaded": loaded or {}, "inflight": inflight or {}, "batches": [batch]}
+            "loaded": loaded or {}, "signatures": signatures, "inflight": inflight or {}, "batches": [batch]}
+
+
+_META = {"name": "m", "versions": [], "platform": "onnx_onnxv1",
+         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}
 
 
 report.epoch = ""
@@ -211,6 +220,7 @@ def test_state_resumes_after_a_controller_restart_and_not_after_a_new_deploy(sto
     ms = models("1", "2")
     st = control("d", "id1", [], ms, store, now=T0)
     st.set_policy("m", {"kind": "fixed", "weights": {"1": 0.25, "2": 0.75}}, now=T0)
+    st.sync(report("r1", st.version), now=T0)  # the replicas' first report: the signatures
     st.start_canary("m", {"variant": "1", "baseline": "2", "steps": [5, 100], "hold_s": 30}, now=T0)
     again = control("d", "id1", [], ms, store, now=T0 + 5)  # Serve restarted the replica
     status = again.status("m", now=T0 + 5)

@@ -174,3 +174,28 @@ def test_signatures_read_from_artifacts_fill_in_until_a_replica_reports():
     st.sync(report(st, {"1": "ready"}, {"1": SAME}), now=T0 + 1)  # the loaded model's own wins
     st.learn_signatures("m", {"1": FP64})  # and is not overwritten by a later read
     assert st.add_variant("m", {"version": "2", "path": "/models/2.onnx"}, now=T0 + 2, signature=SAME)
+
+
+def test_a_loaded_variant_whose_signature_no_replica_reported_waits_instead_of_passing():
+    st = state()
+    st.swap("m", {"version": "2", "path": "/models/2.onnx"}, now=T0 + 1)  # nothing read in advance
+    st.sync(report(st, {"1": "ready", "2": "ready"}, {}), now=T0 + 2)  # loaded, signature not reported
+    st.tick(now=T0 + 2)
+    status = st.status("m", now=T0 + 2)
+    assert status["variants"]["2"]["status"] == "loading" and status["swap"]["phase"] == "loading"
+    assert status["weights"] == {"1": 1.0}
+    st.sync(report(st, {"1": "ready", "2": "ready"}, {"2": FP64}), now=T0 + 3)  # now it is judged
+    st.tick(now=T0 + 3)
+    status = st.status("m", now=T0 + 3)
+    assert status["swap"]["phase"] == "failed" and "FP64 on version 2" in status["swap"]["error"]
+
+
+def test_a_canary_between_versions_of_unknown_signature_is_refused_until_they_are_known():
+    from flywheel.protocol.errors import UnavailableError
+
+    st = _with_ready_variant(SAME)
+    st.endpoints["m"].doc["signatures"].pop("1")  # as if no replica had reported version 1
+    before = frozen(st)
+    with pytest.raises(UnavailableError, match=r"signature of version\(s\) \['1'\] is not known yet"):
+        st.start_canary("m", {"variant": "2", "hold_s": 1}, now=T0 + 3)
+    assert frozen(st) == before
