@@ -55,9 +55,7 @@ def model_gpus(model: ModelConfig) -> float:
     """Ray GPUs one replica of ``model`` asks for: its ``num_gpus`` when set,
     else what its backend needs (BackendSpec.gpus_for: TensorRT, and ONNX
     Runtime with a CUDA or TensorRT provider, need one)."""
-    if model.num_gpus is not None:
-        return model.num_gpus
-    return get_backend(model.backend).gpus_for(model)
+    return model.gpus()
 
 
 def _actor_options(num_cpus: float, models, runtime_env: dict | None = None) -> dict:

@@ -367,6 +367,13 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     def key(self) -> str:
         return f"{self.name}:{self.version or self.ref or '1'}"
 
+    def gpus(self) -> float:
+        """Ray GPUs one replica loading this model asks for: ``num_gpus``
+        when set, else what its backend needs (BackendSpec.gpus_for)."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return get_backend(self.backend).gpus_for(self)
+
 
 class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How requests to one model name (an *endpoint*) are spread over its

@@ -109,6 +109,10 @@ class ControlState(VariantOps, CanaryOps):
         self._persisted_at = 0.0
         self._stats_changed = False  # windows or rewards arrived since the last announcement
         self._announced_at = 0.0
+        models = list(models)
+        # what the ingress replicas were given: variants added at run time
+        # load into them, so they can use no more GPU than this
+        self.ingress_gpus = max((m.gpus() for m in models if m.placement == "colocated"), default=0.0)
         by_name: dict[str, list[ModelConfig]] = {}
         for m in models:
             by_name.setdefault(m.name, []).append(m)

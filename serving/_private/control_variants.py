@@ -125,6 +125,7 @@ class VariantOps:
         ep = self.endpoint(name)
         model, allow = signature_gate.take_allow(model)
         cfg = self._pinned(model_config(name, model))
+        self._fits_ingress(cfg)
         if cfg.version in ep.variants:
             raise AlreadyExistsError(f"endpoint {name!r} already has variant {cfg.version!r}")
         self._admit(ep, cfg, signature, allow, now)
@@ -191,6 +192,7 @@ class VariantOps:
         self._busy(ep, "swap")
         model, allow = signature_gate.take_allow(model)
         cfg = self._pinned(model_config(name, model))
+        self._fits_ingress(cfg)
         old = ep.routable()
         if cfg.version in ep.variants:
             raise AlreadyExistsError(
@@ -242,6 +244,19 @@ class VariantOps:
             state["signature_noted"] = True
             signature_gate.note(ep, version, diff, by_request=state.get("allow_signature_change", False), now=now)
         return True
+
+    def _fits_ingress(self, cfg: ModelConfig) -> None:
+        """A runtime variant loads into the ingress replicas, whose Ray
+        resources were fixed at deploy: a model needing more GPU than they
+        hold would run on the CPU fallback unseen (or not at all)."""
+        need = cfg.gpus()
+        if need > self.ingress_gpus:
+            raise InvalidInputError(
+                f"model needs {need:g} GPU per replica, and the ingress replicas that load variants added at "
+                f"run time were deployed with {self.ingress_gpus:g}; deploy it with the deployment's config, or "
+                "set model.onnxruntime.providers to [cpu] (or model.num_gpus: 0 to accept ONNX Runtime's "
+                "CPU fallback)"
+            )
 
     def _load_failed(self, ep: Endpoint, version: str, error: str, now: float) -> None:
         ep.doc["policy"] = without(ep.doc["policy"], version) or ep.doc["policy"]  # a version re-added later is no arm

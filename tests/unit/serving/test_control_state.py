@@ -437,3 +437,18 @@ def test_a_replica_of_this_generation_gets_the_snapshot_with_its_id():
     answer = st.sync({**report("r1", 0), "deploy": "gen"}, now=T0)
     assert answer["deploy_id"] == "gen"
     assert answer["endpoints"]["m"]["routable"] == ["2"]
+
+
+def test_a_gpu_variant_is_refused_at_run_time_when_the_ingress_replicas_have_no_gpu():
+    st = ControlState("d", "id1", [], models("1"), now=T0)
+    cuda = {"version": "2", "path": "/models/2.onnx", "onnxruntime": {"providers": ["cuda", "cpu"]}}
+    for op in (st.add_variant, st.swap):
+        with pytest.raises(InvalidInputError, match=r"model needs 1 GPU per replica.*deployed with 0"):
+            op("m", dict(cuda), now=T0 + 1)
+    assert st.status("m", now=T0 + 1)["variants"].keys() == {"1"}
+    # accepting ONNX Runtime's CPU fallback explicitly is allowed
+    assert st.add_variant("m", {**cuda, "num_gpus": 0}, now=T0 + 2)["variants"]["2"]["status"] == "loading"
+    # ingress replicas deployed with a GPU model take GPU variants
+    gpu_models = [ModelConfig(name="m", version="1", path="/models/1.onnx", num_gpus=1.0)]
+    with_gpu = ControlState("d", "id2", [], gpu_models, now=T0)
+    assert with_gpu.add_variant("m", dict(cuda), now=T0 + 1)["variants"]["2"]["status"] == "loading"
