@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 
-from flywheel.bench._soak_report import rss_kib
+import time
+
+from flywheel.bench._soak_report import rss_kib, settled
 
 # roles by Serve deployment name (a dedicated model's deployment is <model>-<version>)
 INGRESS, ROUTER, DRIFT = "ingress", "router", "drift"
@@ -81,7 +83,7 @@ def tcp_sockets(pid: int, state: str, port: int | None = None) -> int:
     """How many TCP sockets ``pid`` holds in ``state`` (a /proc/net/tcp
     state code), on local ``port`` if given; 0 when it is gone."""
     try:
-        inodes = _fd_targets(pid)
+        inodes = set(_fd_links(pid))
         rows = []
         for family in ("tcp", "tcp6"):
             with open(f"/proc/{pid}/net/{family}") as f:
@@ -93,27 +95,54 @@ def tcp_sockets(pid: int, state: str, port: int | None = None) -> int:
                and (port is None or int(cols[1].rsplit(":", 1)[1], 16) == port))
 
 
-def _fd_targets(pid: int) -> set[str]:
-    """What each open descriptor of ``pid`` points at (``socket:[inode]``...);
-    a descriptor closed between the listing and its reading is left out."""
-    out = set()
+def _fd_links(pid: int) -> list[str]:
+    """What each open descriptor of ``pid`` points at (``socket:[inode]``,
+    ``pipe:[inode]``, a path; two descriptors may point at one thing); a
+    descriptor closed between the listing and its reading is left out."""
+    out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except FileNotFoundError:
             pass
     return out
 
 
+def live_sockets(pid: int, links: list[str] | None = None) -> int:
+    """Sockets of ``pid`` that carry or await traffic: TCP listening or
+    established, Unix listening or connected. Connections move between
+    processes when a kill sends the load's clients elsewhere, so they are
+    counted apart from the descriptors that only a leak makes grow (files,
+    pipes, sockets left half-closed)."""
+    try:
+        inodes = set(links if links is not None else _fd_links(pid))
+        live = 0
+        for family in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{family}") as f:
+                live += sum(1 for cols in (r.split() for r in f.read().splitlines()[1:])
+                            if cols[3] in (LISTEN, ESTABLISHED) and f"socket:[{cols[9]}]" in inodes)
+        with open(f"/proc/{pid}/net/unix") as f:
+            # columns: Num RefCount Protocol Flags Type St Inode [Path]; St 03 = connected,
+            # Flags 00010000 = listening
+            live += sum(1 for cols in (r.split() for r in f.read().splitlines()[1:])
+                        if len(cols) >= 7 and (cols[5] == "03" or cols[3] == "00010000")
+                        and f"socket:[{cols[6]}]" in inodes)
+    except OSError:
+        return 0
+    return live
+
+
 def sample(pid: int) -> dict | None:
-    """RSS (KiB) and open descriptors of ``pid`` now; None if it is gone."""
+    """RSS (KiB), open descriptors, how many of those are live sockets (see
+    live_sockets) and how many are not, of ``pid`` now; None if it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             rss = rss_kib(f.read())
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        links = _fd_links(pid)
     except OSError:
         return None
-    return {"pid": pid, "rss_kib": rss, "fds": fds}
+    live = live_sockets(pid, links)
+    return {"pid": pid, "rss_kib": rss, "fds": len(links), "sockets": live, "other_fds": len(links) - live}
 
 
 def flywheel_pids(app: str, deployments: list[str]) -> list[tuple[str, int]]:
@@ -132,11 +161,13 @@ def flywheel_pids(app: str, deployments: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-def snapshot(app: str, deployments: list[str]) -> list[dict]:
-    """RSS and open files of every Flywheel process of the deployment."""
-    out = []
-    for role, pid in flywheel_pids(app, deployments):
-        s = sample(pid)
-        if s is not None:
-            out.append({"role": role, **s})
-    return out
+def snapshot(app: str, deployments: list[str], rounds: int = 3, every_s: float = 2.5) -> list[dict]:
+    """RSS and open files of every Flywheel process of the deployment, each
+    the least of ``rounds`` samples ``every_s`` apart (see settled)."""
+    pids = flywheel_pids(app, deployments)
+    taken = []
+    for i in range(rounds):
+        if i:
+            time.sleep(every_s)
+        taken.append([{"role": role, **s} for role, pid in pids if (s := sample(pid)) is not None])
+    return settled(taken)

@@ -48,6 +48,7 @@ HPARAMS = {"in_features": 64, "hidden": [128, 64], "out_features": 10}  # the de
 DEDICATED = "ded-1"  # the dedicated model's Serve deployment (<model>-<version>)
 DEDICATED_REPLICAS = 2
 INGRESS_REPLICAS = 2
+SAMPLE_S = 5.0  # a resource snapshot: 3 samples 2.5 s apart (_soak_procs.snapshot)
 
 
 def deploy_config(work: str, model: str, reference: str) -> dict:
@@ -200,16 +201,23 @@ def soak(args: argparse.Namespace, dep, admin: str, main_key: str, churn: str, m
     print(f"load: {args.rate:g} req/s for {duration:.0f} s; faults planned at "
           + ", ".join(f"{p.at:.0f}s {p.kind}" for p in args.plan), flush=True)
     load.start(duration)
-    warm = touch_every_replica(dep.url, dep.grpc_target, main_key, list(MODELS), HPARAMS["in_features"])
-    if warm:
-        runner.say(f"warm-up: {len(warm)} request(s) over fresh connections failed: {sorted(set(warm))}")
-    time.sleep(max(0.0, args.warmup - (time.monotonic() - t0)))
-    before = procs.snapshot(APP, deployments)
-    runner.say(f"warm-up over: {len(before)} Flywheel processes sampled, {len(load.outcomes)} requests answered")
-    runner.run(args.plan)
+    try:
+        warm = touch_every_replica(dep.url, dep.grpc_target, main_key, list(MODELS), HPARAMS["in_features"])
+        if warm:
+            runner.say(f"warm-up: {len(warm)} request(s) over fresh connections failed: {sorted(set(warm))}")
+        # the samples end with the warm-up and with the load (both under load)
+        time.sleep(max(0.0, args.warmup - SAMPLE_S - (time.monotonic() - t0)))
+        before = procs.snapshot(APP, deployments)
+        runner.say(f"warm-up over: {len(before)} Flywheel processes sampled, {len(load.outcomes)} requests answered")
+        runner.run(args.plan)
+        runner.join(max(0.0, duration - SAMPLE_S - 1.0 - (time.monotonic() - t0)))
+        time.sleep(max(0.0, duration - SAMPLE_S - 1.0 - (time.monotonic() - t0)))
+        after = procs.snapshot(APP, deployments)
+    except BaseException:  # interrupted or failed: no more requests to a deployment about to go
+        load.stop()
+        raise
     load.join(duration - (time.monotonic() - t0) + 60.0)
     runner.join(30.0)
-    after = procs.snapshot(APP, deployments)
     return report(args, load, runner, growth(before, after), retries(dep.url, admin), warm)
 
 

@@ -19,6 +19,7 @@ from flywheel.bench._soak_report import (
     over_growth,
     revocation,
     rss_kib,
+    settled,
     summarize,
     table,
     verdict,
@@ -158,8 +159,8 @@ def test_rss_is_read_from_proc_status_text():
     assert rss_kib("Name:\tzombie\n") == 0
 
 
-def _s(role, pid, rss, fds):
-    return {"role": role, "pid": pid, "rss_kib": rss, "fds": fds}
+def _s(role, pid, rss, fds, sockets=0):
+    return {"role": role, "pid": pid, "rss_kib": rss, "fds": fds, "sockets": sockets, "other_fds": fds - sockets}
 
 
 def test_growth_pairs_processes_by_pid_and_marks_the_killed_and_their_replacements():
@@ -181,10 +182,19 @@ def test_only_survivors_growing_beyond_the_limit_miss_the_target():
     assert over_growth(rows, limit_pct=200) == []
 
 
-def test_a_few_more_open_files_on_a_small_count_are_traffic_not_a_leak():
+def test_a_few_more_open_files_on_a_small_count_are_not_a_leak():
     rows = growth([_s("front", 1, 1000, 8)], [_s("front", 1, 1000, 12)])  # +50 %, +4 descriptors
     assert rows[0]["fds_growth_pct"] == 50.0
     assert over_growth(rows) == []
+
+
+def test_connections_that_moved_to_a_survivor_are_not_a_leak_but_other_descriptors_are():
+    moved = growth([_s("ingress", 1, 1000, 95, sockets=25)], [_s("ingress", 1, 1000, 127, sockets=57)])
+    assert moved[0]["fds_growth_pct"] == pytest.approx(33.68)
+    assert moved[0]["other_fds_growth_pct"] == 0.0
+    assert over_growth(moved) == []
+    leaked = growth([_s("ingress", 1, 1000, 95, sockets=25)], [_s("ingress", 1, 1000, 127, sockets=25)])
+    assert [r["pid"] for r in over_growth(leaked)] == [1]
 
 
 def test_verdict_names_unexplained_failures_and_growth():
@@ -253,3 +263,21 @@ def test_an_answer_of_another_shape_or_other_values_is_wrong():
     assert wrong_answer(np.zeros((2, 10), np.float32), expected) == \
         "wrong answer: output shape (2, 10), expected (1, 10)"
     assert wrong_answer(expected + 0.5, expected) == "wrong answer: output differs from the model's by up to 0.5"
+
+
+def test_settled_takes_each_process_s_least_sample_so_a_passing_swell_is_not_growth():
+    rounds = [[_s("front", 1, 1000, 8), _s("ingress", 2, 3000, 100)],
+              [_s("front", 1, 1010, 38), _s("ingress", 2, 2990, 122)],
+              [_s("front", 1, 1005, 9), _s("ingress", 2, 3020, 101), _s("ded-1", 3, 500, 70)]]
+    assert settled(rounds) == [_s("front", 1, 1000, 8), _s("ingress", 2, 2990, 100), _s("ded-1", 3, 500, 70)]
+
+
+def test_settled_keeps_only_the_processes_of_the_last_round():
+    assert [s["pid"] for s in settled([[_s("a", 1, 1, 1)], [_s("b", 2, 1, 1)]])] == [2]
+    assert settled([]) == []
+
+
+def test_a_leak_stays_in_every_sample_and_shows_as_growth():
+    before = settled([[_s("front", 1, 1000, 8)]] * 3)
+    after = settled([[_s("front", 1, 1000, 30)], [_s("front", 1, 1000, 31)], [_s("front", 1, 1000, 33)]])
+    assert [r["pid"] for r in over_growth(growth(before, after))] == [1]

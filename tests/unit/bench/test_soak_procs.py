@@ -47,3 +47,22 @@ def test_sample_reads_rss_and_open_files_and_none_for_a_process_gone(child):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     assert sample(dead.pid) is None
+
+
+def test_live_sockets_count_listeners_and_connections_and_not_pipes():
+    base = sample(os.getpid())
+    r, w = os.pipe()
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            with socket.create_connection(server.getsockname()):
+                conn, _ = server.accept()
+                with conn:
+                    now = sample(os.getpid())
+    finally:
+        os.close(r)
+        os.close(w)
+    assert now["sockets"] - base["sockets"] == 3  # the listener and both ends of the connection
+    assert now["other_fds"] - base["other_fds"] == 2  # the pipe's two ends
+    assert now["fds"] == now["sockets"] + now["other_fds"]
