@@ -142,9 +142,9 @@ def touch_every_replica(http_url: str, grpc_target: str, token: str, models: lis
     """Send each model one request per transport over each of
     ``connections`` fresh connections, so that the kernel's SO_REUSEPORT
     spreads them over every ingress replica and gRPC front: a replica's
-    first requests of a kind load what they need (an ingress replica grew
-    by ~55 MiB once its front took its first calls), which the warm-up must
-    see before the first resource sample. Returns the failures, as causes."""
+    first requests load what they need (an ingress replica measured ~245 MiB
+    before its first calls, ~300 MiB after them), which the warm-up must see
+    before the first resource sample. Returns the failures, as causes."""
     from flywheel.client import Client, GrpcClient
 
     x = {"input": np.zeros((1, features), np.float32)}
