@@ -10,7 +10,7 @@ initialised in this process.
 from __future__ import annotations
 
 import os
-
+import threading
 import time
 
 from flywheel.bench._soak_report import rss_kib, settled
@@ -171,3 +171,32 @@ def snapshot(app: str, deployments: list[str], rounds: int = 3, every_s: float =
             time.sleep(every_s)
         taken.append([{"role": role, **s} for role, pid in pids if (s := sample(pid)) is not None])
     return settled(taken)
+
+
+class Sampler:
+    """Samples every Flywheel process every ``every_s`` on a thread of its
+    own, for the RSS trend of each (``points``: dicts of ``t`` (seconds
+    since ``t0``), role, pid, rss_kib, fds, sockets, other_fds)."""
+
+    def __init__(self, app: str, deployments: list[str], t0: float, every_s: float = 10.0) -> None:
+        self._app, self._deployments, self._t0, self._every = app, deployments, t0, every_s
+        self.points: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                pids = flywheel_pids(self._app, self._deployments)
+            except Exception:  # Ray busy mid-restart: the next tick will do
+                continue
+            t = time.monotonic() - self._t0
+            self.points += [{"t": round(t, 1), "role": role, **s} for role, pid in pids
+                            if (s := sample(pid)) is not None]

@@ -250,6 +250,24 @@ def growth(before: list[dict], after: list[dict]) -> list[dict]:
     return rows
 
 
+def rss_trend(points: list[dict], pid: int, since: float) -> float | None:
+    """How fast ``pid``'s RSS grew (KiB per minute, least squares) over its
+    timeline samples (``{"t", "pid", "rss_kib"}``) from ``since`` on; None
+    with fewer than 3. Tells a pool that filled once from a steady climb,
+    which two end samples cannot."""
+    pts = [(p["t"], p["rss_kib"]) for p in points if p["pid"] == pid and p["t"] >= since]
+    if len(pts) < 3 or len({t for t, _ in pts}) < 2:
+        return None
+    t, rss = np.array(pts, dtype=float).T
+    return round(float(np.polyfit(t / 60.0, rss, 1)[0]), 1)
+
+
+def with_trends(rows: list[dict], points: list[dict], since: float) -> list[dict]:
+    """``rows`` (from growth) with each surviving process's ``rss_kib_per_min``."""
+    return [{**r, "rss_kib_per_min": rss_trend(points, r["pid"], since)} if r["state"] == "both" else r
+            for r in rows]
+
+
 def _pct(a: int, b: int) -> float:
     return round(100.0 * (b - a) / a, 2) if a else (0.0 if b == 0 else float("inf"))
 
@@ -304,11 +322,11 @@ def table(summary: dict, rows: list[dict], revocations: list[dict]) -> str:
                    f"{_s(r['new_key_ok_s'])} s")
     out.append("")
     out.append("open files: all descriptors / live connections among them / the rest (judged)")
-    out.append(f"{'process':<14}{'pid':>8}{'state':>7}{'RSS MiB start':>15}{'end':>8}{'growth':>9}"
+    out.append(f"{'process':<14}{'pid':>8}{'state':>7}{'RSS MiB start':>15}{'end':>8}{'growth':>9}{'KiB/min':>9}"
                f"{'files start':>13}{'end':>13}{'rest growth':>13}")
     for r in rows:
         out.append(f"{r['role']:<14}{r['pid']:>8}{r['state']:>7}{_mib(r['rss_kib_start']):>15}"
-                   f"{_mib(r['rss_kib_end']):>8}{_pctx(r.get('rss_growth_pct')):>9}"
+                   f"{_mib(r['rss_kib_end']):>8}{_pctx(r.get('rss_growth_pct')):>9}{_s(r.get('rss_kib_per_min')):>9}"
                    f"{_files(r, 'start'):>13}{_files(r, 'end'):>13}{_pctx(r.get('other_fds_growth_pct')):>13}")
     return "\n".join(out)
 

@@ -40,7 +40,7 @@ from flywheel.bench._soak_faults import RECOVERY_LIMIT_S, FaultRunner, Target
 from flywheel.bench._soak_load import KeyRing, OpenLoopLoad, touch_every_replica
 from flywheel.bench._soak_plan import CHURN_SHARE, FAULTS, MODELS, TRANSPORTS, fault_plan
 from flywheel.bench._soak_plot import plot, timeline
-from flywheel.bench._soak_report import growth, revocation, summarize, table, verdict
+from flywheel.bench._soak_report import growth, revocation, summarize, table, verdict, with_trends
 from flywheel.bench.common import export_model
 
 APP = "soak"
@@ -200,7 +200,9 @@ def soak(args: argparse.Namespace, dep, admin: str, main_key: str, churn: str, m
     runner = FaultRunner(target, keys, t0, args.seed, load.in_flight)
     print(f"load: {args.rate:g} req/s for {duration:.0f} s; faults planned at "
           + ", ".join(f"{p.at:.0f}s {p.kind}" for p in args.plan), flush=True)
+    sampler = procs.Sampler(APP, deployments, t0)
     load.start(duration)
+    sampler.start()
     try:
         warm = touch_every_replica(dep.url, dep.grpc_target, main_key, list(MODELS), HPARAMS["in_features"])
         if warm:
@@ -216,13 +218,16 @@ def soak(args: argparse.Namespace, dep, admin: str, main_key: str, churn: str, m
     except BaseException:  # interrupted or failed: no more requests to a deployment about to go
         load.stop()
         raise
+    finally:
+        sampler.stop()
     load.join(duration - (time.monotonic() - t0) + 60.0)
     runner.join(30.0)
-    return report(args, load, runner, growth(before, after), retries(dep.url, admin), warm)
+    rows = with_trends(growth(before, after), sampler.points, args.warmup)
+    return report(args, load, runner, rows, retries(dep.url, admin), warm, sampler.points)
 
 
 def report(args: argparse.Namespace, load: OpenLoopLoad, runner: FaultRunner, rows: list[dict],
-           retried: int, warm_failures: list[str]) -> dict:
+           retried: int, warm_failures: list[str], resources: list[dict]) -> dict:
     """Judge the run, print the table, and return the JSON report.
     ``warm_failures``: causes of the warm-up's own requests that failed
     (before any fault: each one misses the target)."""
@@ -257,6 +262,7 @@ def report(args: argparse.Namespace, load: OpenLoopLoad, runner: FaultRunner, ro
         "warmup_failures": warm_failures,
         "revocations": revocations,
         "processes": rows,
+        "resource_timeline": resources,
         "fault_log": runner.log,
         "late_sends": {"count": len(slip), "worst_ms": round(slip[-1] * 1e3, 1) if slip else 0.0},
         "missed": missed,

@@ -19,10 +19,12 @@ from flywheel.bench._soak_report import (
     over_growth,
     revocation,
     rss_kib,
+    rss_trend,
     settled,
     summarize,
     table,
     verdict,
+    with_trends,
     wrong_answer,
 )
 
@@ -281,3 +283,24 @@ def test_a_leak_stays_in_every_sample_and_shows_as_growth():
     before = settled([[_s("front", 1, 1000, 8)]] * 3)
     after = settled([[_s("front", 1, 1000, 30)], [_s("front", 1, 1000, 31)], [_s("front", 1, 1000, 33)]])
     assert [r["pid"] for r in over_growth(growth(before, after))] == [1]
+
+
+def _pt(t, pid, rss):
+    return {"t": t, "pid": pid, "rss_kib": rss}
+
+
+def test_rss_trend_is_the_least_squares_slope_per_minute_after_the_warm_up():
+    points = [_pt(0, 1, 9000)] + [_pt(30 + 30 * i, 1, 1000 + 500 * i) for i in range(5)] + [_pt(60, 2, 5)]
+    assert rss_trend(points, 1, since=20) == pytest.approx(1000.0)
+
+
+def test_rss_trend_needs_three_samples():
+    assert rss_trend([_pt(30, 1, 1), _pt(40, 1, 2)], 1, since=0) is None
+
+
+def test_trends_are_given_to_survivors_only():
+    rows = growth([_s("a", 1, 1000, 10), _s("b", 2, 1000, 10)], [_s("a", 1, 1000, 10), _s("b", 3, 1000, 10)])
+    points = [_pt(t, 1, 1000) for t in (30, 40, 50)]
+    by_pid = {r["pid"]: r for r in with_trends(rows, points, since=20)}
+    assert by_pid[1]["rss_kib_per_min"] == 0.0
+    assert "rss_kib_per_min" not in by_pid[2]
