@@ -72,7 +72,10 @@ class BatchingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     inline: run the model on the event loop's own thread instead of a worker
         thread. Saves a thread hop per batch for models that take well under
         a millisecond; wrong for slower ones, since the loop cannot read new
-        requests (or form the next batch) while the model runs.
+        requests (or form the next batch) while the model runs. Unset (the
+        default), the model replica decides at warm-up by timing the model
+        (serving/model_server.py, ``choose_execution``) and says which it
+        chose in its log and the model's metadata.
     """
 
     max_batch_size: int = 32
@@ -80,7 +83,7 @@ class BatchingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024
     max_concurrent_batches: int = 1
-    inline: bool = False
+    inline: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -279,10 +279,11 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
         called in-process, the low-latency path; it scales with
         ``server.replicas``. ``dedicated``: its own Serve deployment, reached
         over a loopback hop; for models that need their own processes,
-        replica count or isolation from the others. A colocated model with
-        ``batching.inline`` runs on the ingress's loop and holds up every
-        other request of that replica while it runs: only for models that
-        take well under a millisecond. (Before placement existed every model
+        replica count or isolation from the others. A colocated model run
+        inline (``batching.inline``; unset, chosen at warm-up for a model
+        whose largest batch takes at most a millisecond) runs on the
+        ingress's loop and holds up every other request of that replica
+        while it runs. (Before placement existed every model
         was dedicated: a config with ``replicas`` > 1 now says so.)
     replicas / num_cpus: Serve replicas (dedicated only) and Ray CPUs per
         replica (fractional ok; a colocated model adds its num_cpus to each

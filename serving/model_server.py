@@ -21,6 +21,7 @@ from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode
 from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
 from flywheel.runtime.signature import validate_inputs
 from flywheel.serving._private.drift_sampler import DriftSampler
+from flywheel.serving._private.execution import Execution, choose_execution
 from flywheel.protocol.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.wire import OP_INFER, OP_INFER_GRPC, OP_METADATA, Call, Reply, Stats
 from flywheel.serving.config import ModelConfig, RegistryConfig, RequestLimits
@@ -51,16 +52,19 @@ def make_backend(model: ModelConfig, registry: RegistryConfig | None = None) -> 
     return get_backend(model.backend).create(path, model)
 
 
-def model_metadata(model: ModelConfig, backend: Backend) -> dict:
+def model_metadata(model: ModelConfig, backend: Backend, execution: Execution | None = None) -> dict:
     sig = backend.signature
     tensor = lambda t: {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}  # noqa: E731
-    return {
+    doc = {
         "name": model.name,
         "versions": [model.version],
         "platform": backend.platform,
         "inputs": [tensor(t) for t in sig.inputs],
         "outputs": [tensor(t) for t in sig.outputs],
     }
+    if execution is not None:  # how this replica runs it (an extension, as KServe's parameters)
+        doc["parameters"] = execution.parameters()
+    return doc
 
 
 def check_limits(arrays: dict[str, np.ndarray], batchable: bool, limits: RequestLimits) -> None:
@@ -111,7 +115,9 @@ class ModelServer:
         self._signature = self._backend.signature
         self._batchable = self._signature.batchable
         self._backend.warmup(model.warmup_batch_sizes if self._batchable else (1,))
-        self.metadata = msgspec.json.encode(model_metadata(model, self._backend))
+        self.execution = choose_execution(self._backend, model.batching, self._batchable)
+        log.info("model %s:%s %s", model.name, model.version, self.execution.describe())
+        self.metadata = msgspec.json.encode(model_metadata(model, self._backend, self.execution))
         self._executor = ThreadPoolExecutor(
             model.batching.max_concurrent_batches, thread_name_prefix=f"flywheel-{model.name}"
         )
@@ -128,7 +134,7 @@ class ModelServer:
         batching = model.batching
         if not self._batchable:  # no batch axis: one request per call
             batching = msgspec.structs.replace(batching, max_batch_size=1)
-        executor = None if batching.inline else self._executor
+        executor = None if self.execution.inline else self._executor
         self._batcher = DynamicBatcher(self._backend.infer, batching, executor=executor)
 
     async def handle(self, call: Call) -> Reply:

@@ -80,6 +80,8 @@ _MODEL_META = {
         "platform": {"type": "string"},
         "inputs": {"type": "array", "items": _TENSOR_META},
         "outputs": {"type": "array", "items": _TENSOR_META},
+        # where the replica runs the model and why (serving/_private/execution.py)
+        "parameters": {"type": "object"},
     },
 }
 
