@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 from flywheel.common.settings import load_settings
 
@@ -16,6 +18,31 @@ def table(headers: Sequence[str], rows: list[Sequence[object]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Phases:
+    """How long each step of a long command took, for its closing summary
+    (where start-up time goes is what a user asks first)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, float]] = []
+
+    def add(self, name: str, seconds: float) -> None:
+        self.spans.append((name, seconds))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def summary(self) -> str:
+        total = sum(s for _, s in self.spans)
+        width = max((len(n) for n, _ in self.spans), default=0)
+        lines = [f"  {n.ljust(width)}  {s:6.1f} s" for n, s in self.spans]
+        return "\n".join(["where the time went:", *lines, f"  {'total'.ljust(width)}  {total:6.1f} s"])
 
 
 def when(ts: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from flywheel.cli._shared import Phases
 from flywheel.cli.serve import add_port_arguments, apply_overrides, load_deploy_config, serve_until_interrupted
 from flywheel.common.settings import Settings, load_settings
 from flywheel.protocol.errors import FlywheelError
@@ -32,22 +33,26 @@ def _cmd_run(args: argparse.Namespace) -> None:
     settings = load_settings()
     cfg = apply_overrides(load_deploy_config(args.config)[0], settings, args.port, args.grpc_port)
     out_dir = os.path.join(settings.home, "work", "digits")
+    phases = Phases()
     print(f"training the digits demo model ({args.epochs} epochs) ...", flush=True)
-    result = train_digits(out_dir, epochs=args.epochs)
+    with phases.phase("train and export to ONNX"):
+        result = train_digits(out_dir, epochs=args.epochs)
     print(f"trained: val accuracy {result.val_accuracy:.3f}; ONNX export checked against torch", flush=True)
     registry = Registry.open(settings.registry_uri, settings.artifacts_uri)
     try:
-        mv = register_digits(registry, result, actor=settings.actor, epochs=args.epochs)
-        registry.promote("digits", mv.version, "staging", actor=settings.actor)
-        registry.promote("digits", mv.version, "production", actor=settings.actor)
+        with phases.phase("register and promote"):
+            mv = register_digits(registry, result, actor=settings.actor, epochs=args.epochs)
+            registry.promote("digits", mv.version, "staging", actor=settings.actor)
+            registry.promote("digits", mv.version, "production", actor=settings.actor)
         print(f"registered {mv.ref} (onnx, safetensors, reference sample) and promoted it to production",
               flush=True)
         print(f"  registry: {settings.registry_uri}   lineage: flywheel models lineage digits@production",
               flush=True)
-        _export_demo(registry, mv, settings)
+        with phases.phase("mobile bundle (int8)"):
+            _export_demo(registry, mv, settings)
     finally:
         registry.close()
-    serve_until_interrupted(cfg, settings, os.path.relpath(result.example_path))
+    serve_until_interrupted(cfg, settings, os.path.relpath(result.example_path), phases)
 
 
 def _export_demo(registry, mv, settings: Settings) -> None:

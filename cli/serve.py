@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from flywheel.cli._shared import Phases
 from flywheel.common.ray_cluster import start_ray
 from flywheel.common.settings import Settings, load_settings
 from flywheel.protocol.errors import ConfigError
@@ -51,10 +52,16 @@ def apply_overrides(cfg: DeployConfig, settings: Settings, port: int | None,
     return msgspec.structs.replace(cfg, server=server)
 
 
-def serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str | None) -> None:
+def serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str | None,
+                            phases: Phases | None = None) -> None:
+    """Start Ray, deploy ``cfg``, print where to call it and where the
+    start-up time went (``phases`` may hold earlier steps: training ...),
+    then serve until SIGINT / SIGTERM."""
     cfg.server.check_exposure()  # before anything starts
+    phases = phases if phases is not None else Phases()
     print("starting Ray ...", flush=True)
-    start_ray(settings, log_to_driver=False)
+    with phases.phase("start Ray"):
+        start_ray(settings, log_to_driver=False)
     import ray
     from ray import serve
 
@@ -66,8 +73,9 @@ def serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str 
     try:
         print("deploying models ...", flush=True)
         started = time.perf_counter()
-        dep = deploy(cfg, settings=settings)
+        dep = deploy(cfg, settings=settings, on_phase=phases.add)
         print(f"ready in {time.perf_counter() - started:.1f}s: V2 HTTP on {dep.url}", flush=True)
+        print(phases.summary(), flush=True)
         if dep.grpc_target:
             print(f"V2 gRPC (inference.GRPCInferenceService) on {dep.grpc_target}", flush=True)
         for m in dep.config.models:

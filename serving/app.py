@@ -25,6 +25,7 @@ import time
 import urllib.error
 import uuid
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -244,14 +245,18 @@ def fix_public_ports(server: ServerConfig) -> ServerConfig:
 
 def deploy(
     config: DeployConfig, *, settings: Settings | None = None, ready_timeout_s: float = 120.0,
-    runtime_env: dict | None = None,
+    runtime_env: dict | None = None, on_phase: Callable[[str, float], None] | None = None,
 ) -> Deployment:
     """Deploy every model of ``config`` and the ingress as one Serve
     application (build_application, which takes ``runtime_env``); return
     when ``/v2/health/ready`` answers 200. Ray must be initialised
-    (start_ray). Registry references are resolved first (see resolve_models)."""
+    (start_ray). Registry references are resolved first (see resolve_models).
+    ``on_phase(name, seconds)`` hears how long each step took (for start-up
+    reports): resolving, Serve's controller, the application's deploy, the
+    wait for ready."""
     from ray import serve
 
+    mark = _phase_clock(on_phase)
     config.server.check_exposure()
     config = resolve_models(config, settings or load_settings())
     config = msgspec.structs.replace(config, server=fix_public_ports(config.server))
@@ -259,14 +264,31 @@ def deploy(
     import ray
 
     check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+    mark("resolve models and ports")
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+    mark("Serve controller")
     log.info("deploying %s (%d model(s))", config.name, len(config.models))
     serve.run(build_application(config, runtime_env=runtime_env), name=application_name(config), route_prefix=None)
+    mark("deploy the application (replicas load and warm up)")
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
     wait_ready(url, ready_timeout_s)
+    mark("wait for ready")
     grpc_target = f"{host}:{server.grpc_port}" if server.grpc_port >= 0 else ""
     return Deployment(config, url, grpc_target, (application_name(config),))
+
+
+def _phase_clock(on_phase: Callable[[str, float], None] | None) -> Callable[[str], None]:
+    """``mark(name)`` reports the time since the previous mark as ``name``."""
+    last = [time.perf_counter()]
+
+    def mark(name: str) -> None:
+        now = time.perf_counter()
+        if on_phase is not None:
+            on_phase(name, now - last[0])
+        last[0] = now
+
+    return mark
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

@@ -122,6 +122,11 @@ def test_the_installed_command_serves_the_packaged_example(fresh_venv, tmp_path)
             output, _ = proc.communicate()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "stopped." in output
+    # where its start-up time went, step by step
+    report = output.split("where the time went:", 1)[1].split("\n")[1:7]
+    steps = [line.strip().rsplit("  ", 1)[0].strip() for line in report]
+    assert steps == ["start Ray", "resolve models and ports", "Serve controller",
+                     "deploy the application (replicas load and warm up)", "wait for ready", "total"]
 
 
 def _ready_while_running(url: str, proc: subprocess.Popen) -> bool:

@@ -95,3 +95,18 @@ def test_python_dash_m_runs_the_command(module, tmp_path):
 def test_a_flywheel_error_exits_2_with_its_message(tmp_path, capsys):
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "error: --config" in capsys.readouterr().err
+
+
+def test_phases_sum_up_where_the_time_went():
+    from flywheel.cli._shared import Phases
+
+    phases = Phases()
+    phases.add("train", 12.0)
+    with phases.phase("register"):
+        pass
+    phases.add("start Ray", 3.25)
+    lines = phases.summary().splitlines()
+    assert lines[0] == "where the time went:"
+    assert [line.split()[0] for line in lines[1:]] == ["train", "register", "start", "total"]
+    assert lines[1].endswith("12.0 s") and lines[3].endswith("3.2 s")
+    assert float(lines[-1].split()[-2]) == pytest.approx(15.25, abs=0.06)
