@@ -72,11 +72,11 @@ def endpoint_route(manage: Manage | None, req: Request, parts: list[str]):
     """Dispatch ``/v2/endpoints/...`` (``parts``: the path after it)."""
     parts = [p for p in parts if p] if parts == [""] else parts
     shape = _shape(parts)
-    route = _ROUTES.get((req.method, shape))
+    route = _ROUTES.get(("GET" if req.method == "HEAD" else req.method, shape))  # HEAD answered as GET
     if route is None:
         if any(shape == s for _, s in _ROUTES):
             allowed = sorted(m for m, s in _ROUTES if s == shape)
-            if "GET" in allowed:  # the HTTP server answers HEAD as GET
+            if "GET" in allowed:  # HEAD is answered as GET
                 allowed.append("HEAD")
             return method_not_allowed(req.path, req.method, tuple(allowed))
         return error_response(404, f"no route {req.method} {req.path}")

@@ -30,7 +30,7 @@ _EMPTY: Response = (200, b"", JSON)
 _METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _BINARY = b"application/octet-stream"
 _HEADER_LENGTH = b"inference-header-content-length"
-_GET = ("GET", "HEAD")  # the server answers HEAD as GET without the body
+_GET = ("GET", "HEAD")  # HEAD answered as GET; the server drops the body
 _POST = ("POST",)
 
 
@@ -155,7 +155,7 @@ class HttpRoutes:
                 return feedback(self._router, self._manage, name, req.body)
             return self._infer(name, version, req)
         try:
-            if req.method != "GET":
+            if req.method not in _GET:
                 self._plane.model(name, version)  # an unknown model is a 404 whatever the method
                 return self._only(_GET, req)
             if action == "ready":

@@ -12,7 +12,8 @@ deadline for a whole request head and an idle keep-alive timeout (both
 enforced by one sweep per server, so the request path sets a timestamp
 instead of arming a timer), a cap on open connections (503 beyond it), and a
 bound on the requests of one connection in progress at once (reading stops
-until its answers go out). HEAD is answered as GET without the body.
+until its answers go out). A HEAD request's answer goes out without its body
+(the handler answers it as it would GET).
 """
 
 from __future__ import annotations
@@ -385,9 +386,7 @@ class _Connection(asyncio.Protocol):
         self._release_held()
 
     def _dispatch(self, req: Request, keep_alive: bool) -> None:
-        head = req.method == "HEAD"
-        if head:  # routed as GET; the answer goes out without its body
-            req.method = "GET"
+        head = req.method == "HEAD"  # the handler answers it as GET; the body is not sent
         result = self._handler(req)
         ready = type(result) is tuple  # a Response now (most routes but infer)
         if ready and not self._pending:

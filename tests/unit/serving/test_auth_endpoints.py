@@ -404,6 +404,16 @@ def test_every_405_says_which_methods_the_path_takes(secured, method, path, role
     assert _error(body).endswith(f"not {method}")
 
 
+def test_head_is_answered_as_get_without_a_body_and_a_405_names_head(secured):
+    token = secured["tokens"]["admin"]
+    status, body, resp = call(secured["cfg"], "HEAD", "/v2/models/mlp", token)
+    assert status == 200 and body == b"" and int(resp.getheader("Content-Length")) > 0
+    status, body, resp = call(secured["cfg"], "HEAD", INFER, token)
+    assert status == 405 and resp.getheader("Allow") == "POST" and body == b""
+    status, _, resp = call(secured["cfg"], "HEAD", "/v2/endpoints/mlp/canary", token)
+    assert status == 405 and resp.getheader("Allow") == "DELETE, POST"
+
+
 def test_the_openapi_document_describes_retry_after_on_429(secured):
     status, body, _ = call(secured["cfg"], "GET", "/v2/openapi.json", secured["tokens"]["predict"])
     assert status == 200

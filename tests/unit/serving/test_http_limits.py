@@ -294,7 +294,7 @@ def test_pipelined_requests_beyond_the_bound_wait_unread_and_are_all_answered_in
     assert started == [f"/{i}" for i in range(10)]
 
 
-def test_head_is_answered_as_get_without_the_body():
+def test_head_is_answered_without_the_body():
     async def run():
         server, port = await _serve(HttpLimits())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -307,7 +307,7 @@ def test_head_is_answered_as_get_without_the_body():
         return head, second, body
 
     head, second, body = _run(run())
-    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 6" in head.lower()  # len(b"ok:GET")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 7" in head.lower()  # len(b"ok:HEAD")
     assert second.startswith(b"HTTP/1.1 200 ") and body == b"ok:GET"
 
 
