@@ -52,20 +52,13 @@ def application_name(config: DeployConfig) -> str:
     return config.name
 
 
-def model_gpus(model: ModelConfig) -> float:
-    """Ray GPUs one replica of ``model`` asks for: its ``num_gpus`` when set,
-    else what its backend needs (BackendSpec.gpus_for: TensorRT, and ONNX
-    Runtime with a CUDA or TensorRT provider, need one)."""
-    return model.gpus()
-
-
 def _actor_options(num_cpus: float, models, runtime_env: dict | None = None) -> dict:
     """Ray resources of a replica that loads ``models``: the most GPUs any of
-    them asks for (model_gpus), so that a GPU model is placed on a GPU node
+    them asks for (ModelConfig.gpus), so that a GPU model is placed on a GPU node
     and never lands on a CPU node to fall back to the CPU unseen; and the
     deployment's runtime environment, if any."""
     options: dict = {"num_cpus": num_cpus}
-    gpus = max((model_gpus(m) for m in models), default=0)
+    gpus = max((m.gpus() for m in models), default=0)
     if gpus:
         options["num_gpus"] = gpus
     if runtime_env:
@@ -78,7 +71,7 @@ def check_gpus(config: DeployConfig, cluster_gpus: float) -> None:
     that has fewer GPUs than its largest replica asks for (Serve would
     otherwise wait forever for a node that never comes)."""
     for m in config.models:
-        need = model_gpus(m)
+        need = m.gpus()
         if need > cluster_gpus:
             why = (f"backend {m.backend}" if m.num_gpus is None and m.backend != "onnxruntime"
                    else "num_gpus" if m.num_gpus is not None

@@ -207,13 +207,6 @@ class Ingress:
             return
         self._front = front
 
-    def http_stats(self) -> dict:
-        """Connections of the public HTTP server: open, refused at the cap,
-        closed for a slow request head or for idling (for operators and tests)."""
-        h = self._http
-        return {"open": len(h.connections), "refused": h.refused_connections,
-                "timed_out_heads": h.timed_out_heads, "timed_out_idle": h.timed_out_idle}
-
     def _load_variant(self, model: ModelConfig) -> ModelServer:
         """A variant added at run time (blocking: loads and warms it up)."""
         return ModelServer(model, self._limits, self._registry, self._drift_port, secret=self._secret)

@@ -34,6 +34,14 @@ from collections.abc import Iterator
 import numpy as np
 
 from flywheel.protocol.errors import ErrorCode
+from flywheel.serving._private.http_server import (
+    BODY_TIMEOUT as HTTP_BODY_TIMEOUT,
+    COUNTS as _HTTP,
+    HEAD_TIMEOUT as HTTP_HEAD_TIMEOUT,
+    IDLE_TIMEOUT as HTTP_IDLE_TIMEOUT,
+    OPEN as HTTP_OPEN,
+    REFUSED as HTTP_REFUSED,
+)
 from flywheel.serving._private.wire import Stats
 
 _LATENCY_BUCKETS = (
@@ -58,11 +66,6 @@ BLOCK = _OFF_LOST + 1
 # Lost replicas named per model in this process's own metrics: replicas
 # come and go (each restart is a new name), so only the latest are kept.
 NAMED_LOST_REPLICAS = 32
-
-# The public HTTP server's own numbers, after the model blocks of a slot
-# (indexes into ServingMetrics.http_counts, which HttpServer writes).
-HTTP_REFUSED, HTTP_HEAD_TIMEOUT, HTTP_IDLE_TIMEOUT, HTTP_OPEN, HTTP_BODY_TIMEOUT = range(5)
-_HTTP = 5
 
 # name, type, help, (offset, bounds) for histograms
 _HISTOGRAMS = (
@@ -188,7 +191,8 @@ class ServingMetrics:
             self._data = np.zeros((1, floats))
             self._slot = 0
         mine = self._data[self._slot]
-        # connection counters of this replica's HTTP server, in its slot
+        # this replica's HTTP server counts its connections here, after the
+        # model blocks of its slot, in http_server's layout (REFUSED, ...)
         self.http_counts = mine[self._http_off : self._http_off + _HTTP]
         self._by_key = {
             (name, version): ModelMetrics(name, version, mine[i * BLOCK : (i + 1) * BLOCK])

@@ -65,8 +65,9 @@ class HttpLimits:
         return min(1.0, max(0.02, min(timeouts) / 4)) if timeouts else None
 
 
-# indexes of HttpServer.counts (the same as serving/metrics.py's HTTP_*)
-_REFUSED, _HEAD_TIMEOUT, _IDLE_TIMEOUT, _OPEN, _BODY_TIMEOUT = range(5)
+# Indexes of HttpServer.counts; serving/metrics.py lays its slots out by them.
+REFUSED, HEAD_TIMEOUT, IDLE_TIMEOUT, OPEN, BODY_TIMEOUT = range(5)
+COUNTS = 5
 
 
 class _Refused(Exception):
@@ -114,24 +115,24 @@ class HttpServer:
         # connections refused at the cap, closed for a slow request head, for
         # idling, open now, closed for a slow body: five numbers, in a slot of
         # the node's shared metrics when the caller passes one (serving/metrics.py)
-        self.counts = counts if counts is not None else [0] * 5
+        self.counts = counts if counts is not None else [0] * COUNTS
         self._sweeper: asyncio.Task | None = None
 
     @property
     def refused_connections(self) -> int:
-        return int(self.counts[_REFUSED])
+        return int(self.counts[REFUSED])
 
     @property
     def timed_out_heads(self) -> int:
-        return int(self.counts[_HEAD_TIMEOUT])
+        return int(self.counts[HEAD_TIMEOUT])
 
     @property
     def timed_out_idle(self) -> int:
-        return int(self.counts[_IDLE_TIMEOUT])
+        return int(self.counts[IDLE_TIMEOUT])
 
     @property
     def timed_out_bodies(self) -> int:
-        return int(self.counts[_BODY_TIMEOUT])
+        return int(self.counts[BODY_TIMEOUT])
 
     def start_sweeping(self) -> None:
         interval = self.limits.sweep_interval_s()
@@ -149,14 +150,14 @@ class HttpServer:
         rate = self.limits.min_body_rate
         for conn in list(self.connections):
             if head_s is not None and conn.head_since is not None and now - conn.head_since > head_s:
-                self.counts[_HEAD_TIMEOUT] += 1
+                self.counts[HEAD_TIMEOUT] += 1
                 conn.close()
             elif (head_s is not None and conn.body_since is not None
                   and now - conn.body_since > head_s + conn.body_received / rate):
-                self.counts[_BODY_TIMEOUT] += 1
+                self.counts[BODY_TIMEOUT] += 1
                 conn.close()
             elif idle_s is not None and conn.idle_since is not None and now - conn.idle_since > idle_s:
-                self.counts[_IDLE_TIMEOUT] += 1
+                self.counts[IDLE_TIMEOUT] += 1
                 conn.close()
 
     @property
@@ -250,14 +251,14 @@ class _Connection(asyncio.Protocol):
         if len(owner.connections) >= self._limits.max_connections:
             # answered without reading: the client learns why, and the
             # connections already open keep their share of the replica
-            owner.counts[_REFUSED] += 1
+            owner.counts[REFUSED] += 1
             self._closing = True
             self.head_since = None
             transport.write(_head(503, JSON, b"content-length: %d" % len(_FULL), True) + _FULL)
             _linger_close(transport)
             return
         owner.connections.add(self)
-        owner.counts[_OPEN] = len(owner.connections)
+        owner.counts[OPEN] = len(owner.connections)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -270,7 +271,7 @@ class _Connection(asyncio.Protocol):
         owner = self._owner
         if self in owner.connections:
             owner.connections.discard(self)
-            owner.counts[_OPEN] = len(owner.connections)
+            owner.counts[OPEN] = len(owner.connections)
         for fut in self._pending:
             fut.cancel()
         self._pending.clear()
