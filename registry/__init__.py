@@ -6,6 +6,7 @@ the URI); artifacts on a local folder or any fsspec URI.
 """
 
 from flywheel.registry.gates import GatePolicy, load_policy, parse_policy
+from flywheel.registry.loop_store import LoopEvent, LoopRun, LoopStore
 from flywheel.registry.lineage import code_version, fingerprint_arrays, fingerprint_files
 from flywheel.registry.registry import Registry
 from flywheel.registry.router_state import RouterStateStore
@@ -28,6 +29,9 @@ __all__ = [
     "GatePolicy",
     "Lineage",
     "LineageReport",
+    "LoopEvent",
+    "LoopRun",
+    "LoopStore",
     "ModelVersion",
     "RegisteredModel",
     "Registry",

@@ -169,6 +169,44 @@ _V7 = [
     "ALTER TABLE api_keys ADD COLUMN burst INTEGER",
 ]
 
+# v8: continuous-training loops (loops/): the audit log names the loop run a
+# step belongs to; each loop's durable state (paused, trigger memory) is one
+# JSON document; each run is a row whose phase a restarted controller
+# resumes from; events are the timeline, suppressed triggers included.
+_V8 = [
+    "ALTER TABLE audit ADD COLUMN loop_run TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX audit_by_loop_run ON audit (loop_run)",
+    """CREATE TABLE loop_state (
+        deployment TEXT NOT NULL,
+        loop TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at {real} NOT NULL,
+        PRIMARY KEY (deployment, loop))""",
+    """CREATE TABLE loop_runs (
+        id TEXT PRIMARY KEY,
+        deployment TEXT NOT NULL,
+        loop TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        started_at {real} NOT NULL,
+        updated_at {real} NOT NULL,
+        finished_at {real},
+        detail TEXT NOT NULL)""",
+    "CREATE INDEX loop_runs_by_loop ON loop_runs (deployment, loop, started_at)",
+    """CREATE TABLE loop_events (
+        id {serial},
+        deployment TEXT NOT NULL,
+        loop TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        ts {real} NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL)""",
+    "CREATE INDEX loop_events_by_loop ON loop_events (deployment, loop, id)",
+]
+
 MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (1, _V1, {}),
     (2, _V2, _V2_DIALECT),
@@ -177,6 +215,7 @@ MIGRATIONS: list[tuple[int, list[str], dict[str, list[str]]]] = [
     (5, _V5, {}),
     (6, _V6, {}),
     (7, _V7, {}),
+    (8, _V8, {}),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -120,11 +120,23 @@ class Registry:
         self._db.close()
 
     # -- internals ----------------------------------------------------------
-    def _audit(self, actor: str, action: str, model: str, version: int | None, before: Any, after: Any) -> None:
+    def _audit(self, actor: str, action: str, model: str, version: int | None, before: Any, after: Any,
+               loop_run: str = "") -> None:
         self._db.execute(
-            "INSERT INTO audit (ts, actor, action, model, version, before_json, after_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), actor, action, model, version, _ENC.encode(before).decode(), _ENC.encode(after).decode()),
+            "INSERT INTO audit (ts, actor, action, model, version, before_json, after_json, loop_run) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), actor, action, model, version, _ENC.encode(before).decode(), _ENC.encode(after).decode(),
+             loop_run),
         )
+
+    def record(self, actor: str, action: str, model: str, version: int | None = None, detail: Any = None, *,
+               loop_run: str = "") -> None:
+        """Append one entry to the audit log for a step taken outside the
+        registry's own operations (a loop's trigger, job, canary, outcome),
+        tagged with the loop run it belongs to."""
+        _check_name("audit action", action)
+        with self._db.tx():
+            self._audit(actor, action, model, version, None, detail, loop_run)
 
     def _require_model(self, name: str) -> tuple:
         rows = self._db.execute(
@@ -529,16 +541,17 @@ class Registry:
         return [_to_evaluation(r) for r in rows]
 
     def audit(self, *, model: str | None = None, actor: str | None = None, since: float | None = None,
-              until: float | None = None, limit: int = 1000) -> list[AuditEntry]:
-        """Audit entries, oldest first, filtered by model, actor and time."""
+              until: float | None = None, loop_run: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+        """Audit entries, oldest first, filtered by model, actor, time and loop run."""
         where, args = [], []
-        for col, op, val in (("model", "=", model), ("actor", "=", actor), ("ts", ">=", since), ("ts", "<=", until)):
+        for col, op, val in (("model", "=", model), ("actor", "=", actor), ("ts", ">=", since), ("ts", "<=", until),
+                             ("loop_run", "=", loop_run)):
             if val is not None:
                 where.append(f"{col} {op} ?")
                 args.append(val)
-        sql = "SELECT id, ts, actor, action, model, version, before_json, after_json FROM audit"
+        sql = "SELECT id, ts, actor, action, model, version, before_json, after_json, loop_run FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, int(limit)))
         d = msgspec.json.decode
-        return [AuditEntry(i, ts, a, act, m, v, d(b), d(af)) for i, ts, a, act, m, v, b, af in rows]
+        return [AuditEntry(i, ts, a, act, m, v, d(b), d(af), lr) for i, ts, a, act, m, v, b, af, lr in rows]

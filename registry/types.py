@@ -74,6 +74,7 @@ class AuditEntry(msgspec.Struct, frozen=True):
     version: int | None
     before: Any
     after: Any
+    loop_run: str = ""  # the loop run this step belongs to ("" = none)
 
 
 class Evaluation(msgspec.Struct, frozen=True):

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ["protocol", "runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs", "batch"]
+PACKAGE = ["protocol", "runtime", "kernels", "serving", "training", "registry", "bench", "client", "configs", "batch", "loops"]
 # what a serving-only install (no extras) imports when it loads these rooms
-SERVING = ["protocol", "runtime", "kernels", "serving", "registry", "client", "configs"]
+SERVING = ["protocol", "runtime", "kernels", "serving", "registry", "client", "configs", "loops"]
 # modules of optional GPU packages that are not installed here
 NOT_INSTALLED = {"cupy": "cupy-cuda12x", "tensorrt": "tensorrt"}
 # declared but never imported by name, and why

@@ -32,13 +32,14 @@ ALLOWED: dict[str, set[str]] = {
     "registry": {"protocol"},
     "configs": set(),
     "common": {"protocol"},
-    "serving": {"protocol", "runtime", "kernels", "registry", "common", "configs"},
     "training": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs"},
+    "loops": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs", "training"},
+    "serving": {"protocol", "runtime", "kernels", "registry", "common", "configs", "loops", "training", "client"},
     "batch": {"protocol", "runtime", "kernels", "registry", "common", "configs", "serving"},
     "bench": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs", "serving", "training",
-              "batch"},
+              "batch", "loops"},
     "cli": {"protocol", "client", "runtime", "kernels", "registry", "common", "configs", "serving", "training",
-            "batch", "bench"},
+            "batch", "bench", "loops"},
 }
 RAY_AND_WEB = {"ray", "starlette", "fastapi", "uvicorn", "aiohttp", "flask", "tornado", "sanic", "django",
                "httptools"}

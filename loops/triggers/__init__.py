@@ -1,0 +1,1 @@
+"""Trigger kinds of a loop: one module each, found by name in a registry."""
