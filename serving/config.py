@@ -245,6 +245,50 @@ class DriftConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("drift.mode must be 'tumbling' or 'sliding'")
 
 
+class CaptureConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Inference capture: a sampled share of requests and their answers
+    written to Parquet files for retraining (off by default; see
+    serving/capture.py for the writer, common/capture_files.py for the
+    layout and the reader).
+
+    path: the capture root, a local folder or an fsspec URI (``s3://...``);
+        files go to ``<path>/<endpoint>/<version>/`` and labels (feedback
+        ``label``, or files dropped there) to ``<path>/<endpoint>/labels/``.
+    sample: share of requests captured, in [0, 1] (0.1 = 10 %; 0 captures
+        nothing but still takes labels). The choice is a random draw per
+        request; a request's rows are captured together or not at all.
+    max_file_rows / max_file_bytes / max_file_age_s: a file is finished
+        (renamed from its temporary name, visible to readers) when it holds
+        this many rows, about this many bytes, or is this old.
+    max_queue_rows: rows waiting for the writer thread; a request whose rows
+        would pass it is not captured (counted as dropped, reason
+        ``queue_full``): memory stays bounded and requests never wait.
+    flush_interval_s: how often the writer thread moves queued rows to the
+        open file (and checks its age).
+    """
+
+    path: str
+    sample: float = 0.1
+    max_file_rows: int = 100_000
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_file_age_s: float = 300.0
+    max_queue_rows: int = 10_000
+    flush_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("capture.path is required: a local folder or an fsspec URI such as s3://bucket/captures")
+        if not 0 <= self.sample <= 1:
+            raise ConfigError(f"capture.sample {self.sample} must lie in [0, 1] (the share of requests captured)")
+        for field in ("max_file_rows", "max_file_bytes", "max_queue_rows"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"capture.{field} must be >= 1")
+        if not 0.01 <= self.flush_interval_s <= 3600:
+            raise ConfigError("capture.flush_interval_s must lie in [0.01, 3600] seconds")
+        if not self.flush_interval_s <= self.max_file_age_s <= 7 * 86400:
+            raise ConfigError("capture.max_file_age_s must lie in [capture.flush_interval_s, 604800] seconds")
+
+
 # The fields the built-in backends add to a model (onnxruntime:, tensorrt:,
 # architecture: / hparams:), declared by their registry specs
 # (runtime/backends/); keyword-only, so ModelConfig's own fields keep their
@@ -298,6 +342,8 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     warmup_batch_sizes: batch sizes run once on zeros before the replica takes
         traffic.
     drift: live input drift monitoring (see DriftConfig).
+    capture: inference capture for retraining (see CaptureConfig); unset,
+        the endpoint's ``capture`` applies (EndpointConfig), else none.
     tensorrt: precision, batch profile, plan cache of backend tensorrt (see
         TensorRTConfig); its max_batch must cover batching.max_batch_size.
         Given for another backend, it is refused.
@@ -317,6 +363,7 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     num_gpus: float | None = None
     warmup_batch_sizes: tuple[int, ...] = (1,)
     drift: DriftConfig = DriftConfig()
+    capture: CaptureConfig | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -395,6 +442,9 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         key always sees one variant while the weights stay put.
     promote_alias: the registry alias moved to a variant when it is promoted
         ("" = move none).
+    capture: inference capture of every variant of the endpoint whose model
+        sets no ``capture`` of its own (see CaptureConfig); it also says
+        where feedback labels of this endpoint are written.
     allow_signature_change: let a variant whose signature (input/output
         names, datatypes, shapes) differs from the endpoint's take traffic
         (add_variant, swap, canary); off, such a move is refused naming the
@@ -408,6 +458,7 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sticky_parameter: str = "routing_key"
     promote_alias: str = "production"
     allow_signature_change: bool = False
+    capture: CaptureConfig | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -477,7 +528,21 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConf
             for m in cfg.models
         ]
         cfg = msgspec.structs.replace(cfg, models=models)
-    return cfg
+    return with_endpoint_capture(cfg)
+
+
+def with_endpoint_capture(cfg: DeployConfig) -> DeployConfig:
+    """``cfg`` with each endpoint's ``capture`` copied into its models that
+    set none of their own (the model's own wins), so that a model server
+    needs only its ModelConfig. ``parse_config`` applies it."""
+    by_name = {e.name: e.capture for e in cfg.endpoints if e.capture is not None}
+    if not by_name or all(m.capture is not None or m.name not in by_name for m in cfg.models):
+        return cfg
+    models = [
+        msgspec.structs.replace(m, capture=by_name[m.name]) if m.capture is None and m.name in by_name else m
+        for m in cfg.models
+    ]
+    return msgspec.structs.replace(cfg, models=models)
 
 
 def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> DeployConfig:
