@@ -13,8 +13,17 @@ A policy is a list of rules (YAML or code)::
 ``evaluated_on`` needs at least one recorded evaluation of the version
 (``Registry.add_evaluation``) on that dataset, matched by the dataset string
 or by its fingerprint; with ``metric`` (and ``min`` and/or ``max``) the newest
-such evaluation's metric must lie within the bounds. The other rules read the
-version's own metrics.
+such evaluation's metric must lie within the bounds.
+
+``not_worse_than_production`` compares like with like where it can: when the
+version and the production version both have evaluations carrying the metric
+on a common dataset fingerprint, the newest such pair decides (the pair whose
+later evaluation is the most recent) and its message names the dataset; else
+the two versions' own (training) metrics are compared. The other rules read
+the version's own metrics.
+
+``approvals`` counts distinct identities (the Registry normalises them and
+records each once).
 
 Tolerances and bounds are in the metric's own units (0.5 accuracy points on a
 0-1 accuracy is 0.005). A refusal lists every failed rule with its numbers.
@@ -52,7 +61,8 @@ class NotWorseRule(
     msgspec.Struct, tag="not_worse_than_production", tag_field="rule", frozen=True, forbid_unknown_fields=True
 ):
     """Not worse than the current production version by more than tolerance
-    (passes when nothing is in production yet)."""
+    (passes when nothing is in production yet): on their newest common
+    evaluation dataset when there is one, else on their own metrics."""
 
     metric: str
     tolerance: float = 0.0
@@ -66,7 +76,7 @@ class RequiredMetricsRule(
 
 
 class ApprovalsRule(msgspec.Struct, tag="approvals", tag_field="rule", frozen=True, forbid_unknown_fields=True):
-    """At least ``count`` distinct people approved this version."""
+    """At least ``count`` distinct identities approved this version."""
 
     count: int
 
@@ -130,6 +140,7 @@ class GateContext:
     production_metrics: dict[str, float] | None  # None: nothing in production
     approvers: frozenset[str]
     evaluations: tuple[Evaluation, ...] = ()  # the version's evaluations, oldest first
+    production_evaluations: tuple[Evaluation, ...] = ()  # the production version's, oldest first
 
 
 def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
@@ -150,6 +161,10 @@ def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
             failure = _evaluated_on(rule, ctx.evaluations)
             if failure:
                 failures.append(failure)
+        elif isinstance(rule, NotWorseRule):
+            failure = _not_worse(rule, ctx)
+            if failure:
+                failures.append(failure)
         elif rule.metric not in m:
             failures.append(f"{rule.__struct_config__.tag}: metric {rule.metric!r} is missing")
         elif isinstance(rule, MinRule):
@@ -158,22 +173,49 @@ def evaluate(policy: GatePolicy, ctx: GateContext) -> list[str]:
         elif isinstance(rule, MaxRule):
             if not m[rule.metric] <= rule.value:
                 failures.append(f"max: {rule.metric} {m[rule.metric]:g} > {rule.value:g}")
-        elif isinstance(rule, NotWorseRule) and ctx.production_metrics is not None:
-            prod = ctx.production_metrics.get(rule.metric)
-            if prod is None:
-                continue  # production predates this metric: nothing to compare
-            got = m[rule.metric]
-            if rule.higher_is_better and not got >= prod - rule.tolerance:
-                failures.append(
-                    f"not_worse_than_production: {rule.metric} {got:g} < production {prod:g} - "
-                    f"tolerance {rule.tolerance:g} = {prod - rule.tolerance:g}"
-                )
-            elif not rule.higher_is_better and not got <= prod + rule.tolerance:
-                failures.append(
-                    f"not_worse_than_production: {rule.metric} {got:g} > production {prod:g} + "
-                    f"tolerance {rule.tolerance:g} = {prod + rule.tolerance:g}"
-                )
     return failures
+
+
+def _newest_common(metric: str, mine: tuple[Evaluation, ...],
+                   theirs: tuple[Evaluation, ...]) -> tuple[Evaluation, Evaluation] | None:
+    """The newest evaluation of each side on the fingerprint both were most
+    recently evaluated on with ``metric``; None when they share none."""
+    def newest(evals):
+        out: dict[str, Evaluation] = {}
+        for e in evals:  # ids grow with every insert; clocks may not
+            if metric in e.metrics and (e.fingerprint not in out or e.id > out[e.fingerprint].id):
+                out[e.fingerprint] = e
+        return out
+
+    a, b = newest(mine), newest(theirs)
+    common = a.keys() & b.keys()
+    if not common:
+        return None
+    fp = max(common, key=lambda f: max(a[f].id, b[f].id))
+    return a[fp], b[fp]
+
+
+def _not_worse(rule: NotWorseRule, ctx: GateContext) -> str | None:
+    pair = _newest_common(rule.metric, ctx.evaluations, ctx.production_evaluations)
+    if pair is None and rule.metric not in ctx.metrics:
+        return f"not_worse_than_production: metric {rule.metric!r} is missing"
+    if ctx.production_metrics is None:
+        return None  # nothing in production yet
+    if pair is not None:
+        got, prod = pair[0].metrics[rule.metric], pair[1].metrics[rule.metric]
+        where = f" on dataset {pair[0].dataset!r} (fingerprint {pair[0].fingerprint[:12]})"
+    else:
+        prod = ctx.production_metrics.get(rule.metric)
+        if prod is None:
+            return None  # production predates this metric: nothing to compare
+        got, where = ctx.metrics[rule.metric], ""  # the versions' own metrics
+    if rule.higher_is_better and not got >= prod - rule.tolerance:
+        return (f"not_worse_than_production: {rule.metric} {got:g} < production {prod:g} - "
+                f"tolerance {rule.tolerance:g} = {prod - rule.tolerance:g}{where}")
+    if not rule.higher_is_better and not got <= prod + rule.tolerance:
+        return (f"not_worse_than_production: {rule.metric} {got:g} > production {prod:g} + "
+                f"tolerance {rule.tolerance:g} = {prod + rule.tolerance:g}{where}")
+    return None
 
 
 def _evaluated_on(rule: EvaluatedOnRule, evaluations: tuple[Evaluation, ...]) -> str | None:

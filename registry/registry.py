@@ -5,6 +5,22 @@ Thread-safety: a Registry may be shared by threads; any number of processes
 may open the same store (SQLite file or PostgreSQL) at once. Every mutation is
 one transaction that also appends its audit entry, so the log and the state
 never disagree.
+
+Governance: stage ``production`` and the ``production`` alias are one fact
+written in two places, and every way to change it keeps them equal:
+``promote(name, v, "production")`` and ``set_alias(name, "production", v)``
+take the same gated move (the model's GatePolicy, approvals included, or
+PreconditionFailedError naming each failed rule); archiving the production
+version removes the alias with it; ``delete_alias(name, "production")`` and
+``delete_version`` of the production version are refused. ``rollback`` is
+the one ungated move, the emergency exit: it only restores a version that
+was in production before (so it passed the gates then).
+
+Approvals are bound to an identity string, normalised (trimmed, inner
+whitespace collapsed, lower case) so that one identity counts once. Callers
+name identities by how they were authenticated: the CLI records ``os:<user>``,
+the HTTP route ``key:<API key name>``; ``os:alice`` and ``key:alice`` are two
+identities (nothing proves they are one person).
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ from flywheel.protocol.errors import (
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+PRODUCTION = "production"  # the stage, and the alias that always names its version
 _ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_METADATA_BYTES = 64 * 1024
 # Allowed stage moves; "archived" is reachable from anywhere, and rollback
@@ -55,6 +72,15 @@ def _json(field: str, value: Any) -> str:
     if len(raw) > MAX_METADATA_BYTES:
         raise InvalidInputError(f"{field} is {len(raw)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
     return raw.decode()
+
+
+def identity(actor: str) -> str:
+    """The canonical form of an approver's identity: trimmed, inner
+    whitespace collapsed to one space, lower case (``" Key:Alice "`` and
+    ``"key:alice"`` are one identity). InvalidInputError when empty."""
+    if not isinstance(actor, str) or not actor.strip():
+        raise InvalidInputError(f"an approval needs a non-empty identity, got {actor!r}")
+    return " ".join(actor.split()).lower()
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern = _NAME) -> None:
@@ -336,11 +362,26 @@ class Registry:
 
     # -- aliases, stages, approvals, gates -------------------------------------
     def set_alias(self, name: str, alias: str, version: int, *, actor: str) -> None:
-        """Point ``name@alias`` at ``version`` (atomically moving it)."""
+        """Point ``name@alias`` at ``version`` (atomically moving it).
+
+        ``production`` is no plain pointer: setting it is the gated move to
+        production that ``promote(name, version, "production")`` takes
+        (from any stage but archived: the alias path skips staging), so the
+        version's stage follows and the former production version is
+        archived; PreconditionFailedError names each failed gate and nothing
+        changes. Setting it to the version already there changes nothing."""
         _check_name("alias", alias, _ALIAS)
         with self._db.tx():
-            self._version_row(name, version)
-            self._move_alias(name, alias, version, actor)
+            stage = self._version_row(name, version)[2]
+            if alias == PRODUCTION:
+                if stage == "archived":
+                    raise PreconditionFailedError(
+                        f"{name}/{version} is archived: bring it back with `rollback` (to a version that was "
+                        "in production before), not by moving the production alias"
+                    )
+                self._to_production(name, version, stage, actor)
+            else:
+                self._move_alias(name, alias, version, actor)
 
     def _move_alias(self, name: str, alias: str, version: int, actor: str) -> None:
         rows = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (name, alias))
@@ -352,24 +393,60 @@ class Registry:
         self._audit(actor, "alias", name, version, {"alias": alias, "version": before},
                     {"alias": alias, "version": version})
 
+    def _drop_alias(self, name: str, alias: str, version: int, actor: str) -> None:
+        self._db.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (name, alias))
+        self._audit(actor, "delete_alias", name, version, {"alias": alias, "version": version}, None)
+
+    def _production(self, name: str) -> int | None:
+        rows = self._db.execute("SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,))
+        return rows[0][0] if rows else None
+
+    def production_version(self, name: str) -> int | None:
+        """The version in production (stage and alias agree), or None."""
+        self._require_model(name)
+        return self._production(name)
+
     def delete_alias(self, name: str, alias: str, *, actor: str) -> None:
+        """Remove ``name@alias``. PreconditionFailedError for ``production``
+        while a version is in stage production: the alias and the stage would
+        disagree (archive the version to take it out of production)."""
         with self._db.tx():
             rows = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (name, alias))
             if not rows:
                 raise NotFoundError(f"model {name!r} has no alias {alias!r}")
-            self._db.execute("DELETE FROM aliases WHERE model = ? AND alias = ?", (name, alias))
-            self._audit(actor, "delete_alias", name, rows[0][0], {"alias": alias, "version": rows[0][0]}, None)
+            current = self._production(name) if alias == PRODUCTION else None
+            if current is not None:
+                raise PreconditionFailedError(
+                    f"{name}@{PRODUCTION} names {name}/{current}, which is in stage production: deleting the alias "
+                    f"would make them disagree; archive it instead (promote {name} {current} archived), which "
+                    "removes the alias too"
+                )
+            self._drop_alias(name, alias, rows[0][0], actor)
 
     def approve(self, name: str, version: int, *, actor: str, comment: str = "") -> None:
-        """Record ``actor``'s approval of a version (once per person)."""
+        """Record the approval of a version by the identity ``actor`` (see
+        :func:`identity`: normalised, and counted once toward a policy's
+        ``approvals`` rule). The caller vouches for the identity: the CLI
+        passes the OS user (``os:<user>``), the HTTP route the API key's
+        name (``key:<name>``). AlreadyExistsError when that identity already
+        approved this version; InvalidInputError for an empty identity."""
+        who = identity(actor)
+        _json("comment", comment)  # size check
         with self._db.tx():
             self._version_row(name, version)
-            if self._db.execute("SELECT 1 FROM approvals WHERE model = ? AND version = ? AND actor = ?",
-                                (name, version, actor)):
-                raise AlreadyExistsError(f"{actor} already approved {name}/{version}")
+            approvers = {identity(a) for (a,) in self._db.execute(
+                "SELECT actor FROM approvals WHERE model = ? AND version = ?", (name, version))}
+            if who in approvers:
+                raise AlreadyExistsError(f"{who} already approved {name}/{version}; an identity counts once")
             self._db.execute("INSERT INTO approvals (model, version, actor, comment, ts) VALUES (?, ?, ?, ?, ?)",
-                             (name, version, actor, comment, time.time()))
-            self._audit(actor, "approve", name, version, None, {"comment": comment})
+                             (name, version, who, comment, time.time()))
+            self._audit(who, "approve", name, version, None, {"comment": comment})
+
+    def approvals(self, name: str, version: int) -> list[str]:
+        """The distinct identities that approved ``name/version``, sorted."""
+        self._version_row(name, version)
+        return sorted({identity(a) for (a,) in self._db.execute(
+            "SELECT actor FROM approvals WHERE model = ? AND version = ?", (name, version))})
 
     def set_policy(self, name: str, policy: GatePolicy, *, actor: str) -> None:
         with self._db.tx():
@@ -384,20 +461,27 @@ class Registry:
         return msgspec.json.decode(raw, type=GatePolicy) if raw else GatePolicy()
 
     def check_gates(self, name: str, version: int) -> list[str]:
-        """What would stop ``version`` from going to production (empty: nothing)."""
+        """What would stop ``version`` from going to production (empty:
+        nothing), one message per failed rule, each starting with the rule's
+        name. ``not_worse_than_production`` compares the newest evaluation
+        the version and the production version share a dataset fingerprint
+        on, else their training metrics (registry/gates.py)."""
         mv = self.get_version(name, version)
-        prod = self._db.execute("SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,))
-        prod_metrics = self.get_version(name, prod[0][0]).metrics if prod else None
-        approvers = frozenset(a for (a,) in self._db.execute(
-            "SELECT actor FROM approvals WHERE model = ? AND version = ?", (name, version)))
+        prod = self._production(name)
+        prod_metrics = self.get_version(name, prod).metrics if prod is not None else None
+        prod_evaluations = tuple(self.evaluations(name, prod)) if prod is not None else ()
+        approvers = frozenset(self.approvals(name, version))
         evaluations = tuple(self.evaluations(name, version))
-        return evaluate(self.get_policy(name), GateContext(mv.metrics, prod_metrics, approvers, evaluations))
+        return evaluate(self.get_policy(name),
+                        GateContext(mv.metrics, prod_metrics, approvers, evaluations, prod_evaluations))
 
     def promote(self, name: str, version: int, stage: str, *, actor: str) -> ModelVersion:
         """Move a version to ``stage`` (none -> staging -> production; anything
         -> archived). Production passes the model's gates first; the previous
         production version is archived and the ``staging``/``production``
-        alias follows, all in one transaction."""
+        alias follows, all in one transaction. Archiving the production
+        version takes the ``production`` alias away with it (nothing is in
+        production afterwards)."""
         if stage not in STAGES:
             raise InvalidInputError(f"stage {stage!r} must be one of {', '.join(STAGES)}")
         with self._db.tx():
@@ -407,49 +491,82 @@ class Registry:
                     f"{name}/{version} is in stage {current!r}; it can move to "
                     f"{sorted(_TRANSITIONS[current] | {'archived'})}, not {stage!r}"
                 )
-            if stage == "production":
-                failures = self.check_gates(name, version)
-                if failures:
-                    raise PreconditionFailedError(
-                        f"promotion of {name}/{version} to production refused: " + "; ".join(failures)
-                    )
-                for (old,) in self._db.execute(
-                    "SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,)
-                ):
-                    self._set_stage(name, old, "production", "archived", actor)
+            if stage == PRODUCTION:
+                self._to_production(name, version, current, actor)
+                return self.get_version(name, version)
             self._set_stage(name, version, current, stage, actor)
-            if stage in ("staging", "production"):
+            if stage == "staging":
                 self._move_alias(name, stage, version, actor)
+            if current == PRODUCTION:  # archived: nothing is in production now
+                rows = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?",
+                                        (name, PRODUCTION))
+                if rows:
+                    self._drop_alias(name, PRODUCTION, rows[0][0], actor)
         return self.get_version(name, version)
+
+    def _to_production(self, name: str, version: int, current: str, actor: str) -> None:
+        """The one gated move to production (inside a transaction): gates,
+        then the former production version archived, this one's stage and
+        the alias moved together."""
+        alias = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?", (name, PRODUCTION))
+        if current == PRODUCTION and alias and alias[0][0] == version:
+            return  # already there: nothing to check or move
+        failures = self.check_gates(name, version)
+        if failures:
+            raise PreconditionFailedError(
+                f"promotion of {name}/{version} to production refused: " + "; ".join(failures)
+            )
+        for (old,) in self._db.execute(
+            "SELECT version FROM model_versions WHERE model = ? AND stage = 'production' AND version != ?",
+            (name, version),
+        ):
+            self._set_stage(name, old, PRODUCTION, "archived", actor)
+        if current != PRODUCTION:
+            self._set_stage(name, version, current, PRODUCTION, actor)
+        self._move_alias(name, PRODUCTION, version, actor)
 
     def _set_stage(self, name: str, version: int, before: str, after: str, actor: str) -> None:
         self._db.execute("UPDATE model_versions SET stage = ? WHERE model = ? AND version = ?", (after, name, version))
         self._audit(actor, "stage", name, version, {"stage": before}, {"stage": after})
 
-    def rollback(self, name: str, *, actor: str) -> ModelVersion:
-        """Put the previous production version back in production (no gates:
-        this is the emergency exit), archiving the current one."""
+    def rollback(self, name: str, *, actor: str, to: int | None = None) -> ModelVersion:
+        """Put an earlier production version back in production, archiving
+        the current one; stage and alias move together. No gates: this is
+        the emergency exit, and it only restores a version that was in
+        production before (it passed the gates then, or was put there
+        before they existed). ``to``: which one (default: the most recent
+        other than the current); ``to`` equal to the current production
+        version changes nothing. PreconditionFailedError when nothing is in
+        production or ``to`` never was."""
         with self._db.tx():
-            prod = self._db.execute("SELECT version FROM model_versions WHERE model = ? AND stage = 'production'", (name,))
-            if not prod:
+            current = self._production(name)
+            if current is None:
                 self._require_model(name)
                 raise PreconditionFailedError(f"model {name!r} has nothing in production to roll back")
-            current = prod[0][0]
+            if to is not None and int(to) == current:
+                return self.get_version(name, current)
             history = self._db.execute(
                 "SELECT version, after_json FROM audit WHERE model = ? AND action = 'stage' ORDER BY id DESC", (name,)
             )
             previous = next(
                 (v for v, after in history
-                 if v != current and msgspec.json.decode(after).get("stage") == "production"
+                 if v != current and (to is None or v == int(to))
+                 and msgspec.json.decode(after).get("stage") == PRODUCTION
                  and self._db.execute("SELECT 1 FROM model_versions WHERE model = ? AND version = ?", (name, v))),
                 None,
             )
             if previous is None:
+                if to is not None:
+                    self._version_row(name, int(to))
+                    raise PreconditionFailedError(
+                        f"{name}/{to} was never in production: rollback only restores a version that was "
+                        "(promote it instead, through the gates)"
+                    )
                 raise PreconditionFailedError(f"model {name!r} has no earlier production version to roll back to")
-            self._set_stage(name, current, "production", "archived", actor)
+            self._set_stage(name, current, PRODUCTION, "archived", actor)
             before = self._version_row(name, previous)[2]
-            self._set_stage(name, previous, before, "production", actor)
-            self._move_alias(name, "production", previous, actor)
+            self._set_stage(name, previous, before, PRODUCTION, actor)
+            self._move_alias(name, PRODUCTION, previous, actor)
             self._audit(actor, "rollback", name, previous, {"production": current}, {"production": previous})
         return self.get_version(name, previous)
 
