@@ -25,7 +25,7 @@ run: $(STAMP)
 # image test builds deploy/Dockerfile with podman on a base made by
 # debootstrap. As root with apt-get, install what is missing; otherwise those
 # tests skip and say why.
-SYSTEM_TOOLS := postgresql:/usr/lib/postgresql/*/bin/initdb podman:/usr/bin/podman debootstrap:/usr/sbin/debootstrap runc:/usr/sbin/runc
+SYSTEM_TOOLS := postgresql:/usr/lib/postgresql/*/bin/initdb podman:/usr/bin/podman debootstrap:/usr/sbin/debootstrap runc:/usr/sbin/runc prometheus:/usr/bin/promtool
 
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do \
