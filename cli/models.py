@@ -2,18 +2,26 @@
 
 Every subcommand prints a human-readable table, or JSON with ``--json``.
 Errors print ``error: <message>`` and exit 2.
+
+Governance: ``alias NAME production V`` is the same gated move as ``promote
+NAME V production`` (refused, naming the failed rule, unless the gates pass);
+``approve`` records the OS user running it as ``os:<user>`` and refuses an
+``--actor`` naming anyone else (an approval must come from who is there).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
+import getpass
 
 import msgspec
 
 from flywheel.cli._shared import add_json_flag, add_registry_arguments, table, when
+from flywheel.common.settings import load_settings
+from flywheel.protocol.errors import PermissionDeniedError
 from flywheel.registry import Lineage, Registry, code_version, load_policy
+from flywheel.registry.registry import identity
 
 
 def _time_arg(text: str) -> float:
@@ -130,14 +138,25 @@ def cmd_promote(reg: Registry, args) -> None:
 
 
 def cmd_rollback(reg: Registry, args) -> None:
-    v = reg.rollback(args.name, actor=args.actor)
+    v = reg.rollback(args.name, actor=args.actor, to=args.to)
     _emit(args, v, f"rolled back: {v.ref} is in production again")
 
 
+def os_identity() -> str:
+    """The approver the CLI records: the OS user running it, as ``os:<user>``."""
+    return identity(f"os:{getpass.getuser()}")
+
+
 def cmd_approve(reg: Registry, args) -> None:
-    reg.approve(args.name, args.version, actor=args.actor, comment=args.comment)
-    _emit(args, {"approved": f"{args.name}/{args.version}", "by": args.actor},
-          f"{args.actor} approved {args.name}/{args.version}")
+    who = os_identity()
+    if args.actor != load_settings().actor:  # given on the command line: nobody approves for someone else
+        raise PermissionDeniedError(
+            f"approvals are recorded as the OS user running the command ({who}); --actor {args.actor!r} "
+            "cannot name the approver"
+        )
+    reg.approve(args.name, args.version, actor=who, comment=args.comment)
+    _emit(args, {"approved": f"{args.name}/{args.version}", "by": who},
+          f"{who} approved {args.name}/{args.version}")
 
 
 def cmd_policy(reg: Registry, args) -> None:
@@ -147,11 +166,13 @@ def cmd_policy(reg: Registry, args) -> None:
 
 
 def cmd_audit(reg: Registry, args) -> None:
-    entries = reg.audit(model=args.model, actor=args.by, since=args.since, until=args.until, limit=args.limit)
+    entries = reg.audit(model=args.model, actor=args.by, since=args.since, until=args.until,
+                        loop_run=args.loop_run, limit=args.limit)
     _emit(args, entries, table(
-        ["id", "time", "actor", "action", "model", "version", "before", "after"],
+        ["id", "time", "actor", "action", "model", "version", "loop_run", "before", "after"],
         [(e.id, when(e.ts), e.actor, e.action, e.model, e.version if e.version is not None else "-",
-          msgspec.json.encode(e.before).decode(), msgspec.json.encode(e.after).decode()) for e in entries]))
+          e.loop_run or "-", msgspec.json.encode(e.before).decode(), msgspec.json.encode(e.after).decode())
+         for e in entries]))
 
 
 HELP = ("the model registry: list, show, lineage, evaluations, register, alias, promote, rollback, approve, "
@@ -189,7 +210,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data-fingerprint", default="", help="fingerprint of the training data, for lineage")
     c.add_argument("--parent", default="", help="name/version this derives from")
     c.add_argument("--job-id", default="", help="the training job that produced it, for lineage")
-    c = leaf("alias", "point NAME@ALIAS at VERSION (or --delete it)", cmd_alias)
+    c = leaf("alias", "point NAME@ALIAS at VERSION (or --delete it); 'production' passes the gates like "
+                      "promote, and cannot be deleted while a version is in production", cmd_alias)
     c.add_argument("name", help="the model's name")
     c.add_argument("alias", help="the alias (e.g. champion)")
     c.add_argument("version", type=int, nargs="?", help="the version it points at (omit with --delete)")
@@ -198,9 +220,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("name", help="the model's name")
     c.add_argument("version", type=int, help="the version to move")
     c.add_argument("stage", choices=["staging", "production", "archived", "none"], help="the stage it moves to")
-    c = leaf("rollback", "put the previous production version back", cmd_rollback)
+    c = leaf("rollback", "put the previous production version back (no gates: the emergency exit, only to a "
+                         "version that was in production before)", cmd_rollback)
     c.add_argument("name", help="the model's name")
-    c = leaf("approve", "approve a version for production", cmd_approve)
+    c.add_argument("--to", type=int, help="the former production version to restore (default: the latest)")
+    c = leaf("approve", "approve a version for production, as the OS user running this (recorded as "
+                        "os:USER; --actor is refused here: nobody approves for someone else)", cmd_approve)
     c.add_argument("name", help="the model's name")
     c.add_argument("version", type=int, help="the version approved")
     c.add_argument("--comment", default="", help="why, for the audit log")
@@ -210,6 +235,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = leaf("audit", "the audit log, oldest first", cmd_audit)
     c.add_argument("--model", help="only this model")
     c.add_argument("--by", help="only this actor")
+    c.add_argument("--loop-run", help="only the entries of this loop run (its id)")
     c.add_argument("--since", type=_time_arg, help="epoch seconds or ISO time (UTC unless given)")
     c.add_argument("--until", type=_time_arg, help="epoch seconds or ISO time (UTC unless given)")
     c.add_argument("--limit", type=int, default=1000, help="at most this many entries (default: %(default)s)")
