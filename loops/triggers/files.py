@@ -9,6 +9,7 @@ from __future__ import annotations
 import fsspec
 
 from flywheel.loops.triggers.base import FileInfo
+from flywheel.protocol.errors import ConfigError
 
 _GLOB_CHARS = set("*?[")
 # what fsspec implementations call a file's version, best first
@@ -30,9 +31,14 @@ def list_files(pattern: str) -> list[FileInfo]:
     folder lists every file below it; a file lists itself; a path that does
     not exist lists nothing (a folder not yet written to is an empty dataset).
     Paths keep ``pattern``'s protocol, except local ones, which stay plain.
-    Errors of the filesystem (permissions, network) propagate.
+    An unknown protocol, or one whose package is not installed, raises
+    ConfigError with fsspec's install hint; errors of the filesystem itself
+    (permissions, network) propagate as they are (OSError, mostly).
     """
-    fs, path = fsspec.core.url_to_fs(pattern)
+    try:
+        fs, path = fsspec.core.url_to_fs(pattern)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"path: cannot list {pattern!r}: {exc}") from None
     if _GLOB_CHARS & set(path):
         found = fs.glob(path, detail=True)
     elif fs.isdir(path):

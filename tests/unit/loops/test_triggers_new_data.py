@@ -194,6 +194,11 @@ def test_list_files_through_another_protocol():
         fs.rm(root, recursive=True)
 
 
+def test_list_files_of_an_unknown_protocol_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^path: cannot list 'nosuchproto://b/\*': Protocol not known: nosuchproto"):
+        list_files("nosuchproto://b/*")
+
+
 def test_new_data_on_a_real_folder(folder):
     trigger, signals, memory = NewDataTrigger(path=f"{folder}/**/*.csv"), FixedSignals(), {}
     assert check(trigger, signals, memory) is None
