@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("serve", "serve"),
     ("models", "models"),
     ("keys", "keys"),
+    ("loops", "loops"),
     ("export", "export"),
     ("train", "train"),
     ("predict", "predict"),

@@ -88,6 +88,14 @@ class LoopStore:
                 "INSERT INTO loop_state (deployment, loop, state, updated_at) VALUES (?, ?, ?, ?)",
                 (deployment, loop, doc, time.time()))
 
+    def loops(self, deployment: str | None = None) -> list[tuple[str, str, dict[str, Any], float]]:
+        """Every loop that has state: (deployment, loop, state, updated_at)."""
+        sql, args = "SELECT deployment, loop, state, updated_at FROM loop_state", ()
+        if deployment is not None:
+            sql, args = sql + " WHERE deployment = ?", (deployment,)
+        rows = self._db.execute(sql + " ORDER BY deployment, loop", args)
+        return [(d, lp, msgspec.json.decode(st), ts) for d, lp, st, ts in rows]
+
     # -- runs --------------------------------------------------------------------
     def start_run(self, deployment: str, loop: str, endpoint: str, *, trigger: str, reason: str,
                   phase: str, detail: dict[str, Any] | None = None, now: float | None = None) -> LoopRun:
@@ -105,7 +113,7 @@ class LoopStore:
             self._db.execute(
                 f"INSERT INTO loop_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, '', ?, ?, NULL, ?)",
                 (run_id, deployment, loop, endpoint, trigger, reason, phase, now, now,
-                 _ENC.encode(detail or {}).decode()))
+                 _ENC.encode({**(detail or {}), "phase_since": now}).decode()))
         return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> LoopRun:
@@ -125,6 +133,8 @@ class LoopStore:
             if run.finished:
                 raise PreconditionFailedError(f"loop run {run_id} has already finished ({run.outcome})")
             merged = {**run.detail, **(detail or {})}
+            if phase and phase != run.phase:
+                merged["phase_since"] = now  # when the run entered its phase (a stuck-run alert reads it)
             if finish and not (outcome or run.outcome):
                 raise ValueError("a finished run needs an outcome")
             self._db.execute(

@@ -1,0 +1,179 @@
+"""The loop controller: one Ray Serve replica per deployment with loops.
+
+Serve restarts it when it dies; everything it knows is in the registry's
+database (loop state, runs, events: registry/loop_store.py), so a new replica
+resumes each unfinished run from its row. It drives the other parts through
+their public faces: the training queue (flywheel.training), the registry
+(gates, approvals, audit) and the endpoint's HTTP API with an API key of role
+``operate`` that it makes for itself at start (the token lives only in this
+process's memory; it is never logged and the audit log records only the key's
+creation; a restarted controller revokes its predecessor's key).
+
+Operators reach it through the ingress (``/v2/loops``) or the CLI
+(``flywheel loops``), both of which only read the store and queue commands
+(pause, resume, trigger) as loop events that the next tick applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from flywheel.loops.spec import LoopSpec
+
+log = logging.getLogger(__name__)
+KEY_PREFIX = "loop-controller:"
+
+
+class _Jobs:
+    """The training runtime as a loop's runner needs it."""
+
+    def __init__(self, runtime) -> None:
+        self._rt = runtime
+
+    def submit(self, spec: dict, *, run: bool = True):
+        return self._rt.submit(spec, run=run)
+
+    def resume(self, job_id: str, *, run: bool = True):
+        return self._rt.resume(job_id, run=run)
+
+    def job(self, job_id: str):
+        self._rt.list_jobs()  # marks jobs whose runner died as failed, so that they can be resumed
+        return self._rt.store.get(job_id)
+
+
+class LoopController:
+    """``loops``: the deployment's loop specs. ``registry_uri`` /
+    ``artifacts_uri``: the deployment's registry. ``ingress_url``: the
+    server's HTTP address. ``auth``: whether the server wants API keys.
+    ``capture_of`` / ``model_of``: each endpoint's capture root ("" = none)
+    and registry model name. ``home``: Flywheel's state folder (training
+    jobs' folders). ``start``: run the tick thread (False in tests that
+    tick by hand)."""
+
+    def __init__(self, deployment: str, loops: list[LoopSpec], *, registry_uri: str, artifacts_uri: str,
+                 ingress_url: str, auth: bool, capture_of: dict[str, str], model_of: dict[str, str],
+                 home: str = "", start: bool = True) -> None:
+        from flywheel.common.settings import load_settings
+        from flywheel.loops.endpoint_ops import HttpEndpointOps
+        from flywheel.loops.evaluate import evaluate_on_heldout
+        from flywheel.loops.metrics import LoopMetrics
+        from flywheel.loops.notify import Notifier
+        from flywheel.loops.runner import LoopRunner
+        from flywheel.loops.signals import DeploymentSignals
+        from flywheel.registry import LoopStore, Registry, parse_policy
+        from flywheel.training import TrainingRuntime
+
+        import msgspec
+
+        self.deployment = deployment
+        self._store = LoopStore.open(registry_uri)
+        self._registry = Registry.open(registry_uri, artifacts_uri)
+        self._key_id, token = self._make_key(registry_uri) if auth else (None, None)
+        self._ops = HttpEndpointOps(ingress_url, api_key=token)
+        settings = load_settings()
+        settings = msgspec.structs.replace(settings, registry_uri=registry_uri, artifacts_uri=artifacts_uri,
+                                           home=home or settings.home)
+        self._training = TrainingRuntime(settings)
+        self.metrics = LoopMetrics()
+        signals = DeploymentSignals(self._ops, self._registry, model_of=model_of, capture_of=capture_of)
+        self._notifiers = []
+        self.runners = []
+        for spec in loops:
+            self.metrics.add_loop(spec.name)
+            if spec.policy is not None:
+                self._apply_policy(spec, parse_policy(spec.policy))
+            notifier = Notifier(list(spec.notify), source=f"{deployment}/{spec.name}", metrics=self.metrics) \
+                if spec.notify else None
+            if notifier is not None:
+                self._notifiers.append(notifier)
+            self.runners.append(LoopRunner(
+                spec, deployment=deployment, store=self._store, registry=self._registry,
+                jobs=_Jobs(self._training), endpoint=self._ops, signals=signals,
+                evaluator=lambda m, c, p, job, run_id: evaluate_on_heldout(self._registry, m, c, p, job, run_id),
+                notifier=notifier, metrics=self.metrics, capture_path=capture_of.get(spec.endpoint, ""),
+            ))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if any(r.phase == "training" for r in self._store.runs(deployment, unfinished=True)):
+            # a predecessor's job may still wait in the queue: run the queue here
+            self._training.start()
+        if start:
+            self._thread = threading.Thread(target=self._run, name="flywheel-loops", daemon=True)
+            self._thread.start()
+
+    def _make_key(self, uri: str) -> tuple[str, str]:
+        from flywheel.registry.keys import KeyStore
+
+        keys = KeyStore.open(uri)
+        try:
+            name = f"{KEY_PREFIX}{self.deployment}"
+            for k in keys.list():
+                if k.name == name:  # a predecessor's: it died with its process
+                    keys.revoke(k.id, actor=name)
+            key, token = keys.create(name, ["operate"], actor=name)
+            return key.id, token
+        finally:
+            keys.close()
+
+    def _apply_policy(self, spec: LoopSpec, policy) -> None:
+        from flywheel.protocol.errors import NotFoundError
+
+        try:
+            if self._registry.get_policy(spec.model_name) != policy:
+                self._registry.set_policy(spec.model_name, policy, actor=f"loop:{spec.name}")
+        except NotFoundError:
+            log.warning("loop %s: model %r is not registered yet; its policy is set once it is",
+                        spec.name, spec.model_name)
+
+    # -- the thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        due = {r.spec.name: 0.0 for r in self.runners}
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for runner in self.runners:
+                if now < due[runner.spec.name]:
+                    continue
+                due[runner.spec.name] = now + runner.spec.tick_s
+                try:
+                    runner.tick()
+                except Exception:  # noqa: BLE001 - one loop's failure must not stop the others
+                    log.exception("loop %s: tick failed", runner.spec.name)
+            wait = min(due.values(), default=now + 1.0) - time.monotonic()
+            self._stop.wait(max(0.05, wait))
+
+    def tick_all(self) -> None:
+        """One tick of every loop (tests that drive the controller by hand)."""
+        for runner in self.runners:
+            runner.tick()
+
+    # -- faces ---------------------------------------------------------------------
+    def check_health(self) -> None:
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("the loop controller's thread has stopped")
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.exposition()
+
+    def describe(self) -> dict[str, Any]:
+        return {"loops": [{"name": r.spec.name, "endpoint": r.spec.endpoint, "model": r.spec.model_name}
+                          for r in self.runners]}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for n in self._notifiers:
+            n.close()
+        self._training.close(timeout=10)
+        self._ops.close()
+        self._store.close()
+        self._registry.close()
+
+    def __del__(self) -> None:
+        try:
+            self._stop.set()
+        except AttributeError:
+            pass

@@ -1,0 +1,418 @@
+"""One loop's turns: triggers -> guard rails -> a run through its phases.
+
+A run moves ``training -> evaluating -> gating [-> awaiting_approval] ->
+canary`` and ends with an outcome (promoted, rolled_back, refused, failed,
+cancelled). Each :meth:`LoopRunner.tick` looks once at what the current phase
+waits for (a job's state, the gates, the endpoint's canary) and moves on when
+it is there; nothing blocks between ticks. A phase's progress lives in the
+run's row (registry/loop_store.py) before the next step is taken, so a
+controller that dies anywhere resumes the run from its row: a job it had
+submitted is waited for (or resumed from its checkpoint once its runner is
+found dead), a canary it had started is watched on the endpoint.
+
+Every step is one audit entry tagged with the run id, so ``flywheel models
+audit --loop-run ID`` reads trigger -> job -> version -> evaluation -> gates
+-> canary -> outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from flywheel.loops.guards import GuardInput, suppression
+from flywheel.loops.spec import LoopSpec
+from flywheel.loops.triggers import Firing, Signals, manual_firing
+from flywheel.protocol.errors import FlywheelError, PreconditionFailedError
+
+log = logging.getLogger(__name__)
+
+PHASES = ("training", "evaluating", "gating", "awaiting_approval", "canary")
+OUTCOMES = ("promoted", "rolled_back", "refused", "failed", "cancelled")
+_DAY_S = 86400.0
+_TERMINAL_JOB = ("succeeded", "failed", "cancelled")
+
+
+class EndpointOps(Protocol):
+    """What a loop asks of the running endpoint (its HTTP face, as operate)."""
+
+    def status(self, endpoint: str) -> dict: ...
+    def add_variant(self, endpoint: str, model: dict) -> Any: ...
+    def remove_variant(self, endpoint: str, version: str) -> Any: ...
+    def start_canary(self, endpoint: str, canary: dict) -> Any: ...
+
+
+class Jobs(Protocol):
+    """The training queue (flywheel.training.TrainingRuntime)."""
+
+    def submit(self, spec: dict, *, run: bool = True) -> Any: ...
+    def resume(self, job_id: str, *, run: bool = True) -> Any: ...
+    def job(self, job_id: str) -> Any: ...  # a JobRecord: .state, .error, .result
+
+
+Evaluator = Callable[[str, int, "int | None", dict, str], dict]
+
+
+def endpoint_busy(status: dict | None) -> str | None:
+    """Why the endpoint cannot take a new candidate now (None: it can)."""
+    if not status:
+        return None
+    canary = status.get("canary")
+    if canary and canary.get("status") == "running":
+        return f"a canary of version {canary.get('variant')} is in progress"
+    swap = status.get("swap")
+    if swap and swap.get("phase") not in (None, "done", "failed", "finished"):
+        return "a swap is in progress"
+    return None
+
+
+class LoopRunner:
+    """Drives one loop. Not thread-safe: one controller thread ticks it."""
+
+    def __init__(self, spec: LoopSpec, *, deployment: str, store, registry, jobs: Jobs, endpoint: EndpointOps,
+                 signals: Signals, evaluator: Evaluator, notifier=None, metrics=None,
+                 capture_path: str = "", clock: Callable[[], float] = time.time) -> None:
+        self.spec = spec
+        self.deployment = deployment
+        self._store = store
+        self._reg = registry
+        self._jobs = jobs
+        self._ep = endpoint
+        self._signals = signals
+        self._evaluate = evaluator
+        self._notifier = notifier
+        self._metrics = metrics
+        self._capture = capture_path
+        self._clock = clock
+        self.actor = f"loop:{spec.name}"
+        self._state: dict = {}
+
+    # -- the tick ----------------------------------------------------------------
+    def tick(self) -> None:
+        now = self._clock()
+        # the loop's document for this tick: phases may change it too (a
+        # promotion resets the drift triggers); saved once, at the end
+        self._state = state = self._store.load_state(self.deployment, self.spec.name)
+        manual = self._commands(state)
+        runs = self._store.runs(self.deployment, self.spec.name, unfinished=True, limit=1)
+        run = runs[0] if runs else None
+        if run is not None:
+            try:
+                self._advance(run, now)
+            except FlywheelError as exc:
+                log.warning("loop %s: run %s, phase %s: %s", self.spec.name, run.id, run.phase, exc.message)
+                self._event("error", {"phase": run.phase, "error": exc.message}, run.id)
+        firings = list(manual)
+        if not state.get("paused"):
+            firings += self._check_triggers(state, now)
+        for firing in firings:
+            self._consider(firing, now)
+        self._store.save_state(self.deployment, self.spec.name, state)
+        if self._metrics is not None:
+            self._metrics.tick(self.spec.name, now)
+            current = self._current()
+            since = current.detail.get("phase_since", current.updated_at) if current else 0.0
+            self._metrics.phase(self.spec.name, current is not None, since)
+
+    def _commands(self, state: dict) -> list[Firing]:
+        """Apply pause / resume / manual-trigger requests queued in the
+        loop's events (by the CLI or HTTP) since the last tick."""
+        after = int(state.get("commands_after", 0))
+        firings = []
+        for ev in self._store.events(self.deployment, self.spec.name, after_id=after):
+            after = ev.id
+            who = ev.detail.get("actor", "unknown")
+            if ev.kind == "pause_requested":
+                state["paused"] = True
+            elif ev.kind == "resume_requested":
+                state["paused"] = False
+            elif ev.kind == "trigger_requested":
+                firings.append(manual_firing(who, ev.detail.get("note", "")))
+        state["commands_after"] = after
+        return firings
+
+    def _check_triggers(self, state: dict, now: float) -> list[Firing]:
+        memory = state.setdefault("triggers", {})
+        fired = []
+        for i, trig in enumerate(self.spec.triggers):
+            mem = memory.setdefault(trigger_key(trig), {})
+            try:
+                firing = trig.check(self._signals, mem, now, endpoint=self.spec.endpoint)
+            except FlywheelError as exc:
+                log.warning("loop %s: trigger %d (%s) could not be checked: %s",
+                            self.spec.name, i, type(trig).__name__, exc.message)
+                continue
+            except OSError as exc:
+                log.warning("loop %s: trigger %d (%s) could not be checked: %s",
+                            self.spec.name, i, type(trig).__name__, exc)
+                continue
+            if firing is not None:
+                fired.append(firing)
+                if firing.kind == "drift":
+                    self._notify("drift_detected", {"reason": firing.reason, **firing.detail})
+        return fired[:1]  # one run per turn; the rest are consumed with it
+
+    def _consider(self, firing: Firing, now: float) -> None:
+        current = self._current()
+        last = self._store.runs(self.deployment, self.spec.name, limit=1)
+        status = None
+        try:
+            status = self._ep.status(self.spec.endpoint)
+        except FlywheelError as exc:
+            log.info("loop %s: endpoint status unavailable: %s", self.spec.name, exc.message)
+        g = GuardInput(
+            now=now,
+            last_run_started=last[0].started_at if last else None,
+            runs_last_24h=len(self._store.runs(self.deployment, self.spec.name, since=now - _DAY_S, limit=10_000)),
+            run_in_progress=current.id if current else None,
+            endpoint_busy=endpoint_busy(status),
+            manual=firing.kind == "manual",
+            canary=bool(status and (status.get("canary") or {}).get("status") == "running"),
+        )
+        why = suppression(self.spec.guards, g)
+        if why is not None:
+            detail = {"trigger": firing.kind, "reason": firing.reason, "suppressed": why}
+            self._event("trigger_suppressed", detail)
+            self._notify("trigger_suppressed", detail)
+            if self._metrics is not None:
+                self._metrics.suppressed(self.spec.name, why.split(":", 1)[0])
+            return
+        try:
+            run = self._store.start_run(self.deployment, self.spec.name, self.spec.endpoint, trigger=firing.kind,
+                                        reason=firing.reason, phase="training",
+                                        detail={"trigger_detail": firing.detail}, now=now)
+        except PreconditionFailedError as exc:  # another controller started one meanwhile
+            self._event("trigger_suppressed", {"trigger": firing.kind, "suppressed": exc.message})
+            return
+        self._audit(run.id, "loop_trigger", None, {"trigger": firing.kind, "reason": firing.reason,
+                                                   **firing.detail})
+        self._event("run_started", {"trigger": firing.kind, "reason": firing.reason}, run.id)
+        self._notify("run_started", {"run": run.id, "trigger": firing.kind, "reason": firing.reason})
+        if self._metrics is not None:
+            self._metrics.run_started(self.spec.name, firing.kind)
+        self._advance(run, now)
+
+    def _current(self):
+        runs = self._store.runs(self.deployment, self.spec.name, unfinished=True, limit=1)
+        return runs[0] if runs else None
+
+    # -- phases ------------------------------------------------------------------
+    def _advance(self, run, now: float) -> None:
+        step = getattr(self, f"_phase_{run.phase}")
+        step(run, now)
+
+    def _phase_training(self, run, now: float) -> None:
+        job_id = run.detail.get("job_id")
+        if not job_id:
+            job = self.job_spec(run)
+            handle = self._jobs.submit(job, run=True)
+            job_id = handle.job_id
+            self._store.update_run(run.id, detail={"job_id": job_id, "job_name": job["name"],
+                                                   "dataset": job["dataset"]})
+            self._audit(run.id, "loop_job", None, {"job_id": job_id, "dataset": job["dataset"]})
+            self._event("job_submitted", {"job_id": job_id}, run.id)
+            return
+        rec = self._jobs.job(job_id)
+        if rec.state not in _TERMINAL_JOB:
+            return
+        if rec.state == "succeeded":
+            ref = (rec.result or {}).get("ref", "")
+            version = int(ref.rsplit("/", 1)[1]) if "/" in ref else None
+            if version is None:
+                self._finish(run, "failed", f"job {job_id} succeeded but registered no version")
+                return
+            self._store.update_run(run.id, phase="evaluating", detail={"version": version})
+            self._audit(run.id, "loop_version", version, {"job_id": job_id, "ref": ref,
+                                                          "metrics": (rec.result or {}).get("metrics", {})})
+            self._event("version_registered", {"version": version, "ref": ref}, run.id)
+            return
+        retries = int(run.detail.get("job_resumes", 0))
+        if rec.state == "failed" and retries < self.spec.job_retries:
+            self._jobs.resume(job_id, run=True)
+            self._store.update_run(run.id, detail={"job_resumes": retries + 1})
+            self._event("job_resumed", {"job_id": job_id, "error": rec.error}, run.id)
+            return
+        if self._metrics is not None:
+            self._metrics.job_failed(self.spec.name)
+        self._finish(run, "cancelled" if rec.state == "cancelled" else "failed",
+                     f"training job {job_id} {rec.state}: {rec.error}")
+
+    def _phase_evaluating(self, run, now: float) -> None:
+        version = run.detail["version"]
+        production = self._production_version()
+        job = self.job_spec(run, fresh=False)
+        metrics = self._evaluate(self.spec.model_name, version, production, job, run.id)
+        self._store.update_run(run.id, phase="gating", detail={"evaluation": metrics, "production": production})
+        self._audit(run.id, "loop_evaluation", version, {"production": production, **metrics})
+        self._event("evaluated", {"production": production, **metrics}, run.id)
+
+    def _phase_gating(self, run, now: float) -> None:
+        version = run.detail["version"]
+        failures = self._reg.check_gates(self.spec.model_name, version)
+        if not failures:
+            self._store.update_run(run.id, phase="canary", detail={"gates": "passed"})
+            self._audit(run.id, "loop_gates", version, {"passed": True})
+            self._event("gates_passed", {}, run.id)
+            return
+        if all(f.startswith("approvals:") for f in failures):
+            if run.phase != "awaiting_approval":
+                self._store.update_run(run.id, phase="awaiting_approval", detail={"waiting_for": failures})
+                self._audit(run.id, "loop_gates", version, {"passed": False, "awaiting_approval": failures})
+                self._event("approval_needed", {"failures": failures}, run.id)
+                self._notify("approval_needed", {"run": run.id, "model": self.spec.model_name,
+                                                 "version": version, "failures": failures})
+                return
+            if now - run.detail.get("phase_since", run.updated_at) > self.spec.approval_timeout_s:
+                self._finish(run, "refused", f"no approval within {self.spec.approval_timeout_s:g} s: "
+                             + "; ".join(failures))
+            return
+        self._audit(run.id, "loop_gates", version, {"passed": False, "failures": failures})
+        self._notify("gate_refused", {"run": run.id, "model": self.spec.model_name, "version": version,
+                                      "failures": failures})
+        self._finish(run, "refused", "; ".join(failures))
+
+    _phase_awaiting_approval = _phase_gating
+
+    def _phase_canary(self, run, now: float) -> None:
+        version = run.detail["version"]
+        variant = str(version)
+        status = self._ep.status(self.spec.endpoint)
+        state = (status.get("variants") or {}).get(variant)
+        if not run.detail.get("variant_added"):
+            if state is None:
+                self._ep.add_variant(self.spec.endpoint, {"version": variant,
+                                                          "ref": f"{self.spec.model_name}/{version}"})
+            self._store.update_run(run.id, detail={"variant_added": True})
+            self._event("variant_added", {"variant": variant}, run.id)
+            return
+        if not run.detail.get("canary_started"):
+            if state is None:
+                return
+            if state.get("status") == "failed":
+                self._finish(run, "failed", f"variant {variant} failed to load: {state.get('error')}")
+                return
+            if state.get("status") != "ready":
+                return
+            plan = {**self.spec.canary, "variant": variant}
+            self._ep.start_canary(self.spec.endpoint, plan)
+            self._store.update_run(run.id, detail={"canary_started": True, "canary_plan": plan})
+            self._audit(run.id, "loop_canary", version, {"plan": plan})
+            self._event("canary_started", {"plan": plan}, run.id)
+            return
+        canary = status.get("canary") or {}
+        if canary.get("variant") != variant:
+            return  # the canary's state is not reported yet
+        history = canary.get("history") or []
+        steps = [h.get("percent") for h in history if h.get("action") == "advance"]
+        if steps != run.detail.get("canary_steps", []):
+            self._store.update_run(run.id, detail={"canary_steps": steps})
+            self._event("canary_step", {"percent": steps[-1] if steps else None}, run.id)
+        outcome = {"promoted": "promoted", "completed": "promoted", "rolled_back": "rolled_back",
+                   "aborted": "rolled_back"}.get(canary.get("status", ""))
+        if outcome is None:
+            return
+        reason = (history[-1].get("reason") if history else "") or canary.get("status", "")
+        if outcome == "rolled_back":
+            try:
+                self._ep.remove_variant(self.spec.endpoint, variant)
+            except FlywheelError as exc:
+                log.info("loop %s: removing rolled-back variant %s: %s", self.spec.name, variant, exc.message)
+        if outcome == "promoted":
+            self._forget_drift()
+        self._notify("canary_promoted" if outcome == "promoted" else "canary_rolled_back",
+                     {"run": run.id, "model": self.spec.model_name, "version": version, "reason": reason})
+        self._finish(run, outcome, reason)
+
+    def _forget_drift(self) -> None:
+        """Windows scored against the version just replaced say nothing of
+        the new one: the drift triggers stop counting them."""
+        from flywheel.loops.triggers import DriftTrigger
+        from flywheel.loops.triggers.drift import reset
+
+        memory = self._state.setdefault("triggers", {})
+        for trig in self.spec.triggers:
+            if isinstance(trig, DriftTrigger):
+                reset(memory.setdefault(trigger_key(trig), {}), self._clock())
+
+    # -- endings and records -------------------------------------------------------
+    def _finish(self, run, outcome: str, reason: str) -> None:
+        run = self._store.update_run(run.id, outcome=outcome, detail={"outcome_reason": reason}, finish=True)
+        self._audit(run.id, "loop_outcome", run.detail.get("version"), {"outcome": outcome, "reason": reason})
+        self._event("run_finished", {"outcome": outcome, "reason": reason}, run.id)
+        self._notify("run_failed" if outcome == "failed" else "run_finished",
+                     {"run": run.id, "outcome": outcome, "reason": reason, "version": run.detail.get("version")})
+        if self._metrics is not None:
+            self._metrics.run_finished(self.spec.name, outcome)
+        log.info("loop %s: run %s ended %s: %s", self.spec.name, run.id, outcome, reason)
+
+    def _audit(self, run_id: str, action: str, version: int | None, detail: dict) -> None:
+        self._reg.record(self.actor, action, self.spec.model_name, version, detail, loop_run=run_id)
+
+    def _event(self, kind: str, detail: dict, run_id: str = "") -> None:
+        self._store.add_event(self.deployment, self.spec.name, kind, detail, run_id=run_id)
+
+    def _notify(self, event: str, payload: dict) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(event, {"loop": self.spec.name, "endpoint": self.spec.endpoint, **payload})
+
+    def _production_version(self) -> int | None:
+        try:
+            return self._reg.resolve(f"{self.spec.model_name}@production").version
+        except FlywheelError:
+            return None
+
+    # -- the job -------------------------------------------------------------------
+    def job_spec(self, run, *, fresh: bool = True) -> dict:
+        """The template made concrete for ``run``: its own name, registered
+        under the loop's model, no canary of its own, the loop's priority,
+        and (with ``data.captured``) captured traffic mixed into its data.
+        ``fresh=False`` rebuilds the spec the run submitted (its dataset
+        as recorded), for the evaluation of the same held-out rows."""
+        job = dict(self.spec.job)
+        job["name"] = run.detail.get("job_name") or f"{self.spec.name}-{uuid.uuid4().hex[:8]}"
+        job["priority"] = self.spec.priority
+        job["export"] = {**job.get("export", {}), "onnx": True, "register": True,
+                         "model_name": self.spec.model_name, "canary_url": "", "canary": {}}
+        if not fresh and "dataset" in run.detail:
+            job["dataset"] = run.detail["dataset"]
+        elif self.spec.data.captured and self._capture:
+            job["dataset"] = self._captured_dataset(job.get("dataset", {}))
+        else:
+            job["dataset"] = dict(job.get("dataset", {}))
+        return job
+
+    def _captured_dataset(self, original: dict) -> dict:
+        since = 0.0
+        if self.spec.data.since == "last_run":
+            done = [r for r in self._store.runs(self.deployment, self.spec.name, limit=50) if r.finished]
+            since = done[0].started_at if done else 0.0
+        return captured_dataset(original, path=self._capture, endpoint=self.spec.endpoint, since=since,
+                                fraction=self.spec.data.captured_fraction)
+
+
+def trigger_key(trig) -> str:
+    """What a trigger's memory is filed under: its kind and settings, so
+    that reordering a loop's triggers keeps each one's memory, and a changed
+    trigger starts afresh."""
+    digest = hashlib.sha256(msgspec.json.encode(trig)).hexdigest()[:12]
+    return f"{type(trig).__struct_config__.tag}:{digest}"
+
+
+def captured_dataset(original: dict, *, path: str, endpoint: str, since: float, fraction: float) -> dict:
+    """A training ``dataset`` mapping of kind ``captured`` mixing ``original``
+    (the template's dataset mapping) in by ``fraction`` of captured rows."""
+    orig = dict(original) or {"kind": "digits"}
+    out = {"kind": "captured", "path": path, "endpoint": endpoint, "since": since,
+           "captured_fraction": fraction, "mix_kind": orig.get("kind", "digits")}
+    if orig.get("path"):
+        out["mix_path"] = orig["path"]
+    for key in ("features", "label", "validation_fraction", "reference_rows"):
+        if key in orig:
+            out[key] = orig[key]
+    return out
