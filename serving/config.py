@@ -16,6 +16,7 @@ import msgspec
 from flywheel.runtime.batcher import BatchingConfig
 from flywheel.common.yaml_files import load_yaml
 from flywheel.kernels import available_tests, get_test
+from flywheel.loops.spec import LoopSpec
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.backends.registry import builtin_fields, builtin_specs, get_backend
 from flywheel.serving.policy_config import PolicyConfig
@@ -474,6 +475,9 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         deployments (each with its own ingress) can share one Ray.
     endpoints: routing of the model names with several versions (see
         EndpointConfig).
+    loops: continuous-training loops, one per endpoint (see
+        flywheel.loops.spec.LoopSpec): triggers -> training -> gates ->
+        canary on that endpoint, run by a loop controller deployed with it.
     """
 
     models: list[ModelConfig]
@@ -481,6 +485,7 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     registry: RegistryConfig = RegistryConfig()
     name: str = "flywheel"
     endpoints: list[EndpointConfig] = []
+    loops: list[LoopSpec] = []
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -509,6 +514,42 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 )
         if len({e.name for e in self.endpoints}) != len(self.endpoints):
             raise ConfigError("endpoints: a name is listed twice")
+        _check_loops(self, versions)
+
+
+def _check_loops(cfg: DeployConfig, versions: dict[str, set[str]]) -> None:
+    """What a loop needs of the deployment it belongs to, checked before
+    anything starts."""
+    from flywheel.serving.canary import CanaryConfig
+
+    names, endpoints = set(), set()
+    for loop in cfg.loops:
+        where = f"loops.{loop.name}"
+        if loop.name in names:
+            raise ConfigError(f"loops: the name {loop.name!r} is listed twice")
+        if loop.endpoint in endpoints:
+            raise ConfigError(f"{where}.endpoint: {loop.endpoint!r} already has a loop (one loop per endpoint)")
+        names.add(loop.name)
+        endpoints.add(loop.endpoint)
+        if loop.endpoint not in versions:
+            raise ConfigError(f"{where}.endpoint {loop.endpoint!r} names no model; models: {sorted(versions)}")
+        try:
+            msgspec.convert({**loop.canary, "variant": "candidate"}, CanaryConfig, strict=False)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.canary: {exc.message}") from None
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{where}.canary: {exc}") from None
+        if loop.canary.get("promote") is False:
+            raise ConfigError(f"{where}.canary.promote must stay true: a loop's canary ends by promoting")
+        if loop.data.captured:
+            endpoint = next((e for e in cfg.endpoints if e.name == loop.endpoint), None)
+            captured = (endpoint is not None and endpoint.capture is not None) or any(
+                m.capture is not None for m in cfg.models if m.name == loop.endpoint)
+            if not captured:
+                raise ConfigError(
+                    f"{where}.data.captured: endpoint {loop.endpoint!r} has no capture; set capture on it "
+                    "(endpoints[].capture or the model's capture) or data.captured: false"
+                )
 
 
 def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConfig:
