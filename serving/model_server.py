@@ -9,6 +9,7 @@ in-process: no socket, no copy, no second process on the request path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,9 +22,11 @@ from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode
 from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
 from flywheel.runtime.signature import validate_inputs
 from flywheel.serving._private.drift_sampler import DriftSampler
+from flywheel.serving._private.live_endpoint import new_request_id
 from flywheel.serving._private.execution import Execution, choose_execution
 from flywheel.protocol.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.wire import OP_INFER, OP_INFER_GRPC, OP_METADATA, Call, Reply, Stats
+from flywheel.serving.capture import CaptureWriter
 from flywheel.serving.config import ModelConfig, RegistryConfig, RequestLimits
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,8 @@ class ModelServer:
             model.batching.max_concurrent_batches, thread_name_prefix=f"flywheel-{model.name}"
         )
         self._sampler: DriftSampler | None = None
+        # made here, so that a capture without pyarrow fails the start
+        self.capture = CaptureWriter(model.capture, model.name, model.version) if model.capture else None
         self._batcher: DynamicBatcher | None = None
         self._closed = False
 
@@ -131,6 +136,8 @@ class ModelServer:
             self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port,
                                          track=msgspec.json.encode(model), secret=self._secret)
             self._sampler.start()
+        if self.capture is not None:
+            self.capture.start()
         batching = model.batching
         if not self._batchable:  # no batch axis: one request per call
             batching = msgspec.structs.replace(batching, max_batch_size=1)
@@ -157,20 +164,28 @@ class ModelServer:
         if call.timeout_ms:
             timeout = min(timeout or float("inf"), call.timeout_ms / 1000)
         name, version = self.model.name, self.model.version
-        batcher = self._batcher
+        batcher, capture = self._batcher, self.capture
         try:
             req = self._decode(call)
             arrays = validate_inputs(self._signature, req.inputs)
             check_limits(arrays, self._batchable, self._limits)
             if self._sampler is not None:
                 self._sampler.offer(arrays)
+            rid, take = req.id, False
+            if capture is not None:
+                # the id labels name: the caller's, else one of ours that
+                # the response carries (its ``id``)
+                rid = rid or new_request_id()
+                take = capture.sampled()
             result = await batcher.submit(arrays, timeout_s=timeout)
+            if take:
+                self._capture(rid, arrays, result.outputs)
             outputs = select_outputs(result.outputs, req.outputs)
             if call.op == OP_INFER_GRPC:
-                body, aux = encode_grpc_response(name, version, outputs, req.id), 0
+                body, aux = encode_grpc_response(name, version, outputs, rid), 0
             else:
                 binary = req.binary_outputs(list(outputs))
-                body, aux = encode_response(name, version, outputs, req.id, binary)
+                body, aux = encode_response(name, version, outputs, rid, binary)
         except FlywheelError as exc:
             return Reply(int(exc.code), exc.message.encode(), Stats(queue_depth=batcher.queue_depth))
         except Exception as exc:  # a model bug: report it, keep serving
@@ -182,8 +197,24 @@ class ModelServer:
         )
         return Reply(0, body, stats, aux)
 
+    def _capture(self, rid: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Hand copies of one request's rows to the capture writer (copies:
+        the arrays may view the request's buffer or the batch's output).
+        A tensor without the request's row axis is captured as one row."""
+        try:
+            n = len(next(iter(inputs.values()))) if self._batchable else 0
+            tensors = [inputs, outputs]
+            if not n or any(a.ndim == 0 or len(a) != n for d in tensors for a in d.values()):
+                tensors = [{k: np.array(a)[None] for k, a in d.items()} for d in tensors]
+            else:
+                tensors = [{k: a.copy() for k, a in d.items()} for d in tensors]
+            self.capture.offer(rid, tensors[0], tensors[1])
+        except Exception:  # noqa: BLE001 - capture never fails a request
+            log.warning("capture of a request to %s:%s failed", self.model.name, self.model.version, exc_info=True)
+
     async def close(self) -> None:
-        """Let accepted requests finish, then stop the sampler and threads.
+        """Let accepted requests finish, then stop the sampler, the capture
+        writer (queued rows written, its open file finished) and threads.
         Safe to call twice (a variant removed at run time, then the ingress)."""
         if self._closed:
             return
@@ -192,4 +223,6 @@ class ModelServer:
             await self._batcher.close()
         if self._sampler is not None:
             self._sampler.close()
+        if self.capture is not None:  # finishes the open file (blocking I/O: off the loop)
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         self._executor.shutdown(wait=False)

@@ -22,12 +22,19 @@ signature differs from the endpoint's is refused with a 400 naming the first
 difference (serving/_private/signature_gate.py).
 
 Feedback (role ``predict``): ``POST /v2/models/{name}/feedback`` with
-``{"id": "<request id>", "reward": <number>}``.
+``{"id": "<request id>", "reward": <number>}``, ``{"id", "label"}`` or
+both. ``label`` (a number, or a list of numbers: one per row of a batched
+request) is the ground truth of a captured request (the model's
+``capture:``, serving/capture.py): it is written to the endpoint's label
+files before the answer, which says ``"label_written": true``. A label
+needs no routing state (any replica takes it, at any later time); the id
+is the one the inference response carried in its body (``id``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,7 +45,8 @@ from flywheel.protocol.errors import ErrorCode, FlywheelError
 from flywheel.serving._private.http_errors import error_for_code, error_response, method_not_allowed
 from flywheel.serving._private.http_server import JSON, Request, Response
 from flywheel.serving._private.endpoint_sync import SYNC_INTERVAL_S
-from flywheel.serving._private.live_endpoint import check_reward
+from flywheel.serving._private.live_endpoint import check_label, check_reward
+from flywheel.serving.capture import LabelWriter, label_rows, local_captures
 
 Manage = Callable[[str, "str | None", Any], Awaitable[dict]]
 
@@ -110,35 +118,86 @@ async def _call(manage: Manage, op: str, name: str | None, body: Any, ok_status:
 
 class _Feedback(msgspec.Struct, forbid_unknown_fields=True):
     id: str
-    reward: float
+    reward: float | None = None
+    label: Any = None
 
 
 _FEEDBACK = msgspec.json.Decoder(_Feedback)
 
 
+def _bad(field: str, message: str) -> Response:
+    return 400, encode_json({"error": message, "field": field}), JSON
+
+
 def feedback(router, manage: Manage | None, name: str, body: bytes):
-    """A reward for an earlier request of endpoint ``name``: taken here when
-    this replica routed it, else by the controller (which knows the
-    requests of every replica when there are several)."""
+    """A reward and/or a label for an earlier request of endpoint ``name``.
+    A reward is taken here when this replica routed the request, else by
+    the controller (which knows the requests of every replica when there
+    are several); a label is written to the endpoint's capture labels."""
     try:
         fb = _FEEDBACK.decode(body)
     except msgspec.ValidationError as exc:
-        return error_response(400, f"feedback: {exc} (expected {{\"id\": string, \"reward\": number}})")
+        return error_response(
+            400, f"feedback: {exc} (expected {{\"id\": string, \"reward\": number, \"label\": number or list}})"
+        )
     except msgspec.DecodeError as exc:
         return error_response(400, f"feedback: the body must be JSON: {exc}")
+    if fb.reward is None and fb.label is None:
+        return _bad("reward", "feedback needs `reward` (a number), `label` (a number or a list of them) or both")
     try:
-        reward = check_reward(fb.reward)
-        ep = router.endpoint(name)
-        variant = ep.take_feedback(fb.id, reward)
+        label = check_label(fb.label) if fb.label is not None else None
+    except FlywheelError as exc:
+        return _bad("label", exc.message)
+    try:
+        reward = check_reward(fb.reward) if fb.reward is not None else None
+        router.endpoint(name)  # an unknown name is a 404 before anything is kept
+    except FlywheelError as exc:
+        return error_for_code(exc.code, exc.message)
+    if label is None:
+        return _reward(router, manage, name, fb.id, reward)
+    writers = local_captures(router, name)
+    if not writers:
+        return _bad("label", f"endpoint {name!r} captures nothing here, so it takes no labels "
+                             "(set capture: on its model or endpoint)")
+    return _labelled(router, manage, name, fb.id, reward, label, writers[0].labels)
+
+
+def _reward(router, manage: Manage | None, name: str, rid: str, reward: float):
+    try:
+        variant = router.endpoint(name).take_feedback(rid, reward)
     except FlywheelError as exc:
         return error_for_code(exc.code, exc.message)
     if variant is not None:
-        return 200, encode_json({"id": fb.id, "variant": variant, "accepted": True}), JSON
+        return 200, encode_json({"id": rid, "variant": variant, "accepted": True}), JSON
     if manage is None or not router.ship_ids:  # one replica: the id is nobody's
         return error_response(
-            404, f"request id {fb.id!r} is unknown to endpoint {name!r} or has expired (ids are kept 600 s)"
+            404, f"request id {rid!r} is unknown to endpoint {name!r} or has expired (ids are kept 600 s)"
         )
-    return _feedback_elsewhere(manage, name, {"id": fb.id, "reward": reward})
+    return _feedback_elsewhere(manage, name, {"id": rid, "reward": reward})
+
+
+async def _labelled(router, manage: Manage | None, name: str, rid: str, reward: float | None,
+                    label, labels: LabelWriter) -> Response:
+    """Take the reward (when given) as without a label, except that an id
+    the router does not know (an endpoint with one variant keeps none) is
+    said in the answer (``"accepted": false``); then write the label."""
+    answer: dict[str, Any] = {"id": rid}
+    if reward is not None:
+        resp = _reward(router, manage, name, rid, reward)
+        if inspect.isawaitable(resp):
+            resp = await resp
+        if resp[0] == 200:
+            answer.update(msgspec.json.decode(resp[1]))
+        elif resp[0] == 404:
+            answer["accepted"] = False
+        else:
+            return resp
+    try:
+        await labels.write(label_rows(rid, label))
+    except Exception as exc:  # noqa: BLE001 - storage down: the caller may retry
+        return error_response(503, f"the label could not be written to {labels.root!r}: {exc}")
+    answer["label_written"] = True
+    return 200, encode_json(answer), JSON
 
 
 async def _feedback_elsewhere(manage: Manage, name: str, body: dict) -> Response:

@@ -182,6 +182,27 @@ def check_reward(value) -> float:
     return reward
 
 
+MAX_LABELS = 1 << 16  # numbers in one feedback label list (one per captured row)
+
+
+def check_label(value) -> float | list[float]:
+    """A feedback label: a finite number (every row of the request), or a
+    list of them (one per row of a batched request). InvalidInputError
+    naming ``label`` otherwise."""
+    def one(v, where: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidInputError(f"{where} must be a number, not {type(v).__name__}")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise InvalidInputError(f"{where} must be a finite number")
+        return v
+
+    if isinstance(value, list):
+        if not 1 <= len(value) <= MAX_LABELS:
+            raise InvalidInputError(f"label: a list must hold 1 to {MAX_LABELS} numbers (one per row)")
+        return [one(v, f"label[{i}]") for i, v in enumerate(value)]
+    return one(value, "label")
+
+
 _COUNTERS = (  # summary field, metric, help
     ("requests", "flywheel_endpoint_requests_total",
      "Requests answered by each variant, shadow requests included (all ingress replicas)"),
