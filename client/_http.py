@@ -277,6 +277,15 @@ class Client:
         """``POST /v2/endpoints/{name}/rollback``."""
         return self._json("POST", endpoint_path(name, "rollback"))
 
+    def approve(self, name: str, version: int | str, comment: str = "") -> Any:
+        """``POST /v2/models/{name}/versions/{version}/approve``: approve a
+        registry version for production as this client's API key (recorded
+        as ``key:<key name>``; needs the admin role). Answers the version's
+        approvers and the gates that still fail; ClientError 409 when this
+        key's identity already approved it, 403 without an admin key or
+        when the server runs without auth."""
+        return self._json("POST", model_path(name, str(version)) + "/approve", {"comment": comment})
+
     def set_shadow(self, name: str, shadow: Mapping[str, Any]) -> Any:
         """``PUT /v2/endpoints/{name}/shadow`` with ``shadow``."""
         return self._json("PUT", endpoint_path(name, "shadow"), shadow)

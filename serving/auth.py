@@ -132,6 +132,16 @@ class Authenticator:
             raise PermissionDeniedError(f"API key {key_id} lacks the {need!r} role needed for {route}")
         return key_id
 
+    async def key_name(self, key_id: str) -> str:
+        """The name the key was created with: who it identifies (an approval
+        is recorded as ``key:<name>``). Read from the store, since the keys
+        held for checking carry no names; UnauthenticatedError when the key
+        is no longer active."""
+        for key in await self._db(self._store.list):
+            if key.id == key_id:
+                return key.name
+        raise UnauthenticatedError(f"API key {key_id} is no longer active")
+
     def is_scoped(self, key_id: str) -> bool:
         """Whether the key may call only some models (so that a transport
         reads the model name of a call only when it matters)."""

@@ -78,6 +78,8 @@ class ControlState(VariantOps, CanaryOps):
         *,
         alias_mover=None,
         resolver=None,
+        gate_checker=None,
+        alias_restorer=None,
         drift_monitor: bool = False,
         now: float | None = None,
     ) -> None:
@@ -86,8 +88,13 @@ class ControlState(VariantOps, CanaryOps):
         no entry gets the defaults). ``store``: a RouterStateStore; saved
         state of the same ``deploy_id`` (a restart of this controller) is
         resumed, anything older is replaced. ``alias_mover(name, alias,
-        version)`` moves a registry alias on promotion and ``resolver(ref)``
-        pins a registry reference to ``name/N`` (None: no registry).
+        version)`` moves a registry alias on promotion (raising, and then
+        nothing moves, when the registry refuses it), ``gate_checker(name,
+        alias, version)`` lists what would stop that move (checked before a
+        canary starts), ``alias_restorer(name, alias, version)`` puts the
+        alias back after a rollback without gates (default: alias_mover),
+        and ``resolver(ref)`` pins a registry reference to ``name/N`` (None:
+        no registry).
         ``drift_monitor``: the deployment has one, so canaries of variants
         with drift monitoring may gate on drift (the caller feeds the
         scores: :meth:`drift_wanted`, :meth:`set_drift`)."""
@@ -96,6 +103,8 @@ class ControlState(VariantOps, CanaryOps):
         self.deploy_id = deploy_id
         self._store = store
         self._move_alias = alias_mover
+        self._check_gates = gate_checker
+        self._restore_alias = alias_restorer
         self._resolve = resolver
         self._drift_monitor = drift_monitor
         self._drift: dict[tuple[str, str], float | None] = {}  # (endpoint, variant) -> the step's score

@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-from flywheel.protocol.errors import ErrorCode, FlywheelError, InvalidInputError
+from flywheel.protocol.errors import ErrorCode, FlywheelError, InvalidInputError, PreconditionFailedError
+from flywheel.registry.registry import PRODUCTION, identity
 from flywheel.runtime.onnx_signature import read_onnx_signature
 from flywheel.runtime.signature import Signature, signature_from_doc
 from flywheel.serving._private import signature_gate
@@ -75,8 +76,7 @@ class RouterController:
         self._lock = threading.Lock()
         self._state = ControlState(
             deployment, deploy_id, endpoints, models, self._store,
-            alias_mover=(lambda n, a, v: reg.set_alias(n, a, v, actor=ACTOR)) if reg else None,
-            resolver=(lambda ref: reg.resolve(ref).ref) if reg else None,
+            **(_alias_ops(reg) if reg else {}),
             drift_monitor=bool(drift_app),
         )
         self._drift_app = drift_app
@@ -121,6 +121,8 @@ class RouterController:
         ``{"ok": false, "code": <ErrorCode>, "error": "..."}`` (the ingress
         maps the code to its transport's status)."""
         try:
+            if op == "approve":  # the registry's, not the endpoints': no lock
+                return {"ok": True, "result": self._approve(name, body)}
             if op not in _OPS:
                 raise InvalidInputError(f"unknown operation {op!r}")
             method, takes_body = _OPS[op]
@@ -150,6 +152,22 @@ class RouterController:
         except Exception as exc:  # a bug here must not look like the caller's fault
             log.exception("router controller: %s failed", op)
             return {"ok": False, "code": int(ErrorCode.INTERNAL), "error": f"controller error: {exc!r}"}
+
+    def _approve(self, name: str | None, body: Any) -> dict:
+        """Record an approval of model ``name``'s version ``body["version"]``
+        by ``body["actor"]``, the identity the ingress authenticated (never
+        taken from a client: serving/_private/approval_http.py builds this
+        body). Answers the approvers and what still stops a promotion."""
+        reg = self._registry
+        if reg is None:
+            raise PreconditionFailedError("approvals need the registry, and this deployment has none configured")
+        if not isinstance(body, dict) or not isinstance(body.get("version"), int):
+            raise InvalidInputError("approve: the body must carry an integer 'version'")
+        version = body["version"]
+        actor = _field(body, "actor")
+        reg.approve(name or "", version, actor=actor, comment=str(body.get("comment", "")))
+        return {"model": name, "version": version, "by": identity(actor), "approvals": reg.approvals(name, version),
+                "gates": reg.check_gates(name, version)}
 
     def _candidate_signature(self, name: str | None, body: Any) -> Signature | None:
         """The signature of the model an add_variant or swap names, read
@@ -217,6 +235,28 @@ class RouterController:
                     closable.close()
                 except Exception:
                     pass
+
+
+def _alias_ops(reg) -> dict:
+    """ControlState's registry callbacks. Moving ``production`` is the
+    registry's gated move (set_alias checks the gates and moves the stage);
+    putting it back after a rollback is the registry's ungated rollback to a
+    former production version. Other aliases are plain pointers."""
+    def check(name: str, alias: str, version: int) -> list[str]:
+        return reg.check_gates(name, version) if alias == PRODUCTION else []
+
+    def restore(name: str, alias: str, version: int) -> None:
+        if alias == PRODUCTION:
+            reg.rollback(name, actor=ACTOR, to=version)
+        else:
+            reg.set_alias(name, alias, version, actor=ACTOR)
+
+    return {
+        "alias_mover": lambda n, a, v: reg.set_alias(n, a, v, actor=ACTOR),
+        "resolver": lambda ref: reg.resolve(ref).ref,
+        "gate_checker": check,
+        "alias_restorer": restore,
+    }
 
 
 def _field(body: Any, key: str) -> str:

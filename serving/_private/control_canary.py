@@ -2,6 +2,18 @@
 step (the gates, drift included), advance, roll back or promote a canary;
 promote a variant by hand (moving the registry alias) and undo a promotion.
 
+Governance: for a variant from the registry (its model config has a
+``ref``) on an endpoint whose ``promote_alias`` is set, a promotion moves that
+alias first and traffic only if the registry took the move; for the
+``production`` alias that move passes the model's gates (registry/registry.py),
+so a refused promotion (412, naming the failed rule) changes nothing. A canary
+of such a variant is refused at its start when the gates fail now, and one
+whose final promotion is refused (the policy changed, an approval is missing)
+rolls back with the registry's reason. Variants from plain paths, and
+endpoints with ``promote_alias: ""``, move no alias and check no gates. An
+operator's rollback of a promotion puts the alias back without gates (the
+registry's ``rollback``: the emergency exit).
+
 One part of :class:`~flywheel.serving.control_state.ControlState` (a mixin:
 it holds no state of its own and is not used alone). The judging itself is
 serving/canary.py's :class:`~flywheel.serving.canary.Canary`; the variant side
@@ -16,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.protocol.errors import InvalidInputError, PreconditionFailedError, UnavailableError
+from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError
 from flywheel.serving._private import signature_gate
 from flywheel.serving._private.endpoint_state import Endpoint, as_doc, canary_of, canary_percent, routes_to, without
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
@@ -31,6 +43,8 @@ class CanaryOps:
     _drift: dict[tuple[str, str], float | None]
     _drift_monitor: bool
     _move_alias: Callable[[str, str, int], None] | None
+    _check_gates: Callable[[str, str, int], list[str]] | None
+    _restore_alias: Callable[[str, str, int], None] | None
     endpoint: Callable[[str], Endpoint]
     status: Callable[..., dict]
     _changed: Callable[[float], None]
@@ -81,6 +95,15 @@ class CanaryOps:
             )
         diff = signature_gate.judge(ep, cfg.variant, signature_gate.known(ep, cfg.variant),
                                     against=cfg.baseline, allowed=allow)
+        target = self._registry_target(ep, cfg.variant)
+        if target is not None and self._check_gates is not None:
+            # a canary that could never be promoted must not ramp at all
+            failures = self._check_gates(*target)
+            if failures:
+                raise PreconditionFailedError(
+                    f"canary of {name!r} refused: {_target_ref(target)} may not become {target[0]}@{target[1]}: "
+                    + "; ".join(failures)
+                )
         canary = Canary(cfg, now)
         if diff is not None:
             signature_gate.note(ep, cfg.variant, diff, by_request=allow, now=now)
@@ -139,8 +162,16 @@ class CanaryOps:
         elif decision.action == "rollback":
             self._end_canary(ep, canary, now, f"rolled back: {decision.reason}")
         elif decision.action == "promote":
+            try:
+                self._promote(ep, cfg.variant, now, f"canary {cfg.variant} passed every step")
+            except FlywheelError as exc:  # the registry refused: nothing moved, the canary ends here
+                why = f"rolled back: the promotion was refused: {exc.message}"
+                canary.status = "rolled_back"
+                canary.history.append({"time": float(now), "step": canary.step, "percent": 0.0,
+                                       "action": "rollback", "reason": why, "gates": []})
+                self._end_canary(ep, canary, now, why)
+                return
             doc["state"] = canary.state()
-            self._promote(ep, cfg.variant, now, f"canary {cfg.variant} passed every step")
 
     # -- drift gate -----------------------------------------------------------
     def drift_wanted(self) -> list[tuple[str, str, float]]:
@@ -162,7 +193,9 @@ class CanaryOps:
 
     # -- promotion and rollback -----------------------------------------------
     def promote(self, name: str, version: str, now: float | None = None) -> dict:
-        """All traffic to ``version``; move the registry alias; retire the rest."""
+        """All traffic to ``version``; move the registry alias; retire the
+        rest. The alias moves first: when the registry refuses it (a failed
+        gate: PreconditionFailedError naming the rule), nothing changes."""
         now = time.time() if now is None else now
         ep = self.endpoint(name)
         if version not in ep.routable():
@@ -170,35 +203,54 @@ class CanaryOps:
         swap = ep.doc["swap"]
         if swap and swap["phase"] in ("loading", "draining"):
             raise PreconditionFailedError(f"cannot promote: endpoint {name!r} is swapping")
+        self._alias(ep, version, now)
         doc = ep.doc["canary"]
         if doc and doc["state"]["status"] == "running":
             canary = canary_of(doc)
             canary.abort(now, f"promoted {version} by an operator")
             doc["state"] = canary.state()
             doc["state"]["status"] = "promoted" if version == doc["config"]["variant"] else "aborted"
-        self._promote(ep, version, now, f"promoted {version} by an operator")
+        self._promote(ep, version, now, f"promoted {version} by an operator", alias_moved=True)
         return self.status(name, now)
 
-    def _promote(self, ep: Endpoint, version: str, now: float, why: str) -> None:
+    def _promote(self, ep: Endpoint, version: str, now: float, why: str, *, alias_moved: bool = False) -> None:
+        """Alias first (FlywheelError, nothing changed, when the registry
+        refuses it), then traffic."""
+        if not alias_moved:
+            self._alias(ep, version, now)
         ep.doc["policy"] = {"kind": "fixed", "weights": {version: 1.0}}
         for v in ep.routable():
             if v != version:
                 self._retire(ep, v, now)
         ep.event(now, "promote", why)
-        self._alias(ep, version, now)
         self._changed(now)
 
-    def _alias(self, ep: Endpoint, version: str, now: float) -> None:
-        model = ep.doc["models"].get(version) or {}
-        ref = model.get("ref", "")
+    def _registry_target(self, ep: Endpoint, version: str) -> tuple[str, str, int] | None:
+        """(model, alias, registry version) a promotion of ``version`` moves,
+        or None: no registry, no alias on the endpoint, or a variant that is
+        not from the registry."""
+        ref = (ep.doc["models"].get(version) or {}).get("ref", "")
         if self._move_alias is None or not ref or not ep.doc["alias"]:
+            return None
+        model, _, number = ref.partition("/")
+        if not number.isdigit():  # pinned to name/N when added; anything else is no registry version
+            return None
+        return model, ep.doc["alias"], int(number)
+
+    def _alias(self, ep: Endpoint, version: str, now: float) -> None:
+        """Move the endpoint's alias to ``version`` in the registry (gated for
+        ``production``). Raises the registry's FlywheelError (an unexpected
+        failure as UnavailableError) and records nothing when it refuses."""
+        target = self._registry_target(ep, version)
+        if target is None:
             return
         try:
-            registry_version = int(ref.split("/", 1)[1])
-            self._move_alias(ref.split("/", 1)[0], ep.doc["alias"], registry_version)
-            ep.event(now, "alias", f"{ref.split('/', 1)[0]}@{ep.doc['alias']} -> {ref}")
-        except Exception as exc:  # the traffic move stands; say why the alias did not
-            ep.event(now, "alias", f"could not move {ep.doc['alias']!r} to {ref}: {exc}")
+            self._move_alias(*target)
+        except FlywheelError:
+            raise
+        except Exception as exc:  # fail closed: no promotion the registry did not record
+            raise UnavailableError(f"could not move {target[0]}@{target[1]} to {_target_ref(target)}: {exc}") from exc
+        ep.event(now, "alias", f"{target[0]}@{target[1]} -> {_target_ref(target)}")
 
     def rollback(self, name: str, now: float | None = None) -> dict:
         """Abort a running canary, or undo the last promotion's traffic move."""
@@ -218,10 +270,29 @@ class CanaryOps:
             ep.event(now, "rollback", f"traffic back on {baseline}")
             if promoted:  # the alias moved only on promotion (not for promote: false)
                 if (ep.doc["models"].get(baseline) or {}).get("ref"):
-                    self._alias(ep, baseline, now)
+                    self._restore(ep, baseline, now)
                 elif ep.doc["alias"] and self._move_alias is not None:
                     ep.event(now, "alias", f"{ep.doc['alias']!r} stays where the promotion put it: "
                                            f"baseline {baseline} has no registry reference")
             self._changed(now)
             return self.status(name, now)
         raise PreconditionFailedError(f"endpoint {name!r} has no canary to roll back")
+
+    def _restore(self, ep: Endpoint, version: str, now: float) -> None:
+        """Put the alias back on ``version`` after a rollback, without gates
+        (the registry's emergency exit); traffic is back whatever happens
+        here, and an event says when the alias could not follow."""
+        target = self._registry_target(ep, version)
+        if target is None:
+            return
+        restore = self._restore_alias or self._move_alias
+        try:
+            restore(*target)
+            ep.event(now, "alias", f"{target[0]}@{target[1]} -> {_target_ref(target)}")
+        except Exception as exc:
+            ep.event(now, "alias", f"could not move {target[1]!r} back to {_target_ref(target)}: "
+                                   f"{getattr(exc, 'message', exc)}")
+
+
+def _target_ref(target: tuple[str, str, int]) -> str:
+    return f"{target[0]}/{target[2]}"

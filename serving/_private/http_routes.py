@@ -17,6 +17,7 @@ import msgspec
 from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import FlywheelError
 from flywheel.serving.auth import Authenticator
+from flywheel.serving._private import approval_http
 from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
 from flywheel.serving._private.http_errors import error_for, error_for_code, error_response, method_not_allowed
@@ -42,6 +43,8 @@ def role_for(path: str) -> str | None:
     if path in ("/v2/health/live", "/v2/health/ready"):
         return None
     parts = path.strip("/").split("/")
+    if approval_http.is_approval(parts):
+        return approval_http.ROLE
     if parts == ["metrics"] or (parts[:2] == ["v2", "models"] and parts[-1] == "drift"):
         return "operate"
     if parts[:2] == ["v2", "endpoints"]:  # routing management and its status
@@ -80,10 +83,10 @@ class HttpRoutes:
     def handle(self, req: Request):
         """Authenticate (when on), then route. The one auth check for HTTP."""
         if self._auth is None:
-            return self._route(req)
+            return self._route(req, None)
         need = role_for(req.path)
         if need is None:
-            return self._route(req)
+            return self._route(req, None)
         auth = self._auth
         try:
             credentials = req.headers.get(b"authorization")
@@ -95,7 +98,7 @@ class HttpRoutes:
         except FlywheelError as exc:
             return error_for(exc)
         try:
-            resp = self._route(req)
+            resp = self._route(req, key_id)
         except BaseException:
             self._auth.release(key_id)
             raise
@@ -108,7 +111,9 @@ class HttpRoutes:
         task.add_done_callback(lambda _t: self._auth.release(key_id))
         return task
 
-    def _route(self, req: Request):
+    def _route(self, req: Request, key_id: str | None):
+        """``key_id``: the caller's API key (None: auth off, or a route that
+        needs none), for the routes that act as the caller (approvals)."""
         path = req.path
         if path == "/v2/health/live":
             return self._only(_GET, req) or (
@@ -129,6 +134,8 @@ class HttpRoutes:
             return endpoint_route(self._manage, req, parts[2:])
         if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
             return error_response(404, f"no route {req.method} {path}")
+        if approval_http.is_approval(parts):
+            return approval_http.approve_route(self._manage, req, parts, self._auth, key_id)
         return self._model_route(req, parts[2], parts[3:])
 
     @staticmethod
