@@ -9,7 +9,10 @@ to the workers through Ray's object store.
 Kinds: ``digits`` (scikit-learn's bundled 8x8 digits, scaled to [0, 1]),
 ``parquet`` / ``csv`` (a file, a folder or a glob; every column but the
 label is a feature unless ``features`` names them), ``ray`` (a Ray Data
-Dataset handed to ``submit(..., dataset=ds)``, materialized here).
+Dataset handed to ``submit(..., dataset=ds)``, materialized here),
+``captured`` (labelled inference captures of an endpoint, optionally mixed
+with original data at a stated share: see DatasetSpec and
+:func:`_captured`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,17 @@ class JobData:
 def load_data(spec, *, seed: int, dataset: Any = None) -> JobData:
     """``spec``: a DatasetSpec. ``dataset``: the Ray Data Dataset of kind
     ``ray``. The validation split is a seeded permutation's tail."""
+    x, y, what = _arrays(spec, seed, dataset)
+    if len(x) < 2:
+        raise InvalidInputError(f"dataset {what} has {len(x)} rows; a job needs at least 2")
+    idx = np.random.default_rng(seed).permutation(len(x))
+    cut = len(x) - int(round(spec.validation_fraction * len(x)))
+    tr, va = idx[:cut], idx[cut:]
+    return JobData(x[tr], y[tr], x[va], y[va], fingerprint_arrays(x, y), what)
+
+
+def _arrays(spec, seed: int, dataset: Any) -> tuple[np.ndarray, np.ndarray, str]:
+    """(features float32, labels int64, description) of one dataset spec."""
     kind = spec.kind
     if kind == "digits":
         from sklearn.datasets import load_digits
@@ -56,14 +70,58 @@ def load_data(spec, *, seed: int, dataset: Any = None) -> JobData:
             )
         x, y = _from_frame(dataset.to_pandas(), spec)
         what = f"ray dataset ({dataset.count()} rows)"
+    elif kind == "captured":
+        return _captured(spec, seed)
     else:
         raise ConfigError(f"dataset.kind {kind!r} unknown")
-    if len(x) < 2:
-        raise InvalidInputError(f"dataset {what} has {len(x)} rows; a job needs at least 2")
-    idx = np.random.default_rng(seed).permutation(len(x))
-    cut = len(x) - int(round(spec.validation_fraction * len(x)))
-    tr, va = idx[:cut], idx[cut:]
-    return JobData(x[tr], y[tr], x[va], y[va], fingerprint_arrays(x, y), what)
+    return x, y, what
+
+
+def _captured(spec, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The labelled captures of ``spec.endpoint`` (features: the captured
+    input ``spec.input``, flattened per row), mixed with ``spec.mix`` so that
+    captured rows make ``spec.captured_fraction`` of the result: all captured
+    rows and a seeded sample of the original ones, or, when the original has
+    too few rows for that share, all of it and a seeded sample of the
+    captured rows. Captured rows come first, each part in its files' order.
+
+    InvalidInputError: no labelled captured rows, an unknown input tensor,
+    non-integer labels, or a feature width other than the original data's."""
+    from flywheel.common.capture_files import read_captured
+
+    cap = read_captured(spec.path, spec.endpoint, since=spec.since, until=spec.until or None, labelled=True)
+    where = f"endpoint {spec.endpoint!r} under {spec.path!r} since {spec.since:g}"
+    if len(cap) == 0:
+        raise InvalidInputError(f"dataset: no labelled captured rows of {where} (labels arrive through "
+                                "POST /v2/models/{name}/feedback with a label, or label files)")
+    name = spec.input or (next(iter(cap.inputs)) if len(cap.inputs) == 1 else "")
+    if name not in cap.inputs:
+        raise InvalidInputError(f"dataset.input {spec.input!r}: choose one of the captured inputs "
+                                f"{sorted(cap.inputs)}")
+    feats = cap.inputs[name]
+    if feats.dtype == object or feats.dtype.kind not in "biuf":
+        raise InvalidInputError(f"dataset.input {name!r}: captured rows must be numeric tensors of one shape")
+    if cap.labels.dtype != np.int64:
+        raise InvalidInputError(f"dataset: the labels of {where} must be integer class ids")
+    xc, yc = feats.reshape(len(cap), -1).astype(np.float32), cap.labels
+    what = f"captured {spec.endpoint} since {spec.since:g} ({len(xc)} labelled rows"
+    if spec.mix is None:
+        return xc, yc, what + ")"
+    xo, yo, orig = _arrays(spec.mix, seed, None)
+    if xo.shape[1:] != xc.shape[1:]:
+        raise InvalidInputError(f"dataset: captured input {name!r} has {xc.shape[1]} features per row, the "
+                                f"original data ({orig}) {xo.shape[1]}")
+    f = spec.captured_fraction
+    want_orig = int(round(len(xc) * (1 - f) / f))
+    rng = np.random.default_rng(seed)
+    if want_orig <= len(xo):
+        keep_c, keep_o = np.arange(len(xc)), np.sort(rng.choice(len(xo), want_orig, replace=False))
+    else:
+        n_c = max(1, int(round(len(xo) * f / (1 - f))))
+        keep_c, keep_o = np.sort(rng.choice(len(xc), n_c, replace=False)), np.arange(len(xo))
+    x = np.concatenate([xc[keep_c], xo[keep_o]])
+    y = np.concatenate([yc[keep_c], yo[keep_o].astype(np.int64)])
+    return x, y, f"{what}: {len(keep_c)} used) + {len(keep_o)} rows of {orig}"
 
 
 def _read_files(kind: str, path: str):

@@ -44,7 +44,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Priorities are stored as 32-bit integers (PostgreSQL's INTEGER).
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
-DATASET_KINDS = ("digits", "parquet", "csv", "ray")
+DATASET_KINDS = ("digits", "parquet", "csv", "ray", "captured")
 STRATEGIES = ("ddp", "fsdp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -94,17 +94,37 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where the training rows come from.
 
     kind: ``digits`` (scikit-learn's bundled 8x8 digits, built in),
-        ``parquet`` or ``csv`` (files at ``path``), or ``ray`` (a Ray Data
-        dataset handed to ``submit()`` from Python; nothing to read here).
+        ``parquet`` or ``csv`` (files at ``path``), ``ray`` (a Ray Data
+        dataset handed to ``submit()`` from Python; nothing to read here),
+        or ``captured`` (labelled inference captures of a served endpoint,
+        serving's ``capture:``; see common/capture_files.py).
     path: a local file, folder or glob (on storage every node can read,
-        on a cluster); required for
-        parquet/csv and refused for the other kinds (a path with kind digits
+        on a cluster); for ``captured`` the capture root (a folder or an
+        fsspec URI). Required for
+        parquet/csv/captured and refused for the other kinds (a path with kind digits
         is almost always a forgotten ``kind``).
     features: input columns, in order; empty = every column but ``label``.
     label: the target column.
     validation_fraction: share of rows held out for validation, in [0, 0.9].
     reference_rows: rows of training inputs kept as the drift monitor's
         reference sample (registered with the model), >= 0 (0 = none).
+
+    Kind ``captured`` only:
+
+    endpoint: the served endpoint (model name) whose captures are read.
+    since / until: epoch seconds; rows captured at ``since <= ts < until``
+        (until 0 = no bound). Only rows with a label are used.
+    input: the captured input tensor that becomes the features (flattened
+        per row); empty = the only one.
+    mix: the original training data, a dataset of its own (any kind but
+        ``captured`` and ``ray``), e.g. ``{kind: digits}``; unset = captured
+        rows only.
+    captured_fraction: with ``mix``, the share of captured rows in the
+        training set, in (0, 1]. Every captured row is used and the original
+        rows are subsampled (seeded by the job's seed) to make that share;
+        when there are too few original rows for it, all of them are used
+        and the captured rows are subsampled instead. Rows are never
+        repeated. The data fingerprint covers the mixed rows.
     """
 
     kind: str = "digits"
@@ -113,15 +133,22 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     label: str = "label"
     validation_fraction: float = 0.2
     reference_rows: int = 500
+    endpoint: str = ""
+    since: float = 0.0
+    until: float = 0.0
+    input: str = ""
+    mix: DatasetSpec | None = None
+    captured_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.kind in DATASET_KINDS,
                  f"dataset.kind {self.kind!r} must be one of {', '.join(DATASET_KINDS)}")
-        if self.kind in ("parquet", "csv"):
-            _require(bool(self.path), f"dataset.path is required for kind {self.kind!r} (a file, folder or glob)")
+        if self.kind in ("parquet", "csv", "captured"):
+            what = "the capture root" if self.kind == "captured" else "a file, folder or glob"
+            _require(bool(self.path), f"dataset.path is required for kind {self.kind!r} ({what})")
         else:
             _require(not self.path,
-                     f"dataset.path is only for kinds parquet and csv; set dataset.kind (now {self.kind!r})")
+                     f"dataset.path is only for kinds parquet, csv and captured; set dataset.kind (now {self.kind!r})")
         _require(bool(self.label), "dataset.label must name the label column")
         _require(all(self.features), "dataset.features: column names must be non-empty")
         _require(len(set(self.features)) == len(self.features), "dataset.features: a column is listed twice")
@@ -129,6 +156,22 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                  f"dataset.features must not include the label column {self.label!r}")
         _require(0 <= self.validation_fraction <= 0.9, "dataset.validation_fraction must lie in [0, 0.9]")
         _require(self.reference_rows >= 0, "dataset.reference_rows must be >= 0 (0 = no reference sample)")
+        self._check_captured()
+
+    def _check_captured(self) -> None:
+        if self.kind != "captured":
+            _require(not self.endpoint and self.mix is None and not self.input and not self.since and not self.until,
+                     f"dataset.endpoint, since, until, input and mix are only for kind captured (kind is {self.kind!r})")
+            return
+        _require(bool(NAME_RE.match(self.endpoint)),
+                 f"dataset.endpoint {self.endpoint!r} must name the served endpoint (a model name) for kind captured")
+        _require(_finite(self.since) and self.since >= 0, "dataset.since must be epoch seconds >= 0 (0 = all)")
+        _require(_finite(self.until) and (self.until == 0 or self.until > self.since),
+                 "dataset.until must be 0 (no bound) or epoch seconds after dataset.since")
+        _require(0 < self.captured_fraction <= 1, "dataset.captured_fraction must lie in (0, 1]")
+        if self.mix is not None:
+            _require(self.mix.kind not in ("captured", "ray"),
+                     f"dataset.mix.kind {self.mix.kind!r}: the original data must be digits, parquet or csv")
 
 
 class OptimizerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
