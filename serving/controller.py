@@ -243,7 +243,11 @@ def _alias_ops(reg) -> dict:
     putting it back after a rollback is the registry's ungated rollback to a
     former production version. Other aliases are plain pointers."""
     def check(name: str, alias: str, version: int) -> list[str]:
-        return reg.check_gates(name, version) if alias == PRODUCTION else []
+        if alias != PRODUCTION:
+            return []
+        if reg.get_version(name, version).stage == "archived":  # set_alias would refuse it at the end
+            return [f"{name}/{version} is archived (only a rollback brings a former production version back)"]
+        return reg.check_gates(name, version)
 
     def restore(name: str, alias: str, version: int) -> None:
         if alias == PRODUCTION:

@@ -95,3 +95,10 @@ def test_no_alias_or_no_registry_variant_moves_no_alias_and_checks_no_gates(reg,
     st = _state(reg, alias=alias, refs=refs)
     assert st.promote("m", "2", now=T0 + 1)["weights"] == {"2": 1.0}
     assert _production(reg) == (1, 1)
+
+
+def test_a_canary_of_an_archived_version_does_not_start(reg):
+    reg.set_policy("m", parse_policy({"rules": []}), actor="t")
+    reg.promote("m", 2, "archived", actor="t")
+    with pytest.raises(PreconditionFailedError, match="m/2 is archived"):
+        _state(reg).start_canary("m", CANARY, now=T0)
