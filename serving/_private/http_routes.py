@@ -4,7 +4,8 @@ Inference and metadata are decided in ``dataplane.py``, as for gRPC; here
 a request is authenticated, its path and headers decoded, the data plane
 called, and its answer (or FlywheelError, through ``http_errors``) encoded.
 What only HTTP serves is here too: Prometheus metrics, drift history,
-feedback and endpoint management (the last two in ``endpoint_http.py``).
+feedback and endpoint management (the last two in ``endpoint_http.py``), and
+approvals, which act as the caller's API key (``approval_http.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import msgspec
 from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import FlywheelError
 from flywheel.serving.auth import Authenticator
-from flywheel.serving._private import approval_http
+from flywheel.serving._private import approval_http, loops_http
 from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
 from flywheel.serving._private.http_errors import error_for, error_for_code, error_response, method_not_allowed
@@ -35,7 +36,7 @@ _GET = ("GET", "HEAD")  # HEAD answered as GET; the server drops the body
 _POST = ("POST",)
 
 
-def role_for(path: str) -> str | None:
+def role_for(path: str, method: str = "GET") -> str | None:
     """The role a route needs; None for the health checks (load balancers
     and orchestrators probe them without credentials). Decided on the same
     split path that routing uses, so that ``//v2/...`` cannot dodge it.
@@ -45,6 +46,8 @@ def role_for(path: str) -> str | None:
     parts = path.strip("/").split("/")
     if approval_http.is_approval(parts):
         return approval_http.ROLE
+    if parts[:2] == ["v2", "loops"]:
+        return loops_http.required_role(method, parts[2:])
     if parts == ["metrics"] or (parts[:2] == ["v2", "models"] and parts[-1] == "drift"):
         return "operate"
     if parts[:2] == ["v2", "endpoints"]:  # routing management and its status
@@ -68,15 +71,18 @@ class HttpRoutes:
 
     def __init__(
         self, plane: DataPlane, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None,
-        manage: Manage | None = None,
+        manage: Manage | None = None, loops: loops_http.LoopsHttp | None = None,
     ) -> None:
         """``manage(op, name, body)``: the router controller's management
-        call (None: no controller; the /v2/endpoints routes answer 404)."""
+        call (None: no controller; the /v2/endpoints routes answer 404).
+        ``loops``: the deployment's continuous-training loops (None: none;
+        /v2/loops answers 404)."""
         self._plane = plane
         self._router = plane.router
         self._monitor = monitor
         self._auth = auth
         self._manage = manage
+        self._loops = loops
         self._server_meta = encode_json(plane.server_metadata())  # fixed: encoded once
         self._openapi = encode_json(openapi_document())
 
@@ -84,7 +90,7 @@ class HttpRoutes:
         """Authenticate (when on), then route. The one auth check for HTTP."""
         if self._auth is None:
             return self._route(req, None)
-        need = role_for(req.path)
+        need = role_for(req.path, req.method)
         if need is None:
             return self._route(req, None)
         auth = self._auth
@@ -132,6 +138,10 @@ class HttpRoutes:
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "endpoints":
             return endpoint_route(self._manage, req, parts[2:])
+        if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "loops":
+            if self._loops is None:
+                return error_response(404, "this deployment runs no loops (a config's `loops:` section adds them)")
+            return self._loops.route(req, parts[2:], self._auth, key_id)
         if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
             return error_response(404, f"no route {req.method} {path}")
         if approval_http.is_approval(parts):
@@ -191,17 +201,21 @@ class HttpRoutes:
 
     def _metrics(self):
         own = self._router.metrics.render() + render_endpoint_metrics(self._router.endpoints())
-        if self._monitor is None:
+        if self._monitor is None and self._loops is None:
             return 200, own, _METRICS_TYPE
-        return self._with_monitor_metrics(own)
+        return self._with_other_metrics(own)
 
-    async def _with_monitor_metrics(self, own: bytes) -> Response:
-        # Distinct metric families: the two expositions concatenate validly.
-        try:
-            reply = await asyncio.wait_for(self._monitor.call(Call(OP_METRICS, b"")), 2)
-            extra = reply.payload if reply.code == 0 else b""
-        except (FlywheelError, asyncio.TimeoutError):
-            extra = b""
+    async def _with_other_metrics(self, own: bytes) -> Response:
+        # Distinct metric families: the expositions concatenate validly.
+        extra = b""
+        if self._monitor is not None:
+            try:
+                reply = await asyncio.wait_for(self._monitor.call(Call(OP_METRICS, b"")), 2)
+                extra = reply.payload if reply.code == 0 else b""
+            except (FlywheelError, asyncio.TimeoutError):
+                pass
+        if self._loops is not None:
+            extra += await self._loops.metrics()
         return 200, own + extra, _METRICS_TYPE
 
     def _drift(self, model: ModelEntry):
