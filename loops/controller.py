@@ -43,19 +43,23 @@ class _Jobs:
         self._rt.list_jobs()  # marks jobs whose runner died as failed, so that they can be resumed
         return self._rt.store.get(job_id)
 
+    def find(self, name: str):
+        return next((r for r in self._rt.store.list() if r.name == name), None)
+
 
 class LoopController:
     """``loops``: the deployment's loop specs. ``registry_uri`` /
     ``artifacts_uri``: the deployment's registry. ``ingress_url``: the
     server's HTTP address. ``auth``: whether the server wants API keys.
     ``capture_of`` / ``model_of``: each endpoint's capture root ("" = none)
-    and registry model name. ``home``: Flywheel's state folder (training
+    and registry model name. ``template_of``: each endpoint's model config
+    (a mapping), which a candidate variant is added with. ``home``: Flywheel's state folder (training
     jobs' folders). ``start``: run the tick thread (False in tests that
     tick by hand)."""
 
     def __init__(self, deployment: str, loops: list[LoopSpec], *, registry_uri: str, artifacts_uri: str,
                  ingress_url: str, auth: bool, capture_of: dict[str, str], model_of: dict[str, str],
-                 home: str = "", start: bool = True) -> None:
+                 template_of: dict[str, dict] | None = None, home: str = "", start: bool = True) -> None:
         from flywheel.common.settings import load_settings
         from flywheel.loops.endpoint_ops import HttpEndpointOps
         from flywheel.loops.evaluate import evaluate_on_heldout
@@ -94,6 +98,7 @@ class LoopController:
                 jobs=_Jobs(self._training), endpoint=self._ops, signals=signals,
                 evaluator=lambda m, c, p, job, run_id: evaluate_on_heldout(self._registry, m, c, p, job, run_id),
                 notifier=notifier, metrics=self.metrics, capture_path=capture_of.get(spec.endpoint, ""),
+                variant_template=(template_of or {}).get(spec.endpoint),
             ))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -119,14 +124,27 @@ class LoopController:
             keys.close()
 
     def _apply_policy(self, spec: LoopSpec, policy) -> None:
+        """Set the loop's declared policy on its model when the declaration is
+        new or changed (not on every restart: an operator's later change to
+        the model's policy stands until the loop's config changes)."""
+        import hashlib
+
+        import msgspec
+
         from flywheel.protocol.errors import NotFoundError
 
+        digest = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()
+        state = self._store.load_state(self.deployment, spec.name)
+        if state.get("policy_applied") == digest:
+            return
         try:
-            if self._registry.get_policy(spec.model_name) != policy:
-                self._registry.set_policy(spec.model_name, policy, actor=f"loop:{spec.name}")
+            self._registry.set_policy(spec.model_name, policy, actor=f"loop:{spec.name}")
         except NotFoundError:
             log.warning("loop %s: model %r is not registered yet; its policy is set once it is",
                         spec.name, spec.model_name)
+            return
+        state["policy_applied"] = digest
+        self._store.save_state(self.deployment, spec.name, state)
 
     # -- the thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -153,6 +171,12 @@ class LoopController:
     def check_health(self) -> None:
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("the loop controller's thread has stopped")
+
+    def pid(self) -> int:
+        """This replica's process id (operators and tests)."""
+        import os
+
+        return os.getpid()
 
     def metrics_text(self) -> bytes:
         return self.metrics.exposition()

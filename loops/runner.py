@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PHASES = ("training", "evaluating", "gating", "awaiting_approval", "canary")
 OUTCOMES = ("promoted", "rolled_back", "refused", "failed", "cancelled")
 _DAY_S = 86400.0
+REPEAT_S = 300.0  # a repeated suppression is recorded at most this often
 _TERMINAL_JOB = ("succeeded", "failed", "cancelled")
 
 
@@ -54,6 +55,7 @@ class Jobs(Protocol):
     def submit(self, spec: dict, *, run: bool = True) -> Any: ...
     def resume(self, job_id: str, *, run: bool = True) -> Any: ...
     def job(self, job_id: str) -> Any: ...  # a JobRecord: .state, .error, .result
+    def find(self, name: str) -> Any: ...  # the job of that name (a JobRecord), or None
 
 
 Evaluator = Callable[[str, int, "int | None", dict, str], dict]
@@ -77,7 +79,8 @@ class LoopRunner:
 
     def __init__(self, spec: LoopSpec, *, deployment: str, store, registry, jobs: Jobs, endpoint: EndpointOps,
                  signals: Signals, evaluator: Evaluator, notifier=None, metrics=None,
-                 capture_path: str = "", clock: Callable[[], float] = time.time) -> None:
+                 capture_path: str = "", variant_template: dict | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.deployment = deployment
         self._store = store
@@ -89,6 +92,10 @@ class LoopRunner:
         self._notifier = notifier
         self._metrics = metrics
         self._capture = capture_path
+        # the endpoint's model config less its identity: a candidate is served
+        # as its predecessor is (backend, batching, drift, capture)
+        self._template = {k: v for k, v in (variant_template or {}).items()
+                          if k not in ("name", "version", "ref", "path", "artifact")}
         self._clock = clock
         self.actor = f"loop:{spec.name}"
         self._state: dict = {}
@@ -103,11 +110,7 @@ class LoopRunner:
         runs = self._store.runs(self.deployment, self.spec.name, unfinished=True, limit=1)
         run = runs[0] if runs else None
         if run is not None:
-            try:
-                self._advance(run, now)
-            except FlywheelError as exc:
-                log.warning("loop %s: run %s, phase %s: %s", self.spec.name, run.id, run.phase, exc.message)
-                self._event("error", {"phase": run.phase, "error": exc.message}, run.id)
+            self._advance_safely(run, now)
         firings = list(manual)
         if not state.get("paused"):
             firings += self._check_triggers(state, now)
@@ -154,8 +157,6 @@ class LoopRunner:
                 continue
             if firing is not None:
                 fired.append(firing)
-                if firing.kind == "drift":
-                    self._notify("drift_detected", {"reason": firing.reason, **firing.detail})
         return fired[:1]  # one run per turn; the rest are consumed with it
 
     def _consider(self, firing: Firing, now: float) -> None:
@@ -177,11 +178,23 @@ class LoopRunner:
         )
         why = suppression(self.spec.guards, g)
         if why is not None:
-            detail = {"trigger": firing.kind, "reason": firing.reason, "suppressed": why}
+            guard = why.split(":", 1)[0]
+            if self._metrics is not None:
+                self._metrics.suppressed(self.spec.name, guard)
+            # every suppression is counted; the same trigger held back by the
+            # same guard is recorded (and notified) once per REPEAT_S, with
+            # how often it fired meanwhile, not once per tick
+            key, last = f"{firing.kind}:{guard}", self._state.get("last_suppressed") or {}
+            if last.get("key") == key and now - last.get("ts", 0.0) < REPEAT_S:
+                last["repeats"] = last.get("repeats", 0) + 1
+                return
+            detail = {"trigger": firing.kind, "reason": firing.reason, "suppressed": why,
+                      "repeats_before": last.get("repeats", 0) if last.get("key") == key else 0}
+            self._state["last_suppressed"] = {"key": key, "ts": now, "repeats": 0}
+            if firing.kind == "drift":
+                self._notify("drift_detected", {"reason": firing.reason, **firing.detail})
             self._event("trigger_suppressed", detail)
             self._notify("trigger_suppressed", detail)
-            if self._metrics is not None:
-                self._metrics.suppressed(self.spec.name, why.split(":", 1)[0])
             return
         try:
             run = self._store.start_run(self.deployment, self.spec.name, self.spec.endpoint, trigger=firing.kind,
@@ -193,16 +206,31 @@ class LoopRunner:
         self._audit(run.id, "loop_trigger", None, {"trigger": firing.kind, "reason": firing.reason,
                                                    **firing.detail})
         self._event("run_started", {"trigger": firing.kind, "reason": firing.reason}, run.id)
+        if firing.kind == "drift":
+            self._notify("drift_detected", {"run": run.id, "reason": firing.reason, **firing.detail})
         self._notify("run_started", {"run": run.id, "trigger": firing.kind, "reason": firing.reason})
         if self._metrics is not None:
             self._metrics.run_started(self.spec.name, firing.kind)
-        self._advance(run, now)
+        self._advance_safely(run, now)
 
     def _current(self):
         runs = self._store.runs(self.deployment, self.spec.name, unfinished=True, limit=1)
         return runs[0] if runs else None
 
     # -- phases ------------------------------------------------------------------
+    def _advance_safely(self, run, now: float) -> None:
+        """One step of ``run``; a step that fails is recorded and tried again
+        at the next tick (the run's row says where it stands), and never
+        keeps the tick from saving the loop's state."""
+        try:
+            self._advance(run, now)
+        except FlywheelError as exc:
+            log.warning("loop %s: run %s, phase %s: %s", self.spec.name, run.id, run.phase, exc.message)
+            self._event("error", {"phase": run.phase, "error": exc.message}, run.id)
+        except Exception as exc:  # noqa: BLE001 - a bug in one step must not stop the loop's bookkeeping
+            log.exception("loop %s: run %s, phase %s failed", self.spec.name, run.id, run.phase)
+            self._event("error", {"phase": run.phase, "error": f"{type(exc).__name__}: {exc}"}, run.id)
+
     def _advance(self, run, now: float) -> None:
         step = getattr(self, f"_phase_{run.phase}")
         step(run, now)
@@ -210,12 +238,18 @@ class LoopRunner:
     def _phase_training(self, run, now: float) -> None:
         job_id = run.detail.get("job_id")
         if not job_id:
-            job = self.job_spec(run)
-            handle = self._jobs.submit(job, run=True)
-            job_id = handle.job_id
-            self._store.update_run(run.id, detail={"job_id": job_id, "job_name": job["name"],
+            # exactly once: the job's name is written down before it is
+            # submitted, and a controller that died in between finds the job
+            # by that name instead of submitting a second one
+            if "job_name" not in run.detail:
+                job = self.job_spec(run)
+                run = self._store.update_run(run.id, detail={"job_name": job["name"], "dataset": job["dataset"]})
+            job = self.job_spec(run, fresh=False)
+            found = self._jobs.find(job["name"])
+            job_id = found.id if found is not None else self._jobs.submit(job, run=True).id
+            self._store.update_run(run.id, detail={"job_id": job_id})
+            self._audit(run.id, "loop_job", None, {"job_id": job_id, "job_name": job["name"],
                                                    "dataset": job["dataset"]})
-            self._audit(run.id, "loop_job", None, {"job_id": job_id, "dataset": job["dataset"]})
             self._event("job_submitted", {"job_id": job_id}, run.id)
             return
         rec = self._jobs.job(job_id)
@@ -286,7 +320,7 @@ class LoopRunner:
         state = (status.get("variants") or {}).get(variant)
         if not run.detail.get("variant_added"):
             if state is None:
-                self._ep.add_variant(self.spec.endpoint, {"version": variant,
+                self._ep.add_variant(self.spec.endpoint, {**self._template, "version": variant,
                                                           "ref": f"{self.spec.model_name}/{version}"})
             self._store.update_run(run.id, detail={"variant_added": True})
             self._event("variant_added", {"variant": variant}, run.id)
@@ -405,14 +439,14 @@ def trigger_key(trig) -> str:
 
 
 def captured_dataset(original: dict, *, path: str, endpoint: str, since: float, fraction: float) -> dict:
-    """A training ``dataset`` mapping of kind ``captured`` mixing ``original``
-    (the template's dataset mapping) in by ``fraction`` of captured rows."""
+    """A training ``dataset`` mapping of kind ``captured`` (the endpoint's
+    labelled captures since ``since``) mixed with ``original`` (the
+    template's dataset mapping) so that captured rows make ``fraction``
+    of the training set (training/spec.py DatasetSpec)."""
     orig = dict(original) or {"kind": "digits"}
-    out = {"kind": "captured", "path": path, "endpoint": endpoint, "since": since,
-           "captured_fraction": fraction, "mix_kind": orig.get("kind", "digits")}
-    if orig.get("path"):
-        out["mix_path"] = orig["path"]
-    for key in ("features", "label", "validation_fraction", "reference_rows"):
+    out = {"kind": "captured", "path": path, "endpoint": endpoint, "since": since, "captured_fraction": fraction,
+           "mix": orig}
+    for key in ("validation_fraction", "reference_rows"):
         if key in orig:
             out[key] = orig[key]
     return out

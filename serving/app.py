@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import socket
 import time
@@ -183,6 +184,8 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
     )
     parts.append(controller.bind(config.name, deploy_id, list(config.endpoints),
                                  list(config.models), config.registry, app if monitored else ""))
+    if config.loops:
+        parts.append(_loop_controller(config, runtime_env))
     routes = []
     colocated = [m for m in config.models if m.placement == "colocated"]
     for model in config.models:
@@ -218,7 +221,49 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
     return ingress.bind(
         server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
         colocated, config.registry, app, parts, deploy_id, secret,
+        loops=(config.name, app) if config.loops else None,
     )
+
+
+def _loop_controller(config: DeployConfig, runtime_env: dict | None):
+    """The loop controller (loops/controller.py): one replica, restarted by
+    Serve, its state in the registry. It reaches the endpoint through the
+    public HTTP address, like any operator."""
+    from ray import serve
+
+    from flywheel.loops.controller import LoopController
+
+    server = config.server
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    url = f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
+    capture_of: dict[str, str] = {}
+    model_of: dict[str, str] = {}
+    template_of: dict[str, dict] = {}
+    for m in config.models:  # the highest version of a name is its template
+        if m.capture is not None:
+            capture_of.setdefault(m.name, m.capture.path)
+        if m.ref:
+            model_of.setdefault(m.name, m.ref.split("@")[0].split("/")[0])
+        current = template_of.get(m.name)
+        if current is None or _version_key(m.version) >= _version_key(current["version"]):
+            template_of[m.name] = msgspec.to_builtins(m)
+    for loop in config.loops:
+        model_of.setdefault(loop.endpoint, loop.model_name)
+    settings = load_settings()
+    controller = serve.deployment(LoopController).options(
+        name="loops", num_replicas=1, ray_actor_options=_actor_options(0.1, [], runtime_env),
+        health_check_period_s=5.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=15.0,
+        logging_config={"enable_access_log": False},
+    )
+    return controller.bind(
+        config.name, list(config.loops), registry_uri=config.registry.uri, artifacts_uri=config.registry.artifacts,
+        ingress_url=url, auth=server.auth.enabled, capture_of=capture_of, model_of=model_of,
+        template_of=template_of, home=os.path.abspath(settings.home),
+    )
+
+
+def _version_key(version: str) -> tuple:
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
 def fix_public_ports(server: ServerConfig) -> ServerConfig:

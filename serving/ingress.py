@@ -83,6 +83,7 @@ class Ingress:
         dependencies: list = (),
         deploy_id: str = "",
         secret: bytes | None = None,
+        loops: tuple[str, str] | None = None,
     ) -> None:
         """``routes`` lead to dedicated models; ``colocated`` models are
         loaded (and warmed up) here, before any port is bound.
@@ -97,13 +98,21 @@ class Ingress:
         follows only the controller of its own generation.
         ``secret``: the deployment's (build_application makes it), proven on
         every connection to the model replicas and the drift monitor (see
-        serving/_private/wire.py); None only in in-process tests."""
+        serving/_private/wire.py); None only in in-process tests.
+        ``loops``: (deployment name, Serve application) of the deployment's
+        loop controller, for ``/v2/loops`` and its metrics (None: no loops)."""
         self._registry = registry
         self._limits = server.request_limits()
         self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
         self._deploy_id = deploy_id
         self._secret = secret
+        self._loops = None
+        if loops is not None:
+            from flywheel.serving._private.loops_http import LoopsHttp
+
+            reg = registry or RegistryConfig()
+            self._loops = LoopsHttp(loops[0], loops[1], reg.uri, reg.artifacts)
         self._controller = None
         if controller_app:
             from ray import serve
@@ -166,7 +175,8 @@ class Ingress:
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
-            HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None).handle,
+            HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None,
+                       self._loops).handle,
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True, limits=http_limits(server),
             counts=self._metrics.http_counts,
@@ -266,5 +276,7 @@ class Ingress:
             if self._auth is not None:
                 await self._auth.aclose()
             self._metrics.close()  # last: draining requests still count
+            if self._loops is not None:
+                self._loops.close()
 
         loop.shutdown(_stop, timeout=DRAIN_S + 8.0)  # the drain, then the models' batches

@@ -284,12 +284,15 @@ def test_opening_an_older_schema_upgrades_it(store_uri, tmp_path):
         db.execute("SELECT * FROM approvals")
     db.close()
     r = Registry.open(store_uri, str(tmp_path / "artifacts"))
-    assert current_version(connect(store_uri)) == LATEST == 7
+    assert current_version(connect(store_uri)) == LATEST == 8
     assert r.get_model("old").created_by == "v1-user"
     _v(r, name="old")
     r.approve("old", 1, actor="bob")  # the v2 table works
     r.add_evaluation("old", 1, dataset="/data/holdout", fingerprint="f" * 64, metrics={"accuracy": 0.9}, rows=1,
                      run_id="r-1", actor="bob")  # the v6 table works
+    r.record("loop:keep", "loop_trigger", "old", detail={"why": "drift"}, loop_run="run-1")  # v8: loop runs
+    assert [e.action for e in r.audit(loop_run="run-1")] == ["loop_trigger"]
+    assert {e.loop_run for e in r.audit(model="old")} == {"", "run-1"}
     r.close()
 
 

@@ -14,7 +14,7 @@ import types
 import pytest
 
 from flywheel.loops.operate import list_loops, request
-from flywheel.loops.runner import LoopRunner, endpoint_busy
+from flywheel.loops.runner import REPEAT_S, LoopRunner, endpoint_busy
 from flywheel.loops.spec import parse_loop
 from flywheel.protocol.errors import ConfigError
 from flywheel.registry import LoopStore, Registry, parse_policy
@@ -33,9 +33,13 @@ class Queue:
 
     def submit(self, spec, *, run=True):
         job_id = f"job{len(self.jobs) + 1}"
-        self.jobs[job_id] = types.SimpleNamespace(state="running", error="", result=None)
+        self.jobs[job_id] = types.SimpleNamespace(id=job_id, name=spec["name"], state="running", error="",
+                                                  result=None)
         self.submitted.append(spec)
-        return types.SimpleNamespace(job_id=job_id)
+        return types.SimpleNamespace(id=job_id)
+
+    def find(self, name):
+        return next((j for j in self.jobs.values() if j.name == name), None)
 
     def resume(self, job_id, *, run=True):
         self.resumed.append(job_id)
@@ -267,6 +271,15 @@ def test_drift_fires_once_and_a_second_firing_during_the_run_is_suppressed(world
     suppressed = [e for e in w.store.events("d", "keep") if e.kind == "trigger_suppressed"]
     assert len(suppressed) == 1
     assert run.id in suppressed[0].detail["suppressed"]
+    for t in (5.0, 6.0):  # fires again each time: recorded once per REPEAT_S, with the count
+        w.signals.windows += [DriftWindow(t, True), DriftWindow(t + 0.5, True)]
+        runner.tick()
+    assert len([e for e in w.store.events("d", "keep") if e.kind == "trigger_suppressed"]) == 1
+    w.now[0] += REPEAT_S + 1
+    w.signals.windows += [DriftWindow(8.0, True), DriftWindow(9.0, True)]
+    runner.tick()
+    later = [e for e in w.store.events("d", "keep") if e.kind == "trigger_suppressed"]
+    assert [e.detail["repeats_before"] for e in later] == [0, 2]
 
 
 def test_pause_stops_triggers_and_resume_lets_them_fire(world):
@@ -336,3 +349,16 @@ def test_a_promotion_makes_the_drift_trigger_forget_earlier_windows(world):
     w.signals.windows.append(DriftWindow(w.now[0] + 10, True))
     runner.tick()
     assert len(w.store.runs("d", "keep")) == 2
+
+
+def test_a_controller_that_died_between_naming_and_submitting_finds_its_job(world):
+    w = world
+    _trigger(w)
+    runner = w.make()
+    runner.tick()
+    run = _run(w)
+    # as if the job id had never been written: the job is found by its name
+    w.store.update_run(run.id, detail={"job_id": ""})
+    w.make().tick()
+    assert len(w.queue.submitted) == 1
+    assert w.store.get_run(run.id).detail["job_id"] == "job1"
