@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -95,23 +96,27 @@ class CapturedRequest(NamedTuple):
 
 def _tensor_columns(pa, arrays: list[np.ndarray]):
     """(values list column, shape list column) for one tensor across requests."""
-    row_shapes, sizes = [], []
-    for a in arrays:
-        per_row = a.shape[1:]
-        n = int(np.prod(per_row, dtype=np.int64))
-        row_shapes += [per_row] * len(a)
-        sizes += [n] * len(a)
-    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
+    counts = [len(a) for a in arrays]
+    total = sum(counts)
+    first = arrays[0].shape[1:]
+    if all(a.shape[1:] == first for a in arrays):  # the usual case: one row shape, no loop per row
+        offsets = np.arange(total + 1, dtype=np.int64) * math.prod(first)
+        dims = np.tile(np.asarray(first, np.int32), total)
+        shape_offsets = np.arange(total + 1, dtype=np.int32) * len(first)
+    else:
+        shapes = [a.shape[1:] for a, n in zip(arrays, counts) for _ in range(n)]
+        offsets = np.zeros(total + 1, dtype=np.int64)
+        np.cumsum([math.prod(s) for s in shapes], out=offsets[1:])
+        dims = np.asarray([d for s in shapes for d in s], dtype=np.int32)
+        shape_offsets = np.zeros(total + 1, dtype=np.int32)
+        np.cumsum([len(s) for s in shapes], out=shape_offsets[1:])
     if arrays[0].dtype == object:
         flat = pa.array([bytes(v) for a in arrays for v in a.reshape(-1)], pa.binary())
     else:
-        flat = pa.array(np.concatenate([np.ascontiguousarray(a).reshape(-1) for a in arrays]))
+        flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]))
     values = pa.LargeListArray.from_arrays(pa.array(offsets), flat)
-    dims = [d for s in row_shapes for d in s]
-    shape_offsets = np.arange(0, len(row_shapes) + 1, dtype=np.int32) * (len(row_shapes[0]) if row_shapes else 0)
-    shapes = pa.ListArray.from_arrays(pa.array(shape_offsets), pa.array(np.asarray(dims, dtype=np.int32)))
-    return values, shapes
+    shapes_col = pa.ListArray.from_arrays(pa.array(shape_offsets), pa.array(dims))
+    return values, shapes_col
 
 
 def rows_table(requests: list[CapturedRequest], model: str, version: str):
@@ -120,12 +125,19 @@ def rows_table(requests: list[CapturedRequest], model: str, version: str):
     pa = require_pyarrow()
     counts = [len(next(iter(r.inputs.values()))) for r in requests]
     total = sum(counts)
+    if total == len(requests):  # one row each
+        rids, rows = [r.request_id for r in requests], np.zeros(total, np.int32)
+        ts = np.array([r.ts for r in requests], dtype=np.float64)
+    else:
+        rids = [r.request_id for r, n in zip(requests, counts) for _ in range(n)]
+        rows = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
+        ts = np.repeat(np.array([r.ts for r in requests], dtype=np.float64), counts)
     cols: dict[str, Any] = {
-        "request_id": pa.array([r.request_id for r, n in zip(requests, counts) for _ in range(n)], pa.string()),
-        "row": pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in counts])),
-        "ts": pa.array(np.repeat(np.array([r.ts for r in requests], dtype=np.float64), counts)),
-        "model": pa.array([model] * total, pa.string()),
-        "version": pa.array([version] * total, pa.string()),
+        "request_id": pa.array(rids, pa.string()),
+        "row": pa.array(rows),
+        "ts": pa.array(ts),
+        "model": pa.repeat(pa.scalar(model, pa.string()), total),
+        "version": pa.repeat(pa.scalar(version, pa.string()), total),
     }
     for prefix, attr in (("in.", "inputs"), ("out.", "outputs")):
         for name in getattr(requests[0], attr):

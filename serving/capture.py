@@ -124,19 +124,28 @@ class CaptureWriter:
                 return
 
     def _drain(self) -> None:
-        group: list[CapturedRequest] = []
+        queue, batch = self._queue, []
+        while queue:
+            batch.append(queue.popleft())
+        if not batch:
+            return
+        self._taken += sum(len(next(iter(r.inputs.values()))) for r in batch)
+        first = batch[0]
+        if all(r.inputs.keys() == first.inputs.keys() and r.outputs.keys() == first.outputs.keys() for r in batch):
+            key = schema_key(first)
+            if _one_dtype(batch):
+                self._write(batch, key)
+                return
+        group: list[CapturedRequest] = []  # tensors changed: one file per schema
         key = None
-        while self._queue:
-            req = self._queue.popleft()
-            self._taken += len(next(iter(req.inputs.values())))
+        for req in batch:
             k = schema_key(req)
             if group and k != key:
                 self._write(group, key)
                 group = []
             group.append(req)
             key = k
-        if group:
-            self._write(group, key)
+        self._write(group, key)
 
     def _write(self, group: list[CapturedRequest], key: tuple) -> None:
         rows = sum(len(next(iter(r.inputs.values()))) for r in group)
@@ -192,6 +201,16 @@ class CaptureWriter:
             self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("capture writer of %s:%s did not stop within %.0f s", self.model, self.version, timeout_s)
+
+
+def _one_dtype(batch: list[CapturedRequest]) -> bool:
+    """Whether each tensor has one dtype and rank across ``batch`` (a set
+    per tensor, not a key per request: this runs for every captured row)."""
+    for attr in ("inputs", "outputs"):
+        for name in getattr(batch[0], attr):
+            if len({(a.dtype, a.ndim) for a in (getattr(r, attr)[name] for r in batch)}) != 1:
+                return False
+    return True
 
 
 class LabelWriter:

@@ -171,12 +171,12 @@ class ModelServer:
             check_limits(arrays, self._batchable, self._limits)
             if self._sampler is not None:
                 self._sampler.offer(arrays)
-            rid, take = req.id, False
-            if capture is not None:
-                # the id labels name: the caller's, else one of ours that
-                # the response carries (its ``id``)
-                rid = rid or new_request_id()
-                take = capture.sampled()
+            rid = req.id
+            take = capture is not None and capture.sampled()
+            if take and not rid:
+                # the id labels name: the response carries it (its ``id``);
+                # a request left out of the capture has nothing to label
+                rid = new_request_id()
             result = await batcher.submit(arrays, timeout_s=timeout)
             if take:
                 self._capture(rid, arrays, result.outputs)
