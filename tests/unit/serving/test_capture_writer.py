@@ -133,3 +133,22 @@ def test_metrics_name_model_version_and_reason(tmp_path, writers):
     assert 'flywheel_capture_rows_total{model="ep",version="1"} 1' in text
     assert 'flywheel_capture_dropped_rows_total{model="ep",version="1",reason="queue_full"} 1' in text
     assert 'flywheel_capture_files_total{model="ep",version="1"} 1' in text
+
+
+def test_an_fsspec_uri_works_like_a_folder(writers):
+    root = "memory://capture-writer-test"
+    w = _writer(writers, CaptureConfig(path=root, sample=1.0, flush_interval_s=0.05))
+    w.start()
+    _offer(w, 3, rows=2)
+    w.close()
+    assert read_captured(root, "ep", labelled=False).request_id.tolist() == ["r3", "r3"]
+
+
+def test_without_pyarrow_the_start_fails_with_the_install_hint(tmp_path, monkeypatch):
+    import sys
+
+    from flywheel.protocol.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an install without it imports
+    with pytest.raises(ConfigError, match="pip install pyarrow"):
+        CaptureWriter(_cfg(tmp_path), "ep", "1")
