@@ -89,11 +89,13 @@ class CaptureWriter:
         """Whether to capture the next request (one draw)."""
         return self._rng.random() < self._p
 
-    def offer(self, request_id: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """Queue one request's rows (arrays with the row axis first, not
-        shared with anyone: the caller copies), or count them as dropped when
-        the queue is full. Never blocks, never raises for a full queue."""
-        n = len(next(iter(inputs.values())))
+    def offer(self, request_id: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+              rows: int = 0) -> None:
+        """Queue one request's ``rows`` rows (arrays with the row axis first,
+        not shared with anyone: the caller copies; 0 = count them), or count
+        them as dropped when the queue is full. Never blocks, never raises
+        for a full queue."""
+        n = rows or len(next(iter(inputs.values())))
         if self._offered - self._taken + n > self.cfg.max_queue_rows:
             self.dropped["queue_full"] += n
             return

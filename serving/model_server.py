@@ -92,7 +92,12 @@ def check_limits(arrays: dict[str, np.ndarray], batchable: bool, limits: Request
 
 class ModelServer:
     """Construct (loads and warms the model: blocking), then :meth:`start` on
-    the event loop that will call :meth:`handle`; :meth:`close` on that loop."""
+    the event loop that will call :meth:`handle`; :meth:`close` on that loop.
+
+    ``capture``: the model's CaptureWriter (serving/capture.py), None without
+    ``capture:``; the feedback route writes labels through it and the
+    metrics read its counters. A captured request's answer names its id (the
+    caller's, else a new one), which labels name."""
 
     def __init__(
         self,
@@ -202,13 +207,12 @@ class ModelServer:
         the arrays may view the request's buffer or the batch's output).
         A tensor without the request's row axis is captured as one row."""
         try:
-            n = len(next(iter(inputs.values()))) if self._batchable else 0
-            tensors = [inputs, outputs]
-            if not n or any(a.ndim == 0 or len(a) != n for d in tensors for a in d.values()):
-                tensors = [{k: np.array(a)[None] for k, a in d.items()} for d in tensors]
-            else:
-                tensors = [{k: a.copy() for k, a in d.items()} for d in tensors]
-            self.capture.offer(rid, tensors[0], tensors[1])
+            ins = {k: a.copy() for k, a in inputs.items()}
+            outs = {k: a.copy() for k, a in outputs.items()}
+            n = len(next(iter(ins.values()))) if self._batchable else 0
+            if not n or not all(a.ndim and len(a) == n for d in (ins, outs) for a in d.values()):
+                ins, outs, n = {k: a[None] for k, a in ins.items()}, {k: a[None] for k, a in outs.items()}, 1
+            self.capture.offer(rid, ins, outs, n)
         except Exception:  # noqa: BLE001 - capture never fails a request
             log.warning("capture of a request to %s:%s failed", self.model.name, self.model.version, exc_info=True)
 
