@@ -22,7 +22,7 @@ import msgspec
 
 from flywheel.protocol.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
 from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id, usable_request_id
-from flywheel.serving._private.reply_outputs import reply_outputs
+from flywheel.serving._private.reply_outputs import reply_outputs, reply_request_id
 from flywheel.serving._private.wire import OP_METADATA, Call, ReplicaChannel, ReplicaLost, Reply
 from flywheel.serving.metrics import ModelMetrics, ServingMetrics
 from flywheel.serving.shadow import compare_outputs
@@ -328,7 +328,10 @@ class Router:
         if not ep.tracked:
             return request_id if usable_request_id(request_id) else None
         if not usable_request_id(request_id):
-            request_id = new_request_id()
+            # the id the model server gave a captured request, so that a
+            # reward and a label for it name the same request; else ours
+            named = reply_request_id(call.op, reply)
+            request_id = named if usable_request_id(named) else new_request_id()
         ep.remember(request_id, model.route.version, self.ship_ids)
         shadow = ep.shadow
         if (shadow is not None and not d.explicit and shadow[0] != model.route.version

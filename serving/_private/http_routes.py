@@ -18,6 +18,7 @@ import msgspec
 from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import FlywheelError
 from flywheel.serving.auth import Authenticator
+from flywheel.serving.capture import local_captures, render_capture_metrics
 from flywheel.serving._private import approval_http, loops_http
 from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
@@ -200,7 +201,8 @@ class HttpRoutes:
         return self._plane.infer(name, version, None, Call(OP_INFER, req.body, header_length), req, _HttpInfer)
 
     def _metrics(self):
-        own = self._router.metrics.render() + render_endpoint_metrics(self._router.endpoints())
+        own = (self._router.metrics.render() + render_endpoint_metrics(self._router.endpoints())
+               + render_capture_metrics(local_captures(self._router)))
         if self._monitor is None and self._loops is None:
             return 200, own, _METRICS_TYPE
         return self._with_other_metrics(own)

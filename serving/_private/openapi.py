@@ -143,9 +143,11 @@ def openapi_document() -> dict:
                 "operationId": "modelFeedback",
                 "parameters": [_MODEL],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["id", "reward"], "additionalProperties": False,
-                    "properties": {"id": {"type": "string"}, "reward": {"type": "number"}}}}}},
-                "responses": {"200": _ok({"type": "object", "required": ["id", "variant", "accepted"]}),
+                    "type": "object", "required": ["id"], "additionalProperties": False,
+                    "properties": {"id": {"type": "string"}, "reward": {"type": "number"},
+                                   "label": {"oneOf": [{"type": "number"},
+                                                       {"type": "array", "items": {"type": "number"}}]}}}}}},
+                "responses": {"200": _ok({"type": "object", "required": ["id"]}),
                               **_errors(400, 404, *_AUTH_ERRORS)},
             }},
             "/v2/openapi.json": {"get": {"operationId": "openapi", "responses": {
