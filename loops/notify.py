@@ -259,7 +259,7 @@ class Notifier:
         self._sleep = sleep if sleep is not None else self._stopping.wait
         self._lock = threading.Lock()
         self._counts = {"delivered": 0, "dead_letters": 0}
-        self._hooks = [_Webhook(spec, _secret(spec, i), self) for i, spec in enumerate(specs)]
+        self._hooks = [_Webhook(spec, read_secret(spec, i), self) for i, spec in enumerate(specs)]
         if metrics is not None:
             for hook in self._hooks:
                 metrics.add_webhook(hook.host, sorted(hook.events))
@@ -334,7 +334,9 @@ class Notifier:
                     reason)
 
 
-def _secret(spec: WebhookSpec, index: int) -> str:
+def read_secret(spec: WebhookSpec, index: int) -> str:
+    """The webhook's HMAC key: ``secret``, or the contents of ``secret_file``
+    (ConfigError naming ``notify[index].secret_file`` when unreadable or empty)."""
     if not spec.secret_file:
         return spec.secret
     try:

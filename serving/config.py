@@ -520,6 +520,7 @@ class DeployConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def _check_loops(cfg: DeployConfig, versions: dict[str, set[str]]) -> None:
     """What a loop needs of the deployment it belongs to, checked before
     anything starts."""
+    from flywheel.loops.notify import read_secret
     from flywheel.serving.canary import CanaryConfig
 
     names, endpoints = set(), set()
@@ -539,6 +540,11 @@ def _check_loops(cfg: DeployConfig, versions: dict[str, set[str]]) -> None:
             raise ConfigError(f"{where}.canary: {exc.message}") from None
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{where}.canary: {exc}") from None
+        for i, hook in enumerate(loop.notify):
+            try:  # readable here, before anything starts (and again by the controller)
+                read_secret(hook, i)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{exc.message}") from None
         if loop.canary.get("promote") is False:
             raise ConfigError(f"{where}.canary.promote must stay true: a loop's canary ends by promoting")
         if loop.data.captured:
