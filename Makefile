@@ -89,6 +89,14 @@ bench: $(STAMP) bench-deps edge-runner
 soak: $(STAMP)
 	$(PY) -m flywheel.bench.soak $(SOAK_ARGS)
 
+# The flywheel turning on the demo (issue 18): serve digits with drift, capture
+# and a loop, shift the live inputs, and watch drift -> retraining -> gates ->
+# canary -> promotion; prints the timeline and the figures, plots to
+# bench/results/loop.png. About two minutes here. Not part of `make test`.
+.PHONY: loop-demo
+loop-demo: $(STAMP)
+	$(PY) -m flywheel.bench.loop
+
 # requirements.lock from a resolve against the public index alone (deploy/lock.py);
 # `make test` checks that the lock as committed still resolves there.
 lock: $(STAMP)

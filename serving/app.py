@@ -140,7 +140,8 @@ def resolve_models(config: DeployConfig, settings: Settings) -> DeployConfig:
     return msgspec.structs.replace(config, models=models, registry=reg_cfg)
 
 
-def build_application(config: DeployConfig, *, deploy_id: str | None = None, runtime_env: dict | None = None):
+def build_application(config: DeployConfig, *, deploy_id: str | None = None, runtime_env: dict | None = None,
+                      settings: Settings | None = None):
     """The whole deployment as one Ray Serve application: the ingress (the
     application's entry) and, bound into its arguments so that Serve deploys
     them with it, the router controller, the drift monitor (when a model has
@@ -157,6 +158,9 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
     ``env_vars`` or ``py_modules`` that make a plug-in backend importable
     on every node), as a ``serve deploy`` config's per-application
     ``runtime_env`` gives.
+
+    ``settings``: the process settings (default: read now); a loop
+    controller keeps its training jobs' folders under their ``home``.
 
     Used by :func:`deploy` and by the ``serve deploy`` builder
     (serving/deploy.py), so both lay a deployment out the same way."""
@@ -185,7 +189,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
     parts.append(controller.bind(config.name, deploy_id, list(config.endpoints),
                                  list(config.models), config.registry, app if monitored else ""))
     if config.loops:
-        parts.append(_loop_controller(config, runtime_env))
+        parts.append(_loop_controller(config, runtime_env, settings or load_settings()))
     routes = []
     colocated = [m for m in config.models if m.placement == "colocated"]
     for model in config.models:
@@ -225,7 +229,7 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
     )
 
 
-def _loop_controller(config: DeployConfig, runtime_env: dict | None):
+def _loop_controller(config: DeployConfig, runtime_env: dict | None, settings: Settings):
     """The loop controller (loops/controller.py): one replica, restarted by
     Serve, its state in the registry. It reaches the endpoint through the
     public HTTP address, like any operator."""
@@ -249,7 +253,6 @@ def _loop_controller(config: DeployConfig, runtime_env: dict | None):
             template_of[m.name] = msgspec.to_builtins(m)
     for loop in config.loops:
         model_of.setdefault(loop.endpoint, loop.model_name)
-    settings = load_settings()
     controller = serve.deployment(LoopController).options(
         name="loops", num_replicas=1, ray_actor_options=_actor_options(0.1, [], runtime_env),
         health_check_period_s=5.0, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=15.0,
@@ -306,7 +309,8 @@ def deploy(
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     mark("Serve controller")
     log.info("deploying %s (%d model(s))", config.name, len(config.models))
-    serve.run(build_application(config, runtime_env=runtime_env), name=application_name(config), route_prefix=None)
+    serve.run(build_application(config, runtime_env=runtime_env, settings=settings), name=application_name(config),
+              route_prefix=None)
     mark("deploy the application (replicas load and warm up)")
     host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{host}:{server.port}"
