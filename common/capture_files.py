@@ -30,7 +30,10 @@ JSON lines or Parquet, columns ``request_id`` (string), ``label`` (number),
 ``ts`` (float64 epoch seconds; the latest label of a row wins) and optional
 ``row`` (int; absent or -1: every row of the request). Names starting with
 ``.`` or ending in ``.tmp`` are ignored, so write a file under such a name
-and rename it when complete.
+and rename it when complete. The feedback route appends each batch of labels
+to its writer's current JSON-lines file (rotated every 5 minutes or 100,000
+rows) on a local filesystem, so a reader may see a file grow: a torn last
+line is skipped until it is whole; on an object store each batch is a file.
 
 pyarrow (the ``train`` and ``batch`` extras) is imported only when used.
 """
@@ -305,6 +308,48 @@ def write_label_file(root: str, endpoint: str, rows: list[dict], writer: str, se
     return final
 
 
+def _appendable(fs) -> bool:
+    """Storage that appends in place (a local or mounted filesystem); object
+    stores rewrite whole objects, so there each batch is a file of its own."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def append_label_rows(root: str, endpoint: str, rows: list[dict], writer: str, seq: int,
+                      started: float) -> tuple[str, bool]:
+    """Append label rows to writer ``writer``'s labels file ``seq`` (begun at
+    ``started``, epoch seconds) and flush them: one file takes many batches,
+    visible to readers as it grows (a torn last line is skipped). Where the
+    storage cannot append, the rows become a finished file of their own.
+    Returns (the file, whether it was appended to)."""
+    fs, base = filesystem(root)
+    if not _appendable(fs):
+        return write_label_file(root, endpoint, rows, writer, seq), False
+    directory = posixpath.join(base, endpoint, LABELS_DIR)
+    fs.makedirs(directory, exist_ok=True)
+    path = posixpath.join(directory, f"labels-{int(started * 1000):013d}-{writer}-{seq:06d}.jsonl")
+    body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode()
+    with fs.open(path, "ab") as f:
+        f.write(body)
+        f.flush()
+    return path, True
+
+
+def _json_lines(data: bytes, path: str) -> list[dict]:
+    records = []
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # the end of a file being appended to: the rest comes later
+                continue
+            log.warning("label file %s: line %d is not JSON; skipped", path, i + 1)
+    return records
+
+
 def _visible(path: str) -> bool:
     name = posixpath.basename(path)
     return not name.startswith(".") and not name.endswith(".tmp")
@@ -322,7 +367,7 @@ def read_labels(root: str, endpoint: str) -> dict[tuple[str, int], float]:
             continue
         if path.endswith(".jsonl"):
             with fs.open(path, "rb") as f:
-                records = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+                records = _json_lines(f.read(), path)
         elif path.endswith(".parquet"):
             import pyarrow.parquet as pq
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from flywheel.common.capture_files import (
-    CapturedRequest, OpenCaptureFile, filesystem, new_writer_id, require_pyarrow, rows_table, salvage_stale,
-    schema_key, write_label_file,
+    CapturedRequest, OpenCaptureFile, append_label_rows, filesystem, new_writer_id, require_pyarrow, rows_table,
+    salvage_stale, schema_key,
 )
 from flywheel.serving.config import CaptureConfig
 
@@ -218,15 +218,21 @@ def _one_dtype(batch: list[CapturedRequest]) -> bool:
 class LabelWriter:
     """Labels of one endpoint, written under ``<root>/<endpoint>/labels/``.
 
-    :meth:`write` runs on an event loop; the file is written in a worker
-    thread and the call returns once it is finished (durable), or raises
-    what the storage raised."""
+    :meth:`write` runs on an event loop; the rows are appended to this
+    writer's current labels file in a worker thread (one file takes every
+    batch for ``rotate_s`` or ``rotate_rows``; on an object store each batch
+    is a finished file) and the call returns once they are flushed to
+    storage, or raises what the storage raised."""
 
-    def __init__(self, root: str, endpoint: str, writer_id: str) -> None:
+    def __init__(self, root: str, endpoint: str, writer_id: str, *, rotate_s: float = 300.0,
+                 rotate_rows: int = 100_000) -> None:
         self.root, self.endpoint, self.writer_id = root, endpoint, writer_id
         self._pending: list[tuple[list[dict], asyncio.Future]] = []
         self._busy = False
         self._seq = 0
+        self._started = 0.0  # when the current file was begun (0: none yet)
+        self._rows = 0
+        self._rotate_s, self._rotate_rows = rotate_s, rotate_rows
         self.files = 0
 
     async def write(self, rows: list[dict]) -> None:
@@ -243,14 +249,21 @@ class LabelWriter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                self._seq += 1
                 rows = [r for rs, _ in batch for r in rs]
-                try:
-                    await loop.run_in_executor(
-                        None, write_label_file, self.root, self.endpoint, rows, self.writer_id, self._seq
-                    )
+                now = time.time()
+                if not self._started or now - self._started >= self._rotate_s or self._rows >= self._rotate_rows:
+                    self._seq, self._started, self._rows = self._seq + 1, now, 0
                     self.files += 1
+                try:
+                    _, appended = await loop.run_in_executor(
+                        None, append_label_rows, self.root, self.endpoint, rows, self.writer_id, self._seq,
+                        self._started,
+                    )
+                    self._rows += len(rows)
+                    if not appended:  # a file per batch: the next batch starts another
+                        self._started = 0.0
                 except Exception as exc:  # noqa: BLE001 - every waiter learns it
+                    self._started = 0.0  # a torn append must not run into the next batch's lines
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)

@@ -143,3 +143,32 @@ def test_salvage_keeps_the_whole_batches_of_a_torn_file(tmp_path):
     fs, base = filesystem(str(tmp_path))
     assert salvage_stale(fs, os.path.join(base, "ep", "1"), stale_after_s=0, own_writer="new") == 1
     assert read_captured(str(tmp_path), "ep", labelled=False).request_id.tolist() == ["a"]
+
+
+def test_label_batches_append_to_one_growing_file_and_a_torn_line_waits(tmp_path):
+    from flywheel.common.capture_files import append_label_rows
+
+    for i in range(3):
+        path, appended = append_label_rows(str(tmp_path), "ep", [{"request_id": f"r{i}", "label": i, "ts": 1.0}],
+                                           "w1", 1, 100.0)
+        assert appended
+    assert [p.name for p in (tmp_path / "ep" / "labels").iterdir()] == ["labels-0000000100000-w1-000001.jsonl"]
+    with open(path, "ab") as f:  # a writer caught mid-line
+        f.write(b'{"request_id": "r3", "lab')
+    assert read_labels(str(tmp_path), "ep") == {("r0", -1): 0.0, ("r1", -1): 1.0, ("r2", -1): 2.0}
+
+
+def test_on_an_object_store_each_label_batch_is_a_finished_file():
+    import fsspec
+
+    from flywheel.common.capture_files import append_label_rows
+
+    root = "memory://labels-test"
+    for i in range(2):
+        _, appended = append_label_rows(root, "ep", [{"request_id": f"r{i}", "label": i, "ts": 1.0}], "w1", i + 1,
+                                        100.0)
+        assert not appended
+    fs = fsspec.filesystem("memory")
+    assert len(fs.ls("/labels-test/ep/labels")) == 2
+    assert read_labels(root, "ep") == {("r0", -1): 0.0, ("r1", -1): 1.0}
+    fs.rm("/labels-test", recursive=True)

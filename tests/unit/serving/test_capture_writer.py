@@ -152,3 +152,22 @@ def test_without_pyarrow_the_start_fails_with_the_install_hint(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an install without it imports
     with pytest.raises(ConfigError, match="pip install pyarrow"):
         CaptureWriter(_cfg(tmp_path), "ep", "1")
+
+
+def test_labels_share_a_file_until_it_rotates(tmp_path):
+    import asyncio
+
+    from flywheel.common.capture_files import read_labels
+    from flywheel.serving.capture import LabelWriter, label_rows
+
+    async def send(writer, n):
+        for i in range(n):
+            await writer.write(label_rows(f"r{i}", i % 10))
+
+    one = LabelWriter(str(tmp_path / "a"), "ep", "w1")
+    asyncio.run(send(one, 50))
+    assert len(list((tmp_path / "a" / "ep" / "labels").iterdir())) == 1
+    assert len(read_labels(str(tmp_path / "a"), "ep")) == 50
+    rotating = LabelWriter(str(tmp_path / "b"), "ep", "w1", rotate_rows=10)
+    asyncio.run(send(rotating, 50))
+    assert len(list((tmp_path / "b" / "ep" / "labels").iterdir())) == 5
