@@ -226,6 +226,8 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
         server, routes, drift_port, config.registry.uri if server.auth.enabled else "",
         colocated, config.registry, app, parts, deploy_id, secret,
         loops=(config.name, app) if config.loops else None,
+        label_roots={m.name: m.capture.path for m in config.models
+                     if m.capture is not None and m.placement != "colocated"},
     )
 
 

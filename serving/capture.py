@@ -284,6 +284,23 @@ def label_rows(request_id: str, label: float | list[float], ts: float | None = N
     return [{"request_id": request_id, "row": -1, "label": label, "ts": ts}]
 
 
+def endpoint_labels(router: Any, name: str) -> LabelWriter | None:
+    """Where this process writes endpoint ``name``'s labels: a colocated
+    model's capture writer's, else a writer of its own for the capture root
+    the deployment gives the endpoint (a dedicated model captures in its own
+    process, while feedback reaches the ingress); None: it captures nothing."""
+    writers = local_captures(router, name)
+    if writers:
+        return writers[0].labels
+    root = router.label_roots.get(name)
+    if not root:
+        return None
+    writer = router.label_writers.get(name)
+    if writer is None:
+        writer = router.label_writers[name] = LabelWriter(root, name, new_writer_id())
+    return writer
+
+
 def local_captures(router: Any, name: str | None = None) -> list[CaptureWriter]:
     """The capture writers of the model servers this process hosts
     (colocated models), of endpoint ``name`` or of all."""

@@ -126,6 +126,7 @@ class ControlState(VariantOps, CanaryOps):
         for m in models:
             by_name.setdefault(m.name, []).append(m)
         configs = {e.name: e for e in endpoints}
+        self.endpoint_configs = configs  # a runtime variant inherits its endpoint's capture
         unknown = sorted(set(configs) - set(by_name))
         if unknown:
             raise InvalidInputError(f"endpoints {unknown} name no configured model; models: {sorted(by_name)}")

@@ -84,6 +84,7 @@ class Ingress:
         deploy_id: str = "",
         secret: bytes | None = None,
         loops: tuple[str, str] | None = None,
+        label_roots: dict[str, str] | None = None,
     ) -> None:
         """``routes`` lead to dedicated models; ``colocated`` models are
         loaded (and warmed up) here, before any port is bound.
@@ -100,13 +101,16 @@ class Ingress:
         every connection to the model replicas and the drift monitor (see
         serving/_private/wire.py); None only in in-process tests.
         ``loops``: (deployment name, Serve application) of the deployment's
-        loop controller, for ``/v2/loops`` and its metrics (None: no loops)."""
+        loop controller, for ``/v2/loops`` and its metrics (None: no loops).
+        ``label_roots``: endpoint -> capture root of the models captured in
+        their own processes, whose labels (feedback) are written here."""
         self._registry = registry
         self._limits = server.request_limits()
         self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
         self._deploy_id = deploy_id
         self._secret = secret
+        self._label_roots = label_roots or {}
         self._loops = None
         if loops is not None:
             from flywheel.serving._private.loops_http import LoopsHttp
@@ -151,6 +155,7 @@ class Ingress:
         for ms in self._local.values():
             await ms.start()
         self.router = Router(routes, self._metrics, self._local, secret=self._secret)
+        self.router.label_roots = dict(self._label_roots)
         self._plane = DataPlane(self.router)  # what both transports call
         # with several replicas, feedback may reach another replica than the
         # one that answered: request ids then also go to the controller

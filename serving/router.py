@@ -135,6 +135,10 @@ class Router:
         connection to a dedicated model's replicas proves."""
         self.metrics = metrics
         self.ship_ids = False  # send request ids to the controller (several ingress replicas)
+        # endpoint -> capture root, for labels of models captured in their own
+        # (dedicated) processes: the feedback that names them arrives here
+        self.label_roots: dict[str, str] = {}
+        self.label_writers: dict[str, Any] = {}
         self._rng = random.Random()
         self._shadows = 0
         self._shadow_tasks: set[asyncio.Task] = set()

@@ -124,7 +124,7 @@ class VariantOps:
         now = time.time() if now is None else now
         ep = self.endpoint(name)
         model, allow = signature_gate.take_allow(model)
-        cfg = self._pinned(model_config(name, model))
+        cfg = self._captured(self._pinned(model_config(name, model)))
         self._fits_ingress(cfg)
         if cfg.version in ep.variants:
             raise AlreadyExistsError(f"endpoint {name!r} already has variant {cfg.version!r}")
@@ -144,6 +144,14 @@ class VariantOps:
         ep.doc["models"][cfg.version] = as_doc(cfg)
         if diff is not None:
             signature_gate.note(ep, cfg.version, diff, by_request=allow, now=now)
+
+    def _captured(self, cfg: ModelConfig) -> ModelConfig:
+        """A variant that sets no capture of its own captures as its endpoint
+        does (what the deploy config gives its static versions)."""
+        endpoint = getattr(self, "endpoint_configs", {}).get(cfg.name)
+        if cfg.capture is None and endpoint is not None and endpoint.capture is not None:
+            return msgspec.structs.replace(cfg, capture=endpoint.capture)
+        return cfg
 
     def _pinned(self, cfg: ModelConfig) -> ModelConfig:
         """Pin ``name@alias`` to ``name/N`` once, here, so that every replica
@@ -191,7 +199,7 @@ class VariantOps:
         ep = self.endpoint(name)
         self._busy(ep, "swap")
         model, allow = signature_gate.take_allow(model)
-        cfg = self._pinned(model_config(name, model))
+        cfg = self._captured(self._pinned(model_config(name, model)))
         self._fits_ingress(cfg)
         old = ep.routable()
         if cfg.version in ep.variants:

@@ -46,7 +46,7 @@ from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
 from flywheel.serving._private.endpoint_sync import SYNC_INTERVAL_S
 from flywheel.serving._private.live_endpoint import check_label, check_reward
-from flywheel.serving.capture import LabelWriter, label_rows, local_captures
+from flywheel.serving.capture import LabelWriter, endpoint_labels, label_rows
 
 Manage = Callable[[str, "str | None", Any], Awaitable[dict]]
 
@@ -155,11 +155,11 @@ def feedback(router, manage: Manage | None, name: str, body: bytes):
         return error_for_code(exc.code, exc.message)
     if label is None:
         return _reward(router, manage, name, fb.id, reward)
-    writers = local_captures(router, name)
-    if not writers:
-        return _bad("label", f"endpoint {name!r} captures nothing here, so it takes no labels "
+    labels = endpoint_labels(router, name)
+    if labels is None:
+        return _bad("label", f"endpoint {name!r} captures nothing, so it takes no labels "
                              "(set capture: on its model or endpoint)")
-    return _labelled(router, manage, name, fb.id, reward, label, writers[0].labels)
+    return _labelled(router, manage, name, fb.id, reward, label, labels)
 
 
 def _reward(router, manage: Manage | None, name: str, rid: str, reward: float):

@@ -99,3 +99,18 @@ def test_metrics_count_the_captured_rows(served):
     writers = local_captures(ingress.router, "mlp")
     wait_for(lambda: writers[0].rows_written >= 1, 15, "a finished file")
     assert "flywheel_capture_rows_total{" in render_capture_metrics(writers).decode()
+
+
+def test_labels_for_a_model_captured_in_its_own_process_are_written_by_the_ingress(tmp_path):
+    from flywheel.common.capture_files import read_labels
+    from flywheel.serving.router import Route
+
+    cfg = ServerConfig(port=_free_port(), grpc_port=-1)
+    # a dedicated model (its replica elsewhere, not reachable here): feedback still reaches this ingress
+    ingress = Ingress(cfg, [Route("ded", "1", _free_port())], label_roots={"ded": str(tmp_path)})
+    try:
+        status, body = _post(cfg.port, "/v2/models/ded/feedback", {"id": "r-1", "label": 7})
+        assert (status, body.get("label_written")) == (200, True)
+        assert read_labels(str(tmp_path), "ded") == {("r-1", -1): 7.0}
+    finally:
+        ingress.close()

@@ -452,3 +452,15 @@ def test_a_gpu_variant_is_refused_at_run_time_when_the_ingress_replicas_have_no_
     gpu_models = [ModelConfig(name="m", version="1", path="/models/1.onnx", num_gpus=1.0)]
     with_gpu = ControlState("d", "id2", [], gpu_models, now=T0)
     assert with_gpu.add_variant("m", dict(cuda), now=T0 + 1)["variants"]["2"]["status"] == "loading"
+
+
+def test_a_variant_added_at_run_time_captures_as_its_endpoint_does(tmp_path):
+    from flywheel.serving.config import CaptureConfig, EndpointConfig
+
+    capture = CaptureConfig(path=str(tmp_path))
+    st = ControlState("d", "id-capture", [EndpointConfig(name="m", capture=capture)], models("1"), now=T0)
+    st.add_variant("m", {"version": "2", "path": "/models/m2.onnx"}, now=T0)
+    assert st.endpoints["m"].doc["models"]["2"]["capture"]["path"] == str(tmp_path)
+    own = {"version": "3", "path": "/models/m3.onnx", "capture": {"path": "/elsewhere"}}
+    st.add_variant("m", own, now=T0)
+    assert st.endpoints["m"].doc["models"]["3"]["capture"]["path"] == "/elsewhere"
