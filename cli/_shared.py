@@ -71,3 +71,13 @@ def add_registry_arguments(parser: argparse.ArgumentParser, *, artifacts: bool =
                             help="artifact store (default: %(default)s)")
     parser.add_argument("--actor", default=settings.actor,
                         help="who acts, for the audit log (default: %(default)s)")
+
+
+def os_identity() -> str:
+    """``os:<account>`` of the user running this process, from the system's
+    account database by the process's uid (not ``$USER`` / ``$LOGNAME``,
+    which anyone can set): who approves or changes something from the CLI."""
+    import os
+    import pwd
+
+    return f"os:{pwd.getpwuid(os.getuid()).pw_name}"

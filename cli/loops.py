@@ -3,21 +3,20 @@
 Reads and requests go to the registry's database, as ``flywheel models``
 does, so they work whether or not the server is up; the loop controller
 applies a pause, resume or trigger at its next tick. Changes are recorded in
-the audit log under the OS user who ran the command (``os:<user>``).
+the audit log under the OS account that ran the command (``os:<account>``).
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
 
 import msgspec
 
-from flywheel.cli._shared import add_json_flag, add_registry_arguments, table, when
+from flywheel.cli._shared import add_json_flag, add_registry_arguments, os_identity, table, when
 from flywheel.loops.operate import list_loops, loop_runs, request, show_loop, timeline
 from flywheel.registry import LoopStore, Registry
 
-HELP = "continuous-training loops: list, show, runs, trigger, pause, resume"
+HELP = "continuous-training loops: list, show, runs, trigger, pause, resume, cancel"
 
 
 def _emit(args, data, text: str) -> None:
@@ -64,7 +63,7 @@ def cmd_runs(store, reg, args) -> None:
 
 def _request(action: str):
     def cmd(store, reg, args) -> None:
-        actor = f"os:{getpass.getuser()}"
+        actor = os_identity()
         out = request(store, reg, args.deployment, args.loop, action, actor=actor, note=getattr(args, "note", ""))
         _emit(args, out, f"{action} of loop {args.loop} requested by {actor}; the controller applies it at its "
                          "next tick")
@@ -96,6 +95,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--note", default="", help="why, for the audit log")
     leaf("pause", "stop the loop's triggers (a run in progress finishes)", _request("pause"))
     leaf("resume", "let the loop's triggers fire again", _request("resume"))
+    c = leaf("cancel", "end the run in progress (its job cancelled, its canary aborted)", _request("cancel"))
+    c.add_argument("--note", default="", help="why, for the audit log")
     add_json_flag(p, leaves)
     p.set_defaults(func=run)
 

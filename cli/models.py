@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
 
 import msgspec
 
-from flywheel.cli._shared import add_json_flag, add_registry_arguments, table, when
+from flywheel.cli._shared import add_json_flag, add_registry_arguments, os_identity, table, when
 from flywheel.common.settings import load_settings
 from flywheel.protocol.errors import PermissionDeniedError
 from flywheel.registry import Lineage, Registry, code_version, load_policy
@@ -142,13 +141,13 @@ def cmd_rollback(reg: Registry, args) -> None:
     _emit(args, v, f"rolled back: {v.ref} is in production again")
 
 
-def os_identity() -> str:
-    """The approver the CLI records: the OS user running it, as ``os:<user>``."""
-    return identity(f"os:{getpass.getuser()}")
+def approver() -> str:
+    """The approver the CLI records: the OS account running it, as ``os:<account>``."""
+    return identity(os_identity())
 
 
 def cmd_approve(reg: Registry, args) -> None:
-    who = os_identity()
+    who = approver()
     if args.actor != load_settings().actor:  # given on the command line: nobody approves for someone else
         raise PermissionDeniedError(
             f"approvals are recorded as the OS user running the command ({who}); --actor {args.actor!r} "

@@ -31,7 +31,8 @@ class Settings(msgspec.Struct, frozen=True):
     artifacts_uri: the artifact store (``FLYWHEEL_ARTIFACTS_URI``; default
         ``home``/artifacts; any fsspec URI).
     actor: who is acting, for the audit log (``FLYWHEEL_ACTOR``, else ``USER``).
-    api_key: the token ``flywheel bench`` sends to a server with auth on
+    api_key: the token ``flywheel bench`` and a training job's canary
+        hand-off (``export.canary_url``) send to a server with auth on
         (``FLYWHEEL_API_KEY``; from the environment, never a scenario file).
     ray_usage_stats: Ray's usage reporting (``RAY_USAGE_STATS_ENABLED``);
         off (``0``) unless set.

@@ -46,16 +46,20 @@ class _Jobs:
     def find(self, name: str):
         return next((r for r in self._rt.store.list() if r.name == name), None)
 
+    def cancel(self, job_id: str):
+        return self._rt.attach(job_id).cancel()
+
 
 class LoopController:
     """``loops``: the deployment's loop specs. ``registry_uri`` /
     ``artifacts_uri``: the deployment's registry. ``ingress_url``: the
-    server's HTTP address. ``auth``: whether the server wants API keys.
-    ``capture_of`` / ``model_of``: each endpoint's capture root ("" = none)
-    and registry model name. ``template_of``: each endpoint's model config
-    (a mapping), which a candidate variant is added with. ``home``: Flywheel's state folder (training
-    jobs' folders). ``start``: run the tick thread (False in tests that
-    tick by hand)."""
+    server's HTTP address (``{node}`` in it: this replica's node address, for
+    a server bound to every interface). ``auth``: whether the server wants
+    API keys. ``capture_of`` / ``model_of``: each endpoint's capture root
+    ("" = none) and registry model name. ``template_of``: each endpoint's
+    model config (a mapping), which a candidate variant is added with.
+    ``home``: Flywheel's state folder (training jobs' folders). ``start``:
+    run the tick thread (False in tests that tick by hand)."""
 
     def __init__(self, deployment: str, loops: list[LoopSpec], *, registry_uri: str, artifacts_uri: str,
                  ingress_url: str, auth: bool, capture_of: dict[str, str], model_of: dict[str, str],
@@ -67,15 +71,21 @@ class LoopController:
         from flywheel.loops.notify import Notifier
         from flywheel.loops.runner import LoopRunner
         from flywheel.loops.signals import DeploymentSignals
-        from flywheel.registry import LoopStore, Registry, parse_policy
+        from flywheel.registry import LoopStore, Registry
         from flywheel.training import TrainingRuntime
 
         import msgspec
 
         self.deployment = deployment
+        self._registry_uri = registry_uri
+        self._closed = False
         self._store = LoopStore.open(registry_uri)
         self._registry = Registry.open(registry_uri, artifacts_uri)
         self._key_id, token = self._make_key(registry_uri) if auth else (None, None)
+        if "{node}" in ingress_url:
+            import ray
+
+            ingress_url = ingress_url.replace("{node}", ray.util.get_node_ip_address())
         self._ops = HttpEndpointOps(ingress_url, api_key=token)
         settings = load_settings()
         settings = msgspec.structs.replace(settings, registry_uri=registry_uri, artifacts_uri=artifacts_uri,
@@ -87,8 +97,6 @@ class LoopController:
         self.runners = []
         for spec in loops:
             self.metrics.add_loop(spec.name)
-            if spec.policy is not None:
-                self._apply_policy(spec, parse_policy(spec.policy))
             notifier = Notifier(list(spec.notify), source=f"{deployment}/{spec.name}", metrics=self.metrics) \
                 if spec.notify else None
             if notifier is not None:
@@ -100,6 +108,7 @@ class LoopController:
                 notifier=notifier, metrics=self.metrics, capture_path=capture_of.get(spec.endpoint, ""),
                 variant_template=(template_of or {}).get(spec.endpoint),
             ))
+            self.runners[-1].ensure_policy()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if any(r.phase == "training" for r in self._store.runs(deployment, unfinished=True)):
@@ -122,29 +131,6 @@ class LoopController:
             return key.id, token
         finally:
             keys.close()
-
-    def _apply_policy(self, spec: LoopSpec, policy) -> None:
-        """Set the loop's declared policy on its model when the declaration is
-        new or changed (not on every restart: an operator's later change to
-        the model's policy stands until the loop's config changes)."""
-        import hashlib
-
-        import msgspec
-
-        from flywheel.protocol.errors import NotFoundError
-
-        digest = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()
-        state = self._store.load_state(self.deployment, spec.name)
-        if state.get("policy_applied") == digest:
-            return
-        try:
-            self._registry.set_policy(spec.model_name, policy, actor=f"loop:{spec.name}")
-        except NotFoundError:
-            log.warning("loop %s: model %r is not registered yet; its policy is set once it is",
-                        spec.name, spec.model_name)
-            return
-        state["policy_applied"] = digest
-        self._store.save_state(self.deployment, spec.name, state)
 
     # -- the thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -186,6 +172,11 @@ class LoopController:
                           for r in self.runners]}
 
     def close(self) -> None:
+        """Stop ticking, let the training runtime hand its job back, revoke
+        the controller's API key. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
@@ -193,11 +184,24 @@ class LoopController:
             n.close()
         self._training.close(timeout=10)
         self._ops.close()
+        if self._key_id is not None:  # the key dies with the controller that holds its token
+            from flywheel.registry.keys import KeyStore
+
+            keys = KeyStore.open(self._registry_uri)
+            try:
+                keys.revoke(self._key_id, actor=f"{KEY_PREFIX}{self.deployment}")
+            except Exception:  # noqa: BLE001 - a successor revokes it at its start
+                log.warning("loop controller: revoking its API key failed", exc_info=True)
+            finally:
+                keys.close()
         self._store.close()
         self._registry.close()
 
     def __del__(self) -> None:
+        # Ray Serve calls __del__ on a graceful shutdown
+        if getattr(self, "_closed", True):
+            return
         try:
-            self._stop.set()
-        except AttributeError:
-            pass
+            self.close()
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            log.warning("loop controller: close failed", exc_info=True)

@@ -62,6 +62,9 @@ class HttpEndpointOps:
     def start_canary(self, endpoint: str, canary: dict) -> Any:
         return self._call(self._client.start_canary, endpoint, canary)
 
+    def abort_canary(self, endpoint: str) -> Any:
+        return self._call(self._client.abort_canary, endpoint)
+
     def drift_history(self, endpoint: str, version: str) -> list[dict]:
         """The drift monitor's recent windows of one variant, oldest first
         (an empty list when the variant is not monitored)."""

@@ -14,7 +14,8 @@ import msgspec
 
 from flywheel.protocol.errors import InvalidInputError, NotFoundError
 
-ACTIONS = {"pause": "pause_requested", "resume": "resume_requested", "trigger": "trigger_requested"}
+ACTIONS = {"pause": "pause_requested", "resume": "resume_requested", "trigger": "trigger_requested",
+           "cancel": "cancel_requested"}
 _TIMELINE = ("run_started", "job_submitted", "job_resumed", "version_registered", "evaluated", "gates_passed",
              "approval_needed", "variant_added", "canary_started", "canary_step", "run_finished", "error")
 
@@ -59,8 +60,8 @@ def loop_runs(store, deployment: str, loop: str, *, limit: int = 100) -> list[di
 
 
 def request(store, registry, deployment: str, loop: str, action: str, *, actor: str, note: str = "") -> dict:
-    """Queue ``action`` (pause, resume, trigger) for ``loop``; an audit entry
-    names ``actor``."""
+    """Queue ``action`` (pause, resume, trigger, cancel: the run in progress)
+    for ``loop``; an audit entry names ``actor``."""
     if action not in ACTIONS:
         raise InvalidInputError(f"action {action!r} must be one of {', '.join(ACTIONS)}")
     _require(store, deployment, loop)

@@ -29,13 +29,17 @@ import msgspec
 from flywheel.loops.guards import GuardInput, suppression
 from flywheel.loops.spec import LoopSpec
 from flywheel.loops.triggers import Firing, Signals, manual_firing
-from flywheel.protocol.errors import FlywheelError, PreconditionFailedError
+from flywheel.protocol.errors import ErrorCode, FlywheelError, PreconditionFailedError
 
 log = logging.getLogger(__name__)
 
 PHASES = ("training", "evaluating", "gating", "awaiting_approval", "canary")
 OUTCOMES = ("promoted", "rolled_back", "refused", "failed", "cancelled")
 _DAY_S = 86400.0
+# errors a later tick may not see again (the endpoint restarting, the
+# registry's database busy); any other refusal ends the run
+_TRANSIENT = frozenset((ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RESOURCE_EXHAUSTED,
+                        ErrorCode.RATE_LIMITED, ErrorCode.INTERNAL))
 REPEAT_S = 300.0  # a repeated suppression is recorded at most this often
 _TERMINAL_JOB = ("succeeded", "failed", "cancelled")
 
@@ -47,6 +51,7 @@ class EndpointOps(Protocol):
     def add_variant(self, endpoint: str, model: dict) -> Any: ...
     def remove_variant(self, endpoint: str, version: str) -> Any: ...
     def start_canary(self, endpoint: str, canary: dict) -> Any: ...
+    def abort_canary(self, endpoint: str) -> Any: ...
 
 
 class Jobs(Protocol):
@@ -56,6 +61,7 @@ class Jobs(Protocol):
     def resume(self, job_id: str, *, run: bool = True) -> Any: ...
     def job(self, job_id: str) -> Any: ...  # a JobRecord: .state, .error, .result
     def find(self, name: str) -> Any: ...  # the job of that name (a JobRecord), or None
+    def cancel(self, job_id: str) -> Any: ...
 
 
 Evaluator = Callable[[str, int, "int | None", dict, str], dict]
@@ -106,10 +112,12 @@ class LoopRunner:
         # the loop's document for this tick: phases may change it too (a
         # promotion resets the drift triggers); saved once, at the end
         self._state = state = self._store.load_state(self.deployment, self.spec.name)
-        manual = self._commands(state)
+        manual, cancel = self._commands(state)
         runs = self._store.runs(self.deployment, self.spec.name, unfinished=True, limit=1)
         run = runs[0] if runs else None
-        if run is not None:
+        if run is not None and cancel is not None:
+            self._cancel(run, cancel)
+        elif run is not None:
             self._advance_safely(run, now)
         firings = list(manual)
         if not state.get("paused"):
@@ -121,13 +129,16 @@ class LoopRunner:
             self._metrics.tick(self.spec.name, now)
             current = self._current()
             since = current.detail.get("phase_since", current.updated_at) if current else 0.0
+            if current is not None and current.phase == "awaiting_approval":
+                since = now  # waiting on people (approval_timeout_s bounds it), not stuck
             self._metrics.phase(self.spec.name, current is not None, since)
 
-    def _commands(self, state: dict) -> list[Firing]:
-        """Apply pause / resume / manual-trigger requests queued in the
-        loop's events (by the CLI or HTTP) since the last tick."""
+    def _commands(self, state: dict) -> tuple[list[Firing], str | None]:
+        """Apply pause / resume / manual-trigger / cancel requests queued in
+        the loop's events (by the CLI or HTTP) since the last tick; returns
+        the manual firings and who asked to cancel the current run (None)."""
         after = int(state.get("commands_after", 0))
-        firings = []
+        firings, cancel = [], None
         for ev in self._store.events(self.deployment, self.spec.name, after_id=after):
             after = ev.id
             who = ev.detail.get("actor", "unknown")
@@ -137,8 +148,10 @@ class LoopRunner:
                 state["paused"] = False
             elif ev.kind == "trigger_requested":
                 firings.append(manual_firing(who, ev.detail.get("note", "")))
+            elif ev.kind == "cancel_requested":
+                cancel = who + (f": {ev.detail['note']}" if ev.detail.get("note") else "")
         state["commands_after"] = after
-        return firings
+        return firings, cancel
 
     def _check_triggers(self, state: dict, now: float) -> list[Firing]:
         memory = state.setdefault("triggers", {})
@@ -157,22 +170,23 @@ class LoopRunner:
                 continue
             if firing is not None:
                 fired.append(firing)
-        return fired[:1]  # one run per turn; the rest are consumed with it
+        return fired  # the first may start a run; the guards record the rest as suppressed
 
     def _consider(self, firing: Firing, now: float) -> None:
         current = self._current()
         last = self._store.runs(self.deployment, self.spec.name, limit=1)
-        status = None
+        status, busy = None, None
         try:
             status = self._ep.status(self.spec.endpoint)
-        except FlywheelError as exc:
-            log.info("loop %s: endpoint status unavailable: %s", self.spec.name, exc.message)
+            busy = endpoint_busy(status)
+        except FlywheelError as exc:  # unknown is not idle: a canary may be running there
+            busy = f"the endpoint's status is unavailable ({exc.message})"
         g = GuardInput(
             now=now,
             last_run_started=last[0].started_at if last else None,
             runs_last_24h=len(self._store.runs(self.deployment, self.spec.name, since=now - _DAY_S, limit=10_000)),
             run_in_progress=current.id if current else None,
-            endpoint_busy=endpoint_busy(status),
+            endpoint_busy=busy,
             manual=firing.kind == "manual",
             canary=bool(status and (status.get("canary") or {}).get("status") == "running"),
         )
@@ -224,12 +238,29 @@ class LoopRunner:
         keeps the tick from saving the loop's state."""
         try:
             self._advance(run, now)
+            if run.detail.get("retrying_since"):
+                self._store.update_run(run.id, detail={"retrying_since": 0.0, "last_error": ""})
+            return
         except FlywheelError as exc:
             log.warning("loop %s: run %s, phase %s: %s", self.spec.name, run.id, run.phase, exc.message)
-            self._event("error", {"phase": run.phase, "error": exc.message}, run.id)
+            message, transient = exc.message, exc.code in _TRANSIENT
+            refused = exc.code == ErrorCode.FAILED_PRECONDITION  # e.g. the gates, judged again at the canary's start
         except Exception as exc:  # noqa: BLE001 - a bug in one step must not stop the loop's bookkeeping
             log.exception("loop %s: run %s, phase %s failed", self.spec.name, run.id, run.phase)
-            self._event("error", {"phase": run.phase, "error": f"{type(exc).__name__}: {exc}"}, run.id)
+            message, transient, refused = f"{type(exc).__name__}: {exc}", True, False
+        run = self._store.get_run(run.id)
+        if run.finished:
+            return
+        if not transient:  # a refusal that no retry changes
+            self._finish(run, "refused" if refused else "failed", f"{run.phase}: {message}")
+            return
+        since = run.detail.get("retrying_since") or now
+        if now - since > self.spec.stuck_after_s:
+            self._finish(run, "failed", f"{run.phase}: still failing after {now - since:.0f} s: {message}")
+            return
+        if message != run.detail.get("last_error"):  # each new error once, not once per tick
+            self._event("error", {"phase": run.phase, "error": message}, run.id)
+        self._store.update_run(run.id, detail={"retrying_since": since, "last_error": message})
 
     def _advance(self, run, now: float) -> None:
         step = getattr(self, f"_phase_{run.phase}")
@@ -288,6 +319,7 @@ class LoopRunner:
 
     def _phase_gating(self, run, now: float) -> None:
         version = run.detail["version"]
+        self.ensure_policy()
         failures = self._reg.check_gates(self.spec.model_name, version)
         if not failures:
             self._store.update_run(run.id, phase="canary", detail={"gates": "passed"})
@@ -303,6 +335,8 @@ class LoopRunner:
                                                  "version": version, "failures": failures})
                 return
             if now - run.detail.get("phase_since", run.updated_at) > self.spec.approval_timeout_s:
+                self._notify("gate_refused", {"run": run.id, "model": self.spec.model_name, "version": version,
+                                              "failures": failures, "reason": "approval timed out"})
                 self._finish(run, "refused", f"no approval within {self.spec.approval_timeout_s:g} s: "
                              + "; ".join(failures))
             return
@@ -322,12 +356,24 @@ class LoopRunner:
             if state is None:
                 self._ep.add_variant(self.spec.endpoint, {**self._template, "version": variant,
                                                           "ref": f"{self.spec.model_name}/{version}"})
-            self._store.update_run(run.id, detail={"variant_added": True})
+            self._store.update_run(run.id, detail={"variant_added": True, "variant_added_at": now})
             self._event("variant_added", {"variant": variant}, run.id)
+            return
+        canary = status.get("canary") or {}
+        if not run.detail.get("canary_started") and canary.get("variant") == variant:
+            # started by an earlier tick whose answer was lost: watch it, never start it twice
+            self._store.update_run(run.id, detail={"canary_started": True})
             return
         if not run.detail.get("canary_started"):
             if state is None:
+                # the endpoint drops a variant that failed to load (its events say why)
+                waited = now - run.detail.get("variant_added_at", now)
+                if run.detail.get("variant_seen") or waited > self.spec.load_timeout_s:
+                    self._finish(run, "failed", f"variant {variant} did not load on {self.spec.endpoint}: "
+                                 + _last_event(status, variant))
                 return
+            if not run.detail.get("variant_seen"):
+                self._store.update_run(run.id, detail={"variant_seen": True})
             if state.get("status") == "failed":
                 self._finish(run, "failed", f"variant {variant} failed to load: {state.get('error')}")
                 return
@@ -339,7 +385,6 @@ class LoopRunner:
             self._audit(run.id, "loop_canary", version, {"plan": plan})
             self._event("canary_started", {"plan": plan}, run.id)
             return
-        canary = status.get("canary") or {}
         if canary.get("variant") != variant:
             return  # the canary's state is not reported yet
         history = canary.get("history") or []
@@ -352,16 +397,60 @@ class LoopRunner:
         if outcome is None:
             return
         reason = (history[-1].get("reason") if history else "") or canary.get("status", "")
-        if outcome == "rolled_back":
-            try:
-                self._ep.remove_variant(self.spec.endpoint, variant)
-            except FlywheelError as exc:
-                log.info("loop %s: removing rolled-back variant %s: %s", self.spec.name, variant, exc.message)
         if outcome == "promoted":
             self._forget_drift()
         self._notify("canary_promoted" if outcome == "promoted" else "canary_rolled_back",
                      {"run": run.id, "model": self.spec.model_name, "version": version, "reason": reason})
         self._finish(run, outcome, reason)
+
+    def _remove_candidate(self, run) -> None:
+        """A candidate that will not serve does not stay loaded (best effort:
+        the endpoint may have dropped it already)."""
+        try:
+            self._ep.remove_variant(self.spec.endpoint, str(run.detail["version"]))
+        except FlywheelError as exc:
+            log.info("loop %s: removing candidate %s: %s", self.spec.name, run.detail["version"], exc.message)
+
+    def _cancel(self, run, who: str) -> None:
+        """End ``run`` as cancelled at an operator's request: its training
+        job cancelled, its canary aborted (traffic back to the baseline)."""
+        job_id = run.detail.get("job_id")
+        if run.phase == "training" and job_id:
+            try:
+                self._jobs.cancel(job_id)
+            except FlywheelError as exc:
+                log.info("loop %s: cancelling job %s: %s", self.spec.name, job_id, exc.message)
+        if run.phase == "canary" and run.detail.get("canary_started"):
+            try:
+                self._ep.abort_canary(self.spec.endpoint)
+            except FlywheelError as exc:
+                log.info("loop %s: aborting the canary: %s", self.spec.name, exc.message)
+        self._finish(run, "cancelled", f"cancelled by {who} in phase {run.phase}")
+
+    def ensure_policy(self) -> None:
+        """Set the loop's declared gate policy on its model when the
+        declaration is new or changed and the model exists (not on every
+        restart: an operator's later change stands until the loop's config
+        changes). Called at start and before every gate check, so a model
+        that the loop's first job registers gets it before it is judged."""
+        if self.spec.policy is None:
+            return
+        from flywheel.registry import parse_policy
+
+        policy = parse_policy(self.spec.policy)
+        digest = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()
+        state = self._state if self._state else self._store.load_state(self.deployment, self.spec.name)
+        if state.get("policy_applied") == digest:
+            return
+        try:
+            self._reg.set_policy(self.spec.model_name, policy, actor=self.actor)
+        except FlywheelError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:
+                return  # registered by the first job; applied before its gates
+            raise
+        state["policy_applied"] = digest
+        if state is not self._state:
+            self._store.save_state(self.deployment, self.spec.name, state)
 
     def _forget_drift(self) -> None:
         """Windows scored against the version just replaced say nothing of
@@ -376,6 +465,8 @@ class LoopRunner:
 
     # -- endings and records -------------------------------------------------------
     def _finish(self, run, outcome: str, reason: str) -> None:
+        if outcome != "promoted" and run.detail.get("variant_added"):
+            self._remove_candidate(run)
         run = self._store.update_run(run.id, outcome=outcome, detail={"outcome_reason": reason}, finish=True)
         self._audit(run.id, "loop_outcome", run.detail.get("version"), {"outcome": outcome, "reason": reason})
         self._event("run_finished", {"outcome": outcome, "reason": reason}, run.id)
@@ -444,9 +535,24 @@ def captured_dataset(original: dict, *, path: str, endpoint: str, since: float, 
     template's dataset mapping) so that captured rows make ``fraction``
     of the training set (training/spec.py DatasetSpec)."""
     orig = dict(original) or {"kind": "digits"}
-    out = {"kind": "captured", "path": path, "endpoint": endpoint, "since": since, "captured_fraction": fraction,
-           "mix": orig}
+    # ``until`` frozen now: the evaluation rebuilds exactly these rows (and
+    # so the same held-out split) however many are captured meanwhile
+    out = {"kind": "captured", "path": path, "endpoint": endpoint, "since": since, "until": time.time(),
+           "captured_fraction": fraction, "mix": orig}
     for key in ("validation_fraction", "reference_rows"):
         if key in orig:
             out[key] = orig[key]
     return out
+
+
+def _last_event(status: dict, variant: str) -> str:
+    """Why the endpoint dropped ``variant``: its load error, else the newest
+    event naming it."""
+    failed = (status.get("failed") or {}).get(variant)
+    if failed:
+        return failed
+    for ev in reversed(status.get("events") or []):
+        text = str(ev.get("detail", ""))
+        if variant in text:
+            return text
+    return "the endpoint no longer lists it"

@@ -70,6 +70,10 @@ class LoopSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     job_retries: how often a failed training job is resumed from its last
         checkpoint before the run fails.
     tick_s: how often the controller looks at triggers and the running run.
+    load_timeout_s: how long a candidate may take to load on the endpoint.
+    stuck_after_s: how long a step may keep failing with errors a retry
+        could clear (the endpoint or the database unavailable) before the
+        run ends as failed; any other refusal ends it at once.
     """
 
     name: str
@@ -86,6 +90,8 @@ class LoopSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     approval_timeout_s: float = 86400.0
     job_retries: int = 1
     tick_s: float = 2.0
+    load_timeout_s: float = 600.0
+    stuck_after_s: float = 1800.0
 
     def __post_init__(self) -> None:
         where = f"loops.{self.name}"
@@ -114,6 +120,8 @@ class LoopSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"{where}.approval_timeout_s must be > 0")
         if self.job_retries < 0:
             raise ConfigError(f"{where}.job_retries must be >= 0")
+        if not self.load_timeout_s > 0 or not self.stuck_after_s > 0:
+            raise ConfigError(f"{where}.load_timeout_s and stuck_after_s must be > 0")
         if not 0.05 <= self.tick_s <= 3600:
             raise ConfigError(f"{where}.tick_s {self.tick_s} must lie in [0.05, 3600]")
 

@@ -240,7 +240,9 @@ def _loop_controller(config: DeployConfig, runtime_env: dict | None, settings: S
     from flywheel.loops.controller import LoopController
 
     server = config.server
-    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    # a wildcard address is served on every node: the controller calls the
+    # ingress on its own node ({node}: its node's address, filled in there)
+    host = "{node}" if server.host in ("0.0.0.0", "::", "") else server.host
     url = f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
     capture_of: dict[str, str] = {}
     model_of: dict[str, str] = {}

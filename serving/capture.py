@@ -54,8 +54,9 @@ class CaptureWriter:
     def __init__(self, cfg: CaptureConfig, model: str, version: str, *, seed: int | None = None,
                  writer_id: str | None = None, stale_after_s: float | None = None) -> None:
         """``stale_after_s``: an open file of another writer untouched this
-        long is salvaged at start; default ``max_file_age_s`` + 10 flush
-        intervals + 60 s."""
+        long is salvaged (at start, then every ``stale_after_s / 2``: a
+        writer that died moments before this one started is found later);
+        default ``max_file_age_s`` + 10 flush intervals + 60 s."""
         require_pyarrow()
         self.cfg, self.model, self.version = cfg, model, version
         self.writer_id = writer_id or new_writer_id()
@@ -109,12 +110,19 @@ class CaptureWriter:
         return self._offered - self._taken
 
     # -- the writer thread ----------------------------------------------------
-    def _run(self) -> None:
+    def _salvage(self) -> None:
         try:
             self.salvaged_rows += salvage_stale(self._fs, self._dir, self._stale_after_s, self.writer_id)
         except Exception:  # noqa: BLE001 - capture never stops serving
             log.warning("capture salvage in %s failed", self._dir, exc_info=True)
+
+    def _run(self) -> None:
+        self._salvage()
+        next_salvage = time.monotonic() + self._stale_after_s / 2
         while True:
+            if time.monotonic() >= next_salvage:
+                self._salvage()
+                next_salvage = time.monotonic() + self._stale_after_s / 2
             self._wake.wait(self.cfg.flush_interval_s)
             self._wake.clear()
             stopping = self._stopping

@@ -348,6 +348,7 @@ class ControlState(VariantOps, CanaryOps):
             "shadow": doc["shadow"],
             "canary": ({"config": doc["canary"]["config"], **doc["canary"]["state"]} if doc["canary"] else None),
             "swap": doc["swap"],
+            "failed": doc.get("failed", {}),  # variants dropped because they did not load, and why
             "sticky": doc["sticky"],
             "events": doc["events"][-20:],
             "replicas": len(self.live_replicas(now)),

@@ -271,8 +271,10 @@ def _start_canary(spec, mv) -> dict:
     """Add the new version to a running server's endpoint and ramp it up as
     a canary (the router's gates decide; see serving/_private/control_canary.py)."""
     from flywheel.client import Client
+    from flywheel.common.settings import load_settings
 
-    with Client(spec.export.canary_url) as client:
+    # a server with auth on wants a key of role operate (FLYWHEEL_API_KEY)
+    with Client(spec.export.canary_url, api_key=load_settings().api_key or None) as client:
         client.add_variant(mv.name, {"version": str(mv.version), "ref": mv.ref})
         deadline = time.monotonic() + 120
         while client.endpoint(mv.name)["variants"].get(str(mv.version), {}).get("status") != "ready":

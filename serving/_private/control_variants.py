@@ -18,6 +18,7 @@ import msgspec
 from flywheel.protocol.errors import (
     AlreadyExistsError,
     ConfigError,
+    FlywheelError,
     InvalidInputError,
     NotFoundError,
     PreconditionFailedError,
@@ -145,6 +146,22 @@ class VariantOps:
         if diff is not None:
             signature_gate.note(ep, cfg.version, diff, by_request=allow, now=now)
 
+    def _swap_gates(self, ep: Endpoint, cfg: ModelConfig) -> None:
+        """A swap moves all traffic, so it is a promotion: a registry version
+        that the endpoint's alias (``production``) could not move to is
+        refused before anything loads (and the alias moves when the traffic
+        does, see _tick_swap)."""
+        model, _, number = cfg.ref.partition("/")
+        if not (number.isdigit() and ep.doc["alias"] and self._check_gates is not None
+                and getattr(self, "_move_alias", None) is not None):
+            return
+        failures = self._check_gates(model, ep.doc["alias"], int(number))
+        if failures:
+            raise PreconditionFailedError(
+                f"swap of {ep.doc['name']!r} refused: {model}/{number} may not become {model}@{ep.doc['alias']}: "
+                + "; ".join(failures)
+            )
+
     def _captured(self, cfg: ModelConfig) -> ModelConfig:
         """A variant that sets no capture of its own captures as its endpoint
         does (what the deploy config gives its static versions)."""
@@ -206,6 +223,7 @@ class VariantOps:
             raise AlreadyExistsError(
                 f"endpoint {name!r} already has variant {cfg.version!r}; give the new one another version"
             )
+        self._swap_gates(ep, cfg)
         self._admit(ep, cfg, signature, allow, now)
         ep.doc["swap"] = {"from": old, "to": cfg.version, "phase": "loading", "error": "", "started": now}
         ep.event(now, "swap", f"swap {old} -> {cfg.version}: loading")
@@ -285,6 +303,14 @@ class VariantOps:
         if not swap:
             return
         if swap["phase"] == "loading" and ep.variants.get(swap["to"], {}).get("status") == "ready":
+            try:  # the registry's alias before the traffic, as a promotion does (gated for production)
+                self._alias(ep, swap["to"], now)
+            except FlywheelError as exc:
+                swap.update(phase="failed", error=exc.message)
+                self._retire(ep, swap["to"], now)
+                ep.event(now, "swap", f"swap to {swap['to']} refused, {swap['from']} keeps serving: {exc.message}")
+                self._changed(now)
+                return
             swap["phase"] = "draining"
             ep.doc["policy"] = {"kind": "fixed", "weights": {swap["to"]: 1.0}}
             for v in swap["from"]:

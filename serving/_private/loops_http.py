@@ -6,6 +6,7 @@
     POST /v2/loops/{name}/trigger     start a run now (``{"note": ...}`` optional)    (admin)
     POST /v2/loops/{name}/pause       stop its triggers                               (admin)
     POST /v2/loops/{name}/resume      let them fire again                             (admin)
+    POST /v2/loops/{name}/cancel      end the run in progress                         (admin)
 
 Reads come from the registry's database and changes are queued there
 (loops/operate.py, the same code as ``flywheel loops``), so these answer
@@ -25,7 +26,7 @@ from flywheel.serving._private.http_errors import error_for_code, error_response
 from flywheel.serving._private.http_server import JSON, Request, Response
 
 log = logging.getLogger(__name__)
-_CHANGES = ("trigger", "pause", "resume")
+_CHANGES = ("trigger", "pause", "resume", "cancel")
 
 
 class _Note(msgspec.Struct, forbid_unknown_fields=True):

@@ -4,15 +4,15 @@ loop events, each an audit entry under the OS user."""
 
 from __future__ import annotations
 
-import getpass
 import json
 
 import pytest
 
 from flywheel.cli import main
+from flywheel.cli._shared import os_identity
 from flywheel.registry import LoopStore, Registry
 
-ME = f"os:{getpass.getuser()}"
+ME = os_identity()
 
 
 @pytest.fixture

@@ -5,15 +5,15 @@ the audit log filters by loop run."""
 
 from __future__ import annotations
 
-import getpass
 import json
 
 import pytest
 
 from flywheel.cli import main
+from flywheel.cli._shared import os_identity
 from flywheel.registry import Registry, parse_policy
 
-ME = f"os:{getpass.getuser()}".lower()
+ME = os_identity().lower()
 
 
 @pytest.fixture
@@ -92,3 +92,9 @@ def test_audit_filters_by_loop_run_and_shows_the_column(models):
     listed = json.loads(models("audit", "--loop-run", "run-7", "--json"))
     assert [(e["action"], e["loop_run"]) for e in listed] == [("loop_trigger", "run-7")]
     assert json.loads(models("audit", "--loop-run", "other", "--json")) == []
+
+
+def test_an_approval_cannot_take_another_name_from_the_environment(models, monkeypatch):
+    monkeypatch.setenv("USER", "mallory")
+    monkeypatch.setenv("LOGNAME", "mallory")
+    assert models("approve", "fraud", "2") == f"{ME} approved fraud/2\n"

@@ -41,6 +41,9 @@ class Queue:
     def find(self, name):
         return next((j for j in self.jobs.values() if j.name == name), None)
 
+    def cancel(self, job_id):
+        self.jobs[job_id].state = "cancelled"
+
     def resume(self, job_id, *, run=True):
         self.resumed.append(job_id)
         self.jobs[job_id].state = "running"
@@ -60,10 +63,12 @@ class Endpoint:
     def __init__(self):
         self.variants = {"1": {"status": "ready"}}
         self.canary = None
+        self.events: list[dict] = []
         self.calls: list[tuple] = []
 
     def status(self, endpoint):
-        return {"variants": dict(self.variants), "weights": {"1": 1.0}, "canary": self.canary, "swap": None}
+        return {"variants": dict(self.variants), "weights": {"1": 1.0}, "canary": self.canary, "swap": None,
+                "events": list(self.events)}
 
     def add_variant(self, endpoint, model):
         self.calls.append(("add_variant", model))
@@ -76,6 +81,10 @@ class Endpoint:
     def start_canary(self, endpoint, canary):
         self.calls.append(("start_canary", canary))
         self.canary = {"variant": canary["variant"], "status": "running", "history": []}
+
+    def abort_canary(self, endpoint):
+        self.calls.append(("abort_canary", endpoint))
+        self.canary = {**self.canary, "status": "aborted"}
 
 
 class Signals:
@@ -362,3 +371,174 @@ def test_a_controller_that_died_between_naming_and_submitting_finds_its_job(worl
     w.make().tick()
     assert len(w.queue.submitted) == 1
     assert w.store.get_run(run.id).detail["job_id"] == "job1"
+
+
+def _to_canary(w, runner):
+    """Drive a manual run to its canary phase with the candidate added."""
+    _trigger(w)
+    runner.tick()
+    v = w.queue.succeed(_run(w).detail["job_id"])
+    for _ in range(4):
+        runner.tick()
+    assert _run(w).phase == "canary"
+    return v
+
+
+def test_cancel_during_training_cancels_the_job(world):
+    w = world
+    runner = w.make()
+    _trigger(w)
+    runner.tick()
+    run = _run(w)
+    request(w.store, w.reg, "d", "keep", "cancel", actor="os:tester", note="wrong data")
+    runner.tick()
+    done = w.store.get_run(run.id)
+    assert done.outcome == "cancelled"
+    assert done.detail["outcome_reason"] == "cancelled by os:tester: wrong data in phase training"
+    assert w.queue.jobs[run.detail["job_id"]].state == "cancelled"
+
+
+def test_cancel_during_the_canary_aborts_it_and_unloads_the_candidate(world):
+    w = world
+    runner = w.make()
+    v = _to_canary(w, runner)
+    w.ep.variants[str(v)]["status"] = "ready"
+    runner.tick()
+    request(w.store, w.reg, "d", "keep", "cancel", actor="os:tester")
+    runner.tick()
+    assert [c[0] for c in w.ep.calls][-2:] == ["abort_canary", "remove_variant"]
+    assert w.store.get_run(_run(w).id).outcome == "cancelled"
+
+
+def test_a_candidate_the_endpoint_dropped_ends_the_run_with_the_endpoints_reason(world):
+    w = world
+    runner = w.make()
+    v = _to_canary(w, runner)
+    runner.tick()  # seen loading
+    del w.ep.variants[str(v)]
+    w.ep.events = [{"time": 1.0, "kind": "variant", "detail": f"variant {v} failed to load: bad file"}]
+    runner.tick()
+    run = w.store.get_run(_run(w).id)
+    assert run.outcome == "failed"
+    assert "bad file" in run.detail["outcome_reason"]
+
+
+def test_a_canary_started_by_a_lost_call_is_watched_not_started_again(world):
+    w = world
+    runner = w.make()
+    v = _to_canary(w, runner)
+    w.ep.variants[str(v)]["status"] = "ready"
+    w.ep.canary = {"variant": str(v), "status": "running", "history": []}  # started; the answer was lost
+    runner.tick()
+    assert not any(c[0] == "start_canary" for c in w.ep.calls)
+    assert _run(w).detail["canary_started"] is True
+
+
+def test_a_refusal_ends_the_run_and_unloads_the_candidate(world):
+    from flywheel.protocol.errors import PreconditionFailedError as Refused
+
+    w = world
+    runner = w.make()
+    v = _to_canary(w, runner)
+    w.ep.variants[str(v)]["status"] = "ready"
+
+    def refuse(endpoint, canary):
+        raise Refused("promotion gates refuse digits/2: min: val_accuracy 0.9 < 0.95")
+
+    w.ep.start_canary = refuse
+    runner.tick()
+    run = w.store.get_run(_run(w).id)
+    assert run.outcome == "refused"
+    assert "min: val_accuracy" in run.detail["outcome_reason"]
+    assert w.ep.calls[-1] == ("remove_variant", str(v))
+
+
+def test_a_step_that_keeps_failing_transiently_ends_after_stuck_after_s(world):
+    from flywheel.protocol.errors import UnavailableError
+
+    w = world
+    runner = w.make(stuck_after_s=60)
+    v = _to_canary(w, runner)
+    w.ep.variants[str(v)]["status"] = "ready"
+
+    def down(endpoint, canary):
+        raise UnavailableError("503: no answer")
+
+    w.ep.start_canary = down
+    for _ in range(3):
+        runner.tick()
+    assert _run(w).finished is False
+    assert len([e for e in w.store.events("d", "keep") if e.kind == "error"]) == 1
+    w.now[0] += 61
+    runner.tick()
+    run = w.store.get_run(_run(w).id)
+    assert run.outcome == "failed"
+    assert "still failing after" in run.detail["outcome_reason"]
+
+
+def test_an_unknown_endpoint_status_keeps_a_trigger_from_starting_a_run(world):
+    from flywheel.protocol.errors import UnavailableError
+
+    w = world
+
+    def down(endpoint):
+        raise UnavailableError("no answer")
+
+    w.ep.status = down
+    runner = w.make()
+    _trigger(w)
+    runner.tick()
+    assert w.store.runs("d", "keep") == []
+    ev = [e for e in w.store.events("d", "keep") if e.kind == "trigger_suppressed"][0]
+    assert "status is unavailable" in ev.detail["suppressed"]
+
+
+def test_a_second_firing_in_the_same_tick_is_recorded_as_suppressed(world):
+    from flywheel.loops.triggers import DriftWindow
+
+    w = world
+    runner = w.make(triggers=[{"kind": "drift", "k": 1, "n": 1}])
+    w.signals.windows = [DriftWindow(1.0, True)]
+    _trigger(w)  # a manual request and a drift firing in one tick
+    runner.tick()
+    assert _run(w).trigger == "manual"
+    ev = [e for e in w.store.events("d", "keep") if e.kind == "trigger_suppressed"]
+    assert [e.detail["trigger"] for e in ev] == ["drift"]
+
+
+def test_the_loop_policy_reaches_a_model_its_first_job_registers(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    reg, store = Registry.open(uri, str(tmp_path / "a")), LoopStore.open(uri)
+    queue = Queue(reg)
+    spec = parse_loop({"name": "keep", "endpoint": "fresh", "job": JOB, "data": {"captured": False},
+                       "policy": {"rules": [{"rule": "min", "metric": "val_accuracy", "value": 0.95}]}})
+    runner = LoopRunner(spec, deployment="d", store=store, registry=reg, jobs=queue, endpoint=Endpoint(),
+                        signals=Signals(), evaluator=lambda *a: {}, clock=lambda: 1.0)
+    runner.ensure_policy()  # nothing registered yet: nothing to set
+    store.save_state("d", "keep", {})
+    request(store, reg, "d", "keep", "trigger", actor="os:tester")
+    runner.tick()
+    queue.succeed(_run_of(store).detail["job_id"], model="fresh", accuracy=0.9)
+    for _ in range(3):
+        runner.tick()
+    run = _run_of(store)
+    assert run.outcome == "refused"
+    assert "min: val_accuracy 0.9 < 0.95" in run.detail["outcome_reason"]
+    store.close()
+    reg.close()
+
+
+def _run_of(store):
+    return store.runs("d", "keep", limit=1)[0]
+
+
+def test_a_captured_dataset_is_frozen_at_submission():
+    from flywheel.loops.runner import captured_dataset
+
+    got = captured_dataset({"kind": "digits", "validation_fraction": 0.1}, path="/c", endpoint="e", since=5.0,
+                           fraction=0.4)
+    assert got["kind"] == "captured"
+    assert got["since"] == 5.0
+    assert got["until"] > got["since"]
+    assert got["mix"] == {"kind": "digits", "validation_fraction": 0.1}
+    assert got["validation_fraction"] == 0.1

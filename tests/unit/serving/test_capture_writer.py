@@ -106,15 +106,19 @@ def test_storage_errors_are_counted_not_raised(tmp_path, writers):
     assert w.rows_written == 0
 
 
-def test_a_restarted_writer_salvages_the_dead_ones_file(tmp_path, writers):
+def _die_with_open_file(tmp_path, writers, request: int, rows: int) -> None:
+    """A writer whose process dies with ``rows`` rows in its open file."""
     dead = _writer(writers, _cfg(tmp_path, flush_interval_s=0.05, max_file_age_s=600))
     dead.start()
-    _offer(dead, 7, rows=2)
-    wait_for(lambda: dead.queued_rows == 0 and dead._file is not None and dead._file.rows == 2, 10,
+    _offer(dead, request, rows=rows)
+    wait_for(lambda: dead.queued_rows == 0 and dead._file is not None and dead._file.rows == rows, 10,
              "rows in the open file")
-    # the process dies: its open file stays behind, unfinished
-    dead._file = None
+    dead._file = None  # the open file stays behind, unfinished
     dead.close()
+
+
+def test_a_restarted_writer_salvages_the_dead_ones_file(tmp_path, writers):
+    _die_with_open_file(tmp_path, writers, 7, 2)
     assert _finished(tmp_path) == []
     fresh = _writer(writers, _cfg(tmp_path), stale_after_s=0)
     fresh.start()
@@ -171,3 +175,12 @@ def test_labels_share_a_file_until_it_rotates(tmp_path):
     rotating = LabelWriter(str(tmp_path / "b"), "ep", "w1", rotate_rows=10)
     asyncio.run(send(rotating, 50))
     assert len(list((tmp_path / "b" / "ep" / "labels").iterdir())) == 5
+
+
+def test_a_writer_that_started_before_the_dead_ones_file_went_stale_salvages_it_later(tmp_path, writers):
+    _die_with_open_file(tmp_path, writers, 8, 3)
+    fresh = _writer(writers, _cfg(tmp_path, flush_interval_s=0.05), stale_after_s=0.6)
+    fresh.start()  # at its start the file may still be fresh (its writer could be alive): taken once stale
+    wait_for(lambda: fresh.salvaged_rows == 3, 10, "the salvage while it runs")
+    fresh.close()
+    assert read_captured(str(tmp_path), "ep", labelled=False).request_id.tolist() == ["r8"] * 3

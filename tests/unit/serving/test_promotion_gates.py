@@ -102,3 +102,34 @@ def test_a_canary_of_an_archived_version_does_not_start(reg):
     reg.promote("m", 2, "archived", actor="t")
     with pytest.raises(PreconditionFailedError, match="m/2 is archived"):
         _state(reg).start_canary("m", CANARY, now=T0)
+
+
+def test_a_swap_is_a_promotion_refused_by_the_gates_and_moving_the_alias_when_allowed(reg):
+    reg.register_version("m", {"model.onnx": b"3"}, actor="t", metrics={"accuracy": 0.96})
+    st = _state(reg)
+    with pytest.raises(PreconditionFailedError, match="swap of 'm' refused: m/3 may not become m@production"):
+        st.swap("m", {"version": "3", "ref": "m/3"}, now=T0)
+    assert st.status("m", now=T0)["swap"] is None
+    reg.approve("m", 3, actor="key:alice")
+    st.swap("m", {"version": "3", "ref": "m/3"}, now=T0 + 1)
+    st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "ready", "3": "ready"}}), now=T0 + 2)
+    st.tick(now=T0 + 2)
+    st.tick(now=T0 + 2)
+    assert st.status("m", now=T0 + 2)["swap"]["phase"] == "draining"
+    assert _production(reg) == (3, 3)
+
+
+def test_a_swap_whose_alias_move_is_refused_when_ready_leaves_the_old_variant_serving(reg):
+    reg.register_version("m", {"model.onnx": b"3"}, actor="t", metrics={"accuracy": 0.96})
+    reg.approve("m", 3, actor="key:alice")
+    st = _state(reg)
+    st.swap("m", {"version": "3", "ref": "m/3"}, now=T0)
+    reg.set_policy("m", parse_policy({"rules": [{"rule": "approvals", "count": 2}]}), actor="t")  # meanwhile
+    st.sync(report("r1", st.version, loaded={"m": {"1": "ready", "2": "ready", "3": "ready"}}), now=T0 + 1)
+    st.tick(now=T0 + 1)
+    st.tick(now=T0 + 1)
+    status = st.status("m", now=T0 + 1)
+    assert status["swap"]["phase"] == "failed"
+    assert "approvals" in status["swap"]["error"]
+    assert status["weights"] == {"1": 1.0}
+    assert _production(reg) == (1, 1)
