@@ -14,6 +14,8 @@ and for gRPC (always HTTP 200) answers shorter than a good answer, which is
 what a trailers-only error reply is.
 
 Install: ``apt-get install nghttp2-client`` (``make bench`` does, as root).
+The harness (``flywheel bench``, bench/harness/h2load_pool.py) builds its
+commands and reads their output with the functions here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import tempfile
 from dataclasses import dataclass
 
 from flywheel.bench.loadgen import LoadResult, _check_loopback
+
+
+INSTALL_HINT = "apt-get install nghttp2-client (or make bench-deps)"
 
 
 def available() -> bool:
@@ -74,21 +79,15 @@ def _measure(urls, target: Target, body: str, concurrency: int, duration_s: floa
     data_bytes = 0
     for proc, log in procs:
         out, _ = proc.communicate(timeout=duration_s + 60)
-        data_bytes += _data_bytes(out)
+        data_bytes += parse_data_bytes(out)
         if not os.path.exists(log):
             raise RuntimeError(f"h2load failed: {out.strip()[-500:]}")
-        with open(log) as f:
-            for line in f:
-                _start, status, micros = line.split("\t")
-                if 200 <= int(status) < 300:
-                    result.latencies_s.append(int(micros) / 1e6)
-                else:
-                    result.errors += 1
-                    if len(result.error_samples) < 5:
-                        result.error_samples.append(f"HTTP {status}")
-    if target.grpc and target.good_bytes and result.latencies_s:
-        # every good answer carries good_bytes (+5 bytes of gRPC framing)
-        short = len(result.latencies_s) - data_bytes // (target.good_bytes + 5)
+        ok, bad = read_log(log)
+        result.latencies_s += ok
+        result.errors += len(bad)
+        result.error_samples += [f"HTTP {status}" for status in bad[: max(0, 5 - len(result.error_samples))]]
+    if result.latencies_s:
+        short = grpc_without_message(target, len(result.latencies_s), data_bytes)
         if short > 0:
             result.errors += short
             result.error_samples.append(f"{short} gRPC answers without a message (error trailers)")
@@ -96,17 +95,54 @@ def _measure(urls, target: Target, body: str, concurrency: int, duration_s: floa
     return result
 
 
+def command(url: str, target: Target, body: str, clients: int, seconds: float, log: str, *,
+            rps: float | None = None, threads: int = 1) -> list[str]:
+    """The h2load command line: ``clients`` connections with one request in
+    flight each for ``seconds`` (whole seconds, at least 1), the request
+    ``body`` (a file) POSTed to ``url`` over HTTP/1.1, or h2c for gRPC;
+    ``rps``: each connection's fixed request rate (open loop, up to the one
+    in flight), else closed loop. Per-request lines go to ``log``."""
+    cmd = ["h2load", "-c", str(clients), "-m", "1", "-t", str(max(1, min(threads, clients))),
+           "-D", str(max(1, round(seconds))), "-d", body, "--log-file", log]
+    if rps is not None:
+        cmd.append(f"--rps={rps:.6g}")
+    if not target.grpc:
+        cmd.append("--h1")
+    for h in target.headers:
+        cmd += ["-H", h]
+    cmd.append(url)
+    return cmd
+
+
+def read_log(path: str) -> tuple[list[float], list[int]]:
+    """h2load's ``--log-file``: latencies (s) of 2xx answers, and the
+    statuses of the others (0: no answer: the connection failed)."""
+    ok: list[float] = []
+    bad: list[int] = []
+    with open(path) as f:
+        for line in f:
+            _start, status, micros = line.split("\t")
+            if 200 <= int(status) < 300:
+                ok.append(int(micros) / 1e6)
+            else:
+                bad.append(int(status))
+    return ok, bad
+
+
+def grpc_without_message(target: Target, answered: int, data: int) -> int:
+    """gRPC answers (all HTTP 200) that carried no message: a trailers-only
+    error reply. Every good answer carries ``good_bytes`` + 5 framing bytes
+    of data, so the answers the ``data`` bytes cannot cover were errors."""
+    if not target.grpc or not target.good_bytes or not answered:
+        return 0
+    return max(0, answered - data // (target.good_bytes + 5))
+
+
 def _launch(urls, target: Target, body: str, concurrency: int, seconds: float, work: str, tag: str, wait=True):
     procs = []
     for i, (url, c) in enumerate(zip(urls, _split(concurrency, len(urls)))):
         log = os.path.join(work, f"{tag}-{i}.log")
-        cmd = ["h2load", "-c", str(c), "-m", "1", "-t", "1", "-D", str(max(1, round(seconds))), "-d", body,
-               "--log-file", log]
-        if not target.grpc:
-            cmd.append("--h1")
-        for h in target.headers:
-            cmd += ["-H", h]
-        cmd.append(url)
+        cmd = command(url, target, body, c, seconds, log)
         procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log))
     if not wait:
         return procs
@@ -115,7 +151,8 @@ def _launch(urls, target: Target, body: str, concurrency: int, seconds: float, w
     return procs
 
 
-def _data_bytes(out: str) -> int:
+def parse_data_bytes(out: str) -> int:
+    """The answers' body bytes from h2load's summary (its ``traffic:`` line)."""
     # "traffic: 1.92KB (1970) total, 225B (225) headers (...), 1.57KB (1610) data"
     for line in out.splitlines():
         if line.startswith("traffic:"):

@@ -18,8 +18,8 @@ def test_the_answer_bytes_come_from_the_traffic_line():
     out = ("finished in 5.00s, 2432.50 req/s, 319.15KB/s\n"
            "traffic: 1.56MB (1634560) total, 186.04KB (190506) headers (space savings 90.02%), "
            "1.16MB (1216250) data\n")
-    assert h2load._data_bytes(out) == 1216250
-    assert h2load._data_bytes("no such line") == 0
+    assert h2load.parse_data_bytes(out) == 1216250
+    assert h2load.parse_data_bytes("no such line") == 0
 
 
 def test_load_goes_only_to_loopback():
