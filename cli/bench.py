@@ -11,12 +11,14 @@ import msgspec
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from flywheel.bench.harness import load_scenario, run_scenario, write_report
-    from flywheel.bench.harness.report import capacity_lines
+    from flywheel.bench.harness.report import capacity_lines, client_line
 
     sc = load_scenario(args.scenario)
     overrides = {}
     if args.duration is not None:
         overrides["duration_s"] = args.duration
+    if args.client is not None:
+        overrides["client"] = args.client
     if args.http or args.grpc is not None:
         target = {"http": args.http} if args.http else {}
         if args.grpc is not None:
@@ -32,6 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     out = args.out or f"bench/results/{sc.name}"
     paths = write_report(report, out)
     print(f"\ndone in {time.perf_counter() - started:.0f}s", flush=True)
+    print(f"load generator: {client_line(report)}")
     for line in capacity_lines(report.capacity):
         print(line)
     if report.recommended:
@@ -49,7 +52,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(compare_json(result) if args.json else compare_text(result))
 
 
-HELP = "load tests and capacity planning for V2 servers (locust)"
+HELP = "load tests and capacity planning for V2 servers (locust or h2load)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--duration", type=float, default=None, help="seconds per step (overrides the scenario)")
     run.add_argument("--http", default=None, help="target HTTP URL (overrides the scenario)")
     run.add_argument("--grpc", default=None, help="target gRPC host:port (overrides the scenario)")
+    run.add_argument("--client", choices=("auto", "locust", "h2load"), default=None,
+                     help="load generator (overrides the scenario's client; auto: h2load when installed "
+                          "and able to drive the scenario)")
     run.set_defaults(func=_cmd_run)
     cmp_ = bsub.add_parser("compare", help="ratios B / A of two report.json files")
     cmp_.add_argument("a", help="the baseline report.json")

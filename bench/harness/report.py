@@ -50,6 +50,18 @@ def capacity_lines(cap) -> list[str]:
     return lines
 
 
+def client_line(report: Report) -> str:
+    """Which client ran and whether it was the limit (see pool.merge_replies)."""
+    steps = report.steps + [s for c in report.configs for s in c.steps]
+    bound = sum(s.limited_by == "client" for s in steps)
+    name = {"h2load": "h2load (C, nghttp2)", "locust": "locust (Python)"}.get(report.client, report.client)
+    if not steps:
+        return name
+    if not bound:
+        return f"{name}; not the limit in any of {len(steps)} steps"
+    return f"{name}; client-bound in {bound} of {len(steps)} steps: those figures are a lower bound"
+
+
 def markdown(report: Report) -> str:
     sc = report.scenario
     out = [
@@ -59,6 +71,8 @@ def markdown(report: Report) -> str:
         f"model `{sc['model']}` at {sc['target']['http']}; mix {sc['mix']}; "
         f"{sc['duration_s']:g} s per step after {sc['warmup_s']:g} s warm-up; "
         f"SLO p99 <= {sc['slo']['p99_ms']:g} ms, error rate <= {sc['slo']['max_error_rate']:g}.",
+        "",
+        f"Load generator: {client_line(report)}.",
         "",
     ]
     if report.steps:

@@ -16,9 +16,11 @@ from collections.abc import Callable
 
 import msgspec
 
+from flywheel.bench import h2load
 from flywheel.bench.harness.payloads import WorkPlan, build_plan
-from flywheel.bench.harness.pool import StepResult, WorkerPool, judge
-from flywheel.bench.harness.scenario import Capacity, Scenario
+from flywheel.bench.harness.pool import CLIENT_SATURATED, HOST_SATURATED, StepResult, WorkerPool, judge
+from flywheel.bench.harness.scenario import Capacity, Scenario, h2load_limits
+from flywheel.protocol.errors import ConfigError
 
 Progress = Callable[[str], None] | None
 
@@ -51,11 +53,15 @@ class ConfigResult(msgspec.Struct):
 
 
 class Report(msgspec.Struct):
+    """``client``: the load generator that ran (reports from before h2load
+    was a choice were all locust's)."""
+
     name: str
     mode: str
     started_at: str
     host: dict
     scenario: dict
+    client: str = "locust"
     steps: list[StepResult] = []
     capacity: CapacityResult | None = None
     configs: list[ConfigResult] = []
@@ -130,14 +136,32 @@ def search_capacity(
     )
 
 
-def notes_for(steps: list[StepResult], cap: CapacityResult | None) -> list[str]:
+def choose_client(sc: Scenario, installed: bool | None = None) -> str:
+    """The load generator for ``sc``: its ``client``, or for ``auto`` h2load
+    when ``installed`` (default: on PATH) and able to drive ``sc``, else
+    locust. ConfigError (naming ``client``) when h2load is asked for and
+    not installed."""
+    installed = h2load.available() if installed is None else installed
+    if sc.client == "h2load" and not installed:
+        raise ConfigError(f"client: h2load is not installed: {h2load.INSTALL_HINT}")
+    if sc.client == "auto":
+        return "h2load" if installed and not h2load_limits(sc) else "locust"
+    return sc.client
+
+
+def notes_for(steps: list[StepResult], cap: CapacityResult | None, client: str = "locust") -> list[str]:
     notes = []
-    client = [s for s in steps if s.limited_by == "client"]
-    if client:
+    bound = [s for s in steps if s.limited_by == "client"]
+    if bound:
+        more = "add processes" if client == "locust" else "raise processes (h2load threads)"
         notes.append(
-            f"the load generator was the limit in {len(client)} of {len(steps)} steps (a worker process "
-            f"used >= 85 % of its core): add processes, or run it on another host"
+            f"client-bound in {len(bound)} of {len(steps)} steps: the figures are a lower bound for the "
+            f"server (a {client} process used >= {CLIENT_SATURATED:.0%} of a core while the host was "
+            f"< {HOST_SATURATED:.0%} busy): {more}, or run the load generator on another host"
         )
+        if client == "locust" and h2load.available():
+            notes.append("h2load is installed: client: h2load (or auto, with payload.variants: 1) costs "
+                         "far less CPU per request")
     host = [s for s in steps if s.limited_by == "host"]
     if host:
         notes.append(
@@ -157,8 +181,15 @@ def host_info() -> dict:
 def run_against(
     sc: Scenario, plan: WorkPlan, progress: Progress = None
 ) -> tuple[list[StepResult], CapacityResult | None]:
-    """The load plan or the capacity search of ``sc`` against ``plan``'s target."""
-    with WorkerPool(plan, sc.processes) as pool:
+    """The load plan or the capacity search of ``sc`` against ``plan``'s
+    target, from the client ``choose_client`` picks."""
+    if choose_client(sc) == "h2load":
+        from flywheel.bench.harness.h2load_pool import H2loadPool
+
+        pool_cm: WorkerPool | H2loadPool = H2loadPool(plan, sc.processes)
+    else:
+        pool_cm = WorkerPool(plan, sc.processes)
+    with pool_cm as pool:
         if sc.mode == "load":
             return run_load(pool, sc, progress), None
         assert sc.capacity is not None
@@ -168,16 +199,21 @@ def run_against(
 def run_scenario(sc: Scenario, progress: Progress = None) -> Report:
     """Run ``sc`` and return its report (not yet written anywhere)."""
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    client = choose_client(sc)
     report = Report(name=sc.name, mode=sc.mode, started_at=started, host=host_info(),
-                    scenario=msgspec.to_builtins(sc))
+                    scenario=msgspec.to_builtins(sc), client=client)
+    if client == "h2load":
+        report.notes = ["h2load judges an answer by its status (gRPC: that it carries a message), "
+                        "not by its outputs; it sends the first payload variant"]
     if sc.mode == "config_search":
         from flywheel.bench.harness.configsearch import run_config_search
 
         configs, best = run_config_search(sc, progress)
-        notes = [n for c in configs for n in notes_for(c.steps, c.capacity)]
+        notes = report.notes + [n for c in configs for n in notes_for(c.steps, c.capacity, client)]
         return msgspec.structs.replace(report, configs=configs, recommended=best, notes=sorted(set(notes)))
     if progress:
-        progress(f"{sc.name}: {sc.mode} against {sc.target.http} model {sc.model}")
+        progress(f"{sc.name}: {sc.mode} against {sc.target.http} model {sc.model}, load from {client}")
     plan = build_plan(sc)
     steps, cap = run_against(sc, plan, progress)
-    return msgspec.structs.replace(report, steps=steps, capacity=cap, notes=notes_for(steps, cap))
+    return msgspec.structs.replace(report, steps=steps, capacity=cap,
+                                   notes=report.notes + notes_for(steps, cap, client))

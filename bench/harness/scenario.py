@@ -19,6 +19,8 @@ from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import is_loopback
 
 PROTOCOLS = ("http_json", "http_binary", "grpc")
+CLIENTS = ("auto", "locust", "h2load")
+DEFAULT_MAX_REQUESTS = 1_000_000
 
 
 class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -242,6 +244,11 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     processes: load-generator processes (each one core at most); users and
         rates are split evenly between them.
     timeout_s: per request; a slower answer counts as an error.
+    client: the load generator. ``locust`` (Python, one core per process;
+        checks every answer's outputs), ``h2load`` (nghttp2's C client, for
+        figures a Python client would cap on a small machine; checks statuses
+        only), or ``auto``: h2load when installed and the scenario is one it
+        can drive (see ``h2load_limits``), else locust.
     """
 
     model: str
@@ -257,9 +264,10 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     slo: SLO = SLO()
     duration_s: float = 10.0
     warmup_s: float = 2.0
-    max_requests: int = 1_000_000
+    max_requests: int = DEFAULT_MAX_REQUESTS
     processes: int = 1
     timeout_s: float = 10.0
+    client: Literal["auto", "locust", "h2load"] = "auto"
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.warmup_s < 0 or self.timeout_s <= 0:
@@ -274,6 +282,24 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"mode {self.mode} needs a 'capacity' section")
         if self.mode == "config_search" and self.config_search is None:
             raise ConfigError("mode config_search needs a 'config_search' section")
+        limits = h2load_limits(self)
+        if self.client == "h2load" and limits:
+            raise ConfigError(f"client: h2load cannot drive this scenario: {limits[0]}; use client: locust or auto")
+
+
+def h2load_limits(sc: Scenario) -> list[str]:
+    """What in ``sc`` h2load cannot do (empty: it can drive it). h2load
+    sends one fixed body per protocol, closed loop or at a fixed rate, for a
+    whole number of seconds, and judges an answer by its status."""
+    limits = []
+    if sc.payload.variants > 1:
+        limits.append(f"payload.variants is {sc.payload.variants}: h2load sends one body per protocol "
+                      "(set payload.variants: 1)")
+    if sc.max_requests != DEFAULT_MAX_REQUESTS:
+        limits.append("max_requests: h2load ends a step by time, not by a request count")
+    if sc.payload.outputs:
+        limits.append("payload.outputs: h2load checks an answer's status, not its outputs")
+    return limits
 
 
 def parse_scenario(data: Any, *, base_dir: str | Path | None = None) -> Scenario:

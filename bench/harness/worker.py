@@ -224,7 +224,7 @@ class _Window:
         self.host0 = (0.0, 0.0)
 
     def begin(self) -> None:
-        self.t0, self.cpu0, self.host0 = time.perf_counter(), time.process_time(), _host_busy()
+        self.t0, self.cpu0, self.host0 = time.perf_counter(), time.process_time(), host_busy_times()
         self.recording = True
 
     def on_request(self, request_type, name, response_time, response_length, exception=None, **_kw):
@@ -248,7 +248,8 @@ class _Window:
                 self.errors["(other errors)"] += 1
 
 
-def _host_busy():
+def host_busy_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole host so far (all cores)."""
     import psutil
 
     t = psutil.cpu_times()
@@ -289,7 +290,7 @@ def run_step(plan: WorkPlan, cmd: dict) -> dict:
     window.recording = False
     elapsed = time.perf_counter() - window.t0
     cpu = time.process_time() - window.cpu0
-    host0, host1 = window.host0, _host_busy()
+    host0, host1 = window.host0, host_busy_times()
     scheduled = _due_in_window(window.schedules, per_user, window.t0, window.t0 + elapsed) if per_user else None
     runner.quit()
     busy = (host1[0] - host0[0]) / max(host1[1] - host0[1], 1e-9)

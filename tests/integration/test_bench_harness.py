@@ -11,7 +11,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flywheel.bench.harness import parse_scenario, read_report, run_scenario
+from flywheel.bench import h2load
+from flywheel.bench.harness import parse_scenario, read_report, run_scenario, write_report
 from flywheel.bench.harness.payloads import build_plan
 from flywheel.bench.harness.runner import run_against
 
@@ -101,6 +102,35 @@ def test_cli_run_writes_reports_and_compare_prints_ratios(demo, tmp_path, capsys
     assert main(["bench", "compare", str(out / "report.json"), str(out / "report.json"), "--json"]) == 0
     ratios = json.loads(capsys.readouterr().out)
     assert [r["throughput"] for r in ratios["steps"]] == [1.0, 1.0]
+
+
+needs_h2load = pytest.mark.skipif(
+    not h2load.available(), reason=f"h2load is not installed ({h2load.INSTALL_HINT})")
+
+
+@needs_h2load
+def test_h2load_drives_every_protocol_and_the_report_names_it(demo, tmp_path):
+    sc = _scenario(demo, client="h2load", payload={"variants": 1}, duration_s=2, warmup_s=1,
+                   mix={"http_json": 1, "http_binary": 1, "grpc": 1}, load={"levels": [3]})
+    report = run_scenario(sc)
+    assert report.client == "h2load"
+    [step] = report.steps
+    assert step.throughput_rps > 0
+    assert step.errors == 0, step.error_counts
+    assert set(step.protocols) == {"http_json", "http_binary", "grpc"}
+    assert all(p.ok > 0 for p in step.protocols.values())
+    assert len(step.client_cpu) == 3  # one h2load process per protocol
+    assert "Load generator: h2load (C, nghttp2)" in write_report(report, tmp_path)["markdown"].read_text()
+
+
+@needs_h2load
+def test_h2load_counts_rejected_requests(demo):
+    sc = _scenario(demo, client="h2load", payload={"variants": 1, "inputs": [{"name": "input", "shape": [1, 63]}]},
+                   duration_s=1, warmup_s=0)
+    [step], _ = run_against(sc, build_plan(sc))
+    assert step.ok == 0
+    assert step.errors > 0
+    assert list(step.error_counts) == ["http_json: HTTP 400"]
 
 
 def test_remote_targets_are_refused_without_opt_in(tmp_path, capsys):
