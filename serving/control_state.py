@@ -316,6 +316,7 @@ class ControlState(VariantOps, CanaryOps):
                 "sticky": doc["sticky"],
                 "totals": {v: summary(w) for v, w in ep.totals.items()},
                 "canary_step": canary_percent(doc),
+                "canary_outcomes": doc.get("canary_outcomes", {}),
             }
         return {"version": self.version, "epoch": self.epoch, "deploy_id": self.deploy_id, "endpoints": out}
 

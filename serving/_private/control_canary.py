@@ -34,6 +34,13 @@ from flywheel.serving._private.endpoint_state import Endpoint, as_doc, canary_of
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
 
 
+def count_canary(ep: Endpoint, outcome: str) -> None:
+    """One more ended canary of ``outcome`` (promoted, rolled_back, aborted)
+    on the endpoint, kept with its state (the counter outlives restarts)."""
+    counts = ep.doc.setdefault("canary_outcomes", {})
+    counts[outcome] = counts.get(outcome, 0) + 1
+
+
 class CanaryOps:
     """ControlState's canary, promotion and rollback operations, the canary
     tick, and the drift scores a drift-gated canary step waits for."""
@@ -127,6 +134,7 @@ class CanaryOps:
     def _end_canary(self, ep: Endpoint, canary: Canary, now: float, why: str) -> None:
         doc = ep.doc["canary"]
         doc["state"] = canary.state()
+        count_canary(ep, canary.status)
         baseline = {"kind": "fixed", "weights": {doc["config"]["baseline"]: 1.0}}
         restored = without(doc.get("saved_policy") or baseline, doc["config"]["variant"])
         # the saved policy may name only variants that are gone by now
@@ -172,6 +180,7 @@ class CanaryOps:
                 self._end_canary(ep, canary, now, why)
                 return
             doc["state"] = canary.state()
+            count_canary(ep, "promoted")
 
     # -- drift gate -----------------------------------------------------------
     def drift_wanted(self) -> list[tuple[str, str, float]]:

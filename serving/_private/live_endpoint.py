@@ -20,6 +20,7 @@ from flywheel.serving.canary import VariantWindow
 from flywheel.serving.policies import WeightedPicker, make_policy
 from flywheel.serving.policy_config import decode_policy
 
+CANARY_OUTCOMES = ("promoted", "rolled_back", "aborted")
 ID_TTL_S = 600.0  # how long a request id takes feedback
 MAX_IDS = 100_000  # per replica; the oldest go first
 MAX_ID_LENGTH = 128
@@ -52,6 +53,7 @@ class LiveEndpoint:
         self.weights: dict[str, float] = {}
         self.totals: dict[str, dict] = {}
         self.canary_step = 0.0
+        self.canary_outcomes: dict[str, int] = {}
         self.policy_kind = "fixed"
         # owed to the controller (swapped out at each report)
         self.windows: dict[str, VariantWindow] = {}
@@ -90,6 +92,7 @@ class LiveEndpoint:
         self.sticky_parameter = snap["sticky"]["parameter"]
         self.totals = snap.get("totals", {})
         self.canary_step = snap.get("canary_step", 0.0)
+        self.canary_outcomes = snap.get("canary_outcomes", {})
         self.shadow = (shadow["variant"], shadow["fraction"]) if shadow and shadow["variant"] in loaded else None
         self._picker, self._policy, self._single = picker, policy, single
         self.weights, self.policy_kind = weights, kind
@@ -244,4 +247,8 @@ def render_endpoint_metrics(endpoints: list[LiveEndpoint]) -> bytes:
     out += ["# HELP flywheel_endpoint_canary_percent Traffic percent of the running canary (0 = none)",
             "# TYPE flywheel_endpoint_canary_percent gauge"]
     out += [f"flywheel_endpoint_canary_percent{{{lab(ep)}}} {ep.canary_step}" for ep in endpoints]
+    out += ["# HELP flywheel_endpoint_canaries_total Canaries ended, by outcome (promoted, rolled_back, aborted)",
+            "# TYPE flywheel_endpoint_canaries_total counter"]
+    out += [f'flywheel_endpoint_canaries_total{{{lab(ep)},outcome="{o}"}} {ep.canary_outcomes.get(o, 0)}'
+            for ep in endpoints for o in CANARY_OUTCOMES]
     return ("\n".join(out) + "\n").encode()

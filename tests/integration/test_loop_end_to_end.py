@@ -14,6 +14,9 @@ throughout; a local webhook receiver records the loop's notifications.
 (b) Labels permuted: the candidate learns wrong answers; it is refused by the
     gates or rolled back by the canary's reward gate, production stays, and
     the run says why.
+(d) The controller is killed while its run's job trains (the job's runner
+    dies with it): the restarted controller finds the job dead, resumes it
+    from its checkpoint and finishes the run, with one job, not two.
 
 Not one request of the load thread fails, from the first run to the last.
 """
@@ -30,14 +33,17 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import msgspec
 import pytest
 
 from flywheel.bench.loop import LOOP, demo_config
 from flywheel.bench.loop_traffic import LabelledTraffic
+from flywheel.common import load_settings
 from flywheel.registry import LoopStore, Registry, parse_policy
 from flywheel.registry.keys import KeyStore
 from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, undeploy
+from flywheel.training.jobs import JobStore
 
 from _poll import wait_for
 
@@ -97,11 +103,13 @@ def turning(ray_session, digits_model, tmp_path_factory):
     capture = str(home / "captures")
     notify = [{"url": hooks.url, "secret": SECRET, "backoff_s": 0.1}]
     cfg = parse_config(demo_config(uri, artifacts, capture, name="turning", auth=True, notify=notify))
-    dep = deploy(cfg)
+    # the controller's training jobs keep their folders under this home, not the working directory's
+    dep = deploy(cfg, settings=msgspec.structs.replace(load_settings(), home=str(home)))
     traffic = LabelledTraffic(dep.url, app_key).start()
     store = LoopStore.open(uri)
     w = type("World", (), {})()
     w.dep, w.reg, w.store, w.hooks, w.traffic, w.admin, w.capture = dep, reg, store, hooks, traffic, admin, capture
+    w.uri = uri
     try:
         yield w
     finally:
@@ -220,6 +228,37 @@ def test_a_worse_candidate_never_reaches_production(turning):
     assert w.traffic.failures == []
     names = w.hooks.names(run.id)
     assert ("gate_refused" in names) or ("canary_rolled_back" in names)
+
+
+def test_a_controller_killed_while_its_job_trains_resumes_the_job_and_finishes_the_run(turning):
+    from ray import serve
+
+    w = turning
+    w.traffic.permuted = False
+    _admin(w, "POST", f"/v2/loops/{LOOP}/trigger", {"note": "kill while training"})
+
+    def training():
+        runs = _runs(w)
+        run = runs[0] if len(runs) >= 4 else None
+        return run if run is not None and run.phase == "training" and run.detail.get("job_id") else None
+
+    run = wait_for(training, 120, "the run's job to be submitted", every_s=0.5)
+    jobs = JobStore.open(w.uri)
+    try:  # taken by the controller's own runner (not still queued), so that it dies with it
+        wait_for(lambda: jobs.get(run.detail["job_id"]).state == "running", 120, "the job to run", every_s=0.2)
+    finally:
+        jobs.close()
+    handle = serve.get_deployment_handle("loops", "turning")
+    pid = handle.pid.remote().result(timeout_s=30)
+    os.kill(pid, signal.SIGKILL)  # the job's runner dies with it
+    done = _finished_run(w, 4, timeout=420)
+    assert done.id == run.id
+    assert done.outcome in ("promoted", "rolled_back", "refused"), done.detail
+    assert done.detail["job_id"] == run.detail["job_id"]  # the same job, resumed, not a second one
+    kinds = [e.kind for e in w.store.events("turning", LOOP, run_id=run.id)]
+    assert kinds.count("job_submitted") == 1
+    assert "job_resumed" in kinds
+    assert w.traffic.failures == []
 
 
 def _labels_since(w, since: float) -> int:

@@ -169,6 +169,7 @@ def test_a_canary_that_errors_rolls_back_at_once_and_says_why():
     assert status["canary"]["status"] == "rolled_back"
     assert status["weights"] == {"1": 1.0}
     assert "error_rate" in status["events"][-1]["detail"]
+    assert st.snapshot()["endpoints"]["m"]["canary_outcomes"] == {"rolled_back": 1}
 
 
 def test_a_healthy_canary_ramps_promotes_moves_the_alias_and_retires_the_baseline():
@@ -184,6 +185,7 @@ def test_a_healthy_canary_ramps_promotes_moves_the_alias_and_retires_the_baselin
     assert status["canary"]["status"] == "promoted"
     assert status["weights"] == {"2": 1.0}
     assert moved == [("m", "production", 2)]
+    assert st.snapshot()["endpoints"]["m"]["canary_outcomes"] == {"promoted": 1}
     assert status["variants"]["1"]["status"] == "retiring"
     st.sync(report("r1", st.version), now=now + 1)
     st.tick(now=now + 1)
@@ -464,3 +466,13 @@ def test_a_variant_added_at_run_time_captures_as_its_endpoint_does(tmp_path):
     own = {"version": "3", "path": "/models/m3.onnx", "capture": {"path": "/elsewhere"}}
     st.add_variant("m", own, now=T0)
     assert st.endpoints["m"].doc["models"]["3"]["capture"]["path"] == "/elsewhere"
+
+
+def test_ended_canaries_are_counted_in_the_endpoint_metrics():
+    from flywheel.serving._private.live_endpoint import LiveEndpoint, render_endpoint_metrics
+
+    ep = LiveEndpoint("m")
+    ep.canary_outcomes = {"rolled_back": 2}
+    text = render_endpoint_metrics([ep]).decode()
+    assert 'flywheel_endpoint_canaries_total{endpoint="m",outcome="rolled_back"} 2' in text
+    assert 'flywheel_endpoint_canaries_total{endpoint="m",outcome="promoted"} 0' in text
