@@ -101,7 +101,8 @@ def command(url: str, target: Target, body: str, clients: int, seconds: float, l
     flight each for ``seconds`` (whole seconds, at least 1), the request
     ``body`` (a file) POSTed to ``url`` over HTTP/1.1, or h2c for gRPC;
     ``rps``: each connection's fixed request rate (open loop, up to the one
-    in flight), else closed loop. Per-request lines go to ``log``."""
+    in flight), else closed loop. Per-request lines go to ``log`` (h2load
+    appends: give each run a fresh file)."""
     cmd = ["h2load", "-c", str(clients), "-m", "1", "-t", str(max(1, min(threads, clients))),
            "-D", str(max(1, round(seconds))), "-d", body, "--log-file", log]
     if rps is not None:
@@ -142,6 +143,8 @@ def _launch(urls, target: Target, body: str, concurrency: int, seconds: float, w
     procs = []
     for i, (url, c) in enumerate(zip(urls, _split(concurrency, len(urls)))):
         log = os.path.join(work, f"{tag}-{i}.log")
+        if os.path.exists(log):  # a repeated run's: h2load would append to it
+            os.remove(log)
         cmd = command(url, target, body, c, seconds, log)
         procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log))
     if not wait:

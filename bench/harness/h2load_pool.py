@@ -106,6 +106,7 @@ class H2loadPool:
         self.targets = targets(plan)
         self._work = ""
         self._bodies: dict[str, str] = {}
+        self._runs = 0  # h2load appends to a --log-file: each run writes its own
 
     def __enter__(self) -> H2loadPool:
         self._work = tempfile.mkdtemp(prefix="fw-bench-h2load-")
@@ -159,9 +160,10 @@ class H2loadPool:
 
     def _run(self, jobs: dict[str, int], rates: dict[str, float], seconds: float, tag: str) -> list[dict]:
         procs = {}
+        self._runs += 1
         for proto, n in jobs.items():
             target = self.targets[proto]
-            log = os.path.join(self._work, f"{tag}-{proto}.log")
+            log = os.path.join(self._work, f"{tag}-{self._runs}-{proto}.log")
             rps = rates[proto] / n if rates else None
             cmd = h2load.command(target.url, target, self._bodies[proto], n, seconds, log, rps=rps,
                                  threads=self.threads)
