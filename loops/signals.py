@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
+from collections.abc import Callable
 
 from flywheel.loops.triggers import DriftWindow, FileInfo, Quality
 from flywheel.loops.triggers.files import list_files
@@ -47,14 +49,12 @@ class DeploymentSignals:
     """``Signals`` for one deployment. Thread-confined (the loop's thread)."""
 
     def __init__(self, ops, registry, *, model_of: dict[str, str], capture_of: dict[str, str],
-                 clock=None) -> None:
-        import time
-
+                 clock: Callable[[], float] = time.time) -> None:
         self._ops = ops
         self._reg = registry
         self._model_of = model_of  # endpoint -> registry model
         self._capture_of = capture_of  # endpoint -> capture root ("" = none)
-        self._clock = clock or time.time
+        self._clock = clock
         self._rewards: dict[str, collections.deque] = {}
 
     def _production(self, endpoint: str) -> int | None:
