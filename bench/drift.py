@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from flywheel.bench.interleave import RatioStats, abba_names
 from flywheel.kernels import DriftDetector
 
 
@@ -111,7 +112,7 @@ def serving_rows(duration: float) -> list[dict]:
             # ABBA blocks, repeated: this VM's speed drifts by +-10 % over seconds,
             # more than the effect measured, so each pair is compared in time order
             # and the median of the pairs' ratios is reported.
-            for name in ("plain", "watched", "watched", "plain") * 3:
+            for name in abba_names("plain", "watched", 3):
                 if h2load.available():  # a C client: the Python one took a core of the two
                     url = f"{dep.url}/v2/models/{name}/infer"
                     res = h2load.run([url], h2load.Target(url, body, ("content-type: application/json",)),
@@ -175,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         for c in (1, 32):
             p = [r["p50_ms"] for r in serving if r["model"] == "plain" and r["concurrency"] == c]
             w = [r["p50_ms"] for r in serving if r["model"] == "watched" and r["concurrency"] == c]
-            ratios = [b / a for a, b in zip(p, w)]  # ABBA: the i-th plain and watched runs are neighbours
+            # ABBA: the i-th plain and watched runs are neighbours
+            stats = RatioStats.of([b / a for a, b in zip(p, w)])
             print(f"monitoring on vs off, c={c}: p50 {np.median(w):.3f} vs {np.median(p):.3f} ms; "
-                  f"median of {len(ratios)} paired ratios {(np.median(ratios) - 1) * 100:+.1f} % "
-                  f"(pairs from {(min(ratios) - 1) * 100:+.1f} to {(max(ratios) - 1) * 100:+.1f} %)")
+                  f"median of {stats.n} paired ratios {(stats.median - 1) * 100:+.1f} % "
+                  f"(pairs from {(stats.low - 1) * 100:+.1f} to {(stats.high - 1) * 100:+.1f} %)")
     with open(os.path.join(args.out, "drift.json"), "w") as f:
         json.dump({"kernels": kernels, "serving": serving}, f, indent=1)
     if kernels:
