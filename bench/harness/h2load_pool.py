@@ -12,6 +12,11 @@ good answer's size first. The step's figures are merged by ``merge_replies``
 exactly as locust's are; a process's CPU share is its own CPU time (from
 ``wait4``) over its run, per thread.
 
+By rate, h2load paces each connection with its own timer, and connections
+opened together tick together: arrivals come in bursts of up to one request
+per connection, so at low rates its p99 is higher than locust's evenly
+spread schedule would show.
+
 Commands and output parsing are bench/h2load.py's (shared with the latency
 benchmark).
 """

@@ -204,7 +204,7 @@ def run_scenario(sc: Scenario, progress: Progress = None) -> Report:
                     scenario=msgspec.to_builtins(sc), client=client)
     if client == "h2load":
         report.notes = ["h2load judges an answer by its status (gRPC: that it carries a message), "
-                        "not by its outputs; it sends the first payload variant"]
+                        "not by its outputs"]
     if sc.mode == "config_search":
         from flywheel.bench.harness.configsearch import run_config_search
 

@@ -19,7 +19,6 @@ from flywheel.protocol.errors import ConfigError
 from flywheel.serving.config import is_loopback
 
 PROTOCOLS = ("http_json", "http_binary", "grpc")
-CLIENTS = ("auto", "locust", "h2load")
 DEFAULT_MAX_REQUESTS = 1_000_000
 
 
@@ -241,8 +240,9 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ``config_search`` (deploy a grid of configs, capacity-search each).
     duration_s / warmup_s: per step; warm-up requests are not recorded.
     max_requests: per step; the step ends early when reached.
-    processes: load-generator processes (each one core at most); users and
-        rates are split evenly between them.
+    processes: locust processes (each one core at most), users and rates
+        split evenly between them; with h2load, the threads of each
+        protocol's h2load process.
     timeout_s: per request; a slower answer counts as an error.
     client: the load generator. ``locust`` (Python, one core per process;
         checks every answer's outputs), ``h2load`` (nghttp2's C client, for

@@ -147,3 +147,11 @@ def test_report_says_which_client_ran_and_whether_it_was_the_limit():
     [note] = [n for n in notes_for([bound, free], None, "h2load") if n.startswith("client-bound")]
     assert "in 1 of 2 steps: the figures are a lower bound" in note
     assert ">= 90% of a core" in note
+
+
+def test_cli_client_option_is_validated_before_any_load(tmp_path, capsys):
+    from flywheel.cli import main
+
+    (tmp_path / "s.yaml").write_text("model: digits\n")  # 8 payload variants
+    assert main(["bench", "run", str(tmp_path / "s.yaml"), "--client", "h2load"]) == 2
+    assert "client: h2load cannot drive this scenario: payload.variants is 8" in capsys.readouterr().err
