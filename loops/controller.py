@@ -17,6 +17,7 @@ Operators reach it through the ingress (``/v2/loops``) or the CLI
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -107,6 +108,7 @@ class LoopController:
                 evaluator=lambda m, c, p, job, run_id: evaluate_on_heldout(self._registry, m, c, p, job, run_id),
                 notifier=notifier, metrics=self.metrics, capture_path=capture_of.get(spec.endpoint, ""),
                 variant_template=(template_of or {}).get(spec.endpoint),
+                data_root=os.path.join(os.path.abspath(settings.home), "loops", deployment),
             ))
             self.runners[-1].ensure_policy()
         self._stop = threading.Event()

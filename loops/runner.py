@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class LoopRunner:
 
     def __init__(self, spec: LoopSpec, *, deployment: str, store, registry, jobs: Jobs, endpoint: EndpointOps,
                  signals: Signals, evaluator: Evaluator, notifier=None, metrics=None,
-                 capture_path: str = "", variant_template: dict | None = None,
+                 capture_path: str = "", variant_template: dict | None = None, data_root: str = "",
                  clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.deployment = deployment
@@ -98,6 +99,7 @@ class LoopRunner:
         self._notifier = notifier
         self._metrics = metrics
         self._capture = capture_path
+        self._data_root = data_root  # where a run's captured data is fixed at submission ("" = not fixed)
         # the endpoint's model config less its identity: a candidate is served
         # as its predecessor is (backend, batching, drift, capture)
         self._template = {k: v for k, v in (variant_template or {}).items()
@@ -274,7 +276,13 @@ class LoopRunner:
             # by that name instead of submitting a second one
             if "job_name" not in run.detail:
                 job = self.job_spec(run)
-                run = self._store.update_run(run.id, detail={"job_name": job["name"], "dataset": job["dataset"]})
+                source = job["dataset"]
+                if source.get("kind") == "captured" and self._data_root:
+                    from flywheel.loops.snapshot import freeze_dataset
+
+                    job["dataset"] = freeze_dataset(job, os.path.join(self._data_root, run.id, "dataset.parquet"))
+                run = self._store.update_run(run.id, detail={"job_name": job["name"], "dataset": job["dataset"],
+                                                             "dataset_source": source})
             job = self.job_spec(run, fresh=False)
             found = self._jobs.find(job["name"])
             job_id = found.id if found is not None else self._jobs.submit(job, run=True).id

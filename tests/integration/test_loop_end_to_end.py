@@ -147,7 +147,8 @@ def test_a_drift_triggered_run_promotes_a_candidate_trained_on_what_production_s
     assert run.trigger == "drift"
     assert run.outcome == "promoted", run.detail
     v = run.detail["version"]
-    assert run.detail["dataset"]["kind"] == "captured"
+    assert run.detail["dataset_source"]["kind"] == "captured"  # what it was read from, at submission
+    assert run.detail["dataset"]["kind"] == "parquet"  # the rows fixed then (a resume reads the same)
     assert run.detail["evaluation"]["candidate_val_accuracy"] >= run.detail["evaluation"]["production_val_accuracy"]
     assert w.reg.resolve("digits@production").version == v
     wait_for(lambda: w.traffic.versions.get(str(v), 0) > 20, 60, f"answers from version {v}")
