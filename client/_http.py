@@ -234,6 +234,11 @@ class Client:
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         return self._run(self._v2.json(method, path, body))
 
+    def drift(self, name: str, version: str) -> Any:
+        """``GET /v2/models/{name}/versions/{version}/drift``: the drift
+        monitor's recent windows of that version, oldest first."""
+        return self._json("GET", model_path(name, version) + "/drift")
+
     def endpoints(self) -> Any:
         """``GET /v2/endpoints``."""
         return self._json("GET", "/v2/endpoints")

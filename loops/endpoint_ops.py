@@ -8,9 +8,6 @@ server has auth on. Refusals come back as the domain errors they were.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 from flywheel.client import Client, ClientError
@@ -39,9 +36,6 @@ class HttpEndpointOps:
     """Thread-confined: one controller thread uses it."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
-        self._url = url.rstrip("/")
-        self._key = api_key
-        self._timeout = timeout
         self._client = Client(url, api_key=api_key, timeout=timeout)
 
     def _call(self, fn, *args) -> Any:
@@ -68,19 +62,10 @@ class HttpEndpointOps:
     def drift_history(self, endpoint: str, version: str) -> list[dict]:
         """The drift monitor's recent windows of one variant, oldest first
         (an empty list when the variant is not monitored)."""
-        req = urllib.request.Request(f"{self._url}/v2/models/{endpoint}/versions/{version}/drift")
-        if self._key:
-            req.add_header("Authorization", f"Bearer {self._key}")
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310 - the configured server
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return []
-            raise as_domain_error(ClientError(exc.code, exc.read().decode("utf-8", "replace"))) from None
-        except (OSError, ValueError) as exc:
-            raise UnavailableError(f"drift history of {endpoint}:{version}: {exc}") from None
-        return body.get("history", body) if isinstance(body, dict) else body
+            return self._call(self._client.drift, endpoint, version)
+        except NotFoundError:
+            return []
 
     def close(self) -> None:
         self._client.close()
