@@ -98,12 +98,6 @@ def _chunked(body: bytes, trailers: bytes) -> bytes:
     return b"%s0\r\n%s\r\n" % (chunk, trailers)
 
 
-# A draining server closes a connection that has been quiet this long (no
-# request in progress): a client that sends nothing for half a second is not
-# in the middle of a burst, and keeping it would hold the drain to its end.
-QUIET_S = 0.5
-
-
 class HttpServer:
     """A listening server and its open connections, for a graceful stop."""
 
@@ -174,21 +168,26 @@ class HttpServer:
             self._sweeper.cancel()
             self._sweeper = None
 
-    async def drain(self, grace_s: float, quiet_s: float = QUIET_S) -> None:
+    async def drain(self, grace_s: float, quiet_s: float | None = None) -> None:
         """Stop listening, then let each open connection finish: its next
         answer carries ``connection: close`` (a keep-alive client then
-        reconnects, to whichever server still listens on the port), one
-        quiet for ``quiet_s`` is closed; whatever is left after ``grace_s``
-        is closed. (A connection the kernel queued for this listener but
-        not yet handed over is reset when the listener closes, unless
-        sysctl net.ipv4.tcp_migrate_req=1 moves it to a sibling listener.)"""
+        reconnects, to whichever server still listens on the port); what is
+        left after ``grace_s`` is closed. ``quiet_s``: also close a
+        connection idle that long. Off by default: closing an idle
+        keep-alive connection races with the request its client may be
+        sending (RFC 9112 9.3.1), and a POST is not retried, so a busy
+        client that pauses (a loaded host) would see an error where waiting
+        costs at most the grace. (A connection the kernel queued for this
+        listener but not yet handed over is reset when the listener closes,
+        unless sysctl net.ipv4.tcp_migrate_req=1 moves it to a sibling
+        listener.)"""
         self.close()
         self.draining = True
         deadline = time.monotonic() + grace_s
         while self.connections and time.monotonic() < deadline:
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.idle_since is not None and now - conn.idle_since >= quiet_s:
+                if quiet_s is not None and conn.idle_since is not None and now - conn.idle_since >= quiet_s:
                     conn.close()
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
