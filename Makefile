@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: run test bench bench-deps bench-mlserver clean-venv system-deps edge-runner lock wheel client-wheel
+.PHONY: run test bench bench-deps bench-mlserver bench-alibi clean-venv system-deps edge-runner lock wheel client-wheel
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
@@ -61,6 +61,12 @@ bench-deps:
 bench-mlserver:
 	test -x .venv-mlserver/bin/python || $(PYTHON) -m venv .venv-mlserver
 	.venv-mlserver/bin/pip install --quiet mlserver==1.7.1 onnxruntime==1.32.0 uvloop==0.21.0
+
+# alibi-detect, the drift benchmark's peer, in its own environment (0.13 pins
+# numpy < 2 and numba < 0.60; its MMD runs on its PyTorch backend).
+bench-alibi:
+	test -x .venv-alibi/bin/python || $(PYTHON) -m venv .venv-alibi
+	.venv-alibi/bin/pip install --quiet 'alibi-detect[torch]==0.13.0' numpy==1.26.4 torch==2.13.0
 
 # The native edge runner (CMakeLists.txt), against the ExecuTorch wheel in .venv.
 edge-runner: $(STAMP)

@@ -3,7 +3,15 @@ what monitoring costs a live model.
 
     python -m flywheel.bench.drift [--out bench/results] [--skip-serving] [--skip-kernels]
 
-Kernels (fit once on the reference, score one window; medians of repeats):
+Small windows, what a serving monitor scores (``DriftDetector.score`` on the
+numba backend, the verdict included): KS and CvM on a 1,000 x 32 window
+against a fitted 10,000-row reference, chi-square on 1,000 x 16 categorical
+codes against 10,000 rows, MMD on 1,000 x 500 x 32 with 100 permutations;
+each beside its target and, when alibi-detect's environment exists
+(``make bench-alibi``, .venv-alibi/, or --alibi-venv), beside alibi-detect
+0.13 scoring the same arrays (bench/alibi_ref.py) with the ratio.
+
+Large kernels (fit once on the reference, score one window; medians of repeats):
 KS and CvM on 100,000 x 10,000 x 128; chi-square and PSI on 100,000 x 10,000 x
 16 categorical codes; MMD permutation test (100 permutations) on 1,000 x 500 x
 32 and 5,000 x 1,000 x 32. The floor is the time to read the inputs once.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +49,68 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 def _floor(*arrays: np.ndarray) -> float:
     return _median_time(lambda: [float(a.sum()) for a in arrays])
+
+
+# Targets for one small window (issue 26), in seconds, and the lead over
+# alibi-detect each should have.
+SMALL_TARGETS_S = {"ks": 0.4e-3, "cvm": 0.6e-3, "chi2": 0.15e-3, "mmd": 8e-3}
+ALIBI_LEAD = 30.0
+
+
+def _small_data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {"ks_ref": rng.normal(size=(10_000, 32)), "ks_win": rng.normal(0.01, 1.0, size=(1_000, 32)),
+            "chi2_ref": rng.integers(0, 20, size=(10_000, 16)), "chi2_win": rng.integers(0, 20, size=(1_000, 16)),
+            "mmd_ref": rng.normal(size=(1_000, 32)), "mmd_win": rng.normal(0.05, 1.0, size=(500, 32))}
+
+
+def alibi_times(venv: str, data: dict[str, np.ndarray]) -> dict | None:
+    """alibi-detect's seconds per window on ``data``, from its own
+    environment; None (and why, printed) when it is missing or fails."""
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        print(f"  alibi-detect: no environment at {venv} (make bench-alibi); not compared", flush=True)
+        return None
+    with tempfile.TemporaryDirectory(prefix="fw-alibi-") as tmp:
+        path = os.path.join(tmp, "windows.npz")
+        np.savez(path, **data)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alibi_ref.py")
+        proc = subprocess.run([python, script, path], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        print(f"  alibi-detect failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def small_window_rows(alibi_venv: str) -> list[dict]:
+    data = _small_data()
+    cases = {"ks": ("ks_ref", "ks_win", "10000 | 1000x32", {}), "cvm": ("ks_ref", "ks_win", "10000 | 1000x32", {}),
+             "chi2": ("chi2_ref", "chi2_win", "10000 | 1000x16", {}),
+             "mmd": ("mmd_ref", "mmd_win", "1000 | 500x32", {"n_permutations": 100})}
+    rows = []
+    for test, (ref, win, shape, params) in cases.items():
+        print(f"  {test}: small window {shape} ...", flush=True)
+        det = DriftDetector(test, backend="numba", **params).fit(data[ref])
+        t = _median_time(lambda det=det, w=data[win]: det.score(w), 30 if test == "mmd" else 300)
+        rows.append({"test": test, "shape": shape, "numba_s": t, "target_s": SMALL_TARGETS_S[test]})
+    peer = alibi_times(alibi_venv, data)
+    for r in rows:
+        if peer is not None:
+            r["alibi_s"] = peer["times_s"][r["test"]]
+            r["alibi_version"] = peer["alibi_detect"]
+            r["vs_alibi"] = r["alibi_s"] / r["numba_s"]
+    return rows
+
+
+def print_small(rows: list[dict]) -> None:
+    print(f"\n{'small window':<13}{'shape':<18}{'flywheel ms':>12}{'target':>8}{'alibi ms':>10}{'lead':>8}"
+          f"{'target':>8}")
+    for r in rows:
+        alibi = f"{r['alibi_s'] * 1e3:>10.2f}{r['vs_alibi']:>7.0f}x" if "alibi_s" in r else f"{'-':>10}{'-':>8}"
+        met = "met" if r["numba_s"] <= r["target_s"] else "MISSED"
+        lead = "" if "vs_alibi" not in r else ("met" if r["vs_alibi"] >= ALIBI_LEAD else "MISSED")
+        print(f"{r['test']:<13}{r['shape']:<18}{r['numba_s'] * 1e3:>12.3f}{r['target_s'] * 1e3:>6.2f} {met:<7}"
+              f"{alibi} (>= {ALIBI_LEAD:.0f}x {lead})")
 
 
 def kernel_rows() -> list[dict]:
@@ -153,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per serving point")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--alibi-venv", default=os.environ.get("FLYWHEEL_ALIBI_VENV", ".venv-alibi"),
+                        help="alibi-detect's environment (default .venv-alibi or $FLYWHEEL_ALIBI_VENV)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    kernels = []
+    kernels, small = [], []
     if not args.skip_kernels:
         print("kernels (first call of each compiles; timings are medians after it) ...", flush=True)
+        small = small_window_rows(args.alibi_venv)
         kernels = kernel_rows()
     serving = [] if args.skip_serving else serving_rows(args.duration)
     print(f"\n{'test':<6}{'shape':<19}{'reference s':>12}{'numba s':>10}{'speedup':>9}{'floor s':>9}  notes")
@@ -171,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             note = f"fit + score {r['numba_fit_and_score_s']:.3f} s"
         print(f"{r['test']:<6}{r['shape']:<19}{r['reference_s']:>12.4f}{r['numba_s']:>10.4f}"
               f"{r['speedup']:>8.1f}x{r['floor_s']:>9.4f}  {note}")
+    if small:
+        print_small(small)
     if serving:
         print()
         for c in (1, 32):
@@ -182,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"median of {stats.n} paired ratios {(stats.median - 1) * 100:+.1f} % "
                   f"(pairs from {(stats.low - 1) * 100:+.1f} to {(stats.high - 1) * 100:+.1f} %)")
     with open(os.path.join(args.out, "drift.json"), "w") as f:
-        json.dump({"kernels": kernels, "serving": serving}, f, indent=1)
+        json.dump({"small_windows": small, "kernels": kernels, "serving": serving}, f, indent=1)
     if kernels:
         _plot(kernels, os.path.join(args.out, "drift.png"))
     print(f"\nwrote {args.out}/drift.json and {args.out}/drift.png")

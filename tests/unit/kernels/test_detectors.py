@@ -170,3 +170,15 @@ def test_fast_ks_pvalues_agree_with_scipy_kstwo(n):
     d = np.concatenate([np.linspace(1e-4, 0.3, 300), np.geomspace(1e-4, 0.3, 100)])
     got = ks_pvalues(d, float(2 * n), float(2 * n))  # round(n*m/(n+m)) = n
     np.testing.assert_allclose(got, stats.kstwo.sf(d, n), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [100, 20_000])  # one call below POOL_MIN_VALUES, the pool's chunks above
+def test_the_window_sort_agrees_on_both_paths(rows):
+    from flywheel.kernels.drift._sorted import POOL_MIN_VALUES, sort_columns, sort_pool
+
+    win = np.random.default_rng(3).normal(size=(rows, 32))
+    win[::7, 5] = np.nan
+    assert (win.size >= POOL_MIN_VALUES) == (rows == 20_000)
+    with sort_pool(2) as pool:
+        cols = sort_columns(win, pool)
+    np.testing.assert_array_equal(cols, np.sort(win.T, axis=1))
