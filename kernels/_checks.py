@@ -25,16 +25,22 @@ def as_matrix(name: str, x, *, features: int | None = None) -> np.ndarray:
 
 def check_nans(name: str, arr: np.ndarray, policy: str) -> None:
     """Under ``raise``, refuse NaNs naming the first affected feature."""
+    check_counted(name, np.isnan(arr).any(axis=0) if policy == "raise" else None, bool(np.isinf(arr).any()),
+                  policy)
+
+
+def check_counted(name: str, nan_features: np.ndarray | None, has_inf: bool, policy: str) -> None:
+    """``check_nans`` from what a kernel counted: which features hold a NaN
+    (a boolean per feature; only read under ``raise``) and whether any value
+    is infinite."""
     if policy not in NAN_POLICIES:
         raise InvalidInputError(f"nan_policy {policy!r} must be one of {NAN_POLICIES}")
-    if policy == "raise":
-        bad = np.isnan(arr).any(axis=0)
-        if bad.any():
-            raise InvalidInputError(
-                f"{name} holds NaN in feature {int(np.argmax(bad))} (and {int(bad.sum()) - 1} more); "
-                "clean it or use nan_policy='omit', which drops NaNs per feature"
-            )
-    if np.isinf(arr).any():
+    if policy == "raise" and nan_features is not None and nan_features.any():
+        raise InvalidInputError(
+            f"{name} holds NaN in feature {int(np.argmax(nan_features))} (and {int(nan_features.sum()) - 1} "
+            "more); clean it or use nan_policy='omit', which drops NaNs per feature"
+        )
+    if has_inf:
         raise InvalidInputError(f"{name} holds infinite values")
 
 

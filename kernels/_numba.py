@@ -1,7 +1,7 @@
 """Numba helpers shared by several drift tests.
 
-What more than one test needs: the thread count, the galloping searches that
-walk a sorted window through a sorted reference (ks, cvm), the per-column
+What more than one test needs: the thread count, the guide table that finds
+a sorted window's values in a sorted reference (ks, cvm), the per-column
 bincount of categorical codes (chi2, psi) and the Pelz-Good KS tail
 (``stats.ks_pvalues``). Each test's own kernels live in its module under
 ``flywheel.kernels.drift``. Inputs of the sorted-column kernels are per-feature
@@ -31,52 +31,135 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-@njit(cache=True)
-def _lower_bound(a, lo, hi, x):
-    """First index in [lo, hi) with a[i] >= x, galloping from lo: the search
-    moves forward monotonically, so its cost is log(distance), not log(n)."""
-    step = 1
-    while lo + step < hi and a[lo + step - 1] < x:
-        lo += step
-        step *= 2
-    top = min(lo + step, hi)
-    while lo < top:
-        mid = (lo + top) // 2
+# Where a window value sits in a sorted reference column: a guide table, made
+# at fit, splits the reference's central range [its GUIDE_TRIM and 1 -
+# GUIDE_TRIM quantiles] into as many equal cells as the column has values
+# and keeps, per cell, how many reference values lie in the cells before it.
+# A value's cell is one multiplication away, and its bounds are found inside
+# that cell (one or two values wide where the data are dense). Each
+# window value is then found on its own, not from where the previous one
+# ended, so the CPU overlaps their memory reads (a galloping merge waits on
+# each in turn: 2x slower on 1,000 x 32 against 10,000 rows). Values beyond
+# the central range fall in the two end cells (GUIDE_TRIM of the reference
+# each), so a heavy tail costs a binary search there, not a table whose
+# cells are all empty but one (Cauchy data: 0.36 ms against 0.44 for the
+# merge; 0.5 % trimmed, 0.7 ms). The cell of v is int((v - lo) * scale) clamped to the table, for
+# reference and window alike; it never decreases as v grows, so every
+# reference value in an earlier cell is below v and every one in a later
+# cell above it: v's bounds lie within its own cell.
+GUIDE_TRIM = 0.025
+
+
+def guide_table(ref, ref_len):
+    """(lo, scale, table) for ``guided_bounds`` over per-feature sorted
+    reference columns: table[f, c] = reference values of feature f in cells
+    before c (int32; table[f, cells] = ref_len[f])."""
+    nf, width = ref.shape
+    cells = max(1, width)
+    lo = np.empty(nf)
+    scale = np.empty(nf)
+    for f in range(nf):
+        n = int(ref_len[f])
+        first = float(ref[f, int(GUIDE_TRIM * (n - 1))])
+        span = float(ref[f, int(np.ceil((1.0 - GUIDE_TRIM) * (n - 1)))]) - first
+        lo[f] = first
+        scale[f] = cells / span if span > 0 else 0.0  # inf for a subnormal span: still monotone
+    table = np.zeros((nf, cells + 1), dtype=np.int32)
+    _fill_guide(ref, ref_len, lo, scale, table)
+    return lo, scale, table
+
+
+@njit(inline="always")
+def _cell(x, lo, scale, cells):
+    v = (x - lo) * scale
+    if not v > 0.0:  # below lo, or 0 * inf
+        return 0
+    if v >= cells - 1:
+        return cells - 1
+    return int(v)
+
+
+@njit(parallel=True, cache=True)
+def _fill_guide(ref, ref_len, lo, scale, table):
+    cells = table.shape[1] - 1
+    for f in prange(ref.shape[0]):
+        row = table[f]
+        for t in range(ref_len[f]):
+            row[_cell(ref[f, t], lo[f], scale[f], cells) + 1] += 1
+        for c in range(cells):
+            row[c + 1] += row[c]
+
+
+@njit(inline="always")
+def guided_bounds(a, row, lo, scale, x):
+    """(il, ir): the first index of sorted ``a`` holding a value >= x and
+    the first holding one > x, searched in x's cell of the guide ``row``. A
+    cell of up to four values is counted without a branch (a search there
+    mispredicts about every step); a fuller one is searched."""
+    c = _cell(x, lo, scale, row.shape[0] - 1)
+    left = np.int64(row[c])
+    right = np.int64(row[c + 1])
+    if right - left <= 4:
+        last = a.shape[0] - 1
+        il = left
+        ir = left
+        for k in range(4):
+            inside = np.int64(left + k < right)
+            v = a[min(left + k, last)]
+            il += inside & np.int64(v < x)
+            ir += inside & np.int64(v <= x)
+        return il, ir
+    top = right
+    while left < top:
+        mid = (left + top) >> 1
         if a[mid] < x:
-            lo = mid + 1
+            left = mid + 1
         else:
             top = mid
-    return lo
-
-
-@njit(cache=True)
-def _upper_bound(a, lo, hi, x):
-    """First index in [lo, hi) with a[i] > x, galloping from lo."""
-    step = 1
-    while lo + step < hi and a[lo + step - 1] <= x:
-        lo += step
-        step *= 2
-    top = min(lo + step, hi)
-    while lo < top:
-        mid = (lo + top) // 2
+    il = left
+    top = right
+    while left < top:
+        mid = (left + top) >> 1
         if a[mid] <= x:
-            lo = mid + 1
+            left = mid + 1
         else:
             top = mid
-    return lo
+    return il, left
 
 
-@njit(cache=True)
-def next_group(a, i, n, b, j, m):
+@njit(inline="always")
+def next_group(a, row, lo, scale, b, j, m):
     """The window's next group of equal values starting at j, and where that
-    value sits in the reference (searched from i): (j1, il, ir) such that
-    b[j:j1] == a[il:ir] == b[j] and a[i:il] < b[j]."""
+    value sits in the reference: (j1, il, ir) such that b[j:j1] == a[il:ir]
+    == b[j], a[:il] < b[j] and a[ir:] > b[j]."""
     x = b[j]
     j1 = j + 1
     while j1 < m and b[j1] == x:
         j1 += 1
-    il = _lower_bound(a, i, n, x)
-    return j1, il, _upper_bound(a, il, n, x)
+    il, ir = guided_bounds(a, row, lo, scale, x)
+    return j1, il, ir
+
+
+@njit(parallel=True, cache=True)
+def gather_columns(win):
+    """A (rows x features) window as (features x rows) columns, each
+    feature's count of real (non-NaN) values, and whether any value is
+    infinite: one pass where NumPy took three (transpose, isnan, isinf)."""
+    rows, nf = win.shape
+    cols = np.empty((nf, rows))
+    counts = np.empty(nf, dtype=np.int64)
+    inf = np.zeros(nf, dtype=np.bool_)
+    for f in prange(nf):
+        real = 0
+        seen_inf = False
+        for r in range(rows):
+            v = win[r, f]
+            cols[f, r] = v
+            real += np.int64(v == v)
+            seen_inf |= np.isinf(v)
+        counts[f] = real
+        inf[f] = seen_inf
+    return cols, counts, inf.any()
 
 
 @njit(parallel=True, cache=True)
@@ -100,6 +183,25 @@ _PI6 = np.pi**6
 _SQRT2PI = np.sqrt(2 * np.pi)
 _SQRT3 = np.sqrt(3.0)
 _MIN_LOG = np.log(np.finfo(np.float64).tiny)
+
+
+@njit(cache=True)
+def ks_series_pvalues(d, n, m):
+    """The KS p-value of each statistic d[i] between samples of n[i] and
+    m[i] values where the Pelz-Good series stands in for SciPy's kstwo.sf
+    (see ``stats.ks_pvalues``), NaN where SciPy must compute it."""
+    out = np.empty(d.shape[0])
+    for i in range(d.shape[0]):
+        big = max(n[i], m[i])
+        small = min(n[i], m[i])
+        en = np.round(big * small / (big + small))
+        x = d[i]
+        t = en * x
+        if en > 140 and 1.0 < t < en - 1 and x < 0.5 and (en >= 300 or en * x**1.5 > 1.4):
+            out[i] = 0.0 if t * x >= 18.0 else min(1.0, max(0.0, kolmogn_sf_pelz_good(en, x)))
+        else:
+            out[i] = np.nan
+    return out
 
 
 @njit(cache=True)

@@ -141,9 +141,10 @@ class DriftDetector:
             raise RuntimeError("call fit(reference) first")
         scores = self._test.score(window)
         adj, drift = self._test.verdict(scores, self.correction, self.alpha)
+        as_floats = lambda a: np.asarray(a, dtype=np.float64).tolist()  # noqa: E731 - Python floats, at C speed
         return DriftResult(
-            self.test, self.backend, [float(x) for x in scores.statistic], [float(x) for x in scores.p_value],
-            [float(x) for x in adj], [bool(x) for x in drift], self._test.n_reference, scores.n_window,
+            self.test, self.backend, as_floats(scores.statistic), as_floats(scores.p_value), as_floats(adj),
+            np.asarray(drift, dtype=bool).tolist(), self._test.n_reference, scores.n_window,
         )
 
     @property

@@ -3,8 +3,9 @@
 Statistic T from U = n sum (r_i - i)^2 + m sum (s_j - j)^2 over pooled
 mid-ranks (Anderson 1962). P-value: ``scipy.stats.cramervonmises_2samp(
 method="asymptotic")``, computed as ``stats.cvm_pvalues``. Kernels, side by
-side: SciPy per feature (the reference), a Numba merge of the sorted window
-through the sorted reference with the reference's tie offsets kept from fit,
+side: SciPy per feature (the reference), a Numba walk of the sorted window
+through the sorted reference (each value found through a guide table) with
+the reference's tie offsets kept from fit,
 and a CuPy kernel with one thread per value of either sample.
 """
 
@@ -48,7 +49,7 @@ def _tie_offsets(ref, ref_len, d1, d2):
 
 
 @njit(parallel=True, cache=True)
-def cvm_u(ref, ref_len, d1, d2, win, win_len):
+def cvm_u(ref, ref_len, lo, scale, guide, d1, d2, win, win_len):
     """U of the two-sample Cramér-von Mises test (pooled ranks, ties at
     their average rank). Window values are visited one by one; a stretch of
     reference values between two window values all sit j ranks above their own
@@ -61,12 +62,13 @@ def cvm_u(ref, ref_len, d1, d2, win, win_len):
         m = win_len[f]
         a = ref[f]
         b = win[f]
+        row = guide[f]
         i = 0
         j = 0
         sx = 0.0
         sy = 0.0
         while j < m:
-            j1, il, ir = next_group(a, i, n, b, j, m)
+            j1, il, ir = next_group(a, row, lo[f], scale[f], b, j, m)
             # reference stretch [i, il): each sits j ranks above its own rank
             cnt = il - i
             s1 = d1[f, il] - d1[f, i]
@@ -157,7 +159,7 @@ class CvMTest(SortedColumnsTest):
         return sps.cramervonmises_2samp(a, b, method="asymptotic")
 
     def numba_raw(self, cols: np.ndarray, win_len: np.ndarray) -> np.ndarray:
-        return cvm_u(self._ref_cols, self._ref_len, *self._ties, cols, win_len)
+        return cvm_u(self._ref_cols, self._ref_len, *self._guide, *self._ties, cols, win_len)
 
     def cupy_raw(self, ref, ref_len, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return cvm_u_cupy(ref, ref_len, win)

@@ -2,9 +2,9 @@
 
 Statistic: the largest gap between the two empirical CDFs. P-value:
 ``scipy.stats.ks_2samp(method="asymp")``, computed as ``stats.ks_pvalues``.
-Kernels, side by side: SciPy per feature (the reference), a Numba merge of
-the sorted window through the sorted reference, and a CuPy kernel with one
-thread per window value.
+Kernels, side by side: SciPy per feature (the reference), a Numba kernel
+that finds each value of the sorted window in the sorted reference through a
+guide table, and a CuPy kernel with one thread per window value.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from flywheel.kernels.drift._sorted import SortedColumnsTest
 
 
 @njit(parallel=True, cache=True)
-def ks_stat(ref, ref_len, win, win_len):
+def ks_stat(ref, ref_len, lo, scale, guide, win, win_len):
     """Two-sample KS statistic per feature. The ECDF gap can only peak just
     before or at a window value, so we visit the window's distinct values and
-    gallop through the (longer, fitted) reference: O(m log(n/m)) per feature."""
+    find each in the reference through its guide table (``_numba.py``)."""
     nf = ref.shape[0]
     out = np.empty(nf)
     for f in prange(nf):
@@ -30,18 +30,14 @@ def ks_stat(ref, ref_len, win, win_len):
         m = win_len[f]
         a = ref[f]
         b = win[f]
-        i = 0
+        row = guide[f]
+        inv_n = 1.0 / n
+        inv_m = 1.0 / m
         j = 0
         d = 0.0
         while j < m:
-            j1, il, ir = next_group(a, i, n, b, j, m)
-            before = abs(il / n - j / m)
-            at = abs(ir / n - j1 / m)
-            if before > d:
-                d = before
-            if at > d:
-                d = at
-            i = ir
+            j1, il, ir = next_group(a, row, lo[f], scale[f], b, j, m)
+            d = max(d, abs(il * inv_n - j * inv_m), abs(ir * inv_n - j1 * inv_m))
             j = j1
         out[f] = d
     return out
@@ -100,7 +96,7 @@ class KSTest(SortedColumnsTest):
         return sps.ks_2samp(a, b, method="asymp")
 
     def numba_raw(self, cols: np.ndarray, win_len: np.ndarray) -> np.ndarray:
-        return ks_stat(self._ref_cols, self._ref_len, cols, win_len)
+        return ks_stat(self._ref_cols, self._ref_len, *self._guide, cols, win_len)
 
     def cupy_raw(self, ref, ref_len, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return ks_stat_cupy(ref, ref_len, win)

@@ -182,3 +182,38 @@ def test_the_window_sort_agrees_on_both_paths(rows):
     with sort_pool(2) as pool:
         cols = sort_columns(win, pool)
     np.testing.assert_array_equal(cols, np.sort(win.T, axis=1))
+
+
+def test_tabulated_cvm_cdf_agrees_with_scipys_series_across_its_range():
+    from scipy.stats._hypotests import _cdf_cvm_inf
+
+    from flywheel.kernels.stats import CVM_TABLE_TOP, _cdf_cvm
+
+    x = np.concatenate([np.geomspace(0.003, CVM_TABLE_TOP, 400), [CVM_TABLE_TOP + 0.5, 9.0]])  # the last two: series
+    want = np.array([_cdf_cvm_inf(v) for v in x])
+    np.testing.assert_allclose(_cdf_cvm(x), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["cauchy", "outlier", "window_beyond_reference", "tiny_span"])
+def test_guided_kernels_match_scipy_where_the_guide_table_is_strained(case):
+    """The sorted-column kernels find window values through a table of equal
+    cells over the reference's central range: heavy tails, one huge value,
+    a window entirely outside the reference and a span of a few ulps must
+    all give SciPy's statistics."""
+    rng = np.random.default_rng(11)
+    ref, win = rng.standard_cauchy(size=(2000, 3)), rng.standard_cauchy(size=(300, 3))
+    if case == "outlier":
+        ref, win = rng.normal(size=(2000, 3)), rng.normal(size=(300, 3))
+        ref[0], win[0] = 1e300, -1e300
+    elif case == "window_beyond_reference":
+        ref, win = rng.normal(size=(2000, 3)), rng.normal(50.0, 1.0, size=(300, 3))
+        win[:150] = -win[:150]
+    elif case == "tiny_span":
+        ref = 1.0 + np.spacing(1.0) * rng.integers(0, 4, size=(2000, 3))
+        win = 1.0 + np.spacing(1.0) * rng.integers(0, 6, size=(300, 3))
+    for test, scipy_test, kw in (("ks", stats.ks_2samp, {"method": "asymp"}),
+                                 ("cvm", stats.cramervonmises_2samp, {"method": "asymptotic"})):
+        res = DriftDetector(test, backend="numba").fit(ref).score(win)
+        for f in range(3):
+            want = scipy_test(ref[:, f], win[:, f], **kw)
+            assert abs(res.statistic[f] - want.statistic) <= 1e-6 * max(1.0, abs(want.statistic)), (test, f)
