@@ -32,21 +32,21 @@ def set_threads(n: int) -> None:
 
 
 # Where a window value sits in a sorted reference column: a guide table, made
-# at fit, splits the reference's central range [its GUIDE_TRIM and 1 -
-# GUIDE_TRIM quantiles] into as many equal cells as the column has values
-# and keeps, per cell, how many reference values lie in the cells before it.
-# A value's cell is one multiplication away, and its bounds are found inside
-# that cell (one or two values wide where the data are dense). Each
-# window value is then found on its own, not from where the previous one
+# at fit, splits the reference's central range (between its GUIDE_TRIM and
+# 1 - GUIDE_TRIM quantiles) into as many equal cells as the column has
+# values and keeps, per cell, how many reference values lie in the cells
+# before it. A value's cell is one multiplication away, and its bounds are
+# found inside that cell (one or two values wide where the data are dense).
+# Each window value is found on its own, not from where the previous one
 # ended, so the CPU overlaps their memory reads (a galloping merge waits on
 # each in turn: 2x slower on 1,000 x 32 against 10,000 rows). Values beyond
 # the central range fall in the two end cells (GUIDE_TRIM of the reference
-# each), so a heavy tail costs a binary search there, not a table whose
-# cells are all empty but one (Cauchy data: 0.36 ms against 0.44 for the
-# merge; 0.5 % trimmed, 0.7 ms). The cell of v is int((v - lo) * scale) clamped to the table, for
-# reference and window alike; it never decreases as v grows, so every
-# reference value in an earlier cell is below v and every one in a later
-# cell above it: v's bounds lie within its own cell.
+# each), so a heavy tail costs a binary search there, not a table whose cells
+# are all empty but one (Cauchy data: 0.36 ms against 0.44 for the merge;
+# with 0.5 % trimmed, 0.7 ms). The cell of v is int((v - lo) * scale)
+# clamped to the table, for reference and window alike; it never decreases
+# as v grows, so every reference value in an earlier cell is below v and
+# every one in a later cell above it: v's bounds lie within its own cell.
 GUIDE_TRIM = 0.025
 
 
