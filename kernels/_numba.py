@@ -162,6 +162,57 @@ def gather_columns(win):
     return cols, counts, inf.any()
 
 
+@njit(inline="always")
+def _table_cdf(x, table, low, step):
+    """Cubic interpolation of the tabulated CvM CDF (stats._cvm_table) at x,
+    through the four table points around it."""
+    pos = min(max((x - low) / step, 0.0), table.shape[0] - 1.0)
+    i = min(max(np.int64(pos), 1), table.shape[0] - 3)
+    w = pos - i
+    wm = w + 1.0
+    w1 = w - 1.0
+    w2 = w - 2.0
+    return (-w * w1 * w2 / 6.0 * table[i - 1] + wm * w1 * w2 / 2.0 * table[i]
+            - wm * w * w2 / 2.0 * table[i + 1] + wm * w * w1 / 6.0 * table[i + 2])
+
+
+@njit(cache=True)
+def cvm_table_cdf(x, table, low, step, top):
+    """The tabulated CvM CDF at each x (NaN past top: the caller sums the series)."""
+    out = np.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        out[i] = np.nan if x[i] > top else _table_cdf(x[i], table, low, step)
+    return out
+
+
+@njit(cache=True)
+def cvm_table_pvalues(t, nx, ny, table, low, step, top):
+    """SciPy's asymptotic CvM p-value of each T between samples of nx[i] and
+    ny[i] values, and the normalised statistic: 1 below ``low`` (SciPy's
+    cut), from the table up to ``top``, NaN past it (the caller sums the
+    series there). One call for every feature: as NumPy array operations
+    these took 0.14 ms for 32 features on a cache the kernels had just
+    filled."""
+    p = np.empty(t.shape[0])
+    tn = np.empty(t.shape[0])
+    for i in range(t.shape[0]):
+        a = nx[i]
+        b = ny[i]
+        k = a * b
+        big_n = a + b
+        et = (1 + 1 / big_n) / 6
+        vt = (big_n + 1) * (4 * k * big_n - 3 * (a * a + b * b) - 2 * k) / (45 * big_n * big_n * 4 * k)
+        x = 1 / 6 + (t[i] - et) / np.sqrt(45 * vt)
+        tn[i] = x
+        if x < low:
+            p[i] = 1.0
+        elif x > top:
+            p[i] = np.nan
+        else:
+            p[i] = max(0.0, 1.0 - _table_cdf(x, table, low, step))
+    return p, tn
+
+
 @njit(parallel=True, cache=True)
 def bincount_columns(codes, n_bins):
     """(features x n_bins) counts of integer codes; codes >= n_bins-1 land in
