@@ -70,7 +70,8 @@ def guide_table(ref, ref_len):
 
 
 @njit(inline="always")
-def _cell(x, lo, scale, cells):
+def guide_cell(x, lo, scale, cells):
+    """The guide cell of x (see the comment above ``guide_table``)."""
     v = (x - lo) * scale
     if not v > 0.0:  # below lo, or 0 * inf
         return 0
@@ -85,7 +86,7 @@ def _fill_guide(ref, ref_len, lo, scale, table):
     for f in prange(ref.shape[0]):
         row = table[f]
         for t in range(ref_len[f]):
-            row[_cell(ref[f, t], lo[f], scale[f], cells) + 1] += 1
+            row[guide_cell(ref[f, t], lo[f], scale[f], cells) + 1] += 1
         for c in range(cells):
             row[c + 1] += row[c]
 
@@ -96,7 +97,7 @@ def guided_bounds(a, row, lo, scale, x):
     the first holding one > x, searched in x's cell of the guide ``row``. A
     cell of up to four values is counted without a branch (a search there
     mispredicts about every step); a fuller one is searched."""
-    c = _cell(x, lo, scale, row.shape[0] - 1)
+    c = guide_cell(x, lo, scale, row.shape[0] - 1)
     left = np.int64(row[c])
     right = np.int64(row[c + 1])
     if right - left <= 4:
@@ -164,7 +165,7 @@ def gather_columns(win):
 
 @njit(inline="always")
 def _table_cdf(x, table, low, step):
-    """Cubic interpolation of the tabulated CvM CDF (stats._cvm_table) at x,
+    """Cubic interpolation of the tabulated CvM CDF (stats.cvm_table) at x,
     through the four table points around it."""
     pos = min(max((x - low) / step, 0.0), table.shape[0] - 1.0)
     i = min(max(np.int64(pos), 1), table.shape[0] - 3)
@@ -185,32 +186,50 @@ def cvm_table_cdf(x, table, low, step, top):
     return out
 
 
+@njit(inline="always")
+def cvm_table_p(t, a, b, table, low, step, top):
+    """SciPy's asymptotic CvM p-value of statistic T between samples of a
+    and b values, and the normalised statistic: 1 below ``low`` (SciPy's
+    cut), from the table up to ``top``, NaN past it (the caller sums the
+    series there)."""
+    k = a * b
+    big_n = a + b
+    et = (1 + 1 / big_n) / 6
+    vt = (big_n + 1) * (4 * k * big_n - 3 * (a * a + b * b) - 2 * k) / (45 * big_n * big_n * 4 * k)
+    x = 1 / 6 + (t - et) / np.sqrt(45 * vt)
+    if x < low:
+        return 1.0, x
+    if x > top:
+        return np.nan, x
+    return max(0.0, 1.0 - _table_cdf(x, table, low, step)), x
+
+
 @njit(cache=True)
 def cvm_table_pvalues(t, nx, ny, table, low, step, top):
-    """SciPy's asymptotic CvM p-value of each T between samples of nx[i] and
-    ny[i] values, and the normalised statistic: 1 below ``low`` (SciPy's
-    cut), from the table up to ``top``, NaN past it (the caller sums the
-    series there). One call for every feature: as NumPy array operations
-    these took 0.14 ms for 32 features on a cache the kernels had just
-    filled."""
+    """``cvm_table_p`` of each (t[i], nx[i], ny[i]): p-values and the
+    normalised statistics, in one call (as NumPy array operations these took
+    0.14 ms for 32 features on a cache the kernels had just filled)."""
     p = np.empty(t.shape[0])
     tn = np.empty(t.shape[0])
     for i in range(t.shape[0]):
-        a = nx[i]
-        b = ny[i]
-        k = a * b
-        big_n = a + b
-        et = (1 + 1 / big_n) / 6
-        vt = (big_n + 1) * (4 * k * big_n - 3 * (a * a + b * b) - 2 * k) / (45 * big_n * big_n * 4 * k)
-        x = 1 / 6 + (t[i] - et) / np.sqrt(45 * vt)
-        tn[i] = x
-        if x < low:
-            p[i] = 1.0
-        elif x > top:
-            p[i] = np.nan
-        else:
-            p[i] = max(0.0, 1.0 - _table_cdf(x, table, low, step))
+        p[i], tn[i] = cvm_table_p(t[i], nx[i], ny[i], table, low, step, top)
     return p, tn
+
+
+@njit(cache=True)
+def bh_adjusted(p):
+    """Benjamini-Hochberg adjusted p-values (no NaN): p[i] * n / rank,
+    then the running minimum from the largest rank down, capped at 1. One
+    call: as NumPy steps it took 0.04 ms for 32 features after a kernel."""
+    n = p.shape[0]
+    order = np.argsort(p)
+    out = np.empty(n)
+    running = np.inf
+    for k in range(n - 1, -1, -1):
+        i = order[k]
+        running = min(running, p[i] * n / (k + 1))
+        out[i] = min(running, 1.0)
+    return out
 
 
 @njit(parallel=True, cache=True)
@@ -236,22 +255,26 @@ _SQRT3 = np.sqrt(3.0)
 _MIN_LOG = np.log(np.finfo(np.float64).tiny)
 
 
+@njit(inline="always")
+def ks_series_p(n, m, x):
+    """The KS p-value of statistic x between samples of n and m values
+    where the Pelz-Good series stands in for SciPy's kstwo.sf (see
+    ``stats.ks_pvalues``), NaN where SciPy must compute it."""
+    big = max(n, m)
+    small = min(n, m)
+    en = np.round(big * small / (big + small))
+    t = en * x
+    if en > 140 and 1.0 < t < en - 1 and x < 0.5 and (en >= 300 or en * x**1.5 > 1.4):
+        return 0.0 if t * x >= 18.0 else min(1.0, max(0.0, kolmogn_sf_pelz_good(en, x)))
+    return np.nan
+
+
 @njit(cache=True)
 def ks_series_pvalues(d, n, m):
-    """The KS p-value of each statistic d[i] between samples of n[i] and
-    m[i] values where the Pelz-Good series stands in for SciPy's kstwo.sf
-    (see ``stats.ks_pvalues``), NaN where SciPy must compute it."""
+    """``ks_series_p`` of each (d[i], n[i], m[i])."""
     out = np.empty(d.shape[0])
     for i in range(d.shape[0]):
-        big = max(n[i], m[i])
-        small = min(n[i], m[i])
-        en = np.round(big * small / (big + small))
-        x = d[i]
-        t = en * x
-        if en > 140 and 1.0 < t < en - 1 and x < 0.5 and (en >= 300 or en * x**1.5 > 1.4):
-            out[i] = 0.0 if t * x >= 18.0 else min(1.0, max(0.0, kolmogn_sf_pelz_good(en, x)))
-        else:
-            out[i] = np.nan
+        out[i] = ks_series_p(n[i], m[i], d[i])
     return out
 
 

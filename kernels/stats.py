@@ -43,7 +43,7 @@ def ks_pvalues(d: np.ndarray, n: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cdf_cvm_inf(x: np.ndarray) -> np.ndarray:
+def cdf_cvm_series(x: np.ndarray) -> np.ndarray:
     """The limiting CvM distribution's CDF at each x (> 0), SciPy's series
     (``scipy.stats._hypotests._cdf_cvm_inf``) for all x at once: each x adds
     terms until its own term falls below 1e-7, that term included, as SciPy's
@@ -74,9 +74,9 @@ CVM_TABLE_LOW, CVM_TABLE_TOP, CVM_TABLE_STEP = 0.003, 6.0, 1e-4
 
 
 @functools.cache
-def _cvm_table() -> np.ndarray:
+def cvm_table() -> np.ndarray:
     count = int(round((CVM_TABLE_TOP - CVM_TABLE_LOW) / CVM_TABLE_STEP)) + 1
-    return _cdf_cvm_inf(CVM_TABLE_LOW + CVM_TABLE_STEP * np.arange(count))
+    return cdf_cvm_series(CVM_TABLE_LOW + CVM_TABLE_STEP * np.arange(count))
 
 
 def _cdf_cvm(x: np.ndarray) -> np.ndarray:
@@ -85,10 +85,10 @@ def _cdf_cvm(x: np.ndarray) -> np.ndarray:
     from flywheel.kernels._numba import cvm_table_cdf
 
     x = np.ascontiguousarray(x, dtype=np.float64)
-    out = cvm_table_cdf(x, _cvm_table(), CVM_TABLE_LOW, CVM_TABLE_STEP, CVM_TABLE_TOP)
+    out = cvm_table_cdf(x, cvm_table(), CVM_TABLE_LOW, CVM_TABLE_STEP, CVM_TABLE_TOP)
     far = np.isnan(out)
     if far.any():
-        out[far] = _cdf_cvm_inf(x[far])
+        out[far] = cdf_cvm_series(x[far])
     return out
 
 
@@ -99,10 +99,10 @@ def cvm_pvalues(t: np.ndarray, nx: np.ndarray, ny: np.ndarray) -> np.ndarray:
 
     t = np.ascontiguousarray(t, dtype=np.float64)
     a, b = (np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), t.shape)) for v in (nx, ny))
-    p, tn = cvm_table_pvalues(t, a, b, _cvm_table(), CVM_TABLE_LOW, CVM_TABLE_STEP, CVM_TABLE_TOP)
+    p, tn = cvm_table_pvalues(t, a, b, cvm_table(), CVM_TABLE_LOW, CVM_TABLE_STEP, CVM_TABLE_TOP)
     far = np.isnan(p)
     if far.any():
-        p[far] = np.maximum(0.0, 1.0 - _cdf_cvm_inf(tn[far]))
+        p[far] = np.maximum(0.0, 1.0 - cdf_cvm_series(tn[far]))
     return p
 
 
@@ -147,14 +147,12 @@ def bonferroni(p: np.ndarray) -> np.ndarray:
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """BH step-up adjusted p-values (the false discovery rate at which each
     hypothesis would be rejected)."""
-    p = np.asarray(p, dtype=np.float64)
-    n = len(p)
-    order = np.argsort(p)
-    ranked = p[order] * n / np.arange(1, n + 1)
-    adj = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.minimum(adj, 1.0)
-    return out
+    p = np.ascontiguousarray(p, dtype=np.float64)
+    if np.isnan(p).any():  # NaN ranks last and spreads to every adjusted value, as NumPy's minimum does
+        return np.full(len(p), np.nan)
+    from flywheel.kernels._numba import bh_adjusted
+
+    return bh_adjusted(p)
 
 
 # The corrections a detector may apply across features, by the name it is given.

@@ -59,8 +59,8 @@ def sort_in_place(cols: np.ndarray, pool: ThreadPoolExecutor | None) -> None:
 class SortedColumnsTest(ContinuousTest):
     """Base of ks and cvm. A subclass gives ``min_values`` (real values a
     window feature needs), ``reference_test`` (SciPy on one feature),
-    ``numba_raw`` / ``cupy_raw`` (its kernels) and ``finish`` (raw
-    statistic to statistic and p-value)."""
+    ``numba_scores`` and ``cupy_raw`` (its kernels) and ``finish`` (the
+    CuPy kernel's raw statistic to statistic and p-value)."""
 
     min_values: ClassVar[int] = 1
 
@@ -86,8 +86,9 @@ class SortedColumnsTest(ContinuousTest):
             )
 
     def _check_counts(self, win_len: np.ndarray) -> None:
-        for f in np.flatnonzero(win_len < self.min_values):
-            self.need_values(int(f), int(win_len[f]))
+        if win_len.min() < self.min_values:
+            f = int(np.flatnonzero(win_len < self.min_values)[0])
+            self.need_values(f, int(win_len[f]))
 
     # -- the three backends -----------------------------------------------------
     def score_numpy(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +122,7 @@ class SortedColumnsTest(ContinuousTest):
     def _score_columns(self, cols: np.ndarray, win_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sort_in_place(cols, self._pool)
         self._check_counts(win_len)
-        return self.finish(self.numba_raw(cols, win_len), win_len)
+        return self.numba_scores(cols, win_len)
 
     def score_cupy(self, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from flywheel.kernels import _cupy
@@ -138,8 +139,9 @@ class SortedColumnsTest(ContinuousTest):
         """SciPy's two-sample test on one feature's values (NaNs dropped)."""
 
     @abc.abstractmethod
-    def numba_raw(self, cols: np.ndarray, win_len: np.ndarray) -> np.ndarray:
-        """The raw statistic per feature from the sorted window columns."""
+    def numba_scores(self, cols: np.ndarray, win_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(statistic, p-value) per feature from the sorted window columns,
+        p-values computed in the kernel where it can."""
 
     @abc.abstractmethod
     def cupy_raw(self, ref, ref_len, win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

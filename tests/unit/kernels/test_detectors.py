@@ -217,3 +217,19 @@ def test_guided_kernels_match_scipy_where_the_guide_table_is_strained(case):
         for f in range(3):
             want = scipy_test(ref[:, f], win[:, f], **kw)
             assert abs(res.statistic[f] - want.statistic) <= 1e-6 * max(1.0, abs(want.statistic)), (test, f)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(200, 3000), m=st.integers(20, 600), shape=st.sampled_from(["normal", "lognormal", "spike"]),
+       shift=st.sampled_from([0.0, 0.05, 0.5]), seed=st.integers(0, 10_000))
+def test_property_ks_from_cell_bounds_is_scipys_statistic(n, m, shape, shift, seed):
+    """The KS kernel looks up exact positions only where a cell's bounds
+    could beat the best gap known; the statistic must not move."""
+    rng = np.random.default_rng(seed)
+    draw = {"normal": rng.normal, "lognormal": rng.lognormal, "spike": rng.normal}[shape]
+    ref, win = draw(size=(n, 2)), draw(size=(m, 2)) + shift
+    if shape == "spike":  # many values at one point, in both samples: crowded cells and ties
+        ref[: n // 3, 0], win[: m // 4, 0] = 0.25, 0.25
+    res = DriftDetector("ks", backend="numba").fit(ref).score(win)
+    for j in range(2):
+        assert res.statistic[j] == pytest.approx(stats.ks_2samp(ref[:, j], win[:, j]).statistic, abs=1e-12)
