@@ -197,23 +197,30 @@ def serving_rows(duration: float) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def _plot(rows: list[dict], small: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['test']}\n{r['shape']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    xs = np.arange(len(rows))
-    ax.bar(xs - 0.2, [r["reference_s"] * 1e3 for r in rows], 0.4, label="NumPy/SciPy reference")
-    ax.bar(xs + 0.2, [r["numba_s"] * 1e3 for r in rows], 0.4, label="Numba kernel")
-    ax.set_yscale("log")
-    ax.set_xticks(xs, labels, fontsize=8)
-    ax.set_ylabel("ms per window (log)")
-    ax.set_title("drift scoring of one window against a fitted reference")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
+    panels = [(rows, "reference_s", "NumPy/SciPy reference", "one window against a fitted reference")]
+    if small:
+        panels.append((small, "alibi_s", "alibi-detect 0.13", "small windows, as a serving monitor scores them"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(10 + 7 * (len(panels) - 1), 4.2), squeeze=False)
+    for ax, (data, peer, peer_label, title) in zip(axes[0], panels):
+        xs = np.arange(len(data))
+        if any(peer in r for r in data):
+            ax.bar(xs - 0.2, [r.get(peer, np.nan) * 1e3 for r in data], 0.4, label=peer_label)
+        ax.bar(xs + 0.2, [r["numba_s"] * 1e3 for r in data], 0.4, label="Flywheel (Numba)")
+        if "target_s" in data[0]:
+            ax.scatter(xs + 0.2, [r["target_s"] * 1e3 for r in data], marker="_", s=400, color="k", zorder=3,
+                       label="target")
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [f"{r['test']}\n{r['shape']}" for r in data], fontsize=8)
+        ax.set_ylabel("ms per window (log)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -260,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "drift.json"), "w") as f:
         json.dump({"small_windows": small, "kernels": kernels, "serving": serving}, f, indent=1)
     if kernels:
-        _plot(kernels, os.path.join(args.out, "drift.png"))
+        _plot(kernels, small, os.path.join(args.out, "drift.png"))
     print(f"\nwrote {args.out}/drift.json and {args.out}/drift.png")
     return 0
 
