@@ -270,6 +270,7 @@ class MMDTest(ContinuousTest):
         self.bandwidth = self.params.sigma or median_bandwidth(ref, self.params.seed)
         self._ref = ref
         self.n_reference = len(ref)
+        self._kept = None  # permutations drawn for the previous reference's size
         if self.backend == "numba":
             self._fit = mmd_fit_fast(ref, self.bandwidth)
 
@@ -282,14 +283,15 @@ class MMDTest(ContinuousTest):
 
     def _permutations(self, m: int) -> tuple[np.ndarray, PermPlan | None]:
         """The seeded permutations for a window of m rows (and the numba
-        backend's plan of them), kept for the last window size: they depend
-        on the size only, and drawing them took a sixth of a score."""
-        kept = getattr(self, "_kept", None)  # one tuple, swapped whole: safe under concurrent scores
-        if kept is None or kept[0] != m:
-            n = len(self._ref)
+        backend's plan of them), kept for the last (reference, window) size:
+        they depend on the sizes only, and drawing them took a sixth of a
+        score. A refit clears them."""
+        n = len(self._ref)
+        kept = self._kept  # one tuple, swapped whole: safe under concurrent scores
+        if kept is None or kept[0] != (n, m):
             perms = permutations(n, m, self.params.n_permutations, self.params.seed)
             plan = perm_plan(n, m, perms) if self.backend == "numba" and len(perms) else None
-            kept = self._kept = (m, perms, plan)
+            kept = self._kept = ((n, m), perms, plan)
         return kept[1], kept[2]
 
     @staticmethod

@@ -163,7 +163,7 @@ def test_cupy_backend_matches_the_reference():  # pragma: no cover - runs on GPU
         np.testing.assert_allclose(b.p_value, a.p_value, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [150, 1000, 9091, 50000])
+@pytest.mark.parametrize("n", [150, 300, 400, 1000, 9091, 50000])  # 300-400: the series' widest error (3e-7)
 def test_fast_ks_pvalues_agree_with_scipy_kstwo(n):
     from flywheel.kernels.stats import ks_pvalues
 
@@ -233,3 +233,16 @@ def test_property_ks_from_cell_bounds_is_scipys_statistic(n, m, shape, shift, se
     res = DriftDetector("ks", backend="numba").fit(ref).score(win)
     for j in range(2):
         assert res.statistic[j] == pytest.approx(stats.ks_2samp(ref[:, j], win[:, j]).statistic, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_mmd_refit_on_another_reference_size_scores_as_a_fresh_detector(backend):
+    rng = np.random.default_rng(8)
+    small, large, win = rng.normal(size=(120, 3)), rng.normal(size=(300, 3)), rng.normal(0.3, 1.0, size=(60, 3))
+    for first, second in ((small, large), (large, small)):
+        det = DriftDetector("mmd", backend=backend, n_permutations=50)
+        det.fit(first).score(win)  # permutations drawn for the first reference's size
+        again = det.fit(second).score(win)
+        fresh = DriftDetector("mmd", backend=backend, n_permutations=50).fit(second).score(win)
+        assert again.p_value == fresh.p_value
+        assert again.statistic == pytest.approx(fresh.statistic, rel=1e-12)
