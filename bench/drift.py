@@ -226,12 +226,14 @@ def _plot(rows: list[dict], small: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flywheel.common import load_settings
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per serving point")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true")
-    parser.add_argument("--alibi-venv", default=os.environ.get("FLYWHEEL_ALIBI_VENV", ".venv-alibi"),
+    parser.add_argument("--alibi-venv", default=load_settings().alibi_venv,
                         help="alibi-detect's environment (default .venv-alibi or $FLYWHEEL_ALIBI_VENV)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

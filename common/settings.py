@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True):
         off (``0``) unless set.
     mlserver_venv: the virtual environment with MLServer that the latency
         bench compares against (``FLYWHEEL_MLSERVER_VENV``).
+    alibi_venv: the virtual environment with alibi-detect that the drift
+        bench compares against (``FLYWHEEL_ALIBI_VENV``).
     bench_debug: benchmarks print the traceback of a system that failed to
         start (``FLYWHEEL_BENCH_DEBUG`` non-empty).
     """
@@ -55,6 +57,7 @@ class Settings(msgspec.Struct, frozen=True):
     api_key: str = ""
     ray_usage_stats: str = "0"
     mlserver_venv: str = ".venv-mlserver"
+    alibi_venv: str = ".venv-alibi"
     bench_debug: bool = False
 
     def __repr__(self) -> str:  # never print the key
@@ -92,5 +95,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_key=env.get("FLYWHEEL_API_KEY", ""),
         ray_usage_stats=env.get("RAY_USAGE_STATS_ENABLED", "") or "0",
         mlserver_venv=env.get("FLYWHEEL_MLSERVER_VENV", "") or ".venv-mlserver",
+        alibi_venv=env.get("FLYWHEEL_ALIBI_VENV", "") or ".venv-alibi",
         bench_debug=bool(env.get("FLYWHEEL_BENCH_DEBUG", "")),
     )
