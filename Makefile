@@ -84,6 +84,7 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.auth
 	$(PY) -m flywheel.bench.routing
 	$(PY) -m flywheel.bench.training
+	$(PY) -m flywheel.bench.startup
 	$(PY) -m flywheel.bench.batch
 	$(PY) -m flywheel.bench.http_limits
 	$(PY) -m flywheel.bench.capture
