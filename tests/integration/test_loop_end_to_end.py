@@ -153,7 +153,15 @@ def _admin(w, method: str, path: str, body=None):
 def test_a_drift_triggered_run_promotes_a_candidate_trained_on_what_production_saw(turning):
     w = turning
     wait_for(lambda: w.traffic.requests >= 50, 60, "the load thread's first answers")
-    w.traffic.inverted = True  # the live distribution moves
+    # Paused while the live distribution moves, so that production has seen
+    # (and captured) some hundreds of shifted inputs when the drift trigger
+    # may fire: a run that fired on the first shifted windows trained on a
+    # few dozen of them and could lose the gate to noise (seen in CI).
+    _admin(w, "POST", f"/v2/loops/{LOOP}/pause")
+    w.traffic.inverted = True
+    shifted_from = w.traffic.requests
+    wait_for(lambda: w.traffic.requests >= shifted_from + 600, 180, "600 answers to shifted inputs")
+    _admin(w, "POST", f"/v2/loops/{LOOP}/resume")
     run = _finished_run(w, 1)
     assert run.trigger == "drift"
     assert run.outcome == "promoted", run.detail
