@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: run test bench bench-deps bench-mlserver bench-alibi clean-venv system-deps edge-runner lock wheel client-wheel
+.PHONY: run test bench bench-deps bench-mlserver bench-kserve bench-alibi clean-venv system-deps edge-runner lock wheel client-wheel
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flywheel needs Python 3.11+")'
@@ -61,6 +61,12 @@ bench-deps:
 bench-mlserver:
 	test -x .venv-mlserver/bin/python || $(PYTHON) -m venv .venv-mlserver
 	.venv-mlserver/bin/pip install --quiet mlserver==1.7.1 onnxruntime==1.32.0 uvloop==0.21.0
+
+# KServe's Python ModelServer, the latency benchmark's third reference, in its
+# own environment (its pins do not fit ours either)
+bench-kserve:
+	test -x .venv-kserve/bin/python || $(PYTHON) -m venv .venv-kserve
+	.venv-kserve/bin/pip install --quiet kserve==0.21.0 onnxruntime==1.32.0
 
 # alibi-detect, the drift benchmark's peer, in its own environment (0.13 pins
 # numpy < 2 and numba < 0.60; its MMD runs on its PyTorch backend).

@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True):
         bench compares against (``FLYWHEEL_MLSERVER_VENV``).
     alibi_venv: the virtual environment with alibi-detect that the drift
         bench compares against (``FLYWHEEL_ALIBI_VENV``).
+    kserve_venv: the virtual environment with KServe that the latency bench
+        compares against (``FLYWHEEL_KSERVE_VENV``).
     bench_debug: benchmarks print the traceback of a system that failed to
         start (``FLYWHEEL_BENCH_DEBUG`` non-empty).
     """
@@ -58,6 +60,7 @@ class Settings(msgspec.Struct, frozen=True):
     ray_usage_stats: str = "0"
     mlserver_venv: str = ".venv-mlserver"
     alibi_venv: str = ".venv-alibi"
+    kserve_venv: str = ".venv-kserve"
     bench_debug: bool = False
 
     def __repr__(self) -> str:  # never print the key
@@ -96,5 +99,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ray_usage_stats=env.get("RAY_USAGE_STATS_ENABLED", "") or "0",
         mlserver_venv=env.get("FLYWHEEL_MLSERVER_VENV", "") or ".venv-mlserver",
         alibi_venv=env.get("FLYWHEEL_ALIBI_VENV", "") or ".venv-alibi",
+        kserve_venv=env.get("FLYWHEEL_KSERVE_VENV", "") or ".venv-kserve",
         bench_debug=bool(env.get("FLYWHEEL_BENCH_DEBUG", "")),
     )

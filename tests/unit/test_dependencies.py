@@ -31,7 +31,8 @@ USED_WITHOUT_IMPORT = {
 DEV_SCRIPTS = {"protocol/proto/generate.py"}
 # scripts a benchmark runs with a peer's own virtual environment (its pins do
 # not fit ours), and what that environment is
-OTHER_ENVIRONMENTS = {"bench/alibi_ref.py": "alibi-detect 0.13 in .venv-alibi (make bench-alibi)"}
+OTHER_ENVIRONMENTS = {"bench/alibi_ref.py": "alibi-detect 0.13 in .venv-alibi (make bench-alibi)",
+                      "bench/kserve_ref.py": "KServe 0.21 in .venv-kserve (make bench-kserve)"}
 
 
 def _norm(name: str) -> str:
