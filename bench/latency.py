@@ -18,11 +18,15 @@ One invocation measures, on this machine, the same ONNX model (an MLP
   request, ``@serve.batch``) through Serve's HTTP and gRPC proxies;
 - **ray serve, direct ingress**: the same with
   ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (each replica serves its own ports;
-  load is split across them).
+  load is split across them);
+- **mlserver** (``mlserver_ref``, adaptive batching) and **kserve**
+  (``kserve_ref``: KServe's Python ModelServer, FastAPI/uvicorn and grpc.aio),
+  the Python V2 servers, each one process from its own virtual environment,
+  over HTTP JSON and gRPC.
 
-Flywheel, its no-Ray floor, plain Ray Serve and MLServer are up at the same
-time (one Ray, their own ports), and Flywheel is compared with each of the
-others on every path both speak, at every concurrency, in A B B A blocks of
+Flywheel, its no-Ray floor, plain Ray Serve, MLServer and KServe are up at
+the same time (one Ray, their own ports), and Flywheel is compared with each
+of the others on every path both speak, at every concurrency, in A B B A blocks of
 --block seconds over --rounds rounds (bench/interleave.py): this host's speed
 drifts more than the differences compared, so each block is compared with its
 neighbour in time and the median of the paired ratios is reported with their
@@ -56,11 +60,10 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from flywheel.bench import h2load
+from flywheel.bench import h2load, kserve_ref, mlserver_ref
 from flywheel.bench import interleave as il
 from flywheel.bench.common import export_model, free_port
 from flywheel.bench.loadgen import LoadResult, build_request, run_grpc_load, run_load
-from flywheel.bench.mlserver_ref import default_venv, installed
 from flywheel.common.settings import load_settings
 
 HPARAMS = {"in_features": 64, "hidden": [512, 512], "out_features": 10}
@@ -310,11 +313,12 @@ def ray_serve_app(model_path: str, p: Payloads, replicas: int, direct: bool) -> 
 
 
 @contextlib.contextmanager
-def mlserver_reference(venv: str, model_path: str, p: Payloads) -> Iterator[list[Path]]:
-    from flywheel.bench.mlserver_ref import mlserver
-
+def v2_reference(server, venv: str, model_path: str, p: Payloads) -> Iterator[list[Path]]:
+    """A Python V2 server (``mlserver_ref.mlserver``, ``kserve_ref.kserve``:
+    ``server(venv, model_path, name, http_port, grpc_port)``) over HTTP JSON
+    and gRPC, sent the same bodies as Flywheel (gRPC: raw input contents)."""
     http_port, grpc_port = free_port(), free_port()
-    with mlserver(venv, model_path, MODEL, http_port, grpc_port):
+    with server(venv, model_path, MODEL, http_port, grpc_port):
         url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/infer"
         grpc_url = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}"
         yield [
@@ -383,7 +387,11 @@ def pooled(system: str, path: str, results: list[LoadResult]) -> dict:
 
 # Flywheel is A against its floor (B: "the floor is x faster") and B against
 # the peers ("Flywheel is x faster")
-PARTNERS = (("flywheel, no ray", "floor"), ("ray serve", "peer"), ("mlserver", "peer"))
+PARTNERS = (("flywheel, no ray", "floor"), ("ray serve", "peer"), ("mlserver", "peer"), ("kserve", "peer"))
+# how many times a peer's throughput Flywheel must answer at the top
+# concurrency, on which paths (paired): issue 11's for Ray Serve, issue 26's
+# for KServe's gRPC
+PEER_TARGETS = (("ray serve", ("http json", "http binary", "grpc"), 10), ("kserve", ("grpc",), 5))
 
 
 # -- report -------------------------------------------------------------------
@@ -470,11 +478,12 @@ def _summary(rows: list[dict], comps: list[dict], top: int) -> list[str]:
             if st:
                 targets.append((f"{path} c={c} {key.split('_')[0]} within 1.1x of the no-Ray floor (paired)",
                                 st["median"] <= 1.1, f"{what} {st['median']:.2f} [{st['min']:.2f}-{st['max']:.2f}]"))
-        comp = paired("ray serve", "flywheel", path, top)
-        st = comp and _b_faster(comp, "throughput_rps")
-        if st:
-            targets.append((f"{path} c={top} >= 10x ray serve (paired)", st["median"] >= 10,
-                            f"x{st['median']:.1f} [{st['min']:.1f}-{st['max']:.1f}]"))
+        for peer, paths, factor in PEER_TARGETS:
+            comp = path in paths and paired(peer, "flywheel", path, top)
+            st = comp and _b_faster(comp, "throughput_rps")
+            if st:
+                targets.append((f"{path} c={top} >= {factor}x {peer} (paired)", st["median"] >= factor,
+                                f"x{st['median']:.1f} [{st['min']:.1f}-{st['max']:.1f}]"))
         fw = get("flywheel", path, top)
         r = get("ray serve, direct ingress", path, top) or (
             get("ray serve, direct ingress", "http json", top) if path.startswith("http") else None)
@@ -525,13 +534,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--replicas", type=int, default=2, help="replicas of every system (one per core here)")
     ap.add_argument("--only", default="",
-                    help="comma-separated subset: flywheel,grpcio,noray,rayserve,direct,mlserver")
-    ap.add_argument("--mlserver-venv", default=default_venv(),
+                    help="comma-separated subset: flywheel,grpcio,noray,rayserve,direct,mlserver,kserve")
+    ap.add_argument("--mlserver-venv", default=mlserver_ref.default_venv(),
                     help="virtual environment with MLServer (default .venv-mlserver or $FLYWHEEL_MLSERVER_VENV)")
+    ap.add_argument("--kserve-venv", default=kserve_ref.default_venv(),
+                    help="virtual environment with KServe (default .venv-kserve or $FLYWHEEL_KSERVE_VENV)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    only = set(filter(None, args.only.split(","))) or {"flywheel", "grpcio", "noray", "rayserve", "direct", "mlserver"}
+    only = set(filter(None, args.only.split(","))) or {"flywheel", "grpcio", "noray", "rayserve", "direct", "mlserver",
+                                                       "kserve"}
 
     from flywheel.registry.keys import KeyStore
 
@@ -553,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         ("flywheel", "flywheel", lambda: flywheel_app(cfg, payloads, token)),
         ("noray", "flywheel, no ray", lambda: flywheel_without_ray(
             {**cfg, "server": {**cfg["server"], "port": free_port(), "grpc_port": free_port()}}, payloads, token)),
-        ("mlserver", "mlserver", lambda: mlserver_reference(args.mlserver_venv, model_path, payloads)),
+        ("mlserver", "mlserver", lambda: v2_reference(mlserver_ref.mlserver, args.mlserver_venv, model_path,
+                                                      payloads)),
+        ("kserve", "kserve", lambda: v2_reference(kserve_ref.kserve, args.kserve_venv, model_path, payloads)),
     ]
     alone = [  # each needs a Ray of its own: measured one after the other
         # gRPC terminated by grpc.aio in the replica instead of the HAProxy
@@ -562,9 +576,11 @@ def main(argv: list[str] | None = None) -> int:
             {**cfg, "server": {**cfg["server"], "grpc_server": "grpcio"}}, payloads, token, labels=("grpc",))),
         ("direct", "ray serve, direct ingress", lambda: ray_serve(model_path, payloads, args.replicas, direct=True)),
     ]
-    if "mlserver" in only and not installed(args.mlserver_venv):
-        print(f"mlserver: not measured: no MLServer in {args.mlserver_venv} (make bench-mlserver creates it)")
-        only.discard("mlserver")
+    for key, ref, venv, what in (("mlserver", mlserver_ref, args.mlserver_venv, "MLServer"),
+                                 ("kserve", kserve_ref, args.kserve_venv, "KServe")):
+        if key in only and not ref.installed(venv):
+            print(f"{key}: not measured: no {what} in {venv} (make bench-{key} creates it)")
+            only.discard(key)
     rows: list[dict] = []
     comps: list[dict] = []
     started = time.monotonic()
@@ -659,7 +675,7 @@ def _measure_together(systems: list, payloads: Payloads, levels: list[int], args
                     row = {**_row(system, label, _measure(path, c, args.duration, args.warmup)), "mode": "sequential"}
                     rows.append(row)
                     _print_row(row)
-    order = ["flywheel", "flywheel, no ray", "ray serve", "mlserver"]
+    order = ["flywheel", "flywheel, no ray", "ray serve", "mlserver", "kserve"]
     for (system, label, c), results in sorted(blocks.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
         rows.append(pooled(system, label, results))
     return rows, comps
