@@ -63,6 +63,7 @@ class SortedColumnsTest(ContinuousTest):
     CuPy kernel's raw statistic to statistic and p-value)."""
 
     min_values: ClassVar[int] = 1
+    numba_at_fit: ClassVar[bool] = False
 
     def __init__(self, backend: str, options: DriftOptions) -> None:
         super().__init__(backend, options)
@@ -74,10 +75,17 @@ class SortedColumnsTest(ContinuousTest):
             raise InvalidInputError(f"reference feature {int(np.argmin(self._ref_len))} has no values")
         self._ref = data
         self._ref_dev = None  # the cupy backend's copy, made on first score
-        if self.backend == "numba":
+        # the Numba kernels' guide table, made on their first score: fitting
+        # does not load Numba, so a drift monitor's replica starts without it
+        self._guide: tuple | None = None
+
+    def guide(self) -> tuple:
+        """The reference's guide table (``_numba.guide_table``)."""
+        if self._guide is None:
             from flywheel.kernels._numba import guide_table
 
             self._guide = guide_table(self._ref_cols, self._ref_len)
+        return self._guide
 
     def need_values(self, feature: int, count: int) -> None:
         if count < self.min_values:
@@ -107,6 +115,7 @@ class SortedColumnsTest(ContinuousTest):
             return super().score(window)
         from flywheel.kernels._numba import gather_columns
 
+        self.numba_threads()
         # the window is checked while its columns are gathered: one pass, not
         # the three of read() (on a 1,000 x 32 window they cost a fifth of it)
         win = as_matrix("window", window, features=self.features)

@@ -14,6 +14,7 @@ Thread-safety: ``score`` may run concurrently with itself; ``fit`` may not.
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
@@ -81,6 +82,9 @@ class DriftTest(abc.ABC):
     backends: ClassVar[tuple[str, ...]] = KERNEL_BACKENDS
     joint: ClassVar[bool] = False
     Params: ClassVar[type | None] = None
+    # whether fit_data runs Numba kernels (the sorted-column tests make theirs
+    # on the first score, so that fitting them does not load Numba)
+    numba_at_fit: ClassVar[bool] = True
 
     @classmethod
     def parse_params(cls, raw: Mapping[str, Any] | None) -> Any:
@@ -103,10 +107,18 @@ class DriftTest(abc.ABC):
         self._kernel = getattr(self, f"score_{backend}")
         self.features = 0
         self.n_reference = 0
-        if backend == "numba" and options.threads:
+        self._threads_on: int | None = None  # the thread numba_threads() last set them on
+
+    def numba_threads(self) -> None:
+        """Apply ``options.threads`` to Numba on the calling thread. Numba's
+        thread count is per thread, and a detector is often fitted on one
+        thread and scores on another (the drift monitor's worker), so each
+        entry to a Numba kernel calls this; it loads Numba only then."""
+        if self.backend == "numba" and self.options.threads and self._threads_on != threading.get_ident():
             from flywheel.kernels._numba import set_threads
 
-            set_threads(options.threads)
+            set_threads(self.options.threads)
+            self._threads_on = threading.get_ident()
 
     @abc.abstractmethod
     def read(self, name: str, x, *, features: int | None = None) -> np.ndarray:
@@ -121,10 +133,13 @@ class DriftTest(abc.ABC):
         data = self.read("reference", reference)
         self.features = data.shape[1]
         self.n_reference = len(data)
+        if self.numba_at_fit:
+            self.numba_threads()
         self.fit_data(data)
 
     def score(self, window) -> Scores:
         data = self.read("window", window, features=self.features)
+        self.numba_threads()
         stat, p = self._kernel(data)
         return Scores(stat, p, len(data))
 

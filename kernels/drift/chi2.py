@@ -10,7 +10,6 @@ feature at once from the counts.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats as sps
 
 from flywheel.kernels import stats as st
 from flywheel.kernels.drift.base import CategoricalTest
@@ -22,6 +21,8 @@ class Chi2Test(CategoricalTest):
     name = "chi2"
 
     def score_numpy(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from scipy.stats import chi2_contingency
+
         counts = self.counts(codes)
         stat, p = [], []
         for f in range(self.features):
@@ -31,7 +32,7 @@ class Chi2Test(CategoricalTest):
                 stat.append(0.0)
                 p.append(1.0)
                 continue
-            r = sps.chi2_contingency(table, correction=False)
+            r = chi2_contingency(table, correction=False)
             stat.append(r.statistic)
             p.append(r.pvalue)
         return np.array(stat), np.array(p)
