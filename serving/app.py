@@ -33,6 +33,7 @@ import msgspec
 
 from flywheel.protocol.errors import ConfigError, UnavailableError
 from flywheel.runtime.backends import get_backend
+from flywheel.serving._private.autoscaling import ray_autoscaling_config
 from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor
@@ -207,9 +208,13 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
         )
         parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret=secret))
         routes.append(Route(model.name, model.version, port))
+    if server.autoscaling is not None:
+        scale: dict = {"autoscaling_config": ray_autoscaling_config(server.autoscaling, server.replicas)}
+    else:
+        scale = {"num_replicas": server.replicas}
     ingress = serve.deployment(Ingress).options(
         name="ingress",
-        num_replicas=server.replicas,
+        **scale,
         ray_actor_options=_actor_options(
             server.ingress_num_cpus + sum(m.num_cpus for m in colocated), colocated, runtime_env
         ),

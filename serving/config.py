@@ -68,6 +68,44 @@ class RequestLimits(msgspec.Struct, frozen=True):
     request_timeout_ms: int
 
 
+class AutoscalingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ingress replicas that follow the load (``server.autoscaling``).
+
+    Each ingress replica counts its requests in flight (decoded, not yet
+    answered, over HTTP and gRPC) and reports the count to Serve; Serve's
+    built-in request metrics do not see this traffic, which reaches the
+    replicas' own servers, not Serve's proxy. The deployment wants
+    ``ceil(sum of the replicas' counts / target_in_flight)`` replicas, within
+    [min_replicas, max_replicas]; it scales up after wanting more for
+    ``upscale_delay_s`` and down after wanting fewer for ``downscale_delay_s``.
+    A model run inline on the replica's loop holds at most one request in
+    flight per replica at any instant (its count is the loop's busy share,
+    averaged), so with inline models a target below 1 (e.g. 0.7) scales by
+    how busy the loops are; models batched on a worker thread hold every
+    queued request. A replica that goes drains its connections first."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_in_flight: float = 8.0
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    look_back_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas <= 32:
+            raise ConfigError(
+                f"server.autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
+                f"({self.max_replicas}) <= 32 (an ingress keeps one replica: it owns the ports)"
+            )
+        if not 0 < self.target_in_flight <= 10_000:
+            raise ConfigError(f"server.autoscaling.target_in_flight {self.target_in_flight} must lie in (0, 10000]")
+        for field in ("upscale_delay_s", "downscale_delay_s"):
+            if not 0 <= getattr(self, field) <= 3600:
+                raise ConfigError(f"server.autoscaling.{field} must lie in [0, 3600] seconds")
+        if not 0.5 <= self.look_back_s <= 600:
+            raise ConfigError(f"server.autoscaling.look_back_s {self.look_back_s} must lie in [0.5, 600] seconds")
+
+
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The public HTTP endpoint.
 
@@ -88,7 +126,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_timeout_ms: a request still queued for its model after this long
         fails with 504 (0 = no limit).
     replicas: ingress replicas (Serve replicas that own the public ports,
-        shared with SO_REUSEPORT, and host every colocated model).
+        shared with SO_REUSEPORT, and host every colocated model). With
+        ``autoscaling``, the count it starts with (kept within its bounds).
+    autoscaling: ingress replicas that follow the load (AutoscalingConfig;
+        None = a fixed ``replicas``).
     ingress_num_cpus: Ray CPUs reserved per ingress replica for the servers
         themselves; each colocated model's ``num_cpus`` is added to it.
         Fractional, so that a 2-core machine can also run models and training.
@@ -118,6 +159,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_bytes_element: int = 1 << 20
     request_timeout_ms: int = 30_000
     replicas: int = 1
+    autoscaling: AutoscalingConfig | None = None
     ingress_num_cpus: float = 0.1
     auth: AuthConfig = AuthConfig()
     max_url_bytes: int = 8 * 1024
@@ -151,6 +193,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"server.{field} must lie in [0.05, 3600] seconds")
         if self.max_connections < 1 or self.max_pipelined < 1:
             raise ConfigError("server.max_connections and server.max_pipelined must be >= 1")
+
+    def max_replicas(self) -> int:
+        """The most ingress replicas this server may run at once."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.replicas
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_tensor_elements, self.max_batch_rows, self.max_bytes_element,

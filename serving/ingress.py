@@ -23,6 +23,7 @@ import os
 
 from flywheel.protocol.errors import ConfigError
 from flywheel.serving.auth import Authenticator
+from flywheel.serving._private.autoscaling import IN_FLIGHT
 from flywheel.serving._private.dataplane import DataPlane
 from flywheel.serving._private.endpoint_sync import EndpointSync
 from flywheel.serving._private.grpc_front import FrontTimeouts, GrpcOverHttp1, HaproxyFront, grpc_failure, haproxy_binary
@@ -159,7 +160,7 @@ class Ingress:
         self._plane = DataPlane(self.router)  # what both transports call
         # with several replicas, feedback may reach another replica than the
         # one that answered: request ids then also go to the controller
-        self.router.ship_ids = server.replicas > 1
+        self.router.ship_ids = server.max_replicas() > 1
         self._sync = None
         if self._controller is not None:
             controller = self._controller
@@ -244,6 +245,12 @@ class Ingress:
         """This replica's pid and the requests it answered itself (``/metrics``
         sums every replica of the node); for operators and tests."""
         return {"pid": os.getpid(), "answered": sum(m.stats.count("ok") for m in self.router.models())}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (``server.autoscaling``): this
+        replica's inference calls in flight, over HTTP and gRPC."""
+        plane = self._plane
+        return {IN_FLIGHT: float(plane.in_flight if plane is not None else 0)}
 
     def check_health(self) -> None:
         """Serve's health probe: fail if our own loop has stopped beating."""

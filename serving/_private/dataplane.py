@@ -60,6 +60,9 @@ class DataPlane:
 
     def __init__(self, router: Router) -> None:
         self.router = router  # also for what only HTTP serves: metrics, feedback, drift
+        # inference calls routed and not yet answered, over every transport
+        # (what the ingress reports for autoscaling); read from other threads
+        self.in_flight = 0
 
     # -- the server ----------------------------------------------------------
     def server_live(self) -> bool:
@@ -113,7 +116,11 @@ class DataPlane:
             d = router.route(name, version, request_id, codec.routing_fields, source, call)
         except FlywheelError as exc:
             return codec.failed(exc)
-        reply = await router.forward(d.model, d.endpoint, call)
+        self.in_flight += 1
+        try:
+            reply = await router.forward(d.model, d.endpoint, call)
+        finally:
+            self.in_flight -= 1
         if reply.code:
             return codec.failed(error_from_code(reply.code, reply.payload.decode("utf-8", "replace")))
         if d.request_id is not None or d.endpoint.tracked:  # else there is nothing to record

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper, save
 
 from _ports import answers, free_port, wait_for
+from _requests import KeepAliveLoad
 
 pytestmark = pytest.mark.integration
 
@@ -136,40 +136,12 @@ def _infer(conn: http.client.HTTPConnection) -> dict:
     return json.loads(data)
 
 
+def _answer(body: dict) -> tuple[str, list[float]]:
+    return body["model_version"], body["outputs"][0]["data"]
+
+
 def _ready(port: int) -> bool:
     return answers(f"http://127.0.0.1:{port}/v2/health/ready")
-
-
-class _Load:
-    """Clients on keep-alive connections, each sending one request after
-    another; every failure is kept with its reason."""
-
-    def __init__(self, port: int, clients: int = 4) -> None:
-        self.port = port
-        self.answers: list[tuple[str, list[float]]] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        while not self._stop.is_set():
-            try:
-                body = _infer(conn)
-                self.answers.append((body["model_version"], body["outputs"][0]["data"]))
-            except Exception as exc:  # noqa: BLE001 - every failure counts, whatever it is
-                self.failures.append(f"{type(exc).__name__}: {exc}")
-                conn.close()
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
 
 
 def test_serve_deploy_of_the_emitted_config_serves_and_updates_in_place(cluster, tmp_path):
@@ -187,7 +159,7 @@ def test_serve_deploy_of_the_emitted_config_serves_and_updates_in_place(cluster,
     assert np.allclose(body["outputs"][0]["data"], np.asarray(ROW, np.float32) @ (np.arange(12).reshape(4, 3)))
 
     second = _emit(tmp_path, "second", {**base, "models": [{"name": "clf", "path": str(v2), "version": "2"}]})
-    with _Load(port) as load:
+    with KeepAliveLoad(port, lambda conn: _answer(_infer(conn))) as load:
         wait_for(lambda: len(load.answers) > 20, 30, "the load to get going")
         _serve_deploy(cluster, second)
         wait_for(lambda: any(v == "2" for v, _ in load.answers[-50:]), 180, "answers from version 2")
