@@ -25,7 +25,9 @@ def _free_port() -> int:
 
 class PostgresServer:
     """start() -> DSN of the `postgres` database; stop() shuts it down.
-    Raises RuntimeError with the reason when no server can be started."""
+    Raises RuntimeError with the reason when no server can be started.
+    For outage tests, stop_server() and start_server() stop and start the
+    same server again (same data, same port)."""
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="fw-pg-")
@@ -52,11 +54,21 @@ class PostgresServer:
             self._as = ["runuser", "-u", "postgres", "--"]
         data = os.path.join(self.dir, "data")
         self._run(initdb, "-D", data, "-A", "trust", "-U", "flywheel", "--no-sync", "-E", "UTF8")
-        self._run(
-            pg_ctl, "-D", data, "-l", os.path.join(self.dir, "log"), "-w", "-t", "60", "-o",
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
-        )
+        self.start_server()
         return self.dsn("postgres")
+
+    def start_server(self) -> None:
+        """Start the server on the data folder and port it was made with;
+        returns once it takes connections."""
+        self._run(
+            _bin("pg_ctl"), "-D", os.path.join(self.dir, "data"), "-l", os.path.join(self.dir, "log"), "-w",
+            "-t", "60", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
+        )
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data (``fast``: open sessions are
+        ended, as in a restart by an operator); returns once it is down."""
+        self._run(_bin("pg_ctl"), "-D", os.path.join(self.dir, "data"), "-m", "fast", "-w", "stop")
 
     def dsn(self, database: str) -> str:
         return f"postgresql://flywheel@127.0.0.1:{self.port}/{database}"
@@ -75,3 +87,19 @@ class PostgresServer:
             subprocess.run([*self._as, pg_ctl, "-D", os.path.join(self.dir, "data"), "-m", "fast", "stop"],
                            capture_output=True, timeout=60)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def started_or_skip() -> PostgresServer:
+    """A started server of the caller's own (stop() it), or pytest.skip with
+    the reason where none can start. Outage tests take one of their own, so
+    that a test that fails while the server is stopped leaves the session's
+    server alone."""
+    import pytest
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    return server
