@@ -136,7 +136,11 @@ class LoopController:
 
     # -- the thread ----------------------------------------------------------------
     def _run(self) -> None:
+        from flywheel.protocol.errors import UnavailableError
+        from flywheel.registry.db import OutageLog
+
         due = {r.spec.name: 0.0 for r in self.runners}
+        outages = {r.spec.name: OutageLog(log, f"loop {r.spec.name}: ticking") for r in self.runners}
         while not self._stop.is_set():
             now = time.monotonic()
             for runner in self.runners:
@@ -145,6 +149,9 @@ class LoopController:
                 due[runner.spec.name] = now + runner.spec.tick_s
                 try:
                     runner.tick()
+                    outages[runner.spec.name].ok()
+                except UnavailableError as exc:  # the registry's database is away: the run's row waits for it
+                    outages[runner.spec.name].failed(exc)
                 except Exception:  # noqa: BLE001 - one loop's failure must not stop the others
                     log.exception("loop %s: tick failed", runner.spec.name)
             wait = min(due.values(), default=now + 1.0) - time.monotonic()

@@ -6,8 +6,9 @@ per transport. Keys live in the registry database as salted hashes
 (``flywheel.registry.keys``); the authenticator re-reads the active ones
 every ``reload_interval_s``, so a revoked key stops working within about
 that long on every ingress. If the database cannot be read, the last keys
-read stay in force (serving goes on; a warning says revocations are not
-seen meanwhile).
+read stay in force (serving goes on; one warning per outage says
+revocations are not seen meanwhile), and the next refresh after it is back
+(the store reconnects by itself) applies what changed, revocations included.
 
 Per call, in this order: the key (valid, not expired), its role for the
 route, its model scopes for the model the call addresses (``check_model``;
@@ -31,6 +32,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+from flywheel.registry.db import OutageLog
 from flywheel.registry.keys import KeyDigest, KeyStore, parse_token, verify
 from flywheel.protocol.errors import PermissionDeniedError, RateLimitedError, UnauthenticatedError
 from flywheel.serving.config import AuthConfig
@@ -54,6 +56,7 @@ class Authenticator:
         self._denied: Counter[tuple[str | None, str, str]] = Counter()
         self.dropped_denials = 0
         self._tasks: list[asyncio.Task] = []
+        self._outage = OutageLog(log, "re-reading API keys (revocations are not seen until it works again)")
 
     async def _db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -74,8 +77,9 @@ class Authenticator:
             try:
                 self._keys = await self._db(self._store.active)
             except Exception as exc:  # unreadable DB: keep the last keys, say so
-                log.warning("cannot re-read API keys (revocations are not seen until it works again): %s", exc)
+                self._outage.failed(exc)
                 continue
+            self._outage.ok()
             for gone in self._buckets.keys() - self._keys.keys():
                 del self._buckets[gone]
 

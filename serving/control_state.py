@@ -117,6 +117,7 @@ class ControlState(VariantOps, CanaryOps):
         self._ids: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self._persisted_at = 0.0
         self._stats_changed = False  # windows or rewards arrived since the last announcement
+        self._unannounced = False  # a decision not saved yet, so not announced yet
         self._announced_at = 0.0
         models = list(models)
         # what the ingress replicas were given: variants added at run time
@@ -168,10 +169,17 @@ class ControlState(VariantOps, CanaryOps):
         self._persisted_at = now
 
     def _changed(self, now: float) -> None:
-        """A routing decision changed: persist, then announce (new version)."""
+        """A routing decision changed: persist, then announce (new version).
+        One that cannot be saved (the database is away: persist raises) is
+        announced by the first tick that saves it."""
         for ep in self.endpoints.values():
             ep.dirty = True
+        self._unannounced = True
         self.persist(now, force=True)
+        self._announce(now)
+
+    def _announce(self, now: float) -> None:
+        self._unannounced = False
         self.version += 1
         self._announced_at = now
 
@@ -401,4 +409,6 @@ class ControlState(VariantOps, CanaryOps):
             # snapshot (they route by the arms; /metrics shows the totals)
             self._stats_changed = False
             self.version += 1
-        self.persist(now)
+        self.persist(now, force=self._unannounced)
+        if self._unannounced:
+            self._announce(now)

@@ -11,6 +11,10 @@ alias moves, reference pinning).
 State is saved in the registry's database, keyed by the deployment name and
 its deploy id: when Serve restarts this replica (same constructor
 arguments), it resumes where it stopped; a new ``deploy`` starts afresh.
+While that database is unreachable, replicas keep syncing and routing, the
+state stays in memory (a decision is announced once it is saved), a
+management call that changes something is refused with UNAVAILABLE, and
+the stores reconnect by themselves when it is back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from typing import Any
 
 import msgspec
 
-from flywheel.protocol.errors import ErrorCode, FlywheelError, InvalidInputError, PreconditionFailedError
+from flywheel.protocol.errors import (
+    ErrorCode, FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError,
+)
+from flywheel.registry.db import OutageLog
 from flywheel.registry.registry import PRODUCTION, identity
 from flywheel.runtime.onnx_signature import read_onnx_signature
 from flywheel.runtime.signature import Signature, signature_from_doc
@@ -87,6 +94,7 @@ class RouterController:
         self._beat = time.monotonic()
 
     def _tick_forever(self) -> None:
+        outage = OutageLog(log, "router controller: saving the endpoints' state")
         while not self._stop.wait(TICK_S):
             try:
                 with self._lock:
@@ -96,9 +104,12 @@ class RouterController:
                     for name, variant, score in scores:
                         self._state.set_drift(name, variant, score)
                     self._state.tick()
-                self._beat = time.monotonic()
+                outage.ok()
+            except UnavailableError as exc:  # the registry's database is away: state is kept, saved once it is back
+                outage.failed(exc)
             except Exception:  # a tick that fails must not stop the next one
                 log.exception("router controller tick failed")
+            self._beat = time.monotonic()  # ticking, if failing: a database outage is no reason to restart
 
     def _drift_score(self, name: str, variant: str, since: float) -> float | None:
         try:
@@ -126,6 +137,10 @@ class RouterController:
             if op not in _OPS:
                 raise InvalidInputError(f"unknown operation {op!r}")
             method, takes_body = _OPS[op]
+            if self._store is not None and op not in ("status", "feedback"):
+                # a decision must be saved before it is announced: with the
+                # database away, refuse (UNAVAILABLE) before anything changes
+                self._store.load(self._state.deployment)
             signature = None
             if op in ("add_variant", "swap", "start_canary"):
                 # read unlocked: an artifact may take a while, and replicas' syncs must not wait on it

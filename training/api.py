@@ -27,7 +27,8 @@ from typing import Any
 
 import msgspec
 
-from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError
+from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError
+from flywheel.registry.db import OutageLog
 from flywheel.training.jobs import TERMINAL, JobRecord, JobStore
 from flywheel.training.loop import append_log, job_paths
 from flywheel.training.spec import JobSpec, load_spec, parse_spec, spec_to_dict
@@ -234,6 +235,7 @@ class TrainingRuntime:
         self._last = job_id
 
     def _schedule(self, stop: threading.Event) -> None:
+        outage = OutageLog(log, "training scheduler: reading the queue")
         while not stop.is_set():
             try:
                 with self._lock:  # decided together with start(), which may clear _last meanwhile
@@ -245,6 +247,10 @@ class TrainingRuntime:
                 # its resources fails after resources.wait_s with a message
                 # saying so, instead of waiting in the queue unseen
                 rec = self.store.claim_next(self.runner_id)
+                outage.ok()
+            except UnavailableError as exc:  # the registry's database is away: the queue waits in it
+                outage.failed(exc)
+                rec = None
             except Exception:
                 log.exception("training scheduler: claiming a job failed")
                 rec = None
@@ -270,6 +276,7 @@ class TrainingRuntime:
         def beat() -> None:
             # beats on while a cancel winds the job down (else another
             # process would take it for dead); stops when the job is not ours
+            outage = OutageLog(log, f"heartbeat for job {rec.id}")
             while not beating.wait(2.0):
                 try:
                     if not self.store.heartbeat(rec.id, self.runner_id):
@@ -277,6 +284,9 @@ class TrainingRuntime:
                         if now.state != "running" or now.runner != self.runner_id:
                             lost.set()  # taken for stale and resumed elsewhere: stop training
                             return
+                    outage.ok()
+                except UnavailableError as exc:
+                    outage.failed(exc)
                 except Exception:
                     log.warning("heartbeat for job %s failed", rec.id, exc_info=True)
 
