@@ -4,12 +4,12 @@ asyncio streams (stdlib only), driving the same protocol flows as Client."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Mapping
 from typing import Any
 
 from flywheel.client._http import MAX_IDLE, parse_url
 from flywheel.client._result import ClientError, InferResult
+from flywheel.client._tls import TlsFiles
 from flywheel.client._v2 import Flow, HttpCall, HttpReply, Inputs, Outputs, V2Http, endpoint_path, model_path, with_allow
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of one answer
@@ -89,12 +89,13 @@ class AsyncClient:
     the TCP connections it has opened.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0, *,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> None:
         scheme, self._host, self._port, self._prefix = parse_url(url)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self.url, self._timeout = url, timeout
-        self._ssl = ssl.create_default_context() if scheme == "https" else None
+        self._ssl = TlsFiles(ca_file, cert_file, key_file).ssl_context() if scheme == "https" else None
         default_port = 443 if self._ssl else 80
         self._host_header = self._host if self._port == default_port else f"{self._host}:{self._port}"
         self._v2 = V2Http(api_key)

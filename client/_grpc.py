@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from flywheel.client._result import ClientError, InferResult
+from flywheel.client._tls import TlsFiles
 from flywheel.client._v2 import REQUEST_ID, ROUTING_KEY, Inputs, Outputs
 from flywheel.protocol.datatypes import numpy_dtype, v2_datatype
 from flywheel.protocol.errors import FlywheelError
@@ -121,9 +122,13 @@ def _only_input(model: str, meta) -> str:
 
 
 class _Base:
-    def __init__(self, url: str, api_key: str | None, timeout: float, http_url: str | None) -> None:
+    def __init__(self, url: str, api_key: str | None, timeout: float, http_url: str | None,
+                 tls: TlsFiles) -> None:
         self.url = url
         self._target, self._tls = _target(url)
+        if tls.any() and not self._tls:
+            raise ValueError(f"gRPC URL {url!r}: ca_file / cert_file need TLS: use grpcs://host:port")
+        self._tls_files = tls
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self._api_key, self._timeout, self._http_url = api_key, timeout, http_url
@@ -158,17 +163,19 @@ class GrpcClient(_Base):
 
     ``url``: ``host:port`` (``grpcs://host:port`` for TLS). ``api_key``: sent as
     metadata ``authorization: Bearer <key>``. ``timeout``: seconds per call.
+    ``ca_file`` / ``cert_file`` / ``key_file``: as for the HTTP Client.
     ``http_url``: the same server's HTTP address, used only by feedback()
     (there is no gRPC feedback RPC). Thread-safe (a gRPC channel is).
     Methods raise ClientError with the gRPC status code's name and details.
     """
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0, *,
-                 http_url: str | None = None) -> None:
-        super().__init__(url, api_key, timeout, http_url)
+                 http_url: str | None = None, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> None:
+        super().__init__(url, api_key, timeout, http_url, TlsFiles(ca_file, cert_file, key_file))
         g = self._grpc
-        self._channel = (g.secure_channel(self._target, g.ssl_channel_credentials(), _OPTIONS) if self._tls
-                         else g.insecure_channel(self._target, _OPTIONS))
+        self._channel = (g.secure_channel(self._target, self._tls_files.grpc_credentials(g), _OPTIONS)
+                         if self._tls else g.insecure_channel(self._target, _OPTIONS))
         self._stub = self._pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._http = None
 
@@ -212,7 +219,9 @@ class GrpcClient(_Base):
         if self._http is None:
             from flywheel.client._http import Client
 
-            self._http = Client(self._http_url, self._api_key, self._timeout)
+            t = self._tls_files
+            self._http = Client(self._http_url, self._api_key, self._timeout, ca_file=t.ca_file,
+                                cert_file=t.cert_file, key_file=t.key_file)
         return self._http.feedback(model, request_id, reward)
 
     def live(self) -> bool:
@@ -261,14 +270,15 @@ class AsyncGrpcClient(_Base):
     """
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0, *,
-                 http_url: str | None = None) -> None:
-        super().__init__(url, api_key, timeout, http_url)
+                 http_url: str | None = None, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> None:
+        super().__init__(url, api_key, timeout, http_url, TlsFiles(ca_file, cert_file, key_file))
         self._channel = self._stub = self._http = None
 
     def _stub_now(self):
         if self._stub is None:
             aio = self._grpc.aio
-            self._channel = (aio.secure_channel(self._target, self._grpc.ssl_channel_credentials(), _OPTIONS)
+            self._channel = (aio.secure_channel(self._target, self._tls_files.grpc_credentials(self._grpc), _OPTIONS)
                              if self._tls else aio.insecure_channel(self._target, _OPTIONS))
             self._stub = self._pb_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
@@ -314,7 +324,9 @@ class AsyncGrpcClient(_Base):
         if self._http is None:
             from flywheel.client._aio_http import AsyncClient
 
-            self._http = AsyncClient(self._http_url, self._api_key, self._timeout)
+            t = self._tls_files
+            self._http = AsyncClient(self._http_url, self._api_key, self._timeout, ca_file=t.ca_file,
+                                cert_file=t.cert_file, key_file=t.key_file)
         return await self._http.feedback(model, request_id, reward)
 
     async def live(self) -> bool:

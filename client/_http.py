@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import http.client
 import select
-import ssl
 import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from flywheel.client._result import ClientError, InferResult
+from flywheel.client._tls import TlsFiles
 from flywheel.client._v2 import Flow, HttpCall, HttpReply, Inputs, Outputs, V2Http, endpoint_path, model_path, with_allow
 
 MAX_IDLE = 32  # idle connections kept per client; more are closed when returned
@@ -46,7 +46,7 @@ class _Pool:
     included): what keep-alive saves shows there.
     """
 
-    def __init__(self, scheme: str, host: str, port: int, timeout: float) -> None:
+    def __init__(self, scheme: str, host: str, port: int, timeout: float, tls: TlsFiles) -> None:
         base = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
         pool = self
 
@@ -58,7 +58,7 @@ class _Pool:
 
         kwargs: dict[str, Any] = {"timeout": timeout}
         if scheme == "https":
-            kwargs["context"] = ssl.create_default_context()
+            kwargs["context"] = tls.ssl_context()
         self._new = lambda: Connection(host, port, **kwargs)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -109,7 +109,9 @@ class Client:
 
     ``url``: ``http://host:port`` (or https, optionally with a path prefix).
     ``api_key``: sent as ``Authorization: Bearer <key>``. ``timeout``: seconds
-    for connecting and for each read of an answer.
+    for connecting and for each read of an answer. ``ca_file``: PEM CAs to
+    trust for https instead of the system's; ``cert_file`` / ``key_file``:
+    this client's certificate and key, for a server that wants mutual TLS.
 
     Connections are kept alive and reused (a small LIFO pool, so that
     sequential calls share one socket and concurrent ones get their own).
@@ -122,13 +124,14 @@ class Client:
     that the server had closed meanwhile is sent once more on a new one.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0, *,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> None:
         scheme, host, port, self._prefix = parse_url(url)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self.url, self._timeout = url, timeout
         self._host = f"{host}:{port}"
-        self._pool = _Pool(scheme, host, port, timeout)
+        self._pool = _Pool(scheme, host, port, timeout, TlsFiles(ca_file, cert_file, key_file))
         self._v2 = V2Http(api_key)
 
     # -- transport ------------------------------------------------------------

@@ -34,6 +34,7 @@ import msgspec
 from flywheel.protocol.errors import ConfigError, UnavailableError
 from flywheel.runtime.backends import get_backend
 from flywheel.serving._private.autoscaling import ray_autoscaling_config
+from flywheel.serving._private.tls import server_context
 from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor
@@ -308,6 +309,8 @@ def deploy(
 
     mark = _phase_clock(on_phase)
     config.server.check_exposure()
+    if config.server.tls is not None:
+        server_context(config.server.tls)  # unreadable files or a mismatched key fail here, named
     config = resolve_models(config, settings or load_settings())
     config = msgspec.structs.replace(config, server=fix_public_ports(config.server))
     server = config.server
@@ -322,8 +325,11 @@ def deploy(
               route_prefix=None)
     mark("deploy the application (replicas load and warm up)")
     host = f"[{server.host}]" if ":" in server.host else server.host
-    url = f"http://{host}:{server.port}"
-    wait_ready(url, ready_timeout_s)
+    url = f"{server.scheme}://{host}:{server.port}"
+    if server.tls is None:
+        wait_ready(url, ready_timeout_s)
+    else:  # this process holds no client certificate that mutual TLS may ask for
+        wait_replicas_ready(application_name(config), ready_timeout_s)
     mark("wait for ready")
     grpc_target = f"{host}:{server.grpc_port}" if server.grpc_port >= 0 else ""
     return Deployment(config, url, grpc_target, (application_name(config),))
@@ -357,6 +363,20 @@ def wait_ready(url: str, timeout_s: float) -> None:
             last = str(exc)
         time.sleep(0.1)
     raise UnavailableError(f"{url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def wait_replicas_ready(app: str, timeout_s: float) -> None:
+    """Ask the ingress replicas of ``app`` (through Serve) until one says
+    that every model it routes to is ready; UnavailableError on timeout."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ingress", app)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if handle.ready.remote().result(timeout_s=max(1.0, deadline - time.monotonic())):
+            return
+        time.sleep(0.1)
+    raise UnavailableError(f"application {app!r} not ready after {timeout_s:.0f}s")
 
 
 def undeploy(deployment: Deployment) -> None:

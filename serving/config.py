@@ -68,6 +68,27 @@ class RequestLimits(msgspec.Struct, frozen=True):
     request_timeout_ms: int
 
 
+class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """TLS on the public ports (``server.tls``): HTTPS, and gRPC over TLS.
+
+    cert_file / key_file: the server's certificate chain and private key
+        (PEM), read by every ingress replica, so the same paths must exist
+        on every node that runs one.
+    client_ca_file: when set, mutual TLS: a client must present a
+        certificate signed by one of these CAs (PEM), else the handshake
+        fails. API keys still apply on top when ``server.auth`` is on.
+    """
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("cert_file", "key_file"):
+            if not getattr(self, field):
+                raise ConfigError(f"server.tls.{field} must name a PEM file")
+
+
 class AutoscalingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Ingress replicas that follow the load (``server.autoscaling``).
 
@@ -135,6 +156,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         Fractional, so that a 2-core machine can also run models and training.
     auth: API keys and roles (see AuthConfig). Binding a non-loopback host
         without it is refused.
+    tls: HTTPS and gRPC over TLS on the public ports (TlsConfig; None =
+        plaintext). Binding a non-loopback host without it is refused unless
+        ``allow_plaintext`` says that plaintext is meant (TLS terminated in
+        front: a Kubernetes ingress, a service mesh, a load balancer).
+    allow_plaintext: serve plaintext on a non-loopback host (see ``tls``).
     max_url_bytes / max_header_bytes: a request line's target longer than
         this gets 414, request headers larger than this in all get 431; the
         connection is then closed.
@@ -162,6 +188,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     autoscaling: AutoscalingConfig | None = None
     ingress_num_cpus: float = 0.1
     auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
+    allow_plaintext: bool = False
     max_url_bytes: int = 8 * 1024
     max_header_bytes: int = 32 * 1024
     header_timeout_s: float = 10.0
@@ -203,14 +231,28 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                              self.request_timeout_ms)
 
     def check_exposure(self) -> None:
-        """Refuse to serve beyond this host without authentication."""
-        if self.auth.enabled or is_loopback(self.host):
+        """Refuse to serve beyond this host without authentication, or in
+        plaintext unless that is said explicitly."""
+        if is_loopback(self.host):
             return
-        raise ConfigError(
-            f"server.host {self.host!r} is reachable from other hosts and server.auth is off, so anyone "
-            "could call every model. Either bind 127.0.0.1, or set `server: {auth: {enabled: true}}` in "
-            "the config and create keys with `flywheel keys create <name> --role predict`."
-        )
+        if not self.auth.enabled:
+            raise ConfigError(
+                f"server.host {self.host!r} is reachable from other hosts and server.auth is off, so anyone "
+                "could call every model. Either bind 127.0.0.1, or set `server: {auth: {enabled: true}}` in "
+                "the config and create keys with `flywheel keys create <name> --role predict`."
+            )
+        if self.tls is None and not self.allow_plaintext:
+            raise ConfigError(
+                f"server.host {self.host!r} is reachable from other hosts and server.tls is not set, so API keys "
+                "and tensors would cross the network in plaintext. Set `server: {tls: {cert_file: ..., "
+                "key_file: ...}}`, or `server: {allow_plaintext: true}` where TLS ends in front of Flywheel "
+                "(a Kubernetes ingress, a service mesh, a load balancer)."
+            )
+
+    @property
+    def scheme(self) -> str:
+        """The public HTTP endpoint's URL scheme."""
+        return "https" if self.tls is not None else "http"
 
 
 def is_loopback(host: str) -> bool:

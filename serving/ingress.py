@@ -32,6 +32,7 @@ from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
 from flywheel.serving._private.http_server import HttpLimits, start_http_server, start_unix_http_server
 from flywheel.serving._private.loop_thread import LoopThread
+from flywheel.serving._private.tls import grpc_server_credentials, server_context
 from flywheel.serving._private.wire import ReplicaChannel
 from flywheel.serving.config import ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.metrics import ServingMetrics
@@ -186,6 +187,7 @@ class Ingress:
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True, limits=http_limits(server),
             counts=self._metrics.http_counts,
+            ssl_context=server_context(server.tls) if server.tls is not None else None,
         )
         self._grpc = self._front = self._front_http = None
         if server.grpc_port >= 0:
@@ -197,13 +199,14 @@ class Ingress:
             self._grpc = await start_grpc_server(
                 self._plane, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
                 auth=self._auth,
+                credentials=grpc_server_credentials(server.tls) if server.tls is not None else None,
             )
             return
         # HAProxy terminates HTTP/2 and hands each call to this process as
         # HTTP/1.1 (serving/_private/grpc_front.py). Started from this loop
         # thread, which lives as long as the replica: HAProxy dies with it.
         front = HaproxyFront(binary, server.host, server.grpc_port,
-                             FrontTimeouts(server.header_timeout_s, server.keepalive_timeout_s))
+                             FrontTimeouts(server.header_timeout_s, server.keepalive_timeout_s), tls=server.tls)
         handler = GrpcOverHttp1(GrpcCalls(self._plane, self._auth), server.max_body_bytes)
         self._front_http = await start_unix_http_server(
             handler.handle, front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
@@ -245,6 +248,12 @@ class Ingress:
         """This replica's pid and the requests it answered itself (``/metrics``
         sums every replica of the node); for operators and tests."""
         return {"pid": os.getpid(), "answered": sum(m.stats.count("ok") for m in self.router.models())}
+
+    def ready(self) -> bool:
+        """Whether every model this replica routes to is ready (what
+        ``/v2/health/ready`` answers), for callers without a client
+        certificate when the ports want one."""
+        return self._plane is not None and self._plane.server_ready()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (``server.autoscaling``): this

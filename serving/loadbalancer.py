@@ -122,7 +122,13 @@ def nodes_for(server, hosts: list[str]) -> list[Node]:
     if remote and is_loopback(server.host):
         raise ConfigError(
             f"server.host {server.host!r} only accepts connections from its own node, so a balancer cannot "
-            "reach the other nodes: bind 0.0.0.0 (which needs server.auth) in the deployment config"
+            "reach the other nodes: bind 0.0.0.0 (which needs server.auth, and server.tls or "
+            "server.allow_plaintext) in the deployment config"
+        )
+    if server.tls is not None:
+        raise ConfigError(
+            "server.tls: this load balancer speaks plaintext to the nodes, which would refuse it; front a TLS "
+            "deployment with a TCP (layer 4) balancer instead, so that TLS still ends in the nodes"
         )
     return [Node(h, server.port, server.grpc_port) for h in hosts]
 

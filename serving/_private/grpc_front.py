@@ -44,6 +44,8 @@ from flywheel.protocol.errors import FlywheelError
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.serving._private.grpc_service import SERVICE, GrpcCalls, Trailing, error_trailers
 from flywheel.serving._private.http_server import Request
+from flywheel.serving._private.tls import haproxy_bind_options
+from flywheel.serving.config import TlsConfig
 
 GRPC = b"application/grpc"
 _PREFIX = f"/{SERVICE}/"
@@ -185,9 +187,11 @@ def _ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-def front_config(host: str, port: int, backend: str, timeouts: FrontTimeouts = FrontTimeouts()) -> str:
+def front_config(host: str, port: int, backend: str, timeouts: FrontTimeouts = FrontTimeouts(),
+                 tls_bind: str = "") -> str:
     """One h2 frontend on host:port passing every call to ``backend`` (a Unix
-    socket path) as HTTP/1.1."""
+    socket path) as HTTP/1.1; ``tls_bind``: the bind's TLS options
+    (serving/_private/tls.py), "" for h2c."""
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"""global
     nbthread 1
@@ -213,7 +217,7 @@ defaults
     timeout http-keep-alive {_ms(timeouts.keep_alive_s)}
 
 frontend grpc
-    bind {addr} proto h2
+    bind {addr} proto h2{" " + tls_bind if tls_bind else ""}
     default_backend replica
 
 backend replica
@@ -258,8 +262,11 @@ def _sweep_stale_dirs() -> None:
 class HaproxyFront:
     """One HAProxy process: h2 on host:port, HTTP/1.1 to a Unix socket here."""
 
-    def __init__(self, binary: str, host: str, port: int, timeouts: FrontTimeouts = FrontTimeouts()) -> None:
+    def __init__(self, binary: str, host: str, port: int, timeouts: FrontTimeouts = FrontTimeouts(),
+                 tls: TlsConfig | None = None) -> None:
+        """``tls``: terminate TLS (ALPN h2) with these files; None: h2c."""
         self._timeouts = timeouts
+        self._tls = tls
         _sweep_stale_dirs()
         self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # 0700: ours alone
         self.backend = os.path.join(self._dir, "replica.sock")  # our httptools server listens here
@@ -274,8 +281,9 @@ class HaproxyFront:
         calling thread and dies with it: call from a loop thread that lives
         as long as the replica."""
         cfg = os.path.join(self._dir, "haproxy.cfg")
+        tls_bind = haproxy_bind_options(self._tls, self._dir) if self._tls is not None else ""
         with open(cfg, "w") as f:
-            f.write(front_config(self._host, self.port, self.backend, self._timeouts))
+            f.write(front_config(self._host, self.port, self.backend, self._timeouts, tls_bind))
         with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
                 [self._binary, "-f", cfg, "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -197,9 +197,11 @@ def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
 
 
 async def start_grpc_server(
-    plane: DataPlane, host: str, port: int, *, max_message_bytes: int, auth: Authenticator | None = None
+    plane: DataPlane, host: str, port: int, *, max_message_bytes: int, auth: Authenticator | None = None,
+    credentials=None,
 ) -> grpc.aio.Server:
-    """Start grpc.aio on the running loop at host:port."""
+    """Start grpc.aio on the running loop at host:port (over TLS with
+    ``credentials``: grpc.ssl_server_credentials)."""
     server = grpc.aio.server(
         options=[
             # shared by this deployment's ingress replicas (the kernel spreads
@@ -210,7 +212,9 @@ async def start_grpc_server(
         ]
     )
     server.add_generic_rpc_handlers((_grpcio_handler(GrpcCalls(plane, auth)),))
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+             else server.add_insecure_port(f"{host}:{port}"))
+    if bound == 0:
         raise OSError(f"cannot bind gRPC on {host}:{port}")
     await server.start()
     return server

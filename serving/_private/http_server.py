@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -481,6 +482,7 @@ async def start_http_server(
     reuse_port: bool = False,
     limits: HttpLimits | None = None,
     counts=None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> HttpServer:
     """Listen on host:port on the running loop.
 
@@ -489,9 +491,14 @@ async def start_http_server(
     414 / 431 request target / headers too large, 500 when a handler raised,
     which handlers should never let happen). ``counts``: where to count
     connections refused, timed out and open (see HttpServer).
+    ``ssl_context``: serve HTTPS; a client must finish its TLS handshake
+    within the header timeout.
     """
     owner = HttpServer(limits, counts)
     owner.start_sweeping()
+    tls: dict = {}
+    if ssl_context is not None:
+        tls = {"ssl": ssl_context, "ssl_handshake_timeout": owner.limits.header_timeout_s or 60.0}
     owner.server = await asyncio.get_running_loop().create_server(
         lambda: _Connection(handler, max_body, on_error, owner),
         host,
@@ -499,6 +506,7 @@ async def start_http_server(
         reuse_address=True,
         reuse_port=reuse_port,
         backlog=1024,
+        **tls,
     )
     return owner
 

@@ -89,13 +89,16 @@ def test_the_written_config_checks_every_node_on_its_ready_route():
 
 def test_nodes_must_be_reachable_from_the_balancer():
     from flywheel.protocol.errors import ConfigError
-    from flywheel.serving.config import AuthConfig, ServerConfig
+    from flywheel.serving.config import AuthConfig, ServerConfig, TlsConfig
     from flywheel.serving.loadbalancer import nodes_for
 
     with pytest.raises(ConfigError, match="bind 0.0.0.0"):
         nodes_for(ServerConfig(host="127.0.0.1"), ["10.0.0.1", "10.0.0.2"])
     with pytest.raises(ConfigError, match="fixed ports"):
         nodes_for(ServerConfig(host="0.0.0.0", port=0, auth=AuthConfig(enabled=True)), ["10.0.0.1"])
+    with pytest.raises(ConfigError, match="server.tls: this load balancer speaks plaintext"):
+        nodes_for(ServerConfig(host="0.0.0.0", auth=AuthConfig(enabled=True),
+                               tls=TlsConfig(cert_file="/c.pem", key_file="/k.pem")), ["10.0.0.1"])
     nodes = nodes_for(ServerConfig(host="0.0.0.0", auth=AuthConfig(enabled=True)), ["10.0.0.1"])
     assert nodes == [Node("10.0.0.1", 8000, 9000)]
 

@@ -400,8 +400,8 @@ def test_serve_schema_rejects_a_bad_proxy_location():
 
 def test_flywheel_config_rejects_an_unknown_server_field():
     config = flywheel_config()
-    config["server"]["allow_plaintext"] = True
-    with pytest.raises(ConfigError, match=r"allow_plaintext"):
+    config["server"]["allow_plain_text"] = True
+    with pytest.raises(ConfigError, match=r"allow_plain_text"):
         parse_config(config)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flywheel.protocol.errors import ConfigError, InvalidInputError
-from flywheel.serving.config import AuthConfig, ServerConfig
+from flywheel.serving.config import AuthConfig, ServerConfig, TlsConfig
 from flywheel.serving.replica import check_limits
 
 LIMITS = ServerConfig(max_batch_rows=8, max_bytes_element=16).request_limits()
@@ -34,7 +34,17 @@ def test_serving_beyond_loopback_without_auth_is_refused_with_how_to_fix(host):
         ServerConfig(host=host).check_exposure()
     assert "server.auth" in err.value.message
     assert "flywheel keys create" in err.value.message
-    ServerConfig(host=host, auth=AuthConfig(enabled=True)).check_exposure()
+    ServerConfig(host=host, auth=AuthConfig(enabled=True), allow_plaintext=True).check_exposure()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "example.org"])
+def test_serving_beyond_loopback_in_plaintext_needs_saying_so(host):
+    with pytest.raises(ConfigError) as err:
+        ServerConfig(host=host, auth=AuthConfig(enabled=True)).check_exposure()
+    assert "server.tls is not set" in err.value.message
+    assert "allow_plaintext: true" in err.value.message
+    tls = TlsConfig(cert_file="/etc/tls/tls.crt", key_file="/etc/tls/tls.key")
+    ServerConfig(host=host, auth=AuthConfig(enabled=True), tls=tls).check_exposure()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
