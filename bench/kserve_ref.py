@@ -22,11 +22,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 
 
@@ -44,31 +41,13 @@ def installed(venv: str) -> bool:
 @contextlib.contextmanager
 def kserve(venv: str, model_path: str, name: str, http_port: int, grpc_port: int) -> Iterator[None]:
     """KServe serving ``model_path`` as ``name`` on 127.0.0.1 until the block ends."""
+    from flywheel.bench.peer_process import peer_process
+
     folder = tempfile.mkdtemp(prefix="fw-kserve-")
-    log = open(os.path.join(folder, "kserve.log"), "w")
-    proc = subprocess.Popen([os.path.join(os.path.abspath(venv), "bin", "python"), os.path.abspath(__file__),
-                             model_path, name, str(http_port), str(grpc_port)], cwd=folder,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"KServe did not start; see {folder}/kserve.log")
-            time.sleep(0.5)
+    cmd = [os.path.join(os.path.abspath(venv), "bin", "python"), os.path.abspath(__file__),
+           model_path, name, str(http_port), str(grpc_port)]
+    with peer_process(cmd, folder, "kserve.log", f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", "KServe"):
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
 
 
 # -- the server, in KServe's environment --------------------------------------

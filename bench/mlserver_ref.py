@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 
 RUNTIME = '''
@@ -69,27 +66,10 @@ def mlserver(venv: str, model_path: str, name: str, http_port: int, grpc_port: i
         json.dump({"name": name, "implementation": "onnx_runtime.OnnxModel",
                    "max_batch_size": 32, "max_batch_time": 0.0005,
                    "parameters": {"uri": model_path}}, f)
-    log = open(os.path.join(folder, "mlserver.log"), "w")
+    from flywheel.bench.peer_process import peer_process
+
     # absolute: MLServer runs in its model folder (the default venv path is relative)
-    proc = subprocess.Popen([os.path.join(os.path.abspath(venv), "bin", "mlserver"), "start", folder], cwd=folder,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"MLServer did not start; see {folder}/mlserver.log")
-            time.sleep(0.5)
+    cmd = [os.path.join(os.path.abspath(venv), "bin", "mlserver"), "start", folder]
+    with peer_process(cmd, folder, "mlserver.log", f"http://127.0.0.1:{http_port}/v2/models/{name}/ready",
+                      "MLServer"):
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # its own process group: the workers it started
-        log.close()

@@ -32,10 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 from flywheel.bench.common import free_port
 from flywheel.bench.interleave import RatioStats, abba_names
+from flywheel.bench.peer_process import answers
 
 READY_TIMEOUT_S = 240.0
 
@@ -73,14 +73,6 @@ ray.shutdown()
 '''
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def _timed_start(cmd: list[str], env: dict, url: str, log: str, then: str | None = None) -> tuple[float, str]:
     """Seconds from launching ``cmd`` to the first 200 from ``url``, and
     what the process printed (until ``then`` appears in it, when given).
@@ -90,7 +82,7 @@ def _timed_start(cmd: list[str], env: dict, url: str, log: str, then: str | None
     started = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        while not _answers(url):
+        while not answers(url):
             if proc.poll() is not None:
                 raise RuntimeError(f"{' '.join(cmd[:3])} exited ({proc.returncode}) before it answered; see {log}")
             if time.time() - started > READY_TIMEOUT_S:
