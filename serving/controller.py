@@ -105,11 +105,12 @@ class RouterController:
                         self._state.set_drift(name, variant, score)
                     self._state.tick()
                 outage.ok()
+                self._beat = time.monotonic()
             except UnavailableError as exc:  # the registry's database is away: state is kept, saved once it is back
                 outage.failed(exc)
-            except Exception:  # a tick that fails must not stop the next one
+                self._beat = time.monotonic()  # a database outage is no reason for Serve to restart this replica
+            except Exception:  # a tick that fails must not stop the next one; failing ones leave the beat stale
                 log.exception("router controller tick failed")
-            self._beat = time.monotonic()  # ticking, if failing: a database outage is no reason to restart
 
     def _drift_score(self, name: str, variant: str, since: float) -> float | None:
         try:
