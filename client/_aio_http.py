@@ -95,7 +95,9 @@ class AsyncClient:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self.url, self._timeout = url, timeout
-        self._ssl = TlsFiles(ca_file, cert_file, key_file).ssl_context() if scheme == "https" else None
+        tls = TlsFiles(ca_file, cert_file, key_file)
+        tls.check_scheme(url, scheme == "https")
+        self._ssl = tls.ssl_context() if scheme == "https" else None
         default_port = 443 if self._ssl else 80
         self._host_header = self._host if self._port == default_port else f"{self._host}:{self._port}"
         self._v2 = V2Http(api_key)

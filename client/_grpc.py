@@ -126,8 +126,7 @@ class _Base:
                  tls: TlsFiles) -> None:
         self.url = url
         self._target, self._tls = _target(url)
-        if tls.any() and not self._tls:
-            raise ValueError(f"gRPC URL {url!r}: ca_file / cert_file need TLS: use grpcs://host:port")
+        tls.check_scheme(url, self._tls)
         self._tls_files = tls
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")

@@ -131,7 +131,9 @@ class Client:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self.url, self._timeout = url, timeout
         self._host = f"{host}:{port}"
-        self._pool = _Pool(scheme, host, port, timeout, TlsFiles(ca_file, cert_file, key_file))
+        tls = TlsFiles(ca_file, cert_file, key_file)
+        tls.check_scheme(url, scheme == "https")
+        self._pool = _Pool(scheme, host, port, timeout, tls)
         self._v2 = V2Http(api_key)
 
     # -- transport ------------------------------------------------------------

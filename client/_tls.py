@@ -21,6 +21,12 @@ class TlsFiles:
     def any(self) -> bool:
         return bool(self.ca_file or self.cert_file)
 
+    def check_scheme(self, url: str, tls: bool) -> None:
+        """ValueError for TLS files with a plaintext URL: the caller meant
+        TLS, and would otherwise send its key in the clear."""
+        if self.any() and not tls:
+            raise ValueError(f"URL {url!r}: ca_file / cert_file need TLS: use https:// (gRPC: grpcs://)")
+
     def ssl_context(self) -> ssl.SSLContext:
         """For HTTPS: verifies the server's certificate and name."""
         ctx = ssl.create_default_context(cafile=self.ca_file)

@@ -23,6 +23,11 @@ from urllib.parse import parse_qs, urlparse
 from flywheel.protocol.errors import ConfigError, UnavailableError
 
 
+class DatabaseUnreachable(UnavailableError):
+    """The registry's database cannot be reached now (PostgreSQL down, the
+    network gone): worth retrying once it is back, unlike a refusal."""
+
+
 class Db:
     dialect: str
 
@@ -187,7 +192,7 @@ class PostgresDb(Db):
     def _unreachable(self, exc: BaseException | None, doing: str = "") -> UnavailableError:
         text = str(exc).strip() if exc is not None else ""
         reason = text.splitlines()[0] if text else (type(exc).__name__ if exc is not None else "connection lost")
-        return UnavailableError(f"registry database {self.where} is unreachable{doing}: {reason}")
+        return DatabaseUnreachable(f"registry database {self.where} is unreachable{doing}: {reason}")
 
     def _in_tx(self):
         """The transaction's connection; UnavailableError once it was lost

@@ -213,6 +213,8 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
         scale: dict = {"autoscaling_config": ray_autoscaling_config(server.autoscaling, server.replicas)}
     else:
         scale = {"num_replicas": server.replicas}
+    if server.replicas_per_node:
+        scale["max_replicas_per_node"] = server.replicas_per_node
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         **scale,

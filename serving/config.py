@@ -68,6 +68,11 @@ class RequestLimits(msgspec.Struct, frozen=True):
     request_timeout_ms: int
 
 
+# an autoscaled ingress's connections age out after about this long unless
+# server.max_connection_age_s says: a replica added under load needs some
+AUTOSCALING_CONNECTION_AGE_S = 30.0
+
+
 class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """TLS on the public ports (``server.tls``): HTTPS, and gRPC over TLS.
 
@@ -151,6 +156,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ``autoscaling``, the count it starts with (kept within its bounds).
     autoscaling: ingress replicas that follow the load (AutoscalingConfig;
         None = a fixed ``replicas``).
+    replicas_per_node: the most ingress replicas one node runs (0 = no
+        limit). On a cluster, ``replicas`` N with ``replicas_per_node: 1``
+        puts one on each of N nodes, so that every node's address serves.
     ingress_num_cpus: Ray CPUs reserved per ingress replica for the servers
         themselves; each colocated model's ``num_cpus`` is added to it.
         Fractional, so that a 2-core machine can also run models and training.
@@ -173,6 +181,12 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         answered 503 and closed (counted in ``flywheel_http_connections_refused``).
     max_pipelined: requests one connection may have waiting for their
         answers; the connection stops being read until it is back under.
+    max_connection_age_s: a keep-alive HTTP connection (and a gRPC one on
+        ``grpc_server: grpcio``) older than this is ended after an answer
+        (``connection: close``; gRPC: GOAWAY), each within +-10 % of it, so
+        that clients reconnect and the kernel spreads them over the replicas
+        again (0 = never; with ``autoscaling``, 0 means 30 s, so that a
+        replica added under load gets connections).
     """
 
     host: str = "127.0.0.1"
@@ -186,6 +200,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_timeout_ms: int = 30_000
     replicas: int = 1
     autoscaling: AutoscalingConfig | None = None
+    replicas_per_node: int = 0
     ingress_num_cpus: float = 0.1
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
@@ -196,6 +211,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keepalive_timeout_s: float = 60.0
     max_connections: int = 10_000
     max_pipelined: int = 64
+    max_connection_age_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -214,6 +230,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("server.ingress_num_cpus must be >= 0")
         if not 1 <= self.replicas <= 32:
             raise ConfigError("server.replicas must lie in [1, 32] (per node: they share its ports)")
+        if not 0 <= self.replicas_per_node <= 32:
+            raise ConfigError("server.replicas_per_node must lie in [0, 32] (0 = no limit)")
         if self.max_url_bytes < 64 or self.max_header_bytes < 256:
             raise ConfigError("server.max_url_bytes must be >= 64 and server.max_header_bytes >= 256")
         for field in ("header_timeout_s", "keepalive_timeout_s"):
@@ -221,6 +239,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"server.{field} must lie in [0.05, 3600] seconds")
         if self.max_connections < 1 or self.max_pipelined < 1:
             raise ConfigError("server.max_connections and server.max_pipelined must be >= 1")
+        if not (self.max_connection_age_s == 0 or 0.1 <= self.max_connection_age_s <= 86_400):
+            raise ConfigError("server.max_connection_age_s must be 0 (never) or lie in [0.1, 86400] seconds")
+
+    def connection_age_s(self) -> float | None:
+        """How old a client connection may grow (None: no limit)."""
+        if self.max_connection_age_s:
+            return self.max_connection_age_s
+        return AUTOSCALING_CONNECTION_AGE_S if self.autoscaling is not None else None
 
     def max_replicas(self) -> int:
         """The most ingress replicas this server may run at once."""
@@ -657,13 +683,22 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> DeployConf
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
     if base_dir is not None:
-        base = Path(base_dir)
-        models = [
-            msgspec.structs.replace(m, path=str((base / m.path).resolve())) if m.path else m
-            for m in cfg.models
-        ]
-        cfg = msgspec.structs.replace(cfg, models=models)
+        cfg = with_paths_under(cfg, Path(base_dir))
     return with_endpoint_capture(cfg)
+
+
+def with_paths_under(cfg: DeployConfig, base: Path) -> DeployConfig:
+    """``cfg`` with its relative file paths (models, server.tls) resolved
+    against ``base``: every replica then opens the same files, wherever its
+    working folder is."""
+    models = [msgspec.structs.replace(m, path=str((base / m.path).resolve())) if m.path else m for m in cfg.models]
+    server = cfg.server
+    if server.tls is not None:
+        tls = server.tls
+        paths = {f: str((base / getattr(tls, f)).resolve()) for f in ("cert_file", "key_file", "client_ca_file")
+                 if getattr(tls, f)}
+        server = msgspec.structs.replace(server, tls=msgspec.structs.replace(tls, **paths))
+    return msgspec.structs.replace(cfg, models=models, server=server)
 
 
 def with_endpoint_capture(cfg: DeployConfig) -> DeployConfig:

@@ -26,7 +26,7 @@ import msgspec
 
 from flywheel.common.version import flywheel_version
 from flywheel.protocol.errors import ConfigError
-from flywheel.serving.config import DeployConfig, parse_config
+from flywheel.serving.config import DeployConfig, parse_config, with_paths_under
 
 IMPORT_PATH = "flywheel.serving.deploy:app"
 
@@ -79,7 +79,7 @@ def check_fixed_ports(config: DeployConfig) -> None:
 def serve_config(config: DeployConfig, base_dir: str | Path | None = None) -> dict[str, Any]:
     """A Ray Serve config (``ServeDeploySchema``) that deploys ``config``.
 
-    Model paths become absolute (resolved against ``base_dir``, default the
+    Model and TLS file paths become absolute (resolved against ``base_dir``, default the
     working folder): the file is read on the cluster, not here. Fields left
     at their defaults are left out, so the file reads like the preset.
     """
@@ -87,10 +87,7 @@ def serve_config(config: DeployConfig, base_dir: str | Path | None = None) -> di
 
     check_fixed_ports(config)
     config.server.check_exposure()
-    base = Path(base_dir or ".").resolve()
-    models = [msgspec.structs.replace(m, path=str((base / m.path).resolve())) if m.path else m
-              for m in config.models]
-    config = msgspec.structs.replace(config, models=models)
+    config = with_paths_under(config, Path(base_dir or ".").resolve())
     return {
         # Flywheel's ingress replicas serve HTTP and gRPC themselves.
         "proxy_location": "Disabled",

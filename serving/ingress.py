@@ -67,6 +67,7 @@ def http_limits(server: ServerConfig) -> HttpLimits:
         max_url_bytes=server.max_url_bytes, max_header_bytes=server.max_header_bytes,
         header_timeout_s=server.header_timeout_s, keepalive_timeout_s=server.keepalive_timeout_s,
         max_connections=server.max_connections, max_pipelined=server.max_pipelined,
+        max_connection_age_s=server.connection_age_s(),
     )
 
 
@@ -200,6 +201,7 @@ class Ingress:
                 self._plane, server.host, server.grpc_port, max_message_bytes=server.max_body_bytes,
                 auth=self._auth,
                 credentials=grpc_server_credentials(server.tls) if server.tls is not None else None,
+                max_connection_age_s=server.connection_age_s(),
             )
             return
         # HAProxy terminates HTTP/2 and hands each call to this process as

@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError
-from flywheel.registry.db import OutageLog
+from flywheel.registry.db import DatabaseUnreachable, OutageLog
 from flywheel.training.jobs import TERMINAL, JobRecord, JobStore
 from flywheel.training.loop import append_log, job_paths
 from flywheel.training.spec import JobSpec, load_spec, parse_spec, spec_to_dict
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 STALE_S = 30.0  # a running job whose runner has not beaten for this long has lost it
 
+
+# how often a job's end is retried while the registry's database is away
+FINISH_RETRY_S = 1.0
 
 class JobFailedError(FlywheelError):
     """The job ended without a model (its message says why)."""
@@ -297,12 +300,12 @@ class TrainingRuntime:
                 rec, registry_uri=self.settings.registry_uri, artifacts_uri=self.settings.artifacts_uri,
                 should_stop=lambda: lost.is_set() or stop.is_set() or self._cancel_requested(rec.id),
             )
-            self.store.finish(rec.id, "succeeded", result=result, runner=self.runner_id)
+            self._finish(rec, stop, "succeeded", result=result)
         except JobCancelled as exc:
             if stop.is_set() and not lost.is_set() and not self._cancel_requested(rec.id):
                 self._release(rec)
             else:
-                self.store.finish(rec.id, "cancelled", error=str(exc), runner=self.runner_id)
+                self._finish(rec, stop, "cancelled", error=str(exc))
         except BaseException as exc:  # every failure ends the job with its reason
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             log.warning("job %s failed: %s", rec.id, message)
@@ -311,11 +314,35 @@ class TrainingRuntime:
             except OSError:
                 pass
             try:
-                self.store.finish(rec.id, "failed", error=message, runner=self.runner_id)
+                self._finish(rec, stop, "failed", error=message)
             except FlywheelError:  # no longer ours (marked stale meanwhile)
                 pass
         finally:
             beating.set()
+
+    def _finish(self, rec: JobRecord, stop: threading.Event, state: str, **fields) -> None:
+        """Record how the job ended. While the registry's database cannot be
+        reached the heartbeat beats on and this tries again, so that a job
+        that trained is not reported failed for an outage; it gives up only
+        when the scheduler stops (the job is then resumed as stale)."""
+        outage = OutageLog(log, f"recording that job {rec.id} {state}")
+        tried = False
+        while True:
+            try:
+                self.store.finish(rec.id, state, runner=self.runner_id, **fields)
+                outage.ok()
+                return
+            except DatabaseUnreachable as exc:
+                outage.failed(exc)
+            except PreconditionFailedError:
+                if tried:  # an earlier try committed before its connection was lost
+                    return
+                raise
+            tried = True
+            if stop.wait(FINISH_RETRY_S):
+                log.warning("job %s %s, but the scheduler stopped before the database was back to record it",
+                            rec.id, state)
+                return
 
     def _cancel_requested(self, job_id: str) -> bool:
         try:

@@ -54,6 +54,10 @@ class Scores(NamedTuple):
     n_window: int
 
 
+# the thread count numba_threads() last gave Numba on each thread
+_NUMBA_THREADS = threading.local()
+
+
 class DriftTest(abc.ABC):
     """One two-sample drift test.
 
@@ -107,18 +111,18 @@ class DriftTest(abc.ABC):
         self._kernel = getattr(self, f"score_{backend}")
         self.features = 0
         self.n_reference = 0
-        self._threads_on: int | None = None  # the thread numba_threads() last set them on
 
     def numba_threads(self) -> None:
         """Apply ``options.threads`` to Numba on the calling thread. Numba's
         thread count is per thread, and a detector is often fitted on one
         thread and scores on another (the drift monitor's worker), so each
         entry to a Numba kernel calls this; it loads Numba only then."""
-        if self.backend == "numba" and self.options.threads and self._threads_on != threading.get_ident():
+        threads = self.options.threads
+        if self.backend == "numba" and threads and getattr(_NUMBA_THREADS, "count", None) != threads:
             from flywheel.kernels._numba import set_threads
 
-            set_threads(self.options.threads)
-            self._threads_on = threading.get_ident()
+            set_threads(threads)
+            _NUMBA_THREADS.count = threads
 
     @abc.abstractmethod
     def read(self, name: str, x, *, features: int | None = None) -> np.ndarray:

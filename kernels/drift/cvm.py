@@ -5,7 +5,7 @@ mid-ranks (Anderson 1962). P-value: ``scipy.stats.cramervonmises_2samp(
 method="asymptotic")``, computed as ``stats.cvm_pvalues``. Kernels, side by
 side: SciPy per feature (the reference), a Numba walk of the sorted window
 through the sorted reference (each value found through a guide table) with
-the reference's tie offsets kept from fit,
+the reference's tie offsets (made on its first score, then kept),
 and a CuPy kernel with one thread per value of either sample.
 """
 

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError
+from flywheel.registry.db import DatabaseUnreachable
 from flywheel.serving._private import signature_gate
 from flywheel.serving._private.endpoint_state import Endpoint, as_doc, canary_of, canary_percent, routes_to, without
 from flywheel.serving.canary import Canary, CanaryConfig, VariantWindow
@@ -148,7 +149,7 @@ class CanaryOps:
             return
         cfg = msgspec.convert(doc["config"], CanaryConfig)
         canary = canary_of(doc)
-        step = canary.step
+        step, prior = canary.step, doc["state"]
         decision = canary.evaluate(
             now, ep.step.get(cfg.baseline) or VariantWindow(), ep.step.get(cfg.variant) or VariantWindow(),
             self._drift.get((ep.name, cfg.variant)) if cfg.gates.max_drift is not None else None,
@@ -172,6 +173,9 @@ class CanaryOps:
         elif decision.action == "promote":
             try:
                 self._promote(ep, cfg.variant, now, f"canary {cfg.variant} passed every step")
+            except DatabaseUnreachable:  # not a refusal: the canary runs on and promotes once it is back
+                doc["state"] = prior
+                return
             except FlywheelError as exc:  # the registry refused: nothing moved, the canary ends here
                 why = f"rolled back: the promotion was refused: {exc.message}"
                 canary.status = "rolled_back"

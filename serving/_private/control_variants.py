@@ -23,6 +23,7 @@ from flywheel.protocol.errors import (
     NotFoundError,
     PreconditionFailedError,
 )
+from flywheel.registry.db import DatabaseUnreachable
 from flywheel.runtime.signature import Signature, SignatureMismatchError
 from flywheel.serving._private import signature_gate
 from flywheel.serving._private.endpoint_state import Endpoint, as_doc, newest, routes_to, with_arms, without
@@ -305,6 +306,8 @@ class VariantOps:
         if swap["phase"] == "loading" and ep.variants.get(swap["to"], {}).get("status") == "ready":
             try:  # the registry's alias before the traffic, as a promotion does (gated for production)
                 self._alias(ep, swap["to"], now)
+            except DatabaseUnreachable:  # not a refusal: the next tick tries again
+                return
             except FlywheelError as exc:
                 swap.update(phase="failed", error=exc.message)
                 self._retire(ep, swap["to"], now)

@@ -198,19 +198,22 @@ def _grpcio_handler(calls: GrpcCalls) -> grpc.GenericRpcHandler:
 
 async def start_grpc_server(
     plane: DataPlane, host: str, port: int, *, max_message_bytes: int, auth: Authenticator | None = None,
-    credentials=None,
+    credentials=None, max_connection_age_s: float | None = None,
 ) -> grpc.aio.Server:
     """Start grpc.aio on the running loop at host:port (over TLS with
-    ``credentials``: grpc.ssl_server_credentials)."""
-    server = grpc.aio.server(
-        options=[
-            # shared by this deployment's ingress replicas (the kernel spreads
-            # connections); deploy() refuses a port another process holds
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-        ]
-    )
+    ``credentials``: grpc.ssl_server_credentials). ``max_connection_age_s``:
+    connections older than this get GOAWAY (grpc adds its own jitter), so
+    clients reconnect and may land on another replica."""
+    options = [
+        # shared by this deployment's ingress replicas (the kernel spreads
+        # connections); deploy() refuses a port another process holds
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", -1),
+    ]
+    if max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((_grpcio_handler(GrpcCalls(plane, auth)),))
     bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
              else server.add_insecure_port(f"{host}:{port}"))

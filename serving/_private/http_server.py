@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import socket
 import ssl
 import time
@@ -57,6 +58,11 @@ class HttpLimits:
     # header_timeout_s has passed since its head: slow-body clients are
     # closed like slow-head ones, large uploads at any real speed are not
     min_body_rate: int = 1024
+    # a keep-alive connection older than this (each its own, within +-10 %,
+    # so that they do not all go at once) is ended after an answer with
+    # ``connection: close``: its client reconnects, and the kernel may hand
+    # the new connection to another replica (None: connections never age)
+    max_connection_age_s: float | None = None
 
     def sweep_interval_s(self) -> float | None:
         """How often the timeouts are checked: a quarter of the shorter one
@@ -201,7 +207,7 @@ class _Connection(asyncio.Protocol):
         "_handler", "_max_body", "_on_error", "_parser", "_transport", "_url", "_headers",
         "_body", "_body_len", "_too_large", "_pending", "_closing", "_owner", "_in_message", "idle_since",
         "head_since", "_header_bytes", "_limits", "_held", "_paused", "_in_head", "_head_bytes",
-        "body_since", "_write_paused",
+        "body_since", "_write_paused", "_expires",
     )
 
     def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response],
@@ -230,6 +236,8 @@ class _Connection(asyncio.Protocol):
         # when the request head now being read began (None between heads):
         # a new connection owes its first head from the moment it opens
         self.head_since: float | None = time.monotonic()
+        age = self._limits.max_connection_age_s
+        self._expires = None if age is None else self.head_since + age * random.uniform(0.9, 1.1)
         self._reset()
 
     @property
@@ -391,7 +399,7 @@ class _Connection(asyncio.Protocol):
         result = self._handler(req)
         ready = type(result) is tuple  # a Response now (most routes but infer)
         if ready and not self._pending:
-            self._write(result, close=not keep_alive or self._owner.draining, head=head)
+            self._write(result, close=not keep_alive or self._owner.draining or self._aged(), head=head)
             return
         fut = _done(result) if ready else asyncio.ensure_future(result)
         fut.keep_alive = keep_alive  # type: ignore[attr-defined]
@@ -415,8 +423,15 @@ class _Connection(asyncio.Protocol):
             resp = self._on_error(500, f"internal error: {exc!r}") if exc else fut.result()
             # a draining server ends the connection after its last answer
             last = not self._pending and not self._in_message and not self._held
-            self._write(resp, close=not fut.keep_alive or (self._owner.draining and last), head=fut.head)
+            self._write(resp, close=not fut.keep_alive or ((self._owner.draining or self._aged()) and last),
+                        head=fut.head)
         self._release_held()
+
+    def _aged(self) -> bool:
+        """Past its max age, with nothing else in progress on it (see
+        HttpLimits.max_connection_age_s)."""
+        return (self._expires is not None and not self._held and not self._in_message
+                and time.monotonic() > self._expires)
 
     def _release_held(self) -> None:
         while (self._held and not self._write_paused and not self._closing

@@ -28,8 +28,12 @@ def server_context(tls: TlsConfig, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     for field in ("cert_file", "key_file"):
         _read(tls, field)  # a missing or unreadable file, named
+    def no_passphrase() -> str:  # else OpenSSL would ask on the terminal, or fail misleadingly without one
+        raise ConfigError(f"server.tls.key_file {tls.key_file!r} is encrypted: give an unencrypted PEM key "
+                          "(readable only by the user Flywheel runs as)")
+
     try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_passphrase)
     except ssl.SSLError as exc:
         raise ConfigError(
             f"server.tls: cannot use certificate {tls.cert_file!r} with key {tls.key_file!r} "

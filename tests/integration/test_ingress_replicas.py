@@ -16,6 +16,7 @@ from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, application_name, undeploy
 
 from _poll import wait_for
+from _replicas import answered_by_replica
 from _requests import infer_status
 
 pytestmark = pytest.mark.integration
@@ -24,18 +25,6 @@ def _metric(url: str, name: str, **labels) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def _replica_stats(app: str) -> dict[int, int]:
-    """pid -> requests answered, from as many replicas as answer 20 calls."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("ingress", app_name=app)
-    seen = {}
-    for _ in range(20):
-        s = handle.replica_stats.remote().result(timeout_s=10)
-        seen[s["pid"]] = s["answered"]
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +46,7 @@ def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
     # whichever replica serves the scrape, it reports both replicas' requests
     for _ in range(4):
         assert _metric(shared.url, "flywheel_requests_total", model="mlp", outcome="ok") - before == 80
-    answered = _replica_stats(app)
+    answered = answered_by_replica(app)
     assert len(answered) == 2, answered
     assert all(n > 0 for n in answered.values()), answered
 
@@ -65,7 +54,7 @@ def test_replicas_share_the_port_and_one_scrape_counts_them_all(shared):
 def test_grpc_is_served_by_every_replica(shared):
     import tritonclient.grpc as grpcclient
 
-    before = _replica_stats(application_name(shared.config))
+    before = answered_by_replica(application_name(shared.config))
     for _ in range(30):  # fresh channels: the kernel spreads them over the replicas
         client = grpcclient.InferenceServerClient(shared.grpc_target)
         x = np.ones((2, 64), np.float32)
@@ -73,7 +62,7 @@ def test_grpc_is_served_by_every_replica(shared):
         inp.set_data_from_numpy(x)
         assert client.infer("mlp", [inp]).as_numpy("logits").shape == (2, 10)
         client.close()
-    after = _replica_stats(application_name(shared.config))
+    after = answered_by_replica(application_name(shared.config))
     assert len(after) == 2, (before, after)
     assert all(after[pid] > before.get(pid, 0) for pid in after), (before, after)
 
@@ -86,7 +75,7 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{app}#ingress")]
     assert len(names) == 2
-    pids = set(_replica_stats(app))
+    pids = set(answered_by_replica(app))
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     # the kill lands asynchronously
     wait_for(lambda: not all(psutil.pid_exists(pid) for pid in pids), 30, "the killed replica's process to exit",
@@ -104,5 +93,5 @@ def test_a_killed_replica_stops_getting_connections_at_once(shared):
     deadline = time.monotonic() + 90
     wait_for(lambda: serve.status().applications[app].deployments["ingress"].replica_states.get("RUNNING", 0) >= 2,
              90, "Serve to run two ingress replicas again", every_s=0.5)
-    wait_for(lambda: len(_replica_stats(app)) >= 2, max(deadline - time.monotonic(), 0),
+    wait_for(lambda: len(answered_by_replica(app)) >= 2, max(deadline - time.monotonic(), 0),
              "both replicas to report their stats", every_s=0.5)

@@ -119,3 +119,10 @@ def test_new_server_and_auth_limits_are_validated_naming_the_field():
     cfg = parse_config({"models": [{"name": "m", "path": "x"}],
                         "endpoints": [{"name": "m", "allow_signature_change": True}]})
     assert cfg.endpoints[0].allow_signature_change and cfg.server.max_connections == 10_000
+
+
+def test_replicas_per_node_limits_the_ingress_on_each_node():
+    with pytest.raises(ConfigError, match="server.replicas_per_node"):
+        parse_config({"server": {"replicas_per_node": -1}, "models": []})
+    assert parse_config({"models": []}).server.replicas_per_node == 0  # no limit
+

@@ -58,3 +58,31 @@ def test_haproxys_pem_holds_chain_and_key_and_only_its_owner_reads_it(pki, tmp_p
     text = pem.read_text()
     assert "BEGIN CERTIFICATE" in text and "PRIVATE KEY" in text
     assert stat.S_IMODE(os.stat(pem).st_mode) == 0o600
+
+
+def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(pki, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(open(pki.server_key, "rb").read(), None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ConfigError, match="is encrypted"):
+        server_context(TlsConfig(cert_file=pki.server_cert, key_file=str(locked)))
+
+
+def test_relative_tls_paths_are_resolved_like_model_paths(tmp_path):
+    cfg = parse_config({"server": {"tls": {"cert_file": "tls/c.pem", "key_file": "/abs/k.pem",
+                                           "client_ca_file": "ca.pem"}},
+                        "models": [{"name": "m", "path": "m.onnx"}]}, base_dir=tmp_path)
+    tls = cfg.server.tls
+    assert (tls.cert_file, tls.key_file, tls.client_ca_file) == (
+        str(tmp_path / "tls/c.pem"), "/abs/k.pem", str(tmp_path / "ca.pem"))
+
+
+def test_clients_refuse_tls_files_with_a_plaintext_url(pki):
+    from flywheel.client import AsyncClient, Client
+
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="https://"):
+            make("http://127.0.0.1:8000", ca_file=pki.ca)
