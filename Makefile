@@ -44,6 +44,12 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest
 
+# The multi-node tests alone (also part of `make test`): a Ray head and a
+# worker node, each in a network namespace of its own (needs root).
+.PHONY: cluster-test
+cluster-test: $(STAMP)
+	$(PY) -m pytest -m cluster
+
 # The latency benchmark loads servers with nghttp2's h2load (a C client) when
 # it is installed; as root with apt-get, install it.
 bench-deps:

@@ -1,0 +1,128 @@
+"""A real two-node Ray cluster: a head and a worker node, each in a network
+namespace of its own with an address from 198.18.0.0/15 (tests/netns.py),
+so that nothing works by accident through 127.0.0.1. ``make cluster-test``
+runs these alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import yaml
+
+from flywheel.registry.keys import KeyStore
+
+from _poll import wait_for
+from netns import Hosts, NetnsUnavailable, RayCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+# a task pinned to each node says where it ran: the node's address and its
+# network namespace; and whether anything listens on that namespace's
+# loopback at the head's GCS port
+WHERE = """
+import json, os, socket
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init(address=%(address)r, log_to_driver=False)
+
+@ray.remote(num_cpus=0.1)
+def where():
+    with socket.socket() as s:
+        s.settimeout(1)
+        loopback_gcs = s.connect_ex(("127.0.0.1", 6379)) == 0
+    return {"ip": ray.util.get_node_ip_address(), "netns": os.readlink("/proc/self/ns/net"),
+            "loopback_gcs": loopback_gcs}
+
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps([ray.get(where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                  .remote()) for n in nodes]))
+"""
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    try:
+        made = Hosts(2)
+    except NetnsUnavailable as exc:
+        pytest.skip(f"no network namespaces here: {exc}")
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts):
+    made = RayCluster(hosts, cpus=1)
+    yield made
+    made.close()
+
+
+def test_the_nodes_are_separate_hosts_on_their_own_addresses(cluster, hosts):
+    seen = json.loads(cluster.python(1, WHERE % {"address": cluster.address}).strip().splitlines()[-1])
+    assert sorted(s["ip"] for s in seen) == sorted(hosts.addresses)
+    namespaces = {s["netns"] for s in seen}
+    assert len(namespaces) == 2 and os.readlink("/proc/self/ns/net") not in namespaces
+    by_ip = {s["ip"]: s for s in seen}
+    assert by_ip[hosts.addresses[0]]["loopback_gcs"]  # the head's GCS on its own loopback
+    assert not by_ip[hosts.addresses[1]]["loopback_gcs"]  # but not on the worker's
+
+
+def _answers(url: str, token: str) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _infer(base: str, token: str) -> dict:
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "data": np.linspace(0, 1, 64).tolist()}]}).encode()
+    req = urllib.request.Request(f"{base}/v2/models/mlp/infer", body, {
+        "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_an_ingress_replica_on_each_node_serves_at_that_nodes_address(cluster, hosts, mlp_onnx, tmp_path):
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    keys = KeyStore.open(uri)
+    _, token = keys.create("app", ["predict"], actor="tests")
+    keys.close()
+    port, grpc_port = 18400 + hosts.subnet, 19400 + hosts.subnet  # the namespaces' own: free there
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "cluster",
+        "server": {"host": "0.0.0.0", "port": port, "grpc_port": grpc_port, "replicas": 2, "replicas_per_node": 1,
+                   "auth": {"enabled": True}, "allow_plaintext": True},
+        "registry": {"uri": uri, "artifacts": str(tmp_path / "artifacts")},
+        "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1}],
+    }))
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "FLYWHEEL_HOME": str(tmp_path / "home"),
+           "FLYWHEEL_REGISTRY_URI": uri}
+    flywheel = os.path.join(os.path.dirname(sys.executable), "flywheel")
+    proc = hosts.popen(1, [flywheel, "serve", "--config", str(config)], env=env, log=str(tmp_path / "serve.log"))
+    try:
+        urls = [f"http://{addr}:{port}" for addr in hosts.addresses]
+        for url in urls:
+            wait_for(lambda url=url: proc.poll() is None and _answers(f"{url}/v2/health/ready", token) == 200,
+                     240, f"{url} to be ready (see {tmp_path}/serve.log)", every_s=1)
+        answers = [_infer(url, token) for url in urls for _ in range(3)]
+        assert all(np.asarray(a["outputs"][0]["data"]).shape == (10,) for a in answers)
+        assert _answers(f"{urls[1]}/v2/models/mlp", "fwk_wrong_key") == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)  # flywheel serve shuts its application down, then its Ray driver
+        try:
+            proc.wait(60)
+        except Exception:  # noqa: BLE001 - hosts.close() stops it by PID either way
+            pass

@@ -1,0 +1,201 @@
+"""Several "hosts" on this machine: network namespaces on a bridge, each with
+one address from the benchmarking range 198.18.0.0/15, and a real Ray
+cluster across them (a head in the first, workers in the others).
+
+Nothing in a namespace can reach another namespace at 127.0.0.1, so a part
+that only works through loopback fails here as it would on real hosts. The
+bridge (in this process's namespace) holds 198.18.<n>.254, so tests can call
+the hosts; nothing else is routed. Everything made here is removed by
+``close()``, and every process started here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+RAY_PORT = 6379
+VENV_BIN = Path(sys.executable).parent
+
+
+class NetnsUnavailable(RuntimeError):
+    """Namespaces cannot be made here (not root, no iproute2, a sandbox)."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    return subprocess.run([ip, *args], capture_output=True, text=True, timeout=30, check=False) if not check \
+        else _checked([ip, *args])
+
+
+def _checked(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise NetnsUnavailable(f"{' '.join(cmd[1:])}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+class Hosts:
+    """``count`` namespaces on one bridge: host i (1-based) is
+    ``198.18.<subnet>.<i>``; this namespace is ``198.18.<subnet>.254``."""
+
+    def __init__(self, count: int = 2, subnet: int | None = None) -> None:
+        if os.geteuid() != 0:
+            raise NetnsUnavailable("network namespaces need root")
+        if shutil.which("ip") is None and not os.path.exists("/usr/sbin/ip"):
+            raise NetnsUnavailable("no `ip` command (Debian's iproute2)")
+        # a subnet and names of this run's own, so that runs side by side do not meet
+        tag = os.getpid() % 200
+        self.subnet = subnet if subnet is not None else 1 + tag
+        self.tag = f"fw{os.getpid() % 100000}"
+        self.bridge = f"{self.tag}br"
+        self.names = [f"{self.tag}h{i}" for i in range(1, count + 1)]
+        self.addresses = [f"198.18.{self.subnet}.{i}" for i in range(1, count + 1)]
+        self.gateway = f"198.18.{self.subnet}.254"
+        self._made: list[tuple[str, str]] = []  # ("ns"|"link", name), to remove in reverse
+        self._procs: list[subprocess.Popen] = []
+        try:
+            self._make()
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        self._made.append(("link", self.bridge))
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, (ns, addr) in enumerate(zip(self.names, self.addresses), 1):
+            _ip("netns", "add", ns)
+            self._made.append(("ns", ns))
+            outer, inner = f"{self.tag}v{i}", f"{self.tag}p{i}"
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            self._made.append(("link", outer))
+            _ip("link", "set", inner, "netns", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", inner, "name", "eth0")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("link", "set", outer, "master", self.bridge)
+            _ip("link", "set", outer, "up")
+
+    def popen(self, host: int, argv: list[str], *, env: dict | None = None, log: str | None = None,
+              cwd: str | None = None) -> subprocess.Popen:
+        """Start ``argv`` in host ``host`` (1-based); stopped by close()."""
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        proc = subprocess.Popen([shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", self.names[host - 1], *argv],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, host: int, argv: list[str], *, env: dict | None = None, timeout: float = 300,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+        """Run ``argv`` in host ``host`` to its end; its output comes back."""
+        return subprocess.run([shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", self.names[host - 1], *argv],
+                              env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+    def stop(self, proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+        """Stop ``proc`` and every process it started, by PID: SIGTERM, then
+        SIGKILL to whatever is left after ``grace_s``."""
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for p in family:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        if proc.poll() is None:
+            proc.wait(5)
+
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            self.stop(proc)
+        self._procs.clear()
+        for kind, name in reversed(self._made):
+            if kind == "ns":
+                _ip("netns", "del", name, check=False)
+            else:
+                _ip("link", "del", name, check=False)
+        self._made.clear()
+
+
+class RayCluster:
+    """A Ray head in host 1 and a worker node in every other host of
+    ``hosts``, each with ``cpus`` CPUs; ``address`` is the head's GCS."""
+
+    def __init__(self, hosts: Hosts, cpus: float = 1, env: dict | None = None, timeout_s: float = 120) -> None:
+        self.hosts = hosts
+        self.address = f"{hosts.addresses[0]}:{RAY_PORT}"
+        self.dir = tempfile.mkdtemp(prefix="fw-rc-")
+        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        for name in ("RAY_ADDRESS", "RAY_NAMESPACE"):
+            self.env.pop(name, None)
+        self.nodes = []
+        ray = str(VENV_BIN / "ray")
+        common = ["--block", "--disable-usage-stats", f"--num-cpus={cpus}"]
+        for i, addr in enumerate(hosts.addresses, 1):
+            # a temp dir per node: the nodes share this machine's file system
+            where = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if i == 1
+                     else [f"--address={self.address}"])
+            self.nodes.append(hosts.popen(
+                i, [ray, "start", *where, f"--node-ip-address={addr}", f"--temp-dir={self.dir}/n{i}", *common],
+                env=self.env, log=f"{self.dir}/node{i}.log",
+            ))
+            if i == 1:
+                self._wait(lambda: self._port_open(hosts.addresses[0], RAY_PORT), timeout_s, "the Ray head")
+        self._wait(lambda: self.alive_nodes() >= len(hosts.addresses), timeout_s, "every node to join")
+
+    @staticmethod
+    def _port_open(host: str, port: int) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex((host, port)) == 0
+
+    def _wait(self, ready, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            dead = [p.args[-1] for p in self.nodes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"waiting for {what}: {'a node exited' if dead else 'timed out'}; "
+                                   f"logs in {self.dir}")
+            time.sleep(0.5)
+
+    def alive_nodes(self) -> int:
+        """Alive nodes, as the head's GCS counts them (asked from host 1)."""
+        out = self.python(1, "import ray; ray.init(address=%r, log_to_driver=False); "
+                             "print(sum(n['Alive'] for n in ray.nodes()))" % self.address, timeout=60)
+        return int(out.strip().splitlines()[-1]) if out.strip() else 0
+
+    def python(self, host: int, code: str, timeout: float = 300, env: dict | None = None) -> str:
+        """Run ``code`` with this venv's Python in host ``host`` (a Ray
+        driver there joins with ``ray.init(address=cluster.address)``);
+        its standard output. RuntimeError with its output on failure."""
+        proc = self.hosts.run(host, [sys.executable, "-c", code], env={**self.env, **(env or {})}, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"host {host}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc.stdout
+
+    def close(self) -> None:
+        for proc in reversed(self.nodes):  # workers first, then the head
+            self.hosts.stop(proc)
+        self.nodes.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
