@@ -39,17 +39,17 @@ def _ports(dep) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def served(ray_session, mlp_onnx, pki):
-    """TLS on both ports, gRPC through the HAProxy front."""
-    dep = _deploy("tls", mlp_onnx, {"cert_file": pki.server_cert, "key_file": pki.server_key})
+    """TLS on both ports, gRPC on grpcio (the other gRPC server)."""
+    dep = _deploy("tls", mlp_onnx, {"cert_file": pki.server_cert, "key_file": pki.server_key}, grpc_server="grpcio")
     yield dep
     undeploy(dep)
 
 
 @pytest.fixture(scope="module")
 def mutual(ray_session, mlp_onnx, pki):
-    """Mutual TLS, gRPC on grpcio (the other gRPC server)."""
+    """Mutual TLS, gRPC through the HAProxy front."""
     dep = _deploy("mtls", mlp_onnx, {"cert_file": pki.server_cert, "key_file": pki.server_key,
-                                     "client_ca_file": pki.ca}, grpc_server="grpcio")
+                                     "client_ca_file": pki.ca})
     yield dep
     undeploy(dep)
 
@@ -91,7 +91,6 @@ def test_https_and_grpc_over_tls_answer_tritonclient(served, pki):
 
     port, grpc_port = _ports(served)
     assert served.url.startswith("https://")
-    assert _listener(grpc_port) == "haproxy"  # TLS ends in the HAProxy front, not a fallback
     httpclient, client = _triton_http(port, pki.ca)
     by_http = _triton_infer(httpclient, client)
     client.close()
@@ -126,6 +125,7 @@ def test_mutual_tls_serves_a_client_with_a_certificate_and_refuses_one_without(m
     import tritonclient.grpc as grpcclient
 
     port, grpc_port = _ports(mutual)
+    assert _listener(grpc_port) == "haproxy"  # TLS ends in the HAProxy front, not a fallback
     with Client(f"https://localhost:{port}", ca_file=pki.ca, cert_file=pki.client_cert,
                 key_file=pki.client_key) as c:
         assert c.infer("mlp", X).output().shape == (2, 10)
@@ -143,5 +143,5 @@ def test_mutual_tls_serves_a_client_with_a_certificate_and_refuses_one_without(m
             c.infer("mlp", X)
     assert refused.value.status is None  # no answer: the handshake failed
     with GrpcClient(f"grpcs://localhost:{grpc_port}", ca_file=pki.ca, timeout=5) as g:
-        with pytest.raises(ClientError, match="UNAVAILABLE"):
+        with pytest.raises(ClientError):  # HAProxy ends the handshake: no call gets through
             g.infer("mlp", X)
