@@ -207,7 +207,8 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=5.0,
         )
-        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret=secret))
+        parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret=secret,
+                              drift_app=app if drift_port else ""))
         routes.append(Route(model.name, model.version, port))
     if server.autoscaling is not None:
         scale: dict = {"autoscaling_config": ray_autoscaling_config(server.autoscaling, server.replicas)}

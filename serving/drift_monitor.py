@@ -265,6 +265,23 @@ class DriftMonitor:
         """Recent results for one model version, oldest first."""
         return list(self._get(model, version).history)
 
+    def where(self) -> str:
+        """The Ray node this monitor runs on: replicas on it send frames to
+        127.0.0.1, the others call :meth:`frame` through Serve
+        (serving/_private/monitor_link.py)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    async def frame(self, op: int, payload: bytes) -> tuple[int, bytes]:
+        """One frame call (ingest, track, history, metrics) through Serve,
+        from a replica on another node; answered as over loopback. Serve's
+        calls come from inside the Ray cluster, which holds the deployment's
+        secret anyway (its arguments)."""
+        reply = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._handle(Call(op, payload)),
+                                                                           self._loop.loop))
+        return reply.code, reply.payload
+
     def frame_stats(self) -> dict:
         """For operators and tests: the monitor's frame port and ``refused``,
         the connections dropped unauthenticated since it started."""

@@ -32,8 +32,8 @@ from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
 from flywheel.serving._private.http_server import HttpLimits, start_http_server, start_unix_http_server
 from flywheel.serving._private.loop_thread import LoopThread
+from flywheel.serving._private.monitor_link import monitor_link
 from flywheel.serving._private.tls import grpc_server_credentials, server_context
-from flywheel.serving._private.wire import ReplicaChannel
 from flywheel.serving.config import ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.metrics import ServingMetrics
 from flywheel.serving.model_server import ModelServer
@@ -111,6 +111,7 @@ class Ingress:
         self._limits = server.request_limits()
         self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
+        self._app = controller_app  # the application: the drift monitor's too
         self._deploy_id = deploy_id
         self._secret = secret
         self._label_roots = label_roots or {}
@@ -127,7 +128,7 @@ class Ingress:
             self._controller = serve.get_deployment_handle("router", controller_app)
         self._local = {}
         for m in colocated:
-            ms = ModelServer(m, server.request_limits(), registry, drift_port, secret=secret)
+            ms = ModelServer(m, server.request_limits(), registry, drift_port, secret=secret, drift_app=controller_app)
             self._local[(ms.model.name, ms.model.version)] = ms
         routes = [*routes, *(Route(name, version, local=True) for name, version in self._local)]
         # replicas sharing this port share their metrics (serving/metrics.py);
@@ -179,7 +180,7 @@ class Ingress:
                 raise ConfigError("server.auth is on but no registry URI was given for the API keys")
             self._auth = Authenticator(server.auth, keys_uri)
             await self._auth.start()
-        monitor = ReplicaChannel("127.0.0.1", drift_port, pool_size=1, secret=self._secret) if drift_port else None
+        monitor = monitor_link(drift_port, self._secret, self._app) if drift_port else None
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
@@ -230,7 +231,8 @@ class Ingress:
 
     def _load_variant(self, model: ModelConfig) -> ModelServer:
         """A variant added at run time (blocking: loads and warms it up)."""
-        return ModelServer(model, self._limits, self._registry, self._drift_port, secret=self._secret)
+        return ModelServer(model, self._limits, self._registry, self._drift_port, secret=self._secret,
+                           drift_app=self._app)
 
     async def _manage(self, op: str, name: str | None, body=None) -> dict:
         """Forward a management call to the controller (from the ingress

@@ -107,14 +107,18 @@ class ModelServer:
         drift_port: int = 0,
         *,
         secret: bytes | None = None,
+        drift_app: str = "",
     ) -> None:
         """``secret``: the deployment's, proven on the connection to the
-        drift monitor (see serving/_private/wire.py)."""
+        drift monitor (see serving/_private/wire.py). ``drift_app``: the
+        monitor's Serve application, through which a replica on another
+        node reaches it ("" = loopback only)."""
         if not model.version:
             model = msgspec.structs.replace(model, version="1")
         self.model = model
         self._limits = limits
         self._drift_port = drift_port
+        self._drift_app = drift_app
         self._secret = secret
         self._max_elements = limits.max_tensor_elements
         self._timeout_s = limits.request_timeout_ms / 1000 if limits.request_timeout_ms else None
@@ -139,7 +143,7 @@ class ModelServer:
         model = self.model
         if model.drift.enabled and self._drift_port:
             self._sampler = DriftSampler(model.drift, model.name, model.version, self._drift_port,
-                                         track=msgspec.json.encode(model), secret=self._secret)
+                                         track=msgspec.json.encode(model), secret=self._secret, app=self._drift_app)
             self._sampler.start()
         if self.capture is not None:
             self.capture.start()

@@ -46,11 +46,13 @@ class ModelReplica:
         drift_port: int = 0,
         *,
         secret: bytes,
+        drift_app: str = "",
     ):
         """``secret``: the deployment's (build_application makes it); every
-        frame connection, the ingress's and the drift monitor's, proves it."""
+        frame connection, the ingress's and the drift monitor's, proves it.
+        ``drift_app``: the drift monitor's Serve application (see ModelServer)."""
         check_secret(secret, required=True)
-        self._model_server = ModelServer(model, limits, registry, drift_port, secret=secret)
+        self._model_server = ModelServer(model, limits, registry, drift_port, secret=secret, drift_app=drift_app)
         self.identity = process_identity()
         self._loop = LoopThread(f"flywheel-replica-{model.name}")
         self._loop.start()

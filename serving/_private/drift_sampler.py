@@ -17,7 +17,8 @@ import random
 
 import numpy as np
 
-from flywheel.serving._private.wire import OP_DRIFT_INGEST, OP_DRIFT_TRACK, Call, ReplicaChannel
+from flywheel.serving._private.monitor_link import monitor_link
+from flywheel.serving._private.wire import OP_DRIFT_INGEST, OP_DRIFT_TRACK, Call
 from flywheel.serving.config import DriftConfig
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,16 @@ log = logging.getLogger(__name__)
 
 class DriftSampler:
     def __init__(self, cfg: DriftConfig, model: str, version: str, monitor_port: int, *, seed: int | None = None,
-                 track: bytes = b"", secret: bytes | None = None):
+                 track: bytes = b"", secret: bytes | None = None, app: str = ""):
         """``track``: the model's config (JSON), sent once before the first
         samples so that the monitor tracks a version it was not deployed with.
-        ``secret``: the deployment's, which the monitor's connections prove."""
+        ``secret``: the deployment's, which the monitor's connections prove.
+        ``app``: the Serve application of the monitor, through which it is
+        reached from another node ("" = loopback only: see monitor_link)."""
         self._cfg = cfg
         self._track = track
         self._model, self._version = model, version
-        self._channel = ReplicaChannel("127.0.0.1", monitor_port, pool_size=1, secret=secret)
+        self._channel = monitor_link(monitor_port, secret, app)
         self._rng = random.Random(seed)
         self._buf: list[np.ndarray] = []
         self._rows = 0

@@ -1,7 +1,10 @@
 """A real two-node Ray cluster: a head and a worker node, each in a network
 namespace of its own with an address from 198.18.0.0/15 (tests/netns.py),
 so that nothing works by accident through 127.0.0.1. ``make cluster-test``
-runs these alone."""
+runs these alone.
+
+One deployment serves at both nodes' addresses, and inputs sent only to
+the node without the drift monitor still reach it (through Serve)."""
 
 from __future__ import annotations
 
@@ -85,19 +88,51 @@ def _answers(url: str, token: str) -> int:
         return 0
 
 
-def _infer(base: str, token: str) -> dict:
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                                   "data": np.linspace(0, 1, 64).tolist()}]}).encode()
-    req = urllib.request.Request(f"{base}/v2/models/mlp/infer", body, {
+def _infer(base: str, token: str, x: np.ndarray) -> dict:
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    req = urllib.request.Request(f"{base}/v2/models/digits/infer", body, {
         "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
 
-def test_an_ingress_replica_on_each_node_serves_at_that_nodes_address(cluster, hosts, mlp_onnx, tmp_path):
-    uri = f"sqlite:///{tmp_path}/registry.db"
+def _drift_history(url: str, token: str) -> list:
+    """The drift results the ingress at ``url`` gets from the monitor ([]
+    while it answers 503: its first call may still be finding the monitor)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code != 503:
+            raise
+        return []
+
+
+# which node's address the drift monitor runs on (asked through Serve, from the head)
+MONITOR_NODE = """
+import ray
+from ray import serve
+ray.init(address=%(address)r, log_to_driver=False)
+node = serve.get_deployment_handle("drift", "cluster").where.remote().result(timeout_s=60)
+print([n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node][0])
+"""
+
+
+def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor(
+        cluster, hosts, digits_model, tmp_path):
+    from flywheel.registry import Registry
+    from flywheel.training.digits import register_digits
+
+    uri, artifacts = f"sqlite:///{tmp_path}/registry.db", str(tmp_path / "artifacts")
+    reg = Registry.open(uri, artifacts)
+    mv = register_digits(reg, digits_model, actor="tests", epochs=3)
+    reg.promote("digits", mv.version, "staging", actor="tests")
+    reg.promote("digits", mv.version, "production", actor="tests")
+    reg.close()
     keys = KeyStore.open(uri)
-    _, token = keys.create("app", ["predict"], actor="tests")
+    _, token = keys.create("ops", ["operate"], actor="tests")
     keys.close()
     port, grpc_port = 18400 + hosts.subnet, 19400 + hosts.subnet  # the namespaces' own: free there
     config = tmp_path / "cluster.yaml"
@@ -105,8 +140,10 @@ def test_an_ingress_replica_on_each_node_serves_at_that_nodes_address(cluster, h
         "name": "cluster",
         "server": {"host": "0.0.0.0", "port": port, "grpc_port": grpc_port, "replicas": 2, "replicas_per_node": 1,
                    "auth": {"enabled": True}, "allow_plaintext": True},
-        "registry": {"uri": uri, "artifacts": str(tmp_path / "artifacts")},
-        "models": [{"name": "mlp", "path": mlp_onnx, "num_cpus": 0.1}],
+        "registry": {"uri": uri, "artifacts": artifacts},
+        "models": [{"name": "digits", "ref": "digits@production", "num_cpus": 0.1,
+                    "drift": {"enabled": True, "sample_rate": 1.0, "window": 100, "batch_rows": 20,
+                              "flush_interval_s": 0.1, "tests": ["ks"]}}],
     }))
     env = {**cluster.env, "RAY_ADDRESS": cluster.address, "FLYWHEEL_HOME": str(tmp_path / "home"),
            "FLYWHEEL_REGISTRY_URI": uri}
@@ -117,9 +154,20 @@ def test_an_ingress_replica_on_each_node_serves_at_that_nodes_address(cluster, h
         for url in urls:
             wait_for(lambda url=url: proc.poll() is None and _answers(f"{url}/v2/health/ready", token) == 200,
                      240, f"{url} to be ready (see {tmp_path}/serve.log)", every_s=1)
-        answers = [_infer(url, token) for url in urls for _ in range(3)]
-        assert all(np.asarray(a["outputs"][0]["data"]).shape == (10,) for a in answers)
-        assert _answers(f"{urls[1]}/v2/models/mlp", "fwk_wrong_key") == 401
+        row = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 64)
+        answers = [_infer(url, token, row) for url in urls for _ in range(3)]
+        assert all(np.asarray(a["outputs"][0]["data"]).size == 10 for a in answers)
+        assert _answers(f"{urls[1]}/v2/models/digits", "fwk_wrong_key") == 401
+
+        monitor_ip = cluster.python(1, MONITOR_NODE % {"address": cluster.address}).strip().splitlines()[-1]
+        elsewhere = [url for url, addr in zip(urls, hosts.addresses) if addr != monitor_ip]
+        assert len(elsewhere) == 1, (monitor_ip, hosts.addresses)
+        for _ in range(10):  # 100 rows of saturated pixels, only to the node without the monitor
+            _infer(elsewhere[0], token, np.ones((10, 64), np.float32))
+        history = wait_for(lambda: _drift_history(f"{elsewhere[0]}/v2/models/digits/versions/1/drift", token), 120,
+                           "a drift result from the other node's samples", every_s=0.5)
+        assert history[0]["any_drift"]
+        assert history[0]["result"]["n_window"] == 100
     finally:
         proc.send_signal(signal.SIGTERM)  # flywheel serve shuts its application down, then its Ray driver
         try:

@@ -211,3 +211,23 @@ def test_a_reference_that_is_not_integer_codes_refuses_the_model_naming_the_test
     with pytest.raises(ConfigError, match=r"model 'c' version '1': drift test 'chi2' cannot use the reference "
                                           r"sample: reference: categorical codes must be integers"):
         _codes_monitor(tmp_path, rng.normal(size=(500, 3)), tests=("ks", "chi2"))
+
+
+def test_a_frame_through_serve_is_answered_as_over_loopback(monitor):
+    """What a replica on another node sends through Serve (monitor_link.py)."""
+    mon, port, _, got, _ = monitor
+    shifted = np.random.default_rng(2).normal(size=(200, 4)) + 3.0
+    code, payload = asyncio.run(mon.frame(OP_DRIFT_INGEST, encode_samples("m", "1", shifted)))
+    assert (code, payload) == (0, b"")
+    assert got.wait(30)
+    code, payload = asyncio.run(mon.frame(OP_DRIFT_HISTORY, b'{"model": "m", "version": "1"}'))
+    assert code == 0 and json.loads(payload)[0]["any_drift"]
+    code, payload = asyncio.run(mon.frame(OP_DRIFT_INGEST, b"\x01"))
+    assert code == ErrorCode.INVALID_ARGUMENT and payload
+
+
+def test_without_an_application_the_monitor_is_reached_over_loopback_alone():
+    from flywheel.serving._private.monitor_link import MonitorLink, monitor_link
+
+    assert isinstance(monitor_link(9, SECRET, ""), ReplicaChannel)
+    assert isinstance(monitor_link(9, SECRET, "app"), MonitorLink)
