@@ -114,23 +114,26 @@ def _answered(http_port: int) -> float:
                if s.name == "flywheel_requests_total" and s.labels.get("outcome") == "ok")
 
 
-def test_grpc_calls_on_one_channel_are_balanced_per_call(cluster):
+def _grpc_calls(port: int, count: int) -> None:
+    """``count`` calls through the balancer on one channel, each answered."""
     import tritonclient.grpc as grpcclient
 
-    before = [_answered(n.http_port) for n in cluster["node_addrs"]]
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster['grpc']}")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     inp = grpcclient.InferInput("input", [1, 64], "FP32")
     inp.set_data_from_numpy(np.ones((1, 64), np.float32))
-    for _ in range(20):
+    for _ in range(count):
         assert client.infer("mlp", [inp]).as_numpy("logits").shape == (1, 10)
     client.close()
+
+
+def test_grpc_calls_on_one_channel_are_balanced_per_call(cluster):
+    before = [_answered(n.http_port) for n in cluster["node_addrs"]]
+    _grpc_calls(cluster["grpc"], 20)
     gained = [_answered(n.http_port) - b for n, b in zip(cluster["node_addrs"], before)]
     assert sum(gained) == 20 and min(gained) > 0, gained  # one channel, both nodes
 
 
 def test_a_dead_node_loses_no_request_and_is_taken_out(cluster):
-    import tritonclient.grpc as grpcclient
-
     first, _ = cluster["nodes"]
     assert [_infer(cluster["http"]) for _ in range(20)] == [200] * 20
     first.send_signal(signal.SIGKILL)
@@ -142,10 +145,5 @@ def test_a_dead_node_loses_no_request_and_is_taken_out(cluster):
     assert statuses, statuses
     assert set(statuses) == {200}, statuses
     # after the health checks (2 x 300 ms) only the live node gets traffic,
-    # gRPC (balanced per connection, not retried) included
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster['grpc']}")
-    inp = grpcclient.InferInput("input", [1, 64], "FP32")
-    inp.set_data_from_numpy(np.ones((1, 64), np.float32))
-    for _ in range(10):
-        assert client.infer("mlp", [inp]).as_numpy("logits").shape == (1, 10)
-    client.close()
+    # gRPC (balanced per call, not retried) included
+    _grpc_calls(cluster["grpc"], 10)
