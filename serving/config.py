@@ -104,9 +104,9 @@ class AutoscalingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     ``ceil(sum of the replicas' counts / target_in_flight)`` replicas, within
     [min_replicas, max_replicas]; it scales up after wanting more for
     ``upscale_delay_s`` and down after wanting fewer for ``downscale_delay_s``.
-    A model run inline on the replica's loop holds at most one request in
-    flight per replica at any instant (its count is the loop's busy share,
-    averaged), so with inline models a target below 1 (e.g. 0.7) scales by
+    A model run inline on the replica's loop holds about one request in
+    flight per replica at any instant (only those read together wait for
+    the batch they join; the averaged count is about the loop's busy share), so with inline models a target below 1 (e.g. 0.7) scales by
     how busy the loops are; models batched on a worker thread hold every
     queued request. A replica that goes drains its connections first."""
 

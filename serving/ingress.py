@@ -128,7 +128,7 @@ class Ingress:
             self._controller = serve.get_deployment_handle("router", controller_app)
         self._local = {}
         for m in colocated:
-            ms = ModelServer(m, server.request_limits(), registry, drift_port, secret=secret, drift_app=controller_app)
+            ms = ModelServer(m, server.request_limits(), registry, drift_port, secret=secret, drift_app=self._app)
             self._local[(ms.model.name, ms.model.version)] = ms
         routes = [*routes, *(Route(name, version, local=True) for name, version in self._local)]
         # replicas sharing this port share their metrics (serving/metrics.py);

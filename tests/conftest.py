@@ -139,13 +139,8 @@ def rng() -> np.random.Generator:
 def postgres():
     """A real PostgreSQL server for the session (skipped, with the reason,
     only where none can be started)."""
-    from pg import PostgresServer  # tests/pg.py (tests/ is on sys.path via this conftest)
+    from pg import started_or_skip  # tests/pg.py (tests/ is on sys.path via this conftest)
 
-    server = PostgresServer()
-    try:
-        server.start()
-    except RuntimeError as exc:
-        server.stop()
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    server = started_or_skip()
     yield server
     server.stop()

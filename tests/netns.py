@@ -30,16 +30,16 @@ class NetnsUnavailable(RuntimeError):
     """Namespaces cannot be made here (not root, no iproute2, a sandbox)."""
 
 
+def _ip_binary() -> str | None:
+    """iproute2's ``ip`` (root's PATH may not hold /usr/sbin)."""
+    return shutil.which("ip") or ("/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else None)
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    ip = shutil.which("ip") or "/usr/sbin/ip"
-    return subprocess.run([ip, *args], capture_output=True, text=True, timeout=30, check=False) if not check \
-        else _checked([ip, *args])
-
-
-def _checked(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise NetnsUnavailable(f"{' '.join(cmd[1:])}: {proc.stderr.strip() or proc.stdout.strip()}")
+    """``ip ARGS``; NetnsUnavailable with its words when it fails and ``check``."""
+    proc = subprocess.run([_ip_binary() or "ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise NetnsUnavailable(f"{' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
 
@@ -50,7 +50,7 @@ class Hosts:
     def __init__(self, count: int = 2, subnet: int | None = None) -> None:
         if os.geteuid() != 0:
             raise NetnsUnavailable("network namespaces need root")
-        if shutil.which("ip") is None and not os.path.exists("/usr/sbin/ip"):
+        if _ip_binary() is None:
             raise NetnsUnavailable("no `ip` command (Debian's iproute2)")
         # a subnet and names of this run's own, so that runs side by side do not meet
         tag = os.getpid() % 200
@@ -91,15 +91,19 @@ class Hosts:
               cwd: str | None = None) -> subprocess.Popen:
         """Start ``argv`` in host ``host`` (1-based); stopped by close()."""
         out = open(log, "ab") if log else subprocess.DEVNULL
-        proc = subprocess.Popen([shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", self.names[host - 1], *argv],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        try:
+            proc = subprocess.Popen([_ip_binary(), "netns", "exec", self.names[host - 1], *argv],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        finally:
+            if log:
+                out.close()  # the child holds its own copy
         self._procs.append(proc)
         return proc
 
     def run(self, host: int, argv: list[str], *, env: dict | None = None, timeout: float = 300,
             cwd: str | None = None) -> subprocess.CompletedProcess:
         """Run ``argv`` in host ``host`` to its end; its output comes back."""
-        return subprocess.run([shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", self.names[host - 1], *argv],
+        return subprocess.run([_ip_binary(), "netns", "exec", self.names[host - 1], *argv],
                               env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
     def stop(self, proc: subprocess.Popen, grace_s: float = 15.0) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from flywheel.protocol.errors import UnavailableError
 from flywheel.serving._private.wire import Call, ReplicaChannel, Reply
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class MonitorLink:
         if self._local is not None:
             try:
                 return await self._local.call(call)
-            except (OSError, ConnectionError, asyncio.IncompleteReadError):
+            except UnavailableError:  # unreachable, or lost with the call (ReplicaLost)
                 self._local.close()  # gone from this node, maybe: ask again next time
                 self._local = None
                 raise

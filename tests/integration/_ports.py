@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-import urllib.request
+
+from flywheel.bench.peer_process import answers  # re-exported: True when a GET gets a 200 within 2 s
 
 from _poll import wait_for  # re-exported: the integration tests import it from here
 
@@ -15,12 +16,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    """True when a GET of ``url`` gets a 200 within 2 s."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False

@@ -231,3 +231,14 @@ def test_without_an_application_the_monitor_is_reached_over_loopback_alone():
 
     assert isinstance(monitor_link(9, SECRET, ""), ReplicaChannel)
     assert isinstance(monitor_link(9, SECRET, "app"), MonitorLink)
+
+
+def test_a_link_whose_local_monitor_is_gone_asks_again_where_it_is():
+    from flywheel.protocol.errors import UnavailableError
+    from flywheel.serving._private.monitor_link import MonitorLink
+
+    link = MonitorLink(free_port(), SECRET, "app")  # nothing listens there: the monitor went
+    link._local = ReplicaChannel("127.0.0.1", link._port, pool_size=1, secret=SECRET)
+    with pytest.raises(UnavailableError):
+        asyncio.run(link.call(Call(OP_METRICS, b"")))
+    assert link._local is None  # the next call resolves the monitor's node afresh
