@@ -1,5 +1,5 @@
 """A real two-node Ray cluster: a head and a worker node, each in a network
-namespace of its own with an address from 198.18.0.0/15 (tests/netns.py),
+namespace of its own with an address from 198.18.0.0/15 (flywheel/bench/netns.py),
 so that nothing works by accident through 127.0.0.1. ``make cluster-test``
 runs these alone.
 
@@ -20,7 +20,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 
@@ -28,7 +27,7 @@ from flywheel.registry.keys import KeyStore
 
 from _ports import free_port, wait_for
 from _requests import KeepAliveLoad
-from netns import Hosts, NetnsUnavailable, RayCluster
+from flywheel.bench.netns import Hosts, NetnsUnavailable, RayCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -218,12 +217,10 @@ def _failover_through_the_balancer(cluster, hosts, port, grpc_port, token, tmp_p
     try:
         wait_for(lambda: _answers(f"http://127.0.0.1:{lb_http}/v2/health/ready", token) == 200, 30,
                  "the balancer to answer")
-        raylet = next(p for p in psutil.Process(cluster.nodes[1].pid).children(recursive=True)
-                      if p.name() == "raylet")
         with KeepAliveLoad(lb_http, _send(token), clients=4) as load:
             wait_for(lambda: len(load.answers) > 100, 60, "the load through the balancer to get going")
             before = len(load.answers)
-            raylet.kill()  # the worker node, as a machine that dies takes it
+            cluster.kill_node(2)
             killed = time.monotonic()
             worker = f"http://{hosts.addresses[1]}:{port}/v2/health/ready"
             wait_for(lambda: _answers(worker, token) != 200, 60, "the worker node's ingress to go", every_s=0.1)

@@ -1,6 +1,8 @@
 """Several "hosts" on this machine: network namespaces on a bridge, each with
 one address from the benchmarking range 198.18.0.0/15, and a real Ray
-cluster across them (a head in the first, workers in the others).
+cluster across them (a head in the first, workers in the others). Used by
+the multi-node tests and by the cluster benchmark (bench/cluster.py); needs
+root and iproute2.
 
 Nothing in a namespace can reach another namespace at 127.0.0.1, so a part
 that only works through loopback fails here as it would on real hosts. The
@@ -151,20 +153,48 @@ class RayCluster:
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         for name in ("RAY_ADDRESS", "RAY_NAMESPACE"):
             self.env.pop(name, None)
-        self.nodes = []
-        ray = str(VENV_BIN / "ray")
-        common = ["--block", "--disable-usage-stats", f"--num-cpus={cpus}"]
-        for i, addr in enumerate(hosts.addresses, 1):
-            # a temp dir per node: the nodes share this machine's file system
-            where = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if i == 1
-                     else [f"--address={self.address}"])
-            self.nodes.append(hosts.popen(
-                i, [ray, "start", *where, f"--node-ip-address={addr}", f"--temp-dir={self.dir}/n{i}", *common],
-                env=self.env, log=f"{self.dir}/node{i}.log",
-            ))
+        self.cpus = cpus
+        self.nodes: list[subprocess.Popen] = []
+        self._starts = 0
+        for i in range(1, len(hosts.addresses) + 1):
+            self.nodes.append(self._start(i))
             if i == 1:
                 self._wait(lambda: self._port_open(hosts.addresses[0], RAY_PORT), timeout_s, "the Ray head")
         self._wait(lambda: self.alive_nodes() >= len(hosts.addresses), timeout_s, "every node to join")
+
+    def _start(self, host: int) -> subprocess.Popen:
+        """``ray start --block`` of host ``host``'s node (the head for 1)."""
+        self._starts += 1
+        # a temp dir per node start: the nodes share this machine's file system
+        where = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if host == 1
+                 else [f"--address={self.address}"])
+        return self.hosts.popen(
+            host, [str(VENV_BIN / "ray"), "start", *where, f"--node-ip-address={self.hosts.addresses[host - 1]}",
+                   f"--temp-dir={self.dir}/n{self._starts}", "--block", "--disable-usage-stats",
+                   f"--num-cpus={self.cpus}"],
+            env=self.env, log=f"{self.dir}/node{self._starts}.log",
+        )
+
+    def kill_node(self, host: int) -> None:
+        """Kill worker host ``host``'s raylet with SIGKILL, by PID, as a
+        machine that dies takes it; its workers and ``ray start`` follow it.
+        Returns at once, while the cluster is still to notice."""
+        if host == 1:
+            raise ValueError("host 1 is the head; kill a worker node")
+        raylet = next(p for p in psutil.Process(self.nodes[host - 1].pid).children(recursive=True)
+                      if p.name() == "raylet")
+        raylet.kill()
+
+    def restart_node(self, host: int, timeout_s: float = 120) -> None:
+        """Start worker host ``host``'s node again (after kill_node): a new
+        node at the same address, as a replaced machine joins; returns once
+        the GCS counts every host alive."""
+        if host == 1:
+            raise ValueError("host 1 is the head; restart a worker node")
+        old = self.nodes[host - 1]
+        self.hosts.stop(old)
+        self.nodes[host - 1] = self._start(host)
+        self._wait(lambda: self.alive_nodes() >= len(self.hosts.addresses), timeout_s, f"host {host} to rejoin")
 
     @staticmethod
     def _port_open(host: str, port: int) -> bool:
