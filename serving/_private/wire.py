@@ -51,7 +51,9 @@ import hashlib
 import hmac
 import itertools
 import logging
+import math
 import os
+import random
 import socket
 import struct
 import time
@@ -70,6 +72,12 @@ OP_DRIFT_TRACK = 7  # replica -> drift monitor: start tracking this model config
 
 log = logging.getLogger(__name__)
 
+# A reply code of the frame protocol alone (never an ErrorCode, never shown
+# to a caller): the server is draining and did not run the call; the client
+# sends it again on a new connection, which reaches a replica still listening.
+CODE_DRAINING = 255
+# how many draining servers one call may meet before it is answered UNAVAILABLE
+DRAINING_RESENDS = 3
 _REQ = struct.Struct("<IIBII")
 _RESP = struct.Struct("<IIBIIIIIB")
 MAX_FRAME = 1 << 31
@@ -142,6 +150,12 @@ class ReplicaLost(UnavailableError):
         self.replica = replica
 
 
+class Unreachable(UnavailableError):
+    """No connection could be opened: nothing listens at the address (no
+    replica of the deployment on this node), or the network failed. No call
+    was sent."""
+
+
 def process_identity() -> str:
     """Who this process is, as a client names a server it lost: the Serve
     replica (deployment#id) when it runs in one, its pid, and its node."""
@@ -204,6 +218,8 @@ class FrameServer:
         self.secret = secret
         self.identity = identity.encode()[:MAX_IDENTITY]
         self.refused = 0
+        self.draining = False
+        self.connections: set[_ServerConn] = set()
         self._on_refused = on_refused
         self._server: asyncio.base_events.Server | None = None
         self._logged_at = float("-inf")
@@ -233,6 +249,18 @@ class FrameServer:
         if self._server is not None:
             self._server.close()
 
+    async def drain(self, grace_s: float) -> None:
+        """Go away without failing a call: stop listening (new connections
+        on a shared port reach the replicas that stay), answer every call
+        that arrives from now on CODE_DRAINING unrun (the client sends it
+        elsewhere), and wait up to ``grace_s`` for the calls already
+        running to be answered."""
+        self.draining = True
+        self.close()
+        deadline = time.monotonic() + grace_s
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def wait_closed(self) -> None:
         if self._server is not None:
             await self._server.wait_closed()
@@ -250,8 +278,13 @@ class _ServerConn(asyncio.Protocol):
         self._pending: bytearray | None = None
         self._timer: asyncio.TimerHandle | None = None
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
     def connection_made(self, transport) -> None:
         self._transport = transport
+        self._owner.connections.add(self)
         _nodelay(transport)
         if self._owner.secret is not None:
             self._nonce = os.urandom(NONCE)
@@ -260,6 +293,7 @@ class _ServerConn(asyncio.Protocol):
             transport.write(_HELLO + self._nonce)
 
     def connection_lost(self, exc) -> None:
+        self._owner.connections.discard(self)
         if self._pending is not None:
             self._drop("no_proof", "closed before proving that it knows the deployment secret")
         for t in self._tasks:
@@ -308,6 +342,9 @@ class _ServerConn(asyncio.Protocol):
                 return
         try:
             for (_, req_id, op, aux, timeout_ms), payload in self._buf.feed(data):
+                if self._owner.draining:
+                    self._transport.write(_RESP.pack(0, req_id, CODE_DRAINING, 0, 0, 0, 0, 0, 0))
+                    continue
                 task = asyncio.ensure_future(self._serve(req_id, Call(op, payload, aux, timeout_ms)))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -377,6 +414,8 @@ class _ClientConn(asyncio.Protocol):
         self._nonce = b""  # ours, sent once the server's hello came
         self._answered = False  # any reply bytes yet
         self.refused: Exception | None = None
+        self.expires = math.inf  # monotonic time after which the pool replaces it
+        self.retired = False  # replaced in the pool: closed once its calls are answered
 
     @property
     def name(self) -> str:
@@ -491,11 +530,18 @@ class ReplicaChannel:
     first call. ValueError for a secret shorter than MIN_SECRET.
     """
 
-    def __init__(self, host: str, port: int, pool_size: int = 2, *, secret: bytes | None = None) -> None:
+    def __init__(self, host: str, port: int, pool_size: int = 2, *, secret: bytes | None = None,
+                 max_age_s: float | None = None) -> None:
+        """``max_age_s``: replace a pooled connection once it is about this
+        old (+-10 %, so that the pool does not reconnect at once): with
+        replicas added under load (autoscaling), new connections on the
+        shared port are spread by the kernel over every replica listening,
+        the new ones included, while old connections stay where they are."""
         check_secret(secret)
         self.host = host
         self.port = port
         self._secret = secret
+        self._max_age_s = max_age_s
         self._conns: list[_ClientConn | None] = [None] * pool_size
         self._rr = itertools.cycle(range(pool_size))
         self._ids = itertools.count(1)
@@ -505,13 +551,17 @@ class ReplicaChannel:
     async def _conn(self, slot: int) -> _ClientConn:
         conn = self._conns[slot]
         if conn is not None and not conn.lost:
-            return conn
+            if conn.expires > time.monotonic():
+                return conn
         pending = self._connecting.get(slot)
         if pending is None:
             pending = asyncio.ensure_future(self._open())
             self._connecting[slot] = pending
             pending.add_done_callback(lambda _f: self._connecting.pop(slot, None))
         conn = await asyncio.shield(pending)
+        old = self._conns[slot]
+        if old is not None and old is not conn:
+            self._retire(old)  # aged out: its calls in flight finish on it
         self._conns[slot] = conn
         return conn
 
@@ -521,7 +571,7 @@ class ReplicaChannel:
         try:
             _, proto = await loop.create_connection(lambda: _ClientConn(self._secret, address), self.host, self.port)
         except OSError as exc:
-            raise UnavailableError(f"model replica at {address} unreachable: {exc}") from None
+            raise Unreachable(f"model replica at {address} unreachable: {exc}") from None
         try:
             await asyncio.wait_for(asyncio.shield(proto.ready), HANDSHAKE_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -532,13 +582,33 @@ class ReplicaChannel:
         except BaseException:
             proto.transport.abort()
             raise
+        if self._max_age_s:
+            proto.expires = time.monotonic() + self._max_age_s * random.uniform(0.9, 1.1)
         return proto
+
+    @staticmethod
+    def _retire(conn: _ClientConn) -> None:
+        conn.retired = True
+        if not conn.waiting and conn.transport is not None:
+            conn.transport.close()
 
     async def call(self, call: Call) -> Reply:
         """Send one request and wait for its reply. Raises UnavailableError
         when no replica can be reached or authenticated, ReplicaLost (one)
-        when the connection drops with the call in flight."""
-        return await self._send(await self._conn(next(self._rr)), call)
+        when the connection drops with the call in flight. A call that a
+        draining replica sends back is sent again on a new connection."""
+        slot = next(self._rr)
+        reply = await self._send(await self._conn(slot), call)
+        if reply.code == CODE_DRAINING:
+            return await self._resend(slot, call)
+        return reply
+
+    async def _resend(self, slot: int, call: Call) -> Reply:
+        for _ in range(DRAINING_RESENDS):
+            reply = await self._send(await self._conn(slot), call)  # the drained connection is replaced
+            if reply.code != CODE_DRAINING:
+                return reply
+        raise UnavailableError(f"{DRAINING_RESENDS + 1} replicas at {self.host}:{self.port} were going away")
 
     async def call_fresh(self, call: Call) -> Reply:
         """Like ``call``, on a newly opened connection: for a retry after a
@@ -547,7 +617,10 @@ class ReplicaChannel:
         free or lost, and is closed otherwise."""
         conn = await self._open()
         try:
-            return await self._send(conn, call)
+            reply = await self._send(conn, call)
+            if reply.code == CODE_DRAINING:
+                return await self._resend(next(self._rr), call)
+            return reply
         finally:
             free = [
                 slot for slot, pooled in enumerate(self._conns)
@@ -572,9 +645,15 @@ class ReplicaChannel:
             _REQ.pack(len(call.payload), req_id, call.op, call.aux, call.timeout_ms) + call.payload
         )
         try:
-            return await fut
+            reply = await fut
         finally:
             conn.waiting.pop(req_id, None)
+            if conn.retired and not conn.waiting and conn.transport is not None:
+                conn.transport.close()
+        if reply.code == CODE_DRAINING:  # the server is going: replace this connection
+            conn.expires = -math.inf
+            self._retire(conn)
+        return reply
 
     def close(self) -> None:
         self._closed = True
