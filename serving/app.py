@@ -9,7 +9,7 @@ state (policies, canaries, swaps; see serving/controller.py) and persists it
 in the registry's database; ``drift``, the drift monitor, when a model has
 drift on; and one deployment ``<model>-<version>`` per dedicated model, whose
 replicas serve the internal frame protocol on a loopback port shared by all
-of them. One application is what ``serve deploy`` and KubeRay's
+of them (an ingress on a node without one calls them through Serve). One application is what ``serve deploy`` and KubeRay's
 ``serveConfigV2`` deploy declaratively (serving/deploy.py builds the same).
 Serve's own HTTP proxy is disabled: it would add milliseconds to every request
 (shared/design/RAY-NOTES.md) and nothing routes through it.
@@ -35,7 +35,9 @@ from flywheel.protocol.errors import ConfigError, UnavailableError
 from flywheel.runtime.backends import get_backend
 from flywheel.serving._private.autoscaling import ray_autoscaling_config
 from flywheel.serving._private.tls import server_context
-from flywheel.serving.config import DeployConfig, ModelConfig, RegistryConfig, ServerConfig
+from flywheel.serving.config import (
+    AUTOSCALING_CONNECTION_AGE_S, DeployConfig, ModelConfig, RegistryConfig, ServerConfig,
+)
 from flywheel.serving.controller import RouterController
 from flywheel.serving.drift_monitor import DriftMonitor
 from flywheel.serving.ingress import DRAIN_S, Ingress
@@ -44,6 +46,10 @@ from flywheel.serving.replica import ModelReplica
 from flywheel.common.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+# calls in flight through Serve to one dedicated replica (from ingress
+# replicas on nodes without one); Serve's default of 5 would queue them
+MAX_SERVE_CALLS = 1000
+
 
 def model_deployment_name(model: ModelConfig) -> str:
     """The Serve deployment of a dedicated (model, version)."""
@@ -198,18 +204,28 @@ def build_application(config: DeployConfig, *, deploy_id: str | None = None, run
         if model.placement == "colocated":
             continue
         port = _free_port()
+        if model.autoscaling is not None:
+            replicas: dict = {"autoscaling_config": ray_autoscaling_config(model.autoscaling, model.replicas)}
+            # added replicas get calls only on new connections (serving/_private/wire.py)
+            max_age_s = server.max_connection_age_s or AUTOSCALING_CONNECTION_AGE_S
+        else:
+            replicas, max_age_s = {"num_replicas": model.replicas}, None
         dep = serve.deployment(ModelReplica).options(
             name=model_deployment_name(model),
-            num_replicas=model.replicas,
+            **replicas,
             ray_actor_options=_actor_options(model.num_cpus, [model], runtime_env),
             health_check_period_s=2.0,
             health_check_timeout_s=10.0,
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=5.0,
+            # calls through Serve (from nodes without a replica) are
+            # bounded by the model's batcher queue, not by Serve
+            max_ongoing_requests=MAX_SERVE_CALLS,
         )
         parts.append(dep.bind(model, port, server.request_limits(), config.registry, drift_port, secret=secret,
                               drift_app=app if drift_port else ""))
-        routes.append(Route(model.name, model.version, port))
+        routes.append(Route(model.name, model.version, port, deployment=model_deployment_name(model),
+                            max_age_s=max_age_s))
     if server.autoscaling is not None:
         scale: dict = {"autoscaling_config": ray_autoscaling_config(server.autoscaling, server.replicas)}
     else:

@@ -95,10 +95,12 @@ class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class AutoscalingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Ingress replicas that follow the load (``server.autoscaling``).
+    """Replicas that follow the load: the ingress's (``server.autoscaling``)
+    or a dedicated model's (``models[].autoscaling``).
 
     Each ingress replica counts its requests in flight (decoded, not yet
-    answered, over HTTP and gRPC) and reports the count to Serve; Serve's
+    answered, over HTTP and gRPC), each dedicated model replica the calls it
+    holds, and reports the count to Serve; Serve's
     built-in request metrics do not see this traffic, which reaches the
     replicas' own servers, not Serve's proxy. The deployment wants
     ``ceil(sum of the replicas' counts / target_in_flight)`` replicas, within
@@ -120,16 +122,16 @@ class AutoscalingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas <= 32:
             raise ConfigError(
-                f"server.autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
-                f"({self.max_replicas}) <= 32 (an ingress keeps one replica: it owns the ports)"
+                f"autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
+                f"({self.max_replicas}) <= 32 (scaling to zero is not supported)"
             )
         if not 0 < self.target_in_flight <= 10_000:
-            raise ConfigError(f"server.autoscaling.target_in_flight {self.target_in_flight} must lie in (0, 10000]")
+            raise ConfigError(f"autoscaling.target_in_flight {self.target_in_flight} must lie in (0, 10000]")
         for field in ("upscale_delay_s", "downscale_delay_s"):
             if not 0 <= getattr(self, field) <= 3600:
-                raise ConfigError(f"server.autoscaling.{field} must lie in [0, 3600] seconds")
+                raise ConfigError(f"autoscaling.{field} must lie in [0, 3600] seconds")
         if not 0.5 <= self.look_back_s <= 600:
-            raise ConfigError(f"server.autoscaling.look_back_s {self.look_back_s} must lie in [0.5, 600] seconds")
+            raise ConfigError(f"autoscaling.look_back_s {self.look_back_s} must lie in [0.5, 600] seconds")
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -437,16 +439,23 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     placement: ``colocated`` (default): loaded into every ingress replica and
         called in-process, the low-latency path; it scales with
         ``server.replicas``. ``dedicated``: its own Serve deployment, reached
-        over a loopback hop; for models that need their own processes,
+        over a loopback hop (through Serve from a node without a replica); for models that need their own processes,
         replica count or isolation from the others. A colocated model run
         inline (``batching.inline``; unset, chosen at warm-up for a model
         whose largest batch takes at most a millisecond) runs on the
         ingress's loop and holds up every other request of that replica
         while it runs. (Before placement existed every model
         was dedicated: a config with ``replicas`` > 1 now says so.)
-    replicas / num_cpus: Serve replicas (dedicated only) and Ray CPUs per
-        replica (fractional ok; a colocated model adds its num_cpus to each
-        ingress replica's).
+    replicas / num_cpus: Serve replicas (dedicated only; with
+        ``autoscaling``, the count it starts with) and Ray CPUs per replica
+        (fractional ok; a colocated model adds its num_cpus to each ingress
+        replica's). On a cluster, an ingress replica calls the replicas on
+        its own node over loopback, and those on other nodes through Serve
+        when its node has none.
+    autoscaling: dedicated replicas that follow the calls they hold
+        (AutoscalingConfig). The ingress's connections to them age out
+        (``server.max_connection_age_s``, 30 s by default) so that added
+        replicas get calls.
     num_gpus: Ray GPUs per replica; unset = what the backend needs (1 for
         ``tensorrt`` and for ``onnxruntime`` with the ``cuda`` or
         ``tensorrt`` provider, else 0). Fractional shares a GPU.
@@ -479,6 +488,7 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     warmup_batch_sizes: tuple[int, ...] = (1,)
     drift: DriftConfig = DriftConfig()
     capture: CaptureConfig | None = None
+    autoscaling: AutoscalingConfig | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -500,6 +510,11 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"model {self.name!r}: replicas {self.replicas} needs placement: dedicated (a colocated "
                 "model runs in every ingress replica; set server.replicas to scale it)"
+            )
+        if self.autoscaling is not None and self.placement != "dedicated":
+            raise ConfigError(
+                f"model {self.name!r}: autoscaling needs placement: dedicated (a colocated model runs in "
+                "every ingress replica; set server.autoscaling to scale it)"
             )
         if self.num_cpus < 0:
             raise ConfigError(f"model {self.name!r}: num_cpus must be >= 0")
@@ -574,6 +589,7 @@ class EndpointConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     promote_alias: str = "production"
     allow_signature_change: bool = False
     capture: CaptureConfig | None = None
+    autoscaling: AutoscalingConfig | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -158,7 +158,7 @@ class Ingress:
     async def _start(self, server: ServerConfig, routes: list[Route], drift_port: int, keys_uri: str) -> None:
         for ms in self._local.values():
             await ms.start()
-        self.router = Router(routes, self._metrics, self._local, secret=self._secret)
+        self.router = Router(routes, self._metrics, self._local, secret=self._secret, app=self._app)
         self.router.label_roots = dict(self._label_roots)
         self._plane = DataPlane(self.router)  # what both transports call
         # with several replicas, feedback may reach another replica than the

@@ -26,8 +26,10 @@ itself; ``--node HOST`` (repeatable) names them instead.
 Limits: HTTP retries cover requests whose body fits HAProxy's buffer (16 KB
 by default) and gRPC is never retried (a call in flight on a node that dies
 fails); ``/metrics`` through the balancer answers for one node (scrape each
-node directly); dedicated models are reached over loopback, so they must
-run on the node of the ingress that calls them.
+node directly). An ingress calls a dedicated model's replicas on its own
+node over loopback and, on a node with none, through Serve (a slower hop):
+give a dedicated model ``replicas`` >= the nodes that serve, and Serve's
+spread placement puts one on each where it can.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import msgspec
 from flywheel.protocol.errors import ErrorCode, FlywheelError, NotFoundError, UnavailableError
 from flywheel.serving._private.live_endpoint import LiveEndpoint, new_request_id, usable_request_id
 from flywheel.serving._private.reply_outputs import reply_outputs, reply_request_id
+from flywheel.serving._private.node_link import NodeLink
 from flywheel.serving._private.wire import OP_METADATA, Call, ReplicaChannel, ReplicaLost, Reply
 from flywheel.serving.metrics import ModelMetrics, ServingMetrics
 from flywheel.serving.shadow import compare_outputs
@@ -45,12 +46,18 @@ _HEALTHY = frozenset((0,))
 @dataclass(frozen=True, slots=True)
 class Route:
     """Where one (model, version) is served: its dedicated replicas' shared
-    loopback port, or (``local``) in this process, by a colocated ModelServer."""
+    loopback port, or (``local``) in this process, by a colocated ModelServer.
+    ``deployment``: the dedicated replicas' Serve deployment, called through
+    Serve from a node that has none of them ("": loopback only);
+    ``max_age_s``: how old a connection to them may grow (None: no limit;
+    autoscaled replicas need new connections to get calls)."""
 
     name: str
     version: str
     port: int = 0
     local: bool = False
+    deployment: str = ""
+    max_age_s: float | None = None
 
 
 class LocalChannel:
@@ -75,7 +82,7 @@ class LocalChannel:
 @dataclass(slots=True)
 class ModelEntry:
     route: Route
-    channel: ReplicaChannel | LocalChannel
+    channel: ReplicaChannel | NodeLink | LocalChannel
     stats: ModelMetrics
     metadata: dict | None = None
     ready: bool = False
@@ -129,10 +136,12 @@ class Router:
     """Resolves (name, version) to a model's replicas and forwards calls."""
 
     def __init__(self, routes: list[Route], metrics: ServingMetrics, local: Mapping[tuple[str, str], Any] = {},
-                 *, secret: bytes | None = None) -> None:
+                 *, secret: bytes | None = None, app: str = "") -> None:
         """``local`` maps (name, version) to the ModelServer of each route
         with ``local=True``; ``secret``: the deployment's, which every
-        connection to a dedicated model's replicas proves."""
+        connection to a dedicated model's replicas proves; ``app``: the
+        Serve application of the dedicated deployments ("": reached over
+        loopback only, as in-process tests do)."""
         self.metrics = metrics
         self.ship_ids = False  # send request ids to the controller (several ingress replicas)
         # endpoint -> capture root, for labels of models captured in their own
@@ -148,7 +157,9 @@ class Router:
             if r.local:
                 channel = LocalChannel(local[(r.name, r.version)])
             else:
-                channel = ReplicaChannel("127.0.0.1", r.port, secret=secret)
+                channel = ReplicaChannel("127.0.0.1", r.port, secret=secret, max_age_s=r.max_age_s)
+                if r.deployment and app:
+                    channel = NodeLink(channel, r.deployment, app)
             entry.versions[r.version] = ModelEntry(r, channel, metrics.for_model(r.name, r.version))
         for name, entry in self._names.items():
             # Until the controller says otherwise, the highest version (by

@@ -1,8 +1,8 @@
-"""server.autoscaling: the ingress follows the in-flight counts its replicas
-measure themselves. A load step from 1 to 32 keep-alive clients scales it
-from 1 to 2 replicas, the new one gets connections (they age out and
-reconnect), and it goes back to 1 after the load, with no failed request at
-any point."""
+"""server.autoscaling and models[].autoscaling: the ingress, and a dedicated
+model, follow the in-flight counts their replicas measure themselves. A load
+step from 1 to 32 keep-alive clients scales either from 1 to 2 replicas, the
+new one gets connections (they age out and reconnect), and it goes back to 1
+after the load, with no failed request at any point."""
 
 from __future__ import annotations
 
@@ -48,10 +48,55 @@ def _infer(conn) -> int:
     return len(json.loads(data)["outputs"][0]["data"])
 
 
-def _running(app: str) -> int:
+def _running(app: str, deployment: str = "ingress") -> int:
     from ray import serve
 
-    return serve.status().applications[app].deployments["ingress"].replica_states.get("RUNNING", 0)
+    return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def _answered_by_model_replica(app: str, deployment: str, asks: int = 20) -> dict[str, int]:
+    """identity -> calls answered, from as many replicas of a dedicated
+    model as answer ``asks`` calls (Serve spreads them over the replicas)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    seen = {}
+    for _ in range(asks):
+        stats = handle.frame_stats.remote().result(timeout_s=10)
+        seen[stats["identity"]] = stats["answered"]
+    return seen
+
+
+def _step_up_and_down(port: int, running, both_answer, what: str) -> None:
+    """One keep-alive client, then 32 beside it until ``running()`` says 2
+    and ``both_answer()``, then one again until ``running()`` says 1; no
+    request may fail throughout."""
+    failures: list[str] = []
+    assert running() == 1
+    with KeepAliveLoad(port, _infer, clients=1) as one:
+        wait_for(lambda: len(one.answers) > 50, 60, "one client's first answers")
+        # one client keeps at most one request in flight: under the target of 4
+        time.sleep(4)
+        assert running() == 1
+        with KeepAliveLoad(port, _infer, clients=32) as many:
+            started = time.monotonic()
+            wait_for(lambda: running() >= 2, 90, f"the {what} to scale to 2 replicas", every_s=0.5)
+            print(f"\nscaled 1 -> 2 {what} replicas {time.monotonic() - started:.1f} s after 32 clients started")
+            # connections age out and reconnect: some land on the new replica
+            wait_for(both_answer, 60, f"both {what} replicas to answer", every_s=0.5)
+        failures += many.failures
+        stopped = time.monotonic()
+        wait_for(lambda: running() == 1, 90, f"the {what} to scale back to 1 replica", every_s=0.5)
+        print(f"scaled 2 -> 1 {time.monotonic() - stopped:.1f} s after the 32 clients stopped")
+        seen = len(one.answers)
+        wait_for(lambda: len(one.answers) > seen + 50, 60, "answers after the scale-down")
+    failures += one.failures
+    assert set(many.answers) | set(one.answers) == {10}
+    assert failures == []
+
+
+def _both_answered(answered: dict) -> bool:
+    return len(answered) == 2 and min(answered.values()) > 0
 
 
 def test_a_load_step_scales_the_ingress_up_and_back_down_without_a_failed_request(ray_session, wide_mlp):
@@ -66,30 +111,28 @@ def test_a_load_step_scales_the_ingress_up_and_back_down_without_a_failed_reques
     })
     dep = deploy(cfg)
     app = application_name(dep.config)
-    port = int(dep.url.rsplit(":", 1)[1])
-    failures: list[str] = []
     try:
-        assert _running(app) == 1
-        with KeepAliveLoad(port, _infer, clients=1) as one:
-            wait_for(lambda: len(one.answers) > 50, 60, "one client's first answers")
-            # one client keeps at most one request in flight: under the target of 4
-            time.sleep(4)
-            assert _running(app) == 1
-            with KeepAliveLoad(port, _infer, clients=32) as many:
-                started = time.monotonic()
-                wait_for(lambda: _running(app) >= 2, 90, "the ingress to scale to 2 replicas", every_s=0.5)
-                print(f"\nscaled 1 -> 2 ingress replicas {time.monotonic() - started:.1f} s after 32 clients started")
-                # the clients' connections age out and reconnect: some land on the new replica
-                wait_for(lambda: len(answered := answered_by_replica(app)) == 2 and min(answered.values()) > 0, 60,
-                         "both replicas to answer requests", every_s=0.5)
-            failures += many.failures
-            stopped = time.monotonic()
-            wait_for(lambda: _running(app) == 1, 90, "the ingress to scale back to 1 replica", every_s=0.5)
-            print(f"scaled 2 -> 1 {time.monotonic() - stopped:.1f} s after the 32 clients stopped")
-            seen = len(one.answers)
-            wait_for(lambda: len(one.answers) > seen + 50, 60, "answers after the scale-down")
-        failures += one.failures
-        assert set(many.answers) | set(one.answers) == {10}
+        _step_up_and_down(int(dep.url.rsplit(":", 1)[1]), lambda: _running(app),
+                          lambda: _both_answered(answered_by_replica(app)), "ingress")
     finally:
         undeploy(dep)
-    assert failures == []
+
+
+def test_a_load_step_scales_a_dedicated_model_up_and_back_down_without_a_failed_request(ray_session, wide_mlp):
+    cfg = parse_config({
+        "name": "autoscaled-model",
+        # the ingress's connections to the model's replicas age out after about a second
+        "server": {"port": 0, "grpc_port": -1, "max_connection_age_s": 1},
+        "models": [{"name": "wide", "path": wide_mlp, "num_cpus": 0.1, "placement": "dedicated",
+                    "onnxruntime": {"intra_op_threads": 1},
+                    "batching": {"max_batch_size": 32, "inline": False},
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_in_flight": 4,
+                                    "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_s": 2}}],
+    })
+    dep = deploy(cfg)
+    app, model = application_name(dep.config), "wide-1"
+    try:
+        _step_up_and_down(int(dep.url.rsplit(":", 1)[1]), lambda: _running(app, model),
+                          lambda: _both_answered(_answered_by_model_replica(app, model)), "model")
+    finally:
+        undeploy(dep)

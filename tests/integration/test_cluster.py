@@ -3,10 +3,13 @@ namespace of its own with an address from 198.18.0.0/15 (flywheel/bench/netns.py
 so that nothing works by accident through 127.0.0.1. ``make cluster-test``
 runs these alone.
 
-One deployment serves at both nodes' addresses; inputs sent only to the
-node without the drift monitor still reach it (through Serve); and with
-``flywheel lb haproxy``'s balancer in front, killing the worker node's raylet
-under load fails no request (counted and printed)."""
+One deployment serves at both nodes' addresses, a dedicated model with one
+replica among them (the node without it calls it through Serve); inputs sent
+only to the node without the drift monitor still reach it (through Serve);
+with ``flywheel lb haproxy``'s balancer in front, killing the worker node's
+raylet under load fails no request beyond those in flight (counted and
+printed); and a node started again at the worker's address gets its
+replicas back from Serve."""
 
 from __future__ import annotations
 
@@ -93,10 +96,10 @@ def _answers(url: str, token: str) -> int:
         return 0
 
 
-def _infer(base: str, token: str, x: np.ndarray) -> dict:
+def _infer(base: str, token: str, x: np.ndarray, model: str = "digits") -> dict:
     body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
-    req = urllib.request.Request(f"{base}/v2/models/digits/infer", body, {
+    req = urllib.request.Request(f"{base}/v2/models/{model}/infer", body, {
         "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
@@ -148,7 +151,10 @@ def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor
         "registry": {"uri": uri, "artifacts": artifacts},
         "models": [{"name": "digits", "ref": "digits@production", "num_cpus": 0.1,
                     "drift": {"enabled": True, "sample_rate": 1.0, "window": 100, "batch_rows": 20,
-                              "flush_interval_s": 0.1, "tests": ["ks"]}}],
+                              "flush_interval_s": 0.1, "tests": ["ks"]}},
+                   # one replica of its own, on one node: the other node's ingress calls it through Serve
+                   {"name": "isolated", "ref": "digits@production", "num_cpus": 0.1, "placement": "dedicated",
+                    "replicas": 1}],
     }))
     env = {**cluster.env, "RAY_ADDRESS": cluster.address, "FLYWHEEL_HOME": str(tmp_path / "home"),
            "FLYWHEEL_REGISTRY_URI": uri}
@@ -160,8 +166,10 @@ def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor
             wait_for(lambda url=url: proc.poll() is None and _answers(f"{url}/v2/health/ready", token) == 200,
                      240, f"{url} to be ready (see {tmp_path}/serve.log)", every_s=1)
         row = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 64)
-        answers = [_infer(url, token, row) for url in urls for _ in range(3)]
+        answers = [_infer(url, token, row, model) for url in urls for model in ("digits", "isolated")
+                   for _ in range(3)]
         assert all(np.asarray(a["outputs"][0]["data"]).size == 10 for a in answers)
+        assert {a["model_name"] for a in answers} == {"digits", "isolated"}
         assert _answers(f"{urls[1]}/v2/models/digits", "fwk_wrong_key") == 401
 
         monitor_ip = cluster.python(1, MONITOR_NODE % {"address": cluster.address}).strip().splitlines()[-1]
@@ -175,6 +183,16 @@ def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor
         assert history[0]["result"]["n_window"] == 100
 
         _failover_through_the_balancer(cluster, hosts, port, grpc_port, token, tmp_path)
+
+        # a new machine at the worker's address: Serve puts the lost replicas back on it
+        started = time.monotonic()
+        cluster.restart_node(2)
+        wait_for(lambda: _answers(f"{urls[1]}/v2/health/ready", token) == 200, 180,
+                 "the worker's address to serve again (Serve reschedules its ingress replica)", every_s=0.5)
+        print(f"rescheduled: the worker's address served again {time.monotonic() - started:.1f} s after its "
+              "node was started again")
+        for model in ("digits", "isolated"):
+            assert np.asarray(_infer(urls[1], token, row, model)["outputs"][0]["data"]).size == 10
     finally:
         proc.send_signal(signal.SIGTERM)  # flywheel serve shuts its application down, then its Ray driver
         try:

@@ -80,3 +80,19 @@ def test_serve_accepts_the_config_and_finds_the_policy():
     assert cfg.policy.policy_function == POLICY
     module, name = POLICY.split(":")
     assert getattr(__import__(module, fromlist=[name]), name) is in_flight_policy
+
+
+def _model(**fields):
+    return {"name": "m", "path": "/models/m.onnx", **fields}
+
+
+def test_a_dedicated_model_takes_autoscaling_and_a_colocated_one_is_refused():
+    cfg = parse_config({"models": [_model(placement="dedicated", autoscaling={"max_replicas": 3})]})
+    assert cfg.models[0].autoscaling.max_replicas == 3
+    with pytest.raises(ConfigError, match="autoscaling needs placement: dedicated"):
+        parse_config({"models": [_model(autoscaling={"max_replicas": 3})]})
+
+
+def test_a_model_autoscaling_error_names_the_model_field():
+    with pytest.raises(ConfigError, match=r"max_replicas.*models\[0\]\.autoscaling"):
+        parse_config({"models": [_model(placement="dedicated", autoscaling={"max_replicas": 40})]})
