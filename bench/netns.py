@@ -13,6 +13,7 @@ the hosts; nothing else is routed. Everything made here is removed by
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -134,6 +135,13 @@ class Hosts:
         for proc in reversed(self._procs):
             self.stop(proc)
         self._procs.clear()
+        for ns in self.names:  # what outlived its parent (a killed node's workers), by PID
+            pids = _ip("netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    psutil.Process(int(pid)).kill()
+                except (psutil.NoSuchProcess, ValueError):
+                    pass
         for kind, name in reversed(self._made):
             if kind == "ns":
                 _ip("netns", "del", name, check=False)
@@ -188,13 +196,16 @@ class RayCluster:
     def restart_node(self, host: int, timeout_s: float = 120) -> None:
         """Start worker host ``host``'s node again (after kill_node): a new
         node at the same address, as a replaced machine joins; returns once
-        the GCS counts every host alive."""
+        the GCS counts a node alive at that address that was not there
+        before (the killed one stays counted alive for several seconds)."""
         if host == 1:
             raise ValueError("host 1 is the head; restart a worker node")
-        old = self.nodes[host - 1]
-        self.hosts.stop(old)
+        before = set(self.node_ids())
+        self.hosts.stop(self.nodes[host - 1])
         self.nodes[host - 1] = self._start(host)
-        self._wait(lambda: self.alive_nodes() >= len(self.hosts.addresses), timeout_s, f"host {host} to rejoin")
+        address = self.hosts.addresses[host - 1]
+        self._wait(lambda: any(ip == address and node not in before for node, ip in self.node_ids().items()),
+                   timeout_s, f"host {host} to rejoin")
 
     @staticmethod
     def _port_open(host: str, port: int) -> bool:
@@ -215,9 +226,14 @@ class RayCluster:
 
     def alive_nodes(self) -> int:
         """Alive nodes, as the head's GCS counts them (asked from host 1)."""
-        out = self.python(1, "import ray; ray.init(address=%r, log_to_driver=False); "
-                             "print(sum(n['Alive'] for n in ray.nodes()))" % self.address, timeout=60)
-        return int(out.strip().splitlines()[-1]) if out.strip() else 0
+        return len(self.node_ids())
+
+    def node_ids(self) -> dict[str, str]:
+        """Node id -> address of every node the head's GCS counts alive."""
+        out = self.python(1, "import json, ray; ray.init(address=%r, log_to_driver=False); "
+                             "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() "
+                             "if n['Alive']}))" % self.address, timeout=60)
+        return json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
 
     def python(self, host: int, code: str, timeout: float = 300, env: dict | None = None) -> str:
         """Run ``code`` with this venv's Python in host ``host`` (a Ray
