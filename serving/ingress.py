@@ -26,7 +26,9 @@ from flywheel.serving.auth import Authenticator
 from flywheel.serving._private.autoscaling import IN_FLIGHT
 from flywheel.serving._private.dataplane import DataPlane
 from flywheel.serving._private.endpoint_sync import EndpointSync
-from flywheel.serving._private.grpc_front import FrontTimeouts, GrpcOverHttp1, HaproxyFront, grpc_failure, haproxy_binary
+from flywheel.serving._private.grpc_front import (
+    FrontTimeouts, GrpcOverHttp1, HaproxyFront, calls_for_age, grpc_failure, haproxy_binary,
+)
 from flywheel.serving._private.grpc_service import GrpcCalls, start_grpc_server
 from flywheel.serving._private.http_errors import error_response
 from flywheel.serving._private.http_routes import HttpRoutes
@@ -209,7 +211,8 @@ class Ingress:
         # HTTP/1.1 (serving/_private/grpc_front.py). Started from this loop
         # thread, which lives as long as the replica: HAProxy dies with it.
         front = HaproxyFront(binary, server.host, server.grpc_port,
-                             FrontTimeouts(server.header_timeout_s, server.keepalive_timeout_s), tls=server.tls)
+                             FrontTimeouts(server.header_timeout_s, server.keepalive_timeout_s), tls=server.tls,
+                             max_calls=calls_for_age(server.connection_age_s()))
         handler = GrpcOverHttp1(GrpcCalls(self._plane, self._auth), server.max_body_bytes)
         self._front_http = await start_unix_http_server(
             handler.handle, front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,

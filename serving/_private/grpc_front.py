@@ -187,18 +187,38 @@ def _ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
+# HAProxy has no connection age: a connection's calls stand in for it (see
+# calls_for_age)
+CALLS_PER_AGE_S = 1000
+MIN_CALLS = 100
+
+
+def calls_for_age(age_s: float | None) -> int:
+    """The calls after which the front sends a client GOAWAY, standing in
+    for ``server.max_connection_age_s`` (0: no limit): the calls a busy
+    connection makes in that time at CALLS_PER_AGE_S, so that the busy
+    connections, the ones that matter to a replica added under load, move
+    about as often as the age says, and an idle one stays (it costs
+    nothing where it is)."""
+    return max(MIN_CALLS, round(age_s * CALLS_PER_AGE_S)) if age_s else 0
+
+
 def front_config(host: str, port: int, backend: str, timeouts: FrontTimeouts = FrontTimeouts(),
-                 tls_bind: str = "") -> str:
+                 tls_bind: str = "", max_calls: int = 0) -> str:
     """One h2 frontend on host:port passing every call to ``backend`` (a Unix
     socket path) as HTTP/1.1; ``tls_bind``: the bind's TLS options
-    (serving/_private/tls.py), "" for h2c."""
+    (serving/_private/tls.py), "" for h2c; ``max_calls``: calls a client
+    connection may make before a graceful GOAWAY (0: no limit)."""
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # the client finishes its calls in flight and reconnects, wherever the
+    # kernel's SO_REUSEPORT choice sends it
+    limit = f"\n    tune.h2.fe.max-total-streams {max_calls}" if max_calls else ""
     return f"""global
     nbthread 1
     maxconn {_maxconn()}
     # the largest header block HAProxy accepts (gRPC metadata)
     tune.bufsize 65536
-    tune.h2.max-concurrent-streams 256
+    tune.h2.max-concurrent-streams 256{limit}
     # HTTP/2's default stream window (64 KB) would throttle large tensors
     # from distant clients to one window per round trip
     tune.h2.initial-window-size 1048576
@@ -263,10 +283,12 @@ class HaproxyFront:
     """One HAProxy process: h2 on host:port, HTTP/1.1 to a Unix socket here."""
 
     def __init__(self, binary: str, host: str, port: int, timeouts: FrontTimeouts = FrontTimeouts(),
-                 tls: TlsConfig | None = None) -> None:
-        """``tls``: terminate TLS (ALPN h2) with these files; None: h2c."""
+                 tls: TlsConfig | None = None, max_calls: int = 0) -> None:
+        """``tls``: terminate TLS (ALPN h2) with these files; None: h2c.
+        ``max_calls``: see front_config."""
         self._timeouts = timeouts
         self._tls = tls
+        self._max_calls = max_calls
         _sweep_stale_dirs()
         self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # 0700: ours alone
         self.backend = os.path.join(self._dir, "replica.sock")  # our httptools server listens here
@@ -283,7 +305,7 @@ class HaproxyFront:
         cfg = os.path.join(self._dir, "haproxy.cfg")
         tls_bind = haproxy_bind_options(self._tls, self._dir) if self._tls is not None else ""
         with open(cfg, "w") as f:
-            f.write(front_config(self._host, self.port, self.backend, self._timeouts, tls_bind))
+            f.write(front_config(self._host, self.port, self.backend, self._timeouts, tls_bind, self._max_calls))
         with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
                 [self._binary, "-f", cfg, "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -445,3 +445,28 @@ def test_the_front_config_carries_the_server_timeouts():
     text = front_config("127.0.0.1", 9000, "/tmp/x.sock", FrontTimeouts(request_s=2.5, keep_alive_s=60))
     assert "timeout http-request 2500ms" in text
     assert "timeout http-keep-alive 60000ms" in text
+
+
+def test_the_front_sends_goaway_after_the_calls_that_stand_for_the_connection_age(mlp_onnx):
+    """HAProxy has no connection age: with server.max_connection_age_s (or
+    autoscaling) a connection gets a graceful GOAWAY after calls_for_age
+    calls, and the client reconnects (a new local port) with no call failing."""
+    from flywheel.serving._private.grpc_front import MIN_CALLS, calls_for_age, front_config
+
+    assert calls_for_age(None) == 0 and calls_for_age(0.01) == MIN_CALLS and calls_for_age(2) == 2000
+    assert "max-total-streams" not in front_config("127.0.0.1", 9000, "/tmp/x.sock")
+    ingress, cfg = _ingress(mlp_onnx, max_connection_age_s=0.1)  # 100 calls a connection
+    try:
+        ports = set()
+        me = psutil.Process()
+        with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
+            call = ch.unary_unary(INFER)
+            for i in range(450):
+                raw = call(_request(np.zeros((1, 64), np.float32)), timeout=10)
+                assert pb.ModelInferResponse.FromString(raw).model_version == "3"
+                if i % 10 == 0:
+                    ports |= {c.laddr.port for c in me.net_connections("tcp")
+                              if c.raddr and c.raddr.port == cfg.grpc_port}
+        assert len(ports) >= 3, ports  # 450 calls at 100 a connection: 5 connections
+    finally:
+        ingress.close()
