@@ -44,6 +44,9 @@ class Settings(msgspec.Struct, frozen=True):
         compares against (``FLYWHEEL_KSERVE_VENV``).
     bench_debug: benchmarks print the traceback of a system that failed to
         start (``FLYWHEEL_BENCH_DEBUG`` non-empty).
+    gloo_socket_ifname: the network interface a training worker's gloo
+        binds (``GLOO_SOCKET_IFNAME``, torch's own variable); empty = the
+        interface holding the worker's Ray node address (training/torch_backend.py).
     """
 
     ray_address: str = ""
@@ -62,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True):
     alibi_venv: str = ".venv-alibi"
     kserve_venv: str = ".venv-kserve"
     bench_debug: bool = False
+    gloo_socket_ifname: str = ""
 
     def __repr__(self) -> str:  # never print the key
         return "Settings(" + ", ".join(
@@ -101,4 +105,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         alibi_venv=env.get("FLYWHEEL_ALIBI_VENV", "") or ".venv-alibi",
         kserve_venv=env.get("FLYWHEEL_KSERVE_VENV", "") or ".venv-kserve",
         bench_debug=bool(env.get("FLYWHEEL_BENCH_DEBUG", "")),
+        gloo_socket_ifname=env.get("GLOO_SOCKET_IFNAME", ""),
     )

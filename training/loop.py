@@ -42,6 +42,7 @@ def job_paths(job_dir: str) -> dict[str, str]:
         "fault": os.path.join(job_dir, FAULT_MARKER),
         "progress": os.path.join(job_dir, "progress.json"),
         "attempts": os.path.join(job_dir, "attempts.jsonl"),
+        "placement": os.path.join(job_dir, "placement.jsonl"),
         "done": os.path.join(job_dir, "DONE"),
     }
 
@@ -141,6 +142,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     epoch, step_in_epoch, global_step, history = 0, 0, 0, []
     running = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+    _note_placement(paths, rank, world, distributed)
     # Rank 0 reads the store and tells the others what it found: ranks that
     # each read it could disagree (a read error, storage not yet in sync)
     # and then call different collectives.
@@ -250,6 +252,26 @@ def train_loop(config: dict[str, Any]) -> None:
         append_log(paths["log"], f"finished: {global_step} steps")
         with open(paths["done"], "w") as f:  # ran to the end (a late cancel does not undo that)
             f.write(f"{global_step}\n")
+
+
+def _note_placement(paths: dict, rank: int, world: int, distributed: bool) -> None:
+    """Rank 0 notes where every rank of this attempt runs (node address and
+    id), in the log and in ``placement.jsonl``: on a cluster that is how a
+    reader tells a job spread over nodes, and a restart onto a new node."""
+    import ray
+    import torch.distributed as dist
+
+    mine = {"rank": rank, "ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
+    ranks = [mine]
+    if distributed:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    if rank != 0:
+        return
+    with open(paths["placement"], "a") as f:
+        f.write(json.dumps({"started_at": time.time(), "ranks": ranks}) + "\n")
+    append_log(paths["log"], "workers: " + ", ".join(f"rank {r['rank']} on {r['ip']} (node {r['node_id'][:12]})"
+                                                   for r in ranks))
 
 
 def _evaluate(model, xv, yv, loss_fn) -> dict[str, float]:

@@ -35,15 +35,18 @@ class JobCancelled(Exception):
 
 
 def wait_for_resources(workers: int, cpus: float, gpus: float, wait_s: float, job_id: str,
-                       should_stop: Callable[[], bool] = lambda: False) -> None:
+                       should_stop: Callable[[], bool] = lambda: False, placement: str = "pack") -> None:
     """Return once ``workers`` bundles of (cpus, gpus) could be reserved
-    together; UnavailableError naming what is free after ``wait_s``;
-    JobCancelled when ``should_stop`` says so meanwhile."""
+    together, placed as ``placement`` (resources.placement) says;
+    UnavailableError naming what is free after ``wait_s``; JobCancelled
+    when ``should_stop`` says so meanwhile."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    from flywheel.training.spec import PLACEMENTS
+
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    pg = placement_group([bundle] * workers, strategy="PACK")
+    pg = placement_group([bundle] * workers, strategy=PLACEMENTS[placement])
     ready, deadline = False, time.monotonic() + wait_s
     try:
         while not ready and time.monotonic() < deadline:
@@ -55,8 +58,11 @@ def wait_for_resources(workers: int, cpus: float, gpus: float, wait_s: float, jo
     if not ready:
         free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        spread = (f" on {workers} different nodes (resources.placement: strict_spread; {nodes} alive)"
+                  if placement == "strict_spread" else "")
         raise UnavailableError(
-            f"job {job_id}: cannot get {workers} worker(s) x {bundle} within {wait_s:.0f}s "
+            f"job {job_id}: cannot get {workers} worker(s) x {bundle}{spread} within {wait_s:.0f}s "
             f"(resources.wait_s); free now {free} of {total}: another job, or a Serve replica, "
             "holds them. Free them, lower resources.workers/cpus_per_worker, or raise wait_s"
         )
@@ -71,7 +77,8 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
     from ray.train.torch import TorchTrainer
 
     from flywheel.training.data import load_data
-    from flywheel.training.spec import parse_spec
+    from flywheel.training.spec import PLACEMENTS, parse_spec
+    from flywheel.training.torch_backend import NodeAddressTorchConfig
 
     spec = parse_spec(record.spec)
     job_dir = record.storage
@@ -89,7 +96,7 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
     check_model(spec, data)  # a spec that cannot train fails here, not in every worker retry
     res = spec.resources
     wait_for_resources(res.workers, res.cpus_per_worker, res.gpus_per_worker, res.wait_s, record.id,
-                       should_stop)
+                       should_stop, res.placement)
     data_ref = ray.put((data.x_train, data.y_train, data.x_val, data.y_val))
     # Bound the trainer's own wait for its workers (Ray retries a worker
     # group that cannot start forever by default): a job whose CPUs were
@@ -99,14 +106,17 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
         train_loop,
         train_loop_config={"spec": record.spec, "job_dir": job_dir, "data": data_ref,
                            "checkpoints": checkpoint_root(record)},
+        # gloo between nodes at their Ray addresses, never a loopback one
+        torch_config=NodeAddressTorchConfig(),
         scaling_config=ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})},
+            placement_strategy=PLACEMENTS[res.placement],
         ),
         run_config=RunConfig(
             # unique per attempt: re-running a finished name returns the old result
             name=f"{record.name}-{record.id}-{uuid.uuid4().hex[:6]}",
-            storage_path=os.path.join(job_dir, "ray"),
+            storage_path=run_root(record),
             failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=1),
         ),
     )
@@ -134,10 +144,31 @@ _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Tra
 def checkpoint_root(record) -> str:
     """Where a job's checkpoints go: ``spec.storage`` (a local folder or an
     fsspec URI such as s3://...) or the job's own folder."""
+    base = _uri_root(record)
+    return f"{base}/checkpoints" if base else job_paths(record.storage)["checkpoints"]
+
+
+# URI schemes Ray Train's storage (pyarrow.fs) reads itself
+_PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")
+
+
+def run_root(record) -> str:
+    """Ray Train's ``storage_path``: beside the checkpoints on a URI storage
+    pyarrow reads (for s3:// it takes the same AWS_* endpoint and keys as
+    s3fs), else in the job's folder. Ray checks that every worker can reach
+    it; we keep no state there that a resume needs, but on shared storage
+    no node's disk holds a part of the run."""
+    base = _uri_root(record)
+    if base and base.split("://", 1)[0] in _PYARROW_SCHEMES:
+        return f"{base}/ray"
+    return os.path.join(record.storage, "ray")
+
+
+def _uri_root(record) -> str:
+    """The job's own prefix on a URI storage (``s3://b/p/<name>-<id>``), or
+    "" when its storage is a local folder (which holds the job's folder)."""
     base = record.spec.get("storage") or ""
-    if "://" not in base:  # a local folder: the job's folder is under it already
-        return job_paths(record.storage)["checkpoints"]
-    return f"{base.rstrip('/')}/{record.name}-{record.id}/checkpoints"
+    return f"{base.rstrip('/')}/{record.name}-{record.id}" if "://" in base else ""
 
 
 def check_model(spec, data) -> None:

@@ -48,6 +48,8 @@ DATASET_KINDS = ("digits", "parquet", "csv", "ray", "captured")
 STRATEGIES = ("ddp", "fsdp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+# resources.placement -> Ray's placement group strategy (Train's ScalingConfig.placement_strategy)
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -242,12 +244,19 @@ class ResourcesSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     are fine on a small machine). gpus_per_worker: >= 0 (0 = CPU training).
     wait_s: how long the job may wait for its workers' resources before it
     fails with a message that says what was missing, > 0.
+    placement: where the workers go on a cluster (Ray placement group
+        strategies): ``pack`` (as few nodes as fit, the default: DDP's
+        all-reduce stays on one node where it can), ``spread`` (across
+        nodes where it can, else packed), or ``strict_spread`` (one worker
+        per node, never two on one: the job waits for ``workers`` nodes,
+        and fails after ``wait_s`` with fewer).
     """
 
     workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     wait_s: float = 120.0
+    placement: str = "pack"
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, "resources.workers must be >= 1")
@@ -256,6 +265,8 @@ class ResourcesSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _require(self.gpus_per_worker >= 0 and _finite(self.gpus_per_worker),
                  "resources.gpus_per_worker must be a finite number >= 0")
         _require(self.wait_s > 0 and _finite(self.wait_s), "resources.wait_s must be a finite number > 0 (seconds)")
+        _require(self.placement in PLACEMENTS,
+                 f"resources.placement {self.placement!r} must be one of {', '.join(PLACEMENTS)}")
 
     @property
     def total_cpus(self) -> float:
@@ -335,7 +346,12 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     storage: where the job keeps its files ("" = ``<FLYWHEEL_HOME>/training``):
         a local (or shared) folder holds the job's folder, checkpoints
         included; an fsspec URI (``s3://...``, ``file://...``) takes the
-        checkpoints only, the rest stays under ``<FLYWHEEL_HOME>/training``.
+        checkpoints and, where pyarrow reads it (s3, gs, hdfs), Ray Train's
+        own run folder (so that a node that dies takes none of the run
+        with it), the rest (log, metrics,
+        outputs) stays under ``<FLYWHEEL_HOME>/training``, which on a
+        cluster of several nodes must be a folder they all share: the
+        worker of rank 0 writes there, on whichever node it runs.
     export: what to do with the trained model (ExportSpec).
     fault: a test hook (FaultSpec); off by default.
     """

@@ -44,6 +44,7 @@ def test_defaults():
     assert (s.fault.kill_rank, s.fault.at_step, s.fault.enabled) == (-1, -1, False)
     assert s.model_name == "digits-mlp"
     assert (s.resources.total_cpus, s.resources.total_gpus) == (2.0, 0.0)
+    assert s.resources.placement == "pack"
 
 
 def test_python_construction_validates_too():
@@ -73,6 +74,7 @@ def test_python_construction_validates_too():
         ({"resources": {"cpus_per_worker": 0}}, ["resources.cpus_per_worker", "> 0"]),
         ({"resources": {"gpus_per_worker": -1}}, ["resources.gpus_per_worker", ">= 0"]),
         ({"resources": {"wait_s": 0}}, ["resources.wait_s", "> 0"]),
+        ({"resources": {"placement": "everywhere"}}, ["resources.placement 'everywhere'", "strict_spread"]),
         ({"resources": {"wait_s": float("inf")}}, ["resources.wait_s", "finite"]),
         ({"resources": {"workers": "two"}}, ["$.resources.workers"]),
         ({"epochs": 0}, ["epochs must be >= 1"]),
@@ -141,6 +143,8 @@ def test_valid_non_default_choices():
     assert s.model_name == "digits"
     assert s.fault.enabled
     assert parse_spec(_with(dataset={"kind": "ray"})).dataset == DatasetSpec(kind="ray")
+    for placement in ("pack", "spread", "strict_spread"):
+        assert parse_spec(_with(resources={"placement": placement})).resources.placement == placement
 
 
 def test_round_trip_to_dict_and_back():
