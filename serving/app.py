@@ -43,6 +43,7 @@ from flywheel.serving.drift_monitor import DriftMonitor
 from flywheel.serving.ingress import DRAIN_S, Ingress
 from flywheel.serving.router import Route
 from flywheel.serving.replica import ModelReplica
+from flywheel.common.reach import check_reachable
 from flywheel.common.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,10 @@ def deploy(
     import ray
 
     check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+    if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
+        # a registry or artifact store the driver reaches may be another
+        # node's loopback or disk: fail here, naming the node, not in a replica
+        check_reachable(config.registry.uri, config.registry.artifacts)
     mark("resolve models and ports")
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
     mark("Serve controller")
