@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	@# the distribution was called "flywheel" before it became flywheel-ml
 	$(PY) -m pip uninstall --quiet --yes flywheel 2>/dev/null || true
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[train,test,bench,edge,batch]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[train,test,bench,edge,s3,batch]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -108,6 +108,14 @@ bench: $(STAMP) bench-deps edge-runner
 .PHONY: soak
 soak: $(STAMP)
 	$(PY) -m flywheel.bench.soak $(SOAK_ARGS)
+
+# The cluster benchmark (issue 22): one node vs two at c=32, failover after a
+# node kill, autoscaling reaction time, on a Ray head and a worker node in
+# network namespaces (needs root, like cluster-test). Not part of `make bench`.
+# About 5 minutes. Options: `make bench-cluster CLUSTER_ARGS="--rounds 2"`.
+.PHONY: bench-cluster
+bench-cluster: $(STAMP) bench-deps
+	$(PY) -m flywheel.bench.cluster $(CLUSTER_ARGS)
 
 # The flywheel turning on the demo (issue 18): serve digits with drift, capture
 # and a loop, shift the live inputs, and watch drift -> retraining -> gates ->

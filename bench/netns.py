@@ -131,17 +131,20 @@ class Hosts:
         if proc.poll() is None:
             proc.wait(5)
 
+    def kill_all(self, host: int) -> None:
+        """SIGKILL every process in host ``host``'s namespace, by PID."""
+        for pid in _ip("netns", "pids", self.names[host - 1], check=False).stdout.split():
+            try:
+                psutil.Process(int(pid)).kill()
+            except (psutil.NoSuchProcess, ValueError):
+                pass
+
     def close(self) -> None:
         for proc in reversed(self._procs):
             self.stop(proc)
         self._procs.clear()
-        for ns in self.names:  # what outlived its parent (a killed node's workers), by PID
-            pids = _ip("netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    psutil.Process(int(pid)).kill()
-                except (psutil.NoSuchProcess, ValueError):
-                    pass
+        for host in range(1, len(self.names) + 1):  # what outlived its parent (a killed node's workers)
+            self.kill_all(host)
         for kind, name in reversed(self._made):
             if kind == "ns":
                 _ip("netns", "del", name, check=False)
@@ -184,14 +187,16 @@ class RayCluster:
         )
 
     def kill_node(self, host: int) -> None:
-        """Kill worker host ``host``'s raylet with SIGKILL, by PID, as a
-        machine that dies takes it; its workers and ``ray start`` follow it.
-        Returns at once, while the cluster is still to notice."""
+        """Kill worker host ``host`` as a machine that dies: its raylet
+        first, then every process left in its namespace (a raylet's workers
+        outlive it for seconds), all with SIGKILL, by PID. Returns at once,
+        while the cluster is still to notice."""
         if host == 1:
             raise ValueError("host 1 is the head; kill a worker node")
         raylet = next(p for p in psutil.Process(self.nodes[host - 1].pid).children(recursive=True)
                       if p.name() == "raylet")
         raylet.kill()
+        self.hosts.kill_all(host)
 
     def restart_node(self, host: int, timeout_s: float = 120) -> None:
         """Start worker host ``host``'s node again (after kill_node): a new
@@ -231,9 +236,11 @@ class RayCluster:
     def node_ids(self) -> dict[str, str]:
         """Node id -> address of every node the head's GCS counts alive."""
         out = self.python(1, "import json, ray; ray.init(address=%r, log_to_driver=False); "
-                             "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() "
+                             "print('NODES', json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() "
                              "if n['Alive']}))" % self.address, timeout=60)
-        return json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        # Ray may print its own lines (a node marked dead) beside ours
+        lines = [line for line in out.splitlines() if line.startswith("NODES ")]
+        return json.loads(lines[-1][len("NODES "):]) if lines else {}
 
     def python(self, host: int, code: str, timeout: float = 300, env: dict | None = None) -> str:
         """Run ``code`` with this venv's Python in host ``host`` (a Ray

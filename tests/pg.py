@@ -1,5 +1,7 @@
 """A real PostgreSQL server for tests, started from Debian's `postgresql`
-package binaries into a temporary folder on a free loopback port."""
+package binaries into a temporary folder on a free port of loopback (or of
+another address of this machine: the multi-node tests bind their network
+namespaces' gateway, which every namespace reaches)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ def _bin(name: str) -> str | None:
     return found[-1] if found else shutil.which(name)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -27,11 +29,13 @@ class PostgresServer:
     """start() -> DSN of the `postgres` database; stop() shuts it down.
     Raises RuntimeError with the reason when no server can be started.
     For outage tests, stop_server() and start_server() stop and start the
-    same server again (same data, same port)."""
+    same server again (same data, same port). ``host``: the one address it
+    listens on (and its DSNs name)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.dir = tempfile.mkdtemp(prefix="fw-pg-")
-        self.port = _free_port()
+        self.host = host
+        self.port = _free_port(host)
         self._as: list[str] = []
 
     def _run(self, *args: str) -> None:
@@ -54,6 +58,11 @@ class PostgresServer:
             self._as = ["runuser", "-u", "postgres", "--"]
         data = os.path.join(self.dir, "data")
         self._run(initdb, "-D", data, "-A", "trust", "-U", "flywheel", "--no-sync", "-E", "UTF8")
+        if self.host != "127.0.0.1":
+            # initdb lets in loopback only; let in the hosts on this
+            # address's own subnets (the namespaces on the bridge)
+            with open(os.path.join(data, "pg_hba.conf"), "a") as f:
+                f.write("host all all samenet trust\n")
         self.start_server()
         return self.dsn("postgres")
 
@@ -62,7 +71,7 @@ class PostgresServer:
         returns once it takes connections."""
         self._run(
             _bin("pg_ctl"), "-D", os.path.join(self.dir, "data"), "-l", os.path.join(self.dir, "log"), "-w",
-            "-t", "60", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
+            "-t", "60", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} -c fsync=off", "start",
         )
 
     def stop_server(self) -> None:
@@ -71,7 +80,7 @@ class PostgresServer:
         self._run(_bin("pg_ctl"), "-D", os.path.join(self.dir, "data"), "-m", "fast", "-w", "stop")
 
     def dsn(self, database: str) -> str:
-        return f"postgresql://flywheel@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://flywheel@{self.host}:{self.port}/{database}"
 
     def new_database(self) -> str:
         import psycopg
@@ -89,14 +98,14 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def started_or_skip() -> PostgresServer:
+def started_or_skip(host: str = "127.0.0.1") -> PostgresServer:
     """A started server of the caller's own (stop() it), or pytest.skip with
     the reason where none can start. Outage tests take one of their own, so
     that a test that fails while the server is stopped leaves the session's
-    server alone."""
+    server alone. ``host``: the address it listens on (see PostgresServer)."""
     import pytest
 
-    server = PostgresServer()
+    server = PostgresServer(host)
     try:
         server.start()
     except RuntimeError as exc:

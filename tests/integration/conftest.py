@@ -22,6 +22,20 @@ from flywheel.serving.app import deploy, undeploy
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def hosts():
+    """Two "hosts" as network namespaces on a bridge (flywheel/bench/netns.py),
+    per module of the multi-node tests; they skip where none can be made."""
+    from flywheel.bench.netns import Hosts, NetnsUnavailable
+
+    try:
+        made = Hosts(2)
+    except NetnsUnavailable as exc:
+        pytest.skip(f"no network namespaces here: {exc}")
+    yield made
+    made.close()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -30,7 +30,7 @@ from flywheel.registry.keys import KeyStore
 
 from _ports import free_port, wait_for
 from _requests import KeepAliveLoad
-from flywheel.bench.netns import Hosts, NetnsUnavailable, RayCluster
+from flywheel.bench.netns import RayCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -56,16 +56,6 @@ nodes = [n for n in ray.nodes() if n["Alive"]]
 print(json.dumps([ray.get(where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                   .remote()) for n in nodes]))
 """
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    try:
-        made = Hosts(2)
-    except NetnsUnavailable as exc:
-        pytest.skip(f"no network namespaces here: {exc}")
-    yield made
-    made.close()
 
 
 @pytest.fixture(scope="module")

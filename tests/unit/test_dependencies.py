@@ -25,6 +25,7 @@ NOT_INSTALLED = {"cupy": "cupy-cuda12x", "tensorrt": "tensorrt"}
 USED_WITHOUT_IMPORT = {
     "onnxscript": "torch.onnx.export's exporter needs it",
     "s3fs": "fsspec loads it for s3:// URIs",
+    "moto": "tests/s3.py runs its server as `python -m moto.server`",
     "onnxruntime-gpu": "it installs the module onnxruntime, in the place of onnxruntime's",
 }
 # dev tools that live in the package but only run by hand
