@@ -64,18 +64,12 @@ def digits_model(tmp_path_factory):
 def demo_registry(digits_model, tmp_path_factory):
     """A real SQLite registry holding the trained digits model in production,
     as `make run` leaves it."""
-    from flywheel.registry import Registry
     from flywheel.serving.config import RegistryConfig
-    from flywheel.training.digits import register_digits
 
-    home = tmp_path_factory.mktemp("flywheel-home")
-    cfg = RegistryConfig(uri=f"sqlite:///{home}/registry.db", artifacts=str(home / "artifacts"))
-    reg = Registry.open(cfg.uri, cfg.artifacts)
-    mv = register_digits(reg, digits_model, actor="tests", epochs=3)
-    reg.promote("digits", mv.version, "staging", actor="tests")
-    reg.promote("digits", mv.version, "production", actor="tests")
-    reg.close()
-    return cfg
+    from _digits import digits_in_production
+
+    uri, artifacts = digits_in_production(tmp_path_factory.mktemp("flywheel-home"), digits_model)
+    return RegistryConfig(uri=uri, artifacts=artifacts)
 
 
 @pytest.fixture(scope="session")

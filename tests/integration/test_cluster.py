@@ -28,6 +28,7 @@ import yaml
 
 from flywheel.registry.keys import KeyStore
 
+from _digits import digits_in_production
 from _ports import free_port, wait_for
 from _requests import KeepAliveLoad
 from flywheel.bench.netns import RayCluster
@@ -120,15 +121,7 @@ print([n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node][0])
 
 def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor(
         cluster, hosts, digits_model, tmp_path):
-    from flywheel.registry import Registry
-    from flywheel.training.digits import register_digits
-
-    uri, artifacts = f"sqlite:///{tmp_path}/registry.db", str(tmp_path / "artifacts")
-    reg = Registry.open(uri, artifacts)
-    mv = register_digits(reg, digits_model, actor="tests", epochs=3)
-    reg.promote("digits", mv.version, "staging", actor="tests")
-    reg.promote("digits", mv.version, "production", actor="tests")
-    reg.close()
+    uri, artifacts = digits_in_production(tmp_path, digits_model)
     keys = KeyStore.open(uri)
     _, token = keys.create("ops", ["operate"], actor="tests")
     keys.close()

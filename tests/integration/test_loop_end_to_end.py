@@ -46,6 +46,7 @@ from flywheel.serving import parse_config
 from flywheel.serving.app import deploy, undeploy
 from flywheel.training.jobs import JobStore
 
+from _digits import digits_in_production
 from _poll import wait_for
 
 pytestmark = pytest.mark.integration
@@ -88,14 +89,9 @@ class Hooks:
 
 @pytest.fixture(scope="module")
 def turning(ray_session, digits_model, tmp_path_factory):
-    from flywheel.training.digits import register_digits
-
     home = tmp_path_factory.mktemp("loop-home")
-    uri, artifacts = f"sqlite:///{home}/registry.db", str(home / "artifacts")
+    uri, artifacts = digits_in_production(home, digits_model)
     reg = Registry.open(uri, artifacts)
-    mv = register_digits(reg, digits_model, actor="tests", epochs=3)
-    reg.promote("digits", mv.version, "staging", actor="tests")
-    reg.promote("digits", mv.version, "production", actor="tests")
     keys = KeyStore.open(uri)
     _, admin = keys.create("alice", ["admin"], actor="tests")
     _, app_key = keys.create("app", ["predict"], actor="tests")
