@@ -211,17 +211,24 @@ _COUNTERS = (  # summary field, metric, help
      "Requests answered by each variant, shadow requests included (all ingress replicas)"),
     ("errors", "flywheel_endpoint_errors_total", "Of those, answered with an error (shadow requests included)"),
     ("rewards", "flywheel_endpoint_rewards_total", "Feedback rewards received per variant"),
-    ("reward_sum", "flywheel_endpoint_reward_sum", "Sum of the rewards received per variant"),
+    ("reward_sum", "flywheel_endpoint_reward_sum_total", "Sum of the rewards received per variant"),
     ("shadow_compared", "flywheel_endpoint_shadow_comparisons_total", "Shadow answers compared with the primary's"),
     ("shadow_agreed", "flywheel_endpoint_shadow_agreements_total", "Shadow answers that agreed with the primary's"),
-    ("shadow_abs_diff_sum", "flywheel_endpoint_shadow_abs_diff_sum", "Sum of the shadow answers' mean abs differences"),
+    ("shadow_abs_diff_sum", "flywheel_endpoint_shadow_abs_diff_sum_total",
+     "Sum of the shadow answers' mean abs differences"),
 )
 
 
 def render_endpoint_metrics(endpoints: list[LiveEndpoint]) -> bytes:
     """Prometheus text for every endpoint: the controller's totals over all
     ingress replicas (as of the last snapshot, about a second old), the
-    current traffic shares, bandit arm means and the canary step."""
+    current traffic shares, bandit arm means and the canary step.
+
+    Every node's ingress renders the same cluster-wide totals: dashboards
+    take ``max`` over instances, not ``sum``. Latency per variant is not
+    here: a quantile since the deployment started cannot be windowed, and
+    ``flywheel_request_latency_seconds{model=endpoint, version=variant}``
+    (serving/metrics.py) is the histogram to take quantiles of."""
     out: list[str] = []
     rows = [(ep, v, t) for ep in endpoints for v, t in sorted(ep.totals.items())]
 
@@ -232,10 +239,6 @@ def render_endpoint_metrics(endpoints: list[LiveEndpoint]) -> bytes:
     for field, metric, help_text in _COUNTERS:
         out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
         out += [f"{metric}{{{lab(ep, v)}}} {t.get(field) or 0}" for ep, v, t in rows]
-    out += ["# HELP flywheel_endpoint_latency_p99_seconds p99 latency per variant since the deployment started",
-            "# TYPE flywheel_endpoint_latency_p99_seconds gauge"]
-    out += [f"flywheel_endpoint_latency_p99_seconds{{{lab(ep, v)}}} {(t.get('p99_ms') or 0) / 1000}"
-            for ep, v, t in rows]
     out += ["# HELP flywheel_endpoint_traffic_share Share of new requests each variant gets now",
             "# TYPE flywheel_endpoint_traffic_share gauge"]
     out += [f"flywheel_endpoint_traffic_share{{{lab(ep, v)}}} {w}" for ep in endpoints for v, w in sorted(ep.weights.items())]
@@ -244,9 +247,10 @@ def render_endpoint_metrics(endpoints: list[LiveEndpoint]) -> bytes:
     for ep in endpoints:
         for v, mean in sorted(ep.arm_means().items()):
             out.append(f"flywheel_endpoint_bandit_arm_mean{{{lab(ep, v)}}} {mean}")
-    out += ["# HELP flywheel_endpoint_canary_percent Traffic percent of the running canary (0 = none)",
-            "# TYPE flywheel_endpoint_canary_percent gauge"]
-    out += [f"flywheel_endpoint_canary_percent{{{lab(ep)}}} {ep.canary_step}" for ep in endpoints]
+    out += ["# HELP flywheel_endpoint_canary_traffic_ratio Share of traffic (0-1) the running canary gets (0 = none)",
+            "# TYPE flywheel_endpoint_canary_traffic_ratio gauge"]
+    # the controller sends the step in percent, as canary configs and events speak of it
+    out += [f"flywheel_endpoint_canary_traffic_ratio{{{lab(ep)}}} {ep.canary_step / 100}" for ep in endpoints]
     out += ["# HELP flywheel_endpoint_canaries_total Canaries ended, by outcome (promoted, rolled_back, aborted)",
             "# TYPE flywheel_endpoint_canaries_total counter"]
     out += [f'flywheel_endpoint_canaries_total{{{lab(ep)},outcome="{o}"}} {ep.canary_outcomes.get(o, 0)}'

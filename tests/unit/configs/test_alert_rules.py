@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _metric_names import exported_name_in_source
+
 ROOT = Path(__file__).resolve().parents[3]
 ALERTS = ROOT / "configs" / "alerts"
 RULES = ALERTS / "flywheel-rules.yaml"
@@ -61,17 +63,6 @@ def test_every_alert_has_a_hold_time_a_severity_and_a_templated_text(rule):
     assert rule["labels"]["severity"] in ("warning", "critical")
     assert "{{ $labels." in rule["annotations"]["summary"]
     assert "{{ $labels." in rule["annotations"]["description"]
-
-
-def exported_name_in_source(name: str, source: str) -> bool:
-    """Whether ``name`` (or the family it is a sample of: ``_bucket``,
-    ``_count``, ``_sum``, ``_total`` dropped) is quoted in ``source``, as a
-    metric family's name or the start of a hand-written sample line."""
-    candidates = {name}
-    for suffix in ("_bucket", "_count", "_sum", "_total"):
-        if name.endswith(suffix):
-            candidates.add(name[: -len(suffix)])
-    return any(re.search(rf"""["']{re.escape(c)}(?!\w)""", source) for c in candidates)
 
 
 def test_every_metric_in_the_rules_is_exported_by_flywheel():

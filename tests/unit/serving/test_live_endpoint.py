@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flywheel.protocol.errors import ConfigError, InvalidInputError, UnavailableError
-from flywheel.serving._private.live_endpoint import LiveEndpoint, usable_request_id
+from flywheel.serving._private.live_endpoint import LiveEndpoint, render_endpoint_metrics, usable_request_id
 
 STICKY = {"header": "flywheel-routing-key", "parameter": "routing_key"}
 
@@ -46,3 +46,34 @@ def test_feedback_validates_before_it_uses_the_id_up():
     assert rewards == {"2": [1, 1.0, 1.0]}
     assert ids == [("r1", "m", "2")]
     assert used == [("r1", "m")]
+
+
+def _families(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_endpoint_counters_follow_the_prometheus_naming_conventions():
+    ep = LiveEndpoint("m")
+    ep.totals = {"1": {"requests": 10, "errors": 1, "rewards": 4, "reward_sum": 3.0,
+                       "shadow_compared": 2, "shadow_agreed": 1, "shadow_abs_diff_sum": 0.5}}
+    text = render_endpoint_metrics([ep]).decode()
+    counters = [line.split()[2] for line in text.splitlines()
+                if line.startswith("# TYPE") and line.endswith(" counter")]
+    assert counters
+    assert [c for c in counters if not c.endswith("_total")] == []
+    # the sums are counters too: summed rewards over a window, divided by rewards counted, is the mean reward
+    assert 'flywheel_endpoint_reward_sum_total{endpoint="m",variant="1"} 3.0' in text
+    assert 'flywheel_endpoint_shadow_abs_diff_sum_total{endpoint="m",variant="1"} 0.5' in text
+
+
+def test_the_canary_share_is_a_ratio_and_no_lifetime_quantile_is_exported():
+    ep = LiveEndpoint("m")
+    ep.canary_step = 25.0  # the controller's snapshot speaks percent
+    ep.totals = {"1": {"requests": 10, "p99_ms": 12.0}}
+    families = _families(render_endpoint_metrics([ep]).decode())
+    ratio = families["flywheel_endpoint_canary_traffic_ratio"]
+    assert [s.value for s in ratio.samples] == [0.25]
+    # per-variant latency comes from the windowable histogram flywheel_request_latency_seconds
+    assert not [name for name in families if "p99" in name or "percent" in name]
