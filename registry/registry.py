@@ -25,10 +25,13 @@ identities (nothing proves they are one person).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import shutil
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,6 +126,18 @@ _VERSION_COLUMNS = (
     "model, version, stage, signature, metrics, params, tags, data_fingerprint, code_commit, "
     "code_dirty, training_config, parent, job_id, created_at, created_by"
 )
+
+
+def _file_sha256(path: str) -> str:
+    """The file's sha256 (hex); "" when it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return ""
+    return h.hexdigest()
 
 
 class Registry:
@@ -359,6 +374,37 @@ class Registry:
         the version it belongs to."""
         mv, art = self._artifact(ref, artifact)
         return mv, self._store.local_verified(art.uri, art.sha256, f"{mv.ref}:{artifact}", self._cache)
+
+    def version_folder(self, ref: str) -> tuple[ModelVersion, str]:
+        """A local folder holding every artifact of the version, each under
+        its own name (``model.py``, ``weights.npz``...), for a backend that
+        loads a folder (the python backend), and the version.
+
+        The folder lives in the cache, named by the artifacts' names and
+        digests, so versions with equal artifacts share it; it is built in a
+        temporary folder renamed into place, and its files are re-hashed on
+        every call (one that fails is rebuilt from the verified blobs)."""
+        mv = self.resolve(ref)
+        arts = sorted(mv.artifacts.items())
+        key = hashlib.sha256("".join(f"{n}\0{a.sha256}\n" for n, a in arts).encode()).hexdigest()
+        folder = os.path.join(self._cache, "versions", key)
+        if os.path.isdir(folder) and all(_file_sha256(os.path.join(folder, n)) == a.sha256 for n, a in arts):
+            return mv, folder
+        tmp = f"{folder}.{uuid.uuid4().hex}"
+        os.makedirs(tmp)
+        try:
+            for n, a in arts:
+                src = self._store.local_verified(a.uri, a.sha256, f"{mv.ref}:{n}", self._cache)
+                shutil.copyfile(src, os.path.join(tmp, n))
+            if os.path.isdir(folder):  # damaged: its files no longer match their digests
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another loader put an equal folder there first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return mv, folder
 
     # -- aliases, stages, approvals, gates -------------------------------------
     def set_alias(self, name: str, alias: str, version: int, *, actor: str) -> None:

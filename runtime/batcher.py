@@ -21,7 +21,9 @@ under load ("greedy" batching, no fixed wait at low load).
 A batch takes requests in arrival order while their rows fit in
 ``max_batch_size`` and their non-batch dimensions equal the first request's
 (so concatenation cannot fail); with ``preferred_batch_sizes`` it stops at the
-largest preferred size that such a prefix reaches, if any. Requests whose
+largest preferred size that such a prefix reaches, if any. A batcher made with
+``merge=False`` (a model that must see each request apart) takes one request
+per batch, rows as sent. Requests whose
 deadline passed while queued are failed with DeadlineExceededError and never
 run; requests whose caller went away (cancelled) are skipped.
 
@@ -136,12 +138,14 @@ class DynamicBatcher:
         *,
         executor: Executor | None = None,
         on_batch: BatchObserver | None = None,
+        merge: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()  # fail fast outside a loop
         self._infer = infer
         self._cfg = config
         self._executor = executor
         self._on_batch = on_batch
+        self._merge = merge
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
         self._running = 0
@@ -246,7 +250,7 @@ class DynamicBatcher:
                     DeadlineExceededError("request timed out while queued for the model")
                 )
                 continue
-            if rows + p.rows > limit or (batch and p.key != batch[0].key):
+            if batch and (not self._merge or p.key != batch[0].key) or rows + p.rows > limit:
                 break
             self._queue.popleft()
             self._queued_rows -= p.rows

@@ -429,7 +429,9 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
         ``onnxruntime`` (an .onnx file, with the ``onnxruntime`` settings),
         ``torch`` (.safetensors weights of ``architecture`` built with
         ``hparams``), ``tensorrt`` (an .onnx file compiled into a TensorRT
-        engine on the replica's GPU, with the ``tensorrt`` settings), or a
+        engine on the replica's GPU, with the ``tensorrt`` settings),
+        ``python`` (a user class, with the ``python`` settings; ``path`` is
+        a folder, see runtime/backends/python_backend.py), or a
         plug-in's name (the ``flywheel.backends`` entry point group). The
         fields named here after each built-in backend are declared by it,
         and its checks run here.

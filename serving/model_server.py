@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 def model_file(model: ModelConfig, registry: RegistryConfig | None) -> str:
     """The local file to load: ``path``, or the registry artifact behind
-    ``ref`` after checking its sha256 (a damaged artifact is refused here)."""
+    ``ref`` after checking its sha256 (a damaged artifact is refused here);
+    for a backend that loads a folder (BackendSpec.folder), a folder holding
+    every artifact of the version, each checked."""
     if not model.ref:
         return model.path
     from flywheel.registry import Registry
@@ -43,6 +45,8 @@ def model_file(model: ModelConfig, registry: RegistryConfig | None) -> str:
         raise ConfigError(f"model {model.name!r}: ref {model.ref!r} needs a registry location")
     reg = Registry.open(registry.uri, registry.artifacts)
     try:
+        if get_backend(model.backend).folder:
+            return reg.version_folder(model.ref)[1]
         return reg.artifact_path(model.ref, model.artifact)[1]
     finally:
         reg.close()
@@ -151,7 +155,8 @@ class ModelServer:
         if not self._batchable:  # no batch axis: one request per call
             batching = msgspec.structs.replace(batching, max_batch_size=1)
         executor = None if self.execution.inline else self._executor
-        self._batcher = DynamicBatcher(self._backend.infer, batching, executor=executor)
+        self._batcher = DynamicBatcher(self._backend.infer, batching, executor=executor,
+                                       merge=self._backend.merges_requests)
 
     async def handle(self, call: Call) -> Reply:
         """Answer one call; never raises (errors become coded replies)."""
@@ -234,3 +239,5 @@ class ModelServer:
         if self.capture is not None:  # finishes the open file (blocking I/O: off the loop)
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         self._executor.shutdown(wait=False)
+        # a user model's close() may block: off the loop too
+        await asyncio.get_running_loop().run_in_executor(None, self._backend.close)

@@ -4,7 +4,8 @@
 - ``registry``: :class:`BackendSpec` and :func:`get_backend` (built-in names,
   then the ``flywheel.backends`` entry point group for plug-ins);
 - ``onnx_backend`` (``onnxruntime``), ``torch_backend`` (``torch``),
-  ``tensorrt_backend`` with ``tensorrt_plan`` (``tensorrt``): the built-ins.
+  ``tensorrt_backend`` with ``tensorrt_plan`` (``tensorrt``),
+  ``python_backend`` (``python``: a user's class): the built-ins.
 
 Importing this package imports no backend runtime (onnxruntime, torch,
 TensorRT, CuPy); each is imported when a model of its kind loads.

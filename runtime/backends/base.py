@@ -43,6 +43,12 @@ class Backend(abc.ABC):
     platform: str = ""
     # set by load(); a backend may instead override ``signature``
     _signature: Signature | None = None
+    # False: every request is its own model call, rows as sent (a user model
+    # that must see requests apart); the batcher then merges none
+    merges_requests: bool = True
+    # False: never run on the request loop's thread, whatever warm-up timing
+    # says (a model that waits on an event loop of its own)
+    may_run_inline: bool = True
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -60,6 +66,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on validated inputs; returns every output by name."""
+
+    def close(self) -> None:
+        """Release what ``load()`` took beyond memory (threads, user
+        resources). Called once, when the model stops serving; the default
+        has nothing to release."""
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run the model once per batch size on zeros, so that the first real

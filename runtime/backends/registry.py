@@ -14,7 +14,8 @@ that uses it stays cheap.
 
 A model config (``flywheel.serving.config.ModelConfig``) takes from here its
 ``backend:`` names, the top-level fields the built-in backends add
-(``onnxruntime:``, ``tensorrt:``, ``architecture:`` / ``hparams:``), and their
+(``onnxruntime:``, ``tensorrt:``, ``architecture:`` / ``hparams:``,
+``python:``), and their
 cross-field checks; a plug-in backend's own settings arrive as the model's
 ``settings:`` mapping, validated by the spec's ``settings`` type.
 """
@@ -52,6 +53,7 @@ _BUILTIN = {
     "onnxruntime": "flywheel.runtime.backends.onnx_backend:SPEC",
     "torch": "flywheel.runtime.backends.torch_backend:SPEC",
     "tensorrt": "flywheel.runtime.backends.tensorrt_backend:SPEC",
+    "python": "flywheel.runtime.backends.python_backend:SPEC",
 }
 
 
@@ -97,6 +99,9 @@ class BackendSpec:
     gpus: GPUs a Ray replica that loads this backend asks for (a TensorRT
         engine runs on a GPU only), or ``(model_config) -> float`` where it
         depends on the model's settings (ONNX Runtime's CUDA provider).
+    folder: the backend loads a folder, not one file: a model's ``path`` names
+        a folder, and a registry ``ref`` gives every artifact of the version
+        in one folder (``Registry.version_folder``) instead of ``artifact``.
     """
 
     name: str
@@ -106,6 +111,7 @@ class BackendSpec:
     settings: type | None = None
     validate: Callable[[Any], None] | None = None
     gpus: float | Callable[[Any], float] = 0
+    folder: bool = False
 
     def gpus_for(self, model_config: Any) -> float:
         """GPUs a replica loading ``model_config`` with this backend needs."""

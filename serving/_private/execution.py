@@ -67,6 +67,10 @@ def median_time(call: Callable[[], object], runs: int = TIMING_RUNS) -> float:
 
 def choose_execution(backend, batching: BatchingConfig, batchable: bool) -> Execution:
     """Inline or a worker thread for ``backend`` (loaded and warmed up)."""
+    if not getattr(backend, "may_run_inline", True):
+        # e.g. an async user model: its call waits on another thread's loop,
+        # which on the request loop would stall every request of the replica
+        return Execution(False, "backend: waits on its own event loop")
     if batching.inline is not None:
         return Execution(batching.inline, "config")
     if batching.max_concurrent_batches > 1:  # parallel model calls need threads

@@ -31,7 +31,7 @@ def toy_plugin(monkeypatch):
 
 
 def test_the_built_in_backends_come_first_in_registration_order():
-    assert available_backends()[:3] == ["onnxruntime", "torch", "tensorrt"]
+    assert available_backends()[:4] == ["onnxruntime", "torch", "tensorrt", "python"]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_a_plug_in_is_found_through_its_entry_point(toy_plugin):
 
 
 def test_the_unknown_backend_error_lists_installed_plug_ins(toy_plugin):
-    with pytest.raises(ConfigError, match=r"allowed: onnxruntime, torch, tensorrt, broken, doubler, not-a-spec"):
+    with pytest.raises(ConfigError, match=r"allowed: onnxruntime, torch, tensorrt, python, broken, doubler, not-a-spec"):
         get_backend("tensorflow")
 
 

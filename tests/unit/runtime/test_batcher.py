@@ -41,6 +41,24 @@ def test_config_rejects_bad_values_naming_the_field():
         BatchingConfig(max_batch_size=4, preferred_batch_sizes=(8,))
 
 
+def test_a_batcher_that_does_not_merge_calls_the_model_once_per_request_as_sent():
+    calls = []
+
+    def model(inputs):
+        calls.append(len(inputs["x"]))
+        return double(inputs)
+
+    async def main():
+        b = DynamicBatcher(model, BatchingConfig(max_batch_size=16, max_queue_delay_us=50_000), merge=False)
+        reqs = [rows(100 * i, n) for i, n in enumerate([1, 3, 2])]
+        results = await asyncio.gather(*(b.submit(r) for r in reqs))
+        for r, res in zip(reqs, results):
+            np.testing.assert_array_equal(res.outputs["y"], r["x"] * 2)
+
+    run(main())
+    assert calls == [1, 3, 2]
+
+
 def test_requires_a_running_loop():
     with pytest.raises(RuntimeError, match="no running event loop"):
         DynamicBatcher(double, BatchingConfig())

@@ -94,7 +94,7 @@ def test_an_unknown_backend_names_the_field_and_every_available_backend(toy_plug
         parse_config({"models": [{"name": "m", "path": "m.onnx", "backend": "tensorflow"}]})
     message = info.value.message
     assert "model 'm': backend 'tensorflow' unknown" in message
-    assert "allowed: onnxruntime, torch, tensorrt, broken, doubler, not-a-spec" in message
+    assert "allowed: onnxruntime, torch, tensorrt, python, broken, doubler, not-a-spec" in message
 
 
 def test_a_plug_in_setting_that_does_not_fit_names_the_setting(toy_plugin):

@@ -33,7 +33,7 @@ def test_relative_model_paths_resolve_against_base_dir(tmp_path):
         ({"models": [{"name": "m", "path": "x", "batching": {"max_batch_size": 0}}]}, "max_batch_size"),
         ({"models": [{"name": "m", "path": "x", "batching": {"max_batch_size": 0}}]}, "$.models[0].batching"),
         ({"models": [{"name": "m", "path": "x", "replicas": "two"}]}, "$.models[0].replicas"),
-        ({"models": [{"name": "m", "path": "x", "backend": "tf"}]}, "allowed: onnxruntime, torch, tensorrt - at `$.models[0]`"),
+        ({"models": [{"name": "m", "path": "x", "backend": "tf"}]}, "allowed: onnxruntime, torch, tensorrt, python - at `$.models[0]`"),
         ({"models": [{"name": "m", "path": "x", "colour": "red"}]}, "colour"),
         ({"models": [{"name": "bad name", "path": "x"}]}, "model name 'bad name'"),
         ({"models": [{"name": "m", "path": "x"}, {"name": "m", "path": "y"}]}, "listed twice"),
