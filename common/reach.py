@@ -47,13 +47,14 @@ def _registry(uri: str, timeout_s: float) -> tuple[str, str]:
     """(address tried, error or "")."""
     parsed = urlparse(uri)
     if parsed.scheme in ("postgresql", "postgres"):
-        import psycopg
-        from psycopg.conninfo import conninfo_to_dict
-
-        info = conninfo_to_dict(uri)
-        address = (f"postgresql://{info.get('host') or info.get('hostaddr') or 'localhost'}:"
-                   f"{info.get('port') or 5432}/{info.get('dbname', '')}")
+        address = _redact(uri)
         try:
+            import psycopg
+            from psycopg.conninfo import conninfo_to_dict
+
+            info = conninfo_to_dict(uri)
+            address = (f"postgresql://{info.get('host') or info.get('hostaddr') or 'localhost'}:"
+                       f"{info.get('port') or 5432}/{info.get('dbname', '')}")
             # libpq's connect_timeout is whole seconds, at least 2
             with psycopg.connect(uri, connect_timeout=max(2, round(timeout_s)), autocommit=True) as conn:
                 conn.execute("SELECT 1")
@@ -89,8 +90,8 @@ def _artifacts(uri: str, timeout_s: float) -> tuple[str, str]:
         fs, root = fsspec.core.url_to_fs(uri)
         fs.ls(root.split("/", 1)[0] or root, detail=False)
     except Exception as exc:  # noqa: BLE001
-        return uri, _words(exc)
-    return uri, ""
+        return _redact(uri), _words(exc)
+    return _redact(uri), ""
 
 
 def _s3(uri: str, timeout_s: float) -> tuple[str, str]:
@@ -125,6 +126,12 @@ def _redact(uri: str) -> str:
 def _words(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _alive(node_id: str) -> bool:
+    import ray
+
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def describe_failures(failures: dict[str, list[dict[str, str]]]) -> str:
@@ -173,8 +180,13 @@ def check_reachable(registry_uri: str, artifacts_uri: str, timeout_s: float = 5.
             failed = [{"what": "registry and the artifact store",
                        "address": f"{_redact(registry_uri)} / {_redact(artifacts_uri)}",
                        "error": "no answer from the node in time (no worker could start there?)"}]
-        except RayError:  # the node left the cluster since ray.nodes(): nothing will run there
-            continue
+        except RayError as exc:
+            if not _alive(node["NodeID"]):  # it left the cluster since ray.nodes(): nothing runs there
+                continue
+            # the probe could not run there (its runtime environment, a crash): not a pass
+            failed = [{"what": "registry and the artifact store",
+                       "address": f"{_redact(registry_uri)} / {_redact(artifacts_uri)}",
+                       "error": f"the check could not run on the node: {_words(exc)}"}]
         if failed:
             failures[label] = failed
         else:

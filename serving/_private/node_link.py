@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from flywheel.protocol.errors import UnavailableError
-from flywheel.serving._private.wire import Call, ReplicaChannel, Reply, Stats, Unreachable
+from flywheel.serving._private.wire import Call, ReplicaChannel, ReplicaLost, Reply, Stats, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class NodeLink:
         self._serve_until = 0.0  # monotonic: until then, calls go through Serve
         self._nodes_checked = -RECHECK_S
         self._several_nodes = False
+        self._checking: asyncio.Future | None = None
         self._handle = None
 
     @property
@@ -68,7 +69,12 @@ class NodeLink:
         UNAVAILABLE at once rather than waiting in Serve's queue)."""
         now = time.monotonic()
         if now >= self._nodes_checked + RECHECK_S:
-            self._several_nodes = await asyncio.get_running_loop().run_in_executor(None, _several_nodes)
+            if self._checking is None:  # one GCS question for every call that finds loopback empty
+                self._checking = asyncio.get_running_loop().run_in_executor(None, _several_nodes)
+            try:
+                self._several_nodes = await asyncio.shield(self._checking)
+            finally:
+                self._checking = None
             self._nodes_checked = now
         if not self._several_nodes:
             raise exc
@@ -89,6 +95,9 @@ class NodeLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Serve's and Ray's errors: the replica died, none is up, a timeout
+            if _replica_died(exc):  # with the call: the router's poison-request rule counts it
+                raise ReplicaLost(f"a replica of {self._deployment} died with the call (through Serve): {exc}",
+                                  f"{self._deployment} (through Serve)") from None
             raise UnavailableError(f"{self._deployment} through Serve: {type(exc).__name__}: {exc}") from None
         return Reply(code, payload, Stats(*stats), aux)
 
@@ -102,7 +111,19 @@ class NodeLink:
 
 
 def _several_nodes() -> bool:
-    """Whether the Ray cluster has more than one alive node (asked of the GCS)."""
+    """Whether the Ray cluster has more than one alive node (asked of the
+    GCS; False when it cannot say: the call then fails as on one node)."""
     import ray
 
-    return sum(1 for n in ray.nodes() if n["Alive"]) > 1
+    try:
+        return sum(1 for n in ray.nodes() if n["Alive"]) > 1
+    except Exception:  # noqa: BLE001 - no GCS answer: nothing to route through either
+        log.warning("could not ask the GCS for the cluster's nodes", exc_info=True)
+        return False
+
+
+def _replica_died(exc: BaseException) -> bool:
+    """Whether a Serve call failed because its replica's process died."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)

@@ -99,3 +99,15 @@ def test_the_message_gives_no_loopback_hint_where_none_is_named():
     message = describe_failures({"198.18.7.2 (node id 0123456789ab)": [
         {"what": "registry", "address": "/srv/reg/registry.db", "error": "its folder /srv/reg does not exist"}]})
     assert "loopback" not in message
+
+
+def test_a_malformed_postgresql_uri_is_a_failure_not_an_exception(tmp_path):
+    failed = probe("postgresql://user:s3cret@db:notaport/registry", str(tmp_path))
+    assert [f["what"] for f in failed] == ["registry"]
+    assert "s3cret" not in repr(failed)
+
+
+def test_an_fsspec_store_that_fails_is_named_without_its_password(tmp_path):
+    failed = probe(f"sqlite:///{tmp_path}/r.db", "ftp://user:s3cret@127.0.0.1:1/models")
+    assert [f["what"] for f in failed] == ["artifact store"]
+    assert "s3cret" not in repr(failed) and "127.0.0.1:1" in failed[0]["address"]
