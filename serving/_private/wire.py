@@ -551,7 +551,8 @@ class ReplicaChannel:
     async def _conn(self, slot: int) -> _ClientConn:
         conn = self._conns[slot]
         if conn is not None and not conn.lost:
-            if conn.expires > time.monotonic():
+            expires = conn.expires
+            if expires == math.inf or expires > time.monotonic():  # no clock read without an age
                 return conn
         pending = self._connecting.get(slot)
         if pending is None:
