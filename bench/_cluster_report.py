@@ -166,8 +166,8 @@ def fmt_s(value: float | None) -> str:
 
 def report_lines(result: dict) -> list[str]:
     """The printed report of ``result`` (what cluster.json holds)."""
-    lines = [f"load generator: {result['load_generator']}; machine: {result['cores']} cores, shared with other jobs "
-             "(the figures are noisy)"]
+    lines = [f"load generator: {result['load_generator']}; machine: {result['cores']} cores, which the load "
+             "generator, HAProxy and both nodes share"]
     tp = result.get("throughput")
     if tp:
         lines += ["", f"throughput at c={tp['clients']} (HTTP JSON, keep-alive, digits MLP, 1 row per request; "

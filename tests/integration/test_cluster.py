@@ -230,7 +230,7 @@ def _failover_through_the_balancer(cluster, hosts, port, grpc_port, token, tmp_p
             wait_for(lambda: len(load.answers) > seen + 200, 60, "answers once only the head serves")
             time.sleep(1.0)  # past the balancer's health checks (2 x 300 ms)
             after_s = time.monotonic() - killed
-        print(f"\nfailover: the worker's ingress was gone {gone_s:.1f} s after its raylet was killed; "
+        print(f"\nfailover: the worker's ingress was gone {gone_s:.1f} s after its node was killed; "
               f"{len(load.answers) - before} answers in the {after_s:.1f} s after the kill, "
               f"{len(load.failures)} failed {load.failures}")
         # only calls in flight when the worker's replica went may fail: one per client at most, all then
