@@ -170,7 +170,7 @@ def _spec(storage: str) -> dict:
         "model": {"architecture": "mlp", "hparams": {"in_features": 64, "hidden": [64], "out_features": 10}},
         "strategy": "ddp",
         "resources": {"workers": 2, "cpus_per_worker": 1.0, "wait_s": 60, "placement": "strict_spread"},
-        "epochs": 40, "batch_size": 64, "seed": 3,
+        "epochs": 24, "batch_size": 64, "seed": 3,
         "optimizer": {"name": "adamw", "lr": 0.005},
         "checkpoint": {"every_steps": 0, "every_epochs": 2, "keep": 2},
         "max_failures": 3,
