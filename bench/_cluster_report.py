@@ -187,7 +187,7 @@ def report_lines(result: dict) -> list[str]:
     if fo:
         after, rs = fo["after_kill_s"], fo["after_restart_s"]
         last = fo["last_failure_after_kill_s"]
-        lines += ["", f"failover (worker node's raylet SIGKILLed under {fo['clients']} keep-alive clients through "
+        lines += ["", f"failover (worker node SIGKILLed, raylet and every process of its host, under {fo['clients']} keep-alive clients through "
                       f"the balancer; health checks every {fo['check_interval_ms']} ms, fall {fo['fall']}, "
                       f"rise {fo['rise']})",
                   f"  requests failed: {fo['failed']} of {fo['answered'] + fo['failed']} "
@@ -270,7 +270,7 @@ def plot(result: dict, series: dict, path: str) -> None:
                     ax.axvline(t, color="grey", ls="--", lw=0.8)
                     ax.annotate(name, (t, ax.get_ylim()[1] if ax.get_ylim()[1] > 1 else 1), rotation=90,
                                 fontsize=7, va="top", ha="right")
-            ax.set_xlabel("seconds after the worker node's raylet was killed")
+            ax.set_xlabel("seconds after the worker node was killed")
             ax.set_ylabel("requests / s")
             ax.set_title("failover through the balancer", fontsize=10)
             ax.legend(loc="lower right", fontsize=8)

@@ -23,7 +23,7 @@ it (an ingress replica on each node, ``replicas_per_node: 1``, bound to
   cores, so a ratio below 1 is the overhead of spreading over two nodes and
   one above 1 the second replica process using the second core.
 - **failover**: under keep-alive load through the balancer the worker
-  node's raylet is SIGKILLed: requests failed, when the worker's ingress
+  node is SIGKILLed (its raylet and every process of its host): requests failed, when the worker's ingress
   stopped answering, when the balancer took it out (HAProxy's stats page) and
   the last failure; then the node is started again (a replaced machine
   joining at the same address): when the GCS counts it, when Serve's ingress
@@ -169,7 +169,7 @@ def measure_failover(hosts, cluster, work: str, token: str, lb: Balancer, args, 
                    and (watch.latest() or {}).get("running") == 2, 120,
                    "load through the balancer, both nodes up and the watcher's first sample", say, alive=watch.alive)
         time.sleep(3)  # a few seconds of both nodes serving, for the timeline
-        say(f"killing the worker node's raylet under {args.failover_clients} clients ...")
+        say(f"killing the worker node (every process of its host) under {args.failover_clients} clients ...")
         kill = time.monotonic()
         cluster.kill_node(2)
         deadline = kill + 90
