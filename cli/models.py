@@ -7,20 +7,28 @@ Governance: ``alias NAME production V`` is the same gated move as ``promote
 NAME V production`` (refused, naming the failed rule, unless the gates pass);
 ``approve`` records the OS user running it as ``os:<user>`` and refuses an
 ``--actor`` naming anyone else (an approval must come from who is there).
+
+``register --from-xgboost FILE`` / ``--from-lightgbm FILE`` /
+``--from-sklearn MODULE:FUNCTION`` convert the model to ONNX
+(flywheel.runtime.convert, the convert extra), check it against the original
+on sample rows and register ``model.onnx`` with its signature, the source
+file and tags naming the framework and the source's sha256.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 
 import msgspec
 
 from flywheel.cli._shared import add_json_flag, add_registry_arguments, os_identity, table, when
 from flywheel.common.settings import load_settings
-from flywheel.protocol.errors import PermissionDeniedError
+from flywheel.protocol.errors import ConfigError, PermissionDeniedError
 from flywheel.registry import Lineage, Registry, code_version, load_policy
 from flywheel.registry.registry import identity
+from flywheel.runtime.convert import DEFAULT_TOLERANCE
 
 
 def _time_arg(text: str) -> float:
@@ -108,15 +116,53 @@ def cmd_evaluations(reg: Registry, args) -> None:
     _emit(args, evaluations, _evaluationstable(evaluations))
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0 (e.g. 1e-4)")
+    return value
+
+
+def _convert(args):
+    """The converted model a ``--from-*`` flag names (None without one)."""
+    from flywheel.runtime.convert import convert_file, convert_sklearn_factory
+
+    if args.from_sklearn:
+        return convert_sklearn_factory(args.from_sklearn, sample=args.sample, tolerance=args.tolerance)
+    for framework in ("xgboost", "lightgbm"):
+        path = getattr(args, f"from_{framework}")
+        if path:
+            return convert_file(framework, path, sample=args.sample, tolerance=args.tolerance)
+    if args.sample or args.tolerance != DEFAULT_TOLERANCE:
+        raise ConfigError("--sample and --tolerance go with --from-sklearn, --from-xgboost or --from-lightgbm")
+    return None
+
+
 def cmd_register(reg: Registry, args) -> None:
     artifacts = _pairs(args.artifact, "artifact")
+    converted = _convert(args)
+    if converted is None and not artifacts:
+        raise ConfigError("register needs --artifact NAME=PATH, or a model to convert: --from-sklearn, "
+                          "--from-xgboost or --from-lightgbm")
     commit, dirty = code_version(".")
     lineage = Lineage(data_fingerprint=args.data_fingerprint, code_commit=commit, code_dirty=dirty,
                       parent=args.parent, job_id=args.job_id)
     metrics = {k: float(v) for k, v in _pairs(args.metric, "metric").items()}
-    v = reg.register_version(args.name, artifacts, actor=args.actor, metrics=metrics,
-                             params=_pairs(args.param, "param"), tags=_pairs(args.tag, "tag"), lineage=lineage)
-    _emit(args, v, f"registered {v.ref}")
+    params, tags = _pairs(args.param, "param"), _pairs(args.tag, "tag")
+    if converted is None:
+        v = reg.register_version(args.name, artifacts, actor=args.actor, metrics=metrics, params=params,
+                                 tags=tags, lineage=lineage)
+        _emit(args, v, f"registered {v.ref}")
+        return
+    v = converted.register(reg, args.name, actor=args.actor, lineage=lineage, artifacts=artifacts,
+                           metrics=metrics, params=params, tags=tags)
+    p = converted.parity
+    _emit(args, v, f"registered {v.ref}: ONNX converted from {converted.framework} "
+                   f"{converted.source_file or '(in memory)'}; parity on {p.rows} rows ({p.sample}): "
+                   f"max abs diff {p.max_abs_diff:.3g}, tolerance {p.tolerance:g}")
 
 
 def cmd_alias(reg: Registry, args) -> None:
@@ -199,10 +245,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = leaf("evaluations", "a version's evaluations on datasets, oldest first", cmd_evaluations)
     c.add_argument("ref", help="NAME/VERSION, NAME@ALIAS or NAME (its latest version)")
     c.add_argument("--dataset", help="only evaluations on this dataset (its URI/name or its fingerprint)")
-    c = leaf("register", "register a new version from local files", cmd_register)
+    c = leaf("register", "register a new version from local files, or from a scikit-learn, XGBoost or LightGBM "
+                         "model converted to ONNX (model.onnx) after a parity check", cmd_register)
     c.add_argument("name", help="the model's name")
-    c.add_argument("--artifact", action="append", required=True,
-                   help="name=path of a file to store with the version (repeatable)")
+    c.add_argument("--artifact", action="append",
+                   help="name=path of a file to store with the version (repeatable; needed without --from-*)")
+    source = c.add_mutually_exclusive_group()
+    source.add_argument("--from-xgboost", metavar="FILE",
+                        help="convert an XGBoost model saved by XGBoost itself (.json or .ubj)")
+    source.add_argument("--from-lightgbm", metavar="FILE", help="convert a LightGBM text model file (.txt)")
+    source.add_argument("--from-sklearn", metavar="MODULE:FUNCTION",
+                        help="convert the fitted scikit-learn estimator this function returns (called with no "
+                             "arguments; MODULE from the current folder first). Pickle files are refused: "
+                             "loading one runs its code")
+    c.add_argument("--sample", metavar="FILE",
+                   help="rows (.npy, or .csv of numbers) to check the ONNX model against the original on "
+                        "(default: 64 rows generated from the model's split thresholds, or standard normal)")
+    c.add_argument("--tolerance", type=_tolerance, default=DEFAULT_TOLERANCE,
+                   help="largest difference allowed in the parity check: absolute for values up to 1 "
+                        "(probabilities), relative beyond (default: %(default)g)")
     c.add_argument("--metric", action="append", help="key=number (repeatable)")
     c.add_argument("--param", action="append", help="key=value (repeatable)")
     c.add_argument("--tag", action="append", help="key=value (repeatable)")

@@ -27,6 +27,7 @@ USED_WITHOUT_IMPORT = {
     "s3fs": "fsspec loads it for s3:// URIs",
     "moto": "tests/s3.py runs its server as `python -m moto.server`",
     "onnxruntime-gpu": "it installs the module onnxruntime, in the place of onnxruntime's",
+    "xgboost": "macOS's name for xgboost-cpu (the convert extra): the same module, xgboost",
 }
 # dev tools that live in the package but only run by hand
 DEV_SCRIPTS = {"protocol/proto/generate.py"}
