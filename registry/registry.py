@@ -44,6 +44,7 @@ from flywheel.registry.gates import GateContext, GatePolicy, evaluate
 from flywheel.registry.migrations import migrate
 from flywheel.registry.types import (
     STAGES,
+    Approval,
     Artifact,
     AuditEntry,
     Evaluation,
@@ -494,6 +495,14 @@ class Registry:
         return sorted({identity(a) for (a,) in self._db.execute(
             "SELECT actor FROM approvals WHERE model = ? AND version = ?", (name, version))})
 
+    def approval_records(self, name: str, version: int) -> list[Approval]:
+        """Every approval of ``name/version`` with its comment and time,
+        oldest first."""
+        self._version_row(name, version)
+        rows = self._db.execute(
+            "SELECT actor, comment, ts FROM approvals WHERE model = ? AND version = ? ORDER BY ts", (name, version))
+        return [Approval(a, c or "", float(ts)) for a, c, ts in rows]
+
     def set_policy(self, name: str, policy: GatePolicy, *, actor: str) -> None:
         with self._db.tx():
             before = self._require_model(name)[4]
@@ -704,17 +713,20 @@ class Registry:
         return [_to_evaluation(r) for r in rows]
 
     def audit(self, *, model: str | None = None, actor: str | None = None, since: float | None = None,
-              until: float | None = None, loop_run: str | None = None, limit: int = 1000) -> list[AuditEntry]:
-        """Audit entries, oldest first, filtered by model, actor, time and loop run."""
+              until: float | None = None, loop_run: str | None = None, action: str | None = None,
+              limit: int = 1000, newest_first: bool = False) -> list[AuditEntry]:
+        """Audit entries filtered by model, actor, time, loop run and action:
+        the first ``limit``, oldest first, or the latest ``limit``, newest
+        first (what a page of the log shows)."""
         where, args = [], []
         for col, op, val in (("model", "=", model), ("actor", "=", actor), ("ts", ">=", since), ("ts", "<=", until),
-                             ("loop_run", "=", loop_run)):
+                             ("loop_run", "=", loop_run), ("action", "=", action)):
             if val is not None:
                 where.append(f"{col} {op} ?")
                 args.append(val)
         sql = "SELECT id, ts, actor, action, model, version, before_json, after_json, loop_run FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._db.execute(sql + " ORDER BY id LIMIT ?", (*args, int(limit)))
+        rows = self._db.execute(sql + f" ORDER BY id{' DESC' if newest_first else ''} LIMIT ?", (*args, int(limit)))
         d = msgspec.json.decode
         return [AuditEntry(i, ts, a, act, m, v, d(b), d(af), lr) for i, ts, a, act, m, v, b, af, lr in rows]

@@ -77,6 +77,15 @@ class AuditEntry(msgspec.Struct, frozen=True):
     loop_run: str = ""  # the loop run this step belongs to ("" = none)
 
 
+class Approval(msgspec.Struct, frozen=True):
+    """One approval of a version: the normalised identity, its comment and
+    when it was given (Unix seconds)."""
+
+    actor: str
+    comment: str
+    ts: float
+
+
 class Evaluation(msgspec.Struct, frozen=True):
     """One evaluation of a version on a dataset (a batch run's result).
 

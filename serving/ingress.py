@@ -123,6 +123,11 @@ class Ingress:
 
             reg = registry or RegistryConfig()
             self._loops = LoopsHttp(loops[0], loops[1], reg.uri, reg.artifacts)
+        self._console = None
+        if registry is not None and registry.uri:
+            from flywheel.serving._private.console_http import ConsoleHttp
+
+            self._console = ConsoleHttp(registry.uri, registry.artifacts)
         self._controller = None
         if controller_app:
             from ray import serve
@@ -187,7 +192,7 @@ class Ingress:
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
         self._http = await start_http_server(
             HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None,
-                       self._loops).handle,
+                       self._loops, self._console).handle,
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True, limits=http_limits(server),
             counts=self._metrics.http_counts,
@@ -306,5 +311,7 @@ class Ingress:
             self._metrics.close()  # last: draining requests still count
             if self._loops is not None:
                 self._loops.close()
+            if self._console is not None:
+                self._console.close()
 
         loop.shutdown(_stop, timeout=DRAIN_S + 8.0)  # the drain, then the models' batches

@@ -4,8 +4,10 @@ Inference and metadata are decided in ``dataplane.py``, as for gRPC; here
 a request is authenticated, its path and headers decoded, the data plane
 called, and its answer (or FlywheelError, through ``http_errors``) encoded.
 What only HTTP serves is here too: Prometheus metrics, drift history,
-feedback and endpoint management (the last two in ``endpoint_http.py``), and
-approvals, which act as the caller's API key (``approval_http.py``).
+feedback and endpoint management (the last two in ``endpoint_http.py``),
+approvals, which act as the caller's API key (``approval_http.py``), the
+console's registry, audit and jobs API (``console_http.py``) and drift
+history as series (``drift_http.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from flywheel.protocol.codec import encode_json
 from flywheel.protocol.errors import FlywheelError
 from flywheel.serving.auth import Authenticator
 from flywheel.serving.capture import local_captures, render_capture_metrics
-from flywheel.serving._private import approval_http, loops_http
+from flywheel.serving._private import approval_http, console_http, loops_http
 from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
+from flywheel.serving._private.drift_http import shape_history
 from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
 from flywheel.serving._private.http_errors import error_for, error_for_code, error_response, method_not_allowed
 from flywheel.serving._private.http_server import JSON, Request, Response
@@ -49,7 +52,9 @@ def role_for(path: str, method: str = "GET") -> str | None:
         return approval_http.ROLE
     if parts[:2] == ["v2", "loops"]:
         return loops_http.required_role(method, parts[2:])
-    if parts == ["metrics"] or (parts[:2] == ["v2", "models"] and parts[-1] == "drift"):
+    if len(parts) >= 2 and parts[0] == "v2" and parts[1] in console_http.PREFIXES:
+        return console_http.required_role(method, parts[1:])
+    if parts == ["metrics"] or (parts[:2] == ["v2", "models"] and parts[-1] == "drift") or parts[:2] == ["v2", "drift"]:
         return "operate"
     if parts[:2] == ["v2", "endpoints"]:  # routing management and its status
         return "operate"
@@ -62,8 +67,10 @@ def model_for(path: str) -> str | None:
     the server-wide routes (``/v2/endpoints`` itself lists every endpoint,
     like /metrics, and is governed by role alone). Split as routing splits."""
     parts = path.strip("/").split("/")
-    if len(parts) >= 3 and parts[0] == "v2" and parts[1] in ("models", "endpoints"):
+    if len(parts) >= 3 and parts[0] == "v2" and parts[1] in ("models", "endpoints", "drift"):
         return parts[2]
+    if parts[:1] == ["v2"]:
+        return console_http.model_for(parts[1:])
     return None
 
 
@@ -73,17 +80,20 @@ class HttpRoutes:
     def __init__(
         self, plane: DataPlane, monitor: ReplicaChannel | None = None, auth: Authenticator | None = None,
         manage: Manage | None = None, loops: loops_http.LoopsHttp | None = None,
+        console: console_http.ConsoleHttp | None = None,
     ) -> None:
         """``manage(op, name, body)``: the router controller's management
         call (None: no controller; the /v2/endpoints routes answer 404).
         ``loops``: the deployment's continuous-training loops (None: none;
-        /v2/loops answers 404)."""
+        /v2/loops answers 404). ``console``: the registry, audit and jobs
+        routes (None: no registry configured; they answer 404)."""
         self._plane = plane
         self._router = plane.router
         self._monitor = monitor
         self._auth = auth
         self._manage = manage
         self._loops = loops
+        self._console = console
         self._server_meta = encode_json(plane.server_metadata())  # fixed: encoded once
         self._openapi = encode_json(openapi_document())
 
@@ -143,6 +153,12 @@ class HttpRoutes:
             if self._loops is None:
                 return error_response(404, "this deployment runs no loops (a config's `loops:` section adds them)")
             return self._loops.route(req, parts[2:], self._auth, key_id)
+        if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "drift":
+            return self._drift_series(req, parts[2:])
+        if len(parts) >= 2 and parts[0] == "v2" and parts[1] in console_http.PREFIXES:
+            if self._console is None:
+                return error_response(404, "this server has no registry configured (the config's `registry:`)")
+            return self._console.route(req, parts[1:], self._auth, key_id)
         if len(parts) < 3 or parts[0] != "v2" or parts[1] != "models":
             return error_response(404, f"no route {req.method} {path}")
         if approval_http.is_approval(parts):
@@ -220,12 +236,25 @@ class HttpRoutes:
             extra += await self._loops.metrics()
         return 200, own + extra, _METRICS_TYPE
 
-    def _drift(self, model: ModelEntry):
+    def _drift(self, model: ModelEntry, shaped: bool = False):
         if self._monitor is None:
             return error_response(404, f"drift monitoring is not enabled for {model.route.name!r}")
-        return self._drift_history(model)
+        return self._drift_history(model, shaped)
 
-    async def _drift_history(self, model: ModelEntry) -> Response:
+    def _drift_series(self, req: Request, parts: list[str]):
+        """``/v2/drift/{name}[?version=V]``: the history as series (drift_http.py)."""
+        if len(parts) != 1 or not parts[0]:
+            return error_response(404, f"no route {req.method} {req.path}")
+        try:
+            version = console_http.text_param(console_http.query(req, ("version",)), "version")
+            model = self._plane.model(parts[0], version)  # an unknown name is a 404 whatever the method
+        except console_http.FieldError as exc:
+            return console_http.bad(exc.field, exc.message)
+        except FlywheelError as exc:
+            return error_for_code(exc.code, exc.message)
+        return self._only(_GET, req) or self._drift(model, shaped=True)
+
+    async def _drift_history(self, model: ModelEntry, shaped: bool) -> Response:
         route = model.route
         body = encode_json({"model": route.name, "version": route.version})
         try:
@@ -234,6 +263,9 @@ class HttpRoutes:
             return error_response(503, f"drift monitor unavailable: {exc}")
         if reply.code:
             return error_for_code(reply.code, reply.payload.decode("utf-8", "replace"))
+        if shaped:
+            history = msgspec.json.decode(reply.payload)
+            return 200, encode_json(shape_history(route.name, route.version, history)), JSON
         return 200, reply.payload, JSON
 
 

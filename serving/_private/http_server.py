@@ -40,6 +40,7 @@ class Request:
     path: str
     headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
+    query: str = ""  # after the "?", undecoded: only the routes that take parameters parse it
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,8 +367,9 @@ class _Connection(asyncio.Protocol):
             self._fail(413, f"request body exceeds the limit of {self._max_body} bytes")
             return
         method = self._parser.get_method().decode()
-        path = self._url.split(b"?", 1)[0].decode("utf-8", "replace")
-        req = Request(method, path, self._headers, b"".join(self._body))
+        path, _, query = self._url.partition(b"?")
+        req = Request(method, path.decode("utf-8", "replace"), self._headers, b"".join(self._body),
+                      query.decode("latin-1"))
         keep_alive = self._parser.should_keep_alive()
         self._reset()
         self._in_message = False
