@@ -100,6 +100,7 @@ bench: $(STAMP) bench-deps edge-runner
 	$(PY) -m flywheel.bench.batch
 	$(PY) -m flywheel.bench.http_limits
 	$(PY) -m flywheel.bench.capture
+	$(PY) -m flywheel.bench.pipeline
 
 # The soak with faults (issue 25): open-loop mixed load for 10 minutes on a
 # local Ray while replicas, the router controller, the drift monitor and a gRPC

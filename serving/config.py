@@ -19,6 +19,7 @@ from flywheel.kernels import available_tests, get_test
 from flywheel.loops.spec import LoopSpec
 from flywheel.protocol.errors import ConfigError
 from flywheel.runtime.backends.registry import builtin_fields, builtin_specs, get_backend
+from flywheel.runtime.backends.steps import StepConfig, check_steps
 from flywheel.serving.policy_config import PolicyConfig
 from flywheel.serving.shadow import ShadowConfig
 
@@ -415,6 +416,24 @@ _BackendFields = msgspec.defstruct(
 )
 
 
+class PipelineStage(_BackendFields, frozen=True, forbid_unknown_fields=True):
+    """One model of a ``pipeline:`` (see ModelConfig.pipeline).
+
+    name: the stage's name, unique in its pipeline (it names the stage in
+        errors and logs; callers never see it).
+    path: its model file (or folder, for a backend that loads one); a
+        relative path is resolved as a model's ``path`` is.
+    artifact: not used with ``path``; kept so that a stage reads as a model.
+    backend / settings and the backend fields (``onnxruntime:``,
+        ``python:``...): as for a model.
+    """
+
+    name: str
+    path: str
+    backend: str = "onnxruntime"
+    settings: dict[str, Any] = {}
+
+
 class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     """One served model version (one Ray Serve deployment).
 
@@ -424,7 +443,8 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
         resolved once at deploy time (so every replica loads the same version)
         and the artifact is verified against its sha256 on every load.
     artifact: which artifact of the registry version to load.
-    path: a local model file instead of ``ref`` (exactly one of the two).
+    path: a local model file instead of ``ref`` (exactly one of the two,
+        unless the model is a ``pipeline``, which takes neither).
     backend: a name from the backend registry (runtime/backends/):
         ``onnxruntime`` (an .onnx file, with the ``onnxruntime`` settings),
         ``torch`` (.safetensors weights of ``architecture`` built with
@@ -473,6 +493,24 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     tensorrt: precision, batch profile, plan cache of backend tensorrt (see
         TensorRTConfig); its max_batch must cover batching.max_batch_size.
         Given for another backend, it is refused.
+    preprocess / postprocess: user Python steps run around the model in the
+        replica, on the same batch (StepConfig; runtime/backends/steps.py):
+        ``{class: "steps:Tokenize", kwargs: {...}, inputs: [...]}`` and
+        ``{class: "steps:Labels", outputs: [...]}``. Callers then see the
+        preprocess step's ``inputs`` and the postprocess step's ``outputs``
+        (the outer signature) in metadata and validation. A step's code
+        comes from the model's folder (the folder of ``path``, ``path`` when
+        it is a folder, or the registry version's artifacts), else from the
+        installed packages. A step whose outputs do not fit the next stage
+        fails the load at warm-up; one that fails on a batch fails that
+        batch only (500, or 400 for InvalidInputError).
+    pipeline: several models chained in this one model, inside the replica
+        (PipelineStage list; runtime/backends/pipeline.py): stage k+1 takes
+        its inputs, by name, from stage k's outputs; callers see the first
+        stage's inputs and the last stage's outputs. A pipeline model gives
+        no ``path`` / ``ref`` / backend settings of its own (each stage has
+        them) and no preprocess / postprocess (use ``backend: python``
+        stages); its stages take a ``path`` only (no registry ``ref``).
     """
 
     name: str
@@ -491,14 +529,23 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     drift: DriftConfig = DriftConfig()
     capture: CaptureConfig | None = None
     autoscaling: AutoscalingConfig | None = None
+    preprocess: StepConfig | None = None
+    postprocess: StepConfig | None = None
+    pipeline: tuple[PipelineStage, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ConfigError(
                 f"model name {self.name!r} must match {_NAME.pattern} (letters, digits, _.-)"
             )
-        if bool(self.path) == bool(self.ref):
-            raise ConfigError(f"model {self.name!r}: give exactly one of 'path' and 'ref'")
+        if self.pipeline:
+            self._check_pipeline()
+        elif bool(self.path) == bool(self.ref):
+            raise ConfigError(f"model {self.name!r}: give exactly one of 'path' and 'ref' (or a 'pipeline')")
+        try:
+            check_steps(self.preprocess, self.postprocess)
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.name!r}: {exc.message}") from None
         if self.version and not _NAME.match(self.version):
             raise ConfigError(f"model {self.name!r}: version {self.version!r} must match {_NAME.pattern}")
         self._check_backend()
@@ -522,6 +569,43 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"model {self.name!r}: num_cpus must be >= 0")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"model {self.name!r}: num_gpus must be >= 0")
+
+    def _check_pipeline(self) -> None:
+        """A pipeline's own fields stay unset (its stages carry them), and
+        each stage is a valid model (checked as one)."""
+        where = f"model {self.name!r}"
+        if self.path or self.ref:
+            raise ConfigError(f"{where}: a pipeline takes its files from its stages; drop 'path' / 'ref'")
+        if self.backend != "onnxruntime" or self.settings or any(
+            getattr(self, f.name) != f.default for spec in builtin_specs() for f in spec.fields
+        ):
+            raise ConfigError(f"{where}: a pipeline's backend and its settings are given per stage "
+                              "(pipeline[i].backend, pipeline[i].onnxruntime, ...); drop them from the model")
+        if self.preprocess is not None or self.postprocess is not None:
+            raise ConfigError(f"{where}: preprocess / postprocess are not taken by a pipeline; "
+                              "make them pipeline stages with backend: python")
+        seen = set()
+        for i, stage in enumerate(self.pipeline):
+            if stage.name in seen:
+                raise ConfigError(f"{where}: pipeline[{i}].name {stage.name!r} is given twice")
+            seen.add(stage.name)
+        self.stage_models()
+
+    def stage_models(self) -> list[ModelConfig]:
+        """Each ``pipeline`` stage as a model of its own (the pipeline's
+        version and batching; its own path, backend and settings), which is
+        what its backend is made from. ConfigError naming ``pipeline[i]``."""
+        names = [f.name for spec in builtin_specs() for f in spec.fields]
+        out = []
+        for i, st in enumerate(self.pipeline):
+            try:
+                out.append(ModelConfig(
+                    name=st.name, version=self.version, path=st.path, backend=st.backend, settings=st.settings,
+                    batching=self.batching, **{n: getattr(st, n) for n in names},
+                ))
+            except ConfigError as exc:
+                raise ConfigError(f"model {self.name!r}: pipeline[{i}]: {exc.message}") from None
+        return out
 
     def _check_backend(self) -> None:
         """The backend is registered, other backends' exclusive fields are
@@ -552,6 +636,8 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
         when set, else what its backend needs (BackendSpec.gpus_for)."""
         if self.num_gpus is not None:
             return self.num_gpus
+        if self.pipeline:  # its stages share one replica, and so its GPU
+            return max(m.gpus() for m in self.stage_models())
         return get_backend(self.backend).gpus_for(self)
 
 
@@ -709,7 +795,13 @@ def with_paths_under(cfg: DeployConfig, base: Path) -> DeployConfig:
     """``cfg`` with its relative file paths (models, server.tls) resolved
     against ``base``: every replica then opens the same files, wherever its
     working folder is."""
-    models = [msgspec.structs.replace(m, path=str((base / m.path).resolve())) if m.path else m for m in cfg.models]
+    def resolved(m):
+        if m.pipeline:
+            stages = tuple(msgspec.structs.replace(s, path=str((base / s.path).resolve())) for s in m.pipeline)
+            return msgspec.structs.replace(m, pipeline=stages)
+        return msgspec.structs.replace(m, path=str((base / m.path).resolve())) if m.path else m
+
+    models = [resolved(m) for m in cfg.models]
     server = cfg.server
     if server.tls is not None:
         tls = server.tls

@@ -222,6 +222,10 @@ class RouterController:
         """A model's signature without loading it: from its ONNX graph, else
         from the registry's record of its version; None when neither can be
         read (a backend that reads no ONNX file and no record)."""
+        if cfg.pipeline or cfg.preprocess is not None or cfg.postprocess is not None:
+            # callers see the steps' (or the stages') outer signature, which
+            # neither the ONNX graph nor the record holds: known once loaded
+            return None
         try:
             reg = self._registry
             ref = reg.resolve(cfg.ref).ref if cfg.ref and reg is not None else ""

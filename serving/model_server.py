@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import numpy as np
 
 from flywheel.runtime.backends import Backend, get_backend
+from flywheel.runtime.backends.pipeline import PipelineBackend
+from flywheel.runtime.backends.steps import StepsBackend
 from flywheel.runtime.batcher import DynamicBatcher
 from flywheel.protocol.codec import DecodedRequest, decode_infer_request, encode_response, select_outputs
 from flywheel.protocol.errors import ConfigError, ErrorCode, FlywheelError, InvalidInputError
@@ -54,9 +57,34 @@ def model_file(model: ModelConfig, registry: RegistryConfig | None) -> str:
 
 def make_backend(model: ModelConfig, registry: RegistryConfig | None = None) -> Backend:
     """The backend a model config asks for (not yet loaded), made by its
-    registry spec (runtime/backends/)."""
+    registry spec (runtime/backends/); a ``pipeline`` is its stages' backends
+    chained, and ``preprocess`` / ``postprocess`` steps wrap the model's
+    backend, so that the server sees one backend with the outer signature."""
+    if model.pipeline:
+        stages = [(m.name, make_backend(m, registry)) for m in model.stage_models()]
+        return PipelineBackend(model.name, stages)
     path = model_file(model, registry)
-    return get_backend(model.backend).create(path, model)
+    backend = get_backend(model.backend).create(path, model)
+    if model.preprocess is None and model.postprocess is None:
+        return backend
+    return StepsBackend(backend, name=model.name, version=model.version, folder=_step_folder(model, registry, path),
+                        preprocess=model.preprocess, postprocess=model.postprocess)
+
+
+def _step_folder(model: ModelConfig, registry: RegistryConfig | None, path: str) -> str:
+    """Where a model's steps find their modules and files: the model's
+    folder, or for a registry ``ref`` every artifact of the version."""
+    if os.path.isdir(path):
+        return path
+    if not model.ref:
+        return os.path.dirname(os.path.abspath(path))
+    from flywheel.registry import Registry
+
+    reg = Registry.open(registry.uri, registry.artifacts)
+    try:
+        return reg.version_folder(model.ref)[1]
+    finally:
+        reg.close()
 
 
 def model_metadata(model: ModelConfig, backend: Backend, execution: Execution | None = None) -> dict:

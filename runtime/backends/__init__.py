@@ -5,7 +5,12 @@
   then the ``flywheel.backends`` entry point group for plug-ins);
 - ``onnx_backend`` (``onnxruntime``), ``torch_backend`` (``torch``),
   ``tensorrt_backend`` with ``tensorrt_plan`` (``tensorrt``),
-  ``python_backend`` (``python``: a user's class): the built-ins.
+  ``python_backend`` (``python``: a user's class): the built-ins;
+- ``user_code``: importing a user class named by a config, and checking
+  what it returns (the python backend's and the steps');
+- ``steps`` (``preprocess:`` / ``postprocess:`` around a model) and
+  ``pipeline`` (``pipeline:``, models chained): composite backends that
+  show the outer signature.
 
 Importing this package imports no backend runtime (onnxruntime, torch,
 TensorRT, CuPy); each is imported when a model of its kind loads.

@@ -67,41 +67,35 @@ review it as you would the deploy config itself.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import logging
 import os
-import re
-import sys
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from flywheel.protocol.datatypes import V2_DATATYPES, numpy_dtype, v2_datatype
 from flywheel.protocol.errors import ConfigError, FlywheelError
 from flywheel.runtime.backends.base import Backend
 from flywheel.runtime.backends.registry import BackendSpec, ConfigField
+from flywheel.runtime.backends.user_code import (
+    CLASS_PATH,
+    UserTensor,
+    check_outputs,
+    check_tensors,
+    import_class,
+    model_files,
+    warm_up_or_refuse,
+)
 from flywheel.runtime.signature import Signature, TensorSpec, signature_from_doc
 
 log = logging.getLogger(__name__)
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_CLASS_PATH = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
-
-# sys.path and sys.modules belong to the whole process: one model's import
-# from its folder at a time
-_import_lock = threading.Lock()
-
-
-class PythonTensor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One declared tensor: V2 ``{name, datatype, shape}`` (-1 = any size)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
+# the tensor type of python.inputs / python.outputs (shared with the steps)
+PythonTensor = UserTensor
+__all__ = ["PythonBackend", "PythonModelConfig", "PythonTensor", "SPEC", "check_batched", "check_tensors",
+           "import_class"]
 
 
 class PythonModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -131,23 +125,6 @@ class PythonModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
         return Signature(tuple(spec(t) for t in self.inputs), tuple(spec(t) for t in self.outputs))
 
 
-def check_tensors(field: str, tensors: tuple[PythonTensor, ...]) -> None:
-    """Names unique and non-empty, datatypes V2, dims >= -1; ConfigError
-    naming ``field[i]`` otherwise."""
-    seen: set[str] = set()
-    for i, t in enumerate(tensors):
-        where = f"{field}[{i}]"
-        if not t.name:
-            raise ConfigError(f"{where}.name must not be empty")
-        if t.name in seen:
-            raise ConfigError(f"{where}.name {t.name!r} is given twice")
-        seen.add(t.name)
-        if t.datatype not in V2_DATATYPES:
-            raise ConfigError(f"{where}.datatype {t.datatype!r} unknown; allowed: {', '.join(V2_DATATYPES)}")
-        if any(d < -1 for d in t.shape):
-            raise ConfigError(f"{where}.shape {list(t.shape)}: dimensions must be >= -1 (-1 = any size)")
-
-
 def check_batched(signature: Signature, field: str) -> None:
     """``batched: true`` merges requests along the first axis: every tensor
     needs one, of variable size."""
@@ -165,7 +142,7 @@ def _validate(model) -> None:
     cfg: PythonModelConfig = model.python
     if not cfg.class_:
         raise ConfigError("backend python needs python.class ('module:ClassName')")
-    if not _CLASS_PATH.match(cfg.class_):
+    if not CLASS_PATH.match(cfg.class_):
         raise ConfigError(f"python.class {cfg.class_!r} must be 'module:ClassName' (e.g. 'my_model:MyModel')")
     if bool(cfg.inputs) != bool(cfg.outputs):
         raise ConfigError(
@@ -176,79 +153,6 @@ def _validate(model) -> None:
     declared = cfg.declared_signature()
     if declared is not None and cfg.batched:
         check_batched(declared, "python")
-
-
-def _files(folder: str) -> dict[str, str]:
-    """Every regular file under ``folder``: relative name (with ``/``) ->
-    absolute path. Byte-code caches are not the model's files."""
-    out = {}
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for n in sorted(names):
-            path = os.path.join(root, n)
-            out[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.abspath(path)
-    return out
-
-
-def _in_folder(module: object, folder: str) -> bool:
-    path = getattr(module, "__file__", None) or ""
-    return bool(path) and os.path.abspath(path).startswith(folder + os.sep)
-
-
-def import_class(target: str, folder: str | None) -> type:
-    """The class ``module:Qual.Name``: its module from ``folder`` when the
-    folder holds it (``top.py`` or ``top/__init__.py`` for the module's first
-    component), else from the installed packages. A module imported from the
-    folder (and its siblings imported with it) is not left in ``sys.modules``,
-    and the folder is not left on ``sys.path``. Raises ConfigError naming
-    ``python.class``."""
-    module_name, _, qual = target.partition(":")
-    top = module_name.split(".")[0]
-    local = folder is not None and (
-        os.path.isfile(os.path.join(folder, f"{top}.py")) or os.path.isfile(os.path.join(folder, top, "__init__.py"))
-    )
-    where = f"the model folder {folder}" if local else "the installed packages"
-    try:
-        if local:
-            module = _import_from(module_name, top, os.path.abspath(folder))
-        else:
-            module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - user code: a SyntaxError or its own import error alike
-        raise ConfigError(
-            f"python.class {target!r}: cannot import module {module_name!r} from {where}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    obj: object = module
-    for part in qual.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(
-                f"python.class {target!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no {part!r}"
-            ) from None
-    if not isinstance(obj, type):
-        raise ConfigError(f"python.class {target!r} is a {type(obj).__name__}, not a class")
-    if not callable(getattr(obj, "predict", None)):
-        raise ConfigError(f"python.class {target!r} has no predict(self, inputs) method")
-    return obj
-
-
-def _import_from(module_name: str, top: str, folder: str):
-    with _import_lock:
-        # an installed (or another model's) module of the same name must not
-        # answer for this folder's: set it aside while this one imports
-        hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k == top or k.startswith(top + ".")}
-        before = set(sys.modules)
-        sys.path.insert(0, folder)
-        importlib.invalidate_caches()
-        try:
-            return importlib.import_module(module_name)
-        finally:
-            sys.path.remove(folder)
-            for k in set(sys.modules) - before:
-                if _in_folder(sys.modules[k], folder):
-                    del sys.modules[k]  # the class keeps its module's globals alive
-            sys.modules.update(hidden)
 
 
 class _OwnLoop:
@@ -318,7 +222,7 @@ class PythonBackend(Backend):
             if load is not None:
                 config = {"name": self._name, "version": self._version, "kwargs": dict(self._cfg.kwargs),
                           "batched": self._cfg.batched}
-                result = model.load(_files(self._folder), config)
+                result = model.load(model_files(self._folder), config)
                 if inspect.isawaitable(result):
                     self._loop.run(result)
         except Exception as exc:  # noqa: BLE001 - user code: say whose, keep the cause
@@ -375,65 +279,14 @@ class PythonBackend(Backend):
     def _check_outputs(self, out: object, rows: int | None) -> dict[str, np.ndarray]:
         """``out`` as the signature promises (else FlywheelError saying what
         was expected, and where that was declared)."""
-        specs = self._signature.outputs
         field = self._sig_field
-        if not isinstance(out, Mapping):
-            raise FlywheelError(
-                f"{self._label}: predict returned a {type(out).__name__}; expected a dict of output name -> "
-                f"numpy array with the outputs {[s.name for s in specs]} ({field})"
-            )
-        if len(out) != len(specs) or any(s.name not in out for s in specs):
-            want = [s.name for s in specs]
-            missing = [n for n in want if n not in out]
-            extra = sorted(str(n) for n in out if n not in want)
-            raise FlywheelError(
-                f"{self._label}: predict returned the outputs {sorted(map(str, out))}; expected {want} ({field})"
-                + (f"; missing {missing}" if missing else "") + (f"; not declared {extra}" if extra else "")
-            )
-        checked = {}
-        for i, spec in enumerate(specs):
-            arr = out[spec.name]
-            where = f"{field}[{i}]" if field == "python.outputs" else field
-            if not isinstance(arr, np.ndarray):
-                raise FlywheelError(
-                    f"{self._label}: output {spec.name!r} is a {type(arr).__name__}; expected a numpy array "
-                    f"of {spec.datatype} with shape {list(spec.shape)} ({where})"
-                )
-            if arr.dtype != numpy_dtype(spec.datatype):
-                try:
-                    got = v2_datatype(arr.dtype)
-                except FlywheelError:  # complex, datetime...: no V2 name
-                    got = "no V2 datatype"
-                raise FlywheelError(
-                    f"{self._label}: output {spec.name!r} has datatype {got} (numpy {arr.dtype}); expected "
-                    f"{spec.datatype} ({where}.datatype)"
-                    + (": an object array of bytes" if spec.datatype == "BYTES" else "")
-                )
-            if arr.ndim != len(spec.shape) or any(w != -1 and w != g for w, g in zip(spec.shape, arr.shape)):
-                raise FlywheelError(
-                    f"{self._label}: output {spec.name!r} has shape {list(arr.shape)}; expected "
-                    f"{list(spec.shape)} (-1 = any size) ({where}.shape)"
-                )
-            if rows is not None and arr.shape[0] != rows:
-                raise FlywheelError(
-                    f"{self._label}: output {spec.name!r} has {arr.shape[0]} rows for {rows} input rows; "
-                    f"expected one output row per input row ({where}.shape: the first dimension is the batch axis)"
-                )
-            checked[spec.name] = arr
-        return checked
+        return check_outputs(out, self._signature.outputs, rows, label=self._label, what="predict", field=field,
+                             indexed=field == "python.outputs")
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """As Backend's, but a predict that fails or answers out of its
         signature on the warm-up inputs fails the load (ConfigError)."""
-        for n in batch_sizes:
-            try:
-                self.infer(self.example_inputs(n))
-            except FlywheelError as exc:
-                self.close()
-                raise ConfigError(
-                    f"{exc.message} (at warm-up, on zero-filled inputs of {n} row(s); set warmup_batch_sizes: [] "
-                    "and batching.inline: false to skip running the model before traffic)"
-                ) from exc.__cause__
+        warm_up_or_refuse(self, batch_sizes)
 
     def close(self) -> None:
         """Call the class's ``close()`` if it has one; stop the model's loop."""
