@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from flywheel.protocol.errors import FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError
+from flywheel.protocol.errors import ConfigError, FlywheelError, InvalidInputError, PreconditionFailedError, UnavailableError
 from flywheel.registry.db import DatabaseUnreachable, OutageLog
 from flywheel.training.jobs import TERMINAL, JobRecord, JobStore
 from flywheel.training.loop import append_log, job_paths
@@ -75,8 +75,9 @@ class JobHandle:
         return self._rt.store.request_cancel(self.id)
 
     def metrics(self) -> list[dict]:
-        """Per-epoch history: epoch, global_step, loss, val_loss,
-        val_accuracy, samples_per_s, lr."""
+        """Per-epoch history: epoch, global_step, loss, val_loss, the task's
+        metrics (val_accuracy; val_mse and val_mae for regression), the
+        user's (val_<name>, a train_step's train_<name>), samples_per_s, lr."""
         path = job_paths(self.status().storage)["metrics"]
         if not os.path.exists(path):
             return []
@@ -153,6 +154,7 @@ class TrainingRuntime:
             spec = parse_spec(spec)
         if spec.dataset.kind == "ray" and dataset is None:
             raise InvalidInputError("dataset.kind 'ray': pass the Ray Data Dataset as submit(spec, dataset=ds)")
+        spec = _with_code_folder(spec)
         # the job's folder (log, metrics, progress, outputs) is a local or
         # shared path; a URI storage (s3://...) takes the checkpoints only
         local = spec.storage and "://" not in spec.storage
@@ -366,6 +368,19 @@ class TrainingRuntime:
             log.warning("training: a job is still stopping after %.0f s; the job store stays open", timeout)
             return
         self.store.close()
+
+
+def _with_code_folder(spec: JobSpec) -> JobSpec:
+    """The spec with ``code`` as an absolute path, checked to be a folder:
+    the job may run in another process (a scheduler elsewhere, a resume),
+    whose working directory says nothing about this one's."""
+    if not spec.code:
+        return spec
+    folder = os.path.abspath(os.path.expanduser(spec.code))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"code {spec.code!r}: no such folder (it should hold the job's Python modules, "
+                          f"e.g. the package of model.factory); looked at {folder}")
+    return msgspec.structs.replace(spec, code=folder)
 
 
 _default: TrainingRuntime | None = None

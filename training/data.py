@@ -38,10 +38,17 @@ class JobData:
     description: str
 
 
-def load_data(spec, *, seed: int, dataset: Any = None) -> JobData:
+def load_data(spec, *, seed: int, dataset: Any = None, regression: bool = False) -> JobData:
     """``spec``: a DatasetSpec. ``dataset``: the Ray Data Dataset of kind
-    ``ray``. The validation split is a seeded permutation's tail."""
-    x, y, what = _arrays(spec, seed, dataset)
+    ``ray``. The validation split is a seeded permutation's tail.
+    ``regression`` (the job's task): labels are any numbers, returned as
+    float32 (MSE compares them with float outputs); otherwise integer class
+    ids as int64."""
+    x, y, what = _arrays(spec, seed, dataset, regression)
+    if regression:
+        y = y.astype(np.float32)
+        if not np.isfinite(y).all():
+            raise InvalidInputError(f"dataset {what}: regression labels must be finite numbers")
     if len(x) < 2:
         raise InvalidInputError(f"dataset {what} has {len(x)} rows; a job needs at least 2")
     idx = np.random.default_rng(seed).permutation(len(x))
@@ -50,8 +57,9 @@ def load_data(spec, *, seed: int, dataset: Any = None) -> JobData:
     return JobData(x[tr], y[tr], x[va], y[va], fingerprint_arrays(x, y), what)
 
 
-def _arrays(spec, seed: int, dataset: Any) -> tuple[np.ndarray, np.ndarray, str]:
-    """(features float32, labels int64, description) of one dataset spec."""
+def _arrays(spec, seed: int, dataset: Any, regression: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """(features float32, labels int64 (any numeric dtype for regression),
+    description) of one dataset spec."""
     kind = spec.kind
     if kind == "digits":
         from sklearn.datasets import load_digits
@@ -60,7 +68,7 @@ def _arrays(spec, seed: int, dataset: Any) -> tuple[np.ndarray, np.ndarray, str]
         x, y = (raw.data / 16.0).astype(np.float32), raw.target.astype(np.int64)
         what = "sklearn digits (8x8, /16)"
     elif kind in ("parquet", "csv"):
-        x, y = _from_frame(_read_files(kind, spec.path), spec)
+        x, y = _from_frame(_read_files(kind, spec.path), spec, regression)
         what = f"{kind} {spec.path}"
     elif kind == "ray":
         if dataset is None:
@@ -68,7 +76,7 @@ def _arrays(spec, seed: int, dataset: Any) -> tuple[np.ndarray, np.ndarray, str]
                 "dataset.kind 'ray' needs the Ray Data Dataset itself: submit(spec, dataset=ds) "
                 "(it lives only in the process that submitted the job)"
             )
-        x, y = _from_frame(dataset.to_pandas(), spec)
+        x, y = _from_frame(dataset.to_pandas(), spec, regression)
         what = f"ray dataset ({dataset.count()} rows)"
     elif kind == "captured":
         return _captured(spec, seed)
@@ -137,7 +145,7 @@ def _read_files(kind: str, path: str):
     return pd.concat([read(f) for f in files], ignore_index=True)
 
 
-def _from_frame(frame, spec) -> tuple[np.ndarray, np.ndarray]:
+def _from_frame(frame, spec, regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
     if spec.label not in frame.columns:
         raise InvalidInputError(f"dataset.label {spec.label!r} is not a column; columns: {list(frame.columns)}")
     features = list(spec.features) or [c for c in frame.columns if c != spec.label]
@@ -149,6 +157,12 @@ def _from_frame(frame, spec) -> tuple[np.ndarray, np.ndarray]:
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"dataset.features must be numeric: {exc}") from None
     y = frame[spec.label].to_numpy()
+    if regression:
+        if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+            raise InvalidInputError(f"dataset.label {spec.label!r} must hold numbers for task regression, "
+                                    f"not {y.dtype}")
+        return x, y.astype(np.float32)
     if not np.issubdtype(y.dtype, np.integer):
-        raise InvalidInputError(f"dataset.label {spec.label!r} must hold integer class ids, not {y.dtype}")
+        raise InvalidInputError(f"dataset.label {spec.label!r} must hold integer class ids, not {y.dtype} "
+                                "(task: regression takes real-valued labels)")
     return x, y.astype(np.int64)

@@ -15,6 +15,13 @@ every rank, each rank taking every world-th row of each global batch; a
 resumed run restores the model, optimizer, scheduler, counters, the epoch's
 running sums and the RNG state, so it continues exactly where the
 checkpoint was taken (gloo's all-reduce order is fixed for a world size).
+
+User code (training/user_code.py): the model may come from a factory of
+the job's shipped code folder (the workers' working_dir), the loss and
+validation metrics from the job's task or the user's functions, and a
+``train_step`` hook may replace the forward + loss of a step; the loop
+still does backward, the optimizer and scheduler steps, checkpoints,
+resume, metrics and cancellation, so none of that changes for user code.
 """
 
 from __future__ import annotations
@@ -106,7 +113,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from flywheel.runtime.architectures import build
     from flywheel.protocol.errors import InvalidInputError
     from flywheel.training.checkpoint import CheckpointStore
     from flywheel.training.train_state import (
@@ -117,6 +123,7 @@ def train_loop(config: dict[str, Any]) -> None:
         restore_rng,
     )
     from flywheel.training.spec import parse_spec
+    from flywheel.training.user_code import Objective, StepContext, build_job_model
 
     spec = parse_spec(config["spec"])
     paths = job_paths(config["job_dir"])
@@ -125,8 +132,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     x, y, xv, yv = ray.get(config["data"])
     torch.manual_seed(spec.seed)
-    model, sig = build(spec.model.architecture, spec.model.hparams)
-    shape = sig.inputs[0].shape[1:]
+    # user code (a factory, loss, metrics, train_step) imports from the
+    # job's code folder: the workers' working_dir (training/runner.py)
+    model, shape = build_job_model(spec.model, x.shape[1])
+    objective = Objective(spec)
     x = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, *shape)
     xv = torch.from_numpy(np.ascontiguousarray(xv)).reshape(-1, *shape)
     y, yv = torch.from_numpy(y), torch.from_numpy(yv)
@@ -141,7 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
     distributed = dist.is_available() and dist.is_initialized()
 
     epoch, step_in_epoch, global_step, history = 0, 0, 0, []
-    running = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+    running = _fresh_running()
     _note_placement(paths, rank, world, distributed)
     # Rank 0 reads the store and tells the others what it found: ranks that
     # each read it could disagree (a read error, storage not yet in sync)
@@ -160,7 +169,8 @@ def train_loop(config: dict[str, Any]) -> None:
         sched.load_state_dict(resumed["scheduler"])
         epoch, step_in_epoch, global_step = (resumed["counters"][k] for k in ("epoch", "step_in_epoch", "global_step"))
         history = list(resumed["metrics"])
-        running = dict(resumed["running"] or running)
+        saved = dict(resumed["running"] or {})
+        running = {**running, **saved, "extra": dict(saved.get("extra") or {})}
         restore_rng(resumed["rng"])  # rank 0's, on every rank (broadcast with the checkpoint)
         if rank == 0:
             append_log(paths["log"], f"attempt resumed from checkpoint at step {global_step} (epoch {epoch}, "
@@ -193,7 +203,6 @@ def train_loop(config: dict[str, Any]) -> None:
     steps_per_epoch = len(x) // spec.batch_size
     if steps_per_epoch == 0:
         raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(x)} training rows")
-    loss_fn = torch.nn.functional.cross_entropy
     while epoch < spec.epochs:
         order = np.random.default_rng([spec.seed, epoch]).permutation(len(x))
         model.train()
@@ -202,14 +211,22 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = order[s * spec.batch_size:(s + 1) * spec.batch_size]
             mine = torch.from_numpy(batch[rank * per_rank:(rank + 1) * per_rank]).to(device)
             opt.zero_grad()
-            loss = loss_fn(model(x[mine]), y[mine])
+            step_ctx = StepContext(rank=rank, world_size=world, epoch=epoch, global_step=global_step,
+                                   device=device, loss_fn=objective.loss_fn)
+            loss, extra = objective.step_loss(model, (x[mine], y[mine]), step_ctx)
             loss.backward()
             opt.step()
             global_step += 1
-            loss_val = loss.detach().reshape(1).double() * len(mine)
+            # the loss and a train_step's extra scalars, summed over the ranks
+            # in one all-reduce (sorted names: the same order on every rank)
+            names = sorted(extra)
+            sums = torch.tensor([float(loss.detach().item())] + [extra[k] for k in names],
+                                dtype=torch.float64, device=device) * len(mine)
             if distributed:
-                dist.all_reduce(loss_val)
-            running["loss_sum"] += float(loss_val.item())
+                dist.all_reduce(sums)
+            running["loss_sum"] += float(sums[0].item())
+            for k, v in zip(names, sums[1:].tolist()):
+                running["extra"][k] = running["extra"].get(k, 0.0) + v
             running["samples"] += spec.batch_size
             running["seconds"] += time.perf_counter() - t0
             fault = spec.fault
@@ -226,10 +243,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     append_log(paths["log"], f"cancelled at step {global_step}")
                 return
         sched.step()
-        metrics = _evaluate(model, xv, yv, loss_fn)
+        metrics = _evaluate(model, xv, yv, objective)
         row = {
             "epoch": epoch + 1, "global_step": global_step,
             "loss": running["loss_sum"] / max(1, running["samples"]),
+            **{f"train_{k}": v / max(1, running["samples"]) for k, v in sorted(running.get("extra", {}).items())},
             **metrics,
             "samples_per_s": running["samples"] / running["seconds"] if running["seconds"] else 0.0,
             "lr": float(opt.param_groups[0]["lr"]),
@@ -238,10 +256,11 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             with open(paths["metrics"], "a") as f:
                 f.write(json.dumps(row) + "\n")
-            append_log(paths["log"], "epoch {epoch} step {global_step} loss {loss:.4f} val_accuracy "
-                                  "{val_accuracy:.4f} {samples_per_s:.0f} samples/s".format(**row))
+            headline = objective.headline
+            append_log(paths["log"], f"epoch {row['epoch']} step {global_step} loss {row['loss']:.4f} "
+                                     f"{headline} {row[headline]:.4f} {row['samples_per_s']:.0f} samples/s")
         epoch, step_in_epoch = epoch + 1, 0
-        running = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+        running = _fresh_running()
         every = spec.checkpoint.every_epochs
         if (every and epoch % every == 0) or epoch == spec.epochs:
             checkpoint(epoch, 0)
@@ -274,18 +293,23 @@ def _note_placement(paths: dict, rank: int, world: int, distributed: bool) -> No
                                                    for r in ranks))
 
 
-def _evaluate(model, xv, yv, loss_fn) -> dict[str, float]:
+def _fresh_running() -> dict[str, Any]:
+    # an epoch's running sums (checkpointed: a resume mid-epoch continues them)
+    return {"loss_sum": 0.0, "samples": 0, "seconds": 0.0, "extra": {}}
+
+
+def _evaluate(model, xv, yv, objective) -> dict[str, float]:
     """Validation on every rank over the whole split (an FSDP forward is
-    collective, so every rank must run the same batches)."""
+    collective, so every rank must run the same batches): val_loss and the
+    task's and the user's metrics (training/user_code.py)."""
     import torch
 
     if len(xv) == 0:
-        return {"val_loss": math.nan, "val_accuracy": math.nan}
+        return objective.empty_metrics()
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(xv[i:i + 512]) for i in range(0, len(xv), 512)])
-    return {"val_loss": float(loss_fn(logits, yv).item()),
-            "val_accuracy": float((logits.argmax(1) == yv).double().mean().item())}
+        outputs = torch.cat([model(xv[i:i + 512]) for i in range(0, len(xv), 512)])
+        return objective.evaluate(outputs, yv)
 
 
 def _progress(paths, epoch, step, steps, global_step, loss, running) -> None:

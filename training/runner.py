@@ -89,14 +89,18 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
             os.remove(marker)
     _note(paths, f"attempt {record.attempts}: {spec.strategy} x {spec.resources.workers} worker(s), "
                  f"{spec.epochs} epoch(s), batch {spec.batch_size}, seed {spec.seed}")
-    data = load_data(spec.dataset, seed=spec.seed, dataset=dataset)
+    data = load_data(spec.dataset, seed=spec.seed, dataset=dataset, regression=spec.task == "regression")
     _note(paths, f"data: {data.description}, {len(data.x_train)} train / {len(data.x_val)} validation rows, "
                  f"fingerprint {data.fingerprint[:12]}")
-    _same_data_and_code(paths, data.fingerprint)
-    check_model(spec, data)  # a spec that cannot train fails here, not in every worker retry
+    _same_data_and_code(paths, data.fingerprint, _user_code_digest(spec))
+    # a spec that cannot train (user code that does not import, a factory
+    # that returns no nn.Module, a model that does not take the rows) fails
+    # here, before any worker starts, not in every worker retry
+    check_model(spec, data)
     res = spec.resources
     wait_for_resources(res.workers, res.cpus_per_worker, res.gpus_per_worker, res.wait_s, record.id,
                        should_stop, res.placement)
+    runtime_env = worker_runtime_env(spec, job_dir)
     data_ref = ray.put((data.x_train, data.y_train, data.x_val, data.y_val))
     # Bound the trainer's own wait for its workers (Ray retries a worker
     # group that cannot start forever by default): a job whose CPUs were
@@ -118,6 +122,7 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
             name=f"{record.name}-{record.id}-{uuid.uuid4().hex[:6]}",
             storage_path=run_root(record),
             failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=1),
+            worker_runtime_env=runtime_env,
         ),
     )
     outcome: dict = {}
@@ -171,33 +176,76 @@ def _uri_root(record) -> str:
     return f"{base.rstrip('/')}/{record.name}-{record.id}" if "://" in base else ""
 
 
+def worker_runtime_env(spec, job_dir: str) -> dict:
+    """The Train workers' runtime environment: the job's ``code`` folder,
+    packed into the job's folder (training/code_package.py), as their
+    ``working_dir``: every node that runs a worker unpacks it and starts
+    the worker in it, on its import path, so a job's own modules import on
+    a cluster of several nodes too."""
+    if not spec.code:
+        return {}
+    from flywheel.training.code_package import pack_code
+
+    return {"working_dir": pack_code(spec.code, os.path.join(job_dir, "code"))}
+
+
 def check_model(spec, data) -> None:
-    """Build the model and run two training rows through it (shapes,
-    hyper-parameters, batch size), in the driver."""
+    """Build the model (a built-in, or the user's factory with the job's
+    code importable) and run two training rows through it, its loss, its
+    metrics and any train_step hook, in the driver: user code that does not
+    import or keep its contract fails the job now, naming the field.
+    ConfigError for user code, InvalidInputError for shapes and sizes."""
     import torch
 
-    from flywheel.runtime.architectures import build
     from flywheel.protocol.errors import InvalidInputError
+    from flywheel.training.user_code import Objective, StepContext, build_job_model, shipped
 
     if spec.batch_size > len(data.x_train):
         raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(data.x_train)} training rows")
-    model, sig = build(spec.model.architecture, spec.model.hparams)
-    try:
-        x = torch.from_numpy(data.x_train[:2]).reshape(-1, *sig.inputs[0].shape[1:])
-        out = model(x)
-    except Exception as exc:
-        raise InvalidInputError(
-            f"model {spec.model.architecture} {spec.model.hparams} does not take the data's rows "
-            f"({data.x_train.shape[1:]} per row): {exc}"
-        ) from None
+    what = spec.model.label + (f" {spec.model.hparams}" if spec.model.architecture else f" {spec.model.kwargs}")
+    with shipped(spec.code):
+        model, shape = build_job_model(spec.model, data.x_train.shape[1])
+        objective = Objective(spec)
+        try:
+            x = torch.from_numpy(data.x_train[:2]).reshape(-1, *shape)
+            out = model(x)
+        except Exception as exc:
+            raise InvalidInputError(
+                f"model {what} does not take the data's rows ({data.x_train.shape[1:]} per row"
+                + (f", as model.input_shape {list(shape)}" if spec.model.factory else "") + f"): {exc}"
+            ) from None
+        if not isinstance(out, torch.Tensor):
+            raise InvalidInputError(f"model {what} returned a {type(out).__name__}; expected one output tensor")
+        y = torch.from_numpy(data.y_train[:2])
+        if not spec.loss:
+            _check_outputs(spec, data, out, what)
+        objective.loss_value(out, y)
+        with torch.no_grad():
+            objective.evaluate(out.detach(), y)
+        if objective.hook is not None:
+            ctx = StepContext(rank=0, world_size=1, epoch=0, global_step=0, device=torch.device("cpu"),
+                              loss_fn=objective.loss_fn)
+            objective.step_loss(model, (x, y), ctx)
+
+
+def _check_outputs(spec, data, out, what: str) -> None:
+    """Outputs the task's built-in loss can compare with the labels."""
+    from flywheel.protocol.errors import InvalidInputError
+
+    if spec.task == "regression":
+        if out.reshape(len(out), -1).shape[1] != 1:
+            raise InvalidInputError(f"model {what} gives {tuple(out.shape[1:])} per row; task regression "
+                                    "needs one value per row (or a loss of your own)")
+        return
     classes = int(max(data.y_train.max(), data.y_val.max() if len(data.y_val) else 0)) + 1
     if out.shape[-1] < classes:
         raise InvalidInputError(f"model has {out.shape[-1]} outputs; the labels need {classes} classes")
 
 
-def _same_data_and_code(paths: dict, fingerprint: str) -> None:
+def _same_data_and_code(paths: dict, fingerprint: str, user_code: str = "") -> None:
     """Pin the data (and code) a job started with: a resumed attempt on other
-    data would mix two datasets under one lineage."""
+    data, or on an edited ``code`` folder (``user_code``: its digest, "" =
+    none), would mix two datasets or two models under one lineage."""
     from flywheel.registry import code_version
     from flywheel.protocol.errors import PreconditionFailedError
 
@@ -211,9 +259,22 @@ def _same_data_and_code(paths: dict, fingerprint: str) -> None:
                 f"the data changed since this job started (fingerprint {first['data_fingerprint'][:12]} -> "
                 f"{fingerprint[:12]}); submit a new job instead of resuming"
             )
+        if first.get("user_code_sha256", "") != user_code:
+            raise PreconditionFailedError(
+                "the job's code folder (code:) changed since this job started; submit a new job instead of resuming"
+            )
         return
     with open(path, "w") as f:
-        json.dump({"data_fingerprint": fingerprint, "code_commit": commit, "code_dirty": dirty}, f)
+        json.dump({"data_fingerprint": fingerprint, "code_commit": commit, "code_dirty": dirty,
+                   "user_code_sha256": user_code}, f)
+
+
+def _user_code_digest(spec) -> str:
+    if not spec.code or not os.path.isdir(spec.code):
+        return ""  # a missing folder fails in check_model, naming code
+    from flywheel.training.code_package import code_digest
+
+    return code_digest(spec.code)
 
 
 def _fit(trainer):
@@ -232,14 +293,15 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
     from safetensors.torch import save_file
 
     from flywheel.registry import Lineage, Registry
-    from flywheel.runtime.architectures import build
     from flywheel.runtime.export import export_onnx
     from flywheel.training.checkpoint import CheckpointStore
+    from flywheel.training.user_code import export_view, shipped
 
     state = CheckpointStore(checkpoint_root(record)).latest()
     if state is None:
         raise FlywheelError(f"job {record.id} finished without a checkpoint")
-    model, sig = build(spec.model.architecture, spec.model.hparams)
+    with shipped(spec.code):
+        model, sig = _final_model(spec, data)
     model.load_state_dict(state.model)
     out = paths["output"]
     weights = os.path.join(out, "model.safetensors")
@@ -252,7 +314,20 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
         json.dump({"final": final, "history": state.metrics}, f, indent=1)
     result: dict = {"metrics": final, "weights": weights, "global_step": state.counters["global_step"]}
     artifacts = {"model.safetensors": weights, "reference.npy": reference}
-    if spec.export.onnx:
+    if spec.export.onnx and spec.model.factory:
+        # a user model may use what ONNX cannot express: the weights are
+        # registered all the same and the result says why there is no ONNX
+        try:
+            with shipped(spec.code):
+                onnx_path = export_onnx(export_view(model.eval()), sig, os.path.join(out, "model.onnx"))
+        except Exception as exc:  # noqa: BLE001 - any export failure of user code is reported the same way
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            result["onnx_error"] = f"model.factory {spec.model.factory!r} did not export to ONNX: {message}"
+            _note(paths, result["onnx_error"])
+        else:
+            result["onnx"] = artifacts["model.onnx"] = onnx_path
+            _note(paths, f"exported {onnx_path} (checked against torch)")
+    elif spec.export.onnx:
         onnx_path = export_onnx(model.eval(), sig, os.path.join(out, "model.onnx"))
         result["onnx"] = artifacts["model.onnx"] = onnx_path
         _note(paths, f"exported {onnx_path} (checked against torch)")
@@ -270,7 +345,7 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
             signature={"inputs": [tensor_info(t) for t in sig.inputs],
                        "outputs": [tensor_info(t) for t in sig.outputs]},
             metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and np.isfinite(v)},
-            params={"architecture": spec.model.architecture, **spec.model.hparams},
+            params=_params(spec),
             lineage=Lineage(
                 data_fingerprint=started["data_fingerprint"], code_commit=started["code_commit"],
                 code_dirty=started["code_dirty"], training_config=record.spec, job_id=record.id,
@@ -292,6 +367,36 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
             result["canary_error"] = message
             _note(paths, f"canary of {mv.ref} on {spec.export.canary_url} not started: {message}")
     return result
+
+
+def _final_model(spec, data):
+    """(module, V2 signature) to load the final weights into. A factory
+    model's signature: input ``input`` FP32 ``[-1, *row shape]``; output
+    ``logits`` (classification) or ``output`` with the shape of a forward
+    pass on two training rows."""
+    import torch
+
+    from flywheel.runtime.signature import Signature, TensorSpec
+    from flywheel.training.user_code import build_job_model
+
+    if not spec.model.factory:
+        from flywheel.runtime.architectures import build
+
+        return build(spec.model.architecture, spec.model.hparams)
+    model, shape = build_job_model(spec.model, data.x_train.shape[1])
+    with torch.no_grad():
+        out = model.eval()(torch.from_numpy(data.x_train[:2]).reshape(-1, *shape))
+    name = "logits" if spec.task == "classification" else "output"
+    return model, Signature(inputs=(TensorSpec("input", "FP32", (-1, *shape)),),
+                            outputs=(TensorSpec(name, "FP32", (-1, *out.shape[1:])),))
+
+
+def _params(spec) -> dict:
+    """The registry version's params: how the weights are rebuilt."""
+    m = spec.model
+    if m.factory:
+        return {"factory": m.factory, "kwargs": dict(m.kwargs), "task": spec.task}
+    return {"architecture": m.architecture, **m.hparams}
 
 
 def tensor_info(t) -> dict:

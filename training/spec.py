@@ -37,6 +37,7 @@ import msgspec
 
 from flywheel.runtime.architectures import ARCHITECTURES
 from flywheel.protocol.errors import ConfigError
+from flywheel.training.user_code import TASKS, check_import_path
 
 # Same rule as model names in serving/config.py and the registry: a job name
 # becomes the registry model name by default, so it must be a valid one.
@@ -49,6 +50,8 @@ STRATEGIES = ("ddp", "fsdp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 # resources.placement -> Ray's placement group strategy (Train's ScalingConfig.placement_strategy)
+# a user metric is reported as val_<name>: a plain identifier
+METRIC_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 
 
@@ -64,7 +67,8 @@ def _finite(x: float) -> bool:
 
 
 class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The network to train.
+    """The network to train: a built-in architecture, or a user factory
+    (exactly one of the two).
 
     architecture: a builder of ``flywheel.runtime.architectures``
         (``mlp``, ``small_cnn``, ``patch_cnn``); the trained weights are
@@ -72,12 +76,33 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hparams: keyword arguments of that builder. Unknown names are refused
         here; missing ones are left for the runtime (it may infer sizes such
         as ``in_features`` from the dataset) and fail when the model is built.
+    factory: ``"package.module:callable"`` returning a ``torch.nn.Module``,
+        from the job's ``code`` folder or an installed package; it is
+        imported and called when the job starts (a failure fails the job
+        then, naming model.factory), never when a spec is read.
+    kwargs: keyword arguments of the factory (JSON values).
+    input_shape: factory models only: the shape of one input row, e.g.
+        ``[1, 8, 8]``; empty = the dataset's rows as they are (a vector of
+        features). The model takes FP32 ``[batch, *input_shape]``.
     """
 
-    architecture: str
+    architecture: str = ""
     hparams: dict[str, Any] = {}
+    factory: str = ""
+    kwargs: dict[str, Any] = {}
+    input_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        _require(bool(self.architecture) != bool(self.factory),
+                 "model: set exactly one of model.architecture (a built-in: "
+                 f"{', '.join(sorted(ARCHITECTURES))}) and model.factory (an import path 'package.module:callable')")
+        if self.factory:
+            check_import_path(self.factory, "model.factory")
+            _require(not self.hparams, "model.hparams is for model.architecture; a factory takes model.kwargs")
+            _require(all(d >= 1 for d in self.input_shape), "model.input_shape: every dimension must be >= 1")
+            return
+        _require(not self.kwargs and not self.input_shape,
+                 "model.kwargs and model.input_shape are for model.factory; an architecture takes model.hparams")
         builder = ARCHITECTURES.get(self.architecture)
         _require(
             builder is not None,
@@ -90,6 +115,11 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"model.hparams for {self.architecture!r}: {exc}; its hyper-parameters are: {allowed}"
             ) from None
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name the model."""
+        return f"factory {self.factory}" if self.factory else f"architecture {self.architecture}"
 
 
 class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -352,8 +382,41 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         outputs) stays under ``<FLYWHEEL_HOME>/training``, which on a
         cluster of several nodes must be a folder they all share: the
         worker of rank 0 writes there, on whichever node it runs.
-    export: what to do with the trained model (ExportSpec).
+    export: what to do with the trained model (ExportSpec). A factory
+        model that cannot be exported to ONNX is still registered (weights,
+        metrics, lineage); the job's result says why under ``onnx_error``.
     fault: a test hook (FaultSpec); off by default.
+
+    User code (training/user_code.py has the contracts):
+
+    code: a local folder of Python modules shipped with the job ("" =
+        none: import paths then name installed packages); relative to the
+        YAML file's folder in a job file, else to the current folder. Every Ray Train
+        worker, on every node, runs with it as its ``working_dir`` (so it
+        is on their import path); ``submit()`` checks that it exists and
+        stores it as an absolute path.
+    task: ``classification`` (integer class labels; cross-entropy; metric
+        ``val_accuracy``) or ``regression`` (labels as float32, one value
+        per row; mean squared error; metrics ``val_mse``, ``val_mae``).
+    loss: ``"package.module:fn"``, ``fn(outputs, targets)`` returning a
+        scalar tensor, in place of the task's loss ("" = the task's).
+    metrics: ``{name: "package.module:fn"}``, each ``fn(outputs, targets)``
+        returning a number on the validation split, reported as
+        ``val_<name>`` beside the task's metrics.
+    train_step: ``"package.module:fn"``, called as
+        ``fn(model, (inputs, targets), ctx)`` in place of the built-in
+        forward + loss; it returns the loss tensor (or a dict with ``loss``
+        and other scalars, reported as ``train_<name>``). Flywheel still
+        does backward, the optimizer and scheduler steps, checkpoints,
+        exact resume, metrics and cancellation.
+
+    Example of a user model::
+
+        code: ./src                       # holds mypkg/models.py
+        model: {factory: "mypkg.models:make_net", kwargs: {width: 32}}
+        task: regression
+        metrics: {within_1: "mypkg.metrics:within_1"}
+        train_step: "mypkg.steps:step"
     """
 
     name: str
@@ -372,8 +435,14 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     storage: str = ""
     export: ExportSpec = ExportSpec()
     fault: FaultSpec = FaultSpec()
+    code: str = ""
+    task: str = "classification"
+    loss: str = ""
+    metrics: dict[str, str] = {}
+    train_step: str = ""
 
     def __post_init__(self) -> None:
+        self._check_user_code()
         _require(bool(NAME_RE.match(self.name)),
                  f"name {self.name!r} must match {NAME_RE.pattern} (letters, digits, _.-)")
         _require(self.strategy in STRATEGIES, f"strategy {self.strategy!r} must be one of {', '.join(STRATEGIES)}")
@@ -392,6 +461,20 @@ class JobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                  f"schedule.min_lr {self.schedule.min_lr:g} must not exceed optimizer.lr {self.optimizer.lr:g}")
         _require(not self.fault.enabled or self.fault.kill_rank < workers,
                  f"fault.kill_rank {self.fault.kill_rank} must be a worker rank in [0, {workers - 1}]")
+
+    def _check_user_code(self) -> None:
+        _require(self.task in TASKS, f"task {self.task!r} must be one of {', '.join(TASKS)}")
+        if self.loss:
+            check_import_path(self.loss, "loss")
+        if self.train_step:
+            check_import_path(self.train_step, "train_step")
+        builtin = ("loss", "mse", "mae") if self.task == "regression" else ("loss", "accuracy")
+        for name, path in self.metrics.items():
+            _require(bool(METRIC_NAME_RE.match(name)),
+                     f"metrics: name {name!r} must be an identifier (letters, digits, _); it is reported as val_<name>")
+            _require(name not in builtin,
+                     f"metrics.{name}: val_{name} is already reported for task {self.task!r}; choose another name")
+            check_import_path(path, f"metrics.{name}")
 
     @property
     def model_name(self) -> str:
@@ -413,12 +496,18 @@ def parse_spec(data: Mapping[str, Any]) -> JobSpec:
 
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML job spec; every ConfigError names the file
-    (and the field). Unreadable files and bad YAML are ConfigErrors too."""
+    (and the field). Unreadable files and bad YAML are ConfigErrors too. A
+    relative ``code`` folder is taken relative to the file's folder."""
     # Imported here: serving.config does not import Ray, but importing it
     # loads the serving package (gRPC, SciPy), which spec users rarely need.
     from flywheel.common.yaml_files import load_yaml
 
-    return load_yaml(path, parse_spec, what="job spec")
+    spec = load_yaml(path, parse_spec, what="job spec")
+    if spec.code and not Path(spec.code).expanduser().is_absolute():
+        # a job file names its code beside itself, wherever it is run from
+        folder = Path(path).resolve().parent / spec.code
+        spec = msgspec.structs.replace(spec, code=str(folder))
+    return spec
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, Any]:

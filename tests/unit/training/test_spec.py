@@ -103,6 +103,19 @@ def test_python_construction_validates_too():
         ({"fault": {"kill_rank": 0}}, ["fault.kill_rank", "fault.at_step"]),
         ({"fault": {"kill_rank": -2, "at_step": -2}}, ["fault.kill_rank", ">= -1"]),
         ({"fault": {"kill_rank": 2, "at_step": 5}}, ["fault.kill_rank 2", "[0, 1]"]),
+        ({"model": {"architecture": "mlp", "factory": "pkg.mod:make"}},
+         ["exactly one of model.architecture", "model.factory", "$.model"]),
+        ({"model": {"factory": "pkg/mod.py"}}, ["model.factory 'pkg/mod.py'", "'package.module:callable'"]),
+        ({"model": {"factory": "pkg.mod:make", "hparams": {"a": 1}}}, ["model.hparams", "model.kwargs"]),
+        ({"model": {"architecture": "mlp", "kwargs": {"a": 1}}}, ["model.kwargs", "model.hparams"]),
+        ({"model": {"factory": "pkg.mod:make", "input_shape": [1, 0]}}, ["model.input_shape", ">= 1"]),
+        ({"task": "ranking"}, ["task 'ranking'", "classification, regression"]),
+        ({"loss": "losses.huber"}, ["loss 'losses.huber'", "'package.module:callable'"]),
+        ({"train_step": "steps:"}, ["train_step 'steps:'", "import path"]),
+        ({"metrics": {"r2": "m.py"}}, ["metrics.r2 'm.py'", "import path"]),
+        ({"metrics": {"bad name": "m:f"}}, ["metrics: name 'bad name'", "identifier"]),
+        ({"metrics": {"accuracy": "m:f"}}, ["metrics.accuracy", "already reported", "'classification'"]),
+        ({"task": "regression", "metrics": {"mae": "m:f"}}, ["metrics.mae", "already reported"]),
         ({"colour": "red"}, ["unknown field `colour`"]),
         ({"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}}, ["unknown field `betas`", "$.optimizer"]),
     ],
@@ -145,6 +158,38 @@ def test_valid_non_default_choices():
     assert parse_spec(_with(dataset={"kind": "ray"})).dataset == DatasetSpec(kind="ray")
     for placement in ("pack", "spread", "strict_spread"):
         assert parse_spec(_with(resources={"placement": placement})).resources.placement == placement
+
+
+def test_a_user_model_and_objective_by_import_path():
+    s = parse_spec(_with(model={"factory": "mypkg.models:make_net", "kwargs": {"width": 32}, "input_shape": [1, 8, 8]},
+                         code="/jobs/src", task="regression", loss="mypkg.losses:huber",
+                         metrics={"within_1": "mypkg.metrics:within_1"}, train_step="mypkg.steps:Step.run"))
+    assert (s.model.architecture, s.model.factory, s.model.kwargs, s.model.input_shape) == (
+        "", "mypkg.models:make_net", {"width": 32}, (1, 8, 8))
+    assert (s.code, s.task, s.loss, s.train_step) == ("/jobs/src", "regression", "mypkg.losses:huber",
+                                                      "mypkg.steps:Step.run")
+    assert parse_spec(spec_to_dict(s)) == s
+    # defaults: today's classifier, no user code
+    d = parse_spec(MINIMAL)
+    assert (d.code, d.task, d.loss, d.metrics, d.train_step) == ("", "classification", "", {}, "")
+
+
+def test_submit_checks_and_absolutizes_the_code_folder(tmp_path, monkeypatch):
+    from flywheel.training.api import _with_code_folder
+
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)
+    s = _with_code_folder(parse_spec(_with(code="src")))
+    assert s.code == str(tmp_path / "src")
+    with pytest.raises(ConfigError, match="code 'nowhere': no such folder"):
+        _with_code_folder(parse_spec(_with(code="nowhere")))
+
+
+def test_a_job_files_code_folder_is_relative_to_the_file(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    path = tmp_path / "jobs" / "job.yaml"
+    path.write_text("name: j\nmodel: {factory: 'pkg.mod:make'}\ncode: src\n")
+    assert load_spec(path).code == str(tmp_path / "jobs" / "src")
 
 
 def test_round_trip_to_dict_and_back():
