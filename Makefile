@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	@# the distribution was called "flywheel" before it became flywheel-ml
 	$(PY) -m pip uninstall --quiet --yes flywheel 2>/dev/null || true
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[train,test,bench,edge,s3,batch,convert]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[train,test,bench,edge,s3,batch,convert,tracing]'
 	touch $(STAMP)
 
 run: $(STAMP)

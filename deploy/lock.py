@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
-EXTRAS = "train,test,bench,edge,s3,batch,convert"
+EXTRAS = "train,test,bench,edge,s3,batch,convert,tracing"
 OWN = "flywheel-ml"
 HEADER = f"""\
 # Exact versions for CI and the images (pip install -c requirements.lock).

@@ -27,6 +27,7 @@ from flywheel.serving._private.drift_http import shape_history
 from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feedback
 from flywheel.serving._private.http_errors import error_for, error_for_code, error_response, method_not_allowed
 from flywheel.serving._private.http_server import JSON, Request, Response
+from flywheel.serving._private.console_ui import ConsoleFiles
 from flywheel.serving._private.live_endpoint import render_endpoint_metrics
 from flywheel.serving._private.openapi import openapi_document
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel, Reply
@@ -48,6 +49,8 @@ def role_for(path: str, method: str = "GET") -> str | None:
     if path in ("/v2/health/live", "/v2/health/ready"):
         return None
     parts = path.strip("/").split("/")
+    if parts[0] == "console":  # the console's files hold no data; what they fetch needs a key
+        return None
     if approval_http.is_approval(parts):
         return approval_http.ROLE
     if parts[:2] == ["v2", "loops"]:
@@ -96,6 +99,7 @@ class HttpRoutes:
         self._console = console
         self._server_meta = encode_json(plane.server_metadata())  # fixed: encoded once
         self._openapi = encode_json(openapi_document())
+        self._console_files = ConsoleFiles()
 
     def handle(self, req: Request):
         """Authenticate (when on), then route. The one auth check for HTTP."""
@@ -147,6 +151,8 @@ class HttpRoutes:
         if path == "/v2/openapi.json":
             return self._only(_GET, req) or (200, self._openapi, JSON)
         parts = path.strip("/").split("/")
+        if parts[0] == "console":
+            return self._console_files.serve(req, parts[1:])
         if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "endpoints":
             return endpoint_route(self._manage, req, parts[2:])
         if len(parts) >= 2 and parts[0] == "v2" and parts[1] == "loops":
