@@ -8,6 +8,7 @@ is deployed once on a free port and shared too.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +42,10 @@ def ray_session():
     import ray
     from ray import serve
 
+    # Ray Train's controller polls its workers every 2 s by default, and
+    # every start, finish and failure of a training run waits for a poll;
+    # the processes Ray starts inherit this (RAY-NOTES.md, Ray Train)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     tmp = tempfile.mkdtemp(prefix="fw-ray-", dir="/tmp")  # short: Ray's socket paths
     settings = msgspec.structs.replace(load_settings(), ray_tmpdir=tmp, ray_address="")
     # 4 logical CPUs on 2 cores: deployments ask for fractions, and no test

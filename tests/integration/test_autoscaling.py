@@ -1,8 +1,8 @@
 """server.autoscaling and models[].autoscaling: the ingress, and a dedicated
 model, follow the in-flight counts their replicas measure themselves. A load
-step from 1 to 32 keep-alive clients scales either from 1 to 2 replicas, the
-new one gets connections (they age out and reconnect), and it goes back to 1
-after the load, with no failed request at any point."""
+step from 1 to 32 keep-alive clients scales both from 1 to 2 replicas (one
+deployment), the new ones get connections (they age out and reconnect), and
+both go back to 1 after the load, with no failed request at any point."""
 
 from __future__ import annotations
 
@@ -67,72 +67,61 @@ def _answered_by_model_replica(app: str, deployment: str, asks: int = 20) -> dic
     return seen
 
 
-def _step_up_and_down(port: int, running, both_answer, what: str) -> None:
-    """One keep-alive client, then 32 beside it until ``running()`` says 2
-    and ``both_answer()``, then one again until ``running()`` says 1; no
-    request may fail throughout."""
-    failures: list[str] = []
-    assert running() == 1
-    with KeepAliveLoad(port, _infer, clients=1) as one:
-        wait_for(lambda: len(one.answers) > 50, 60, "one client's first answers")
-        # one client keeps at most one request in flight: under the target of 4
-        time.sleep(4)
-        assert running() == 1
-        with KeepAliveLoad(port, _infer, clients=32) as many:
-            started = time.monotonic()
-            wait_for(lambda: running() >= 2, 90, f"the {what} to scale to 2 replicas", every_s=0.5)
-            print(f"\nscaled 1 -> 2 {what} replicas {time.monotonic() - started:.1f} s after 32 clients started")
-            # connections age out and reconnect: some land on the new replica
-            wait_for(both_answer, 60, f"both {what} replicas to answer", every_s=0.5)
-        failures += many.failures
-        stopped = time.monotonic()
-        wait_for(lambda: running() == 1, 90, f"the {what} to scale back to 1 replica", every_s=0.5)
-        print(f"scaled 2 -> 1 {time.monotonic() - stopped:.1f} s after the 32 clients stopped")
-        seen = len(one.answers)
-        wait_for(lambda: len(one.answers) > seen + 50, 60, "answers after the scale-down")
-    failures += one.failures
-    assert set(many.answers) | set(one.answers) == {10}
-    assert failures == []
-
-
 def _both_answered(answered: dict) -> bool:
     return len(answered) == 2 and min(answered.values()) > 0
 
 
-def test_a_load_step_scales_the_ingress_up_and_back_down_without_a_failed_request(ray_session, wide_mlp):
+def test_a_load_step_scales_the_ingress_and_a_dedicated_model_up_and_back_down_without_a_failed_request(
+        ray_session, wide_mlp):
+    """One keep-alive client, then 32 beside it until both the ingress and
+    the model run 2 replicas and each of the four answers, then one again
+    until both are back to 1; no request may fail throughout."""
+    fast = {"min_replicas": 1, "max_replicas": 2, "target_in_flight": 4,
+            "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_s": 2}
     cfg = parse_config({
         "name": "autoscaled",
-        "server": {"port": 0, "grpc_port": -1, "max_connection_age_s": 1,
-                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_in_flight": 4,
-                                   "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_s": 2}},
-        "models": [{"name": "wide", "path": wide_mlp, "num_cpus": 0.1,
-                    "onnxruntime": {"intra_op_threads": 1},
-                    "batching": {"max_batch_size": 32, "inline": False}}],
-    })
-    dep = deploy(cfg)
-    app = application_name(dep.config)
-    try:
-        _step_up_and_down(int(dep.url.rsplit(":", 1)[1]), lambda: _running(app),
-                          lambda: _both_answered(answered_by_replica(app)), "ingress")
-    finally:
-        undeploy(dep)
-
-
-def test_a_load_step_scales_a_dedicated_model_up_and_back_down_without_a_failed_request(ray_session, wide_mlp):
-    cfg = parse_config({
-        "name": "autoscaled-model",
-        # the ingress's connections to the model's replicas age out after about a second
-        "server": {"port": 0, "grpc_port": -1, "max_connection_age_s": 1},
+        # connections (the clients' to the ingress, the ingress's to the
+        # model's replicas) age out after about a second, so that added
+        # replicas get some
+        "server": {"port": 0, "grpc_port": -1, "max_connection_age_s": 1, "autoscaling": fast},
         "models": [{"name": "wide", "path": wide_mlp, "num_cpus": 0.1, "placement": "dedicated",
                     "onnxruntime": {"intra_op_threads": 1},
-                    "batching": {"max_batch_size": 32, "inline": False},
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_in_flight": 4,
-                                    "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_s": 2}}],
+                    "batching": {"max_batch_size": 32, "inline": False}, "autoscaling": fast}],
     })
     dep = deploy(cfg)
     app, model = application_name(dep.config), "wide-1"
+    port = int(dep.url.rsplit(":", 1)[1])
+
+    def running() -> tuple[int, int]:
+        return _running(app), _running(app, model)
+
+    def both_answer() -> bool:
+        return _both_answered(answered_by_replica(app)) and _both_answered(_answered_by_model_replica(app, model))
+
+    failures: list[str] = []
     try:
-        _step_up_and_down(int(dep.url.rsplit(":", 1)[1]), lambda: _running(app, model),
-                          lambda: _both_answered(_answered_by_model_replica(app, model)), "model")
+        assert running() == (1, 1)
+        with KeepAliveLoad(port, _infer, clients=1) as one:
+            wait_for(lambda: len(one.answers) > 50, 60, "one client's first answers")
+            # one client keeps at most one request in flight: under the target of 4
+            time.sleep(4)
+            assert running() == (1, 1)
+            with KeepAliveLoad(port, _infer, clients=32) as many:
+                started = time.monotonic()
+                wait_for(lambda: running() == (2, 2), 90, "the ingress and the model to scale to 2 replicas",
+                         every_s=0.5)
+                print(f"\nscaled 1 -> 2 ingress and model replicas {time.monotonic() - started:.1f} s "
+                      "after 32 clients started")
+                wait_for(both_answer, 60, "both replicas of the ingress and of the model to answer", every_s=0.5)
+            failures += many.failures
+            stopped = time.monotonic()
+            wait_for(lambda: running() == (1, 1), 90, "the ingress and the model to scale back to 1 replica",
+                     every_s=0.5)
+            print(f"scaled 2 -> 1 {time.monotonic() - stopped:.1f} s after the 32 clients stopped")
+            seen = len(one.answers)
+            wait_for(lambda: len(one.answers) > seen + 50, 60, "answers after the scale-down")
+        failures += one.failures
     finally:
         undeploy(dep)
+    assert set(many.answers) | set(one.answers) == {10}
+    assert failures == []
