@@ -253,6 +253,8 @@ class RayCluster:
 
     def close(self) -> None:
         for proc in reversed(self.nodes):  # workers first, then the head
-            self.hosts.stop(proc)
+            # the cluster is thrown away: a short grace, then SIGKILL (a
+            # raylet that waits on its workers' exit holds a stop for 15 s)
+            self.hosts.stop(proc, grace_s=3.0)
         self.nodes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
