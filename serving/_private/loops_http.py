@@ -94,7 +94,13 @@ class LoopsHttp:
             elif len(parts) == 1:
                 call = lambda s, r: operate.show_loop(s, self._deployment, parts[0])  # noqa: E731
             else:
-                call = lambda s, r: {"runs": operate.loop_runs(s, self._deployment, parts[0])}  # noqa: E731
+                from flywheel.serving._private.console_http import FieldError, bad, int_param, query
+
+                try:
+                    limit = int_param(query(req, ("limit",)), "limit", 100, 1, 10_000)
+                except FieldError as exc:
+                    return bad(exc.field, exc.message)
+                call = lambda s, r: {"runs": operate.loop_runs(s, self._deployment, parts[0], limit=limit)}  # noqa: E731
             status = 200
         else:
             return error_response(404, f"no route {req.method} {req.path}")

@@ -209,7 +209,9 @@ def _status_reads() -> dict[str, dict]:
         "/v2/endpoints/{name}": read("endpoint", [endpoint]),
         "/v2/loops": read("loops", []),
         "/v2/loops/{loop}": read("loop", [loop]),
-        "/v2/loops/{loop}/runs": read("loopRuns", [loop]),
+        "/v2/loops/{loop}/runs": read("loopRuns", [loop, _query("limit", {"type": "integer", "minimum": 1,
+                                                                         "maximum": 10_000},
+                                                                "at most this many, newest first (default 100)")]),
     }
 
 

@@ -40,8 +40,8 @@ def face(tmp_path):
     loops = LoopsHttp("shop", "shop", uri, str(tmp_path / "artifacts"))
     routes = HttpRoutes(DataPlane(Router([], ServingMetrics([]))), loops=loops)
 
-    def call(method: str, path: str, body: bytes = b""):
-        resp = routes.handle(Request(method, path, {}, body))
+    def call(method: str, path: str, body: bytes = b"", query: str = ""):
+        resp = routes.handle(Request(method, path, {}, body, query))
         if asyncio.iscoroutine(resp):
             resp = asyncio.run(resp)
         return resp[0], json.loads(resp[1])
@@ -58,6 +58,18 @@ def test_list_and_runs_read_the_store(face):
     assert body["loops"][0]["current_run"]["phase"] == "training"
     status, body = call("GET", "/v2/loops/keep/runs")
     assert [r["trigger"] for r in body["runs"]] == ["manual"]
+
+
+def test_runs_take_a_limit_and_refuse_a_bad_one_naming_it(face):
+    call, store = face
+    first = store.runs("shop", "keep")[0]
+    store.update_run(first.id, outcome="promoted", finish=True)  # one run per endpoint at a time
+    store.start_run("shop", "keep", "fraud", trigger="drift", reason="flagged", phase="training")
+    status, body = call("GET", "/v2/loops/keep/runs", query="limit=1")
+    assert (status, len(body["runs"])) == (200, 1)
+    for bad in ("limit=0", "limit=x", "limit=1&limit=2", "top=3"):
+        status, body = call("GET", "/v2/loops/keep/runs", query=bad)
+        assert status == 400 and body["field"] in ("limit", "top"), (bad, body)
 
 
 def test_a_trigger_is_queued_with_its_note(face):
