@@ -95,22 +95,21 @@ def _in_folder(module: object, folder: str) -> bool:
     return bool(path) and os.path.abspath(path).startswith(folder + os.sep)
 
 
-def import_class(target: str, folder: str | None, *, field: str = "python.class", method: str = "predict") -> type:
-    """The class ``module:Qual.Name``: its module from ``folder`` when the
-    folder holds it (``top.py`` or ``top/__init__.py`` for the module's first
-    component), else from the installed packages. A module imported from the
-    folder (and its siblings imported with it) is not left in ``sys.modules``,
-    and the folder is not left on ``sys.path``. The class must have a
-    callable ``method``. Raises ConfigError naming ``field``."""
+def import_object(target: str, folders: Sequence[str], *, field: str, expected: str) -> object:
+    """The object ``module:Qual.Name``: its module from the first of
+    ``folders`` that holds it (``top.py`` or a ``top/`` package folder for the
+    module's first component), else from the installed packages. A module
+    imported from a folder (and its siblings imported with it) is not left in
+    ``sys.modules``, and the folder is not left on ``sys.path``. Raises
+    ConfigError naming ``field`` and, for a missing attribute, ``expected``."""
     module_name, _, qual = target.partition(":")
     top = module_name.split(".")[0]
-    local = folder is not None and (
-        os.path.isfile(os.path.join(folder, f"{top}.py")) or os.path.isfile(os.path.join(folder, top, "__init__.py"))
-    )
-    where = f"the model folder {folder}" if local else "the installed packages"
+    local = next((d for d in folders if os.path.isfile(os.path.join(d, f"{top}.py"))
+                  or os.path.isdir(os.path.join(d, top))), None)
+    where = f"the model folder {local}" if local else "the installed packages"
     try:
         if local:
-            module = _import_from(module_name, top, os.path.abspath(folder))
+            module = _import_from(module_name, top, os.path.abspath(local))
         else:
             module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - user code: a SyntaxError or its own import error alike
@@ -124,8 +123,17 @@ def import_class(target: str, folder: str | None, *, field: str = "python.class"
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigError(
-                f"{field} {target!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no {part!r}"
+                f"{field} {target!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no {part!r}; "
+                f"expected {expected}"
             ) from None
+    return obj
+
+
+def import_class(target: str, folder: str | None, *, field: str = "python.class", method: str = "predict") -> type:
+    """The class ``module:Qual.Name`` (see :func:`import_object`), which
+    must have a callable ``method``. Raises ConfigError naming ``field``."""
+    obj = import_object(target, [folder] if folder is not None else [], field=field,
+                        expected=f"a class with a {method}(self, inputs) method")
     if not isinstance(obj, type):
         raise ConfigError(f"{field} {target!r} is a {type(obj).__name__}, not a class")
     if not callable(getattr(obj, method, None)):
