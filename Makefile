@@ -23,9 +23,10 @@ run: $(STAMP)
 # The registry's store suite also runs against a real PostgreSQL server, which
 # the tests start themselves from Debian's `postgresql` package binaries; the
 # image test builds deploy/Dockerfile with podman on a base made by
-# debootstrap. As root with apt-get, install what is missing; otherwise those
-# tests skip and say why.
-SYSTEM_TOOLS := postgresql:/usr/lib/postgresql/*/bin/initdb podman:/usr/bin/podman debootstrap:/usr/sbin/debootstrap runc:/usr/sbin/runc prometheus:/usr/bin/promtool
+# debootstrap; the console's pages are tested in headless Chromium (with its
+# chromedriver). As root with apt-get, install what is missing; otherwise
+# those tests skip and say why.
+SYSTEM_TOOLS := postgresql:/usr/lib/postgresql/*/bin/initdb podman:/usr/bin/podman debootstrap:/usr/sbin/debootstrap runc:/usr/sbin/runc prometheus:/usr/bin/promtool chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver
 
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do \
