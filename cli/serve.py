@@ -16,6 +16,7 @@ import msgspec
 import yaml
 
 from flywheel.cli._shared import Phases
+from flywheel.common.log_format import use_json_logs
 from flywheel.common.ray_cluster import start_ray
 from flywheel.common.settings import Settings, load_settings
 from flywheel.protocol.errors import ConfigError
@@ -101,6 +102,8 @@ def serve_until_interrupted(cfg: DeployConfig, settings: Settings, example: str 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings()
+    if settings.log_format == "json":  # this process's records; each ingress replica sets its own
+        use_json_logs()
     loaded, base_dir = load_deploy_config(args.config)
     cfg = apply_overrides(loaded, settings, args.port, args.grpc_port)
     if args.emit_serve_config:

@@ -47,6 +47,8 @@ class Settings(msgspec.Struct, frozen=True):
     gloo_socket_ifname: the network interface a training worker's gloo
         binds (``GLOO_SOCKET_IFNAME``, torch's own variable); empty = the
         interface holding the worker's Ray node address (training/torch_backend.py).
+    log_format: ``text`` (default) or ``json``: the server's log records as
+        one JSON object per line (``FLYWHEEL_LOG_FORMAT``; common/log_format.py).
     """
 
     ray_address: str = ""
@@ -66,6 +68,7 @@ class Settings(msgspec.Struct, frozen=True):
     kserve_venv: str = ".venv-kserve"
     bench_debug: bool = False
     gloo_socket_ifname: str = ""
+    log_format: str = "text"
 
     def __repr__(self) -> str:  # never print the key
         return "Settings(" + ", ".join(
@@ -87,6 +90,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             raise ValueError(f"environment variable {key}={raw!r} must be an integer") from None
 
+    log_format = (env.get("FLYWHEEL_LOG_FORMAT", "") or "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ValueError(f"environment variable FLYWHEEL_LOG_FORMAT={log_format!r} must be 'text' or 'json'")
     home = os.path.abspath(os.path.expanduser(env.get("FLYWHEEL_HOME", "") or ".flywheel"))
     return Settings(
         home=home,
@@ -106,4 +112,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kserve_venv=env.get("FLYWHEEL_KSERVE_VENV", "") or ".venv-kserve",
         bench_debug=bool(env.get("FLYWHEEL_BENCH_DEBUG", "")),
         gloo_socket_ifname=env.get("GLOO_SOCKET_IFNAME", ""),
+        log_format=log_format,
     )

@@ -135,6 +135,54 @@ class AutoscalingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             raise ConfigError(f"autoscaling.look_back_s {self.look_back_s} must lie in [0.5, 600] seconds")
 
 
+class TracingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenTelemetry spans of inference requests (``server.tracing``).
+
+    otlp_endpoint: where spans go, an OTLP/HTTP traces URL such as
+        ``http://127.0.0.1:4318/v1/traces``; empty = tracing off (no span
+        objects; an incoming ``traceparent`` is still accepted and ignored).
+    sample_ratio: the share of new traces recorded, 0.0-1.0; a request whose
+        ``traceparent`` says sampled (or not) is followed as its caller says.
+    service_name: the ``service.name`` the spans carry.
+    """
+
+    otlp_endpoint: str = ""
+    sample_ratio: float = 1.0
+    service_name: str = "flywheel"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError(f"server.tracing.sample_ratio {self.sample_ratio} must be between 0.0 and 1.0")
+        if not self.service_name:
+            raise ConfigError("server.tracing.service_name must not be empty")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"server.tracing.otlp_endpoint {self.otlp_endpoint!r} must be an http:// or https:// URL "
+                "(OTLP over HTTP, e.g. http://127.0.0.1:4318/v1/traces)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint)
+
+
+class AccessLogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A sampled access log of the HTTP port (``server.access_log``).
+
+    sample: the share of requests logged, 0.0-1.0 (0 = off; 0.01 = 1 %).
+    path: a file the lines are appended to, one JSON object per line;
+        empty = the ``flywheel.access`` logger (formatted as the server's
+        logs are, see ``FLYWHEEL_LOG_FORMAT``). A line never holds a
+        header's value, a key, a query string or a body.
+    """
+
+    sample: float = 0.0
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample <= 1.0:
+            raise ConfigError(f"server.access_log.sample {self.sample} must be between 0.0 and 1.0")
+
+
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The public HTTP endpoint.
 
@@ -190,6 +238,15 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         that clients reconnect and the kernel spreads them over the replicas
         again (0 = never; with ``autoscaling``, 0 means 30 s, so that a
         replica added under load gets connections).
+    tracing: OpenTelemetry spans per inference request, exported over
+        OTLP/HTTP (TracingConfig; None or an empty ``otlp_endpoint`` = off).
+        On, an infer request's span (parent: the caller's W3C ``traceparent``
+        header or gRPC metadata) has the children ``route``, ``decode``,
+        ``queue``, ``compute`` and ``encode``, and the answer names the trace
+        in a ``traceparent`` response header (gRPC: trailing metadata). See
+        serving/_private/tracing.py.
+    access_log: a sampled access log of the HTTP port (AccessLogConfig;
+        ``sample: 0`` = off). See serving/_private/access_log.py.
     """
 
     host: str = "127.0.0.1"
@@ -215,6 +272,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_connections: int = 10_000
     max_pipelined: int = 64
     max_connection_age_s: float = 0.0
+    tracing: TracingConfig | None = None
+    access_log: AccessLogConfig = AccessLogConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

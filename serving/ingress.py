@@ -21,8 +21,11 @@ import gc
 import logging
 import os
 
+from flywheel.common.log_format import use_json_logs
+from flywheel.common.settings import load_settings
 from flywheel.protocol.errors import ConfigError
 from flywheel.serving.auth import Authenticator
+from flywheel.serving._private.access_log import AccessLog
 from flywheel.serving._private.autoscaling import IN_FLIGHT
 from flywheel.serving._private.dataplane import DataPlane
 from flywheel.serving._private.endpoint_sync import EndpointSync
@@ -35,6 +38,7 @@ from flywheel.serving._private.http_routes import HttpRoutes
 from flywheel.serving._private.http_server import HttpLimits, start_http_server, start_unix_http_server
 from flywheel.serving._private.loop_thread import LoopThread
 from flywheel.serving._private.monitor_link import monitor_link
+from flywheel.serving._private.tracing import Tracer
 from flywheel.serving._private.tls import grpc_server_credentials, server_context
 from flywheel.serving.config import ModelConfig, RegistryConfig, ServerConfig
 from flywheel.serving.metrics import ServingMetrics
@@ -109,8 +113,11 @@ class Ingress:
         loop controller, for ``/v2/loops`` and its metrics (None: no loops).
         ``label_roots``: endpoint -> capture root of the models captured in
         their own processes, whose labels (feedback) are written here."""
+        if load_settings().log_format == "json":  # this replica's records (FLYWHEEL_LOG_FORMAT)
+            use_json_logs()
         self._registry = registry
         self._limits = server.request_limits()
+        self._tracer = self._access_log = None
         self._haproxy = _front_binary(server) if server.grpc_port >= 0 else None
         self._drift_port = drift_port
         self._app = controller_app  # the application: the drift monitor's too
@@ -167,7 +174,9 @@ class Ingress:
             await ms.start()
         self.router = Router(routes, self._metrics, self._local, secret=self._secret, app=self._app)
         self.router.label_roots = dict(self._label_roots)
-        self._plane = DataPlane(self.router)  # what both transports call
+        if server.tracing is not None and server.tracing.enabled:
+            self._tracer = Tracer(server.tracing)  # imports OpenTelemetry: only when on
+        self._plane = DataPlane(self.router, self._tracer)  # what both transports call
         # with several replicas, feedback may reach another replica than the
         # one that answered: request ids then also go to the controller
         self.router.ship_ids = server.max_replicas() > 1
@@ -190,9 +199,13 @@ class Ingress:
         monitor = monitor_link(drift_port, self._secret, self._app) if drift_port else None
         await asyncio.gather(*(self.router.probe(m) for m in self.router.models()))
         self._prober = asyncio.get_running_loop().create_task(self.router.probe_forever())
+        handle = HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None,
+                            self._loops, self._console).handle
+        if server.access_log.sample > 0:  # off: the handler is not wrapped at all
+            self._access_log = AccessLog(server.access_log.sample, server.access_log.path)
+            handle = self._access_log.wrap(handle)
         self._http = await start_http_server(
-            HttpRoutes(self._plane, monitor, self._auth, self._manage if self._controller else None,
-                       self._loops, self._console).handle,
+            handle,
             server.host, server.port,
             max_body=server.max_body_bytes, on_error=error_response, reuse_port=True, limits=http_limits(server),
             counts=self._metrics.http_counts,
@@ -219,8 +232,9 @@ class Ingress:
                              FrontTimeouts(server.header_timeout_s, server.keepalive_timeout_s), tls=server.tls,
                              max_calls=calls_for_age(server.connection_age_s()))
         handler = GrpcOverHttp1(GrpcCalls(self._plane, self._auth), server.max_body_bytes)
+        handle = handler.handle if self._access_log is None else self._access_log.wrap(handler.handle)
         self._front_http = await start_unix_http_server(
-            handler.handle, front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
+            handle, front.backend, max_body=server.max_body_bytes + 5, on_error=grpc_failure,
         )
         try:
             await front.start()
@@ -313,5 +327,9 @@ class Ingress:
                 self._loops.close()
             if self._console is not None:
                 self._console.close()
+            if self._access_log is not None:
+                self._access_log.close()
+            if self._tracer is not None:  # exports what is queued (off the loop: it blocks)
+                await asyncio.get_running_loop().run_in_executor(None, self._tracer.close)
 
         loop.shutdown(_stop, timeout=DRAIN_S + 8.0)  # the drain, then the models' batches

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -27,6 +28,7 @@ from flywheel.runtime.signature import validate_inputs
 from flywheel.serving._private.drift_sampler import DriftSampler
 from flywheel.serving._private.live_endpoint import new_request_id
 from flywheel.serving._private.execution import Execution, choose_execution
+from flywheel.serving._private.tracing import MODEL_TIMES
 from flywheel.protocol.grpc_codec import decode_grpc_request, encode_grpc_response
 from flywheel.serving._private.wire import OP_INFER, OP_INFER_GRPC, OP_METADATA, Call, Reply, Stats
 from flywheel.serving.capture import CaptureWriter
@@ -207,10 +209,17 @@ class ModelServer:
             timeout = min(timeout or float("inf"), call.timeout_ms / 1000)
         name, version = self.model.name, self.model.version
         batcher, capture = self._batcher, self.capture
+        # set by a traced request's data plane in this process (tracing.py);
+        # None otherwise, and then no clock is read here
+        times = MODEL_TIMES.get()
         try:
+            if times is not None:
+                times.decode_start = time.time_ns()
             req = self._decode(call)
             arrays = validate_inputs(self._signature, req.inputs)
             check_limits(arrays, self._batchable, self._limits)
+            if times is not None:
+                times.decode_end = time.time_ns()
             if self._sampler is not None:
                 self._sampler.offer(arrays)
             rid = req.id
@@ -222,12 +231,16 @@ class ModelServer:
             result = await batcher.submit(arrays, timeout_s=timeout)
             if take:
                 self._capture(rid, arrays, result.outputs)
+            if times is not None:
+                times.encode_start = time.time_ns()
             outputs = select_outputs(result.outputs, req.outputs)
             if call.op == OP_INFER_GRPC:
                 body, aux = encode_grpc_response(name, version, outputs, rid), 0
             else:
                 binary = req.binary_outputs(list(outputs))
                 body, aux = encode_response(name, version, outputs, rid, binary)
+            if times is not None:
+                times.encode_end = time.time_ns()
         except FlywheelError as exc:
             return Reply(int(exc.code), exc.message.encode(), Stats(queue_depth=batcher.queue_depth))
         except Exception as exc:  # a model bug: report it, keep serving

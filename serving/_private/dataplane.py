@@ -14,13 +14,20 @@ Inference is the hot path. :meth:`DataPlane.infer` takes the transport's
 is the one coroutine that routes, forwards and answers: an adapter returns
 it as its own awaitable, so a request has no more frames and awaits than
 one whose transport forwarded by itself.
+
+Tracing (``tracing.py``): with a :class:`Tracer` set, :meth:`DataPlane.infer`
+hands the request to :meth:`DataPlane._traced_infer`, the same steps with
+timestamps, spans and a ``traceparent`` in the answer. Without one, the only
+cost is the ``tracer is None`` check.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 from flywheel.protocol.errors import FlywheelError, UnavailableError, error_from_code
+from flywheel.serving._private.tracing import MODEL_TIMES, RequestRecord, TraceParent, Tracer
 from flywheel.serving._private.wire import Call, Reply
 from flywheel.serving.router import EXTENSIONS, SERVER_NAME, SERVER_VERSION, Decision, ModelEntry, Router, version_key
 
@@ -52,14 +59,27 @@ class InferCodec(Protocol):
     def failed(exc: FlywheelError) -> Any:
         """The transport's answer for an error (or it raises it)."""
 
+    # Asked only when tracing is on:
+    TRANSPORT: str  # "http" / "grpc", a span attribute
+
+    @staticmethod
+    def traceparent(source: Any) -> TraceParent | None:
+        """The caller's W3C trace context (None: absent or malformed)."""
+
+    @staticmethod
+    def with_trace(answer: Any, traceparent: str) -> Any:
+        """``answer`` naming the trace it was recorded in."""
+
 
 class DataPlane:
     """Inference and metadata over one Router, for every transport.
 
     Runs on the ingress's loop thread, like the Router it drives."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, tracer: Tracer | None = None) -> None:
+        """``tracer``: spans of inference calls (None: tracing off)."""
         self.router = router  # also for what only HTTP serves: metrics, feedback, drift
+        self.tracer = tracer
         # inference calls routed and not yet answered, over every transport
         # (what the ingress reports for autoscaling); read from other threads
         self.in_flight = 0
@@ -111,6 +131,8 @@ class DataPlane:
         the codec's routing_fields may find one). Returns
         ``codec.answer(...)``, or ``codec.failed(err)`` when routing fails
         or the model answers with an error (its own code and message)."""
+        if self.tracer is not None:
+            return await self._traced_infer(name, version, request_id, call, source, codec)
         router = self.router
         try:
             d = router.route(name, version, request_id, codec.routing_fields, source, call)
@@ -127,3 +149,40 @@ class DataPlane:
             d.request_id = router.routed(d, call, reply)
         return codec.answer(source, d, reply)
 
+    async def _traced_infer(self, name: str, version: str | None, request_id: str | None, call: Call,
+                            source: Any, codec: type[InferCodec]) -> Any:
+        """:meth:`infer`'s steps, in the same order, with their timestamps
+        recorded and turned into spans (see tracing.py)."""
+        router = self.router
+        rec = RequestRecord(codec.traceparent(source), codec.TRANSPORT)
+        try:
+            d = router.route(name, version, request_id, codec.routing_fields, source, call)
+        except FlywheelError as exc:
+            rec.routed = rec.end = time.time_ns()
+            rec.outcome = exc.code.name.lower()
+            return self._answer_traced(rec, codec, lambda: codec.failed(exc))
+        rec.routed = rec.sent = time.time_ns()
+        rec.model, rec.version = d.model.route.name, d.model.route.version
+        self.in_flight += 1
+        token = MODEL_TIMES.set(rec.times)  # a colocated ModelServer fills it
+        try:
+            reply = await router.forward(d.model, d.endpoint, call)
+        finally:
+            MODEL_TIMES.reset(token)
+            self.in_flight -= 1
+        rec.end = time.time_ns()
+        st = reply.stats
+        rec.queue_ns, rec.compute_ns, rec.batch_rows = st.queue_us * 1000, st.compute_us * 1000, st.batch_rows
+        if reply.code:
+            exc = error_from_code(reply.code, reply.payload.decode("utf-8", "replace"))
+            rec.outcome = exc.code.name.lower()
+            return self._answer_traced(rec, codec, lambda: codec.failed(exc))
+        if d.request_id is not None or d.endpoint.tracked:
+            d.request_id = router.routed(d, call, reply)
+        return self._answer_traced(rec, codec, lambda: codec.answer(source, d, reply))
+
+    def _answer_traced(self, rec: RequestRecord, codec: type[InferCodec], answer) -> Any:
+        # spans first: a codec whose failed() raises still gets its trace
+        traceparent = self.tracer.record(rec)
+        result = answer()
+        return result if traceparent is None else codec.with_trace(result, traceparent)

@@ -26,6 +26,7 @@ from flywheel.serving._private.dataplane import MAX_PEEK_BYTES, DataPlane
 from flywheel.protocol.grpc_codec import peek_fields
 from flywheel.serving._private.grpc_errors import grpc_status_for
 from flywheel.protocol.proto import inference_pb2 as pb
+from flywheel.serving._private.tracing import TRACEPARENT, TraceParent, parse_traceparent
 from flywheel.serving._private.wire import OP_INFER_GRPC, Call, Reply
 from flywheel.serving.router import Decision
 
@@ -168,6 +169,17 @@ class _GrpcInfer:
     @staticmethod
     def failed(exc: FlywheelError):
         raise exc  # the transport maps it to a gRPC status (grpc_errors)
+
+    TRANSPORT = "grpc"
+
+    @staticmethod
+    def traceparent(metadata: Metadata) -> TraceParent | None:
+        return parse_traceparent(metadata(TRACEPARENT))
+
+    @staticmethod
+    def with_trace(answer: tuple[bytes, Trailing], traceparent: str) -> tuple[bytes, Trailing]:
+        # trailing metadata, beside the variant that answered
+        return answer[0], answer[1] + ((TRACEPARENT, traceparent),)
 
 
 def error_trailers(exc: FlywheelError) -> Trailing:

@@ -28,6 +28,7 @@ from flywheel.serving._private.endpoint_http import Manage, endpoint_route, feed
 from flywheel.serving._private.http_errors import error_for, error_for_code, error_response, method_not_allowed
 from flywheel.serving._private.http_server import JSON, Request, Response
 from flywheel.serving._private.console_ui import ConsoleFiles
+from flywheel.serving._private.tracing import TraceParent, parse_traceparent
 from flywheel.serving._private.live_endpoint import render_endpoint_metrics
 from flywheel.serving._private.openapi import openapi_document
 from flywheel.serving._private.wire import OP_DRIFT_HISTORY, OP_INFER, OP_METRICS, Call, ReplicaChannel, Reply
@@ -276,6 +277,7 @@ class HttpRoutes:
 
 
 _REQUEST_ID = b"flywheel-request-id"
+_TRACEPARENT = b"traceparent"
 
 
 def _header(req: Request, name: bytes) -> str | None:
@@ -310,6 +312,19 @@ class _HttpInfer:
     @staticmethod
     def failed(exc: FlywheelError) -> Response:
         return error_for_code(exc.code, exc.message)
+
+    TRANSPORT = "http"
+
+    @staticmethod
+    def traceparent(req: Request) -> TraceParent | None:
+        return parse_traceparent(req.headers.get(_TRACEPARENT))
+
+    @staticmethod
+    def with_trace(resp: Response, traceparent: str) -> Response:
+        head = b"traceparent: " + traceparent.encode() + b"\r\n"
+        if len(resp) == 3:
+            return resp + (head,)
+        return resp[:3] + (resp[3] + head,) + resp[4:]
 
 
 def response_headers(version: str, request_id: str | None) -> bytes:

@@ -41,6 +41,7 @@ class Request:
     headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
     query: str = ""  # after the "?", undecoded: only the routes that take parameters parse it
+    peer: str = ""  # the client's "host:port" ("" over a Unix socket), for the access log
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +209,7 @@ class _Connection(asyncio.Protocol):
         "_handler", "_max_body", "_on_error", "_parser", "_transport", "_url", "_headers",
         "_body", "_body_len", "_too_large", "_pending", "_closing", "_owner", "_in_message", "idle_since",
         "head_since", "_header_bytes", "_limits", "_held", "_paused", "_in_head", "_head_bytes",
-        "body_since", "_write_paused", "_expires",
+        "body_since", "_write_paused", "_expires", "_peer",
     )
 
     def __init__(self, handler: Handler, max_body: int, on_error: Callable[[int, str], Response],
@@ -220,6 +221,7 @@ class _Connection(asyncio.Protocol):
         self._limits = owner.limits
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self._peer = ""
         self._pending: collections.deque[asyncio.Future] = collections.deque()
         # requests parsed while max_pipelined were in progress: dispatched as
         # answers go out (reading is paused meanwhile, so few can wait here)
@@ -268,6 +270,9 @@ class _Connection(asyncio.Protocol):
             return
         owner.connections.add(self)
         owner.counts[OPEN] = len(owner.connections)
+        peer = transport.get_extra_info("peername")  # once per connection, not per request
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer = f"{peer[0]}:{peer[1]}"
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -369,7 +374,7 @@ class _Connection(asyncio.Protocol):
         method = self._parser.get_method().decode()
         path, _, query = self._url.partition(b"?")
         req = Request(method, path.decode("utf-8", "replace"), self._headers, b"".join(self._body),
-                      query.decode("latin-1"))
+                      query.decode("latin-1"), self._peer)
         keep_alive = self._parser.should_keep_alive()
         self._reset()
         self._in_message = False

@@ -10,7 +10,7 @@ import ast
 import re
 import sys
 import tomllib
-from importlib.metadata import packages_distributions
+from importlib.metadata import distributions, packages_distributions
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,7 @@ def declared() -> dict[str, set[str]]:
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(top-level module, imported at module level) for each absolute import."""
+    """(dotted module, imported at module level) for each absolute import."""
     tree = ast.parse(path.read_text())
     top_level = {id(node) for node in tree.body}
     found = []
@@ -63,17 +63,48 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            # each name may be a submodule (``from opentelemetry import trace``)
+            names = [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
-            found.append((name.split(".")[0], id(node) in top_level))
+            found.append((name, id(node) in top_level))
     return found
+
+
+def _namespace_owners(shared: set[str]) -> dict[str, set[str]]:
+    """dotted package -> the distributions with files in it, under the
+    top-level names that several distributions share (``opentelemetry``:
+    the api, the sdk and the exporters each install part of it)."""
+    owners: dict[str, set[str]] = {}
+    for dist in distributions():
+        if not dist.metadata["Name"]:  # a broken install's leftovers
+            continue
+        for f in dist.files or ():
+            parts = f.parts
+            if len(parts) > 1 and parts[0] in shared and f.suffix == ".py":
+                for i in range(1, len(parts)):
+                    owners.setdefault(".".join(parts[:i]), set()).add(_norm(dist.metadata["Name"]))
+    return owners
+
+
+def _distribution(module: str, dists: dict[str, list[str]], owners: dict[str, set[str]]) -> str | None:
+    """The distribution an import of ``module`` (dotted) comes from: the
+    longest package of it that one distribution alone provides, for a shared
+    namespace; else the one its top-level name maps to."""
+    parts = module.split(".")
+    for i in range(len(parts), 1, -1):
+        who = owners.get(".".join(parts[:i]))
+        if who is not None and len(who) == 1:
+            return next(iter(who))
+    names = dists.get(parts[0])
+    return _norm(names[0]) if names else None
 
 
 def _third_party(folders: list[str], skip: set[str] = frozenset()) -> dict[str, list[tuple[str, bool]]]:
     """distribution -> [(file, at module level)] for the files under ``folders``."""
     dists = packages_distributions()
+    owners = _namespace_owners({top for top, names in dists.items() if len(names) > 1 and top != "google"})
     # the tests' own helper modules (tests/pg.py, tests/integration/_ports.py, ...)
     local = {path.stem for path in (ROOT / "tests").rglob("*.py")}
     out: dict[str, list[tuple[str, bool]]] = {}
@@ -82,16 +113,17 @@ def _third_party(folders: list[str], skip: set[str] = frozenset()) -> dict[str, 
             rel = str(path.relative_to(ROOT))
             if rel in skip or path.name.endswith("_pb2.py") or path.name.endswith("_pb2_grpc.py"):
                 continue
-            for module, at_top in _imports(path):
+            for dotted, at_top in _imports(path):
+                module = dotted.split(".")[0]
                 if module in sys.stdlib_module_names or module in local or module == "flywheel":
                     continue
                 if module in NOT_INSTALLED:
-                    names = [NOT_INSTALLED[module]]
+                    dist = _norm(NOT_INSTALLED[module])
                 else:
-                    names = dists.get(module)
-                assert names, f"{rel} imports {module!r}, which no installed distribution provides"
+                    dist = _distribution(dotted, dists, owners)
+                assert dist, f"{rel} imports {module!r}, which no installed distribution provides"
                 # google.* is shared by several distributions; ours is protobuf
-                dist = "protobuf" if module == "google" else _norm(names[0])
+                dist = "protobuf" if module == "google" else dist
                 out.setdefault(dist, []).append((rel, at_top))
     return out
 
