@@ -146,7 +146,8 @@ class TrainingRuntime:
     def submit(self, spec: JobSpec | dict | str, *, dataset: Any = None, run: bool = True) -> JobHandle:
         """Queue a job (a JobSpec, a dict, or a YAML path). ``dataset``: the
         Ray Data Dataset of a ``kind: ray`` dataset (written to the job's
-        folder as Parquet now; the job then reads that). ``run``: start this
+        folder as Parquet files now, by Ray Data; the job then reads them,
+        streamed if the spec says ``stream: true``). ``run``: start this
         process's scheduler if it is not running."""
         if isinstance(spec, str):
             spec = load_spec(spec)
@@ -164,10 +165,12 @@ class TrainingRuntime:
         os.makedirs(storage, exist_ok=True)
         if spec.dataset.kind == "ray":
             # written out now, so that any process's scheduler, and a resume
-            # after this process is gone, trains on exactly these rows
+            # after this process is gone, trains on exactly these rows; Ray
+            # Data writes the blocks from the cluster, this process never
+            # holds them (a folder of Parquet files)
             path = os.path.join(storage, "dataset.parquet")
-            dataset.to_pandas().to_parquet(path)
-            append_log(job_paths(storage)["log"], f"Ray Dataset ({dataset.count()} rows) written to {path}")
+            dataset.write_parquet(path)
+            append_log(job_paths(storage)["log"], f"Ray Dataset written to {path}")
             spec = msgspec.structs.replace(spec, dataset=msgspec.structs.replace(spec.dataset, kind="parquet", path=path))
         rec = self.store.submit(spec_to_dict(spec), name=spec.name, priority=spec.priority, storage=storage,
                                 job_id=job_id)

@@ -6,6 +6,9 @@ names the data, and the workers shard the same arrays deterministically
 (see training/loop.py). Loading happens in the driver, once: the arrays go
 to the workers through Ray's object store.
 
+Data that does not fit in the driver (kinds npy and images, parquet/csv
+with ``stream: true``) never comes here: training/streamed.py.
+
 Kinds: ``digits`` (scikit-learn's bundled 8x8 digits, scaled to [0, 1]),
 ``parquet`` / ``csv`` (a file, a folder or a glob; every column but the
 label is a feature unless ``features`` names them), ``ray`` (a Ray Data
@@ -30,12 +33,42 @@ from flywheel.protocol.errors import ConfigError, InvalidInputError
 
 @dataclass(frozen=True)
 class JobData:
+    """A job's rows. In memory: the four arrays hold every row. Streamed
+    (training/streamed.py): ``datasets`` holds the Ray Data ``train`` and
+    ``validation`` datasets, ``x_train``/``y_train`` only a bounded sample
+    (rows flattened), the validation arrays are empty, and ``train_rows``,
+    ``val_rows``, ``classes`` and ``row_shape`` come from metadata."""
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
     fingerprint: str
     description: str
+    train_rows: int = -1  # -1: len(x_train)
+    val_rows: int = -1  # -1: len(x_val)
+    classes: int = 0  # 0: from the labels at hand
+    row_shape: tuple[int, ...] = ()  # () : x_train's
+    datasets: dict[str, Any] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.datasets is not None
+
+    @property
+    def n_train(self) -> int:
+        return self.train_rows if self.train_rows >= 0 else len(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        return self.val_rows if self.val_rows >= 0 else len(self.x_val)
+
+    @property
+    def n_classes(self) -> int:
+        """Class ids 0 .. n-1 (classification)."""
+        if self.classes:
+            return self.classes
+        return int(max(self.y_train.max(), self.y_val.max() if len(self.y_val) else 0)) + 1
 
 
 def load_data(spec, *, seed: int, dataset: Any = None, regression: bool = False) -> JobData:
@@ -43,7 +76,12 @@ def load_data(spec, *, seed: int, dataset: Any = None, regression: bool = False)
     ``ray``. The validation split is a seeded permutation's tail.
     ``regression`` (the job's task): labels are any numbers, returned as
     float32 (MSE compares them with float outputs); otherwise integer class
-    ids as int64."""
+    ids as int64. Kinds npy and images are streamed only (InvalidInputError:
+    see training/streamed.py); parquet/csv with ``stream`` are read here in
+    full all the same (a caller that wants arrays gets them)."""
+    if spec.kind in ("npy", "images"):
+        raise InvalidInputError(f"dataset.kind {spec.kind!r} is streamed to the training workers "
+                                "(training/streamed.py), never loaded into one process's memory")
     x, y, what = _arrays(spec, seed, dataset, regression)
     if regression:
         y = y.astype(np.float32)

@@ -16,6 +16,13 @@ resumed run restores the model, optimizer, scheduler, counters, the epoch's
 running sums and the RNG state, so it continues exactly where the
 checkpoint was taken (gloo's all-reduce order is fixed for a world size).
 
+Streamed data (training/streamed.py: kinds npy, images, parquet/csv with
+``stream``): each rank iterates its Ray Data shard instead; every step
+first agrees (an all-reduce) that every rank has a batch, so an epoch ends
+for all at once; validation reads the whole validation split on each rank.
+A resume skips the batches of its epoch that the checkpoint had trained:
+correct (same epochs and step count), not bit-exact (see that module).
+
 User code (training/user_code.py): the model may come from a factory of
 the job's shipped code folder (the workers' working_dir), the loss and
 validation metrics from the job's task or the user's functions, and a
@@ -26,6 +33,7 @@ resume, metrics and cancellation, so none of that changes for user code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -106,7 +114,10 @@ def append_log(path: str, line: str) -> None:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``. ``config``: ``spec`` (JobSpec
-    as a dict), ``job_dir``, ``data`` (an ObjectRef of (x, y, x_val, y_val))."""
+    as a dict), ``job_dir``, ``checkpoints``, and either ``data`` (an
+    ObjectRef of (x, y, x_val, y_val)) or ``streamed: True`` with
+    ``row_shape`` and ``train_rows`` (the rows come from the trainer's
+    ``train`` and ``validation`` datasets)."""
     import ray
     import ray.train
     import ray.train.torch
@@ -130,19 +141,25 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    x, y, xv, yv = ray.get(config["data"])
+    streamed = bool(config.get("streamed"))
+    if streamed:  # rows come from Ray Data (training/streamed.py), batch by batch
+        n_features = int(np.prod(config["row_shape"]))
+    else:
+        x, y, xv, yv = ray.get(config["data"])
+        n_features = x.shape[1]
     torch.manual_seed(spec.seed)
     # user code (a factory, loss, metrics, train_step) imports from the
     # job's code folder: the workers' working_dir (training/runner.py)
-    model, shape = build_job_model(spec.model, x.shape[1])
+    model, shape = build_job_model(spec.model, n_features)
     objective = Objective(spec)
-    x = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, *shape)
-    xv = torch.from_numpy(np.ascontiguousarray(xv)).reshape(-1, *shape)
-    y, yv = torch.from_numpy(y), torch.from_numpy(yv)
     # a GPU job (resources.gpus_per_worker > 0; untested here: no GPU) keeps
     # the data and model on the worker's device
     device = ray.train.torch.get_device() if spec.resources.gpus_per_worker > 0 else torch.device("cpu")
-    x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+    if not streamed:
+        x = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, *shape)
+        xv = torch.from_numpy(np.ascontiguousarray(xv)).reshape(-1, *shape)
+        y, yv = torch.from_numpy(y), torch.from_numpy(yv)
+        x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
     model = _wrap(model.to(device), spec.strategy, world, device)
     opt = _optimizer(spec, model.parameters())
     sched = _scheduler(spec, opt)
@@ -200,20 +217,51 @@ def train_loop(config: dict[str, Any]) -> None:
         return bool(flag.item())
 
     per_rank = spec.batch_size // world
-    steps_per_epoch = len(x) // spec.batch_size
+    rows = int(config["train_rows"]) if streamed else len(x)
+    steps_per_epoch = rows // spec.batch_size  # streamed: an estimate, for progress only
     if steps_per_epoch == 0:
-        raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(x)} training rows")
+        raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {rows} training rows")
+    if streamed:
+        from flywheel.training.streamed import validation_batches, worker_batches
+        from flywheel.training.user_code import resolve
+
+        transform = resolve(spec.dataset.transform, "dataset.transform") if spec.dataset.transform else None
+
+        def batches(at_epoch: int, skip: int):
+            # every rank stops at the first step some rank has no batch for
+            # (DDP/FSDP steps are collective); a resumed epoch skips the
+            # batches its checkpoint had trained
+            it = iter(worker_batches(per_rank, seed=spec.seed, epoch=at_epoch, rank=rank))
+            for s in itertools.count():
+                got = next(it, None)
+                flag = torch.tensor([0 if got is None else 1], device=device)
+                if distributed:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                if not flag.item():
+                    return
+                if s < skip:
+                    continue
+                xb = got["x"] if transform is None else _transformed(transform, got["x"])
+                yield (s, torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).reshape(-1, *shape).to(device),
+                       torch.from_numpy(np.asarray(got["y"])).to(device))
+    else:
+        def batches(at_epoch: int, skip: int):
+            order = np.random.default_rng([spec.seed, at_epoch]).permutation(len(x))
+            for s in range(skip, steps_per_epoch):
+                batch = order[s * spec.batch_size:(s + 1) * spec.batch_size]
+                mine = torch.from_numpy(batch[rank * per_rank:(rank + 1) * per_rank]).to(device)
+                yield s, x[mine], y[mine]
+
     while epoch < spec.epochs:
-        order = np.random.default_rng([spec.seed, epoch]).permutation(len(x))
         model.train()
-        for s in range(step_in_epoch, steps_per_epoch):
+        trained = 0
+        for s, xb, yb in batches(epoch, step_in_epoch):
+            trained += 1
             t0 = time.perf_counter()
-            batch = order[s * spec.batch_size:(s + 1) * spec.batch_size]
-            mine = torch.from_numpy(batch[rank * per_rank:(rank + 1) * per_rank]).to(device)
             opt.zero_grad()
             step_ctx = StepContext(rank=rank, world_size=world, epoch=epoch, global_step=global_step,
                                    device=device, loss_fn=objective.loss_fn)
-            loss, extra = objective.step_loss(model, (x[mine], y[mine]), step_ctx)
+            loss, extra = objective.step_loss(model, (xb, yb), step_ctx)
             loss.backward()
             opt.step()
             global_step += 1
@@ -221,7 +269,7 @@ def train_loop(config: dict[str, Any]) -> None:
             # in one all-reduce (sorted names: the same order on every rank)
             names = sorted(extra)
             sums = torch.tensor([float(loss.detach().item())] + [extra[k] for k in names],
-                                dtype=torch.float64, device=device) * len(mine)
+                                dtype=torch.float64, device=device) * len(yb)
             if distributed:
                 dist.all_reduce(sums)
             running["loss_sum"] += float(sums[0].item())
@@ -242,8 +290,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 if rank == 0:
                     append_log(paths["log"], f"cancelled at step {global_step}")
                 return
+        if streamed and trained == 0 and step_in_epoch == 0:
+            raise InvalidInputError(f"epoch {epoch + 1} gave no batch of {per_rank} rows to every worker "
+                                    f"({rows} training rows, batch_size {spec.batch_size})")
         sched.step()
-        metrics = _evaluate(model, xv, yv, objective)
+        if streamed:
+            metrics = _evaluate_stream(model, validation_batches(), shape, device, objective)
+        else:
+            metrics = _evaluate(model, xv, yv, objective)
         row = {
             "epoch": epoch + 1, "global_step": global_step,
             "loss": running["loss_sum"] / max(1, running["samples"]),
@@ -310,6 +364,29 @@ def _evaluate(model, xv, yv, objective) -> dict[str, float]:
     with torch.no_grad():
         outputs = torch.cat([model(xv[i:i + 512]) for i in range(0, len(xv), 512)])
         return objective.evaluate(outputs, yv)
+
+
+def _evaluate_stream(model, batches, shape, device, objective) -> dict[str, float]:
+    """:func:`_evaluate` over streamed validation batches (the whole split
+    on every rank, in order): only the outputs and labels are kept."""
+    import torch
+
+    outputs, targets = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            xb = torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32)).reshape(-1, *shape)
+            outputs.append(model(xb.to(device)))
+            targets.append(torch.from_numpy(np.asarray(batch["y"])).to(device))
+        if not outputs:
+            return objective.empty_metrics()
+        return objective.evaluate(torch.cat(outputs), torch.cat(targets))
+
+
+def _transformed(transform, x: np.ndarray) -> np.ndarray:
+    from flywheel.training.stream_rows import apply_transform
+
+    return apply_transform(transform, np.array(x, dtype=np.float32))  # a copy the user may change in place
 
 
 def _progress(paths, epoch, step, steps, global_step, loss, running) -> None:

@@ -1,6 +1,8 @@
 """Run one claimed job on Ray Train, then register what it trained.
 
-Steps: load the data (driver, once) -> wait for the workers' resources (a
+Steps: load the data (driver, once; or, for data larger than the driver,
+build lazy Ray Data datasets that the workers stream: training/streamed.py)
+-> wait for the workers' resources (a
 placement group, bounded by ``resources.wait_s``: a job that cannot get its
 CPUs fails with a message saying so instead of hanging, which is what a
 trainer does when, say, a Serve replica holds a CPU it needs) ->
@@ -89,9 +91,16 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
             os.remove(marker)
     _note(paths, f"attempt {record.attempts}: {spec.strategy} x {spec.resources.workers} worker(s), "
                  f"{spec.epochs} epoch(s), batch {spec.batch_size}, seed {spec.seed}")
-    data = load_data(spec.dataset, seed=spec.seed, dataset=dataset, regression=spec.task == "regression")
-    _note(paths, f"data: {data.description}, {len(data.x_train)} train / {len(data.x_val)} validation rows, "
-                 f"fingerprint {data.fingerprint[:12]}")
+    regression = spec.task == "regression"
+    if spec.dataset.streamed:
+        # never materialised here: Ray Data streams the rows to the workers
+        from flywheel.training.streamed import open_streamed
+
+        data = open_streamed(spec.dataset, seed=spec.seed, regression=regression)
+    else:
+        data = load_data(spec.dataset, seed=spec.seed, dataset=dataset, regression=regression)
+    _note(paths, f"data: {data.description}, {data.n_train} train / {data.n_val} validation rows"
+                 f"{' (streamed)' if data.streamed else ''}, fingerprint {data.fingerprint[:12]}")
     _same_data_and_code(paths, data.fingerprint, _user_code_digest(spec))
     # a spec that cannot train (user code that does not import, a factory
     # that returns no nn.Module, a model that does not take the rows) fails
@@ -101,15 +110,23 @@ def run_job(record, *, registry_uri: str, artifacts_uri: str, dataset: Any = Non
     wait_for_resources(res.workers, res.cpus_per_worker, res.gpus_per_worker, res.wait_s, record.id,
                        should_stop, res.placement)
     runtime_env = worker_runtime_env(spec, job_dir)
-    data_ref = ray.put((data.x_train, data.y_train, data.x_val, data.y_val))
+    loop_config = {"spec": record.spec, "job_dir": job_dir, "checkpoints": checkpoint_root(record)}
+    streaming: dict = {}
+    if data.streamed:
+        from flywheel.training.streamed import ingest_config
+
+        loop_config.update(streamed=True, row_shape=list(data.row_shape), train_rows=data.n_train)
+        streaming = {"datasets": data.datasets, "dataset_config": ingest_config()}
+    else:
+        loop_config["data"] = ray.put((data.x_train, data.y_train, data.x_val, data.y_val))
     # Bound the trainer's own wait for its workers (Ray retries a worker
     # group that cannot start forever by default): a job whose CPUs were
     # taken between our reservation and the trainer's fails, not hangs.
     os.environ[_START_TIMEOUT_ENV] = str(max(30.0, res.wait_s))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": record.spec, "job_dir": job_dir, "data": data_ref,
-                           "checkpoints": checkpoint_root(record)},
+        train_loop_config=loop_config,
+        **streaming,
         # gloo between nodes at their Ray addresses, never a loopback one
         torch_config=NodeAddressTorchConfig(),
         scaling_config=ScalingConfig(
@@ -200,8 +217,8 @@ def check_model(spec, data) -> None:
     from flywheel.protocol.errors import InvalidInputError
     from flywheel.training.user_code import Objective, StepContext, build_job_model, shipped
 
-    if spec.batch_size > len(data.x_train):
-        raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {len(data.x_train)} training rows")
+    if spec.batch_size > data.n_train:
+        raise InvalidInputError(f"batch_size {spec.batch_size} exceeds the {data.n_train} training rows")
     what = spec.model.label + (f" {spec.model.hparams}" if spec.model.architecture else f" {spec.model.kwargs}")
     with shipped(spec.code):
         model, shape = build_job_model(spec.model, data.x_train.shape[1])
@@ -222,6 +239,12 @@ def check_model(spec, data) -> None:
         objective.loss_value(out, y)
         with torch.no_grad():
             objective.evaluate(out.detach(), y)
+        if spec.dataset.transform:
+            from flywheel.training.stream_rows import apply_transform
+            from flywheel.training.user_code import resolve
+
+            rows = data.x_train[:2].reshape(-1, *(data.row_shape or data.x_train.shape[1:]))
+            apply_transform(resolve(spec.dataset.transform, "dataset.transform"), rows.copy())
         if objective.hook is not None:
             ctx = StepContext(rank=0, world_size=1, epoch=0, global_step=0, device=torch.device("cpu"),
                               loss_fn=objective.loss_fn)
@@ -237,7 +260,7 @@ def _check_outputs(spec, data, out, what: str) -> None:
             raise InvalidInputError(f"model {what} gives {tuple(out.shape[1:])} per row; task regression "
                                     "needs one value per row (or a loss of your own)")
         return
-    classes = int(max(data.y_train.max(), data.y_val.max() if len(data.y_val) else 0)) + 1
+    classes = data.n_classes
     if out.shape[-1] < classes:
         raise InvalidInputError(f"model has {out.shape[-1]} outputs; the labels need {classes} classes")
 
@@ -295,7 +318,8 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
     from flywheel.registry import Lineage, Registry
     from flywheel.runtime.export import export_onnx
     from flywheel.training.checkpoint import CheckpointStore
-    from flywheel.training.user_code import export_view, shipped
+    from flywheel.training.model_artifacts import factory_model_artifacts
+    from flywheel.training.user_code import shipped
 
     state = CheckpointStore(checkpoint_root(record)).latest()
     if state is None:
@@ -319,7 +343,7 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
         # registered all the same and the result says why there is no ONNX
         try:
             with shipped(spec.code):
-                onnx_path = export_onnx(export_view(model.eval()), sig, os.path.join(out, "model.onnx"))
+                onnx_path = export_onnx(model.eval(), sig, os.path.join(out, "model.onnx"))
         except Exception as exc:  # noqa: BLE001 - any export failure of user code is reported the same way
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             result["onnx_error"] = f"model.factory {spec.model.factory!r} did not export to ONNX: {message}"
@@ -333,6 +357,17 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
         _note(paths, f"exported {onnx_path} (checked against torch)")
     if not spec.export.register:
         return result
+    params, tags = _params(spec), {}
+    if spec.model.factory:
+        # servable without ONNX: backend torch with torch.factory reads the
+        # code and the manifest registered beside the weights
+        packed = factory_model_artifacts(spec.model, sig, weights, code=spec.code,
+                                         pack_dir=os.path.join(record.storage, "code"),
+                                         onnx=result.get("onnx", ""), task=spec.task)
+        artifacts.update(packed.artifacts)
+        params = packed.params
+        if "onnx_error" in result:
+            tags["onnx_error"] = result["onnx_error"][:1000]
     name = spec.export.model_name or spec.name
     with open(os.path.join(os.path.dirname(paths["log"]), "lineage.json")) as f:
         started = json.load(f)  # the data and code of the job's first attempt
@@ -345,7 +380,8 @@ def _finish(record, spec, data, paths, registry_uri: str, artifacts_uri: str) ->
             signature={"inputs": [tensor_info(t) for t in sig.inputs],
                        "outputs": [tensor_info(t) for t in sig.outputs]},
             metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and np.isfinite(v)},
-            params=_params(spec),
+            params=params,
+            tags=tags,
             lineage=Lineage(
                 data_fingerprint=started["data_fingerprint"], code_commit=started["code_commit"],
                 code_dirty=started["code_dirty"], training_config=record.spec, job_id=record.id,

@@ -45,7 +45,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Priorities are stored as 32-bit integers (PostgreSQL's INTEGER).
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
-DATASET_KINDS = ("digits", "parquet", "csv", "ray", "captured")
+DATASET_KINDS = ("digits", "parquet", "csv", "ray", "captured", "npy", "images")
+# kinds read from files at dataset.path
+PATH_KINDS = ("parquet", "csv", "captured", "npy", "images")
+IMAGE_MODES = ("rgb", "grayscale")
 STRATEGIES = ("ddp", "fsdp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -157,6 +160,40 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         when there are too few original rows for it, all of them are used
         and the captured rows are subsampled instead. Rows are never
         repeated. The data fingerprint covers the mixed rows.
+
+    Streamed data (training/streamed.py: larger than the driver's memory).
+    Kinds ``npy`` and ``images`` are always streamed; ``parquet`` and
+    ``csv`` are streamed with ``stream: true`` (else read into memory, as
+    above). Ray Data reads the files lazily on the cluster and streams
+    batches to the Train workers; the driver reads only metadata (schema,
+    file headers and listings), a bounded sample (up to ``reference_rows``
+    rows, at least 2: the first training rows in reading order, which for
+    parquet/csv is the files' order, so not a random sample) and, for
+    parquet/csv, per-batch row counts from one streamed pass. Rows are split
+    by a seeded hash of each row (the row's index in its file for npy, the
+    file's path for images, the row's values for parquet/csv), so about
+    ``validation_fraction`` of them are held out, the same ones every
+    attempt. The fingerprint covers the files' names, sizes and mtimes.
+
+    stream: parquet/csv (and ray: ``submit()`` writes it out as Parquet
+        files, with Ray Data) only: stream the rows (see above).
+    labels_path: kind ``npy``: the labels. ``path`` names the features (a
+        ``.npy`` file, a folder of them, or a glob; files sorted by name),
+        each ``[rows, *row_shape]`` of numbers; ``labels_path`` names one
+        1-D ``.npy`` of ``rows`` labels per features file (paired in sorted
+        order; row counts must match).
+    image_size: kind ``images``: ``[height, width]`` every image is resized
+        to. ``path`` is a folder with one subfolder per class (the sorted
+        subfolder names are class ids 0, 1, ...) holding PNG/JPEG files;
+        they are decoded with Pillow on the cluster into FP32
+        ``[channels, height, width]`` in [0, 1].
+    image_mode: ``rgb`` (3 channels, the default) or ``grayscale`` (1).
+    transform: streamed kinds only: ``"package.module:fn"`` (from the job's
+        ``code`` folder or an installed package) called on each training
+        batch on the workers as ``fn(x)`` with ``x`` FP32 ``[batch,
+        *row_shape]``; it returns an array of the same shape (e.g. an
+        augmentation). Validation batches and the reference sample are not
+        transformed, as a served model's inputs are not.
     """
 
     kind: str = "digits"
@@ -171,16 +208,23 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     input: str = ""
     mix: DatasetSpec | None = None
     captured_fraction: float = 0.5
+    stream: bool = False
+    labels_path: str = ""
+    image_size: tuple[int, ...] = ()
+    image_mode: str = ""
+    transform: str = ""
 
     def __post_init__(self) -> None:
         _require(self.kind in DATASET_KINDS,
                  f"dataset.kind {self.kind!r} must be one of {', '.join(DATASET_KINDS)}")
-        if self.kind in ("parquet", "csv", "captured"):
-            what = "the capture root" if self.kind == "captured" else "a file, folder or glob"
+        if self.kind in PATH_KINDS:
+            what = {"captured": "the capture root", "images": "a folder with one subfolder per class",
+                    "npy": "the features: a .npy file, folder or glob"}.get(self.kind, "a file, folder or glob")
             _require(bool(self.path), f"dataset.path is required for kind {self.kind!r} ({what})")
         else:
             _require(not self.path,
-                     f"dataset.path is only for kinds parquet, csv and captured; set dataset.kind (now {self.kind!r})")
+                     f"dataset.path is only for kinds {', '.join(PATH_KINDS)}; set dataset.kind (now {self.kind!r})")
+        self._check_streamed()
         _require(bool(self.label), "dataset.label must name the label column")
         _require(all(self.features), "dataset.features: column names must be non-empty")
         _require(len(set(self.features)) == len(self.features), "dataset.features: a column is listed twice")
@@ -189,6 +233,32 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         _require(0 <= self.validation_fraction <= 0.9, "dataset.validation_fraction must lie in [0, 0.9]")
         _require(self.reference_rows >= 0, "dataset.reference_rows must be >= 0 (0 = no reference sample)")
         self._check_captured()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the rows stream from Ray Data to the workers (never held
+        by the driver) rather than being loaded into memory."""
+        return self.kind in ("npy", "images") or (self.stream and self.kind in ("parquet", "csv"))
+
+    def _check_streamed(self) -> None:
+        _require(not self.stream or self.kind in ("parquet", "csv", "ray", "npy", "images"),
+                 f"dataset.stream is for kinds parquet, csv and ray (npy and images always stream); "
+                 f"kind is {self.kind!r}")
+        _require(bool(self.labels_path) == (self.kind == "npy"),
+                 "dataset.labels_path is required for kind 'npy' (a .npy file, folder or glob of 1-D labels)"
+                 if self.kind == "npy" else f"dataset.labels_path is only for kind npy (kind is {self.kind!r})")
+        if self.kind == "images":
+            _require(len(self.image_size) == 2 and all(d >= 1 for d in self.image_size),
+                     f"dataset.image_size must be [height, width], each >= 1 (got {list(self.image_size)})")
+            _require(not self.image_mode or self.image_mode in IMAGE_MODES,
+                     f"dataset.image_mode {self.image_mode!r} must be one of {', '.join(IMAGE_MODES)}")
+        else:
+            _require(not self.image_size and not self.image_mode,
+                     f"dataset.image_size and image_mode are only for kind images (kind is {self.kind!r})")
+        if self.transform:
+            _require(self.streamed,
+                     "dataset.transform is for streamed data (kinds npy, images, or parquet/csv with stream: true)")
+            check_import_path(self.transform, "dataset.transform")
 
     def _check_captured(self) -> None:
         if self.kind != "captured":
@@ -202,8 +272,9 @@ class DatasetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                  "dataset.until must be 0 (no bound) or epoch seconds after dataset.since")
         _require(0 < self.captured_fraction <= 1, "dataset.captured_fraction must lie in (0, 1]")
         if self.mix is not None:
-            _require(self.mix.kind not in ("captured", "ray"),
-                     f"dataset.mix.kind {self.mix.kind!r}: the original data must be digits, parquet or csv")
+            _require(self.mix.kind not in ("captured", "ray") and not self.mix.streamed,
+                     f"dataset.mix.kind {self.mix.kind!r}: the original data must be digits, parquet or csv "
+                     "(read into memory, not streamed)")
 
 
 class OptimizerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

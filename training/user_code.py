@@ -268,19 +268,3 @@ def build_job_model(model_spec, n_features: int) -> tuple[Any, tuple[int, ...]]:
     module, sig = build(model_spec.architecture, model_spec.hparams)
     return module, tuple(sig.inputs[0].shape[1:])
 
-
-def export_view(module) -> Any:
-    """``module`` behind a forward whose one argument is named ``input``,
-    the signature's input name: the ONNX exporter matches dynamic shapes to
-    forward's argument names, and a user's forward may call it anything."""
-    import torch
-
-    class _AsInput(torch.nn.Module):
-        def __init__(self, inner) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input):  # noqa: A002 - the name is the point
-            return self.inner(input)
-
-    return _AsInput(module)

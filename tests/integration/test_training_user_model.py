@@ -10,6 +10,7 @@ import os
 import textwrap
 
 import msgspec
+import numpy as np
 import pytest
 
 from flywheel.common.settings import load_settings
@@ -145,6 +146,30 @@ def test_a_user_model_resumes_exactly_after_a_killed_worker_and_is_registered(ru
     assert mv.params["kwargs"] == {"width": 16}
     assert mv.signature["outputs"][0]["shape"] == [-1]
     assert "val_within_one" in mv.metrics
+
+    # the registered version serves through backend torch and its factory
+    # (what a model that could not export relies on), from its own code zip,
+    # and answers as the ONNX file does
+    import onnxruntime as ort
+
+    from flywheel.runtime.backends.torch_backend import TorchModelConfig
+    from flywheel.serving.config import ModelConfig, RegistryConfig
+    from flywheel.serving.model_server import make_backend
+
+    assert {"torch_model.json", "code.zip"} <= set(mv.artifacts)
+    served = make_backend(
+        ModelConfig(name="served", ref=mv.ref, artifact="model.safetensors", backend="torch",
+                    torch=TorchModelConfig(factory="tinyreg.net:make_net")),
+        RegistryConfig(uri=first.settings.registry_uri, artifacts=first.settings.artifacts_uri))
+    served.load()
+    try:
+        x = np.random.default_rng(1).standard_normal((5, *mv.signature["inputs"][0]["shape"][1:])).astype(np.float32)
+        got = served.infer({mv.signature["inputs"][0]["name"]: x})[mv.signature["outputs"][0]["name"]]
+        onnx = ort.InferenceSession(rec.result["onnx"])
+        want = onnx.run(None, {onnx.get_inputs()[0].name: x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    finally:
+        served.close()
 
 
 def test_a_factory_that_returns_no_module_fails_the_job_at_its_start(runtimes, code):
