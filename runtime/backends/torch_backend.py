@@ -52,7 +52,7 @@ from flywheel.protocol.errors import ConfigError, FlywheelError, IntegrityError
 from flywheel.runtime.architectures import build
 from flywheel.runtime.backends.base import Backend, refuse_pickle
 from flywheel.runtime.backends.registry import BackendSpec, ConfigField
-from flywheel.runtime.backends.user_code import CLASS_PATH, import_object
+from flywheel.runtime.backends.user_code import CLASS_PATH, check_outputs, import_object, warm_up_or_refuse
 from flywheel.runtime.extras import require_extra
 from flywheel.runtime.signature import Signature, signature_from_doc
 
@@ -221,7 +221,27 @@ class TorchBackend(Backend):
             out = self._module(*args)
         if not isinstance(out, (tuple, list)):
             out = (out,)
-        return {s.name: t.numpy() for s, t in zip(self._signature.outputs, out)}
+        if self._factory is None:  # a built-in architecture answers as its signature says
+            return {s.name: t.numpy() for s, t in zip(self._signature.outputs, out)}
+        # a user's module may answer other counts, dtypes or shapes than the
+        # version's recorded signature: say so rather than serve it mislabelled
+        specs = self._signature.outputs
+        if len(out) != len(specs):
+            raise FlywheelError(f"{self._label}: torch.factory {self._factory.factory!r}: forward returned "
+                                f"{len(out)} tensor(s); expected {len(specs)} ({[s.name for s in specs]}, "
+                                f"the version's signature)")
+        first = next(iter(inputs.values()), None)
+        rows = int(first.shape[0]) if first is not None and first.ndim and self._signature.batchable else None
+        return check_outputs({s.name: t.numpy() for s, t in zip(specs, out)}, specs, rows, label=self._label,
+                             what="forward", field="the version's signature", indexed=False)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """As Backend's; a factory model that answers off its signature on
+        the warm-up inputs fails the load (ConfigError)."""
+        if self._factory is None:
+            super().warmup(batch_sizes)
+        else:
+            warm_up_or_refuse(self, batch_sizes)
 
     def close(self) -> None:
         """Remove the unpacked code (its modules stay loaded while used)."""

@@ -42,6 +42,21 @@ NETS = textwrap.dedent('''
         raise RuntimeError("needs a GPU")
 
     NOT_CALLABLE = 3
+
+    class Doubles(Gate):
+        def forward(self, rows):
+            return super().forward(rows).double()
+
+    class Pair(Gate):
+        def forward(self, rows):
+            y = super().forward(rows)
+            return y, y
+
+    def doubles(width=6):
+        return Doubles(width)
+
+    def pair(width=6):
+        return Pair(width)
 ''')
 
 SIGNATURE = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3]}],
@@ -184,3 +199,14 @@ def test_a_built_in_architecture_loads_from_a_registry_version_folder(tmp_path, 
     with torch.inference_mode():
         want = module.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(backend.infer({"input": x})["logits"], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("fw_tf_nets:doubles", r"model 'gate'.*output.*FP32"),
+    ("fw_tf_nets:pair", r"model 'gate': torch.factory 'fw_tf_nets:pair': forward returned 2 tensor\(s\); expected 1"),
+])
+def test_a_factory_model_answering_off_its_signature_fails_at_warm_up(folder, factory, message):
+    backend = make_backend(_config(path=str(folder), torch=TorchModelConfig(factory=factory)))
+    backend.load()
+    with pytest.raises(ConfigError, match=message):
+        backend.warmup((1, 4))
