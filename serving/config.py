@@ -507,7 +507,9 @@ class ModelConfig(_BackendFields, frozen=True, forbid_unknown_fields=True):
     backend: a name from the backend registry (runtime/backends/):
         ``onnxruntime`` (an .onnx file, with the ``onnxruntime`` settings),
         ``torch`` (.safetensors weights of ``architecture`` built with
-        ``hparams``), ``tensorrt`` (an .onnx file compiled into a TensorRT
+        ``hparams``, or of the module ``torch.factory`` builds: a trained
+        factory model's registry version, runtime/backends/torch_backend.py),
+        ``tensorrt`` (an .onnx file compiled into a TensorRT
         engine on the replica's GPU, with the ``tensorrt`` settings),
         ``python`` (a user class, with the ``python`` settings; ``path`` is
         a folder, see runtime/backends/python_backend.py), or a
