@@ -40,6 +40,11 @@ from flywheel.protocol.errors import InvalidInputError
 from flywheel.training.data import JobData
 from flywheel.training.stream_rows import SPLITS, held_out, index_keys, path_keys
 
+# Ray Data's tasks default to a whole CPU each; beside Train workers that
+# hold whole CPUs (and serving replicas on the same cluster) they could wait
+# for one forever, and the workers with them. A quarter CPU each lets reads
+# and decodes run in what the workers leave.
+DATA_TASK_CPUS = 0.25
 CHUNK_BYTES = 16 << 20  # one npy read task's rows: bounded memory per block
 IMAGE_BATCH = 64  # images decoded per Ray Data call
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -140,7 +145,7 @@ def _npy(spec, seed: int, regression: bool):
     for split in SPLITS:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         datasets[split] = _preserving(ds.map_batches(
-            npy_rows, batch_size=1, batch_format="numpy",
+            npy_rows, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
             fn_kwargs={"regression": regression, "split": split, "seed": seed,
                        "fraction": spec.validation_fraction}))
     meta = {"what": f"npy {spec.path} + {spec.labels_path} ({len(xs)} file pair(s))",
@@ -182,7 +187,7 @@ def _images(spec, seed: int, regression: bool):
         ds = (ray.data.from_items(items, override_num_blocks=blocks) if items
               else ray.data.from_items([{"path": "", "label": 0}]).limit(0))
         datasets[split] = _preserving(ds.map_batches(
-            image_rows, batch_size=IMAGE_BATCH, batch_format="numpy",
+            image_rows, batch_size=IMAGE_BATCH, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
             fn_kwargs={"size": tuple(spec.image_size), "mode": spec.image_mode or "rgb"}))
     extra = f"{list(spec.image_size)} {spec.image_mode or 'rgb'} {classes}"
     meta = {"what": f"images {root} ({len(classes)} classes: {', '.join(classes)})",
@@ -197,7 +202,9 @@ def _table(spec, seed: int, regression: bool):
     from flywheel.training.stream_rows import split_counts, table_rows
 
     files = list_files(spec.path, (f".{spec.kind}",), "dataset.path")
-    raw = ray.data.read_parquet(files) if spec.kind == "parquet" else ray.data.read_csv(files)
+    remote = {"num_cpus": DATA_TASK_CPUS}
+    raw = (ray.data.read_parquet(files, ray_remote_args=remote) if spec.kind == "parquet"
+           else ray.data.read_csv(files, ray_remote_args=remote))
     # the first rows of the first file, read here: a bad column fails the
     # job with its own message (not inside a Ray task's traceback), and
     # their training rows are the sample (up to reference_rows of them)
@@ -208,11 +215,11 @@ def _table(spec, seed: int, regression: bool):
     sample = table_rows(head, split="train", **kwargs)
     counts = {s: 0 for s in SPLITS}
     top = -1.0
-    for row in raw.map_batches(split_counts, batch_format="numpy", fn_kwargs=kwargs).iter_rows():
+    for row in raw.map_batches(split_counts, batch_format="numpy", num_cpus=DATA_TASK_CPUS, fn_kwargs=kwargs).iter_rows():
         for s in SPLITS:
             counts[s] += int(row[s])
         top = max(top, float(row["max_label"]))
-    datasets = {split: _preserving(raw.map_batches(table_rows, batch_format="numpy",
+    datasets = {split: _preserving(raw.map_batches(table_rows, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
                                                    fn_kwargs={**kwargs, "split": split}))
                 for split in SPLITS}
     meta = {"what": f"{spec.kind} {spec.path} (streamed)",

@@ -125,7 +125,10 @@ def test_each_node_serves_at_its_address_and_its_samples_reach_the_drift_monitor
     keys = KeyStore.open(uri)
     _, token = keys.create("ops", ["operate"], actor="tests")
     keys.close()
-    port, grpc_port = 18400 + hosts.subnet, 19400 + hosts.subnet  # the namespaces' own: free there
+    # the namespaces' own, free there, and outside Ray's worker port range
+    # (10002-19999): a Ray worker's gRPC server sets SO_REUSEPORT, as the
+    # ingress does, and would silently share a port of that range with it
+    port, grpc_port = 20400 + hosts.subnet, 21400 + hosts.subnet
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump({
         "name": "cluster",
